@@ -1,0 +1,1 @@
+"""control subpackage of twisted_postcopy."""

@@ -1,0 +1,1 @@
+"""destination subpackage of twisted_postcopy."""

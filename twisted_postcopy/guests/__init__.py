@@ -1,0 +1,1 @@
+"""guests subpackage of twisted_postcopy."""

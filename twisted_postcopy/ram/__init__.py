@@ -1,0 +1,1 @@
+"""ram subpackage of twisted_postcopy."""

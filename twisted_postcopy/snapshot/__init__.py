@@ -1,0 +1,1 @@
+"""snapshot subpackage of twisted_postcopy."""

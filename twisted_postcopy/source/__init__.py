@@ -1,0 +1,1 @@
+"""source subpackage of twisted_postcopy."""

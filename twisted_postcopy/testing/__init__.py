@@ -1,0 +1,1 @@
+"""testing subpackage of twisted_postcopy."""

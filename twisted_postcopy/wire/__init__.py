@@ -1,0 +1,1 @@
+"""wire subpackage of twisted_postcopy."""
