@@ -1,0 +1,115 @@
+# -*- test-case-name: tests.test_errors -*-
+"""
+The exception hierarchy of twisted-postcopy.
+
+Every error the package raises derives from L{PostcopyError}.  Protocol
+errors are split in two, as h11 does: L{LocalProtocolError} means this side
+misused the API (asked the encoder for something the format cannot say),
+L{RemoteProtocolError} means the peer sent something QEMU 7.2 would reject.
+"""
+
+from __future__ import annotations
+
+
+class PostcopyError(Exception):
+    """
+    Root of every error raised by twisted-postcopy.
+    """
+
+
+class ProtocolError(PostcopyError):
+    """
+    A migration stream or return path broke the QEMU 7.2 format.
+
+    @ivar offset: the byte offset in the stream (or package) where the
+        offending element starts, or L{None} when unknown.
+    """
+
+    def __init__(self, message: str, offset: int | None = None) -> None:
+        """
+        @param message: what was wrong and what was expected.
+        @param offset: the stream offset of the offending element.
+        """
+        if offset is not None:
+            message = f"{message} (at stream offset {offset})"
+        super().__init__(message)
+        self.offset = offset
+
+
+class LocalProtocolError(ProtocolError):
+    """
+    This side asked for something the wire format cannot express.
+    """
+
+
+class RemoteProtocolError(ProtocolError):
+    """
+    The peer sent bytes that QEMU 7.2 would reject.
+    """
+
+
+class UnsupportedFeatureError(RemoteProtocolError):
+    """
+    The peer used a feature of the format that twisted-postcopy does not
+    implement (XBZRLE, compression, RDMA hooks, multifd, COLO).  The message
+    names the capability to switch off on the peer.
+    """
+
+
+class LimitExceededError(RemoteProtocolError):
+    """
+    An element is larger than a configured limit (package size, id string,
+    return-path message); nothing beyond the limit was buffered.
+    """
+
+
+class MigrationError(PostcopyError):
+    """
+    A migration could not proceed (bad state, bad command, bad argument).
+    """
+
+
+class IllegalTransitionError(MigrationError):
+    """
+    A state machine was asked to move between two states the QEMU model
+    does not connect.
+    """
+
+
+class MigrationFailed(MigrationError):
+    """
+    The migration ended in the C{failed} state; the message says why.
+    """
+
+
+class MigrationCancelled(MigrationError):
+    """
+    The migration was cancelled (C{migrate-cancel}).
+    """
+
+
+class PostcopyPaused(MigrationError):
+    """
+    Outstanding work was abandoned because the migration entered
+    C{postcopy-paused}; it is retried after recovery.
+    """
+
+
+class UffdError(OSError, PostcopyError):
+    """
+    A userfaultfd system call failed.  C{errno} carries the kernel's error
+    number and the message names the operation.
+    """
+
+
+class UffdUnavailableError(PostcopyError):
+    """
+    userfaultfd cannot be used here (kernel support, privilege, sysctl or
+    huge page reservation); the message names the fix.
+    """
+
+
+class SnapshotError(PostcopyError):
+    """
+    A snapshot directory is missing, truncated or tampered with.
+    """
