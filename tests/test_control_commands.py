@@ -1,0 +1,75 @@
+# -*- test-case-name: tests.test_control_commands -*-
+"""
+Tests for L{twisted_postcopy.control.commands}.
+"""
+
+from __future__ import annotations
+
+from twisted.protocols.amp import Command
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_postcopy import errors
+from twisted_postcopy.control import commands
+
+
+class JSONTests(SynchronousTestCase):
+    """
+    Tests for L{commands.JSON}.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        A nested QMP-shaped value survives encoding and decoding.
+        """
+        argument = commands.JSON()
+        value = {"status": "completed", "ram": {"transferred": 1 << 40}, "x": [1.5, None]}
+        self.assertEqual(argument.fromString(argument.toString(value)), value)
+
+    def test_compact(self) -> None:
+        """
+        The encoding is compact, sorted, ASCII-only JSON.
+        """
+        self.assertEqual(commands.JSON().toString({"b": 1, "a": "é"}), b'{"a":"\\u00e9","b":1}')
+
+
+class ErrorsMapTests(SynchronousTestCase):
+    """
+    Tests for L{commands.MIGRATION_ERRORS} and its use by every command.
+    """
+
+    def test_subclassesFirst(self) -> None:
+        """
+        No error class follows one of its base classes, since AMP maps an
+        exception to the first matching class.
+        """
+        seen: list[type] = []
+        for cls in commands.MIGRATION_ERRORS:
+            for earlier in seen:
+                self.assertFalse(issubclass(cls, earlier), f"{cls} after {earlier}")
+            seen.append(cls)
+
+    def test_uniqueCodes(self) -> None:
+        """
+        Every error class has its own wire code.
+        """
+        codes = list(commands.MIGRATION_ERRORS.values())
+        self.assertEqual(len(codes), len(set(codes)))
+
+    def test_everyCommandDeclaresErrors(self) -> None:
+        """
+        Every command in the module maps every migration error.
+        """
+        found = [
+            value
+            for value in vars(commands).values()
+            if isinstance(value, type) and issubclass(value, Command) and value is not Command
+        ]
+        self.assertEqual(len(found), 13)
+        for command in found:
+            self.assertEqual(dict(command.errors), commands.MIGRATION_ERRORS, command)
+
+    def test_migrationErrorRoot(self) -> None:
+        """
+        The root L{errors.PostcopyError} is mapped last, as a catch-all.
+        """
+        self.assertIs(list(commands.MIGRATION_ERRORS)[-1], errors.PostcopyError)

@@ -1,0 +1,159 @@
+# -*- test-case-name: tests.test_control_client -*-
+"""
+Small asynchronous helpers over the control API, for the C{postcopy}
+command line, the demo and tests.
+
+L{connectControl} opens a control connection from an endpoint description
+(C{unix:/run/postcopy.sock}, C{tcp:host=127.0.0.1:port=7000}) and returns a
+L{ControlClient}, whose methods are named after the QMP commands.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.protocols.amp import AMP
+
+from twisted_postcopy.control import commands
+from twisted_postcopy.control.server import capabilitiesFromList, capabilitiesToList
+
+#: Statuses after which an outgoing or incoming migration does not move.
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+class ControlClient(AMP):
+    """
+    The client end of a control connection.
+
+    @ivar observers: callables given C{(event, data)} for each event the
+        server pushes after L{subscribe}.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observers: list[Callable[[str, dict], None]] = []
+
+    @commands.MigrationEvent.responder
+    def migrationEvent(self, event: str, data: dict) -> dict:
+        """
+        Pass a pushed event to every observer.
+
+        @param event: the QMP event name (C{MIGRATION}).
+        @param data: the event's data.
+        @return: the empty response.
+        """
+        for observer in list(self.observers):
+            observer(event, data)
+        return {}
+
+    async def subscribe(self, observer: Callable[[str, dict], None]) -> None:
+        """
+        Receive events from now on.
+
+        @param observer: called with C{(event, data)} for each event.
+        """
+        self.observers.append(observer)
+        await self.callRemote(commands.Subscribe)
+
+    async def setCapabilities(self, capabilities: dict[str, bool]) -> None:
+        """
+        C{migrate-set-capabilities}.
+
+        @param capabilities: capability name to state.
+        """
+        await self.callRemote(
+            commands.SetCapabilities, capabilities=capabilitiesToList(capabilities)
+        )
+
+    async def queryCapabilities(self) -> dict[str, bool]:
+        """
+        C{query-migrate-capabilities}.
+
+        @return: capability name to state.
+        """
+        answer = await self.callRemote(commands.QueryCapabilities)
+        return capabilitiesFromList(answer["capabilities"])
+
+    async def setParameters(self, parameters: dict[str, Any]) -> None:
+        """
+        C{migrate-set-parameters}.
+
+        @param parameters: QEMU parameter names to values.
+        """
+        await self.callRemote(commands.SetParameters, parameters=parameters)
+
+    async def queryParameters(self) -> dict[str, Any]:
+        """
+        C{query-migrate-parameters}.
+
+        @return: parameter names to values.
+        """
+        return (await self.callRemote(commands.QueryParameters))["parameters"]
+
+    async def migrate(self, uri: str, resume: bool = False) -> None:
+        """
+        C{migrate}.
+
+        @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
+        @param resume: resume a paused postcopy migration.
+        """
+        await self.callRemote(commands.Migrate, uri=uri, resume=resume)
+
+    async def migrateIncoming(self, uri: str) -> None:
+        """
+        C{migrate-incoming}.
+
+        @param uri: where to listen.
+        """
+        await self.callRemote(commands.MigrateIncoming, uri=uri)
+
+    async def migrateRecover(self, uri: str) -> None:
+        """
+        C{migrate-recover}.
+
+        @param uri: where to listen for the reconnecting source.
+        """
+        await self.callRemote(commands.MigrateRecover, uri=uri)
+
+    async def migratePause(self) -> None:
+        """
+        C{migrate-pause}.
+        """
+        await self.callRemote(commands.MigratePause)
+
+    async def startPostcopy(self) -> None:
+        """
+        C{migrate-start-postcopy}.
+        """
+        await self.callRemote(commands.StartPostcopy)
+
+    async def cancel(self) -> None:
+        """
+        C{migrate-cancel}.
+        """
+        await self.callRemote(commands.CancelMigration)
+
+    async def queryMigrate(self) -> dict[str, Any]:
+        """
+        C{query-migrate}.
+
+        @return: QMP's MigrationInfo object.
+        """
+        return (await self.callRemote(commands.QueryMigrate))["info"]
+
+
+def connectControl(reactor: Any, description: str) -> Deferred:
+    """
+    Connect to a daemon's control endpoint.
+
+    @param reactor: the reactor.
+    @param description: a client endpoint description; a bare path is
+        taken as C{unix:PATH}.
+    @return: a Deferred firing with a connected L{ControlClient}.
+    """
+    if description.startswith("/"):
+        description = "unix:" + description
+    endpoint = clientFromString(reactor, description)
+    return connectProtocol(endpoint, ControlClient())

@@ -1,0 +1,212 @@
+# -*- test-case-name: tests.test_control_commands -*-
+"""
+The AMP commands of the control API.
+
+Each command mirrors one QMP command of QEMU 7.2 (named in its docstring);
+arguments and results carry QEMU's names.  Structured results (parameters,
+C{query-migrate}) travel as JSON text, which stays far below AMP's 64 KiB
+value limit.  Every command declares the same L{MIGRATION_ERRORS} map, so a
+L{twisted_postcopy.errors.MigrationError} raised by the manager arrives
+typed, with QEMU's text, at the caller.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.protocols.amp import AmpList, Argument, Boolean, Command, Unicode
+
+from twisted_postcopy.errors import (
+    IllegalTransitionError,
+    MigrationCancelled,
+    MigrationError,
+    MigrationFailed,
+    PostcopyError,
+    PostcopyPaused,
+    UffdUnavailableError,
+)
+
+#: Errors that cross the control API typed.  AMP picks the first class that
+#: matches, so subclasses come before their bases.
+MIGRATION_ERRORS: dict[type[Exception], bytes] = {
+    IllegalTransitionError: b"ILLEGAL_TRANSITION",
+    MigrationFailed: b"MIGRATION_FAILED",
+    MigrationCancelled: b"MIGRATION_CANCELLED",
+    PostcopyPaused: b"POSTCOPY_PAUSED",
+    MigrationError: b"MIGRATION_ERROR",
+    UffdUnavailableError: b"UFFD_UNAVAILABLE",
+    PostcopyError: b"POSTCOPY_ERROR",
+}
+
+
+class JSON(Argument):
+    """
+    An AMP argument holding any JSON-serialisable value.
+    """
+
+    def toString(self, inObject: Any) -> bytes:
+        """
+        Encode a value as compact JSON.
+
+        @param inObject: the value.
+        @return: UTF-8 JSON text.
+        """
+        return json.dumps(inObject, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+    def fromString(self, inString: bytes) -> Any:
+        """
+        Decode JSON text.
+
+        @param inString: UTF-8 JSON text.
+        @return: the value.
+        """
+        return json.loads(inString.decode("utf-8"))
+
+
+def _capabilityList() -> AmpList:
+    """
+    The QMP shape of a capability list: C{[{capability, state}, ...]}.
+
+    @return: an L{AmpList} argument.
+    """
+    return AmpList([(b"capability", Unicode()), (b"state", Boolean())])
+
+
+class SetCapabilities(Command):
+    """
+    C{migrate-set-capabilities}: switch migration capabilities on or off.
+    """
+
+    arguments = [(b"capabilities", _capabilityList())]
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class QueryCapabilities(Command):
+    """
+    C{query-migrate-capabilities}: every capability and its state.
+    """
+
+    arguments: list = []
+    response = [(b"capabilities", _capabilityList())]
+    errors = MIGRATION_ERRORS
+
+
+class SetParameters(Command):
+    """
+    C{migrate-set-parameters}: set migration parameters, given as a JSON
+    object of QEMU parameter names (C{max-bandwidth}, C{downtime-limit}...).
+    """
+
+    arguments = [(b"parameters", JSON())]
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class QueryParameters(Command):
+    """
+    C{query-migrate-parameters}: every parameter and its value.
+    """
+
+    arguments: list = []
+    response = [(b"parameters", JSON())]
+    errors = MIGRATION_ERRORS
+
+
+class Migrate(Command):
+    """
+    C{migrate}: start an outgoing migration to C{uri} (C{tcp:HOST:PORT} or
+    C{unix:PATH}); with C{resume}, resume a paused postcopy migration.
+    """
+
+    arguments = [(b"uri", Unicode()), (b"resume", Boolean(optional=True))]
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class MigrateIncoming(Command):
+    """
+    C{migrate-incoming}: listen for an incoming migration on C{uri}.
+    """
+
+    arguments = [(b"uri", Unicode())]
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class MigrateRecover(Command):
+    """
+    C{migrate-recover}: listen on C{uri} for the source of a paused postcopy
+    migration to reconnect (destination side).
+    """
+
+    arguments = [(b"uri", Unicode())]
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class MigratePause(Command):
+    """
+    C{migrate-pause}: force a postcopy migration into C{postcopy-paused}.
+    """
+
+    arguments: list = []
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class StartPostcopy(Command):
+    """
+    C{migrate-start-postcopy}: switch a running precopy migration to
+    postcopy.
+    """
+
+    arguments: list = []
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class CancelMigration(Command):
+    """
+    C{migrate-cancel}: cancel the outgoing migration.
+    """
+
+    arguments: list = []
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class QueryMigrate(Command):
+    """
+    C{query-migrate}: the migration's status and statistics, as the JSON
+    object QMP returns (C{status}, C{total-time}, C{ram}, ...).
+    """
+
+    arguments: list = []
+    response = [(b"info", JSON())]
+    errors = MIGRATION_ERRORS
+
+
+class Subscribe(Command):
+    """
+    Ask for events: from now on the server calls L{MigrationEvent} on this
+    connection for every QMP event (C{MIGRATION}, ...).  QMP sends events
+    to every monitor; AMP clients opt in.
+    """
+
+    arguments: list = []
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class MigrationEvent(Command):
+    """
+    Server to client: a QMP event, such as C{MIGRATION} with data
+    C{{"status": "postcopy-active"}}.  No answer is expected.
+    """
+
+    arguments = [(b"event", Unicode()), (b"data", JSON())]
+    response: list = []
+    errors = MIGRATION_ERRORS
+    requiresAnswer = False

@@ -1,0 +1,240 @@
+# -*- test-case-name: tests.test_control_server -*-
+"""
+The server side of the control API: L{ControlAMP} answers the commands of
+L{twisted_postcopy.control.commands} by delegating to a MigrationManager
+(see C{docs/design.md}, "manager.py"), the way QEMU's QMP handlers call
+into C{migration/migration.c}.
+
+Responders hold no logic: they translate AMP arguments to the manager's
+call and its result back to AMP.  Manager methods may return a value or a
+Deferred; errors they raise cross the connection typed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.protocol import ServerFactory
+from twisted.protocols.amp import AMP
+
+from twisted_postcopy.control import commands
+
+
+def _call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
+    """
+    Call a manager method and answer AMP with an empty response.
+
+    @param method: the bound manager method.
+    @param args: its positional arguments.
+    @param kwargs: its keyword arguments.
+    @return: a Deferred firing with C{{}} once the method's result (or its
+        Deferred) succeeded, or failing with its error.
+    """
+    return maybeDeferred(method, *args, **kwargs).addCallback(lambda _: {})
+
+
+def capabilitiesToList(capabilities: dict[str, bool]) -> list[dict[str, Any]]:
+    """
+    Convert a capability mapping to QMP's list of C{{capability, state}}.
+
+    @param capabilities: capability name to state.
+    @return: the list, sorted by name.
+    """
+    return [
+        {"capability": name, "state": bool(state)}
+        for name, state in sorted(capabilities.items())
+    ]
+
+
+def capabilitiesFromList(capabilities: list[dict[str, Any]]) -> dict[str, bool]:
+    """
+    Convert QMP's list of C{{capability, state}} to a mapping.
+
+    @param capabilities: the list.
+    @return: capability name to state.
+    """
+    return {each["capability"]: each["state"] for each in capabilities}
+
+
+class ControlAMP(AMP):
+    """
+    One control connection (what a QMP monitor is to QEMU).
+
+    @ivar manager: the daemon's MigrationManager.
+    """
+
+    def __init__(self, manager: Any) -> None:
+        """
+        @param manager: the MigrationManager the commands act on.
+        """
+        super().__init__()
+        self.manager = manager
+        self._unsubscribe: Callable[[], None] | None = None
+
+    @commands.SetCapabilities.responder
+    def setCapabilities(self, capabilities: list[dict[str, Any]]) -> Deferred:
+        """
+        C{migrate-set-capabilities}.
+
+        @param capabilities: QMP's list of C{{capability, state}}.
+        @return: a Deferred firing with the empty response.
+        """
+        return _call(self.manager.setCapabilities, capabilitiesFromList(capabilities))
+
+    @commands.QueryCapabilities.responder
+    def queryCapabilities(self) -> Deferred:
+        """
+        C{query-migrate-capabilities}.
+
+        @return: a Deferred firing with the capability list.
+        """
+        d = maybeDeferred(self.manager.queryCapabilities)
+        return d.addCallback(lambda caps: {"capabilities": capabilitiesToList(caps)})
+
+    @commands.SetParameters.responder
+    def setParameters(self, parameters: dict[str, Any]) -> Deferred:
+        """
+        C{migrate-set-parameters}.
+
+        @param parameters: QEMU parameter names to values.
+        @return: a Deferred firing with the empty response.
+        """
+        return _call(self.manager.setParameters, parameters)
+
+    @commands.QueryParameters.responder
+    def queryParameters(self) -> Deferred:
+        """
+        C{query-migrate-parameters}.
+
+        @return: a Deferred firing with the parameters.
+        """
+        d = maybeDeferred(self.manager.queryParameters)
+        return d.addCallback(lambda parameters: {"parameters": parameters})
+
+    @commands.Migrate.responder
+    def migrate(self, uri: str, resume: bool | None = None) -> Deferred:
+        """
+        C{migrate}.
+
+        @param uri: where to send the migration.
+        @param resume: resume a paused postcopy migration.
+        @return: a Deferred firing with the empty response once started.
+        """
+        return _call(self.manager.migrate, uri, resume=bool(resume))
+
+    @commands.MigrateIncoming.responder
+    def migrateIncoming(self, uri: str) -> Deferred:
+        """
+        C{migrate-incoming}.
+
+        @param uri: where to listen.
+        @return: a Deferred firing with the empty response once listening.
+        """
+        return _call(self.manager.migrateIncoming, uri)
+
+    @commands.MigrateRecover.responder
+    def migrateRecover(self, uri: str) -> Deferred:
+        """
+        C{migrate-recover}.
+
+        @param uri: where to listen for the reconnecting source.
+        @return: a Deferred firing with the empty response.
+        """
+        return _call(self.manager.migrateRecover, uri)
+
+    @commands.MigratePause.responder
+    def migratePause(self) -> Deferred:
+        """
+        C{migrate-pause}.
+
+        @return: a Deferred firing with the empty response.
+        """
+        return _call(self.manager.migratePause)
+
+    @commands.StartPostcopy.responder
+    def startPostcopy(self) -> Deferred:
+        """
+        C{migrate-start-postcopy}.
+
+        @return: a Deferred firing with the empty response.
+        """
+        return _call(self.manager.startPostcopy)
+
+    @commands.CancelMigration.responder
+    def cancel(self) -> Deferred:
+        """
+        C{migrate-cancel}.
+
+        @return: a Deferred firing with the empty response.
+        """
+        return _call(self.manager.cancel)
+
+    @commands.QueryMigrate.responder
+    def queryMigrate(self) -> Deferred:
+        """
+        C{query-migrate}.
+
+        @return: a Deferred firing with C{{"info": <QMP MigrationInfo>}}.
+        """
+        return maybeDeferred(self.manager.queryMigrate).addCallback(
+            lambda info: {"info": info}
+        )
+
+    @commands.Subscribe.responder
+    def subscribe(self) -> dict:
+        """
+        Start pushing events to this connection; subscribing twice is the
+        same as once.
+
+        @return: the empty response.
+        """
+        if self._unsubscribe is None:
+            self._unsubscribe = self.manager.subscribe(self.eventEmitted)
+        return {}
+
+    def eventEmitted(self, event: dict[str, Any]) -> None:
+        """
+        Forward one manager event to the subscribed client.
+
+        @param event: C{{"event": NAME, "data": {...}}}, as QMP emits it.
+        """
+        self.callRemote(
+            commands.MigrationEvent, event=event["event"], data=event.get("data", {})
+        )
+
+    def connectionLost(self, reason: Any) -> None:
+        """
+        Stop forwarding events once the client is gone.
+
+        @param reason: why the connection was lost.
+        """
+        if self._unsubscribe is not None:
+            unsubscribe, self._unsubscribe = self._unsubscribe, None
+            unsubscribe()
+        super().connectionLost(reason)
+
+
+class ControlFactory(ServerFactory):
+    """
+    Builds a L{ControlAMP} per control connection, all sharing one manager.
+
+    @ivar manager: the daemon's MigrationManager.
+    """
+
+    def __init__(self, manager: Any) -> None:
+        """
+        @param manager: the MigrationManager.
+        """
+        self.manager = manager
+
+    def buildProtocol(self, addr: Any) -> ControlAMP:
+        """
+        Build a connection's protocol.
+
+        @param addr: the peer address.
+        @return: a L{ControlAMP} for the manager.
+        """
+        protocol = ControlAMP(self.manager)
+        protocol.factory = self
+        return protocol
