@@ -32,8 +32,33 @@ class ControlClient(AMP):
     """
 
     def __init__(self) -> None:
+        """
+        Make an unconnected client.
+        """
         super().__init__()
         self.observers: list[Callable[[str, dict], None]] = []
+        self._disconnected: list[Deferred] = []
+
+    def whenDisconnected(self) -> Deferred:
+        """
+        Wait for the connection to end.
+
+        @return: a Deferred firing with L{None} once the connection is lost.
+        """
+        d: Deferred = Deferred()
+        self._disconnected.append(d)
+        return d
+
+    def connectionLost(self, reason: Any) -> None:
+        """
+        Fail outstanding calls and fire L{whenDisconnected} waiters.
+
+        @param reason: why the connection ended.
+        """
+        super().connectionLost(reason)
+        waiters, self._disconnected = self._disconnected, []
+        for d in waiters:
+            d.callback(None)
 
     @commands.MigrationEvent.responder
     def migrationEvent(self, event: str, data: dict) -> dict:

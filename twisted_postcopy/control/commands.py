@@ -52,7 +52,7 @@ class JSON(Argument):
         @param inObject: the value.
         @return: UTF-8 JSON text.
         """
-        return json.dumps(inObject, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        return json.dumps(inObject, separators=(",", ":")).encode("utf-8")
 
     def fromString(self, inString: bytes) -> Any:
         """

@@ -1,0 +1,325 @@
+# -*- test-case-name: tests.test_control_cli -*-
+"""
+The control subcommands of C{postcopy}: QMP's migration commands, sent to
+a daemon's control endpoint over AMP.
+
+Every subcommand takes C{--control ENDPOINT} (default: the
+C{POSTCOPY_CONTROL} environment variable), e.g.::
+
+    postcopy migrate-set-capabilities --control unix:/run/src.sock postcopy-ram=on
+    postcopy migrate --control unix:/run/src.sock tcp:127.0.0.1:4444
+    postcopy query-migrate --control unix:/run/src.sock --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Awaitable, Callable, TextIO
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError
+
+from twisted_postcopy.control.client import ControlClient, connectControl
+from twisted_postcopy.errors import PostcopyError
+
+#: The type of a subcommand body: (client, arguments, output) -> exit status.
+Handler = Callable[[ControlClient, argparse.Namespace, TextIO], Awaitable[int]]
+
+_BOOLEANS = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
+
+
+def parseAssignments(pairs: list[str], value: Callable[[str], Any]) -> dict[str, Any]:
+    """
+    Parse C{NAME=VALUE} words.
+
+    @param pairs: the words.
+    @param value: converts each value text.
+    @return: names to converted values.
+    @raise argparse.ArgumentTypeError: a word has no C{=} or a bad value.
+    """
+    result = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {pair!r}")
+        result[name] = value(text)
+    return result
+
+
+def parseState(text: str) -> bool:
+    """
+    Parse a capability state the way HMP does (C{on}/C{off}).
+
+    @param text: C{on}, C{off}, C{true}, C{false}, C{yes} or C{no}.
+    @return: the state.
+    @raise argparse.ArgumentTypeError: anything else.
+    """
+    try:
+        return _BOOLEANS[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}") from None
+
+
+def parseParameter(text: str) -> int | str:
+    """
+    Parse a parameter value: an integer if it is one, else the text.
+
+    @param text: the value text.
+    @return: the value.
+    """
+    try:
+        return int(text, 0)
+    except ValueError:
+        return text
+
+
+def formatInfo(info: dict[str, Any], prefix: str = "") -> list[str]:
+    """
+    Render a QMP object as C{name: value} lines, nested objects prefixed
+    with their name (as HMP's C{info migrate} does with C{ram}).
+
+    @param info: the object.
+    @param prefix: the prefix of nested names.
+    @return: the lines.
+    """
+    lines = []
+    for name, value in info.items():
+        if isinstance(value, dict):
+            lines.extend(formatInfo(value, f"{prefix}{name} "))
+        else:
+            lines.append(f"{prefix}{name}: {value}")
+    return lines
+
+
+def _show(value: dict[str, Any], args: argparse.Namespace, out: TextIO) -> int:
+    """
+    Print a query result, as JSON with C{--json}.
+
+    @param value: the result.
+    @param args: the arguments.
+    @param out: the output.
+    @return: 0.
+    """
+    if args.json:
+        print(json.dumps(value, sort_keys=True), file=out)
+    else:
+        for line in formatInfo(value):
+            print(line, file=out)
+    return 0
+
+
+async def queryMigrate(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    """
+    C{query-migrate}.
+
+    @param client: the connection.
+    @param args: the arguments.
+    @param out: the output.
+    @return: the exit status.
+    """
+    return _show(await client.queryMigrate(), args, out)
+
+
+async def queryCapabilities(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    """
+    C{query-migrate-capabilities}.
+
+    @param client: the connection.
+    @param args: the arguments.
+    @param out: the output.
+    @return: the exit status.
+    """
+    caps = await client.queryCapabilities()
+    if not args.json:
+        caps = {name: "on" if state else "off" for name, state in caps.items()}
+    return _show(caps, args, out)
+
+
+async def queryParameters(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    """
+    C{query-migrate-parameters}.
+
+    @param client: the connection.
+    @param args: the arguments.
+    @param out: the output.
+    @return: the exit status.
+    """
+    return _show(await client.queryParameters(), args, out)
+
+
+async def events(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    """
+    Print events as JSON lines as they come; with C{--until}, stop after a
+    MIGRATION event with one of the given statuses.
+
+    @param client: the connection.
+    @param args: the arguments.
+    @param out: the output.
+    @return: the exit status (0 when an C{--until} status was reached).
+    """
+    done: Deferred = Deferred()
+    until = set(args.until or ())
+
+    def observe(event: str, data: dict) -> None:
+        print(json.dumps({"event": event, "data": data}, sort_keys=True), file=out, flush=True)
+        if event == "MIGRATION" and data.get("status") in until and not done.called:
+            done.callback(0)
+
+    def lost(_: object) -> None:
+        if not done.called:
+            done.callback(1)
+
+    client.whenDisconnected().addCallback(lost)
+    await client.subscribe(observe)
+    return await done
+
+
+def _simple(method: str, *argNames: str) -> Handler:
+    """
+    Make a handler for a command that answers nothing.
+
+    @param method: the L{ControlClient} method name.
+    @param argNames: the argument attributes passed to it, in order.
+    @return: the handler.
+    """
+
+    async def handler(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
+        await getattr(client, method)(*(getattr(args, name) for name in argNames))
+        return 0
+
+    handler.__doc__ = f"Call L{{ControlClient.{method}}}."
+    return handler
+
+
+async def _run(reactor: Any, handler: Handler, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """
+    Connect, run one handler, report errors as QEMU's text.
+
+    @param reactor: the reactor.
+    @param handler: the subcommand body.
+    @param args: the arguments.
+    @param out: standard output.
+    @param err: standard error.
+    @return: the exit status.
+    """
+    if not args.control:
+        print("error: no control endpoint (--control or POSTCOPY_CONTROL)", file=err)
+        return 2
+    try:
+        client = await connectControl(reactor, args.control)
+    except ConnectError as e:
+        print(f"error: cannot connect to {args.control}: {e}", file=err)
+        return 1
+    try:
+        return await handler(client, args, out)
+    except PostcopyError as e:
+        print(f"error: {e}", file=err)
+        return 1
+    finally:
+        client.transport.loseConnection()
+
+
+def runHandler(reactor: Any, handler: Handler, args: argparse.Namespace, out: TextIO, err: TextIO) -> Deferred:
+    """
+    Run a subcommand on a running reactor.
+
+    @param reactor: the reactor.
+    @param handler: the subcommand body.
+    @param args: the arguments.
+    @param out: standard output.
+    @param err: standard error.
+    @return: a Deferred firing with the exit status.
+    """
+    return Deferred.fromCoroutine(_run(reactor, handler, args, out, err))
+
+
+def _main(handler: Handler) -> Callable[[argparse.Namespace], int]:
+    """
+    Make the C{func} of a subcommand: run the reactor around the handler.
+
+    @param handler: the subcommand body.
+    @return: a function of the parsed arguments returning the exit status.
+    """
+
+    def func(args: argparse.Namespace) -> int:
+        from twisted.internet import reactor
+
+        status: list[int] = []
+        d = runHandler(reactor, handler, args, sys.stdout, sys.stderr)
+        d.addBoth(lambda result: status.append(result if isinstance(result, int) else 1))
+        d.addBoth(lambda _: reactor.stop())
+        if not status:
+            reactor.run(installSignalHandlers=True)
+        return status[0]
+
+    return func
+
+
+#: (QMP name, help, handler, extra arguments as (names, options)).
+_COMMANDS: list[tuple[str, str, Handler, list[tuple[tuple[str, ...], dict]]]] = [
+    ("query-migrate", "show migration status and statistics", queryMigrate,
+     [(("--json",), {"action": "store_true", "help": "print QMP's JSON object"})]),
+    ("query-migrate-capabilities", "show migration capabilities", queryCapabilities,
+     [(("--json",), {"action": "store_true", "help": "print JSON"})]),
+    ("query-migrate-parameters", "show migration parameters", queryParameters,
+     [(("--json",), {"action": "store_true", "help": "print JSON"})]),
+    ("migrate-set-capabilities", "set capabilities, e.g. postcopy-ram=on",
+     _simple("setCapabilities", "capabilities"),
+     [(("capabilities",), {"nargs": "+", "metavar": "CAPABILITY=on|off",
+                           "type": lambda s: parseAssignments([s], parseState)})]),
+    ("migrate-set-parameters", "set parameters, e.g. max-bandwidth=134217728",
+     _simple("setParameters", "parameters"),
+     [(("parameters",), {"nargs": "+", "metavar": "PARAMETER=VALUE",
+                         "type": lambda s: parseAssignments([s], parseParameter)})]),
+    ("migrate", "start migrating to URI (tcp:HOST:PORT or unix:PATH)",
+     _simple("migrate", "uri", "resume"),
+     [(("uri",), {}), (("--resume",), {"action": "store_true",
+                                        "help": "resume a paused postcopy migration"})]),
+    ("migrate-incoming", "listen for an incoming migration on URI",
+     _simple("migrateIncoming", "uri"), [(("uri",), {})]),
+    ("migrate-recover", "listen on URI for a paused migration's source",
+     _simple("migrateRecover", "uri"), [(("uri",), {})]),
+    ("migrate-pause", "pause a postcopy migration", _simple("migratePause"), []),
+    ("migrate-start-postcopy", "switch the migration to postcopy", _simple("startPostcopy"), []),
+    ("migrate-cancel", "cancel the outgoing migration", _simple("cancel"), []),
+    ("events", "print events (JSON lines) as they come", events,
+     [(("--until",), {"action": "append", "metavar": "STATUS",
+                      "help": "exit 0 after a MIGRATION event with this status"})]),
+]
+
+
+def _merge(args: argparse.Namespace) -> argparse.Namespace:
+    """
+    Merge the one-pair dictionaries of C{NAME=VALUE} arguments.
+
+    @param args: the parsed arguments.
+    @return: C{args}, with C{capabilities}/C{parameters} as one mapping.
+    """
+    for name in ("capabilities", "parameters"):
+        if isinstance(getattr(args, name, None), list):
+            setattr(args, name, {k: v for each in getattr(args, name) for k, v in each.items()})
+    return args
+
+
+def register(subparsers: Any) -> None:
+    """
+    Add the control subcommands to the C{postcopy} parser.
+
+    @param subparsers: the C{add_subparsers} object.
+    """
+    for name, helpText, handler, extra in _COMMANDS:
+        parser = subparsers.add_parser(name, help=helpText, description=helpText)
+        parser.add_argument(
+            "--control",
+            default=os.environ.get("POSTCOPY_CONTROL"),
+            metavar="ENDPOINT",
+            help="the daemon's control endpoint, e.g. unix:/run/postcopy.sock "
+            "(default: $POSTCOPY_CONTROL)",
+        )
+        for names, options in extra:
+            parser.add_argument(*names, **options)
+        run = _main(handler)
+        parser.set_defaults(func=lambda args, run=run: run(_merge(args)))
