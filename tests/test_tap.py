@@ -1,0 +1,163 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+Tests for L{twisted_postcopy.tap} and the C{twistd postcopy} plugin.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_postcopy import tap
+
+#: The project checkout holding C{twisted/plugins/}.
+ROOT = Path(tap.__file__).resolve().parent.parent
+PLUGIN = ROOT / "twisted" / "plugins" / "twisted_postcopy_plugin.py"
+
+
+def pluginEnvironment() -> dict[str, str]:
+    """
+    The environment under which C{twistd} finds the plugin of this
+    checkout (an editable install does not put the checkout on
+    C{sys.path}).
+
+    @return: a copy of the environment with the checkout on C{PYTHONPATH}.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+class ParseSizeTests(SynchronousTestCase):
+    """
+    Tests for L{tap.parseSize}.
+    """
+
+    def test_suffixes(self) -> None:
+        """
+        K, M, G, T (and KiB, MB spellings) multiply by powers of 1024.
+        """
+        self.assertEqual(tap.parseSize("64M"), 64 << 20)
+        self.assertEqual(tap.parseSize("1G"), 1 << 30)
+        self.assertEqual(tap.parseSize("4KiB"), 4096)
+        self.assertEqual(tap.parseSize("2mb"), 2 << 20)
+        self.assertEqual(tap.parseSize("1T"), 1 << 40)
+        self.assertEqual(tap.parseSize("4096B"), 4096)
+
+    def test_bareMiB(self) -> None:
+        """
+        A bare number is in MiB, as with QEMU's C{-m}.
+        """
+        self.assertEqual(tap.parseSize("256"), 256 << 20)
+
+    def test_invalid(self) -> None:
+        """
+        Anything else raises L{ValueError} naming the text.
+        """
+        for text in ("", "M", "1.5G", "-1M", "12X"):
+            self.assertRaises(ValueError, tap.parseSize, text)
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    Tests for L{tap.Options}.
+    """
+
+    def parse(self, *argv: str) -> tap.Options:
+        """
+        Parse a command line.
+
+        @param argv: the arguments.
+        @return: the options.
+        """
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self) -> None:
+        """
+        A source with a 256 MiB stress guest by default.
+        """
+        options = self.parse("--control", "unix:/tmp/c.sock")
+        self.assertEqual(
+            (options["role"], options["guest"], options["ram"], options["incoming"]),
+            ("source", "stress", 256 << 20, None),
+        )
+
+    def test_destination(self) -> None:
+        """
+        A destination takes C{--incoming} and the guest options.
+        """
+        options = self.parse(
+            "--role", "destination", "--control", "unix:/tmp/c.sock", "--incoming",
+            "tcp:127.0.0.1:4444", "--guest", "kv", "--ram", "64M",
+            "--guest-option", "keys=1000", "--guest-option", "value-size=64",
+        )
+        self.assertEqual(options["incoming"], "tcp:127.0.0.1:4444")
+        self.assertEqual((options["guest"], options["ram"]), ("kv", 64 << 20))
+        self.assertEqual(options["guest-option"], {"keys": "1000", "value-size": "64"})
+
+    def test_controlRequired(self) -> None:
+        """
+        C{--control} is required.
+        """
+        self.assertRaises(usage.UsageError, self.parse)
+
+    def test_incomingOnlyDestination(self) -> None:
+        """
+        A source refuses C{--incoming}.
+        """
+        self.assertRaises(usage.UsageError, self.parse, "--control", "unix:/c", "--incoming", "tcp:0:1")
+
+    def test_badChoices(self) -> None:
+        """
+        Unknown roles, guests and sizes are usage errors.
+        """
+        for argv in (("--role", "middle"), ("--guest", "windows"), ("--ram", "lots"),
+                     ("--guest-option", "novalue")):
+            self.assertRaises(usage.UsageError, self.parse, "--control", "unix:/c", *argv)
+
+
+class PluginTests(SynchronousTestCase):
+    """
+    Tests for C{twisted/plugins/twisted_postcopy_plugin.py}.
+    """
+
+    def test_importsOnlyServiceMaker(self) -> None:
+        """
+        The plugin imports nothing but L{ServiceMaker}, so a broken cffi
+        build cannot break C{twistd --help}.
+        """
+        tree = ast.parse(PLUGIN.read_text())
+        imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        self.assertEqual(
+            [(node.module, [a.name for a in node.names]) for node in imports],
+            [("twisted.application.service", ["ServiceMaker"])],
+        )
+
+    def test_noPackageInit(self) -> None:
+        """
+        C{twisted/plugins} has no C{__init__.py}: it must not shadow
+        Twisted's own C{twisted.plugins} package.
+        """
+        self.assertFalse((PLUGIN.parent / "__init__.py").exists())
+        self.assertFalse((PLUGIN.parent.parent / "__init__.py").exists())
+
+    def test_twistdHelp(self) -> None:
+        """
+        C{twistd -n postcopy --help} lists the daemon's options.
+        """
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+             "-n", "postcopy", "--help"],
+            env=pluginEnvironment(), capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for option in ("--role", "--control", "--incoming", "--guest", "--ram"):
+            self.assertIn(option, result.stdout)

@@ -1,0 +1,134 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The C{twistd postcopy} plugin's options and service maker.
+
+A source daemon runs a guest and migrates it when told to (C{migrate})::
+
+    twistd -n postcopy --role source --control unix:/run/src.sock --guest stress --ram 256M
+
+A destination daemon prepares the same guest with no memory and waits for
+the migration, as QEMU does with C{-incoming}::
+
+    twistd -n postcopy --role destination --control unix:/run/dst.sock \\
+        --incoming tcp:127.0.0.1:4444 --guest stress --ram 256M
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from twisted.python import usage
+
+#: Multipliers of the size suffixes (QEMU's C{-m}: a bare number is MiB).
+_SIZE_UNITS = {"": 1 << 20, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+ROLES = ("source", "destination")
+GUESTS = ("stress", "kv", "none")
+
+
+def parseSize(text: str) -> int:
+    """
+    Parse a memory size the way QEMU's C{-m} does: C{256M}, C{1G},
+    C{65536K}; a bare number is in MiB.
+
+    @param text: the size.
+    @return: the size in bytes.
+    @raise ValueError: the text is not a size.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*([BKMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise ValueError(f"invalid size {text!r} (expected e.g. 256M or 1G)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Any:
+    """
+    Make a coercer accepting only C{choices}.
+
+    @param name: the option name, for the error.
+    @param choices: the accepted values.
+    @return: the coercer.
+    """
+
+    def coerce(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"--{name} must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    coerce.coerceDoc = f"One of {', '.join(choices)}."  # type: ignore[attr-defined]
+    return coerce
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd postcopy}.
+    """
+
+    synopsis = "--role source|destination --control ENDPOINT [options]"
+    longdesc = (
+        "Run a postcopy live migration daemon (a QEMU-like VM host for a "
+        "built-in guest), controlled over AMP with QMP's migration commands "
+        "(see the 'postcopy' command line)."
+    )
+
+    optParameters = [
+        ["role", None, "source", "source or destination.", _choice("role", ROLES)],
+        ["control", None, None, "Control endpoint, e.g. unix:/run/postcopy.sock (required)."],
+        ["incoming", None, None,
+         "Destination: listen for the migration on this URI at start "
+         "(QEMU's -incoming), e.g. tcp:127.0.0.1:4444 or unix:/run/mig.sock."],
+        ["guest", None, "stress", "Built-in guest: stress, kv or none.", _choice("guest", GUESTS)],
+        ["ram", None, "256M", "Guest RAM size (QEMU's -m: 256M, 1G; a bare number is MiB).",
+         parseSize],
+        ["seed", None, 0, "Seed of the guest's workload (source) and of its verification.", int],
+    ]
+
+    def __init__(self) -> None:
+        """
+        Start with no guest options.
+        """
+        super().__init__()
+        self["guest-option"] = {}
+
+    def opt_guest_option(self, value: str) -> None:
+        """
+        Pass KEY=VALUE to the guest (repeatable).
+        """
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise usage.UsageError(f"--guest-option expects KEY=VALUE, got {value!r}")
+        self["guest-option"][key] = text
+
+    def postOptions(self) -> None:
+        """
+        Check the combination of options.
+
+        @raise usage.UsageError: C{--control} is missing, or C{--incoming}
+            was given to a source.
+        """
+        if isinstance(self["ram"], str):
+            self["ram"] = parseSize(self["ram"])
+        if not self["control"]:
+            raise usage.UsageError("--control ENDPOINT is required")
+        if self["incoming"] and self["role"] != "destination":
+            raise usage.UsageError("--incoming is only for --role destination")
+
+
+def makeService(options: Options, reactor: Any = None) -> Any:
+    """
+    Build the daemon's service.
+
+    @param options: the parsed L{Options}.
+    @param reactor: the reactor (default: the global one).
+    @return: a L{twisted_postcopy.service.MigrationService}.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    from twisted_postcopy.service import MigrationService
+    from twisted_postcopy.daemon import buildDaemon
+
+    manager, guestService = buildDaemon(reactor, options)
+    return MigrationService(
+        reactor, manager, options["control"], incoming=options["incoming"], guest=guestService
+    )
