@@ -113,3 +113,10 @@ class SnapshotError(PostcopyError):
     """
     A snapshot directory is missing, truncated or tampered with.
     """
+
+
+class DaemonError(PostcopyError):
+    """
+    A C{twistd postcopy} daemon process could not be started, or exited
+    while in use; the message ends with the last lines of its log.
+    """
