@@ -65,7 +65,7 @@ class ErrorsMapTests(SynchronousTestCase):
             for value in vars(commands).values()
             if isinstance(value, type) and issubclass(value, Command) and value is not Command
         ]
-        self.assertEqual(len(found), 13)
+        self.assertEqual(len(found), 14)
         for command in found:
             self.assertEqual(dict(command.errors), commands.MIGRATION_ERRORS, command)
 

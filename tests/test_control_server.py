@@ -252,6 +252,55 @@ class ControlRoundTripTests(ConnectedMixin, SynchronousTestCase):
         self.assertEqual(result, self.manager.info)
 
 
+class FakeGuest:
+    """
+    A guest answering C{query-guest}.
+    """
+
+    def query(self) -> dict[str, Any]:
+        """
+        @return: a verified guest's state.
+        """
+        return {"name": "stress", "verified": True}
+
+
+class QueryGuestTests(SynchronousTestCase):
+    """
+    Tests for C{query-guest}.
+    """
+
+    def connect(self, guest: Any) -> tuple[ControlClient, iosim.IOPump]:
+        """
+        Connect a client to a server with the given guest.
+
+        @param guest: the guest or L{None}.
+        @return: the client and the pump.
+        """
+        client, _, pump = iosim.connectedServerAndClient(
+            lambda: ControlFactory(FakeManager(), guest).buildProtocol(None), ControlClient
+        )
+        return client, pump
+
+    def test_guest(self) -> None:
+        """
+        The guest's C{query()} answer reaches the client.
+        """
+        client, pump = self.connect(FakeGuest())
+        d = Deferred.fromCoroutine(client.queryGuest())
+        pump.flush()
+        self.assertEqual(self.successResultOf(d), {"name": "stress", "verified": True})
+
+    def test_noGuest(self) -> None:
+        """
+        A daemon without a guest answers with a L{errors.MigrationError}.
+        """
+        client, pump = self.connect(None)
+        d = Deferred.fromCoroutine(client.queryGuest())
+        pump.flush()
+        self.assertEqual(str(self.failureResultOf(d, errors.MigrationError).value),
+                         "This daemon runs no guest")
+
+
 class ControlErrorTests(ConnectedMixin, SynchronousTestCase):
     """
     Errors raised by the manager reach the client typed, with their text.

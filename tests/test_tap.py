@@ -6,32 +6,17 @@ Tests for L{twisted_postcopy.tap} and the C{twistd postcopy} plugin.
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy import tap
+from twisted_postcopy.control.daemon import CHECKOUT, TWISTD, pluginEnvironment
 
-#: The project checkout holding C{twisted/plugins/}.
-ROOT = Path(tap.__file__).resolve().parent.parent
-PLUGIN = ROOT / "twisted" / "plugins" / "twisted_postcopy_plugin.py"
-
-
-def pluginEnvironment() -> dict[str, str]:
-    """
-    The environment under which C{twistd} finds the plugin of this
-    checkout (an editable install does not put the checkout on
-    C{sys.path}).
-
-    @return: a copy of the environment with the checkout on C{PYTHONPATH}.
-    """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
+#: The plugin module of this checkout.
+PLUGIN = CHECKOUT / "twisted" / "plugins" / "twisted_postcopy_plugin.py"
 
 
 class ParseSizeTests(SynchronousTestCase):
@@ -154,7 +139,7 @@ class PluginTests(SynchronousTestCase):
         C{twistd -n postcopy --help} lists the daemon's options.
         """
         result = subprocess.run(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            [sys.executable, "-c", TWISTD,
              "-n", "postcopy", "--help"],
             env=pluginEnvironment(), capture_output=True, text=True, timeout=60,
         )

@@ -28,7 +28,8 @@ class MigrationService(MultiService):
     @ivar manager: the MigrationManager the control API acts on.
     @ivar control: the control endpoint description (C{unix:PATH}, ...).
     @ivar incoming: the migration URI to listen on at start, or L{None}.
-    @ivar guest: the guest's service, or L{None}.
+    @ivar guest: the guest's service, or L{None}; it answers C{query-guest}
+        through its C{query()} method.
     @ivar controlService: the child service listening on C{control}.
     """
 
@@ -58,7 +59,7 @@ class MigrationService(MultiService):
         if guest is not None:
             guest.setServiceParent(self)
         endpoint = serverFromString(reactor, control)
-        self.controlService = StreamServerEndpointService(endpoint, ControlFactory(manager))
+        self.controlService = StreamServerEndpointService(endpoint, ControlFactory(manager, guest))
         # Fail twistd's start-up, rather than log, when the endpoint is busy.
         self.controlService._raiseSynchronously = True
         self.controlService.setServiceParent(self)

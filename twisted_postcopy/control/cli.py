@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, TextIO
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
 
-from twisted_postcopy.control.client import ControlClient, connectControl
+from twisted_postcopy.control.client import ControlClient, connectControl, runMain
 from twisted_postcopy.errors import PostcopyError
 
 #: The type of a subcommand body: (client, arguments, output) -> exit status.
@@ -150,6 +150,18 @@ async def queryParameters(client: ControlClient, args: argparse.Namespace, out: 
     return _show(await client.queryParameters(), args, out)
 
 
+async def queryGuest(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    """
+    C{query-guest}.
+
+    @param client: the connection.
+    @param args: the arguments.
+    @param out: the output.
+    @return: the exit status.
+    """
+    return _show(await client.queryGuest(), args, out)
+
+
 async def events(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     """
     Print events as JSON lines as they come; with C{--until}, stop after a
@@ -245,15 +257,7 @@ def _main(handler: Handler) -> Callable[[argparse.Namespace], int]:
     """
 
     def func(args: argparse.Namespace) -> int:
-        from twisted.internet import reactor
-
-        status: list[int] = []
-        d = runHandler(reactor, handler, args, sys.stdout, sys.stderr)
-        d.addBoth(lambda result: status.append(result if isinstance(result, int) else 1))
-        d.addBoth(lambda _: reactor.stop())
-        if not status:
-            reactor.run(installSignalHandlers=True)
-        return status[0]
+        return runMain(lambda reactor: _run(reactor, handler, args, sys.stdout, sys.stderr))
 
     return func
 
@@ -265,6 +269,8 @@ _COMMANDS: list[tuple[str, str, Handler, list[tuple[tuple[str, ...], dict]]]] = 
     ("query-migrate-capabilities", "show migration capabilities", queryCapabilities,
      [(("--json",), {"action": "store_true", "help": "print JSON"})]),
     ("query-migrate-parameters", "show migration parameters", queryParameters,
+     [(("--json",), {"action": "store_true", "help": "print JSON"})]),
+    ("query-guest", "show the built-in guest's state (and memory check)", queryGuest,
      [(("--json",), {"action": "store_true", "help": "print JSON"})]),
     ("migrate-set-capabilities", "set capabilities, e.g. postcopy-ram=on",
      _simple("setCapabilities", "capabilities"),

@@ -10,11 +10,12 @@ L{ControlClient}, whose methods are named after the QMP commands.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.protocols.amp import AMP
+from twisted.python.failure import Failure
 
 from twisted_postcopy.control import commands
 from twisted_postcopy.control.server import capabilitiesFromList, capabilitiesToList
@@ -167,6 +168,42 @@ class ControlClient(AMP):
         @return: QMP's MigrationInfo object.
         """
         return (await self.callRemote(commands.QueryMigrate))["info"]
+
+    async def queryGuest(self) -> dict[str, Any]:
+        """
+        C{query-guest} (twisted-postcopy's own command).
+
+        @return: the guest's state.
+        """
+        return (await self.callRemote(commands.QueryGuest))["info"]
+
+
+def runMain(main: Callable[[Any], Awaitable[int]]) -> int:
+    """
+    Run the global reactor around one coroutine, for command-line entry
+    points (like L{twisted.internet.task.react}, but returning the status
+    instead of exiting).
+
+    @param main: a coroutine function taking the reactor and returning an
+        exit status.
+    @return: its exit status (1 if it failed; the failure is printed).
+    """
+    from twisted.internet import reactor
+
+    status: list[int] = []
+
+    def done(result: Any) -> None:
+        if isinstance(result, Failure):
+            result.printTraceback()
+            result = 1
+        status.append(int(result or 0))
+        if reactor.running:
+            reactor.stop()
+
+    Deferred.fromCoroutine(main(reactor)).addBoth(done)
+    if not status:
+        reactor.run()
+    return status[0] if status else 1
 
 
 def connectControl(reactor: Any, description: str) -> Deferred:

@@ -188,6 +188,19 @@ class QueryMigrate(Command):
     errors = MIGRATION_ERRORS
 
 
+class QueryGuest(Command):
+    """
+    C{query-guest} (a twisted-postcopy extension, no QMP equivalent): the
+    built-in guest's state as a JSON object: C{name}, C{ram}, C{running},
+    and on a destination after migration C{verified} (every page checked
+    against what the source guest wrote).
+    """
+
+    arguments: list = []
+    response = [(b"info", JSON())]
+    errors = MIGRATION_ERRORS
+
+
 class Subscribe(Command):
     """
     Ask for events: from now on the server calls L{MigrationEvent} on this

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.protocol import ServerFactory
 from twisted.protocols.amp import AMP
 
 from twisted_postcopy.control import commands
+from twisted_postcopy.errors import MigrationError
 
 
 def _call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
@@ -62,14 +63,18 @@ class ControlAMP(AMP):
     One control connection (what a QMP monitor is to QEMU).
 
     @ivar manager: the daemon's MigrationManager.
+    @ivar guest: the daemon's guest (with a C{query()} method returning a
+        mapping or a Deferred of one), or L{None}.
     """
 
-    def __init__(self, manager: Any) -> None:
+    def __init__(self, manager: Any, guest: Any = None) -> None:
         """
         @param manager: the MigrationManager the commands act on.
+        @param guest: the guest answering C{query-guest}, if any.
         """
         super().__init__()
         self.manager = manager
+        self.guest = guest
         self._unsubscribe: Callable[[], None] | None = None
 
     @commands.SetCapabilities.responder
@@ -181,6 +186,17 @@ class ControlAMP(AMP):
             lambda info: {"info": info}
         )
 
+    @commands.QueryGuest.responder
+    def queryGuest(self) -> Deferred:
+        """
+        C{query-guest}.
+
+        @return: a Deferred firing with C{{"info": <guest state>}}.
+        """
+        if self.guest is None:
+            return fail(MigrationError("This daemon runs no guest"))
+        return maybeDeferred(self.guest.query).addCallback(lambda info: {"info": info})
+
     @commands.Subscribe.responder
     def subscribe(self) -> dict:
         """
@@ -220,13 +236,16 @@ class ControlFactory(ServerFactory):
     Builds a L{ControlAMP} per control connection, all sharing one manager.
 
     @ivar manager: the daemon's MigrationManager.
+    @ivar guest: the daemon's guest, or L{None}.
     """
 
-    def __init__(self, manager: Any) -> None:
+    def __init__(self, manager: Any, guest: Any = None) -> None:
         """
         @param manager: the MigrationManager.
+        @param guest: the guest answering C{query-guest}, if any.
         """
         self.manager = manager
+        self.guest = guest
 
     def buildProtocol(self, addr: Any) -> ControlAMP:
         """
@@ -235,6 +254,6 @@ class ControlFactory(ServerFactory):
         @param addr: the peer address.
         @return: a L{ControlAMP} for the manager.
         """
-        protocol = ControlAMP(self.manager)
+        protocol = ControlAMP(self.manager, self.guest)
         protocol.factory = self
         return protocol

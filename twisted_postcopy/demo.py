@@ -1,0 +1,177 @@
+# -*- test-case-name: tests.test_demo -*-
+"""
+C{postcopy demo}: a whole postcopy migration on one machine.
+
+Two C{twistd postcopy} daemons are started as child processes (a source
+running a built-in guest, a destination waiting with C{--incoming}); the
+demo drives them over their AMP control sockets exactly as an operator
+would with the C{postcopy} command line: capabilities, C{migrate},
+C{migrate-start-postcopy} after a while of precopy, C{query-migrate} until
+both sides complete; then it asks the destination guest whether every page
+it holds is right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, TextIO
+
+from twisted.internet.task import deferLater
+
+from twisted_postcopy.control.client import FINAL_STATUSES, runMain
+from twisted_postcopy.control.daemon import Daemon, startDaemon
+from twisted_postcopy.control.progress import Progress, formatReport
+from twisted_postcopy.errors import PostcopyError
+from twisted_postcopy.tap import GUESTS, parseSize
+
+#: Capabilities set on both sides (QEMU requires postcopy-ram on both).
+SOURCE_CAPABILITIES = {"postcopy-ram": True}
+DESTINATION_CAPABILITIES = {"postcopy-ram": True, "postcopy-blocktime": True}
+
+
+def freePort() -> int:
+    """
+    Find a free loopback TCP port for the migration.
+
+    @return: a port number nobody listened on a moment ago.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def daemonArguments(args: argparse.Namespace, role: str) -> list[str]:
+    """
+    The C{twistd postcopy} options of one side.
+
+    @param args: the demo's arguments.
+    @param role: C{source} or C{destination}.
+    @return: the options.
+    """
+    argv = ["--role", role, "--guest", args.guest, "--ram", f"{args.ram}B", "--seed", str(args.seed)]
+    if role == "destination":
+        argv += ["--incoming", args.uri]
+    return argv
+
+
+async def pollUntil(reactor: Any, daemon: Daemon, statuses: frozenset[str], progress: Progress,
+                    until: float) -> dict[str, Any]:
+    """
+    Poll C{query-migrate} on a daemon until it reaches one of C{statuses}
+    or the time C{until} passes.
+
+    @param reactor: the reactor.
+    @param daemon: the daemon to poll.
+    @param statuses: the statuses to wait for.
+    @param progress: the progress display to update.
+    @param until: the reactor time at which to stop polling.
+    @return: the last C{query-migrate} answer.
+    @raise twisted_postcopy.errors.DaemonError: the daemon died.
+    """
+    while True:
+        if daemon.protocol.status is not None:
+            raise daemon.failure(f"exited with status {daemon.protocol.status}")
+        info = await daemon.client.queryMigrate()
+        progress.update(daemon.name, info)
+        if info.get("status") in statuses or reactor.seconds() >= until:
+            return info
+        await deferLater(reactor, 0.2, lambda: None)
+
+
+async def migrate(reactor: Any, source: Daemon, destination: Daemon, args: argparse.Namespace,
+                  progress: Progress) -> dict[str, Any]:
+    """
+    Run the migration and collect both sides' final state.
+
+    @param reactor: the reactor.
+    @param source: the source daemon.
+    @param destination: the destination daemon.
+    @param args: the demo's arguments.
+    @param progress: the progress display.
+    @return: both C{query-migrate} answers and the guest's check.
+    @raise PostcopyError: a side did not finish within C{args.timeout}.
+    """
+    deadline = reactor.seconds() + args.timeout
+    await source.client.setCapabilities(SOURCE_CAPABILITIES)
+    await destination.client.setCapabilities(DESTINATION_CAPABILITIES)
+    await source.client.migrate(args.uri)
+    info = await pollUntil(reactor, source, FINAL_STATUSES, progress,
+                           reactor.seconds() + args.postcopy_after)
+    if info["status"] in ("setup", "active"):
+        await source.client.startPostcopy()
+    result: dict[str, Any] = {}
+    for daemon in (source, destination):
+        info = await pollUntil(reactor, daemon, FINAL_STATUSES, progress, deadline)
+        if info.get("status") not in FINAL_STATUSES:
+            raise PostcopyError(f"{daemon.name} still {info.get('status')!r} after {args.timeout} s")
+        result[daemon.name] = info
+    result["guest"] = await destination.client.queryGuest()
+    result["verified"] = bool(result["guest"].get("verified"))
+    return result
+
+
+async def runDemo(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """
+    Start both daemons, migrate, report, stop both daemons.
+
+    @param reactor: the reactor.
+    @param args: the demo's arguments.
+    @param out: where the report goes.
+    @param err: where progress and errors go.
+    @return: 0 if both sides completed and the guest verified its memory.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="postcopy-demo-"))
+    args.uri = f"tcp:127.0.0.1:{freePort()}"
+    daemons: list[Daemon] = []
+    progress = Progress(err, args.ram)
+    try:
+        for role in ("destination", "source"):
+            daemons.append(await startDaemon(reactor, role, workdir, daemonArguments(args, role)))
+        result = await migrate(reactor, daemons[1], daemons[0], args, progress)
+    except PostcopyError as e:
+        progress.finish()
+        print(f"error: {e}\n(daemon logs kept in {workdir})", file=err)
+        return 1
+    finally:
+        for daemon in daemons:
+            await daemon.stop(reactor)
+    progress.finish()
+    result.update({"guest-name": args.guest, "ram-bytes": args.ram, "uri": args.uri})
+    print(json.dumps(result, sort_keys=True) if args.json else formatReport(result), file=out)
+    shutil.rmtree(workdir, ignore_errors=True)
+    completed = all(result[side]["status"] == "completed" for side in ("source", "destination"))
+    return 0 if completed and result["verified"] else 1
+
+
+def register(subparsers: Any) -> None:
+    """
+    Add C{postcopy demo} to the C{postcopy} parser.
+
+    @param subparsers: the C{add_subparsers} object.
+    """
+    parser = subparsers.add_parser(
+        "demo", help="migrate a built-in guest between two local daemons (postcopy)",
+        description="Start a source and a destination twistd postcopy daemon, migrate a "
+        "built-in guest between them over loopback TCP (precopy, then postcopy), "
+        "and report both sides' statistics and whether the guest's memory arrived intact.",
+    )
+    parser.add_argument("--guest", choices=[g for g in GUESTS if g != "none"], default="stress",
+                        help="the built-in guest (default: stress)")
+    parser.add_argument("--ram", type=parseSize, default=parseSize("256M"), metavar="SIZE",
+                        help="guest RAM, e.g. 64M or 1G (default: 256M)")
+    parser.add_argument("--postcopy-after", type=float, default=1.0, metavar="SECONDS",
+                        help="precopy time before migrate-start-postcopy (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="the guest's workload seed")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="give up after this long (default: 120)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: both sides' query-migrate and the check")
+    parser.set_defaults(
+        func=lambda args: runMain(lambda reactor: runDemo(reactor, args, sys.stdout, sys.stderr))
+    )
