@@ -37,10 +37,12 @@ class EnvironmentTests(SynchronousTestCase):
         """
         The last lines of a log, or a note when there is none.
         """
-        path = Path(self.mktemp())
+        workdir = Path(tempfile.mkdtemp(prefix="pc-test-"))
+        self.addCleanup(shutil.rmtree, workdir, True)
+        path = workdir / "source.log"
         path.write_text("".join(f"line {i}\n" for i in range(30)))
         self.assertEqual(daemon.logTail(path, 2), "line 28\nline 29")
-        self.assertEqual(daemon.logTail(Path(self.mktemp())), "(no log)")
+        self.assertEqual(daemon.logTail(workdir / "missing.log"), "(no log)")
 
 
 class StartDaemonTests(TestCase):
