@@ -1,0 +1,309 @@
+# -*- test-case-name: tests.test_source_sender -*-
+"""
+Page scheduling on the source (QEMU's C{ram_find_and_save_block},
+C{get_queued_page}, C{ram_save_queue_pages}, C{migration_rate_limit}).
+
+L{PageScheduler} keeps one dirty map per RAMBlock (one byte per target
+page, so C{bytearray.find} scans in C).  It hands out pages in QEMU's
+order: queued page requests first (a request moves the background scan to
+the requested page), then the background sweep in block-list order, offsets
+upward.  A page's dirty bit clears as it is handed out, so after LISTEN no
+page is ever sent twice.
+
+L{RateLimiter} is QEMU's 100 ms window budget; L{converged} is its
+completion test.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Iterable, Iterator
+
+from attrs import define, field, frozen
+
+from twisted_postcopy.errors import MigrationError
+
+#: QEMU's C{BUFFER_DELAY}: the rate limiting window, in seconds.
+WINDOW = 0.1
+
+#: QEMU's C{MAX_DISCARDS_PER_COMMAND}.
+MAX_DISCARDS_PER_COMMAND = 12
+
+
+@frozen
+class ScheduledPage:
+    """
+    One host page the source is to send.
+
+    @ivar block: the RAMBlock's idstr.
+    @ivar offset: byte offset in the block.
+    @ivar urgent: whether it answers a page request.
+    """
+
+    block: str
+    offset: int
+    urgent: bool = False
+
+
+class PageRequestError(MigrationError):
+    """
+    A REQ_PAGES/REQ_PAGES_ID the source must refuse; the message is QEMU's.
+    """
+
+
+@define
+class _BlockMap:
+    """
+    The dirty map of one RAMBlock.
+
+    @ivar idstr: the block name.
+    @ivar length: used length in bytes.
+    @ivar pageSize: host page size in bytes.
+    @ivar dirty: one byte per page, 1 = still to send.
+    """
+
+    idstr: str
+    length: int
+    pageSize: int
+    dirty: bytearray = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Every page starts dirty (QEMU's first bitmap is all ones).
+        """
+        self.dirty = bytearray(b"\x01") * (self.length // self.pageSize)
+
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """
+        @return: the runs of dirty pages as (start, length) in bytes.
+        """
+        dirty, size, index = self.dirty, self.pageSize, 0
+        while True:
+            start = dirty.find(1, index)
+            if start < 0:
+                return
+            end = dirty.find(0, start)
+            end = len(dirty) if end < 0 else end
+            yield start * size, (end - start) * size
+            index = end
+
+
+@define
+class PageScheduler:
+    """
+    The source's dirty maps, request queue and scan position.
+
+    @ivar blocks: the block maps, in list order.
+    @ivar queue: pending requests, (block index, page index) per page.
+    @ivar position: the background scan's (block index, page index).
+    @ivar lastRequestBlock: the block of the previous REQ_PAGES_ID.
+    """
+
+    blocks: list[_BlockMap]
+    queue: deque[tuple[int, int]] = field(factory=deque)
+    position: tuple[int, int] = (0, 0)
+    lastRequestBlock: int | None = None
+
+    @classmethod
+    def forBlocks(cls, blocks: Iterable[tuple[str, int, int]]) -> PageScheduler:
+        """
+        @param blocks: (idstr, used length, page size) in QEMU's list order.
+        @return: a scheduler with every page dirty.
+        """
+        return cls([_BlockMap(idstr, length, pageSize) for idstr, length, pageSize in blocks])
+
+    def _index(self, idstr: str) -> int:
+        """
+        @param idstr: a block name.
+        @return: its index.
+        @raise KeyError: no such block.
+        """
+        for index, block in enumerate(self.blocks):
+            if block.idstr == idstr:
+                return index
+        raise KeyError(idstr)
+
+    @property
+    def remainingBytes(self) -> int:
+        """
+        Bytes still dirty (QEMU's C{ram_bytes_remaining}).
+        """
+        return sum(block.dirty.count(1) * block.pageSize for block in self.blocks)
+
+    def markDirty(self, idstr: str, offset: int, length: int) -> None:
+        """
+        Pages were written (a dirty sync reported them).
+
+        @param idstr: the block.
+        @param offset: byte offset of the written range.
+        @param length: byte length of the written range.
+        """
+        block = self.blocks[self._index(idstr)]
+        first = offset // block.pageSize
+        last = min(len(block.dirty), -(-(offset + length) // block.pageSize))
+        if last > first:
+            block.dirty[first:last] = b"\x01" * (last - first)
+
+    def queueRequest(self, idstr: str | None, start: int, length: int) -> None:
+        """
+        Validate and queue a page request (C{migrate_handle_rp_req_pages},
+        C{ram_save_queue_pages}).
+
+        @param idstr: the named block (REQ_PAGES_ID), or L{None} for the
+            previously named one (REQ_PAGES).
+        @param start: byte offset.
+        @param length: byte length.
+        @raise PageRequestError: with QEMU's text, for a request QEMU
+            refuses.
+        """
+        if idstr is None:
+            if self.lastRequestBlock is None:
+                raise PageRequestError("ram_save_queue_pages no previous block")
+            index = self.lastRequestBlock
+        else:
+            try:
+                index = self._index(idstr)
+            except KeyError:
+                raise PageRequestError(f"ram_save_queue_pages no block '{idstr}'") from None
+            self.lastRequestBlock = index
+        block = self.blocks[index]
+        if start % block.pageSize or length % block.pageSize or length <= 0:
+            raise PageRequestError(
+                "migrate_handle_rp_req_pages: Misaligned page request, "
+                f"start: {start:x} len: {length:x}"
+            )
+        if start + length > block.length:
+            raise PageRequestError(
+                f"ram_save_queue_pages request overrun start={start:x} "
+                f"len={length:x} blocklen={block.length:x}"
+            )
+        first = start // block.pageSize
+        self.queue.extend((index, page) for page in range(first, first + length // block.pageSize))
+
+    def _take(self, index: int, page: int, urgent: bool) -> ScheduledPage:
+        """
+        Clear a page's dirty bit and hand it out.
+
+        @param index: block index.
+        @param page: page index.
+        @param urgent: whether a request asked for it.
+        @return: the page.
+        """
+        block = self.blocks[index]
+        block.dirty[page] = 0
+        self.position = (index, page + 1)
+        return ScheduledPage(block.idstr, page * block.pageSize, urgent)
+
+    def nextUrgent(self) -> ScheduledPage | None:
+        """
+        @return: the first queued page still dirty, or L{None}; requested
+            pages already sent are dropped silently.
+        """
+        while self.queue:
+            index, page = self.queue.popleft()
+            if self.blocks[index].dirty[page]:
+                return self._take(index, page, True)
+        return None
+
+    def nextBackground(self) -> ScheduledPage | None:
+        """
+        @return: the next dirty page from the scan position, wrapping
+            around once, or L{None} when nothing is dirty.
+        """
+        start, page = self.position
+        count = len(self.blocks)
+        for step in range(count + 1):
+            index = (start + step) % count
+            begin = page if step == 0 else 0
+            found = self.blocks[index].dirty.find(1, begin)
+            if found >= 0:
+                return self._take(index, found, False)
+        return None
+
+    def nextPage(self) -> ScheduledPage | None:
+        """
+        @return: the next page to send: urgent first, then background.
+        """
+        return self.nextUrgent() or self.nextBackground()
+
+    def restartScan(self) -> None:
+        """
+        Move the scan to the start of RAM (at the switch to postcopy).
+        """
+        self.position = (0, 0)
+
+    def discardCommands(self) -> Iterator[tuple[str, list[tuple[int, int]]]]:
+        """
+        The POSTCOPY_RAM_DISCARD commands for every page still dirty: per
+        block in list order, at most L{MAX_DISCARDS_PER_COMMAND} ranges
+        each, no empty command.
+
+        @return: an iterator of (idstr, [(start, length), ...]).
+        """
+        for block in self.blocks:
+            ranges = list(block.runs())
+            for first in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
+                yield block.idstr, ranges[first : first + MAX_DISCARDS_PER_COMMAND]
+
+
+@define
+class RateLimiter:
+    """
+    QEMU's rate limit: a budget of C{bandwidth / 10} bytes per 100 ms
+    window; a bandwidth of 0 means unlimited.
+
+    @ivar now: returns the time in seconds.
+    @ivar bandwidth: bytes per second, 0 for unlimited.
+    @ivar windowStart: when the current window began.
+    @ivar used: bytes accounted in the current window.
+    """
+
+    now: Callable[[], float]
+    bandwidth: int = 0
+    windowStart: float = field(default=None)
+    used: int = 0
+
+    def _roll(self) -> None:
+        """
+        Start a new window if the current one is over.
+        """
+        now = self.now()
+        if self.windowStart is None or now - self.windowStart >= WINDOW:
+            self.windowStart = now
+            self.used = 0
+
+    def account(self, size: int) -> None:
+        """
+        Count bytes written.
+
+        @param size: how many.
+        """
+        self._roll()
+        self.used += size
+
+    def limited(self) -> bool:
+        """
+        @return: whether the window's budget is spent.
+        """
+        self._roll()
+        return self.bandwidth > 0 and self.used >= self.bandwidth * WINDOW
+
+    def delay(self) -> float:
+        """
+        @return: seconds until the next window begins.
+        """
+        return max(0.0, self.windowStart + WINDOW - self.now())
+
+
+def converged(remaining: int, bandwidth: float, downtimeLimitMs: int) -> bool:
+    """
+    QEMU's completion test: the remaining dirty data fits in the downtime
+    at the measured bandwidth.
+
+    @param remaining: dirty bytes left.
+    @param bandwidth: measured bytes per second.
+    @param downtimeLimitMs: the C{downtime-limit} parameter.
+    @return: whether the source may stop and finish.
+    """
+    return remaining <= bandwidth * downtimeLimitMs / 1000
+
