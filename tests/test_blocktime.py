@@ -42,6 +42,7 @@ class BlocktimeTests(SynchronousTestCase):
         A vCPU that never faults keeps the overall figure at 0.
         """
         clock, context = _context([1, 2])
+        clock.advance(1)
         context.faultBegan(1, 0x2000)
         clock.advance(3.1)
         context.pagePlaced(0x2000)
@@ -78,6 +79,16 @@ class BlocktimeTests(SynchronousTestCase):
         clock.advance(1)
         context.pagePlaced(0x2000)
         self.assertEqual((context.blockedCount, context.vcpuTotal), (1, [0]))
+
+    def test_timestampsAtLeastOne(self) -> None:
+        """
+        A fault at the origin is stamped 1 ms, as QEMU forces 0 to 1.
+        """
+        clock, context = _context([1])
+        context.faultBegan(1, 0x1000)
+        clock.advance(0.01)
+        context.pagePlaced(0x1000)
+        self.assertEqual(context.vcpuTotal, [9])
 
     def test_receivedRace(self) -> None:
         """
