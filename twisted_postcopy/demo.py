@@ -116,6 +116,17 @@ async def migrate(reactor: Any, source: Daemon, destination: Daemon, args: argpa
     return result
 
 
+def terminate(daemons: list[Daemon]) -> None:
+    """
+    Send SIGTERM to the daemons still running.
+
+    @param daemons: the daemons.
+    """
+    for daemon in daemons:
+        if daemon.protocol.status is None:
+            daemon.process.signalProcess("TERM")
+
+
 async def runDemo(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """
     Start both daemons, migrate, report, stop both daemons.
@@ -130,6 +141,8 @@ async def runDemo(reactor: Any, args: argparse.Namespace, out: TextIO, err: Text
     args.uri = f"tcp:127.0.0.1:{freePort()}"
     daemons: list[Daemon] = []
     progress = Progress(err, args.ram)
+    # Ctrl-C stops the reactor without unwinding this coroutine.
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", terminate, daemons)
     try:
         for role in ("destination", "source"):
             daemons.append(await startDaemon(reactor, role, workdir, daemonArguments(args, role)))
@@ -139,6 +152,7 @@ async def runDemo(reactor: Any, args: argparse.Namespace, out: TextIO, err: Text
         print(f"error: {e}\n(daemon logs kept in {workdir})", file=err)
         return 1
     finally:
+        reactor.removeSystemEventTrigger(trigger)
         for daemon in daemons:
             await daemon.stop(reactor)
     progress.finish()
