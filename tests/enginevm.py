@@ -1,0 +1,165 @@
+"""
+Small VMs for the engine's tests: memfd-backed RAM blocks, an outgoing VM
+the test fills before (and writes during) migration, and an incoming VM
+whose blocks the test reads with C{pread} only after completion.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from typing import Any
+
+from zope.interface import implementer
+
+from twisted_postcopy.interfaces import IDirtyTracker, IIncomingVM, IOutgoingVM
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+PAGE = 4096
+
+
+class MemBlock:
+    """
+    A RAMBlock over a memfd with the test's own shared mapping.
+
+    @ivar idstr: the block name.
+    @ivar length: bytes.
+    @ivar pageSize: 4096.
+    @ivar fd: the memfd.
+    @ivar map: the shared mapping.
+    """
+
+    def __init__(self, idstr: str, length: int) -> None:
+        """
+        @param idstr: the name.
+        @param length: the size in bytes.
+        """
+        self.idstr, self.length, self.pageSize = idstr, length, PAGE
+        self.fd = os.memfd_create(idstr.replace("/", "_"))
+        os.ftruncate(self.fd, length)
+        self.map = mmap.mmap(self.fd, length, mmap.MAP_SHARED)
+
+    def view(self) -> memoryview:
+        """
+        @return: a view of the mapping (source side only).
+        """
+        return memoryview(self.map)
+
+    def discard(self, offset: int, length: int) -> None:
+        """
+        Punch a hole.
+
+        @param offset: bytes.
+        @param length: bytes.
+        """
+        if _libc.fallocate(self.fd, _PUNCH, ctypes.c_long(offset), ctypes.c_long(length)):
+            raise OSError(ctypes.get_errno(), "fallocate")
+
+    def read(self) -> bytes:
+        """
+        @return: the whole content, read with pread.
+        """
+        return os.pread(self.fd, self.length, 0)
+
+    def close(self) -> None:
+        """
+        Release the mapping and the fd.
+        """
+        self.map.close()
+        os.close(self.fd)
+
+
+@implementer(IDirtyTracker)
+class WriteLog:
+    """
+    A dirty tracker fed by the test's own writes (L{OutgoingTestVM.write}).
+    """
+
+    def __init__(self) -> None:
+        self.ranges: dict[str, list[tuple[int, int]]] = {}
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+        self.ranges = {}
+
+    def sync(self) -> dict[str, list[tuple[int, int]]]:
+        ranges, self.ranges = self.ranges, {}
+        return ranges
+
+    def stop(self) -> None:
+        self.running = False
+
+
+@implementer(IOutgoingVM)
+class OutgoingTestVM:
+    """
+    An outgoing VM over L{MemBlock}s; the test writes its RAM.
+    """
+
+    machine = "pc-i440fx-7.2"
+
+    def __init__(self, sizes: dict[str, int], device: bytes = b"") -> None:
+        self.blocks = [MemBlock(name, size) for name, size in sizes.items()]
+        self.dirtyTracker = WriteLog()
+        self.device = device
+        self.running = True
+        self.resumed = 0
+
+    def write(self, block: int, offset: int, data: bytes) -> None:
+        """
+        The guest writes (refused while stopped).
+        """
+        assert self.running, "guest write while stopped"
+        self.blocks[block].map[offset : offset + len(data)] = data
+        if self.dirtyTracker.running:
+            self.dirtyTracker.ranges.setdefault(self.blocks[block].idstr, []).append(
+                (offset, len(data)))
+
+    def stop(self) -> None:
+        self.running = False
+
+    def deviceState(self) -> bytes:
+        return self.device
+
+    def resume(self) -> None:
+        self.running = True
+        self.resumed += 1
+
+    def contents(self) -> dict[str, bytes]:
+        return {b.idstr: bytes(b.map) for b in self.blocks}
+
+
+@implementer(IIncomingVM)
+class IncomingTestVM:
+    """
+    An incoming VM that creates a L{MemBlock} per listed block.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, MemBlock] = {}
+        self.devices: list[bytes] = []
+        self.events: list[str] = []
+        self.failure: Any = None
+
+    def ramBlocksListed(self, blocks: Any) -> dict[str, MemBlock]:
+        self.blocks = {name: MemBlock(name, length) for name, length, _ in blocks}
+        return self.blocks
+
+    def deviceStateReceived(self, raw: bytes) -> None:
+        self.devices.append(raw)
+
+    def run(self) -> None:
+        self.events.append("run")
+
+    def completed(self) -> None:
+        self.events.append("completed")
+
+    def failed(self, reason: Any) -> None:
+        self.events.append("failed")
+        self.failure = reason
+
+    def contents(self) -> dict[str, bytes]:
+        return {name: block.read() for name, block in self.blocks.items()}

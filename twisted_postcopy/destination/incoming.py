@@ -1,0 +1,267 @@
+# -*- test-case-name: tests.test_destination_incoming -*-
+"""
+The incoming migration: what a QEMU 7.2 destination does with each element
+of the main stream (migration-stream.md section 6), without sockets.
+
+L{IncomingMigration} is driven by the stream protocol, one method per
+decoded element, and answers through a return-path object
+(L{IReturnPathSender}: C{pong}, C{shut}, C{requestPages}).  Pages go
+through a L{PagePlacer}; at LISTEN a fault service is started over the
+blocks (its page source is this object: a fault becomes a REQ_PAGES on the
+return path) and placement switches to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twisted_postcopy.destination.machine import IncomingMachine
+from twisted_postcopy.destination.placer import PagePlacer
+from twisted_postcopy.errors import MigrationFailed, RemoteProtocolError
+from twisted_postcopy.interfaces import IPageSource
+
+#: The only page size pair this destination accepts in ADVISE.
+TARGET_PAGE_SIZE = 4096
+
+
+@implementer(IPageSource)
+@define
+class IncomingMigration:
+    """
+    One incoming migration.
+
+    @ivar vm: the L{twisted_postcopy.interfaces.IIncomingVM} being filled.
+    @ivar returnPath: sends C{pong(value)}, C{shut(value)},
+        C{requestPages(idstr, start, length)}.
+    @ivar postcopyEnabled: the destination's C{postcopy-ram} capability.
+    @ivar faultServiceFactory: C{(blocks, pageSource) -> fault service},
+        called at LISTEN; the service has C{placePages}, C{placeZero} and
+        C{stop()}.
+    @ivar machine: the destination's state machines.
+    @ivar placer: the page placer, once RAM START listed the blocks.
+    @ivar faults: the fault service while postcopy listens.
+    @ivar waiting: (idstr, offset) -> Deferreds of faults waiting for that
+        page.
+    @ivar sawEOF: whether the stream's EOF arrived.
+    @ivar observers: called with C{(idstr, offset, length)} per placement
+        after LISTEN (blocktime hooks in here).
+    @ivar pendingPlaced: pages handed to the placer since the last flush.
+    """
+
+    vm: Any
+    returnPath: Any
+    postcopyEnabled: bool = False
+    faultServiceFactory: Callable[[dict[str, Any], IPageSource], Any] | None = None
+    machine: IncomingMachine = field(factory=IncomingMachine)
+    placer: PagePlacer | None = None
+    faults: Any = None
+    waiting: dict[tuple[str, int], list[Deferred]] = field(factory=dict)
+    sawEOF: bool = False
+    observers: list[Callable[[str, int, int], object]] = field(factory=list)
+    pendingPlaced: list[tuple[str, int, int]] = field(factory=list)
+
+    def connected(self) -> None:
+        """
+        The source connected: loading starts (status C{active}).
+        """
+        self.machine.loadingStarted()
+
+    def openReturnPath(self) -> None:
+        """
+        OPEN_RETURN_PATH.
+        """
+        self.machine.openReturnPath()
+
+    def ping(self, value: int) -> None:
+        """
+        PING: answer with a PONG of the same value.
+
+        @param value: the ping's value.
+        """
+        self.machine.ping()
+        self.returnPath.pong(value)
+
+    def advise(self, pageSizeSummary: int, targetPageSize: int) -> None:
+        """
+        POSTCOPY_ADVISE.
+
+        @param pageSizeSummary: the source's OR of block page sizes.
+        @param targetPageSize: the source's target page size.
+        @raise RemoteProtocolError: postcopy is off here, or the sizes differ.
+        """
+        if not self.postcopyEnabled:
+            raise RemoteProtocolError("CMD_POSTCOPY_ADVISE received but postcopy-ram is off")
+        if targetPageSize != TARGET_PAGE_SIZE or pageSizeSummary & (TARGET_PAGE_SIZE - 1):
+            raise RemoteProtocolError(
+                f"Postcopy needs matching target page sizes {targetPageSize:#x} "
+                f"(summary {pageSizeSummary:#x})"
+            )
+        self.machine.advise()
+
+    def ramBlocksListed(self, blocks: Sequence[tuple[str, int, int | None]]) -> None:
+        """
+        RAM START listed the blocks: ask the VM for its RAMBlocks.
+
+        @param blocks: (idstr, length, pageSize or None) each.
+        """
+        self.placer = PagePlacer(dict(self.vm.ramBlocksListed(blocks)))
+
+    def _placer(self) -> PagePlacer:
+        """
+        @return: the placer.
+        @raise RemoteProtocolError: a page arrived before RAM START.
+        """
+        if self.placer is None:
+            raise RemoteProtocolError("RAM page before the RAM block list")
+        return self.placer
+
+    def page(self, idstr: str, offset: int, data: bytes | memoryview) -> None:
+        """
+        A PAGE record.
+
+        @param idstr: the block.
+        @param offset: byte offset.
+        @param data: the page.
+        """
+        self._placer().page(idstr, offset, data)
+        self._placed(idstr, offset, len(data))
+
+    def zero(self, idstr: str, offset: int, fill: int) -> None:
+        """
+        A ZERO record.
+
+        @param idstr: the block.
+        @param offset: byte offset.
+        @param fill: the fill byte.
+        """
+        placer = self._placer()
+        size = placer.blocks[idstr].pageSize if idstr in placer.blocks else TARGET_PAGE_SIZE
+        placer.zero(idstr, offset, fill, size)
+        self._placed(idstr, offset, size)
+
+    def _placed(self, idstr: str, offset: int, length: int) -> None:
+        """
+        Note a page handed to the placer after LISTEN.
+
+        @param idstr: the block.
+        @param offset: byte offset.
+        @param length: byte length.
+        """
+        if self.faults is None:
+            return
+        self.pendingPlaced.append((idstr, offset, length))
+
+    def flush(self) -> None:
+        """
+        Place the pending run and wake the faults it answers.  Called by
+        the protocol after each chunk of received data.
+        """
+        if self.placer is not None and self.faults is not None:
+            self.placer.flush()
+        placed, self.pendingPlaced = self.pendingPlaced, []
+        for idstr, offset, length in placed:
+            for observer in self.observers:
+                observer(idstr, offset, length)
+            for waiter in self.waiting.pop((idstr, offset), []):
+                waiter.callback(None)
+
+    def discard(self, idstr: str, ranges: Sequence[tuple[int, int]]) -> None:
+        """
+        POSTCOPY_RAM_DISCARD.
+
+        @param idstr: the block.
+        @param ranges: (start, length) byte ranges.
+        """
+        self.machine.discard()
+        for start, length in ranges:
+            self._placer().discard(idstr, start, length)
+
+    def listen(self) -> None:
+        """
+        POSTCOPY_LISTEN: start the fault service; pages now go through it.
+        """
+        self.machine.listen()
+        placer = self._placer()
+        if self.faultServiceFactory is None:
+            raise RemoteProtocolError("postcopy LISTEN but no fault service available")
+        self.faults = self.faultServiceFactory(dict(placer.blocks), self)
+        placer.faults = self.faults
+
+    def deviceState(self, raw: bytes) -> None:
+        """
+        Device sections (from the package or the precopy tail).
+
+        @param raw: their exact wire bytes.
+        """
+        self.vm.deviceStateReceived(raw)
+
+    def run(self) -> None:
+        """
+        POSTCOPY_RUN: the guest starts here.
+        """
+        self.machine.run()
+        self.vm.run()
+
+    def requestPage(self, block: str, offset: int) -> Deferred:
+        """
+        A guest faulted on a missing page: ask the source for it.
+
+        @param block: the block idstr.
+        @param offset: page-aligned byte offset.
+        @return: a Deferred firing once the page was placed.
+        """
+        placer = self._placer()
+        blockObject = placer.blocks[block]
+        if placer.received[block][offset // blockObject.pageSize]:
+            return succeed(None)
+        if not self.machine.status.inProgress:
+            return fail(MigrationFailed("the incoming migration is over"))
+        waiter: Deferred = Deferred()
+        first = (block, offset) not in self.waiting
+        self.waiting.setdefault((block, offset), []).append(waiter)
+        if first:
+            self.returnPath.requestPages(block, offset, blockObject.pageSize)
+        return waiter
+
+    def eof(self) -> None:
+        """
+        EOF on the main stream (after the vmdesc in precopy): finish.
+        """
+        self.sawEOF = True
+        self.flush()
+        if not self.machine.inPostcopy:
+            self.vm.run()
+        self.complete()
+
+    def complete(self) -> None:
+        """
+        Completion: status C{completed}, the VM told, SHUT(0) sent.
+        """
+        if self.faults is not None:
+            self.faults.stop()
+        self.machine.complete()
+        self.vm.completed()
+        if self.machine.returnPathOpen:
+            self.returnPath.shut(0)
+
+    def failed(self, reason: BaseException | Failure) -> None:
+        """
+        Loading failed: status C{failed}, waiting faults fail, the VM told.
+
+        @param reason: what went wrong.
+        """
+        if not self.machine.status.inProgress:
+            return
+        self.machine.fail()
+        waiting, self.waiting = self.waiting, {}
+        for waiters in waiting.values():
+            for waiter in waiters:
+                waiter.errback(MigrationFailed(f"incoming migration failed: {reason}"))
+        if self.faults is not None:
+            self.faults.stop()
+        self.vm.failed(reason)

@@ -1,0 +1,159 @@
+# -*- test-case-name: tests.test_destination_placer -*-
+"""
+Putting received pages into the destination's RAMBlocks.
+
+Before LISTEN (precopy) pages are written with C{pwrite} on the block's
+memfd and ZERO pages punch a hole, so the daemon never reads guest RAM.
+From LISTEN on, pages go through the fault service (UFFDIO_COPY /
+UFFDIO_ZEROPAGE): consecutive pages of one block are gathered into one run
+and placed with one call, when the run is broken or L{PagePlacer.flush} is
+called (the protocol does so after each chunk of received data).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from attrs import define, field
+
+from twisted_postcopy.errors import RemoteProtocolError
+
+#: Largest run gathered before it is placed, in bytes.
+MAX_RUN = 1 << 20
+
+
+@define
+class PagePlacer:
+    """
+    Writes precopy pages, places postcopy pages.
+
+    @ivar blocks: idstr -> RAMBlock of the incoming VM (C{fd}, C{length},
+        C{pageSize}, C{discard(offset, length)}).
+    @ivar faults: the fault service once postcopy listens, else L{None}
+        (C{placePages(block, offset, data)}, C{placeZero(block, offset,
+        length)}).
+    @ivar received: idstr -> bytearray, one byte per page, 1 once received
+        (so a page sent twice after LISTEN is caught before the kernel's
+        EEXIST).
+    @ivar run: the pending run's bytes.
+    @ivar runBlock: the pending run's block idstr.
+    @ivar runOffset: the pending run's start offset.
+    @ivar pagesPlaced: pages placed or written.
+    """
+
+    blocks: Mapping[str, Any]
+    faults: Any = None
+    received: dict[str, bytearray] = field(init=False)
+    run: bytearray = field(factory=bytearray)
+    runBlock: str | None = None
+    runOffset: int = 0
+    pagesPlaced: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Start with nothing received.
+        """
+        self.received = {
+            name: bytearray(block.length // block.pageSize) for name, block in self.blocks.items()
+        }
+
+    def _block(self, idstr: str, offset: int, length: int) -> Any:
+        """
+        @param idstr: a block name from the stream.
+        @param offset: byte offset of a record.
+        @param length: its byte length.
+        @return: the RAMBlock.
+        @raise RemoteProtocolError: unknown block or offset past its end.
+        """
+        block = self.blocks.get(idstr)
+        if block is None:
+            raise RemoteProtocolError(f"Can't find block {idstr}")
+        if offset < 0 or offset + length > block.length or offset % block.pageSize:
+            raise RemoteProtocolError(f"Illegal RAM offset {offset:x} in block {idstr}")
+        return block
+
+    def _markReceived(self, idstr: str, block: Any, offset: int, length: int) -> None:
+        """
+        Record pages as received; in postcopy a page may arrive only once.
+
+        @param idstr: the block name.
+        @param block: the RAMBlock.
+        @param offset: byte offset.
+        @param length: byte length.
+        @raise RemoteProtocolError: a postcopy page arrived twice.
+        """
+        bits = self.received[idstr]
+        first, last = offset // block.pageSize, (offset + length) // block.pageSize
+        if self.faults is not None and any(bits[first:last]):
+            raise RemoteProtocolError(f"page {idstr}:{offset:x} sent twice after LISTEN")
+        bits[first:last] = b"\x01" * (last - first)
+        self.pagesPlaced += last - first
+
+    def discard(self, idstr: str, start: int, length: int) -> None:
+        """
+        POSTCOPY_RAM_DISCARD: drop a range so it can be placed later.
+
+        @param idstr: the block.
+        @param start: byte offset.
+        @param length: byte length.
+        """
+        block = self._block(idstr, start, length)
+        block.discard(start, length)
+        bits = self.received[idstr]
+        first, last = start // block.pageSize, (start + length) // block.pageSize
+        bits[first:last] = bytes(last - first)
+
+    def page(self, idstr: str, offset: int, data: bytes | memoryview) -> None:
+        """
+        A PAGE record.
+
+        @param idstr: the block.
+        @param offset: byte offset.
+        @param data: the page bytes (may be a view into a receive buffer;
+            they are copied or written before this returns).
+        """
+        block = self._block(idstr, offset, len(data))
+        self._markReceived(idstr, block, offset, len(data))
+        if self.faults is None:
+            os.pwrite(block.fd, data, offset)
+            return
+        if self.runBlock != idstr or self.runOffset + len(self.run) != offset or len(self.run) >= MAX_RUN:
+            self.flush()
+            self.runBlock, self.runOffset = idstr, offset
+        self.run += data
+
+    def zero(self, idstr: str, offset: int, fill: int, length: int) -> None:
+        """
+        A ZERO record.
+
+        @param idstr: the block.
+        @param offset: byte offset.
+        @param fill: the fill byte (QEMU sends 0; a nonzero fill is honoured).
+        @param length: the page size.
+        """
+        if fill:
+            self.page(idstr, offset, bytes([fill]) * length)
+            return
+        block = self._block(idstr, offset, length)
+        self._markReceived(idstr, block, offset, length)
+        if self.faults is None:
+            block.discard(offset, length)
+            return
+        self.flush()
+        self.faults.placeZero(idstr, offset, length)
+
+    def flush(self) -> None:
+        """
+        Place the pending run, if any.
+        """
+        if self.run:
+            data, self.run = bytes(self.run), bytearray()
+            self.faults.placePages(self.runBlock, self.runOffset, data)
+        self.runBlock = None
+
+    def missingPages(self) -> int:
+        """
+        @return: how many pages have not been received.
+        """
+        return sum(bits.count(0) for bits in self.received.values())

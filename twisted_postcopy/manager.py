@@ -1,0 +1,302 @@
+# -*- test-case-name: tests.test_manager -*-
+"""
+L{MigrationManager}: the QMP-like surface of one daemon (docs/design.md,
+"manager.py"; return-path-preempt-recovery.md section 5).
+
+A manager over an L{IOutgoingVM} is a source (C{migrate},
+C{migrate-start-postcopy}, C{migrate-cancel}); one over an L{IIncomingVM}
+(or a callable returning one) is a destination (C{migrate-incoming}).
+Errors carry QEMU's texts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+
+from twisted_postcopy.blocktime import BlocktimeContext
+from twisted_postcopy.destination.incoming import IncomingMigration
+from twisted_postcopy.errors import MigrationError
+from twisted_postcopy.interfaces import IIncomingVM, IOutgoingVM
+from twisted_postcopy.protocols.factories import (
+    DestinationFactory, SourceFactory, clientEndpoint, parseURI, serverEndpoint)
+from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
+from twisted_postcopy.source.outgoing import OutgoingMigration
+
+#: QEMU 7.2's capabilities, in enum order.
+CAPABILITIES = (
+    "xbzrle rdma-pin-all auto-converge zero-blocks compress events postcopy-ram x-colo "
+    "release-ram block return-path pause-before-switchover multifd dirty-bitmaps "
+    "postcopy-blocktime late-block-activate x-ignore-shared validate-uuid "
+    "background-snapshot zero-copy-send postcopy-preempt"
+).split()
+#: The capabilities this engine implements.
+SUPPORTED = frozenset({"events", "postcopy-ram", "return-path", "postcopy-blocktime"})
+#: Parameters and their QEMU defaults.
+PARAMETERS = {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0, "downtime-limit": 300}
+_IN_PROGRESS = "There's a migration process in progress"
+
+
+class MigrationManager:
+    """
+    One daemon's migration commands.
+
+    @ivar reactor: the reactor.
+    @ivar vm: the VM migrated out, or the incoming VM (or its factory).
+    @ivar faultServiceFactory: C{(blocks, pageSource) -> fault service},
+        used by a destination at LISTEN.
+    @ivar capabilities: capability name -> state.
+    @ivar parameters: parameter name -> value.
+    @ivar outgoing: the current outgoing migration, if any.
+    @ivar incoming: the current incoming migration, if any.
+    @ivar blocktime: the blocktime context of the incoming migration.
+    """
+
+    def __init__(self, reactor: Any, vm: Any, faultServiceFactory: Callable[..., Any] | None = None) -> None:
+        """
+        @param reactor: the reactor.
+        @param vm: an L{IOutgoingVM}, an L{IIncomingVM}, or a callable
+            returning an L{IIncomingVM}.
+        @param faultServiceFactory: the destination's fault service factory.
+        """
+        self.reactor = reactor
+        self.vm = vm
+        self.faultServiceFactory = faultServiceFactory
+        self.capabilities = {name: False for name in CAPABILITIES}
+        self.parameters = dict(PARAMETERS)
+        self.outgoing: OutgoingMigration | None = None
+        self.incoming: IncomingMigration | None = None
+        self.blocktime: BlocktimeContext | None = None
+        self._subscribers: list[Callable[[dict[str, Any]], object]] = []
+        self._waiters: list[tuple[frozenset[str], Deferred]] = []
+        self._listening: Any = None
+
+    @property
+    def status(self) -> S:
+        """
+        The status of this side's current migration.
+        """
+        current = self.outgoing or self.incoming
+        if current is None:
+            return S.NONE
+        return current.machine.status if self.outgoing else current.machine.status.status
+
+    def _busy(self) -> bool:
+        """
+        @return: whether a migration is in progress.
+        """
+        return self.status not in FINISHED
+
+    def setCapabilities(self, capabilities: dict[str, bool]) -> None:
+        """
+        C{migrate-set-capabilities}.
+
+        @param capabilities: name -> state.
+        @raise MigrationError: unknown or unsupported capability, or a
+            migration is running.
+        """
+        if self._busy():
+            raise MigrationError(_IN_PROGRESS)
+        for name, state in capabilities.items():
+            if name not in self.capabilities:
+                raise MigrationError(f"Parameter 'capability' does not accept value '{name}'")
+            if state and name == "postcopy-preempt":
+                raise MigrationError("postcopy-preempt is not yet supported by twisted-postcopy")
+            if state and name not in SUPPORTED:
+                raise MigrationError(f"Capability '{name}' is not supported by twisted-postcopy")
+        self.capabilities.update({name: bool(state) for name, state in capabilities.items()})
+
+    def queryCapabilities(self) -> dict[str, bool]:
+        """
+        @return: C{query-migrate-capabilities}.
+        """
+        return dict(self.capabilities)
+
+    def setParameters(self, parameters: dict[str, int]) -> None:
+        """
+        C{migrate-set-parameters}; bandwidths apply at once.
+
+        @param parameters: name -> value.
+        @raise MigrationError: unknown name or value out of range.
+        """
+        for name, value in parameters.items():
+            if name not in PARAMETERS:
+                raise MigrationError(f"Parameter '{name}' is unexpected")
+            if not isinstance(value, int) or value < 0:
+                raise MigrationError(f"Parameter '{name}' expects a non-negative integer")
+            if name == "downtime-limit" and value > 2000000:
+                raise MigrationError(
+                    "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 ms")
+        self.parameters.update(parameters)
+
+    def queryParameters(self) -> dict[str, int]:
+        """
+        @return: C{query-migrate-parameters} (the relevant ones).
+        """
+        return dict(self.parameters)
+
+    def subscribe(self, callback: Callable[[dict[str, Any]], object]) -> Callable[[], None]:
+        """
+        @param callback: called with C{{"event": "MIGRATION", "data": {"status": ...}}}.
+        @return: a callable that unsubscribes.
+        """
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def whenStatus(self, *statuses: str) -> Deferred:
+        """
+        @param statuses: QMP status names.
+        @return: a Deferred firing with the first of them reached (at once
+            if current).
+        """
+        if self.status.value in statuses:
+            return succeed(self.status.value)
+        waiter: Deferred = Deferred()
+        self._waiters.append((frozenset(statuses), waiter))
+        return waiter
+
+    def _emit(self, status: S) -> None:
+        """
+        Publish a status change.
+
+        @param status: the new status.
+        """
+        event = {"event": "MIGRATION", "data": {"status": status.value}}
+        for callback in list(self._subscribers):
+            callback(event)
+        ready = [(s, d) for s, d in self._waiters if status.value in s]
+        self._waiters = [(s, d) for s, d in self._waiters if status.value not in s]
+        for _, waiter in ready:
+            waiter.callback(status.value)
+
+    def migrate(self, uri: str, resume: bool = False) -> None:
+        """
+        C{migrate}: connect and start; returns at once.
+
+        @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
+        @param resume: recovery (not supported yet).
+        @raise MigrationError: running already, bad URI, not a source.
+        """
+        if resume:
+            raise MigrationError("Cannot resume if there is no paused migration")
+        if self._busy():
+            raise MigrationError(_IN_PROGRESS)
+        if not IOutgoingVM.providedBy(self.vm):
+            raise MigrationError("this daemon has no outgoing VM")
+        endpoint = clientEndpoint(self.reactor, uri)
+        migration = OutgoingMigration(self.vm, None, self.reactor.seconds,
+                                      dict(self.capabilities), self.parameters)
+        migration.machine.observers.append(self._emit)
+        self.outgoing = migration
+        migration.begin()
+        connecting = endpoint.connect(SourceFactory(migration, self.reactor))
+        connecting.addErrback(lambda f: migration.fail(MigrationError(
+            f"Failed to connect to '{uri}': {f.getErrorMessage()}")))
+
+    def startPostcopy(self) -> None:
+        """
+        C{migrate-start-postcopy}.
+
+        @raise MigrationError: QEMU's texts when postcopy-ram is off or no
+            migration was started.
+        """
+        if not self.capabilities["postcopy-ram"]:
+            raise MigrationError("Enable postcopy with migrate_set_capability before the start of migration")
+        if self.outgoing is None:
+            raise MigrationError("Postcopy must be started after migration has been started")
+        self.outgoing.postcopyRequested = True
+
+    def cancel(self) -> None:
+        """
+        C{migrate_cancel}: always succeeds.
+        """
+        if self.outgoing is not None:
+            self.outgoing.cancel()
+
+    def migrateIncoming(self, uri: str) -> Deferred:
+        """
+        C{migrate-incoming}: listen for the source.
+
+        @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
+        @return: a Deferred firing with the listening port.
+        @raise MigrationError: already started, bad URI.
+        """
+        if self.incoming is not None:
+            raise MigrationError("The incoming migration has already been started")
+        parseURI(uri)
+        vm = self.vm if IIncomingVM.providedBy(self.vm) else self.vm()
+        incoming = IncomingMigration(vm, None, self.capabilities["postcopy-ram"],
+                                     self._faultService)
+        self.incoming = incoming
+        incoming.machine.status.observers.append(self._emit)
+        incoming.machine.setup()
+        listening = serverEndpoint(self.reactor, uri).listen(DestinationFactory(incoming))
+
+        def listened(port: Any) -> Any:
+            self._listening = port
+            incoming.machine.status.observers.append(self._stopListening)
+            return port
+
+        return listening.addCallback(listened)
+
+    def _stopListening(self, status: S) -> None:
+        """
+        Stop accepting connections once the incoming migration started.
+
+        @param status: the new status.
+        """
+        if status == S.ACTIVE and self._listening is not None:
+            self._listening.stopListening()
+            self._listening = None
+
+    def _faultService(self, blocks: dict[str, Any], pageSource: Any) -> Any:
+        """
+        Start the fault service at LISTEN, with blocktime observers when
+        the capability is on.
+
+        @param blocks: idstr -> RAMBlock.
+        @param pageSource: where faults are requested from.
+        @return: the fault service.
+        """
+        if self.faultServiceFactory is None:
+            raise MigrationError("no fault service: postcopy is not supported here")
+        service = self.faultServiceFactory(blocks, pageSource)
+        if self.capabilities["postcopy-blocktime"] and hasattr(service, "addFaultObserver"):
+            threads = list(getattr(self.incoming.vm, "vcpuThreads", []))
+            self.blocktime = BlocktimeContext(threads, self.reactor.seconds)
+            service.addFaultObserver(self.blocktime.faultBegan)
+            service.addPlacementObserver(self.blocktime.pagePlaced)
+        return service
+
+    def migratePause(self) -> None:
+        """
+        C{migrate-pause}: not supported yet.
+
+        @raise MigrationError: always.
+        """
+        raise MigrationError("migrate-pause is currently only supported during postcopy-active state")
+
+    def migrateRecover(self, uri: str) -> None:
+        """
+        C{migrate-recover}: not supported yet.
+
+        @param uri: the new URI.
+        @raise MigrationError: always.
+        """
+        raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+
+    def queryMigrate(self) -> dict[str, Any]:
+        """
+        @return: the C{query-migrate} answer of this side.
+        """
+        if self.outgoing is not None:
+            out = self.outgoing
+            return out.stats.query(out.machine.status, out.scheduler.remainingBytes,
+                                   self.parameters["downtime-limit"])
+        if self.incoming is None or self.status == S.SETUP:
+            return {}
+        answer: dict[str, Any] = {"status": self.status.value}
+        if self.status == S.COMPLETED and self.blocktime is not None:
+            answer.update(self.blocktime.query())
+        return answer

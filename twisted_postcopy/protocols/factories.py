@@ -1,0 +1,117 @@
+# -*- test-case-name: tests.test_protocols_stream -*-
+"""
+Connecting and listening for migrations: C{tcp:HOST:PORT} and
+C{unix:PATH} URIs (QEMU's spelling) to Twisted endpoints, and the factories
+that build the main-connection protocols.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    UNIXClientEndpoint,
+    UNIXServerEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+
+from twisted_postcopy.errors import MigrationError
+from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
+
+
+def parseURI(uri: str) -> tuple[str, str, int]:
+    """
+    @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
+    @return: (kind, host or path, port or 0).
+    @raise MigrationError: any other URI (QEMU's text).
+    """
+    kind, _, rest = uri.partition(":")
+    if kind == "unix" and rest:
+        return kind, rest, 0
+    if kind == "tcp":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit():
+            return kind, host.strip("[]"), int(port)
+    raise MigrationError(f"Parameter 'uri' expects a valid migration protocol: {uri!r}")
+
+
+def clientEndpoint(reactor: Any, uri: str) -> Any:
+    """
+    @param reactor: the reactor.
+    @param uri: a migration URI.
+    @return: a client endpoint for it.
+    """
+    kind, where, port = parseURI(uri)
+    if kind == "unix":
+        return UNIXClientEndpoint(reactor, where)
+    return TCP4ClientEndpoint(reactor, where, port)
+
+
+def serverEndpoint(reactor: Any, uri: str) -> Any:
+    """
+    @param reactor: the reactor.
+    @param uri: a migration URI.
+    @return: a server endpoint for it.
+    """
+    kind, where, port = parseURI(uri)
+    if kind == "unix":
+        return UNIXServerEndpoint(reactor, where)
+    return TCP4ServerEndpoint(reactor, port, interface=where)
+
+
+class SourceFactory(Factory):
+    """
+    Builds the L{SourceProtocol} of one outgoing migration.
+
+    @ivar migration: the outgoing migration.
+    @ivar reactor: the reactor.
+    """
+
+    def __init__(self, migration: Any, reactor: Any) -> None:
+        """
+        @param migration: the outgoing migration.
+        @param reactor: the reactor.
+        """
+        self.migration = migration
+        self.reactor = reactor
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        """
+        @param addr: the peer.
+        @return: the source protocol.
+        """
+        return SourceProtocol(self.migration, self.reactor)
+
+
+class DestinationFactory(Factory):
+    """
+    Accepts the main connection of one incoming migration.  Later
+    connections are refused for now; a preempt channel (second connection)
+    will be accepted here.
+
+    @ivar incoming: the incoming migration.
+    @ivar main: the main connection's protocol, once accepted.
+    @ivar accepted: fires with the main protocol when it connects.
+    """
+
+    def __init__(self, incoming: Any) -> None:
+        """
+        @param incoming: the incoming migration.
+        """
+        self.incoming = incoming
+        self.main: DestinationProtocol | None = None
+        self.accepted: Deferred = Deferred()
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        """
+        @param addr: the peer.
+        @return: the main protocol for the first connection, else None.
+        """
+        if self.main is not None:
+            return None
+        self.main = DestinationProtocol(self.incoming)
+        self.accepted.callback(self.main)
+        return self.main

@@ -1,0 +1,188 @@
+# -*- test-case-name: tests.test_protocols_stream -*-
+"""
+Twisted protocols of the main migration connection; they only move bytes
+between the transport and the engine.
+
+L{SourceProtocol} is an L{IPushProducer} for its transport: it writes one
+step of the outgoing migration at a time, stops while the transport is
+full or the rate limit says wait, and feeds return-path bytes to the
+engine.  L{DestinationProtocol} feeds main-stream bytes to the parser of
+the incoming migration and writes its return path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from twisted_postcopy.errors import MigrationFailed, PostcopyError
+from twisted_postcopy.protocols._codec import ParserDriver, returnPathParser
+from twisted_postcopy.protocols._parser import streamParser
+from twisted_postcopy.protocols.returnpath import ReturnPathWriter
+from twisted_postcopy.source.outgoing import DONE
+
+
+@implementer(IPushProducer)
+class SourceProtocol(Protocol):
+    """
+    The source end of the main connection.
+
+    @ivar migration: the L{twisted_postcopy.source.outgoing.OutgoingMigration}.
+    @ivar reactor: schedules steps.
+    @ivar paused: whether the transport asked us to stop.
+    @ivar pending: the scheduled next step, if any.
+    """
+
+    def __init__(self, migration: Any, reactor: Any) -> None:
+        """
+        @param migration: the outgoing migration.
+        @param reactor: an L{IReactorTime}.
+        """
+        self.migration = migration
+        self.reactor = reactor
+        self.paused = False
+        self.pending: Any = None
+        self.returnPath = ParserDriver(returnPathParser(migration))
+
+    def connectionMade(self) -> None:
+        """
+        Start the migration and the first step.
+        """
+        self.migration.write = self.transport.write
+        self.migration.onFinished = self._finished
+        if not self.migration.machine.inProgress:
+            self.transport.abortConnection()
+            return
+        self.transport.registerProducer(self, True)
+        try:
+            self.migration.start()
+        except PostcopyError as error:
+            self.migration.fail(error)
+            return
+        self._schedule(0)
+
+    def _schedule(self, delay: float) -> None:
+        """
+        @param delay: seconds until the next step.
+        """
+        if self.pending is None and not self.paused:
+            self.pending = self.reactor.callLater(delay, self._step)
+
+    def _step(self) -> None:
+        """
+        Run steps until the transport is full, the engine says wait, or
+        the migration is written.
+        """
+        self.pending = None
+        try:
+            delay = self.migration.step()
+        except (PostcopyError, OSError) as error:
+            self.migration.fail(error)
+            return
+        if delay != DONE:
+            self._schedule(delay)
+
+    def pauseProducing(self) -> None:
+        """
+        The transport's buffer is full.
+        """
+        self.paused = True
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+
+    def resumeProducing(self) -> None:
+        """
+        The transport drained.
+        """
+        self.paused = False
+        self._schedule(0)
+
+    def stopProducing(self) -> None:
+        """
+        The connection is going away.
+        """
+        self.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Return-path bytes.
+
+        @param data: what arrived.
+        """
+        try:
+            self.returnPath.receiveData(data)
+        except PostcopyError as error:
+            self.migration.fail(error)
+            return
+        self._schedule(0)
+
+    def _finished(self) -> None:
+        """
+        The migration reached a final status: close.
+        """
+        self.pauseProducing()
+        if self.migration.machine.status.value == "completed":
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        A connection lost before the end fails the migration.
+
+        @param reason: why.
+        """
+        self.pauseProducing()
+        self.migration.fail(MigrationFailed(f"migration connection lost: {reason.getErrorMessage()}"))
+
+
+class DestinationProtocol(Protocol):
+    """
+    The destination end of the main connection.
+
+    @ivar incoming: the L{twisted_postcopy.destination.incoming.IncomingMigration}.
+    @ivar driver: feeds the stream parser.
+    """
+
+    def __init__(self, incoming: Any) -> None:
+        """
+        @param incoming: the incoming migration.
+        """
+        self.incoming = incoming
+        self.driver = ParserDriver(streamParser(incoming, lambda: incoming.machine.inPostcopy))
+
+    def connectionMade(self) -> None:
+        """
+        Loading starts; the return path writes to this transport.
+        """
+        self.incoming.returnPath = ReturnPathWriter(self.transport)
+        self.incoming.connected()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Main-stream bytes.
+
+        @param data: what arrived.
+        """
+        try:
+            self.driver.receiveData(data)
+            self.incoming.flush()
+        except (PostcopyError, OSError) as error:
+            self.incoming.failed(error)
+            self.transport.abortConnection()
+            return
+        if self.driver.finished:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """
+        A connection lost before the end fails the incoming migration.
+
+        @param reason: why.
+        """
+        self.incoming.failed(MigrationFailed(f"migration connection lost: {reason.getErrorMessage()}"))

@@ -1,0 +1,370 @@
+# -*- test-case-name: tests.test_source_outgoing -*-
+"""
+The outgoing migration: QEMU 7.2's source sequence (migration-stream.md
+section 5, return-path-preempt-recovery.md sections 1-2), without sockets.
+
+The protocol calls L{OutgoingMigration.start} once connected, then
+L{OutgoingMigration.step} repeatedly while its transport accepts data;
+each step writes one RAM PART (or the switchover, or the completion) through
+C{write} and says when to call again.  Return-path messages come back
+through L{OutgoingMigration.shut}, L{OutgoingMigration.pong} and
+L{OutgoingMigration.pagesRequested}.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Callable
+
+from attrs import define, field
+
+from twisted_postcopy.errors import MigrationFailed
+from twisted_postcopy.protocols import _codec as c
+from twisted_postcopy.source.machine import MigrationStatus as S, StatusMachine, outgoingMachine
+from twisted_postcopy.source.sender import PageScheduler, RateLimiter, ScheduledPage, converged
+from twisted_postcopy.source.stats import TransferStats
+
+RAM_SECTION_ID = 2
+#: Target bytes of page data per PART written in one step.
+BATCH = 1 << 20
+VMDESC = b'{"page_size": 4096, "devices": []}'
+_ZERO = bytes(4096)
+#: Returned by L{OutgoingMigration.step} when nothing more will be written.
+DONE = -1.0
+
+
+@define
+class OutgoingMigration:
+    """
+    One outgoing migration.
+
+    @ivar vm: the L{twisted_postcopy.interfaces.IOutgoingVM}.
+    @ivar write: writes bytes to the main channel.
+    @ivar now: the clock (seconds).
+    @ivar capabilities: the source's capabilities.
+    @ivar parameters: the source's parameters (live; read at each step).
+    @ivar machine: the source's status machine.
+    @ivar stats: counters for C{query-migrate}.
+    @ivar scheduler: the dirty maps and page queue.
+    @ivar limiter: the rate limiter of the main channel.
+    @ivar views: idstr -> memoryview of the block's RAM (read only here).
+    @ivar lastBlock: the block of the last page record (CONTINUE memory).
+    @ivar postcopyRequested: C{migrate-start-postcopy} was issued.
+    @ivar returnPathOpen: OPEN_RETURN_PATH was sent.
+    @ivar stopped: the VM was stopped by this migration.
+    @ivar written: whether everything was written (waiting for SHUT).
+    @ivar shutValue: the destination's SHUT value, if it arrived.
+    @ivar tracking: whether the dirty tracker runs.
+    @ivar onFinished: called with no argument when the status becomes
+        final (completed or failed) so the protocol can close.
+    """
+
+    vm: Any
+    write: Callable[[bytes], None]
+    now: Callable[[], float]
+    capabilities: dict[str, bool]
+    parameters: dict[str, int]
+    machine: StatusMachine = field(factory=outgoingMachine)
+    stats: TransferStats = field(init=False)
+    scheduler: PageScheduler = field(init=False)
+    limiter: RateLimiter = field(init=False)
+    views: dict[str, memoryview] = field(init=False)
+    lastBlock: str | None = None
+    postcopyRequested: bool = False
+    returnPathOpen: bool = False
+    stopped: bool = False
+    written: bool = False
+    shutValue: int | None = None
+    tracking: bool = False
+    onFinished: Callable[[], object] = lambda: None
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Build the dirty maps and counters.
+        """
+        blocks = [(b.idstr, b.length, b.pageSize) for b in self.vm.blocks]
+        self.scheduler = PageScheduler.forBlocks(blocks)
+        self.stats = TransferStats(self.now, sum(b.length for b in self.vm.blocks))
+        self.limiter = RateLimiter(self.now, self.parameters["max-bandwidth"])
+        self.views = {b.idstr: b.view() for b in self.vm.blocks}
+
+    def begin(self) -> None:
+        """
+        C{migrate} was called: status C{setup}.
+        """
+        self.machine.moveTo(S.SETUP)
+        self.stats.began()
+
+    def start(self) -> None:
+        """
+        Connected: header, return path, ADVISE, RAM START; status C{active}.
+        """
+        postcopy = self.capabilities.get("postcopy-ram", False)
+        out = [c.header(self.vm.machine)]
+        if postcopy or self.capabilities.get("return-path", False):
+            self.returnPathOpen = True
+            out += [c.command(c.CMD_OPEN_RETURN_PATH), self._ping(1)]
+        if postcopy:
+            out.append(c.command(c.CMD_ADVISE, struct.pack(">QQ", self._summary(), 4096)))
+        out += [c.sectionHeader(c.START, RAM_SECTION_ID, "ram", 0, 4),
+                c.ramList((b.idstr, b.length) for b in self.vm.blocks), c.footer(RAM_SECTION_ID)]
+        self._send(b"".join(out))
+        if self.vm.dirtyTracker is not None:
+            self.vm.dirtyTracker.start()
+            self.tracking = True
+        self.stats.setupDone()
+        self.machine.moveTo(S.ACTIVE)
+
+    def _summary(self) -> int:
+        """
+        @return: QEMU's C{ram_pagesize_summary}.
+        """
+        summary = 0
+        for block in self.vm.blocks:
+            summary |= block.pageSize
+        return summary
+
+    @staticmethod
+    def _ping(value: int) -> bytes:
+        """
+        @param value: the ping value.
+        @return: a PING command.
+        """
+        return c.command(c.CMD_PING, struct.pack(">I", value))
+
+    def _send(self, data: bytes) -> None:
+        """
+        Write to the main channel and count it.
+
+        @param data: the bytes.
+        """
+        self.write(data)
+        self.limiter.account(len(data))
+        self.stats.sent(len(data), self.machine.status, self.stopped)
+
+    def _record(self, page: ScheduledPage, out: list[Any]) -> None:
+        """
+        Append the record of one page (ZERO if it is all zero).
+
+        @param page: the page.
+        @param out: the buffers being gathered.
+        """
+        size = 4096
+        data = self.views[page.block][page.offset : page.offset + size]
+        name = None if page.block == self.lastBlock else page.block
+        self.lastBlock = page.block
+        if data == _ZERO:
+            out.append(c.recordHeader(page.offset, c.ZERO, name) + b"\x00")
+            self.stats.duplicate += 1
+        else:
+            out.append(c.recordHeader(page.offset, c.PAGE, name))
+            out.append(data)
+            self.stats.normal += 1
+
+    def _part(self, kind: int, limited: bool) -> bool:
+        """
+        Write one PART (or END) with urgent pages first, then background
+        pages until the batch or the rate budget is used up.
+
+        @param kind: PART or END.
+        @param limited: whether background pages obey the batch and budget.
+        @return: whether dirty pages remain.
+        """
+        out: list[Any] = [c.sectionHeader(kind, RAM_SECTION_ID)]
+        budget = BATCH
+        while True:
+            page = self.scheduler.nextUrgent()
+            if page is None:
+                if limited and (budget <= 0 or self.limiter.limited()):
+                    break
+                page = self.scheduler.nextBackground()
+                if page is None:
+                    break
+            self._record(page, out)
+            budget -= 4096
+        out += [struct.pack(">Q", c.EOS), c.footer(RAM_SECTION_ID)]
+        self._send(b"".join(out))
+        return self.scheduler.remainingBytes > 0
+
+    def step(self) -> float:
+        """
+        Write the next piece.
+
+        @return: seconds to wait before the next step (0: at once), or
+            L{DONE}.
+        """
+        status = self.machine.status
+        if self.written or status not in (S.ACTIVE, S.POSTCOPY_ACTIVE):
+            return DONE
+        if self.limiter.limited() and not self.scheduler.queue:
+            return self.limiter.delay()
+        if status == S.POSTCOPY_ACTIVE:
+            return self._postcopyStep()
+        if self.postcopyRequested:
+            self._switchover()
+            return 0.0
+        if self.scheduler.remainingBytes == 0:
+            self._sync()
+        if converged(self.scheduler.remainingBytes, self._bandwidth(),
+                     self.parameters["downtime-limit"]):
+            self._completePrecopy()
+            return DONE
+        self._part(c.PART, True)
+        return 0.0
+
+    def _bandwidth(self) -> float:
+        """
+        @return: the bandwidth used for the convergence test, bytes/s.
+        """
+        return self.stats.bandwidth()
+
+    def _sync(self) -> None:
+        """
+        A dirty sync: pages written since the last one become dirty again.
+        """
+        self.stats.dirtySyncCount += 1
+        tracker = self.vm.dirtyTracker
+        if tracker is None:
+            return
+        for idstr, ranges in tracker.sync().items():
+            for offset, length in ranges:
+                self.scheduler.markDirty(idstr, offset, length)
+
+    def _stopVM(self) -> None:
+        """
+        Stop the guest for switchover, and collect its last writes.
+        """
+        self.stats.stopping()
+        self.vm.stop()
+        self.stopped = True
+        self._sync()
+
+    def _completePrecopy(self) -> None:
+        """
+        Stop the VM, send everything left (END), devices, EOF and vmdesc.
+        """
+        self._stopVM()
+        self._part(c.END, False)
+        device = self.vm.deviceState()
+        self._send(device + bytes([c.EOF, c.VMDESC]) + struct.pack(">I", len(VMDESC)) + VMDESC)
+        self._written()
+
+    def _switchover(self) -> None:
+        """
+        Enter postcopy: stop, discard every dirty page, package, PING 4.
+        """
+        self.machine.moveTo(S.POSTCOPY_ACTIVE)
+        self._stopVM()
+        out = [c.discard(name, ranges) for name, ranges in self.scheduler.discardCommands()]
+        package = (c.command(c.CMD_LISTEN) + self.vm.deviceState() + self._ping(3)
+                   + c.command(c.CMD_RUN))
+        out += [self._ping(2), c.command(c.CMD_PACKAGED, struct.pack(">I", len(package))),
+                package, self._ping(4)]
+        self._send(b"".join(out))
+        self.stopped = False
+        self.stats.switchedOver()
+        self.scheduler.restartScan()
+        self.lastBlock = None
+        self.limiter.bandwidth = self.parameters["max-postcopy-bandwidth"]
+
+    def _postcopyStep(self) -> float:
+        """
+        One postcopy PART; END and EOF when nothing is left.
+
+        @return: as L{step}.
+        """
+        self.limiter.bandwidth = self.parameters["max-postcopy-bandwidth"]
+        if self._part(c.PART, True):
+            return 0.0
+        self._send(c.sectionHeader(c.END, RAM_SECTION_ID) + struct.pack(">Q", c.EOS)
+                   + c.footer(RAM_SECTION_ID) + bytes([c.EOF]))
+        self._written()
+        return DONE
+
+    def _written(self) -> None:
+        """
+        Everything is written: complete now, or when SHUT arrives.
+        """
+        self.written = True
+        if not self.returnPathOpen or self.shutValue == 0:
+            self._finish(S.COMPLETED)
+
+    def _finish(self, status: S) -> None:
+        """
+        Enter a final status and tell the protocol.
+
+        @param status: COMPLETED or FAILED.
+        """
+        if self.machine.moveIfPossible(status):
+            self.stats.finished(status)
+            self.onFinished()
+
+    def shut(self, value: int) -> None:
+        """
+        SHUT from the destination.
+
+        @param value: 0 for success.
+        """
+        self.shutValue = value
+        if value:
+            self.fail(MigrationFailed(f"RP: Sibling indicated error {value}"))
+        elif self.written:
+            self._finish(S.COMPLETED)
+
+    def pong(self, value: int) -> None:
+        """
+        PONG from the destination (QEMU only traces it).
+
+        @param value: the echoed ping value.
+        """
+
+    def pagesRequested(self, idstr: str | None, start: int, length: int) -> None:
+        """
+        REQ_PAGES(_ID): count, validate, queue.
+
+        @param idstr: the block, or None for the previous one.
+        @param start: byte offset.
+        @param length: byte length.
+        @raise twisted_postcopy.source.sender.PageRequestError: bad request.
+        """
+        self.stats.postcopyRequests += 1
+        self.scheduler.queueRequest(idstr, start, length)
+
+    def fail(self, reason: BaseException) -> None:
+        """
+        The migration failed: a guest still on the source runs again.
+
+        @param reason: why.
+        """
+        if not self.machine.inProgress:
+            return
+        self.stats.error = str(reason)
+        if self.machine.status != S.POSTCOPY_ACTIVE:
+            self._resumeVM()
+        self.machine.moveIfPossible(S.FAILED)
+        self.stats.finished(S.FAILED)
+        self.onFinished()
+
+    def _resumeVM(self) -> None:
+        """
+        Let the guest run on the source again.
+        """
+        self.vm.resume()
+        self.stopped = False
+        if self.tracking:
+            self.tracking = False
+            self.vm.dirtyTracker.stop()
+
+    def cancel(self) -> None:
+        """
+        C{migrate-cancel}: cancelling then cancelled; before postcopy the
+        guest keeps (or resumes) running on the source.
+        """
+        if not self.machine.inProgress or self.machine.status == S.CANCELLING:
+            return
+        inPostcopy = self.machine.status == S.POSTCOPY_ACTIVE
+        self.machine.moveTo(S.CANCELLING)
+        if not inPostcopy:
+            self._resumeVM()
+        self.machine.moveTo(S.CANCELLED)
+        self.onFinished()
