@@ -7,7 +7,9 @@ TCP and Unix sockets.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
+import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -109,7 +111,9 @@ class LoopbackTests(TestCase):
         Over a Unix socket without a return path the source completes when
         it has written everything.
         """
-        uri = yield self.listen("unix:" + os.path.abspath(self.mktemp()))
+        directory = tempfile.mkdtemp(prefix="tpc")
+        self.addCleanup(shutil.rmtree, directory)
+        uri = yield self.listen(f"unix:{directory}/migration.sock")
         self.src.migrate(uri)
         status = yield self.src.whenStatus("completed", "failed")
         yield self.dst.whenStatus("completed", "failed")
