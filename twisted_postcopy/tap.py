@@ -115,6 +115,35 @@ class Options(usage.Options):
             raise usage.UsageError("--incoming is only for --role destination")
 
 
+def _noIncomingVM() -> Any:
+    """
+    The incoming VM of a destination run with C{--guest none}.
+
+    @raise MigrationError: always: there is nothing to receive into.
+    """
+    from twisted_postcopy.errors import MigrationError
+
+    raise MigrationError("This daemon runs no guest (--guest none): nothing to migrate into")
+
+
+def buildManager(reactor: Any, options: Options) -> tuple[Any, Any]:
+    """
+    Build the guest (if any) and the MigrationManager over it.
+
+    @param reactor: the reactor.
+    @param options: the parsed L{Options}.
+    @return: the manager and the guest's service (or L{None}).
+    """
+    from twisted_postcopy.manager import MigrationManager
+
+    guest = None
+    if options["role"] == "source":
+        vm = None
+    else:
+        vm = _noIncomingVM
+    return MigrationManager(reactor, vm), guest
+
+
 def makeService(options: Options, reactor: Any = None) -> Any:
     """
     Build the daemon's service.
@@ -126,9 +155,6 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     if reactor is None:
         from twisted.internet import reactor
     from twisted_postcopy.service import MigrationService
-    from twisted_postcopy.daemon import buildDaemon
 
-    manager, guestService = buildDaemon(reactor, options)
-    return MigrationService(
-        reactor, manager, options["control"], incoming=options["incoming"], guest=guestService
-    )
+    manager, guest = buildManager(reactor, options)
+    return MigrationService(reactor, manager, options["control"], incoming=options["incoming"], guest=guest)
