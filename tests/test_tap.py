@@ -9,10 +9,14 @@ import ast
 import subprocess
 import sys
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy import tap
+from twisted_postcopy.errors import MigrationError
+from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.service import MigrationService
 from twisted_postcopy.control.daemon import CHECKOUT, TWISTD, pluginEnvironment
 
 #: The plugin module of this checkout.
@@ -146,3 +150,40 @@ class PluginTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         for option in ("--role", "--control", "--incoming", "--guest", "--ram"):
             self.assertIn(option, result.stdout)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """
+    Tests for L{tap.makeService}.
+    """
+
+    def make(self, *argv: str) -> MigrationService:
+        """
+        Build the service for a command line, on a memory reactor.
+
+        @param argv: the plugin's options.
+        @return: the service.
+        """
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return tap.makeService(options, MemoryReactorClock())
+
+    def test_source(self) -> None:
+        """
+        A source daemon: a real manager, the control endpoint, no incoming.
+        """
+        service = self.make("--control", "unix:/tmp/x.sock", "--guest", "none")
+        self.assertIsInstance(service, MigrationService)
+        self.assertIsInstance(service.manager, MigrationManager)
+        self.assertEqual((service.control, service.incoming), ("unix:/tmp/x.sock", None))
+
+    def test_destinationWithoutGuest(self) -> None:
+        """
+        A destination without a guest refuses C{migrate-incoming}, naming
+        the reason.
+        """
+        service = self.make("--role", "destination", "--control", "unix:/tmp/x.sock",
+                            "--guest", "none", "--incoming", "tcp:127.0.0.1:4444")
+        self.assertEqual(service.incoming, "tcp:127.0.0.1:4444")
+        error = self.assertRaises(MigrationError, service.manager.migrateIncoming, "tcp:127.0.0.1:1")
+        self.assertIn("--guest none", str(error))
