@@ -120,3 +120,59 @@ class DaemonError(PostcopyError):
     A C{twistd postcopy} daemon process could not be started, or exited
     while in use; the message ends with the last lines of its log.
     """
+
+
+class GuestPatternError(PostcopyError):
+    """
+    A memory dump of the boot-sector test guest is not a consistent
+    snapshot of its running counters (a page was lost, stale or misplaced);
+    the message names the first offending page.
+    """
+
+
+class BadHeaderError(RemoteProtocolError):
+    """
+    The stream header is wrong: bad magic, unsupported version, missing or
+    malformed configuration element.
+    """
+
+
+class UnknownElementError(RemoteProtocolError):
+    """
+    An element type byte, command number or return-path message type that
+    QEMU 7.2 does not accept where it appeared.
+    """
+
+
+class BadLengthError(RemoteProtocolError):
+    """
+    A command or return-path message has a length its type does not allow,
+    or an id string has length 0.
+    """
+
+
+class SectionMismatchError(RemoteProtocolError):
+    """
+    A section footer is missing or names another section, or a PART/END
+    names a section id that no START announced.
+    """
+
+
+class BadRAMRecordError(RemoteProtocolError):
+    """
+    A RAM record is malformed: unknown flag combination, CONTINUE with no
+    previous block, unknown RAMBlock, or an offset outside its block.
+    """
+
+
+class DeviceSectionBoundaryError(RemoteProtocolError):
+    """
+    The end of an unframed device-section payload could not be found (no
+    footer followed by a plausible next element within the bound).
+    """
+
+
+class TruncatedStreamError(RemoteProtocolError):
+    """
+    The input ended (EOF) in the middle of an element.
+    """
