@@ -107,6 +107,12 @@ def main() -> int:
     args = parser.parse_args()
 
     async def run(reactor: Any) -> int:
+        """
+        Measure and print.
+
+        @param reactor: the reactor.
+        @return: 0.
+        """
         figures = await measure(reactor, args.calls)
         if args.json:
             print(json.dumps({k: round(v, 1) for k, v in figures.items()}))

@@ -32,6 +32,9 @@ class FakeManager:
     """
 
     def __init__(self) -> None:
+        """
+        Start with QEMU's defaults for a few capabilities and parameters.
+        """
         self.calls: list[tuple[str, tuple]] = []
         self.failure: Exception | None = None
         self.subscribers: list[Callable[[dict], None]] = []

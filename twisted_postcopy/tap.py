@@ -52,6 +52,13 @@ def _choice(name: str, choices: tuple[str, ...]) -> Any:
     """
 
     def coerce(value: str) -> str:
+        """
+        Check one value.
+
+        @param value: the value given.
+        @return: the value.
+        @raise ValueError: it is not one of the choices.
+        """
         if value not in choices:
             raise ValueError(f"--{name} must be one of {', '.join(choices)}, not {value!r}")
         return value

@@ -176,11 +176,22 @@ async def events(client: ControlClient, args: argparse.Namespace, out: TextIO) -
     until = set(args.until or ())
 
     def observe(event: str, data: dict) -> None:
+        """
+        Print an event; stop at an C{--until} status.
+
+        @param event: the event name.
+        @param data: its data.
+        """
         print(json.dumps({"event": event, "data": data}, sort_keys=True), file=out, flush=True)
         if event == "MIGRATION" and data.get("status") in until and not done.called:
             done.callback(0)
 
     def lost(_: object) -> None:
+        """
+        The daemon went away: exit 1 unless already done.
+
+        @param _: ignored.
+        """
         if not done.called:
             done.callback(1)
 
@@ -199,10 +210,17 @@ def _simple(method: str, *argNames: str) -> Handler:
     """
 
     async def handler(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
+        """
+        Call the client method with the arguments.
+
+        @param client: the connection.
+        @param args: the arguments.
+        @param out: the output (unused).
+        @return: 0.
+        """
         await getattr(client, method)(*(getattr(args, name) for name in argNames))
         return 0
 
-    handler.__doc__ = f"Call L{{ControlClient.{method}}}."
     return handler
 
 
@@ -257,6 +275,12 @@ def _main(handler: Handler) -> Callable[[argparse.Namespace], int]:
     """
 
     def func(args: argparse.Namespace) -> int:
+        """
+        Run the subcommand.
+
+        @param args: the parsed arguments.
+        @return: the exit status.
+        """
         return runMain(lambda reactor: _run(reactor, handler, args, sys.stdout, sys.stderr))
 
     return func

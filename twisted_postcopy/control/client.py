@@ -193,6 +193,11 @@ def runMain(main: Callable[[Any], Awaitable[int]]) -> int:
     status: list[int] = []
 
     def done(result: Any) -> None:
+        """
+        Record the status and stop the reactor.
+
+        @param result: the exit status or a Failure.
+        """
         if isinstance(result, Failure):
             result.printTraceback()
             result = 1
