@@ -176,3 +176,26 @@ class TruncatedStreamError(RemoteProtocolError):
     """
     The input ended (EOF) in the middle of an element.
     """
+
+
+class QEMUError(PostcopyError):
+    """
+    A QEMU process driven by the test harness failed: it exited, its QMP
+    monitor returned an error, or a migration it ran failed.  The message
+    ends with the last lines of its stderr.
+    """
+
+
+class QEMUTimeoutError(QEMUError):
+    """
+    A QEMU process driven by the test harness did not reach the awaited
+    state (QMP socket, run state, migration status, event) in time.
+    """
+
+
+class GuestPatternError(PostcopyError):
+    """
+    A memory dump of the boot-sector test guest is not a consistent
+    snapshot of its running counters (a page was lost, stale or misplaced);
+    the message names the first offending page.
+    """
