@@ -11,11 +11,15 @@ import shutil
 import struct
 import tempfile
 
+import hashlib
+
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
+from tests.uffdguest import FaultService, spawnGuest, uffdOpen
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.protocols import _codec as c
 
@@ -119,3 +123,97 @@ class LoopbackTests(TestCase):
         yield self.dst.whenStatus("completed", "failed")
         self.assertEqual(status, "completed")
         self.assertEqual(self.destination.contents(), self.source.contents())
+
+
+class IncomingGuestVM(IncomingTestVM):
+    """
+    An incoming VM whose guest is a real process that faults on missing
+    pages through its own userfaultfd.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.service = None
+        self.guest = None
+        self.vcpuThreads: list[int] = []
+
+    def run(self) -> None:
+        super().run()
+        self.guest = spawnGuest(reactor, self.service, self.blocks)
+        self.guest.done.addCallback(self._exited)
+
+    def _exited(self, digests):
+        return digests
+
+
+class PostcopyLoopbackTests(TestCase):
+    """
+    Postcopy with the real kernel: the destination guest runs before all
+    pages arrived and its faults are served.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        try:
+            os.close(uffdOpen())
+        except OSError as error:
+            raise SkipTest(f"userfaultfd unavailable: {error}")
+        self.source = OutgoingTestVM({"pc.ram": 8 * MiB, "pc.rom": 128 * 1024},
+                                     device=ownDevice(b"cpu state"))
+        fill(self.source, 2)
+        self.destination = IncomingGuestVM()
+        self.src = MigrationManager(reactor, self.source)
+        self.dst = MigrationManager(reactor, self.destination, self.faultService)
+        for manager in (self.src, self.dst):
+            manager.setCapabilities({"postcopy-ram": True})
+        self.dst.setCapabilities({"postcopy-blocktime": True})
+        self.srcEvents: list[str] = []
+        self.dstEvents: list[str] = []
+        self.src.subscribe(lambda e: self.srcEvents.append(e["data"]["status"]))
+        self.dst.subscribe(lambda e: self.dstEvents.append(e["data"]["status"]))
+
+    def faultService(self, blocks, pageSource):
+        service = FaultService(reactor, blocks, pageSource)
+        self.destination.service = service
+        original = service.attach
+
+        def attach(uffd, bases, names):
+            original(uffd, bases, names)
+            self.destination.vcpuThreads.append(self.destination.guest.lines[0]["tid"])
+
+        service.attach = attach
+        return service
+
+    @inlineCallbacks
+    def test_postcopyWithFaults(self) -> None:
+        """
+        After a little precopy (with the guest writing), postcopy starts;
+        the destination guest reads all its RAM while pages still arrive
+        (postcopy-requests > 0), sees exactly the source's final RAM, and
+        both sides complete; blocktime is reported after completion.
+        """
+        self.src.setParameters({"max-bandwidth": 4 * MiB, "max-postcopy-bandwidth": 2 * MiB})
+        port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        self.src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+        yield self.src.whenStatus("active")
+        self.source.write(0, 5 * PAGE, b"late write" * 100)
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.source.write(0, 0, b"first page rewritten")
+        self.src.startPostcopy()
+        status = yield self.src.whenStatus("completed", "failed")
+        dstStatus = yield self.dst.whenStatus("completed", "failed")
+        digests = yield self.destination.guest.done
+        self.assertEqual((status, dstStatus), ("completed", "completed"))
+        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
+        self.assertEqual(digests, expected)
+        info = self.src.queryMigrate()
+        self.assertGreater(info["ram"]["postcopy-requests"], 0)
+        self.assertGreater(info["ram"]["postcopy-bytes"], 0)
+        self.assertEqual(self.srcEvents, ["setup", "active", "postcopy-active", "completed"])
+        self.assertEqual(self.dstEvents, ["setup", "active", "postcopy-active", "completed"])
+        self.assertEqual(self.destination.devices, [ownDevice(b"cpu state")])
+        dstInfo = self.dst.queryMigrate()
+        self.assertEqual(len(dstInfo["postcopy-vcpu-blocktime"]), 1)
+        self.assertGreater(dstInfo["postcopy-vcpu-blocktime"][0], 0)

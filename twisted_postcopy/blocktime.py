@@ -30,7 +30,8 @@ class BlocktimeContext:
     """
     QEMU's C{PostcopyBlocktimeContext}.
 
-    @ivar vcpuThreads: thread id of each vCPU, by vCPU index.
+    @ivar vcpuThreads: thread id of each vCPU, by vCPU index (a live
+        sequence: vCPUs appended later are counted from then on).
     @ivar now: returns the current time in seconds (a reactor's
         C{seconds}).
     @ivar origin: the creation time, in seconds.
@@ -71,6 +72,16 @@ class BlocktimeContext:
         elapsed = round((self.now() - self.origin) * 1000)
         return max(1, elapsed) & _UINT32
 
+    def _grow(self) -> None:
+        """
+        Extend the per-vCPU tables to vCPUs registered since (a guest's
+        threads may become known only when it runs).
+        """
+        missing = len(self.vcpuThreads) - len(self.faultStart)
+        if missing > 0:
+            for table in (self.faultStart, self.faultAddress, self.vcpuTotal):
+                table.extend([0] * missing)
+
     def faultBegan(self, threadId: int, address: int, received: bool = False) -> None:
         """
         A userfault was read (C{mark_postcopy_blocktime_begin}).
@@ -84,6 +95,7 @@ class BlocktimeContext:
             vcpu = list(self.vcpuThreads).index(threadId)
         except ValueError:
             return
+        self._grow()
         now = self._timestamp()
         if self.faultAddress[vcpu] == 0:
             self.blockedCount += 1
@@ -101,6 +113,7 @@ class BlocktimeContext:
 
         @param address: the host address of the placed page's start.
         """
+        self._grow()
         now = self._timestamp()
         allBlocked = False
         unblocked = 0
@@ -121,6 +134,7 @@ class BlocktimeContext:
         @return: the C{query-migrate} fields C{postcopy-blocktime} and
             C{postcopy-vcpu-blocktime}.
         """
+        self._grow()
         return {
             "postcopy-blocktime": self.total,
             "postcopy-vcpu-blocktime": list(self.vcpuTotal),

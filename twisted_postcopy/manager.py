@@ -263,7 +263,7 @@ class MigrationManager:
             raise MigrationError("no fault service: postcopy is not supported here")
         service = self.faultServiceFactory(blocks, pageSource)
         if self.capabilities["postcopy-blocktime"] and hasattr(service, "addFaultObserver"):
-            threads = list(getattr(self.incoming.vm, "vcpuThreads", []))
+            threads = getattr(self.incoming.vm, "vcpuThreads", [])
             self.blocktime = BlocktimeContext(threads, self.reactor.seconds)
             service.addFaultObserver(self.blocktime.faultBegan)
             service.addPlacementObserver(self.blocktime.pagePlaced)

@@ -217,7 +217,7 @@ class IncomingMigration:
         """
         placer = self._placer()
         blockObject = placer.blocks[block]
-        if placer.received[block][offset // blockObject.pageSize]:
+        if placer.fillHole(block, offset) or placer.received[block][offset // blockObject.pageSize]:
             return succeed(None)
         if not self.machine.status.inProgress:
             return fail(MigrationFailed("the incoming migration is over"))
@@ -243,6 +243,7 @@ class IncomingMigration:
         Completion: status C{completed}, the VM told, SHUT(0) sent.
         """
         if self.faults is not None:
+            self._placer().fillAllHoles()
             self.faults.stop()
         self.machine.complete()
         self.vm.completed()

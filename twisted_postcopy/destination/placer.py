@@ -12,6 +12,7 @@ called (the protocol does so after each chunk of received data).
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any, Mapping
 
@@ -21,6 +22,10 @@ from twisted_postcopy.errors import RemoteProtocolError
 
 #: Largest run gathered before it is placed, in bytes.
 MAX_RUN = 1 << 20
+
+#: C{received} value of a page that precopy received as ZERO (a hole in
+#: the memfd: a MISSING fault there must be answered with a zero page).
+HOLE = 2
 
 
 @define
@@ -33,9 +38,9 @@ class PagePlacer:
     @ivar faults: the fault service once postcopy listens, else L{None}
         (C{placePages(block, offset, data)}, C{placeZero(block, offset,
         length)}).
-    @ivar received: idstr -> bytearray, one byte per page, 1 once received
-        (so a page sent twice after LISTEN is caught before the kernel's
-        EEXIST).
+    @ivar received: idstr -> bytearray, one byte per page, 1 once received,
+        L{HOLE} if received as ZERO in precopy (so a page sent twice after
+        LISTEN is caught before the kernel's EEXIST).
     @ivar run: the pending run's bytes.
     @ivar runBlock: the pending run's block idstr.
     @ivar runOffset: the pending run's start offset.
@@ -139,9 +144,47 @@ class PagePlacer:
         self._markReceived(idstr, block, offset, length)
         if self.faults is None:
             block.discard(offset, length)
+            self.received[idstr][offset // block.pageSize] = HOLE
             return
         self.flush()
         self.faults.placeZero(idstr, offset, length)
+
+    def fillHole(self, idstr: str, offset: int) -> bool:
+        """
+        After LISTEN a guest faulted on a page: if precopy received it as a
+        ZERO page (a hole), place a zero page now, as nothing will come.
+
+        @param idstr: the block.
+        @param offset: page-aligned byte offset.
+        @return: whether the page was a hole (and is now placed).
+        """
+        block = self.blocks[idstr]
+        page = offset // block.pageSize
+        if self.received[idstr][page] != HOLE:
+            return False
+        self.received[idstr][page] = 1
+        try:
+            self.faults.placeZero(idstr, offset, block.pageSize)
+        except OSError as error:
+            if error.errno != errno.EEXIST:
+                raise
+        return True
+
+    def fillAllHoles(self) -> None:
+        """
+        Before the fault service stops, place zero pages over every hole
+        left from precopy (one call per run), so guests that registered
+        their own mappings never fault after completion.
+        """
+        for idstr, bits in self.received.items():
+            size, index = self.blocks[idstr].pageSize, 0
+            while (start := bits.find(HOLE, index)) >= 0:
+                end = start
+                while end < len(bits) and bits[end] == HOLE:
+                    end += 1
+                bits[start:end] = b"\x01" * (end - start)
+                self.faults.placeZero(idstr, start * size, (end - start) * size)
+                index = end
 
     def flush(self) -> None:
         """
