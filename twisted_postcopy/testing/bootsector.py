@@ -54,7 +54,7 @@ class GuestLayout:
     start: int = 0x100000
     end: int = 0x100000 + 256 * PAGE_SIZE
     offset: int = 0
-    delay: int = 0
+    delay: int = 100_000
 
     @property
     def pageCount(self) -> int:

@@ -1,0 +1,397 @@
+# -*- test-case-name: tests.test_qemu_streams -*-
+"""
+Drive a real QEMU 7.2 (TCG) from tests and benches.
+
+L{QEMUInstance} runs one C{qemu-system-x86_64} process booting the
+boot-sector guest of L{twisted_postcopy.testing.bootsector}, with its QMP
+monitor on a Unix socket in a private directory, its stderr and serial port
+in files there, and every wait bounded by a timeout.  L{machineArguments}
+holds the options shared by a migration source and its destination, so a
+restore target always matches.
+
+Everything here is synchronous (QMP through L{qemu.qmp.legacy}); it never
+touches the Twisted reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from typing import Any, Callable, Iterable, TypeVar
+
+from attrs import define, field
+
+from twisted_postcopy.errors import QEMUError, QEMUTimeoutError
+
+QEMU_BINARY = "qemu-system-x86_64"
+MACHINE = "pc-i440fx-7.2"
+DEFAULT_TIMEOUT = 30.0
+_POLL = 0.02
+_T = TypeVar("_T")
+
+
+def qemuBinary() -> str | None:
+    """
+    @return: the path of C{qemu-system-x86_64}, or L{None} when missing.
+    """
+    return shutil.which(QEMU_BINARY)
+
+
+def qemuSkipReason() -> str | None:
+    """
+    Explain why real-QEMU tests cannot run here.
+
+    @return: a reason suitable for a trial C{skip} attribute, or L{None}
+        when QEMU and the C{qemu.qmp} package are both available.
+    """
+    if qemuBinary() is None:
+        return f"{QEMU_BINARY} not found (run tools/install-deps)"
+    try:
+        import qemu.qmp.legacy  # noqa: F401
+    except ImportError:
+        return "the qemu.qmp package is missing (pip install qemu.qmp)"
+    return None
+
+
+def qemuAvailable() -> bool:
+    """
+    @return: whether real-QEMU tests can run here.
+    """
+    return qemuSkipReason() is None
+
+
+def machineArguments(image: str, memoryMiB: int = 32) -> list[str]:
+    """
+    The machine options shared by every source and destination QEMU.
+
+    @param image: the raw boot-sector image (an IDE disk: SeaBIOS boots it
+        faster than a floppy).
+    @param memoryMiB: guest RAM size in MiB.
+    @return: C{qemu-system-x86_64} arguments (no monitor, serial or
+        incoming options).
+    """
+    return [
+        "-M", MACHINE, "-accel", "tcg", "-m", str(memoryMiB),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-drive", f"file={image},format=raw,if=ide,snapshot=on",
+    ]
+
+
+def waitFor(
+    check: Callable[[], _T | None], timeout: float, what: str
+) -> _T:
+    """
+    Poll C{check} until it returns something other than L{None}.
+
+    @param check: the condition; its non-L{None} result is returned.
+    @param timeout: seconds to wait at most.
+    @param what: what is awaited, for the error message.
+    @return: the first non-L{None} result of C{check}.
+    @raise QEMUTimeoutError: when C{timeout} elapses first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise QEMUTimeoutError(f"timed out after {timeout} s waiting {what}")
+        time.sleep(_POLL)
+
+
+@define
+class QEMUInstance:
+    """
+    One running C{qemu-system-x86_64}.
+
+    @ivar directory: the private directory holding the QMP socket, the
+        stderr log (C{stderr.log}) and the serial output (C{serial.out}).
+    @ivar process: the QEMU process.
+    @ivar name: a label used in error messages (C{source}, C{destination}).
+    """
+
+    directory: str
+    process: subprocess.Popen[bytes]
+    name: str
+    _monitor: Any = field(default=None)
+
+    @classmethod
+    def start(
+        cls,
+        directory: str,
+        arguments: Iterable[str],
+        name: str = "qemu",
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> QEMUInstance:
+        """
+        Start QEMU and connect to its QMP monitor.
+
+        @param directory: an existing, private directory for its files.
+        @param arguments: the machine arguments (see L{machineArguments})
+            plus extra ones such as C{-incoming defer} or C{-S}.
+        @param name: a label used in error messages.
+        @param timeout: seconds allowed for QMP to come up.
+        @return: the running instance.
+        @raise QEMUError: when QEMU exits or QMP does not come up; the
+            process is killed and reaped first.
+        """
+        socketPath = os.path.join(directory, "qmp.sock")
+        command = [
+            qemuBinary() or QEMU_BINARY, *arguments,
+            "-qmp", f"unix:{socketPath},server=on,wait=off",
+            "-serial", f"file:{os.path.join(directory, 'serial.out')}",
+        ]
+        with open(os.path.join(directory, "stderr.log"), "wb") as log:
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        instance = cls(directory=directory, process=process, name=name)
+        try:
+            instance._connect(socketPath, timeout)
+        except BaseException:
+            instance.kill()
+            raise
+        return instance
+
+    def _connect(self, socketPath: str, timeout: float) -> None:
+        """
+        Wait for the QMP socket and negotiate capabilities.
+
+        @param socketPath: the QMP Unix socket.
+        @param timeout: seconds allowed.
+        @raise QEMUError: when QEMU exits first.
+        """
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        def ready() -> bool | None:
+            self.checkAlive()
+            return os.path.exists(socketPath) or None
+
+        waitFor(ready, timeout, f"for the QMP socket of {self.name}")
+        self._monitor = QEMUMonitorProtocol(socketPath, nickname=self.name)
+        self._monitor.connect(negotiate=True)
+        self._monitor.settimeout(timeout)
+
+    def stderrTail(self, lines: int = 10) -> str:
+        """
+        @param lines: how many lines to return at most.
+        @return: the last lines QEMU wrote to stderr.
+        """
+        with open(os.path.join(self.directory, "stderr.log"), "rb") as log:
+            text = log.read().decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def fail(self, message: str) -> QEMUError:
+        """
+        Build an error about this instance.
+
+        @param message: what went wrong.
+        @return: a L{QEMUError} naming the instance and its stderr tail.
+        """
+        return QEMUError(f"{self.name}: {message}\n--- stderr:\n{self.stderrTail()}")
+
+    def checkAlive(self) -> None:
+        """
+        @raise QEMUError: when the process has exited.
+        """
+        code = self.process.poll()
+        if code is not None:
+            raise self.fail(f"QEMU exited with status {code}")
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """
+        Run one QMP command synchronously.
+
+        @param command: the QMP command name, e.g. C{query-migrate}.
+        @param arguments: its arguments (use C{**{"dashed-name": v}} for
+            dashed names).
+        @return: the command's C{return} value.
+        @raise QEMUError: when QMP answers with an error or QEMU died.
+        """
+        from qemu.qmp import QMPError
+
+        if self._monitor is None:
+            raise self.fail(f"QMP is closed, cannot run {command}")
+        try:
+            return self._monitor.cmd(command, **arguments)
+        except (QMPError, EOFError, ConnectionError) as error:
+            raise self.fail(f"{command} {arguments}: {error}") from error
+        except TimeoutError as error:
+            raise QEMUTimeoutError(f"{self.name}: {command} timed out") from error
+
+    def waitEvent(self, name: str, timeout: float = DEFAULT_TIMEOUT) -> dict:
+        """
+        Wait for a QMP event, discarding others.
+
+        @param name: the event name, e.g. C{STOP}.
+        @param timeout: seconds to wait at most.
+        @return: the event message.
+        @raise QEMUTimeoutError: when it does not arrive in time.
+        """
+
+        def arrived() -> dict | None:
+            self.checkAlive()
+            event = self._monitor.pull_event(wait=False)
+            return event if event is not None and event["event"] == name else None
+
+        return waitFor(arrived, timeout, f"for event {name} on {self.name}")
+
+    def status(self) -> str:
+        """
+        @return: the run state from C{query-status}, e.g. C{running}.
+        """
+        return self.qmp("query-status")["status"]
+
+    def waitStatus(self, statuses: Iterable[str], timeout: float = DEFAULT_TIMEOUT) -> str:
+        """
+        Wait until the run state is one of C{statuses}.
+
+        @param statuses: acceptable run states.
+        @param timeout: seconds to wait at most.
+        @return: the run state reached.
+        @raise QEMUTimeoutError: when none is reached in time.
+        """
+        wanted = set(statuses)
+
+        def reached() -> str | None:
+            status = self.status()
+            return status if status in wanted else None
+
+        return waitFor(reached, timeout, f"for {self.name} run state in {wanted}")
+
+    def setCapabilities(self, **capabilities: bool) -> None:
+        """
+        Set migration capabilities.
+
+        @param capabilities: QEMU capability names with underscores for
+            dashes, e.g. C{postcopy_ram=True}.
+        """
+        self.qmp("migrate-set-capabilities", capabilities=[
+            {"capability": name.replace("_", "-"), "state": state}
+            for name, state in capabilities.items()
+        ])
+
+    def setParameters(self, **parameters: Any) -> None:
+        """
+        Set migration parameters.
+
+        @param parameters: QEMU parameter names with underscores for
+            dashes, e.g. C{max_bandwidth=1 << 20}.
+        """
+        self.qmp("migrate-set-parameters", **{
+            name.replace("_", "-"): value for name, value in parameters.items()
+        })
+
+    def migrate(self, uri: str) -> None:
+        """
+        Start an outgoing migration (returns at once).
+
+        @param uri: a QEMU migration URI (C{tcp:...}, C{exec:...}).
+        """
+        self.qmp("migrate", uri=uri)
+
+    def migrateIncoming(self, uri: str) -> None:
+        """
+        Start listening for an incoming migration (QEMU started with
+        C{-incoming defer}).
+
+        @param uri: a QEMU migration URI.
+        """
+        self.qmp("migrate-incoming", uri=uri)
+
+    def queryMigrate(self) -> dict:
+        """
+        @return: the C{query-migrate} answer.
+        """
+        return self.qmp("query-migrate")
+
+    def waitMigration(
+        self, statuses: Iterable[str], timeout: float = DEFAULT_TIMEOUT
+    ) -> dict:
+        """
+        Poll C{query-migrate} until its status is one of C{statuses}.
+
+        @param statuses: acceptable migration statuses, e.g. C{completed}.
+        @param timeout: seconds to wait at most.
+        @return: the C{query-migrate} answer that matched.
+        @raise QEMUError: when the migration fails (unless C{failed} is
+            wanted) or QEMU exits.
+        @raise QEMUTimeoutError: when no wanted status comes in time.
+        """
+        wanted = set(statuses)
+
+        def reached() -> dict | None:
+            info = self.queryMigrate()
+            status = info.get("status")
+            if status in wanted:
+                return info
+            if status == "failed":
+                raise self.fail(f"migration failed: {info.get('error-desc')}")
+            return None
+
+        return waitFor(reached, timeout, f"for {self.name} migration in {wanted}")
+
+    def pmemsave(self, address: int, size: int) -> bytes:
+        """
+        Read guest-physical memory (stop the guest first for a consistent
+        snapshot).
+
+        @param address: the first guest-physical address.
+        @param size: the number of bytes.
+        @return: the memory contents.
+        """
+        path = os.path.join(self.directory, "pmemsave.bin")
+        self.qmp("pmemsave", val=address, size=size, filename=path)
+        with open(path, "rb") as dump:
+            data = dump.read()
+        os.unlink(path)
+        return data
+
+    def serialOutput(self) -> bytes:
+        """
+        @return: everything the guest wrote to its serial port so far.
+        """
+        path = os.path.join(self.directory, "serial.out")
+        if not os.path.exists(path):
+            return b""
+        with open(path, "rb") as serial:
+            return serial.read()
+
+    def waitSerial(self, count: int = 1, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """
+        Wait until the guest wrote at least C{count} serial bytes.
+
+        @param count: the number of bytes awaited.
+        @param timeout: seconds to wait at most.
+        @return: the serial output so far.
+        """
+
+        def written() -> bytes | None:
+            self.checkAlive()
+            output = self.serialOutput()
+            return output if len(output) >= count else None
+
+        return waitFor(written, timeout, f"for {count} serial bytes from {self.name}")
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """
+        Stop QEMU: close QMP, terminate, then kill if needed, and reap it.
+        Safe to call more than once.
+
+        @param timeout: seconds allowed for a graceful exit.
+        """
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            try:
+                monitor.close()
+            except Exception:
+                pass
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
