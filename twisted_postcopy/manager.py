@@ -51,6 +51,8 @@ class MigrationManager:
     @ivar outgoing: the current outgoing migration, if any.
     @ivar incoming: the current incoming migration, if any.
     @ivar blocktime: the blocktime context of the incoming migration.
+    @ivar destinationFactory: the factory accepting the incoming
+        connection(s).
     """
 
     def __init__(self, reactor: Any, vm: Any, faultServiceFactory: Callable[..., Any] | None = None) -> None:
@@ -71,6 +73,7 @@ class MigrationManager:
         self._subscribers: list[Callable[[dict[str, Any]], object]] = []
         self._waiters: list[tuple[frozenset[str], Deferred]] = []
         self._listening: Any = None
+        self.destinationFactory: DestinationFactory | None = None
 
     @property
     def status(self) -> S:
@@ -231,7 +234,8 @@ class MigrationManager:
         self.incoming = incoming
         incoming.machine.status.observers.append(self._emit)
         incoming.machine.setup()
-        listening = serverEndpoint(self.reactor, uri).listen(DestinationFactory(incoming))
+        self.destinationFactory = DestinationFactory(incoming)
+        listening = serverEndpoint(self.reactor, uri).listen(self.destinationFactory)
 
         def listened(port: Any) -> Any:
             self._listening = port

@@ -253,8 +253,10 @@ class OutgoingMigration:
         """
         Enter postcopy: stop, discard every dirty page, package, PING 4.
         """
-        self.machine.moveTo(S.POSTCOPY_ACTIVE)
         self._stopVM()
+        self.machine.moveTo(S.POSTCOPY_ACTIVE)
+        if self.machine.status != S.POSTCOPY_ACTIVE:
+            return
         out = [c.discard(name, ranges) for name, ranges in self.scheduler.discardCommands()]
         package = (c.command(c.CMD_LISTEN) + self.vm.deviceState() + self._ping(3)
                    + c.command(c.CMD_RUN))

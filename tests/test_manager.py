@@ -1,0 +1,196 @@
+# -*- test-case-name: tests.test_manager -*-
+"""
+Tests for L{twisted_postcopy.manager}: QEMU's texts and shapes, and
+cancellation / failure scenarios over real loopback TCP.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
+from twisted_postcopy.errors import MigrationError
+from twisted_postcopy.manager import CAPABILITIES, MigrationManager
+
+MiB = 1 << 20
+
+
+class SurfaceTests(SynchronousTestCase):
+    """
+    Capabilities, parameters and command errors, as QEMU words them.
+    """
+
+    def setUp(self) -> None:
+        self.vm = OutgoingTestVM({"pc.ram": 4 * PAGE})
+        self.manager = MigrationManager(MemoryReactorClock(), self.vm)
+
+    def test_capabilities(self) -> None:
+        """
+        All 7.2 capabilities are listed off; supported ones can be set;
+        others (and preempt) are refused; unknown names are refused.
+        """
+        self.assertEqual(list(self.manager.queryCapabilities()), CAPABILITIES)
+        self.manager.setCapabilities({"postcopy-ram": True, "events": True})
+        self.assertTrue(self.manager.queryCapabilities()["postcopy-ram"])
+        for name in ("postcopy-preempt", "xbzrle", "nope"):
+            self.assertRaises(MigrationError, self.manager.setCapabilities, {name: True})
+        error = self.assertRaises(MigrationError, self.manager.setCapabilities, {"postcopy-preempt": True})
+        self.assertIn("not yet supported", str(error))
+
+    def test_parameters(self) -> None:
+        """
+        Defaults are QEMU's; downtime-limit is bounded.
+        """
+        self.assertEqual(self.manager.queryParameters(),
+                         {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0,
+                          "downtime-limit": 300})
+        self.manager.setParameters({"max-bandwidth": 0})
+        self.assertEqual(self.manager.queryParameters()["max-bandwidth"], 0)
+        error = self.assertRaises(MigrationError, self.manager.setParameters, {"downtime-limit": 2000001})
+        self.assertEqual(str(error), "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 ms")
+        self.assertRaises(MigrationError, self.manager.setParameters, {"max-bandwidth": -1})
+
+    def test_startPostcopyErrors(self) -> None:
+        """
+        Without the capability, and before migrate, QEMU's texts.
+        """
+        error = self.assertRaises(MigrationError, self.manager.startPostcopy)
+        self.assertEqual(str(error), "Enable postcopy with migrate_set_capability before the start of migration")
+        self.manager.setCapabilities({"postcopy-ram": True})
+        error = self.assertRaises(MigrationError, self.manager.startPostcopy)
+        self.assertEqual(str(error), "Postcopy must be started after migration has been started")
+
+    def test_migrateTwiceAndBadURI(self) -> None:
+        """
+        A second migrate while one runs is refused; a bad URI is refused.
+        """
+        self.assertRaises(MigrationError, self.manager.migrate, "ftp:x")
+        self.manager.migrate("tcp:127.0.0.1:1")
+        self.assertEqual(self.manager.queryMigrate()["status"], "setup")
+        error = self.assertRaises(MigrationError, self.manager.migrate, "tcp:127.0.0.1:1")
+        self.assertEqual(str(error), "There's a migration process in progress")
+        error = self.assertRaises(MigrationError, self.manager.setCapabilities, {"events": True})
+        self.assertEqual(str(error), "There's a migration process in progress")
+
+    def test_queryBeforeMigrate(self) -> None:
+        """
+        Before any migration query-migrate is empty.
+        """
+        self.assertEqual(self.manager.queryMigrate(), {})
+
+    def test_cancelInSetup(self) -> None:
+        """
+        Cancel before the connection is made: cancelling, cancelled; the VM
+        runs; events say so.
+        """
+        events = []
+        self.manager.subscribe(lambda e: events.append(e["data"]["status"]))
+        self.manager.migrate("tcp:127.0.0.1:1")
+        self.manager.cancel()
+        self.assertEqual(events, ["setup", "cancelling", "cancelled"])
+        self.assertEqual(self.manager.queryMigrate(), {"status": "cancelled"})
+        self.assertTrue(self.vm.running)
+
+
+class ScenarioTests(TestCase):
+    """
+    Real loopback TCP: cancel in each phase, a destination dying, and
+    migrate-start-postcopy after completion.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUpPair(self, postcopy: bool = False, bandwidth: int = 2 * MiB):
+        self.source = OutgoingTestVM({"pc.ram": 16 * MiB})
+        for offset in range(0, 16 * MiB, PAGE):
+            self.source.write(0, offset, b"%d" % offset)
+        self.before = self.source.contents()
+        self.destination = IncomingTestVM()
+        self.src = MigrationManager(reactor, self.source)
+        self.dst = MigrationManager(reactor, self.destination)
+        if postcopy:
+            self.src.setCapabilities({"postcopy-ram": True})
+            self.dst.setCapabilities({"postcopy-ram": True})
+        self.src.setParameters({"max-bandwidth": bandwidth})
+        port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        self.src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+        yield self.src.whenStatus("active")
+        yield deferLater(reactor, 0.2, lambda: None)
+
+    @inlineCallbacks
+    def test_cancelInPrecopy(self) -> None:
+        """
+        Cancel during precopy: the source ends cancelled, its guest runs
+        with RAM unchanged; the destination fails.
+        """
+        yield self.setUpPair(postcopy=True)
+        self.src.cancel()
+        self.assertEqual(self.src.queryMigrate(), {"status": "cancelled"})
+        self.assertTrue(self.source.running)
+        self.assertEqual(self.source.contents(), self.before)
+        status = yield self.dst.whenStatus("failed", "completed")
+        self.assertEqual(status, "failed")
+        self.source.write(0, 0, b"still alive")
+
+    @inlineCallbacks
+    def test_destinationDies(self) -> None:
+        """
+        A destination that drops the connection mid-precopy leaves the
+        source failed with its guest running.
+        """
+        yield self.setUpPair()
+        self.dst.destinationFactory.main.transport.abortConnection()
+        status = yield self.src.whenStatus("failed", "completed")
+        self.assertEqual(status, "failed")
+        self.assertIn("connection lost", self.src.queryMigrate()["error-desc"])
+        self.assertTrue(self.source.running)
+        self.assertEqual(self.source.contents(), self.before)
+
+    @inlineCallbacks
+    def test_cancelInPostcopy(self) -> None:
+        """
+        Cancel in postcopy: cancelled, and the source guest stays stopped
+        (it runs on the destination now).
+        """
+        yield self.setUpPair(postcopy=True, bandwidth=1 * MiB)
+        self.src.setParameters({"max-postcopy-bandwidth": 1 * MiB})
+        self.dst.faultServiceFactory = lambda blocks, source: _NullFaults()
+        self.src.startPostcopy()
+        yield self.src.whenStatus("postcopy-active")
+        self.src.cancel()
+        self.assertEqual(self.src.queryMigrate(), {"status": "cancelled"})
+        self.assertFalse(self.source.running)
+
+    @inlineCallbacks
+    def test_startPostcopyAfterCompletion(self) -> None:
+        """
+        migrate-start-postcopy after a completed precopy is harmless.
+        """
+        yield self.setUpPair(postcopy=True, bandwidth=0)
+        yield self.src.whenStatus("completed")
+        self.src.startPostcopy()
+        self.assertEqual(self.src.queryMigrate()["status"], "completed")
+        yield self.dst.whenStatus("completed")
+        self.assertEqual(self.destination.contents(), self.source.contents())
+
+
+class _NullFaults:
+    """
+    A fault service for a destination whose guest never faults: pages are
+    written with pwrite (test only).
+    """
+
+    def placePages(self, block, offset, data):
+        pass
+
+    def placeZero(self, block, offset, length):
+        pass
+
+    def stop(self):
+        pass
