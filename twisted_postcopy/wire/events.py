@@ -31,6 +31,8 @@ class _Sentinel(enum.Enum):
 
 #: Returned by C{nextEvent()} when more bytes are needed for the next event.
 NEED_DATA: Literal[_Sentinel.NEED_DATA] = _Sentinel.NEED_DATA
+#: The type of L{NEED_DATA}, for annotations.
+NeedData = Literal[_Sentinel.NEED_DATA]
 
 
 # -- main stream: header and sections ---------------------------------------

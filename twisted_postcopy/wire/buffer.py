@@ -1,0 +1,162 @@
+# -*- test-case-name: tests.test_wire_buffer -*-
+"""
+The receive buffer shared by the decoders.
+
+Like h11's C{ReceiveBuffer} it never copies the whole buffer per element
+(no O(n^2)), but it keeps the received chunks as immutable L{bytes} instead
+of one growing C{bytearray}: an element that lies inside one chunk is
+parsed in place, so a page's memoryview is a zero-copy slice of the chunk
+that stays valid however long it is held (a C{bytearray} with exported
+views could not be resized).  Only an element that straddles two chunks is
+copied, and only its own bytes are.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class ReceiveBuffer:
+    """
+    Bytes received but not yet consumed.
+
+    The parser reads C{data} from C{offset} after L{ensure} said enough
+    contiguous bytes are there, then calls L{advance}.
+
+    @ivar data: the current contiguous chunk (immutable).
+    @ivar view: a memoryview of C{data}.
+    @ivar offset: the index of the first unconsumed byte in C{data}.
+    @ivar position: the stream offset of C{data[offset]}.
+    @ivar closed: whether EOF (C{b""}) was received.
+    """
+
+    def __init__(self, position: int = 0) -> None:
+        """
+        @param position: the stream offset of the first byte to be fed.
+        """
+        self.data: bytes = b""
+        self.view = memoryview(self.data)
+        self.offset = 0
+        self.position = position
+        self.closed = False
+        self._pending: deque[tuple[bytes, int]] = deque()
+        self._pendingLength = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """
+        Add received bytes; C{b""} means EOF.
+
+        @param data: the bytes (copied only if mutable).
+        """
+        if not data:
+            self.closed = True
+            return
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        self._pending.append((data, 0))
+        self._pendingLength += len(data)
+
+    def __len__(self) -> int:
+        """
+        @return: the number of unconsumed bytes.
+        """
+        return len(self.data) - self.offset + self._pendingLength
+
+    def ensure(self, count: int) -> bool:
+        """
+        Make C{count} unconsumed bytes contiguous in C{data} from C{offset}.
+
+        @param count: how many bytes the parser needs.
+        @return: whether that many bytes are available.
+        """
+        here = len(self.data) - self.offset
+        if here >= count:
+            return True
+        if here + self._pendingLength < count:
+            return False
+        if here == 0:
+            chunk, start = self._pending[0]
+            if len(chunk) - start >= count:
+                self._pending.popleft()
+                self._pendingLength -= len(chunk) - start
+                self._replace(chunk, start)
+                return True
+        pieces = [memoryview(self.data)[self.offset:]]
+        pieces.extend(self._take(count - here))
+        self._replace(b"".join(pieces), 0)
+        return True
+
+    def _replace(self, data: bytes, offset: int) -> None:
+        """
+        Make C{data} the current chunk.
+
+        @param data: the chunk.
+        @param offset: its first unconsumed byte.
+        """
+        self.data, self.view, self.offset = data, memoryview(data), offset
+
+    def _take(self, count: int) -> list[memoryview]:
+        """
+        Remove C{count} bytes from the pending chunks.
+
+        @param count: at most the pending length.
+        @return: views of the removed bytes, in order.
+        """
+        pieces = []
+        while count > 0:
+            chunk, start = self._pending[0]
+            available = len(chunk) - start
+            if available <= count:
+                pieces.append(memoryview(chunk)[start:])
+                self._pending.popleft()
+                taken = available
+            else:
+                pieces.append(memoryview(chunk)[start:start + count])
+                self._pending[0] = (chunk, start + count)
+                taken = count
+            self._pendingLength -= taken
+            count -= taken
+        return pieces
+
+    def advance(self, count: int) -> None:
+        """
+        Consume C{count} bytes (that L{ensure} made available).
+
+        @param count: the number of bytes.
+        """
+        self.offset += count
+        self.position += count
+
+    def takeUpTo(self, limit: int) -> list[memoryview]:
+        """
+        Consume up to C{limit} bytes, whatever their chunking.
+
+        @param limit: the most bytes to take.
+        @return: views of the consumed bytes, in order.
+        """
+        here = len(self.data) - self.offset
+        pieces = []
+        if here:
+            count = min(here, limit)
+            pieces.append(memoryview(self.data)[self.offset:self.offset + count])
+            limit -= count
+            self.advance(count)
+        count = min(limit, self._pendingLength)
+        pieces.extend(self._take(count))
+        self.position += count
+        return pieces
+
+    def unread(self, data: bytes) -> None:
+        """
+        Put bytes back in front of the unconsumed ones (after L{takeUpTo}).
+
+        @param data: the bytes, which must be the last ones taken.
+        """
+        if not data:
+            return
+        here = len(self.data) - self.offset
+        if here:
+            self._pending.appendleft((self.data, self.offset))
+            self._pendingLength += here
+        self._replace(data, 0)
+        self.position -= len(data)

@@ -1,0 +1,330 @@
+# -*- test-case-name: tests.test_wire_ram -*-
+"""
+RAM records (C{migration/ram.c}): the payload of the C{"ram"} section and
+of the postcopy preempt channel.
+
+A record is C{be64 offset|flags}, a C{str8} RAMBlock idstr unless CONTINUE
+is set, then per-flag bytes (ZERO: C{u8 fill}; PAGE: 4096 bytes).  Each
+side keeps a "last block" for CONTINUE that persists across sections.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Container, Iterable, Union
+
+from attrs import Factory, define, field
+
+from twisted_postcopy.errors import (
+    BadRAMRecordError,
+    LimitExceededError,
+    LocalProtocolError,
+    UnsupportedFeatureError,
+)
+from twisted_postcopy.wire.buffer import ReceiveBuffer
+from twisted_postcopy.wire.constants import (
+    DEFAULT_MAX_BLOCK_LIST_SIZE,
+    RAM_EOS_WORD,
+    RAM_FLAGS_MASK,
+    TARGET_PAGE_SIZE,
+    UNSUPPORTED_RAM_FLAGS,
+    RAMFlag,
+)
+from twisted_postcopy.wire.events import (
+    NEED_DATA,
+    NeedData,
+    PageReceived,
+    RAMBlockInfo,
+    RAMBlocksListed,
+    RAMSectionEOS,
+    ZeroPageReceived,
+)
+from twisted_postcopy.wire.strings import checkStr8Length, decodeName, encodeStr8
+
+_unpackWord = struct.Struct(">Q").unpack_from
+_packWord = struct.Struct(">Q").pack
+_PAGE, _ZERO, _CONTINUE = int(RAMFlag.PAGE), int(RAMFlag.ZERO), int(RAMFlag.CONTINUE)
+_PAGE_CONTINUE = _PAGE | _CONTINUE
+_PAGE_RECORD = 8 + TARGET_PAGE_SIZE
+_UNSUPPORTED_MASK = sum(int(flag) for flag in UNSUPPORTED_RAM_FLAGS)
+
+#: What a RAM record decodes to.
+RAMEvent = Union[PageReceived, ZeroPageReceived, RAMSectionEOS]
+#: Buffers for C{socket.sendmsg}: header bytes and guest memory views.
+Buffers = list[Union[bytes, memoryview]]
+
+
+def _unsupported(flags: int, offset: int) -> UnsupportedFeatureError:
+    """
+    @param flags: record flags with at least one unsupported bit.
+    @param offset: the record's stream offset.
+    @return: the error naming the flag and the capability to switch off.
+    """
+    for flag, capability in UNSUPPORTED_RAM_FLAGS.items():
+        if flags & flag:
+            return UnsupportedFeatureError(
+                f"RAM record flag {flag.name} (0x{int(flag):x}) is not supported: "
+                f"switch off the {capability} capability on the source", offset)
+    raise AssertionError(flags)
+
+
+@define
+class RAMRecordDecoder:
+    """
+    Decodes RAM records of one channel.
+
+    @ivar lengths: used length of each known RAMBlock, by idstr (from the
+        START block list, or given for a recovery or preempt channel).
+    @ivar lastBlock: the block of the previous record (CONTINUE).
+    """
+
+    lengths: dict[str, int] = Factory(dict)
+    lastBlock: str | None = None
+
+    def nextRecord(self, buffer: ReceiveBuffer) -> RAMEvent | NeedData:
+        """
+        Decode one record.
+
+        @param buffer: the receive buffer, at a record boundary.
+        @return: the event, or C{NEED_DATA}.
+        @raise BadRAMRecordError: for a malformed record.
+        @raise UnsupportedFeatureError: for XBZRLE, COMPRESS_PAGE, HOOK, 0x200.
+        """
+        if not buffer.ensure(8):
+            return NEED_DATA
+        word = _unpackWord(buffer.data, buffer.offset)[0]
+        flags = word & RAM_FLAGS_MASK
+        if flags == _PAGE_CONTINUE and self.lastBlock is not None:
+            if not buffer.ensure(_PAGE_RECORD):
+                return NEED_DATA
+            offset = word - flags
+            block = self.lastBlock
+            if offset >= self.lengths[block]:
+                raise self._outside(block, offset, buffer.position)
+            start = buffer.offset + 8
+            buffer.advance(_PAGE_RECORD)
+            return PageReceived(block, offset, buffer.view[start:start + TARGET_PAGE_SIZE], True)
+        return self._slowRecord(buffer, word, flags)
+
+    def _slowRecord(self, buffer: ReceiveBuffer, word: int, flags: int) -> RAMEvent | NeedData:
+        """
+        Decode any record but a CONTINUE page.
+
+        @param buffer: the receive buffer, with the word available.
+        @param word: the record word.
+        @param flags: its flag bits.
+        @return: the event, or C{NEED_DATA}.
+        """
+        where = buffer.position
+        if flags & _UNSUPPORTED_MASK:
+            raise _unsupported(flags, where)
+        if flags & RAMFlag.EOS:
+            if word != RAM_EOS_WORD:
+                raise BadRAMRecordError(f"EOS record with extra bits 0x{word:x} (expected 0x10)", where)
+            buffer.advance(8)
+            return RAMSectionEOS()
+        kind = flags & ~_CONTINUE
+        if kind not in (_PAGE, _ZERO):
+            raise BadRAMRecordError(
+                f"unknown RAM record flags 0x{flags:x} (expected ZERO or PAGE, optionally with CONTINUE)",
+                where)
+        size = 8
+        if flags & _CONTINUE:
+            block = self.lastBlock
+            if block is None:
+                raise BadRAMRecordError("CONTINUE record with no previous block", where)
+        else:
+            if not buffer.ensure(9):
+                return NEED_DATA
+            length = buffer.data[buffer.offset + 8]
+            checkStr8Length(length, "RAMBlock", where + 8)
+            size = 9 + length
+            if not buffer.ensure(size):
+                return NEED_DATA
+            block = decodeName(buffer.view[buffer.offset + 9:buffer.offset + size])
+            if block not in self.lengths:
+                raise BadRAMRecordError(f"unknown RAMBlock {block!r} (not in the START list)", where)
+        total = size + (TARGET_PAGE_SIZE if kind == _PAGE else 1)
+        if not buffer.ensure(total):
+            return NEED_DATA
+        offset = word - flags
+        if offset >= self.lengths[block]:
+            raise self._outside(block, offset, where)
+        self.lastBlock = block
+        start = buffer.offset + size
+        continued = bool(flags & _CONTINUE)
+        if kind == _PAGE:
+            event: RAMEvent = PageReceived(
+                block, offset, buffer.view[start:start + TARGET_PAGE_SIZE], continued)
+        else:
+            event = ZeroPageReceived(block, offset, buffer.data[start], continued)
+        buffer.advance(total)
+        return event
+
+    def _outside(self, block: str, offset: int, where: int) -> BadRAMRecordError:
+        """
+        @param block: a block idstr.
+        @param offset: an offset beyond its length.
+        @param where: the record's stream offset.
+        @return: the "Illegal RAM offset" error.
+        """
+        return BadRAMRecordError(
+            f"RAM offset 0x{offset:x} outside block {block!r} of length 0x{self.lengths[block]:x}",
+            where)
+
+    def nextBlockList(
+        self, buffer: ReceiveBuffer, pageSizeBlocks: Container[str] = (),
+        ignoreShared: bool = False, limit: int = DEFAULT_MAX_BLOCK_LIST_SIZE,
+    ) -> RAMBlocksListed | NeedData:
+        """
+        Decode the MEM_SIZE record that opens a RAM START payload.
+
+        @param buffer: the receive buffer, at the record.
+        @param pageSizeBlocks: blocks whose entry carries C{be64 page_size}.
+        @param ignoreShared: whether entries carry C{be64 mr_addr}.
+        @param limit: the most bytes the record may have.
+        @return: the event, or C{NEED_DATA}.
+        @raise BadRAMRecordError: if the record is not MEM_SIZE or its
+            lengths do not add up.
+        @raise LimitExceededError: if the list is longer than C{limit}.
+        """
+        where = buffer.position
+        if not buffer.ensure(8):
+            return NEED_DATA
+        word = _unpackWord(buffer.data, buffer.offset)[0]
+        if word & RAM_FLAGS_MASK != RAMFlag.MEM_SIZE:
+            raise BadRAMRecordError(
+                f"RAM START payload begins with flags 0x{word & RAM_FLAGS_MASK:x} (expected MEM_SIZE)", where)
+        remaining, used, blocks = word & ~RAM_FLAGS_MASK, 8, []
+        while remaining > 0:
+            if used > limit:
+                raise LimitExceededError(f"RAM block list longer than {limit} bytes", where)
+            if not buffer.ensure(used + 1):
+                return NEED_DATA
+            length = buffer.data[buffer.offset + used]
+            checkStr8Length(length, "RAMBlock", where + used)
+            name = buffer.offset + used + 1
+            idstr = decodeName(buffer.data[name:name + length])
+            hasPageSize = idstr in pageSizeBlocks
+            entry = used + 1 + length + 8 * (1 + hasPageSize + ignoreShared)
+            if not buffer.ensure(entry):
+                return NEED_DATA
+            fields = struct.unpack_from(f">{1 + hasPageSize + ignoreShared}Q", buffer.data, name + length)
+            blocks.append(RAMBlockInfo(
+                idstr, fields[0], fields[1] if hasPageSize else None,
+                fields[-1] if ignoreShared else None))
+            remaining -= fields[0]
+            if remaining < 0:
+                raise BadRAMRecordError(
+                    f"RAM block lengths exceed the MEM_SIZE total 0x{word & ~RAM_FLAGS_MASK:x}", where)
+            used = entry
+        buffer.advance(used)
+        self.lengths.update((block.idstr, block.length) for block in blocks)
+        return RAMBlocksListed(blocks)
+
+
+@define
+class RAMRecordEncoder:
+    """
+    Encodes RAM records of one channel, keeping the CONTINUE "last block".
+
+    @ivar alwaysNameBlock: never set CONTINUE (valid, only larger).
+    @ivar lastBlock: the block of the last page record written.
+    """
+
+    alwaysNameBlock: bool = False
+    lastBlock: str | None = None
+    _names: dict[str, bytes] = field(factory=dict, repr=False)
+
+    def reset(self) -> None:
+        """
+        Forget the last block (QEMU does at the switch to postcopy, after
+        recovery and when it changes channel), so the next record names it.
+        """
+        self.lastBlock = None
+
+    def _header(self, block: str, offset: int, flag: int, continued: bool | None) -> bytes:
+        """
+        @param block: the RAMBlock idstr.
+        @param offset: the page's offset in it.
+        @param flag: C{PAGE} or C{ZERO}.
+        @param continued: force CONTINUE on or off; L{None}: from memory.
+        @return: the record word and, unless CONTINUE, the idstr.
+        @raise LocalProtocolError: for an unaligned offset.
+        """
+        if offset & RAM_FLAGS_MASK or offset < 0:
+            raise LocalProtocolError(f"page offset 0x{offset:x} is not page aligned")
+        if continued is None:
+            continued = block == self.lastBlock and not self.alwaysNameBlock
+        self.lastBlock = block
+        if continued:
+            return _packWord(offset | flag | _CONTINUE)
+        name = self._names.get(block)
+        if name is None:
+            name = self._names[block] = encodeStr8(block)
+        return _packWord(offset | flag) + name
+
+    def page(self, block: str, offset: int, data: bytes | memoryview,
+             continued: bool | None = None) -> Buffers:
+        """
+        Encode a PAGE record without copying the page.
+
+        @param block: the RAMBlock idstr.
+        @param offset: the page's byte offset in the block.
+        @param data: the 4096 page bytes (e.g. a view of guest RAM).
+        @param continued: force CONTINUE (re-encoding); default: automatic.
+        @return: C{[header, data]} for C{socket.sendmsg}.
+        @raise LocalProtocolError: if C{data} is not one page.
+        """
+        if len(data) != TARGET_PAGE_SIZE:
+            raise LocalProtocolError(f"a page is {TARGET_PAGE_SIZE} bytes, not {len(data)}")
+        return [self._header(block, offset, _PAGE, continued), data]
+
+    def zeroPage(self, block: str, offset: int, fill: int = 0, continued: bool | None = None) -> bytes:
+        """
+        Encode a ZERO record.
+
+        @param block: the RAMBlock idstr.
+        @param offset: the page's byte offset in the block.
+        @param fill: the fill byte (QEMU sends 0).
+        @param continued: force CONTINUE (re-encoding); default: automatic.
+        @return: the record.
+        """
+        return self._header(block, offset, _ZERO, continued) + bytes((fill,))
+
+    def eos(self) -> bytes:
+        """
+        @return: the EOS record.
+        """
+        return _packWord(RAM_EOS_WORD)
+
+    def encode(self, event: RAMEvent) -> Buffers:
+        """
+        Re-encode a decoded RAM event exactly (CONTINUE as received).
+
+        @param event: a page, zero page or EOS event.
+        @return: its buffers.
+        """
+        if isinstance(event, PageReceived):
+            return self.page(event.block, event.offset, event.data, event.continued)
+        if isinstance(event, ZeroPageReceived):
+            return [self.zeroPage(event.block, event.offset, event.fill, event.continued)]
+        return [self.eos()]
+
+
+def encodeBlockList(blocks: Iterable[RAMBlockInfo]) -> bytes:
+    """
+    Encode the MEM_SIZE record of a RAM START payload.
+
+    @param blocks: the blocks, in wire order; C{pageSize}/C{mrAddr} are
+        written when not L{None}.
+    @return: the record (without the EOS that follows it).
+    """
+    blocks = list(blocks)
+    parts = [_packWord(sum(block.length for block in blocks) | RAMFlag.MEM_SIZE)]
+    for block in blocks:
+        parts.append(encodeStr8(block.idstr) + _packWord(block.length))
+        for extra in (block.pageSize, block.mrAddr):
+            if extra is not None:
+                parts.append(_packWord(extra))
+    return b"".join(parts)

@@ -1,0 +1,554 @@
+# -*- test-case-name: tests.test_wire_stream -*-
+"""
+The sans-IO decoder of QEMU 7.2's main migration stream.
+
+Feed bytes with L{StreamDecoder.receiveData} (C{b""} = EOF) in any
+chunking, then call L{StreamDecoder.nextEvent} until it returns
+L{NEED_DATA}.  A package is decoded by a fresh C{StreamDecoder(header=False)}
+fed the package bytes and then C{b""}; so is a recovery main channel (pass
+it the C{blocks} and C{ramSectionId} known from the first connection).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable, Iterable, Iterator
+
+from attrs import Factory, define, field
+
+from twisted_postcopy.errors import (
+    BadHeaderError,
+    DeviceSectionBoundaryError,
+    LimitExceededError,
+    RemoteProtocolError,
+    SectionMismatchError,
+    TruncatedStreamError,
+    UnknownElementError,
+)
+from twisted_postcopy.wire.buffer import ReceiveBuffer
+from twisted_postcopy.wire.commands import checkCommandHeader, checkDiscardRanges, decodeCommand
+from twisted_postcopy.wire.config import parseConfiguration
+from twisted_postcopy.wire.constants import (
+    DEFAULT_MAX_BLOCK_LIST_SIZE,
+    DEFAULT_MAX_DEVICE_SECTION_SIZE,
+    DEFAULT_MAX_PACKAGE_SIZE,
+    DEFAULT_MAX_VMDESC_SIZE,
+    OWN_SECTION_PREFIX,
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    QEMU_VM_FILE_VERSION_COMPAT,
+    RAM_IDSTR,
+    RAM_SECTION_VERSION,
+    Command,
+    SectionType,
+)
+from twisted_postcopy.wire.device import LOOKAHEAD, findPayloadEnd, footerBytes
+from twisted_postcopy.wire.events import (
+    NEED_DATA,
+    DeviceSectionReceived,
+    DiscardReceived,
+    EOFReceived,
+    HeaderReceived,
+    NeedData,
+    PackageReceived,
+    PostcopyAdvised,
+    RAMBlockInfo,
+    RAMSectionEOS,
+    SectionEnded,
+    SectionStarted,
+    StreamEvent,
+    VMDescriptionReceived,
+)
+from twisted_postcopy.wire.ram import RAMRecordDecoder
+from twisted_postcopy.wire.strings import checkStr8Length, decodeName
+
+_sectionId = struct.Struct(">I").unpack_from
+_fullHeaderTail = struct.Struct(">II").unpack_from
+_commandHeader = struct.Struct(">HH").unpack_from
+
+# Decoder states (what the next bytes are).
+_HEADER, _CONFIGURATION, _TOP, _BLOCK_LIST, _RAM, _FOOTER = (
+    "header", "configuration", "top-level element", "RAM block list", "RAM record", "section footer")
+_DEVICE, _AFTER_EOF, _DONE = "device section", "element after EOF", "end of stream"
+#: States in which the input may end.
+_CLEAN_ENDS = frozenset({_TOP, _AFTER_EOF, _DONE})
+
+
+@define
+class _Section:
+    """
+    A section announced by a START or FULL header.
+
+    @ivar idstr: its idstr.
+    @ivar instanceId: its instance id.
+    @ivar versionId: its version id.
+    @ivar isRAM: whether it is the C{"ram"} section.
+    """
+
+    idstr: str
+    instanceId: int
+    versionId: int
+    isRAM: bool
+
+
+@define
+class _DeviceSearch:
+    """
+    A device section whose end is being searched for.
+
+    @ivar kind: its section type.
+    @ivar sectionId: its id.
+    @ivar section: what its START/FULL announced.
+    @ivar where: the stream offset of its header.
+    @ivar raw: its bytes received so far, header included.
+    @ivar resume: where the footer search resumes.
+    """
+
+    kind: SectionType
+    sectionId: int
+    section: _Section
+    where: int
+    raw: bytearray
+    resume: int
+
+
+@define
+class StreamDecoder:
+    """
+    Incremental decoder of a main migration stream (or a package).
+
+    @ivar header: whether the stream starts with magic, version and
+        configuration (L{False} for a package or a recovery channel).
+    @ivar maxPackageSize: the largest PACKAGED body accepted.
+    @ivar maxDeviceSectionSize: the largest device section accepted.
+    @ivar maxVMDescriptionSize: the largest VMDESCRIPTION accepted.
+    @ivar pageSizeBlocks: RAMBlocks whose START entry carries C{be64
+        page_size} once POSTCOPY_ADVISE was seen (huge page blocks of a
+        postcopy destination).
+    @ivar ignoreShared: whether START entries carry C{be64 mr_addr}.
+    @ivar blocks: RAMBlocks known before the stream (recovery, package).
+    @ivar ramSectionId: the RAM section id known before the stream.
+    @ivar offset: the stream offset of the first byte fed (for errors).
+    """
+
+    header: bool = True
+    maxPackageSize: int = DEFAULT_MAX_PACKAGE_SIZE
+    maxDeviceSectionSize: int = DEFAULT_MAX_DEVICE_SECTION_SIZE
+    maxVMDescriptionSize: int = DEFAULT_MAX_VMDESC_SIZE
+    pageSizeBlocks: frozenset[str] = field(default=frozenset(), converter=frozenset)
+    ignoreShared: bool = False
+    blocks: tuple[RAMBlockInfo, ...] = field(default=(), converter=tuple)
+    ramSectionId: int | None = None
+    offset: int = 0
+    _buffer: ReceiveBuffer = field(init=False)
+    _ram: RAMRecordDecoder = field(init=False, factory=RAMRecordDecoder)
+    _state: str = field(init=False, default=_HEADER)
+    _sections: dict[int, _Section] = field(init=False, factory=dict)
+    _current: tuple[SectionType, int] = field(init=False, default=(SectionType.EOF, 0))
+    _device: _DeviceSearch | None = field(init=False, default=None)
+    _advised: bool = field(init=False, default=False)
+    _error: RemoteProtocolError | None = field(init=False, default=None)
+    _handlers: dict[str, Callable[[], StreamEvent | NeedData]] = field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Set up the buffer, the known blocks and the state handlers.
+        """
+        self._buffer = ReceiveBuffer(self.offset)
+        self._ram.lengths.update((block.idstr, block.length) for block in self.blocks)
+        if self.ramSectionId is not None:
+            self._sections[self.ramSectionId] = _Section(RAM_IDSTR, 0, RAM_SECTION_VERSION, True)
+        if not self.header:
+            self._state = _TOP
+        self._handlers.update({
+            _HEADER: self._header, _CONFIGURATION: self._configuration, _TOP: self._top,
+            _BLOCK_LIST: self._blockList, _FOOTER: self._footer, _DEVICE: self._deviceStep,
+            _AFTER_EOF: self._afterEOF, _DONE: self._done,
+        })
+
+    @property
+    def complete(self) -> bool:
+        """
+        @return: whether C{QEMU_VM_EOF} was decoded.
+        """
+        return self._state in (_AFTER_EOF, _DONE)
+
+    @property
+    def ramBlockLengths(self) -> dict[str, int]:
+        """
+        @return: used length of each known RAMBlock, by idstr.
+        """
+        return dict(self._ram.lengths)
+
+    def receiveData(self, data: bytes | bytearray | memoryview) -> None:
+        """
+        Buffer received bytes (nothing is parsed here).
+
+        @param data: the bytes; C{b""} means the input ended.
+        """
+        self._buffer.feed(data)
+
+    def nextEvent(self) -> StreamEvent | NeedData:
+        """
+        Decode the next event.
+
+        @return: the event, or L{NEED_DATA} (after EOF was fed: the end).
+        @raise RemoteProtocolError: a subclass naming the offset and what
+            was expected; the decoder then stays failed.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            if self._state is _RAM:
+                event = self._ram.nextRecord(self._buffer)
+                if event is NEED_DATA:
+                    return self._needData()
+                if event.__class__ is RAMSectionEOS:
+                    self._state = _FOOTER
+                return event
+            return self._handlers[self._state]()
+        except RemoteProtocolError as e:
+            self._error = e
+            raise
+
+    def events(self) -> Iterator[StreamEvent]:
+        """
+        @return: an iterator of the events decodable now.
+        """
+        while (event := self.nextEvent()) is not NEED_DATA:
+            yield event
+
+    def _needData(self) -> NeedData:
+        """
+        @return: L{NEED_DATA}, unless the input ended mid-element.
+        @raise TruncatedStreamError: if it did.
+        """
+        buffer = self._buffer
+        if buffer.closed and (len(buffer) or self._state not in _CLEAN_ENDS):
+            raise TruncatedStreamError(f"input ended inside a {self._state}", buffer.position)
+        return NEED_DATA
+
+    def _header(self) -> StreamEvent | NeedData:
+        """
+        @return: L{HeaderReceived} once magic and version are in.
+        """
+        buffer = self._buffer
+        if not buffer.ensure(8):
+            return self._needData()
+        magic, version = _fullHeaderTail(buffer.data, buffer.offset)
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise BadHeaderError(f"bad magic 0x{magic:08x} (expected 0x5145564d 'QEVM')", buffer.position)
+        if version != QEMU_VM_FILE_VERSION:
+            obsolete = " (obsolete)" if version == QEMU_VM_FILE_VERSION_COMPAT else ""
+            raise BadHeaderError(f"stream version {version}{obsolete} (expected 3)", buffer.position + 4)
+        buffer.advance(8)
+        self._state = _CONFIGURATION
+        return HeaderReceived(version)
+
+    def _configuration(self) -> StreamEvent | NeedData:
+        """
+        @return: L{ConfigurationReceived} once the element and the byte
+            after it are in (the subsection peek).
+        """
+        event = parseConfiguration(self._buffer, DEFAULT_MAX_BLOCK_LIST_SIZE)
+        if event is NEED_DATA:
+            return self._needData()
+        self._state = _TOP
+        return event
+
+    def _top(self) -> StreamEvent | NeedData:
+        """
+        @return: the event of the top-level element that starts here.
+        """
+        buffer = self._buffer
+        if not buffer.ensure(1):
+            return self._needData()
+        kind = buffer.data[buffer.offset]
+        if kind == SectionType.EOF:
+            buffer.advance(1)
+            self._state = _AFTER_EOF
+            return EOFReceived()
+        if kind in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+            return self._fullSection(SectionType(kind))
+        if kind in (SectionType.SECTION_PART, SectionType.SECTION_END):
+            return self._shortSection(SectionType(kind))
+        if kind == SectionType.COMMAND:
+            return self._command()
+        raise UnknownElementError(
+            f"unknown section type 0x{kind:02x} (expected 0x00-0x04 or 0x08)", buffer.position)
+
+    def _fullSection(self, kind: SectionType) -> StreamEvent | NeedData:
+        """
+        @param kind: START or FULL.
+        @return: L{SectionStarted} for RAM, else the device section event.
+        """
+        buffer = self._buffer
+        if not buffer.ensure(6):
+            return self._needData()
+        length = buffer.data[buffer.offset + 5]
+        checkStr8Length(length, "section", buffer.position + 5)
+        if not buffer.ensure(14 + length):
+            return self._needData()
+        at = buffer.offset
+        sectionId = _sectionId(buffer.data, at + 1)[0]
+        idstr = decodeName(buffer.data[at + 6:at + 6 + length])
+        instanceId, versionId = _fullHeaderTail(buffer.data, at + 6 + length)
+        isRAM = kind == SectionType.SECTION_START and idstr == RAM_IDSTR
+        section = self._sections[sectionId] = _Section(idstr, instanceId, versionId, isRAM)
+        if isRAM:
+            buffer.advance(14 + length)
+            self._current = (kind, sectionId)
+            self._state = _BLOCK_LIST
+            return SectionStarted(kind, sectionId, idstr, instanceId, versionId)
+        return self._startDevice(kind, sectionId, section, 14 + length)
+
+    def _shortSection(self, kind: SectionType) -> StreamEvent | NeedData:
+        """
+        @param kind: PART or END.
+        @return: L{SectionStarted} for RAM, else the device section event.
+        @raise SectionMismatchError: for an id no START announced.
+        """
+        buffer = self._buffer
+        if not buffer.ensure(5):
+            return self._needData()
+        sectionId = _sectionId(buffer.data, buffer.offset + 1)[0]
+        section = self._sections.get(sectionId)
+        if section is None:
+            raise SectionMismatchError(
+                f"{kind.name} for section id {sectionId} that no START announced", buffer.position)
+        if section.isRAM:
+            buffer.advance(5)
+            self._current = (kind, sectionId)
+            self._state = _RAM
+            return SectionStarted(kind, sectionId, section.idstr, section.instanceId, section.versionId)
+        return self._startDevice(kind, sectionId, section, 5)
+
+    def _blockList(self) -> StreamEvent | NeedData:
+        """
+        @return: L{RAMBlocksListed} (the first record of a RAM START).
+        """
+        event = self._ram.nextBlockList(
+            self._buffer, self.pageSizeBlocks if self._advised else (), self.ignoreShared)
+        if event is NEED_DATA:
+            return self._needData()
+        self._state = _RAM
+        return event
+
+    def _footer(self) -> StreamEvent | NeedData:
+        """
+        @return: L{SectionEnded} once the RAM section's footer is in.
+        @raise SectionMismatchError: if it is missing or names another id.
+        """
+        buffer = self._buffer
+        if not buffer.ensure(5):
+            return self._needData()
+        kind, sectionId = self._current
+        if buffer.data[buffer.offset] != SectionType.SECTION_FOOTER:
+            raise SectionMismatchError(
+                f"missing section footer (found 0x{buffer.data[buffer.offset]:02x}, expected 0x7e)",
+                buffer.position)
+        found = _sectionId(buffer.data, buffer.offset + 1)[0]
+        if found != sectionId:
+            raise SectionMismatchError(
+                f"mismatched section id in footer: {found} (expected {sectionId})", buffer.position)
+        buffer.advance(5)
+        self._state = _TOP
+        return SectionEnded(kind, sectionId)
+
+    def _startDevice(self, kind: SectionType, sectionId: int, section: _Section,
+                     headerLength: int) -> StreamEvent | NeedData:
+        """
+        Begin a device section: framed (our guests) or searched.
+
+        @param kind: the section type.
+        @param sectionId: its id.
+        @param section: what its START/FULL announced.
+        @param headerLength: the length of its header, available in the buffer.
+        @return: the device section event, or L{NEED_DATA}.
+        """
+        if section.idstr.startswith(OWN_SECTION_PREFIX):
+            return self._ownSection(kind, sectionId, section, headerLength)
+        buffer = self._buffer
+        where = buffer.position
+        raw = bytearray()
+        for piece in buffer.takeUpTo(headerLength):
+            raw += piece
+        self._device = _DeviceSearch(kind, sectionId, section, where, raw, headerLength)
+        self._state = _DEVICE
+        return self._deviceStep()
+
+    def _ownSection(self, kind: SectionType, sectionId: int, section: _Section,
+                    headerLength: int) -> StreamEvent | NeedData:
+        """
+        Decode a twisted-postcopy guest section: payload C{be32 len} + blob.
+
+        @param kind: the section type.
+        @param sectionId: its id.
+        @param section: what its START/FULL announced.
+        @param headerLength: the length of its header.
+        @return: the device section event, or L{NEED_DATA}.
+        @raise LimitExceededError: for a blob over the device section limit.
+        @raise SectionMismatchError: if the footer does not follow the blob.
+        """
+        buffer = self._buffer
+        if not buffer.ensure(headerLength + 4):
+            return self._needData()
+        blobLength = _sectionId(buffer.data, buffer.offset + headerLength)[0]
+        total = headerLength + 4 + blobLength + 5
+        if total > self.maxDeviceSectionSize:
+            raise LimitExceededError(
+                f"device section {section.idstr!r} of {total} bytes exceeds the limit "
+                f"{self.maxDeviceSectionSize}", buffer.position)
+        if not buffer.ensure(total):
+            return self._needData()
+        raw = bytes(buffer.view[buffer.offset:buffer.offset + total])
+        if raw[-5:] != footerBytes(sectionId):
+            raise SectionMismatchError(
+                f"section {section.idstr!r} blob is not followed by its footer", buffer.position + total - 5)
+        buffer.advance(total)
+        return DeviceSectionReceived(
+            kind, sectionId, section.idstr, section.instanceId, section.versionId, raw)
+
+    def _deviceStep(self) -> StreamEvent | NeedData:
+        """
+        Search on for the end of the current device section.
+
+        @return: the device section event, or L{NEED_DATA}.
+        @raise LimitExceededError: if no end is found within the limit.
+        @raise DeviceSectionBoundaryError: if the input ended first.
+        """
+        device, buffer = self._device, self._buffer
+        assert device is not None
+        bound = self.maxDeviceSectionSize + LOOKAHEAD
+        while True:
+            step = min(max(len(device.raw), 65536), bound - len(device.raw))
+            for piece in buffer.takeUpTo(step):
+                device.raw += piece
+            closed = buffer.closed and not len(buffer)
+            end, device.resume = findPayloadEnd(
+                device.raw, device.resume, device.sectionId, closed, self._sections)
+            if end is not None or not len(buffer) or len(device.raw) >= bound:
+                break
+        if end is None or end > self.maxDeviceSectionSize:
+            if len(device.raw) >= bound or (end or 0) > self.maxDeviceSectionSize:
+                raise LimitExceededError(
+                    f"no end of device section {device.section.idstr!r} within "
+                    f"{self.maxDeviceSectionSize} bytes", device.where)
+            if closed:
+                raise DeviceSectionBoundaryError(
+                    f"input ended before the footer of device section {device.section.idstr!r} "
+                    f"(expected 7e {device.sectionId:08x} and a plausible next element)", device.where)
+            return NEED_DATA
+        buffer.unread(bytes(device.raw[end:]))
+        section = device.section
+        self._device = None
+        self._state = _TOP
+        return DeviceSectionReceived(
+            device.kind, device.sectionId, section.idstr, section.instanceId, section.versionId,
+            bytes(device.raw[:end]))
+
+    def _command(self) -> StreamEvent | NeedData:
+        """
+        @return: the command's event (PACKAGED with its body).
+        @raise LimitExceededError: for a package over the limit.
+        """
+        buffer = self._buffer
+        if not buffer.ensure(5):
+            return self._needData()
+        where = buffer.position
+        cmd, length = _commandHeader(buffer.data, buffer.offset + 1)
+        command = checkCommandHeader(cmd, length, where)
+        if not buffer.ensure(5 + length):
+            return self._needData()
+        payload = bytes(buffer.view[buffer.offset + 5:buffer.offset + 5 + length])
+        if command is Command.PACKAGED:
+            return self._package(int.from_bytes(payload, "big"))
+        event = decodeCommand(command, payload, where)
+        if isinstance(event, DiscardReceived):
+            checkDiscardRanges(event, self._ram.lengths, where)
+        elif isinstance(event, PostcopyAdvised):
+            self._advised = True
+        buffer.advance(5 + length)
+        return event
+
+    def _package(self, length: int) -> StreamEvent | NeedData:
+        """
+        @param length: the package length the command announced.
+        @return: L{PackageReceived} once the whole body is in.
+        @raise LimitExceededError: for a package over the limit.
+        """
+        buffer = self._buffer
+        if length > self.maxPackageSize:
+            raise LimitExceededError(
+                f"package of {length} bytes exceeds the limit {self.maxPackageSize}", buffer.position)
+        if not buffer.ensure(9 + length):
+            return self._needData()
+        data = bytes(buffer.view[buffer.offset + 9:buffer.offset + 9 + length])
+        buffer.advance(9 + length)
+        return PackageReceived(data)
+
+    def _afterEOF(self) -> StreamEvent | NeedData:
+        """
+        @return: L{VMDescriptionReceived}, or L{NEED_DATA} at the end.
+        @raise UnknownElementError: for anything but a VMDESCRIPTION.
+        """
+        buffer = self._buffer
+        if not buffer.ensure(1):
+            return self._needData()
+        kind = buffer.data[buffer.offset]
+        if kind != SectionType.VMDESCRIPTION:
+            raise UnknownElementError(
+                f"0x{kind:02x} after QEMU_VM_EOF (expected 0x06 VMDESCRIPTION or the end)", buffer.position)
+        if not buffer.ensure(5):
+            return self._needData()
+        length = _sectionId(buffer.data, buffer.offset + 1)[0]
+        if length > self.maxVMDescriptionSize:
+            raise LimitExceededError(
+                f"VMDESCRIPTION of {length} bytes exceeds the limit {self.maxVMDescriptionSize}",
+                buffer.position)
+        if not buffer.ensure(5 + length):
+            return self._needData()
+        json = bytes(buffer.view[buffer.offset + 5:buffer.offset + 5 + length])
+        buffer.advance(5 + length)
+        self._state = _DONE
+        return VMDescriptionReceived(json)
+
+    def _done(self) -> StreamEvent | NeedData:
+        """
+        @return: L{NEED_DATA}: nothing may follow the VMDESCRIPTION.
+        @raise UnknownElementError: if something does.
+        """
+        if self._buffer.ensure(1):
+            raise UnknownElementError("data after VMDESCRIPTION (expected the end)", self._buffer.position)
+        return self._needData()
+
+
+def decodeAll(data: bytes, **options: object) -> list[StreamEvent]:
+    """
+    Decode a whole stream (or package) at once.
+
+    @param data: the complete bytes.
+    @param options: L{StreamDecoder} options (e.g. C{header=False}).
+    @return: all its events.
+    @raise RemoteProtocolError: for bad input, including a truncation.
+    """
+    decoder = StreamDecoder(**options)  # type: ignore[arg-type]
+    decoder.receiveData(data)
+    decoder.receiveData(b"")
+    return list(decoder.events())
+
+
+def iterChunks(chunks: Iterable[bytes], **options: object) -> Iterator[StreamEvent]:
+    """
+    Decode a stream arriving as chunks (e.g. a file read piecewise).
+
+    @param chunks: the bytes, in order; EOF is fed after the last.
+    @param options: L{StreamDecoder} options.
+    @return: an iterator of the events.
+    """
+    decoder = StreamDecoder(**options)  # type: ignore[arg-type]
+    for chunk in chunks:
+        decoder.receiveData(chunk)
+        yield from decoder.events()
+    decoder.receiveData(b"")
+    yield from decoder.events()
