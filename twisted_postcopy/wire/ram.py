@@ -203,13 +203,16 @@ class RAMRecordDecoder:
                 return NEED_DATA
             length = buffer.data[buffer.offset + used]
             checkStr8Length(length, "RAMBlock", where + used)
+            if not buffer.ensure(used + 1 + length):
+                return NEED_DATA
             name = buffer.offset + used + 1
             idstr = decodeName(buffer.data[name:name + length])
             hasPageSize = idstr in pageSizeBlocks
             entry = used + 1 + length + 8 * (1 + hasPageSize + ignoreShared)
             if not buffer.ensure(entry):
                 return NEED_DATA
-            fields = struct.unpack_from(f">{1 + hasPageSize + ignoreShared}Q", buffer.data, name + length)
+            fields = struct.unpack_from(
+                f">{1 + hasPageSize + ignoreShared}Q", buffer.data, buffer.offset + used + 1 + length)
             blocks.append(RAMBlockInfo(
                 idstr, fields[0], fields[1] if hasPageSize else None,
                 fields[-1] if ignoreShared else None))
