@@ -1,0 +1,271 @@
+# -*- test-case-name: tests.test_snapshot_capture -*-
+"""
+Capture: an L{IIncomingVM} that receives a VM (a real QEMU, or one of ours)
+into memfd RAMBlocks and stores it as a snapshot when the migration
+completes.
+
+The daemon never reads a capture's RAM through a mapping: precopy pages are
+written with C{pwrite}, postcopy pages are placed by the fault service, and
+the store copies each memfd with C{pread} after completion (every page is
+present then).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from twisted_postcopy.errors import MigrationError, SnapshotError
+from twisted_postcopy.interfaces import IIncomingVM
+from twisted_postcopy.protocols import _codec as c
+from twisted_postcopy.snapshot.store import Snapshot, writeSnapshot
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+#: The largest total RAM a capture accepts (64 GiB).
+MAX_RAM = 64 << 30
+
+
+class MemfdBlock:
+    """
+    A captured RAMBlock: a memfd the size of the block.
+
+    @ivar idstr: QEMU's block name.
+    @ivar length: the used length.
+    @ivar pageSize: 4096 (hugepage blocks are not captured).
+    @ivar fd: the memfd.
+    """
+
+    def __init__(self, idstr: str, length: int, pageSize: int = 4096) -> None:
+        """
+        @param idstr: the name.
+        @param length: bytes.
+        @param pageSize: the page size.
+        """
+        self.idstr, self.length, self.pageSize = idstr, length, pageSize
+        self.fd = os.memfd_create("capture:" + idstr.replace("/", "_")[:200])
+        os.ftruncate(self.fd, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """
+        Store bytes before any userfaultfd registration.
+
+        @param offset: byte offset.
+        @param data: the bytes.
+        @raise SnapshotError: the range is outside the block.
+        """
+        if offset < 0 or offset + len(data) > self.length:
+            raise SnapshotError(f"write at {offset:#x} past the end of block {self.idstr}")
+        os.pwrite(self.fd, data, offset)
+
+    def discard(self, offset: int, length: int) -> None:
+        """
+        Punch a hole (POSTCOPY_RAM_DISCARD, or a zero page).
+
+        @param offset: byte offset.
+        @param length: byte length.
+        @raise OSError: fallocate failed.
+        """
+        if _libc.fallocate(self.fd, _FALLOC_PUNCH, ctypes.c_long(offset), ctypes.c_long(length)):
+            raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE)")
+
+    def read(self, offset: int, length: int) -> bytes:
+        """
+        Read with C{pread} (a hole reads as zeros and never faults).
+
+        @param offset: byte offset.
+        @param length: byte count.
+        @return: the bytes.
+        """
+        return os.pread(self.fd, length, offset)
+
+    def close(self) -> None:
+        """
+        Release the memfd.
+        """
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@implementer(IIncomingVM)
+class CaptureVM:
+    """
+    Receives one incoming migration and stores it in C{path}.
+
+    @ivar path: the snapshot directory.
+    @ivar machine: the machine type name to record.
+    @ivar configuration: the configuration bytes after the type byte.
+    @ivar blocks: idstr -> L{MemfdBlock}, in list order.
+    @ivar devices: the device section bytes received.
+    @ivar inPostcopy: tells whether the migration went through LISTEN
+        (set by whoever drives the capture).
+    @ivar running: the VM was started (RUN or end of precopy).
+    @ivar stored: fires with the L{Snapshot} once stored, or fails.
+    """
+
+    def __init__(self, path: str, machine: str = "pc-i440fx-7.2") -> None:
+        """
+        @param path: where to store the snapshot.
+        @param machine: the machine name recorded (the stream's own
+            configuration wins when the decoder reports it).
+        """
+        self.path, self.machine = path, machine
+        self.configuration = _configuration(machine)
+        self.blocks: dict[str, MemfdBlock] = {}
+        self.devices: list[bytes] = []
+        self.inPostcopy: Callable[[], bool] = lambda: False
+        self.running = False
+        self.stored: Deferred = Deferred()
+
+    def configurationReceived(self, raw: bytes, machine: str) -> None:
+        """
+        The stream's configuration section (called when the decoder
+        reports it).
+
+        @param raw: its bytes after the type byte.
+        @param machine: the machine name in it.
+        """
+        self.configuration, self.machine = raw, machine
+
+    def ramBlocksListed(self, blocks: Any) -> dict[str, MemfdBlock]:
+        """
+        Create one memfd per listed block.
+
+        @param blocks: (idstr, length, pageSize or None) each.
+        @return: idstr -> block.
+        @raise MigrationError: too much RAM, or a hugepage block.
+        """
+        if sum(length for _, length, _ in blocks) > MAX_RAM:
+            raise MigrationError("capture refuses more than 64 GiB of RAM")
+        for idstr, length, pageSize in blocks:
+            if pageSize not in (None, 4096):
+                raise MigrationError(f"block {idstr}: page size {pageSize} not supported")
+            self.blocks[idstr] = MemfdBlock(idstr, length)
+        return dict(self.blocks)
+
+    def deviceStateReceived(self, raw: bytes) -> None:
+        """
+        Keep device sections byte-exact.
+
+        @param raw: their wire bytes.
+        """
+        self.devices.append(bytes(raw))
+
+    def run(self) -> None:
+        """
+        The captured VM would start now; nothing runs in a capture.
+        """
+        self.running = True
+
+    def read(self, idstr: str, offset: int, length: int) -> bytes:
+        """
+        Read captured RAM with C{pread} (pages not yet received read as
+        zeros; use the fault service to fetch them first).
+
+        @param idstr: the block.
+        @param offset: byte offset.
+        @param length: byte count.
+        @return: the bytes.
+        @raise SnapshotError: unknown block.
+        """
+        if idstr not in self.blocks:
+            raise SnapshotError(f"no RAM block {idstr!r} in this capture")
+        return self.blocks[idstr].read(offset, length)
+
+    def completed(self) -> None:
+        """
+        Every page arrived: write the snapshot and fire L{stored}.
+        """
+        form = "package" if self.inPostcopy() else "precopy"
+        try:
+            snapshot = writeSnapshot(
+                self.path, self.machine, self.configuration, form, b"".join(self.devices),
+                [(b.idstr, b.length, b.pageSize, b.fd) for b in self.blocks.values()], time.time())
+        except BaseException as e:
+            self._close()
+            self.stored.errback(e)
+            return
+        self._close()
+        self.stored.callback(snapshot)
+
+    def failed(self, reason: Any) -> None:
+        """
+        The migration failed: nothing is stored.
+
+        @param reason: why.
+        """
+        self._close()
+        if not self.stored.called:
+            self.stored.errback(SnapshotError(f"{self.path}: capture failed: {reason}"))
+
+    def _close(self) -> None:
+        """
+        Release the memfds.
+        """
+        for block in self.blocks.values():
+            block.close()
+
+
+def _configuration(machine: str) -> bytes:
+    """
+    @param machine: a machine type name.
+    @return: the configuration section QEMU 7.2 x86 sends for it (no
+        subsections), after the type byte.
+    """
+    return c.header(machine)[9:]
+
+
+def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
+                    machine: str = "pc-i440fx-7.2") -> tuple[Deferred, Deferred]:
+    """
+    Listen for one incoming migration and store it.
+
+    @param reactor: the reactor.
+    @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
+    @param path: the snapshot directory.
+    @param postcopy: accept postcopy (C{postcopy-ram} on this side).
+    @param machine: the machine name to record.
+    @return: (a Deferred firing with the listening port, a Deferred
+        firing with the stored L{Snapshot} or failing).
+    """
+    from twisted_postcopy.manager import MigrationManager
+
+    vm = CaptureVM(path, machine)
+    manager = MigrationManager(reactor, vm, _faultServiceFactory(reactor))
+    manager.setCapabilities({"postcopy-ram": postcopy})
+    vm.inPostcopy = lambda: bool(manager.incoming is not None and manager.incoming.faults is not None)
+    listening = manager.migrateIncoming(uri)
+    vm.stored.addBoth(lambda result: _stopListening(manager, result))
+    return listening, vm.stored
+
+
+def _stopListening(manager: Any, result: Any) -> Any:
+    """
+    Close a listening port left open.
+
+    @param manager: the capture's manager.
+    @param result: passed through.
+    @return: C{result}.
+    """
+    port = getattr(manager, "_listening", None)
+    if port is not None:
+        port.stopListening()
+    return result
+
+
+def _faultServiceFactory(reactor: Any) -> Any:
+    """
+    @param reactor: the reactor.
+    @return: the ram fault service factory, or L{None} before it lands.
+    """
+    try:
+        from twisted_postcopy.ram.faults import FaultService
+    except ImportError:
+        return None
+    return lambda blocks, source: FaultService(reactor, source, blocks)

@@ -1,0 +1,184 @@
+# -*- test-case-name: tests.test_snapshot_cli -*-
+"""
+C{postcopy snapshot capture|restore|import|verify|info|read}.
+
+C{capture} and C{restore} run the reactor until the migration(s) end; the
+others only read the snapshot directory.  Errors print one line to stderr
+and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from twisted_postcopy.errors import PostcopyError
+
+
+def register(subparsers: Any) -> None:
+    """
+    Add C{snapshot} and its subcommands.
+
+    @param subparsers: the C{postcopy} subparsers.
+    """
+    parser = subparsers.add_parser("snapshot", help="capture, restore and inspect VM snapshots")
+    commands = parser.add_subparsers(dest="snapshotCommand", metavar="SUBCOMMAND")
+    commands.required = True
+    capture = commands.add_parser("capture", help="receive one incoming QEMU migration into DIR")
+    capture.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT or unix:PATH")
+    capture.add_argument("--no-postcopy", action="store_true", help="refuse postcopy")
+    capture.add_argument("--machine", default="pc-i440fx-7.2", help="machine type recorded")
+    capture.add_argument("dir")
+    capture.set_defaults(func=_guard(_capture))
+    restore = commands.add_parser("restore", help="feed DIR to QEMU destination(s)")
+    restore.add_argument("dir")
+    restore.add_argument("--to", action="append", required=True, metavar="URI")
+    restore.add_argument("--postcopy", action="store_true", help="run before RAM arrives")
+    restore.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    restore.set_defaults(func=_guard(_restore))
+    importer = commands.add_parser("import", help="store a QEMU precopy stream file as DIR")
+    importer.add_argument("stream")
+    importer.add_argument("dir")
+    importer.set_defaults(func=_guard(_import))
+    verify = commands.add_parser("verify", help="check sizes and sha256 of DIR")
+    verify.add_argument("dir")
+    verify.set_defaults(func=_guard(_verify))
+    info = commands.add_parser("info", help="describe DIR")
+    info.add_argument("--json", action="store_true")
+    info.add_argument("dir")
+    info.set_defaults(func=_guard(_info))
+    read = commands.add_parser("read", help="write stored RAM bytes to stdout")
+    for name in ("dir", "block", "offset", "length"):
+        read.add_argument(name)
+    read.set_defaults(func=_guard(_read))
+
+
+def _guard(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """
+    @param command: a subcommand.
+    @return: it, printing L{PostcopyError}s as one line and returning 1.
+    """
+
+    def guarded(args: argparse.Namespace) -> int:
+        """
+        @param args: the parsed arguments.
+        @return: the exit status.
+        """
+        try:
+            return command(args)
+        except PostcopyError as e:
+            print(f"postcopy snapshot: {e}", file=sys.stderr)
+            return 1
+
+    return guarded
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """
+    @param args: the parsed arguments.
+    @return: 0 when the snapshot is intact.
+    """
+    from twisted_postcopy.snapshot.store import openSnapshot
+
+    openSnapshot(args.dir).verify()
+    print(f"{args.dir}: OK")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    """
+    @param args: the parsed arguments.
+    @return: 0.
+    """
+    from twisted_postcopy.snapshot.store import openSnapshot
+
+    info = openSnapshot(args.dir).info()
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+        return 0
+    print(f"{info['path']}: machine {info['machine']}, device state {info['device-bytes']} bytes "
+          f"({info['device-form']})")
+    for block in info["blocks"]:
+        print(f"  {block['idstr']:<32} {block['length']:>12} bytes  {block['data-bytes']:>12} stored")
+    return 0
+
+
+def _read(args: argparse.Namespace) -> int:
+    """
+    @param args: the parsed arguments.
+    @return: 0.
+    """
+    from twisted_postcopy.snapshot.store import openSnapshot
+
+    data = openSnapshot(args.dir).read(args.block, int(args.offset, 0), int(args.length, 0))
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    """
+    @param args: the parsed arguments.
+    @return: 0.
+    """
+    from twisted_postcopy.snapshot.streamfile import importStreamFile
+
+    importStreamFile(args.stream, args.dir)
+    return 0
+
+
+def _runUntil(start: Callable[[Any], Any]) -> int:
+    """
+    Run the reactor until the Deferred C{start(reactor)} returns fires.
+
+    @param start: called with the reactor once it runs.
+    @return: 0 on success, 1 on failure (printed).
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import maybeDeferred
+
+    outcome: list[int] = []
+
+    def begin() -> None:
+        """
+        Start the work; stop the reactor when it ends.
+        """
+        d = maybeDeferred(start, reactor)
+        d.addCallbacks(lambda _: outcome.append(0), lambda f: (
+            print(f"postcopy snapshot: {f.getErrorMessage()}", file=sys.stderr), outcome.append(1)))
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(begin)
+    reactor.run()
+    return outcome[0] if outcome else 1
+
+
+def _capture(args: argparse.Namespace) -> int:
+    """
+    @param args: the parsed arguments.
+    @return: 0 once QEMU's side completed and the snapshot is stored.
+    """
+    from twisted_postcopy.snapshot.capture import captureSnapshot
+
+    def start(reactor: Any) -> Any:
+        listening, stored = captureSnapshot(reactor, args.listen, args.dir,
+                                            not args.no_postcopy, args.machine)
+        listening.addCallback(lambda port: print(f"listening on {port.getHost()}", flush=True))
+        return listening.addCallback(lambda _: stored)
+
+    return _runUntil(start)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    """
+    @param args: the parsed arguments.
+    @return: 0 once every destination completed.
+    """
+    from twisted_postcopy.snapshot.restore import restoreSnapshot
+
+    def start(reactor: Any) -> Any:
+        return restoreSnapshot(reactor, args.dir, args.to, args.postcopy, not args.no_verify)[1]
+
+    return _runUntil(start)

@@ -1,0 +1,153 @@
+# -*- test-case-name: tests.test_snapshot_restore -*-
+"""
+Restore: an L{IOutgoingVM} over a stored snapshot, and the driver that
+feeds one snapshot to one or more destinations (clones), each over its own
+connection, by precopy or postcopy.
+
+A snapshot never changes, so there is no dirty tracker and C{stop} and
+C{resume} do nothing.  Its RAM is read through read-only mappings of the
+sparse block files: holes read as zeros and go out as ZERO records.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Any, Sequence
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, DeferredList
+from zope.interface import implementer
+
+from twisted_postcopy.errors import MigrationFailed, SnapshotError
+from twisted_postcopy.interfaces import IOutgoingVM
+from twisted_postcopy.protocols import _codec as c
+from twisted_postcopy.snapshot.store import Snapshot, openSnapshot
+
+_EMPTY = memoryview(b"")
+
+
+@define
+class SnapshotBlock:
+    """
+    One stored RAMBlock as the source reads it.
+
+    @ivar idstr: QEMU's block name.
+    @ivar length: bytes.
+    @ivar pageSize: the page size.
+    @ivar mapping: its read-only mapping (L{None} when empty).
+    """
+
+    idstr: str
+    length: int
+    pageSize: int
+    mapping: mmap.mmap | None
+
+    def view(self) -> memoryview:
+        """
+        @return: the stored bytes (never copied).
+        """
+        return memoryview(self.mapping) if self.mapping is not None else _EMPTY
+
+
+@implementer(IOutgoingVM)
+@define
+class SnapshotVM:
+    """
+    A snapshot as an outgoing VM.
+
+    @ivar snapshot: the opened snapshot.
+    @ivar blocks: its blocks in list order.
+    @ivar machine: the machine type name.
+    @ivar dirtyTracker: always L{None}.
+    """
+
+    snapshot: Snapshot
+    blocks: list[SnapshotBlock] = field(init=False)
+    machine: str = field(init=False)
+    dirtyTracker: None = None
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Map every block and check the configuration can be reproduced.
+
+        @raise SnapshotError: the stored configuration has parts the
+            engine's header does not send.
+        """
+        self.machine = self.snapshot.machine
+        if c.header(self.machine)[9:] != self.snapshot.configuration():
+            raise SnapshotError(f"{self.snapshot.path}/configuration.bin: has subsections; "
+                                "restore sends only the machine name")
+        self.blocks = [SnapshotBlock(b.idstr, b.length, b.pageSize, self.snapshot.mapBlock(b))
+                       for b in self.snapshot.blocks]
+
+    def stop(self) -> None:
+        """
+        Nothing runs here.
+        """
+
+    def deviceState(self) -> bytes:
+        """
+        @return: the stored device sections.
+        """
+        return self.snapshot.deviceState()
+
+    def resume(self) -> None:
+        """
+        Nothing to resume.
+        """
+
+
+def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool) -> tuple[Any, Deferred]:
+    """
+    Start one restore.
+
+    @param reactor: the reactor.
+    @param vm: the snapshot VM.
+    @param uri: the destination, C{tcp:HOST:PORT} or C{unix:PATH}.
+    @param postcopy: switch to postcopy at once (the destination runs
+        before its RAM arrives).
+    @return: (the L{MigrationManager}, a Deferred firing with the final
+        status string, C{completed} or C{failed}).
+    """
+    from twisted_postcopy.manager import MigrationManager
+
+    manager = MigrationManager(reactor, vm)
+    manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True})
+    manager.setParameters({"max-bandwidth": 0})
+    done = manager.whenStatus("completed", "failed", "cancelled")
+    manager.migrate(uri)
+    if postcopy:
+        manager.startPostcopy()
+    return manager, done
+
+
+def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool = True,
+                    verify: bool = True) -> tuple[list[Any], Deferred]:
+    """
+    Restore one snapshot into every destination at once.
+
+    @param reactor: the reactor.
+    @param path: the snapshot directory.
+    @param uris: one destination URI per clone.
+    @param postcopy: restore by postcopy (else plain precopy).
+    @param verify: check every sha256 first.
+    @return: (the managers, a Deferred firing with the list of final
+        statuses, failing with L{MigrationFailed} if any clone failed).
+    @raise SnapshotError: the snapshot is missing, truncated or tampered.
+    """
+    snapshot = openSnapshot(path)
+    if verify:
+        snapshot.verify()
+    vm = SnapshotVM(snapshot)
+    started = [restoreOne(reactor, vm, uri, postcopy) for uri in uris]
+    managers = [manager for manager, _ in started]
+
+    def gathered(results: list[tuple[bool, Any]]) -> list[str]:
+        statuses = [value for _, value in results]
+        failed = [uri for uri, status in zip(uris, statuses) if status != "completed"]
+        if failed:
+            raise MigrationFailed(f"restore failed towards {', '.join(failed)}")
+        return statuses
+
+    done = DeferredList([d for _, d in started], consumeErrors=True)
+    return managers, done.addCallback(gathered)
