@@ -1,0 +1,346 @@
+# -*- test-case-name: tests.test_qemu_streams -*-
+"""
+Real QEMU-to-QEMU migrations of the boot-sector guest: the recordings the
+stream tests decode, and the baseline figures the benches compare with.
+
+L{migratePostcopy} runs a postcopy migration between two QEMU 7.2 processes
+(optionally through a L{RecordingRelay}, which keeps the main stream and the
+return path), L{recordPrecopy} saves a precopy stream to a file with
+C{exec:cat}, and L{loadPrecopy} restores one into a fresh QEMU.
+L{qemuToQemuPostcopy} and L{qemuPrecopyLoad} reduce those to flat
+dictionaries of figures with unit-suffixed keys for C{bench/} scripts.
+
+Times are taken from QMP event timestamps (QEMU's own clock) against
+C{time.time()} read just before the command, so the 20 ms QMP polling does
+not blur them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from attrs import frozen
+
+from twisted_postcopy.testing.bootsector import (
+    PAGE_SIZE,
+    CounterSnapshot,
+    GuestLayout,
+    checkCounterPattern,
+    writeBootImage,
+)
+from twisted_postcopy.testing.qemu import QEMUInstance, machineArguments, waitFor
+from twisted_postcopy.testing.relay import RecordingRelay
+
+MIB = 1 << 20
+
+
+def layoutFor(memoryMiB: int, pages: int | None = None) -> GuestLayout:
+    """
+    The default guest layout for a RAM size: count pages from 1 MiB up to
+    C{pages} pages, or up to 1 MiB below the top of RAM.
+
+    @param memoryMiB: guest RAM size in MiB (at least 4).
+    @param pages: how many pages to count, or L{None} for all that fit.
+    @return: the layout.
+    """
+    end = (memoryMiB - 1) * MIB
+    if pages is not None:
+        end = min(end, MIB + pages * PAGE_SIZE)
+    return GuestLayout(start=MIB, end=end)
+
+
+def eventTime(event: dict) -> float:
+    """
+    @param event: a QMP event message.
+    @return: its timestamp in seconds since the epoch.
+    """
+    stamp = event["timestamp"]
+    return stamp["seconds"] + stamp["microseconds"] / 1e6
+
+
+def startGuest(
+    directory: str, name: str, image: str, memoryMiB: int, *extra: str
+) -> QEMUInstance:
+    """
+    Start one QEMU in its own subdirectory of C{directory}.
+
+    @param directory: the parent directory.
+    @param name: the instance and subdirectory name.
+    @param image: the boot image.
+    @param memoryMiB: guest RAM size.
+    @param extra: extra QEMU arguments.
+    @return: the running instance.
+    """
+    home = os.path.join(directory, name)
+    os.makedirs(home, exist_ok=True)
+    return QEMUInstance.start(home, [*machineArguments(image, memoryMiB), *extra], name)
+
+
+def listenIncoming(destination: QEMUInstance) -> tuple[str, int]:
+    """
+    Make a C{-incoming defer} QEMU listen on an ephemeral loopback port.
+
+    @param destination: the destination QEMU.
+    @return: the C{(host, port)} it listens on.
+    """
+    destination.migrateIncoming("tcp:127.0.0.1:0")
+    (address,) = destination.queryMigrate()["socket-address"]
+    return address["host"], int(address["port"])
+
+
+def stopAndCheck(qemu: QEMUInstance, layout: GuestLayout) -> CounterSnapshot:
+    """
+    Stop a guest and verify its counters.
+
+    @param qemu: a running QEMU.
+    @param layout: its guest layout.
+    @return: the verified snapshot.
+    @raise GuestPatternError: when the memory is not consistent.
+    """
+    qemu.qmp("stop")
+    return checkCounterPattern(qemu.pmemsave(0, layout.end), layout)
+
+
+@frozen
+class PostcopyResult:
+    """
+    The outcome of one QEMU-to-QEMU postcopy migration.
+
+    @ivar source: the source's final C{query-migrate}.
+    @ivar destination: the destination's final C{query-migrate}.
+    @ivar resumeAfter: seconds from C{migrate} to the destination's
+        C{RESUME} event.
+    @ivar main: the recorded main stream (empty without a relay).
+    @ivar returnPath: the recorded return path (empty without a relay).
+    @ivar snapshot: the destination's verified counters after the run.
+    """
+
+    source: dict[str, Any]
+    destination: dict[str, Any]
+    resumeAfter: float
+    main: bytes
+    returnPath: bytes
+    snapshot: CounterSnapshot
+
+
+def migratePostcopy(
+    directory: str,
+    memoryMiB: int = 32,
+    layout: GuestLayout | None = None,
+    record: bool = True,
+    precopyBandwidth: int = 4 * MIB,
+    postcopyBandwidth: int = 0,
+    startAfterBytes: int = MIB,
+    timeout: float = 60.0,
+) -> PostcopyResult:
+    """
+    Migrate a running boot-sector guest from one QEMU to another with
+    C{postcopy-ram}, switching to postcopy mid-precopy.
+
+    @param directory: an existing directory for images and QEMU files.
+    @param memoryMiB: guest RAM size in MiB.
+    @param layout: the guest layout (default: L{layoutFor}).
+    @param record: relay through a L{RecordingRelay} and keep both
+        directions.
+    @param precopyBandwidth: the source's C{max-bandwidth} (bytes/s),
+        which keeps precopy running until the switch.
+    @param postcopyBandwidth: the source's C{max-postcopy-bandwidth}
+        (bytes/s, 0 for unlimited); a low value makes the destination fault
+        and request pages.
+    @param startAfterBytes: issue C{migrate-start-postcopy} once this many
+        bytes were transferred (0: right after C{migrate}).
+    @param timeout: seconds allowed for each wait.
+    @return: the figures, recordings and verified destination memory.
+    @raise QEMUError: when a QEMU or the migration fails.
+    @raise GuestPatternError: when the destination memory is inconsistent.
+    """
+    layout = layout or layoutFor(memoryMiB)
+    image = writeBootImage(os.path.join(directory, "boot.img"), layout)
+    source = startGuest(directory, "source", image, memoryMiB)
+    try:
+        destination = startGuest(
+            directory, "destination", image, memoryMiB, "-incoming", "defer"
+        )
+        try:
+            return _runPostcopy(
+                source, destination, layout, record, precopyBandwidth,
+                postcopyBandwidth, startAfterBytes, timeout,
+            )
+        finally:
+            destination.kill()
+    finally:
+        source.kill()
+
+
+def _runPostcopy(
+    source: QEMUInstance,
+    destination: QEMUInstance,
+    layout: GuestLayout,
+    record: bool,
+    precopyBandwidth: int,
+    postcopyBandwidth: int,
+    startAfterBytes: int,
+    timeout: float,
+) -> PostcopyResult:
+    """
+    The body of L{migratePostcopy}, once both QEMUs run.
+
+    @return: see L{migratePostcopy}.
+    """
+    for qemu in (source, destination):
+        qemu.setCapabilities(postcopy_ram=True)
+    destination.setCapabilities(postcopy_blocktime=True)
+    source.setParameters(
+        max_bandwidth=precopyBandwidth, max_postcopy_bandwidth=postcopyBandwidth
+    )
+    target = listenIncoming(destination)
+    relay = RecordingRelay(target) if record else None
+    try:
+        source.waitSerial(1, timeout)
+        started = time.time()
+        source.migrate(relay.uri if relay else "tcp:%s:%d" % target)
+        _startPostcopyAfter(source, startAfterBytes, timeout)
+        resumed = eventTime(destination.waitEvent("RESUME", timeout))
+        sourceInfo = source.waitMigration(["completed"], timeout)
+        destinationInfo = destination.waitMigration(["completed"], timeout)
+        if relay:
+            relay.waitClosed(timeout)
+    finally:
+        if relay:
+            relay.close()
+    connection = relay.connections[0] if relay else None
+    return PostcopyResult(
+        source=sourceInfo,
+        destination=destinationInfo,
+        resumeAfter=resumed - started,
+        main=bytes(connection.forward) if connection else b"",
+        returnPath=bytes(connection.backward) if connection else b"",
+        snapshot=stopAndCheck(destination, layout),
+    )
+
+
+def _startPostcopyAfter(source: QEMUInstance, count: int, timeout: float) -> None:
+    """
+    Issue C{migrate-start-postcopy} once C{count} bytes were transferred.
+
+    @param source: the migrating source.
+    @param count: the byte threshold (0: at once).
+    @param timeout: seconds allowed.
+    """
+
+    def transferred() -> bool | None:
+        info = source.queryMigrate()
+        return info.get("ram", {}).get("transferred", 0) >= count or None
+
+    if count:
+        waitFor(transferred, timeout, f"for {count} bytes of precopy")
+    source.qmp("migrate-start-postcopy")
+
+
+def recordPrecopy(
+    directory: str,
+    path: str,
+    memoryMiB: int = 32,
+    layout: GuestLayout | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
+    """
+    Save a running guest's precopy stream to a file (C{exec:cat > path}).
+
+    @param directory: an existing directory for images and QEMU files.
+    @param path: the stream file to write.
+    @param memoryMiB: guest RAM size in MiB.
+    @param layout: the guest layout (default: L{layoutFor}).
+    @param timeout: seconds allowed for each wait.
+    @return: the source's final C{query-migrate}.
+    """
+    layout = layout or layoutFor(memoryMiB)
+    image = writeBootImage(os.path.join(directory, "boot.img"), layout)
+    source = startGuest(directory, "saver", image, memoryMiB)
+    try:
+        source.waitSerial(1, timeout)
+        source.migrate(f"exec:cat > {path}")
+        return source.waitMigration(["completed"], timeout)
+    finally:
+        source.kill()
+
+
+def loadPrecopy(
+    directory: str,
+    path: str,
+    memoryMiB: int = 32,
+    layout: GuestLayout | None = None,
+    timeout: float = 60.0,
+) -> tuple[float, CounterSnapshot]:
+    """
+    Restore a precopy stream file into a fresh QEMU and verify the guest.
+
+    @param directory: an existing directory for QEMU files (the image
+        written by L{recordPrecopy} is reused when present).
+    @param path: the stream file.
+    @param memoryMiB: guest RAM size in MiB (as recorded).
+    @param layout: the guest layout (as recorded).
+    @param timeout: seconds allowed for each wait.
+    @return: seconds from C{migrate-incoming} to C{RESUME}, and the
+        verified counters of the restored guest.
+    """
+    layout = layout or layoutFor(memoryMiB)
+    image = os.path.join(directory, "boot.img")
+    if not os.path.exists(image):
+        writeBootImage(image, layout)
+    loader = startGuest(directory, "loader", image, memoryMiB, "-incoming", "defer")
+    try:
+        started = time.time()
+        loader.migrateIncoming(f"exec:cat {path}")
+        resumed = eventTime(loader.waitEvent("RESUME", timeout))
+        loader.waitMigration(["completed"], timeout)
+        return resumed - started, stopAndCheck(loader, layout)
+    finally:
+        loader.kill()
+
+
+def qemuToQemuPostcopy(ramMiB: int, directory: str, **options: Any) -> dict[str, Any]:
+    """
+    The QEMU-to-QEMU postcopy baseline for benches.
+
+    @param ramMiB: guest RAM size in MiB.
+    @param directory: an existing scratch directory.
+    @param options: passed to L{migratePostcopy} (C{record} defaults to
+        C{False}).
+    @return: C{resume_ms} (migrate to destination running), C{total_ms},
+        C{downtime_ms}, C{postcopy_requests}, C{blocktime_ms}, C{mbps},
+        C{precopy_bytes}, C{postcopy_bytes}.
+    """
+    options.setdefault("record", False)
+    result = migratePostcopy(directory, ramMiB, **options)
+    ram = result.source["ram"]
+    return {
+        "resume_ms": result.resumeAfter * 1000,
+        "total_ms": result.source["total-time"],
+        "downtime_ms": result.source.get("downtime"),
+        "postcopy_requests": ram["postcopy-requests"],
+        "blocktime_ms": result.destination.get("postcopy-blocktime"),
+        "mbps": ram["mbps"],
+        "precopy_bytes": ram.get("precopy-bytes"),
+        "postcopy_bytes": ram.get("postcopy-bytes"),
+    }
+
+
+def qemuPrecopyLoad(
+    path: str, directory: str, ramMiB: int = 32, layout: GuestLayout | None = None
+) -> dict[str, Any]:
+    """
+    The QEMU precopy restore baseline for benches.
+
+    @param path: a stream saved by L{recordPrecopy} with the same C{ramMiB}.
+    @param directory: an existing scratch directory.
+    @param ramMiB: guest RAM size in MiB.
+    @param layout: the guest layout it was recorded with (default:
+        L{layoutFor}).
+    @return: C{load_ms} (C{migrate-incoming exec:cat} to running) and
+        C{stream_bytes}.
+    """
+    seconds, _ = loadPrecopy(directory, path, ramMiB, layout)
+    return {"load_ms": seconds * 1000, "stream_bytes": os.path.getsize(path)}
