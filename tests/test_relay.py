@@ -5,6 +5,7 @@ Tests for L{twisted_postcopy.testing.relay}, over real loopback sockets.
 
 from __future__ import annotations
 
+import os
 import socket
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -100,6 +101,31 @@ class RecordingRelayTests(SynchronousTestCase):
         self.assertEqual(receiveAll(client), b"")
         self.relay.waitClosed(10)
         self.assertEqual(bytes(self.relay.connections[0].forward), b"before")
+
+    def test_save(self) -> None:
+        """
+        L{RecordingRelay.save} writes each direction of each connection to
+        its own file.
+        """
+        client, server = self.connect()
+        client.sendall(b"main stream")
+        self.assertEqual(server.recv(11), b"main stream")
+        server.sendall(b"rp")
+        self.assertEqual(client.recv(2), b"rp")
+        client.close()
+        server.close()
+        self.relay.waitClosed(10)
+        directory = self.mktemp()
+        os.makedirs(directory)
+        paths = self.relay.save(directory)
+        contents = []
+        for path in paths:
+            with open(path, "rb") as record:
+                contents.append((os.path.basename(path), record.read()))
+        self.assertEqual(contents, [
+            ("connection-0.forward", b"main stream"),
+            ("connection-0.backward", b"rp"),
+        ])
 
     def test_uri(self) -> None:
         """

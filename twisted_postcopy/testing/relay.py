@@ -16,6 +16,7 @@ whether or not a reactor runs in the test process.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -202,6 +203,23 @@ class RecordingRelay:
         for connection in list(self.connections):
             if not connection.closed.wait(timeout):
                 raise TimeoutError(f"relayed connection {connection.index} still open")
+
+    def save(self, directory: str) -> list[str]:
+        """
+        Write each direction of each connection to its own file,
+        C{connection-I{n}.forward} and C{connection-I{n}.backward}.
+
+        @param directory: an existing directory.
+        @return: the paths written, in connection order.
+        """
+        paths = []
+        for connection in list(self.connections):
+            for direction in ("forward", "backward"):
+                path = os.path.join(directory, f"connection-{connection.index}.{direction}")
+                with open(path, "wb") as record:
+                    record.write(getattr(connection, direction))
+                paths.append(path)
+        return paths
 
     def cut(self) -> None:
         """
