@@ -161,7 +161,7 @@ class IncomingMigration:
         Place the pending run and wake the faults it answers.  Called by
         the protocol after each chunk of received data.
         """
-        if self.placer is not None and self.faults is not None:
+        if self.placer is not None:
             self.placer.flush()
         placed, self.pendingPlaced = self.pendingPlaced, []
         for idstr, offset, length in placed:
@@ -187,6 +187,7 @@ class IncomingMigration:
         """
         self.machine.listen()
         placer = self._placer()
+        placer.flush()
         if self.faultServiceFactory is None:
             raise RemoteProtocolError("postcopy LISTEN but no fault service available")
         self.faults = self.faultServiceFactory(dict(placer.blocks), self)

@@ -2,12 +2,12 @@
 """
 Putting received pages into the destination's RAMBlocks.
 
-Before LISTEN (precopy) pages are written with C{pwrite} on the block's
-memfd and ZERO pages punch a hole, so the daemon never reads guest RAM.
-From LISTEN on, pages go through the fault service (UFFDIO_COPY /
-UFFDIO_ZEROPAGE): consecutive pages of one block are gathered into one run
-and placed with one call, when the run is broken or L{PagePlacer.flush} is
-called (the protocol does so after each chunk of received data).
+Consecutive pages of one block are gathered into one run, written or
+placed with one call when the run is broken or L{PagePlacer.flush} is
+called (the protocol does so after each chunk of received data).  Before
+LISTEN (precopy) a run is written with C{pwrite} on the block's memfd and
+ZERO pages punch a hole, so the daemon never reads guest RAM.  From LISTEN
+on, runs go through the fault service (UFFDIO_COPY / UFFDIO_ZEROPAGE).
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ class PagePlacer:
         @param length: byte length.
         """
         block = self._block(idstr, start, length)
+        self.flush()
         block.discard(start, length)
         bits = self.received[idstr]
         first, last = start // block.pageSize, (start + length) // block.pageSize
@@ -120,9 +121,6 @@ class PagePlacer:
         """
         block = self._block(idstr, offset, len(data))
         self._markReceived(idstr, block, offset, len(data))
-        if self.faults is None:
-            os.pwrite(block.fd, data, offset)
-            return
         if self.runBlock != idstr or self.runOffset + len(self.run) != offset or len(self.run) >= MAX_RUN:
             self.flush()
             self.runBlock, self.runOffset = idstr, offset
@@ -142,11 +140,11 @@ class PagePlacer:
             return
         block = self._block(idstr, offset, length)
         self._markReceived(idstr, block, offset, length)
+        self.flush()
         if self.faults is None:
             block.discard(offset, length)
             self.received[idstr][offset // block.pageSize] = HOLE
             return
-        self.flush()
         self.faults.placeZero(idstr, offset, length)
 
     def fillHole(self, idstr: str, offset: int) -> bool:
@@ -191,8 +189,12 @@ class PagePlacer:
         Place the pending run, if any.
         """
         if self.run:
-            data, self.run = bytes(self.run), bytearray()
-            self.faults.placePages(self.runBlock, self.runOffset, data)
+            if self.faults is None:
+                os.pwrite(self.blocks[self.runBlock].fd, self.run, self.runOffset)
+                self.run.clear()
+            else:
+                data, self.run = bytes(self.run), bytearray()
+                self.faults.placePages(self.runBlock, self.runOffset, data)
         self.runBlock = None
 
     def missingPages(self) -> int:

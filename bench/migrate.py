@@ -1,0 +1,184 @@
+"""
+Migration engine benchmark over loopback TCP, both daemons in this process
+(one reactor, so one core does both sides: figures are a lower bound).
+
+Runs two migrations of a guest whose RAM holds incompressible data:
+  1. Precopy with no bandwidth limit. Reports throughput, total time and
+     the switchover downtime.
+  2. Postcopy from the first iteration. A real guest process reads its RAM
+     in a scattered order through its own userfaultfd. Reports the page
+     request latency from fault read to placement and wake (p50/p99), the
+     downtime (stop until the package is sent) and the total time.
+
+Usage: C{python bench/migrate.py [--mib 1024] [--json]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.enginevm import IncomingTestVM, OutgoingTestVM  # noqa: E402
+from tests.uffdguest import FaultService, spawnGuest  # noqa: E402
+from twisted_postcopy.manager import MigrationManager  # noqa: E402
+
+
+def stressVM(mib: int) -> OutgoingTestVM:
+    """
+    @param mib: RAM size in MiB.
+    @return: a source VM whose every page holds non-zero data.
+    """
+    vm = OutgoingTestVM({"pc.ram": mib << 20})
+    chunk = os.urandom(1 << 20)
+    ram = vm.blocks[0].map
+    for offset in range(0, mib << 20, 1 << 20):
+        ram[offset : offset + (1 << 20)] = chunk
+    return vm
+
+
+class GuestVM(IncomingTestVM):
+    """
+    The incoming VM: its guest process starts at POSTCOPY_RUN.
+    """
+
+    service: Any = None
+    guest: Any = None
+
+    def run(self) -> None:
+        """
+        Start the guest process.
+        """
+        super().run()
+        if self.service is not None:
+            self.guest = spawnGuest(reactor, self.service, self.blocks)
+
+
+class TimedFaults(FaultService):
+    """
+    The test fault service, timing each fault until its wake.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.started: dict[int, float] = {}
+        self.latencies: list[float] = []
+
+    def faulted(self, address: int, tid: int) -> None:
+        """
+        Remember when the fault was read.
+        """
+        self.started.setdefault(address & ~4095, time.perf_counter())
+        super().faulted(address, tid)
+
+    def _wake(self, name: str, offset: int, length: int) -> None:
+        """
+        Record the latency of every fault this placement answers.
+        """
+        if self.guest:
+            base = self._guestAddress(name, offset)
+            for page in range(base, base + length, 4096):
+                began = self.started.pop(page, None)
+                if began is not None:
+                    self.latencies.append(time.perf_counter() - began)
+        super()._wake(name, offset, length)
+
+
+@inlineCallbacks
+def migrate(mib: int, postcopy: bool) -> Any:
+    """
+    Run one migration.
+
+    @param mib: guest RAM in MiB.
+    @param postcopy: switch to postcopy at once.
+    @return: (source query-migrate, elapsed seconds, fault latencies).
+    """
+    source = stressVM(mib)
+    destination = GuestVM()
+    services: list[TimedFaults] = []
+
+    def faults(blocks: Any, pageSource: Any) -> TimedFaults:
+        service = TimedFaults(reactor, blocks, pageSource)
+        destination.service = service
+        services.append(service)
+        return service
+
+    src = MigrationManager(reactor, source)
+    dst = MigrationManager(reactor, destination, faults)
+    src.setParameters({"max-bandwidth": 0})
+    if postcopy:
+        for manager in (src, dst):
+            manager.setCapabilities({"postcopy-ram": True})
+    port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
+    began = time.perf_counter()
+    src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+    if postcopy:
+        src.startPostcopy()
+    status = yield src.whenStatus("completed", "failed")
+    yield dst.whenStatus("completed", "failed")
+    elapsed = time.perf_counter() - began
+    if destination.guest is not None:
+        yield destination.guest.done
+    port.stopListening()
+    if status != "completed":
+        raise RuntimeError(f"migration {status}: {src.queryMigrate()}")
+    latencies = services[0].latencies if services else []
+    return src.queryMigrate(), elapsed, latencies
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    """
+    @return: the value at C{fraction} of the sorted values, in microseconds.
+    """
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1e6
+
+
+@inlineCallbacks
+def main(options: argparse.Namespace) -> Any:
+    """
+    Run both migrations and print the results.
+    """
+    try:
+        pre, preTime, _ = yield migrate(options.mib, False)
+        post, postTime, latencies = yield migrate(options.mib, True)
+        size = options.mib << 20
+        results = {
+            "guest_mib": options.mib,
+            "precopy_throughput_mbps": round(size / preTime / 1e6, 1),
+            "precopy_total_ms": round(preTime * 1000),
+            "precopy_downtime_ms": pre["downtime"],
+            "postcopy_downtime_ms": post["downtime"],
+            "postcopy_total_ms": round(postTime * 1000),
+            "postcopy_requests": post["ram"]["postcopy-requests"],
+            "page_request_p50_us": round(_percentile(latencies, 0.5)),
+            "page_request_p99_us": round(_percentile(latencies, 0.99)),
+            "page_request_mean_us": round(statistics.mean(latencies) * 1e6) if latencies else 0,
+        }
+        if options.json:
+            print(json.dumps(results))
+        else:
+            width = max(map(len, results))
+            for key, value in results.items():
+                print(f"{key:<{width}}  {value}")
+    finally:
+        reactor.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--mib", type=int, default=1024, help="guest RAM in MiB")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    reactor.callWhenRunning(main, parser.parse_args())
+    reactor.run()
