@@ -1,0 +1,151 @@
+# -*- test-case-name: tests.test_wire_preempt -*-
+"""
+The postcopy preempt channel: raw RAM records (no header, sections or
+commands) up to one EOS record, with its own CONTINUE "last block".
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+from attrs import define, field
+
+from twisted_postcopy.errors import RemoteProtocolError, TruncatedStreamError, UnknownElementError
+from twisted_postcopy.wire.buffer import ReceiveBuffer
+from twisted_postcopy.wire.events import NEED_DATA, NeedData, RAMBlockInfo, RAMSectionEOS
+from twisted_postcopy.wire.ram import Buffers, RAMEvent, RAMRecordDecoder, RAMRecordEncoder
+
+
+@define
+class PreemptDecoder:
+    """
+    Incremental decoder of a preempt channel.
+
+    @ivar blocks: the RAMBlocks (from the main stream's START list).
+    @ivar offset: the stream offset of the first byte fed.
+    """
+
+    blocks: tuple[RAMBlockInfo, ...] = field(converter=tuple)
+    offset: int = 0
+    _buffer: ReceiveBuffer = field(init=False)
+    _ram: RAMRecordDecoder = field(init=False, factory=RAMRecordDecoder)
+    _ended: bool = field(init=False, default=False)
+    _error: RemoteProtocolError | None = field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Create the buffer and learn the block lengths.
+        """
+        self._buffer = ReceiveBuffer(self.offset)
+        self._ram.lengths.update((block.idstr, block.length) for block in self.blocks)
+
+    @property
+    def complete(self) -> bool:
+        """
+        @return: whether the EOS record was decoded.
+        """
+        return self._ended
+
+    def receiveData(self, data: bytes | bytearray | memoryview) -> None:
+        """
+        @param data: received bytes; C{b""} means the input ended.
+        """
+        self._buffer.feed(data)
+
+    def events(self) -> Iterator[RAMEvent]:
+        """
+        @return: an iterator of the events decodable now.
+        """
+        while (event := self.nextEvent()) is not NEED_DATA:
+            yield event
+
+    def nextEvent(self) -> RAMEvent | NeedData:
+        """
+        @return: the next page, zero page or EOS event, or L{NEED_DATA}.
+        @raise RemoteProtocolError: for a bad record, data after EOS or a
+            truncation; the decoder then stays failed.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except RemoteProtocolError as e:
+            self._error = e
+            raise
+
+    def _next(self) -> RAMEvent | NeedData:
+        """
+        @return: the next event, or L{NEED_DATA}.
+        """
+        buffer = self._buffer
+        if self._ended:
+            if len(buffer):
+                raise UnknownElementError("data after the preempt channel's EOS (expected the end)",
+                                          buffer.position)
+            return NEED_DATA
+        event = self._ram.nextRecord(buffer)
+        if event is NEED_DATA:
+            if buffer.closed:
+                raise TruncatedStreamError("preempt channel ended before its EOS record", buffer.position)
+            return NEED_DATA
+        if isinstance(event, RAMSectionEOS):
+            self._ended = True
+        return event
+
+
+@define
+class PreemptEncoder:
+    """
+    Encodes a preempt channel: urgent pages, then EOS.
+
+    @ivar alwaysNameBlock: never use CONTINUE (what QEMU 7.2 effectively
+        does: it names the block after every channel switch).
+    """
+
+    alwaysNameBlock: bool = True
+    _ram: RAMRecordEncoder = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Create the record encoder.
+        """
+        self._ram = RAMRecordEncoder(self.alwaysNameBlock)
+
+    def page(self, block: str, offset: int, data: bytes | memoryview) -> Buffers:
+        """
+        @param block: the RAMBlock idstr.
+        @param offset: the page's byte offset in the block.
+        @param data: the 4096 page bytes (not copied).
+        @return: C{[header, data]}.
+        """
+        return self._ram.page(block, offset, data)
+
+    def zeroPage(self, block: str, offset: int, fill: int = 0) -> bytes:
+        """
+        @param block: the RAMBlock idstr.
+        @param offset: the page's byte offset in the block.
+        @param fill: the fill byte.
+        @return: the ZERO record.
+        """
+        return self._ram.zeroPage(block, offset, fill)
+
+    def eos(self) -> bytes:
+        """
+        @return: the EOS record that ends the channel.
+        """
+        return self._ram.eos()
+
+    def resetLastBlock(self) -> None:
+        """
+        Forget the CONTINUE block.
+        """
+        self._ram.reset()
+
+    def encodeEvents(self, events: Iterable[RAMEvent]) -> bytes:
+        """
+        Re-encode decoded events exactly.
+
+        @param events: page, zero page and EOS events.
+        @return: the bytes.
+        """
+        return b"".join(piece for event in events for piece in self._ram.encode(event))
