@@ -199,3 +199,34 @@ class GuestPatternError(PostcopyError):
     snapshot of its running counters (a page was lost, stale or misplaced);
     the message names the first offending page.
     """
+
+
+class RAMBlockError(PostcopyError):
+    """
+    A RAMBlock was created or used with bad arguments: an unknown backing,
+    a length or offset that is not a multiple of the page size, a range
+    past the block's end, or a write after userfaultfd registration.
+    """
+
+
+class MappingTableError(PostcopyError):
+    """
+    A guest process's mapping table (base address, block idstr, offset,
+    length, page size) names an unknown block, is misaligned, runs past
+    the block or overlaps another entry.
+    """
+
+
+class BitmapError(RemoteProtocolError):
+    """
+    A received bitmap (QEMU's little-endian u64 words, as sent in
+    MIG_RP_MSG_RECV_BITMAP) has the wrong length for its block.
+    """
+
+
+class DirtyTrackingUnavailableError(UffdUnavailableError):
+    """
+    Dirty tracking with userfaultfd WP_ASYNC and PAGEMAP_SCAN is not
+    available (kernel before 6.7, or the feature bits are missing); the
+    message names what is missing.
+    """
