@@ -37,7 +37,8 @@ class IncomingMigration:
 
     @ivar vm: the L{twisted_postcopy.interfaces.IIncomingVM} being filled.
     @ivar returnPath: sends C{pong(value)}, C{shut(value)},
-        C{requestPages(idstr, start, length)}.
+        C{requestPages(idstr, start, length)}; C{reset()} forgets the
+        previous request's block.
     @ivar postcopyEnabled: the destination's C{postcopy-ram} capability.
     @ivar faultServiceFactory: C{(blocks, pageSource) -> fault service},
         called at LISTEN; the service has C{placePages}, C{placeZero} and
@@ -186,6 +187,7 @@ class IncomingMigration:
         POSTCOPY_LISTEN: start the fault service; pages now go through it.
         """
         self.machine.listen()
+        self.returnPath.reset()
         placer = self._placer()
         placer.flush()
         if self.faultServiceFactory is None:

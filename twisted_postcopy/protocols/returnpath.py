@@ -2,46 +2,45 @@
 """
 The destination's return-path writer: PONG, SHUT and page requests on the
 reverse direction of the main connection (return-path-preempt-recovery.md
-1.3-1.4).
+1.3-1.4), encoded by L{twisted_postcopy.wire.ReturnPathEncoder}.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 
-from twisted_postcopy.protocols import _codec as c
+from twisted_postcopy.wire import ReturnPathEncoder
 
 
 @define
 class ReturnPathWriter:
     """
-    Encodes return-path messages onto a transport.
+    Writes return-path messages to a transport.
 
     @ivar transport: the main connection's transport.
-    @ivar lastBlock: the block of the previous page request (QEMU's
-        C{mis->last_rb}); a request for another block names it
-        (REQ_PAGES_ID), one for the same block does not (REQ_PAGES).
+    @ivar encoder: the encoder; it remembers the block of the previous
+        request (QEMU's C{mis->last_rb}), so a request for another block is
+        REQ_PAGES_ID and one for the same block is REQ_PAGES.
     @ivar requests: page requests sent.
     """
 
     transport: Any
-    lastBlock: str | None = None
+    encoder: ReturnPathEncoder = field(factory=ReturnPathEncoder)
     requests: int = 0
 
     def pong(self, value: int) -> None:
         """
         @param value: the PING value to echo.
         """
-        self.transport.write(c.rpMessage(c.RP_PONG, struct.pack(">I", value)))
+        self.transport.write(self.encoder.pong(value))
 
     def shut(self, value: int) -> None:
         """
         @param value: 0 for success, 1 for an input error.
         """
-        self.transport.write(c.rpMessage(c.RP_SHUT, struct.pack(">I", value)))
+        self.transport.write(self.encoder.shut(value))
 
     def requestPages(self, block: str, start: int, length: int) -> None:
         """
@@ -52,9 +51,10 @@ class ReturnPathWriter:
         @param length: byte length.
         """
         self.requests += 1
-        payload = struct.pack(">QI", start, length)
-        if block == self.lastBlock:
-            self.transport.write(c.rpMessage(c.RP_REQ_PAGES, payload))
-            return
-        self.lastBlock = block
-        self.transport.write(c.rpMessage(c.RP_REQ_PAGES_ID, payload + c.str8(block)))
+        self.transport.write(self.encoder.requestPages(block, start, length))
+
+    def reset(self) -> None:
+        """
+        Forget the previous request's block (at LISTEN).
+        """
+        self.encoder.reset()

@@ -20,8 +20,7 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
-from twisted_postcopy.protocols._codec import ParserDriver, returnPathParser
-from twisted_postcopy.protocols._parser import streamParser
+from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.source.outgoing import DONE
 
@@ -46,7 +45,7 @@ class SourceProtocol(Protocol):
         self.reactor = reactor
         self.paused = False
         self.pending: Any = None
-        self.returnPath = ParserDriver(returnPathParser(migration))
+        self.returnPath = ReturnPathReader(migration)
 
     def connectionMade(self) -> None:
         """
@@ -146,7 +145,7 @@ class DestinationProtocol(Protocol):
     The destination end of the main connection.
 
     @ivar incoming: the L{twisted_postcopy.destination.incoming.IncomingMigration}.
-    @ivar driver: feeds the stream parser.
+    @ivar driver: decodes the stream and calls the incoming migration.
     """
 
     def __init__(self, incoming: Any) -> None:
@@ -154,7 +153,7 @@ class DestinationProtocol(Protocol):
         @param incoming: the incoming migration.
         """
         self.incoming = incoming
-        self.driver = ParserDriver(streamParser(incoming, lambda: incoming.machine.inPostcopy))
+        self.driver = IncomingStreamReader(incoming)
 
     def connectionMade(self) -> None:
         """

@@ -1,0 +1,176 @@
+# -*- test-case-name: tests.test_protocols_stream -*-
+"""
+From wire events to engine calls.
+
+L{IncomingStreamReader} feeds main-stream bytes to a
+L{twisted_postcopy.wire.StreamDecoder} and calls the matching method of an
+L{twisted_postcopy.destination.incoming.IncomingMigration} per event.
+L{ReturnPathReader} does the same with a
+L{twisted_postcopy.wire.ReturnPathDecoder} for an
+L{twisted_postcopy.source.outgoing.OutgoingMigration}.
+
+Device sections are collected and handed over in one call: the package's
+sections when RUN arrives, and the precopy tail's sections at EOF.  A
+package with QEMU 7.2's layout (LISTEN, sections, PING 3, RUN) is split
+without decoding its sections, so its device bytes stay exact even where
+the section-end heuristic would have to guess.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted_postcopy.wire import NEED_DATA, ReturnPathDecoder, StreamDecoder
+from twisted_postcopy.wire import events as e
+
+#: The first and last bytes of every 7.2 package: LISTEN, and PING(3) RUN.
+PACKAGE_HEAD = bytes.fromhex("0800040000")
+PACKAGE_TAIL = bytes.fromhex("0800020004000000030800050000")
+
+
+class IncomingStreamReader:
+    """
+    Decodes the main stream for an incoming migration.
+
+    @ivar incoming: the incoming migration.
+    @ivar decoder: the stream decoder.
+    @ivar devices: device bytes not yet handed over.
+    @ivar finished: whether the stream ended (the migration completed).
+    """
+
+    def __init__(self, incoming: Any) -> None:
+        """
+        @param incoming: the incoming migration.
+        """
+        self.incoming = incoming
+        self.decoder = StreamDecoder()
+        self.devices: list[bytes] = []
+        self.finished = False
+        self._calls = {
+            e.ReturnPathOpened: lambda ev: incoming.openReturnPath(),
+            e.PingReceived: lambda ev: incoming.ping(ev.value),
+            e.PostcopyAdvised: lambda ev: incoming.advise(ev.pageSizeSummary or 0, ev.targetPageSize or 0),
+            e.RAMBlocksListed: lambda ev: incoming.ramBlocksListed(
+                [(b.idstr, b.length, b.pageSize) for b in ev.blocks]),
+            e.PageReceived: lambda ev: incoming.page(ev.block, ev.offset, ev.data),
+            e.ZeroPageReceived: lambda ev: incoming.zero(ev.block, ev.offset, ev.fill),
+            e.DiscardReceived: lambda ev: incoming.discard(ev.block, ev.ranges),
+            e.ListenReceived: lambda ev: incoming.listen(),
+            e.RunReceived: self._run,
+            e.DeviceSectionReceived: lambda ev: self.devices.append(ev.raw),
+            e.PackageReceived: lambda ev: self._package(ev.data),
+            e.EOFReceived: self._eof,
+            e.VMDescriptionReceived: lambda ev: self._end(),
+        }
+
+    def receiveData(self, data: bytes) -> None:
+        """
+        Decode and act on everything C{data} completes.
+
+        @param data: main-stream bytes.
+        @raise twisted_postcopy.errors.PostcopyError: bad input, or the
+            engine refused it.
+        """
+        decoder = self.decoder
+        decoder.receiveData(data)
+        calls = self._calls
+        while not self.finished:
+            event = decoder.nextEvent()
+            if event is NEED_DATA:
+                return
+            call = calls.get(event.__class__)
+            if call is not None:
+                call(event)
+
+    def _package(self, data: bytes) -> None:
+        """
+        A PACKAGED body.
+
+        @param data: its bytes.
+        """
+        if data.startswith(PACKAGE_HEAD) and data.endswith(PACKAGE_TAIL):
+            self.incoming.listen()
+            body = data[len(PACKAGE_HEAD) : -len(PACKAGE_TAIL)]
+            if body:
+                self.devices.append(body)
+            self.incoming.ping(3)
+            self._run(None)
+            return
+        package = StreamDecoder(header=False)
+        package.receiveData(data)
+        package.receiveData(b"")
+        for event in package.events():
+            call = self._calls.get(event.__class__)
+            if call is not None:
+                call(event)
+            if event.__class__ is e.RunReceived:
+                return
+
+    def _handDevices(self) -> None:
+        """
+        Give the collected device bytes to the VM.
+        """
+        if self.devices:
+            raw, self.devices = b"".join(self.devices), []
+            self.incoming.deviceState(raw)
+
+    def _run(self, event: Any) -> None:
+        """
+        POSTCOPY_RUN: devices first, then the guest starts.
+
+        @param event: the event (unused).
+        """
+        self._handDevices()
+        self.incoming.run()
+
+    def _eof(self, event: Any) -> None:
+        """
+        EOF: in postcopy the end; in precopy the vmdesc comes next.
+
+        @param event: the event (unused).
+        """
+        self._handDevices()
+        if self.incoming.machine.inPostcopy:
+            self._end()
+
+    def _end(self) -> None:
+        """
+        The stream is over: complete the incoming migration.
+        """
+        self.finished = True
+        self.incoming.eof()
+
+
+class ReturnPathReader:
+    """
+    Decodes the return path for an outgoing migration.
+
+    @ivar outgoing: the outgoing migration.
+    @ivar decoder: the return-path decoder.
+    """
+
+    def __init__(self, outgoing: Any) -> None:
+        """
+        @param outgoing: the outgoing migration.
+        """
+        self.outgoing = outgoing
+        self.decoder = ReturnPathDecoder()
+
+    def receiveData(self, data: bytes) -> None:
+        """
+        Decode and act on return-path bytes.
+
+        @param data: the bytes.
+        @raise twisted_postcopy.errors.PostcopyError: bad input or a page
+            request the source refuses.
+        """
+        self.decoder.receiveData(data)
+        outgoing = self.outgoing
+        for event in self.decoder.events():
+            kind = event.__class__
+            if kind is e.PagesRequested:
+                outgoing.pagesRequested(event.block, event.start, event.length)
+            elif kind is e.ShutReceived:
+                outgoing.shut(event.value)
+            elif kind is e.PongReceived:
+                outgoing.pong(event.value)
