@@ -143,12 +143,10 @@ def buildManager(reactor: Any, options: Options) -> tuple[Any, Any]:
     """
     from twisted_postcopy.manager import MigrationManager
 
-    guest = None
-    if options["role"] == "source":
-        vm = None
-    else:
-        vm = _noIncomingVM
-    return MigrationManager(reactor, vm), guest
+    if options["guest"] != "none":
+        raise usage.UsageError(f"--guest {options['guest']}: the built-in guests are not available yet")
+    vm = None if options["role"] == "source" else _noIncomingVM
+    return MigrationManager(reactor, vm), None
 
 
 def makeService(options: Options, reactor: Any = None) -> Any:

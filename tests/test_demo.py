@@ -1,0 +1,120 @@
+# -*- test-case-name: tests.test_demo -*-
+"""
+Tests for L{twisted_postcopy.demo}: its command line, the daemon options
+it derives, failure reporting, and a whole C{postcopy demo --json} run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from twisted_postcopy import demo
+from twisted_postcopy.cli import buildParser
+
+
+class ArgumentTests(SynchronousTestCase):
+    """
+    Tests for the C{postcopy demo} arguments.
+    """
+
+    def test_defaults(self) -> None:
+        """
+        By default: a 256 MiB stress guest, postcopy after 1 s, a report.
+        """
+        args = buildParser().parse_args(["demo"])
+        self.assertEqual((args.guest, args.ram, args.postcopy_after, args.json),
+                         ("stress", 256 << 20, 1.0, False))
+
+    def test_options(self) -> None:
+        """
+        C{--guest}, C{--ram}, C{--postcopy-after} and C{--json} are parsed.
+        """
+        args = buildParser().parse_args(
+            ["demo", "--guest", "kv", "--ram", "64M", "--postcopy-after", "0.5", "--json"])
+        self.assertEqual((args.guest, args.ram, args.postcopy_after, args.json),
+                         ("kv", 64 << 20, 0.5, True))
+
+    def test_daemonArguments(self) -> None:
+        """
+        Both daemons get the same guest, RAM and seed; only the destination
+        gets C{--incoming}.
+        """
+        args = buildParser().parse_args(["demo", "--ram", "64M", "--seed", "7"])
+        args.uri = "tcp:127.0.0.1:4444"
+        self.assertEqual(demo.daemonArguments(args, "source"),
+                         ["--role", "source", "--guest", "stress", "--ram", f"{64 << 20}B",
+                          "--seed", "7"])
+        self.assertEqual(demo.daemonArguments(args, "destination")[-2:],
+                         ["--incoming", "tcp:127.0.0.1:4444"])
+
+    def test_freePort(self) -> None:
+        """
+        L{demo.freePort} returns a loopback port that can be bound.
+        """
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", demo.freePort()))
+
+
+class FailureTests(TestCase):
+    """
+    The demo reports a daemon that cannot start.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_daemonFails(self) -> Any:
+        """
+        When a daemon exits at start, the demo prints its complaint, says
+        where the logs are, and exits 1.
+        """
+        from twisted.internet import reactor
+
+        args = buildParser().parse_args(["demo", "--ram", "1B"])
+        self.patch(demo, "daemonArguments", lambda args, role: ["--role", "nowhere"])
+        out, err = io.StringIO(), io.StringIO()
+        status = yield defer.Deferred.fromCoroutine(demo.runDemo(reactor, args, out, err))
+        self.assertEqual(status, 1)
+        self.assertIn("destination daemon exited with status 1", err.getvalue())
+        self.assertIn("nowhere", err.getvalue())
+        self.assertIn("daemon logs kept in", err.getvalue())
+        self.assertEqual(out.getvalue(), "")
+        workdir = err.getvalue().rsplit("daemon logs kept in ", 1)[1].split(")")[0]
+        shutil.rmtree(workdir)
+
+
+class EndToEndTests(SynchronousTestCase):
+    """
+    C{postcopy demo} as a user runs it: two real daemons, a real guest,
+    userfaultfd, loopback TCP.
+    """
+
+    if importlib.util.find_spec("twisted_postcopy.guests.stress") is None:
+        skip = "the built-in stress guest (twisted_postcopy.guests.stress) is not there yet"
+
+    def test_demoJSON(self) -> None:
+        """
+        C{postcopy demo --json --ram 64M} completes on both sides, went
+        through postcopy, and the destination guest verified its memory.
+        """
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted_postcopy.cli", "demo", "--json", "--ram", "64M"],
+            capture_output=True, text=True, timeout=120,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        report = json.loads(result.stdout)
+        self.assertEqual(report["source"]["status"], "completed")
+        self.assertEqual(report["destination"]["status"], "completed")
+        self.assertTrue(report["verified"], report["guest"])
+        self.assertEqual(report["ram-bytes"], 64 << 20)
+        self.assertGreater(report["source"]["ram"]["transferred"], 0)
