@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_qemu_streams -*-
+# -*- test-case-name: tests.test_qemu -*-
 """
 Drive a real QEMU 7.2 (TCG) from tests and benches.
 

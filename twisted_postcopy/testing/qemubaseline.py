@@ -34,6 +34,8 @@ from twisted_postcopy.testing.qemu import QEMUInstance, machineArguments, waitFo
 from twisted_postcopy.testing.relay import RecordingRelay
 
 MIB = 1 << 20
+#: A C{max-bandwidth} no link reaches (QEMU has no "unlimited" value).
+UNLIMITED = 1 << 40
 
 
 def layoutFor(memoryMiB: int, pages: int | None = None) -> GuestLayout:
@@ -245,15 +247,21 @@ def recordPrecopy(
     memoryMiB: int = 32,
     layout: GuestLayout | None = None,
     timeout: float = 60.0,
+    maxBandwidth: int = UNLIMITED,
 ) -> dict[str, Any]:
     """
     Save a running guest's precopy stream to a file (C{exec:cat > path}).
+
+    The guest keeps dirtying its whole range, so precopy converges only
+    when the range fits in QEMU's downtime limit at the achieved bandwidth;
+    the default removes the bandwidth cap so that a pipe's speed is used.
 
     @param directory: an existing directory for images and QEMU files.
     @param path: the stream file to write.
     @param memoryMiB: guest RAM size in MiB.
     @param layout: the guest layout (default: L{layoutFor}).
     @param timeout: seconds allowed for each wait.
+    @param maxBandwidth: the source's C{max-bandwidth} (bytes/s).
     @return: the source's final C{query-migrate}.
     """
     layout = layout or layoutFor(memoryMiB)
@@ -261,6 +269,7 @@ def recordPrecopy(
     source = startGuest(directory, "saver", image, memoryMiB)
     try:
         source.waitSerial(1, timeout)
+        source.setParameters(max_bandwidth=maxBandwidth)
         source.migrate(f"exec:cat > {path}")
         return source.waitMigration(["completed"], timeout)
     finally:
