@@ -259,13 +259,55 @@ def _stopListening(manager: Any, result: Any) -> Any:
     return result
 
 
+class PwriteFaultService:
+    """
+    The placement side of a fault service for a capture nobody maps: with
+    no userfaultfd registration anywhere, postcopy pages are written with
+    C{pwrite} and zero pages punch holes.  Used until
+    C{twisted_postcopy.ram.faults} lands; readers of a live capture then
+    see missing pages as zeros instead of fetching them.
+
+    @ivar blocks: idstr -> L{MemfdBlock}.
+    @ivar pageSource: where faults would be requested (unused).
+    """
+
+    def __init__(self, blocks: dict[str, MemfdBlock], pageSource: Any) -> None:
+        """
+        @param blocks: the capture's blocks.
+        @param pageSource: the incoming migration.
+        """
+        self.blocks, self.pageSource = blocks, pageSource
+
+    def placePages(self, idstr: str, offset: int, data: bytes) -> None:
+        """
+        @param idstr: the block.
+        @param offset: byte offset of the run.
+        @param data: the pages.
+        """
+        self.blocks[idstr].write(offset, data)
+
+    def placeZero(self, idstr: str, offset: int, length: int) -> None:
+        """
+        @param idstr: the block.
+        @param offset: byte offset.
+        @param length: byte length.
+        """
+        self.blocks[idstr].discard(offset, length)
+
+    def stop(self) -> None:
+        """
+        Nothing to release.
+        """
+
+
 def _faultServiceFactory(reactor: Any) -> Any:
     """
     @param reactor: the reactor.
-    @return: the ram fault service factory, or L{None} before it lands.
+    @return: a fault service factory C{(blocks, pageSource) -> service}:
+        the ram fault service once it exists, else L{PwriteFaultService}.
     """
     try:
         from twisted_postcopy.ram.faults import FaultService
     except ImportError:
-        return None
+        return PwriteFaultService
     return lambda blocks, source: FaultService(reactor, source, blocks)

@@ -148,11 +148,25 @@ def _runUntil(start: Callable[[Any], Any]) -> int:
         d = maybeDeferred(start, reactor)
         d.addCallbacks(lambda _: outcome.append(0), lambda f: (
             print(f"postcopy snapshot: {f.getErrorMessage()}", file=sys.stderr), outcome.append(1)))
-        d.addBoth(lambda _: reactor.stop())
+        d.addBoth(lambda _: _drainThenStop(reactor))
 
     reactor.callWhenRunning(begin)
     reactor.run()
     return outcome[0] if outcome else 1
+
+
+def _drainThenStop(reactor: Any, patience: int = 100) -> None:
+    """
+    Stop the reactor once no transport has bytes left to write (the last
+    SHUT or END must reach the peer), or after C{patience} polls.
+
+    @param reactor: the running reactor.
+    @param patience: polls of 50 ms left.
+    """
+    if reactor.getWriters() and patience > 0:
+        reactor.callLater(0.05, _drainThenStop, reactor, patience - 1)
+        return
+    reactor.callLater(0.05, reactor.stop)
 
 
 def _capture(args: argparse.Namespace) -> int:
