@@ -1,0 +1,96 @@
+# -*- test-case-name: tests.test_source_qemu -*-
+"""
+Our source migrating to a REAL QEMU 7.2 destination (TCG, C{-S} so the
+guest does not change RAM afterwards): precopy and postcopy both complete
+on QEMU, and QEMU's guest RAM equals ours byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import struct
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from tests.enginevm import OutgoingTestVM, PAGE
+from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.testing.bootsector import writeBootImage
+from twisted_postcopy.testing.qemu import QEMUInstance, machineArguments, qemuSkipReason
+
+MiB = 1 << 20
+#: Guest-physical ranges of pc.ram that read as RAM (below the VGA hole,
+#: and from 1 MiB up).
+RAM_RANGES = ((0, 0xA0000), (0x100000, 32 * MiB - 0x100000))
+
+
+def _freePort() -> int:
+    """
+    @return: a TCP port free on 127.0.0.1 now.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class QEMUDestinationTests(TestCase):
+    """
+    Source: ours.  Destination: C{qemu-system-x86_64 -incoming defer -S}.
+    """
+
+    skip = qemuSkipReason()
+    timeout = 60
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp(prefix="tpq")
+        self.addCleanup(shutil.rmtree, directory, True)
+        image = writeBootImage(os.path.join(directory, "boot.img"))
+        self.qemu = QEMUInstance.start(
+            directory, [*machineArguments(image, 32), "-S", "-incoming", "defer"], "destination")
+        self.addCleanup(self.qemu.kill)
+        self.vm = OutgoingTestVM({"pc.ram": 32 * MiB})
+        for offset in range(0, 32 * MiB, 3 * PAGE):
+            self.vm.write(0, offset, struct.pack(">Q", offset) * 64)
+        self.manager = MigrationManager(reactor, self.vm)
+        self.manager.setParameters({"max-bandwidth": 0})
+
+    @inlineCallbacks
+    def _migrate(self, postcopy: bool):
+        """
+        Migrate to QEMU and wait for both ends.
+        """
+        port = _freePort()
+        if postcopy:
+            self.qemu.setCapabilities(**{"postcopy-ram": True})
+            self.manager.setCapabilities({"postcopy-ram": True})
+        else:
+            self.manager.setCapabilities({"return-path": True})
+        self.qemu.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        self.manager.migrate(f"tcp:127.0.0.1:{port}")
+        if postcopy:
+            self.manager.startPostcopy()
+        status = yield self.manager.whenStatus("completed", "failed")
+        self.assertEqual(status, "completed", self.qemu.stderrTail())
+        info = self.qemu.waitMigration(["completed"], timeout=20)
+        self.assertEqual(info["status"], "completed")
+        ram = self.vm.blocks[0].map
+        for start, length in RAM_RANGES:
+            self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
+
+    def test_precopyToQEMU(self) -> None:
+        """
+        Precopy with a return path: QEMU sends SHUT(0), we complete, RAM
+        matches.
+        """
+        return self._migrate(False)
+
+    def test_postcopyToQEMU(self) -> None:
+        """
+        Immediate postcopy: DISCARD, package, PARTs, END, EOF are accepted
+        by QEMU and all pages are placed.
+        """
+        return self._migrate(True)
