@@ -55,7 +55,7 @@ def measure(mib: int, scratch: str) -> dict[str, Any]:
         f"postcopy_{mib}mib_resume_ms": round(postcopy["resume_ms"], 2),
         f"postcopy_{mib}mib_total_ms": postcopy["total_ms"],
         f"postcopy_{mib}mib_downtime_ms": postcopy["downtime_ms"],
-        f"postcopy_{mib}mib_requests": postcopy["postcopy_requests"],
+        f"postcopy_{mib}mib_requests_count": postcopy["postcopy_requests"],
         f"postcopy_{mib}mib_blocktime_ms": postcopy["blocktime_ms"],
         f"postcopy_{mib}mib_mbps": round(postcopy["mbps"], 1),
         f"precopy_{mib}mib_load_ms": round(load["load_ms"], 2),
