@@ -37,6 +37,8 @@ def register(subparsers: Any) -> None:
     restore.add_argument("--to", action="append", required=True, metavar="URI")
     restore.add_argument("--postcopy", action="store_true", help="run before RAM arrives")
     restore.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    restore.add_argument("--max-bandwidth", type=int, default=0, metavar="BYTES",
+                         help="bytes/s per destination, 0 for unlimited")
     restore.set_defaults(func=_guard(_restore))
     importer = commands.add_parser("import", help="store a QEMU precopy stream file as DIR")
     importer.add_argument("stream")
@@ -177,6 +179,10 @@ def _capture(args: argparse.Namespace) -> int:
     from twisted_postcopy.snapshot.capture import captureSnapshot
 
     def start(reactor: Any) -> Any:
+        """
+        @param reactor: the running reactor.
+        @return: a Deferred firing once the snapshot is stored.
+        """
         listening, stored = captureSnapshot(reactor, args.listen, args.dir,
                                             not args.no_postcopy, args.machine)
         listening.addCallback(lambda port: print(f"listening on {port.getHost()}", flush=True))
@@ -188,11 +194,24 @@ def _capture(args: argparse.Namespace) -> int:
 def _restore(args: argparse.Namespace) -> int:
     """
     @param args: the parsed arguments.
-    @return: 0 once every destination completed.
+    @return: 0 once every destination completed; one C{query-migrate}
+        JSON line per destination is printed at the end.
     """
     from twisted_postcopy.snapshot.restore import restoreSnapshot
 
     def start(reactor: Any) -> Any:
-        return restoreSnapshot(reactor, args.dir, args.to, args.postcopy, not args.no_verify)[1]
+        """
+        @param reactor: the running reactor.
+        @return: a Deferred firing when every clone ended.
+        """
+        managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy,
+                                         not args.no_verify, args.max_bandwidth)
+
+        def report(result: Any) -> Any:
+            for uri, manager in zip(args.to, managers):
+                print(json.dumps({"uri": uri, **manager.queryMigrate()}, sort_keys=True), flush=True)
+            return result
+
+        return done.addBoth(report)
 
     return _runUntil(start)

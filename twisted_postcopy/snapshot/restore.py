@@ -97,7 +97,8 @@ class SnapshotVM:
         """
 
 
-def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool) -> tuple[Any, Deferred]:
+def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
+               bandwidth: int = 0) -> tuple[Any, Deferred]:
     """
     Start one restore.
 
@@ -106,6 +107,7 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool) -> tuple[
     @param uri: the destination, C{tcp:HOST:PORT} or C{unix:PATH}.
     @param postcopy: switch to postcopy at once (the destination runs
         before its RAM arrives).
+    @param bandwidth: bytes/s (precopy and postcopy), 0 for unlimited.
     @return: (the L{MigrationManager}, a Deferred firing with the final
         status string, C{completed} or C{failed}).
     """
@@ -113,7 +115,7 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool) -> tuple[
 
     manager = MigrationManager(reactor, vm)
     manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True})
-    manager.setParameters({"max-bandwidth": 0})
+    manager.setParameters({"max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth})
     done = manager.whenStatus("completed", "failed", "cancelled")
     manager.migrate(uri)
     if postcopy:
@@ -122,7 +124,7 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool) -> tuple[
 
 
 def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool = True,
-                    verify: bool = True) -> tuple[list[Any], Deferred]:
+                    verify: bool = True, bandwidth: int = 0) -> tuple[list[Any], Deferred]:
     """
     Restore one snapshot into every destination at once.
 
@@ -131,6 +133,7 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
     @param uris: one destination URI per clone.
     @param postcopy: restore by postcopy (else plain precopy).
     @param verify: check every sha256 first.
+    @param bandwidth: bytes/s per destination, 0 for unlimited.
     @return: (the managers, a Deferred firing with the list of final
         statuses, failing with L{MigrationFailed} if any clone failed).
     @raise SnapshotError: the snapshot is missing, truncated or tampered.
@@ -139,10 +142,15 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
     if verify:
         snapshot.verify()
     vm = SnapshotVM(snapshot)
-    started = [restoreOne(reactor, vm, uri, postcopy) for uri in uris]
+    started = [restoreOne(reactor, vm, uri, postcopy, bandwidth) for uri in uris]
     managers = [manager for manager, _ in started]
 
     def gathered(results: list[tuple[bool, Any]]) -> list[str]:
+        """
+        @param results: the DeferredList's results.
+        @return: the statuses.
+        @raise MigrationFailed: a clone did not complete.
+        """
         statuses = [value for _, value in results]
         failed = [uri for uri, status in zip(uris, statuses) if status != "completed"]
         if failed:
