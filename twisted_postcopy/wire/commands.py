@@ -182,7 +182,7 @@ def encodeCommand(command: Command, payload: bytes = b"") -> bytes:
     @raise LocalProtocolError: for a payload over 65535 bytes.
     """
     if len(payload) > 0xFFFF:
-        raise LocalProtocolError(f"{command.name} payload of {len(payload)} bytes exceeds 65535")
+        raise LocalProtocolError(f"{Command(command).name} payload of {len(payload)} bytes exceeds 65535")
     return _commandHeader.pack(SectionType.COMMAND, command, len(payload)) + payload
 
 
