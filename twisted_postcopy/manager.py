@@ -151,7 +151,8 @@ class MigrationManager:
         """
         @param statuses: QMP status names.
         @return: a Deferred firing with the first of them reached (at once
-            if current).
+            if current; otherwise on a later reactor turn, so waiters never
+            run inside a state transition).
         """
         if self.status.value in statuses:
             return succeed(self.status.value)
@@ -171,7 +172,7 @@ class MigrationManager:
         ready = [(s, d) for s, d in self._waiters if status.value in s]
         self._waiters = [(s, d) for s, d in self._waiters if status.value not in s]
         for _, waiter in ready:
-            waiter.callback(status.value)
+            self.reactor.callLater(0, waiter.callback, status.value)
 
     def migrate(self, uri: str, resume: bool = False) -> None:
         """

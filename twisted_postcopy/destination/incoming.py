@@ -248,8 +248,8 @@ class IncomingMigration:
         if self.faults is not None:
             self._placer().fillAllHoles()
             self.faults.stop()
-        self.machine.complete()
         self.vm.completed()
+        self.machine.complete()
         if self.machine.returnPathOpen:
             self.returnPath.shut(0)
 
