@@ -31,6 +31,9 @@ BATCH = 1 << 20
 POSTCOPY_BATCH = 1 << 17
 VMDESC = b'{"page_size": 4096, "devices": []}'
 _ZERO = bytes(4096)
+#: What a record costs at least against a step's batch, so a step of ZERO
+#: records stays short and page requests are read between steps.
+MIN_RECORD_COST = 128
 #: Returned by L{OutgoingMigration.step} when nothing more will be written.
 DONE = -1.0
 
@@ -144,12 +147,13 @@ class OutgoingMigration:
         self.limiter.account(len(data))
         self.stats.sent(len(data), self.machine.status, self.stopped)
 
-    def _record(self, page: ScheduledPage, out: list[Any]) -> None:
+    def _record(self, page: ScheduledPage, out: list[Any]) -> int:
         """
         Append the record of one page (ZERO if it is all zero).
 
         @param page: the page.
         @param out: the buffers being gathered.
+        @return: the record's size in bytes.
         """
         size = 4096
         data = self.views[page.block][page.offset : page.offset + size]
@@ -158,10 +162,11 @@ class OutgoingMigration:
         if data == _ZERO:
             out.append(c.recordHeader(page.offset, c.ZERO, name) + b"\x00")
             self.stats.duplicate += 1
-        else:
-            out.append(c.recordHeader(page.offset, c.PAGE, name))
-            out.append(data)
-            self.stats.normal += 1
+            return len(out[-1])
+        out.append(c.recordHeader(page.offset, c.PAGE, name))
+        out.append(data)
+        self.stats.normal += 1
+        return len(out[-2]) + size
 
     def _part(self, kind: int, limited: bool) -> bool:
         """
@@ -173,17 +178,17 @@ class OutgoingMigration:
         @return: whether dirty pages remain.
         """
         out: list[Any] = [c.sectionHeader(kind, RAM_SECTION_ID)]
-        budget = POSTCOPY_BATCH if self.machine.status == S.POSTCOPY_ACTIVE else BATCH
+        batch = POSTCOPY_BATCH if self.machine.status == S.POSTCOPY_ACTIVE else BATCH
+        budget = min(batch, self.limiter.allowance())
         while True:
             page = self.scheduler.nextUrgent()
             if page is None:
-                if limited and (budget <= 0 or self.limiter.limited()):
+                if limited and budget <= 0:
                     break
                 page = self.scheduler.nextBackground()
                 if page is None:
                     break
-            self._record(page, out)
-            budget -= 4096
+            budget -= max(self._record(page, out), MIN_RECORD_COST)
         out += [struct.pack(">Q", c.EOS), c.footer(RAM_SECTION_ID)]
         self._send(b"".join(out))
         return self.scheduler.remainingBytes > 0

@@ -288,6 +288,15 @@ class RateLimiter:
         self._roll()
         return self.bandwidth > 0 and self.used >= self.bandwidth * WINDOW
 
+    def allowance(self) -> float:
+        """
+        @return: bytes left in the current window (infinite if unlimited).
+        """
+        self._roll()
+        if self.bandwidth <= 0:
+            return float("inf")
+        return max(0.0, self.bandwidth * WINDOW - self.used)
+
     def delay(self) -> float:
         """
         @return: seconds until the next window begins.

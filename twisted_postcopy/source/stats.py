@@ -114,9 +114,14 @@ class TransferStats:
 
     def bandwidth(self) -> float:
         """
-        @return: average bytes per second written so far.
+        @return: average bytes per second written so far; 0 during the
+            first 100 ms (QEMU has no measurement before its first window
+            either, so its threshold starts at 0).
         """
-        return self.transferred / self.elapsed()
+        elapsed = self.elapsed()
+        if elapsed < 0.1:
+            return 0.0
+        return self.transferred / elapsed
 
     def query(self, status: S, remaining: int, downtimeLimit: int) -> dict[str, Any]:
         """
