@@ -128,3 +128,36 @@ class IIncomingVM(Interface):
 
         @param reason: a L{twisted.python.failure.Failure} or exception.
         """
+
+
+class IFaultObserver(Interface):
+    """
+    Observes the destination's fault service (for postcopy blocktime).
+    Times are C{CLOCK_MONOTONIC} nanoseconds.
+    """
+
+    def faultBegan(threadId, block, offset, t):
+        """
+        A guest thread faulted on a page that has not been received.
+
+        @param threadId: the faulting thread's id (C{uffd_msg} C{ptid}).
+        @type threadId: L{int}
+        @param block: the RAMBlock's idstr.
+        @type block: L{str}
+        @param offset: the page's byte offset in the block.
+        @type offset: L{int}
+        @param t: when the fault was read.
+        @type t: L{int}
+        """
+
+    def pagePlaced(block, offset, t):
+        """
+        A page that some thread faulted on was placed and its waiters woken.
+
+        @param block: the RAMBlock's idstr.
+        @type block: L{str}
+        @param offset: the page's byte offset in the block.
+        @type offset: L{int}
+        @param t: when the waiters were woken.
+        @type t: L{int}
+        """

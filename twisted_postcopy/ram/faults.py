@@ -1,0 +1,504 @@
+# -*- test-case-name: tests.test_ram_faults -*-
+"""
+The destination's fault service: QEMU's shared-memory client model on the
+reactor.
+
+For each destination RAMBlock the daemon registers I{its own} mapping
+(MISSING) on I{its own} userfaultfd and places pages there with
+C{UFFDIO_COPY}/C{UFFDIO_ZEROPAGE}, one ioctl per contiguous run.  The block
+is a memfd, so a placed page is then in the page cache for every process
+mapping it.  Guest processes map the same memfd, register their mappings
+on their own userfaultfds and hand those over (with a mapping table); this
+service reads them on the reactor.  A fault on a page:
+
+  - already received: the client is woken at once (C{UFFDIO_WAKE});
+  - otherwise: the page is requested from the L{IPageSource} (one request
+    per page, however many threads or clients fault on it), and every
+    waiting client is woken right after the page is placed.
+
+Nothing here touches guest memory from Python.  See C{docs/userfaultfd.md}.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_postcopy.errors import MappingTableError, MigrationFailed, RAMBlockError, UffdError
+from twisted_postcopy.ram import uffd
+from twisted_postcopy.ram.clients import ClientMapping, FaultClient, Readable, validateMappings
+
+__all__ = ["ClientMapping", "FaultClient", "FaultService"]
+from twisted_postcopy.ram.uffdmsg import UFFD_EVENT_PAGEFAULT, iterRecords
+
+_log = Logger()
+
+#: How often a placement is retried after draining events (C{EAGAIN}).
+PLACE_RETRIES = 8
+
+
+@define(eq=False)
+class _PendingPage:
+    """
+    A page that is missing and wanted.
+
+    @ivar waiters: (client, address in the client) of each fault.
+    @ivar deferreds: L{FaultService.requestPage} callers to fire once placed.
+    @ivar requested: whether a page source request is outstanding.
+    """
+
+    waiters: list[tuple[FaultClient, int]] = field(factory=list)
+    deferreds: list[Deferred] = field(factory=list)
+    requested: bool = False
+
+
+class FaultService:
+    """
+    Serves userfaults of guest processes from an L{IPageSource}.
+
+    @ivar reactor: the reactor that reads client userfaultfds.
+    @ivar pageSource: where missing pages are requested.
+    @ivar blocks: idstr -> RAMBlock being filled.
+    @ivar clients: the attached clients.
+    @ivar uffd: the daemon's own placement userfaultfd.
+    @ivar faultCount: fault messages read.
+    @ivar requestCount: page requests sent to the page source.
+    """
+
+    def __init__(self, reactor: Any, pageSource: Any, blocks: Iterable[Any] | Mapping[str, Any] = ()) -> None:
+        """
+        @param reactor: an C{IReactorFDSet}.
+        @param pageSource: an L{IPageSource}.
+        @param blocks: RAMBlocks (or idstr -> RAMBlock) to register now.
+        @raise UffdError: userfaultfd could not be opened.
+        """
+        self.reactor = reactor
+        self.pageSource = pageSource
+        self.blocks: dict[str, Any] = {}
+        self.clients: list[FaultClient] = []
+        self.uffd = uffd.openWithFeatures(0)
+        self.faultCount = 0
+        self.requestCount = 0
+        self._pending: dict[tuple[str, int], _PendingPage] = {}
+        self._messages = uffd.MessageBuffer()
+        self._drainBuffer = uffd.MessageBuffer(16)
+        self._observers: list[Any] = []
+        self._faultCallbacks: list[Callable[..., None]] = []
+        self._placementCallbacks: list[Callable[[int], None]] = []
+        for block in (blocks.values() if isinstance(blocks, Mapping) else blocks):
+            self.addBlock(block)
+
+    # -- blocks and clients ------------------------------------------------
+
+    def addBlock(self, block: Any) -> None:
+        """
+        Register the daemon's mapping of C{block} (MISSING) on the daemon's
+        own userfaultfd; from now on its pages are placed by this service.
+
+        @param block: a L{twisted_postcopy.ram.block.RAMBlock}.
+        @raise RAMBlockError: a block of that idstr is already registered.
+        @raise UffdError: the registration failed.
+        """
+        if block.idstr in self.blocks:
+            raise RAMBlockError(f"RAMBlock {block.idstr} is already registered with the fault service")
+        uffd.register(self.uffd, block.address, block.length)
+        block.registered = True
+        self.blocks[block.idstr] = block
+
+    def addClient(self, uffdFd: int, mappings: Iterable[Any], pid: int | None = None) -> FaultClient:
+        """
+        Attach a guest process: read its userfaultfd on the reactor.
+
+        @param uffdFd: its userfaultfd, handshake and registration done;
+            the service owns it from now on (and makes it non-blocking).
+        @param mappings: its mapping table (L{ClientMapping}s or dicts with
+            C{base}, C{block}, C{offset}, C{length}, C{pageSize}).
+        @param pid: its process id; its exit is then noticed at once through
+            a pidfd.
+        @return: the client handle (for L{removeClient}).
+        @raise MappingTableError: the table does not fit the blocks.
+        """
+        table = validateMappings(self.blocks, mappings)
+        flags = fcntl.fcntl(uffdFd, fcntl.F_GETFL)
+        fcntl.fcntl(uffdFd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        client = FaultClient(uffdFd, table, pid)
+        client.readers.append(Readable(uffdFd, lambda: self._clientReadable(client), f"uffd-client-{pid}"))
+        if pid is not None:
+            try:
+                client.pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                os.close(uffdFd)
+                raise MappingTableError(f"guest process {pid} has already exited") from None
+            client.readers.append(Readable(client.pidfd, lambda: self._clientExited(client), f"pidfd-{pid}"))
+        self.clients.append(client)
+        for reader in client.readers:
+            self.reactor.addReader(reader)
+        _log.info("fault service: attached {client} with {n} mappings", client=client, n=len(table))
+        return client
+
+    def removeClient(self, client: FaultClient, reason: str = "detached") -> None:
+        """
+        Detach a client: stop reading it, close its fds, forget its faults.
+
+        @param client: the handle from L{addClient}.
+        @param reason: why, for the log.
+        """
+        if not client.alive:
+            return
+        client.alive = False
+        for reader in client.readers:
+            self.reactor.removeReader(reader)
+        os.close(client.fd)
+        if client.pidfd >= 0:
+            os.close(client.pidfd)
+        self.clients.remove(client)
+        for pending in self._pending.values():
+            pending.waiters = [waiter for waiter in pending.waiters if waiter[0] is not client]
+        _log.info("fault service: removed {client}: {reason}", client=client, reason=reason)
+
+    def _clientExited(self, client: FaultClient) -> None:
+        """
+        The client's pidfd became readable: the process exited.
+
+        @param client: the client.
+        """
+        self.removeClient(client, f"process {client.pid} exited")
+
+    # -- faults ------------------------------------------------------------
+
+    def _clientReadable(self, client: FaultClient) -> None:
+        """
+        Read the client's fault messages in batches until C{EAGAIN}.
+
+        @param client: the client whose userfaultfd is readable.
+        """
+        while client.alive:
+            try:
+                records = self._messages.read(client.fd)
+            except UffdError as error:
+                self.removeClient(client, f"reading its userfaultfd failed: {error}")
+                return
+            if records is None:
+                return
+            for event, _, address, threadId in list(iterRecords(records)):
+                if event == UFFD_EVENT_PAGEFAULT:
+                    self._fault(client, address, threadId & 0xFFFFFFFF)
+                else:
+                    _log.warn("fault service: ignored uffd event {event} from {client}", event=event, client=client)
+
+    def _fault(self, client: FaultClient, address: int, threadId: int) -> None:
+        """
+        One page fault of a client.
+
+        @param client: the client.
+        @param address: the faulting address in the client.
+        @param threadId: the faulting thread.
+        """
+        client.faults += 1
+        self.faultCount += 1
+        mapping = client.find(address)
+        if mapping is None:
+            _log.error("fault service: {client} faulted at {address:#x}, outside its mapping table",
+                       client=client, address=address)
+            return
+        block = self.blocks[mapping.block]
+        size = block.pageSize
+        pageAddress = address - (address - mapping.base) % size
+        offset = mapping.offset + pageAddress - mapping.base
+        now = uffd.monotonicNs()
+        if block.receivedMap.test(offset // size):
+            for callback in self._faultCallbacks:
+                callback(threadId, block.address + offset, True)
+            self._wake(client, pageAddress, size)
+            return
+        key = (block.idstr, offset)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _PendingPage()
+        pending.waiters.append((client, pageAddress))
+        for observer in self._observers:
+            observer.faultBegan(threadId, block.idstr, offset, now)
+        for callback in self._faultCallbacks:
+            callback(threadId, block.address + offset, False)
+        if not pending.requested:
+            self._request(key, pending)
+
+    def _wake(self, client: FaultClient, address: int, length: int) -> None:
+        """
+        C{UFFDIO_WAKE} a client's range; a client that is gone is removed.
+
+        @param client: the client.
+        @param address: start, in the client.
+        @param length: bytes.
+        """
+        if not client.alive:
+            return
+        try:
+            uffd.wake(client.fd, address, length)
+        except UffdError as error:
+            self.removeClient(client, f"UFFDIO_WAKE failed: {error}")
+
+    def _request(self, key: tuple[str, int], pending: _PendingPage) -> None:
+        """
+        Ask the page source for a page (once; shared by all its waiters).
+
+        @param key: (block idstr, offset).
+        @param pending: the page's waiting state.
+        """
+        pending.requested = True
+        self.requestCount += 1
+        requested = maybeDeferred(self.pageSource.requestPage, *key)
+        requested.addErrback(self._requestFailed, key, pending)
+
+    def _requestFailed(self, reason: Failure, key: tuple[str, int], pending: _PendingPage) -> None:
+        """
+        The page source could not deliver: fail the page's Deferreds; its
+        faulting threads stay blocked until L{rerequestPending}.
+
+        @param reason: the failure (e.g. L{PostcopyPaused}).
+        @param key: (block idstr, offset).
+        @param pending: the page's waiting state.
+        """
+        if self._pending.get(key) is not pending:
+            return
+        pending.requested = False
+        deferreds, pending.deferreds = pending.deferreds, []
+        _log.info("fault service: request for {key} failed: {reason}", key=key, reason=reason.getErrorMessage())
+        for waiting in deferreds:
+            waiting.errback(reason)
+
+    def requestPage(self, block: str, offset: int) -> Deferred:
+        """
+        Want a page (the daemon's own need, e.g. a device load); shares the
+        request with any fault on it.
+
+        @param block: the RAMBlock idstr.
+        @param offset: a byte offset in it.
+        @return: a Deferred firing with L{None} once the page is placed.
+        @raise RAMBlockError: unknown block or bad offset.
+        """
+        ram = self._block(block, offset, 1)
+        offset -= offset % ram.pageSize
+        if ram.receivedMap.test(offset // ram.pageSize):
+            return succeed(None)
+        key = (block, offset)
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = _PendingPage()
+        waiting: Deferred = Deferred(lambda d: pending.deferreds.remove(d) if d in pending.deferreds else None)
+        pending.deferreds.append(waiting)
+        if not pending.requested:
+            self._request(key, pending)
+        return waiting
+
+    def rerequestPending(self) -> int:
+        """
+        After recovery: request again every page whose request failed.
+
+        @return: how many requests were sent.
+        """
+        again = [(key, pending) for key, pending in self._pending.items() if not pending.requested]
+        for key, pending in again:
+            self._request(key, pending)
+        return len(again)
+
+    def failAll(self, reason: BaseException | Failure) -> None:
+        """
+        Fail every outstanding request's Deferreds (pause or failure); the
+        faulting threads stay blocked until their pages are placed.
+
+        @param reason: e.g. L{twisted_postcopy.errors.PostcopyPaused}.
+        """
+        failure = reason if isinstance(reason, Failure) else Failure(reason)
+        for key, pending in list(self._pending.items()):
+            self._requestFailed(failure, key, pending)
+
+    # -- placement ---------------------------------------------------------
+
+    def _block(self, idstr: str, offset: int, length: int) -> Any:
+        """
+        @param idstr: a block name.
+        @param offset: byte offset.
+        @param length: byte length.
+        @return: the registered RAMBlock.
+        @raise RAMBlockError: unknown block, or the range is outside it.
+        """
+        block = self.blocks.get(idstr)
+        if block is None:
+            raise RAMBlockError(f"RAMBlock {idstr!r} is not registered with the fault service")
+        if offset < 0 or length <= 0 or offset + length > block.length:
+            raise RAMBlockError(f"RAMBlock {idstr}: range {offset:#x}+{length:#x} outside its {block.length:#x} bytes")
+        return block
+
+    def placePages(self, block: str, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """
+        Place received pages (requested or background) with one
+        C{UFFDIO_COPY} per contiguous run, mark them received and wake every
+        client waiting on them.
+
+        @param block: the RAMBlock idstr.
+        @param offset: page-aligned byte offset.
+        @param data: one or more contiguous whole pages.
+        @raise RAMBlockError: unknown block or misaligned range.
+        @raise UffdError: the kernel refused (pages before the failure are
+            placed and woken).
+        """
+        ram = self._block(block, offset, len(data))
+        ram.checkRange(offset, len(data))
+        self._place(ram, offset, memoryview(data).cast("B"), len(data))
+
+    def placeZero(self, block: str, offset: int, length: int) -> None:
+        """
+        Place zero pages (C{UFFDIO_ZEROPAGE}; a copy of zeros on hugetlbfs,
+        which has no zero page ioctl).
+
+        @param block: the RAMBlock idstr.
+        @param offset: page-aligned byte offset.
+        @param length: whole pages.
+        @raise RAMBlockError: unknown block or misaligned range.
+        @raise UffdError: the kernel refused.
+        """
+        ram = self._block(block, offset, length)
+        ram.checkRange(offset, length)
+        zeros = memoryview(bytes(length)) if ram.backing == "hugetlbfs" else None
+        self._place(ram, offset, zeros, length)
+
+    def _place(self, ram: Any, offset: int, data: memoryview | None, length: int) -> None:
+        """
+        Place a run on the daemon's uffd, draining events on C{EAGAIN}.
+
+        @param ram: the RAMBlock.
+        @param offset: byte offset.
+        @param data: the bytes, or L{None} for zero pages.
+        @param length: the run's length.
+        @raise UffdError: the kernel refused.
+        """
+        done, retries = 0, 0
+        while True:
+            rest = None if data is None else data[done:]
+            result, placed, _ = uffd.placeRun(self.uffd, ram.address + offset + done, rest, length - done,
+                                              ram.pageSize)
+            done += placed
+            if result == -errno.EAGAIN and retries < PLACE_RETRIES:
+                retries += 1
+                self._drainOwn()
+                continue
+            break
+        if done:
+            self._placed(ram, offset, done)
+        if result < 0:
+            operation = "UFFDIO_ZEROPAGE" if data is None else "UFFDIO_COPY"
+            raise UffdError(-result, f"{operation} of {ram.idstr}:{offset + done:#x}: {os.strerror(-result)}")
+
+    def _drainOwn(self) -> None:
+        """
+        Read (and drop) whatever is queued on the daemon's own uffd, so a
+        placement refused with C{EAGAIN} can proceed.
+        """
+        while self._drainBuffer.read(self.uffd) is not None:
+            pass
+
+    def _placed(self, ram: Any, offset: int, length: int) -> None:
+        """
+        Pages are in: mark them received, wake their waiters, fire their
+        Deferreds and tell the observers.
+
+        @param ram: the RAMBlock.
+        @param offset: byte offset.
+        @param length: bytes placed.
+        """
+        size = ram.pageSize
+        ram.receivedMap.set(offset // size, length // size)
+        if not self._pending:
+            return
+        if length // size <= len(self._pending):
+            keys = [(ram.idstr, page) for page in range(offset, offset + length, size)]
+            found = [(key, self._pending.pop(key)) for key in keys if key in self._pending]
+        else:
+            found = [(key, pending) for key, pending in self._pending.items()
+                     if key[0] == ram.idstr and offset <= key[1] < offset + length]
+            for key, _ in found:
+                del self._pending[key]
+        for key, pending in found:
+            self._release(ram, key[1], pending)
+
+    def _release(self, ram: Any, offset: int, pending: _PendingPage) -> None:
+        """
+        Wake the clients waiting on one placed page and fire its Deferreds.
+
+        @param ram: the RAMBlock.
+        @param offset: the page's byte offset.
+        @param pending: its waiting state.
+        """
+        for client, address in pending.waiters:
+            self._wake(client, address, ram.pageSize)
+        now = uffd.monotonicNs()
+        for observer in self._observers:
+            observer.pagePlaced(ram.idstr, offset, now)
+        for callback in self._placementCallbacks:
+            callback(ram.address + offset)
+        for waiting in pending.deferreds:
+            waiting.callback(None)
+
+    def missingPages(self) -> int:
+        """
+        @return: pages of the registered blocks not received yet.
+        """
+        return sum(block.pages - block.receivedMap.count() for block in self.blocks.values())
+
+    # -- observers and lifetime --------------------------------------------
+
+    def subscribe(self, observer: Any) -> Callable[[], None]:
+        """
+        Add an L{twisted_postcopy.interfaces.IFaultObserver}.
+
+        @param observer: gets C{faultBegan} for faults on missing pages and
+            C{pagePlaced} when such a page is placed.
+        @return: a callable that unsubscribes it.
+        """
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer)
+
+    def addFaultObserver(self, callback: Callable[[int, int, bool], None]) -> None:
+        """
+        Address-keyed fault observer (the shape of QEMU's
+        C{mark_postcopy_blocktime_begin}).
+
+        @param callback: called with (thread id, the page's address in the
+            daemon's mapping, whether the page was already received).
+        """
+        self._faultCallbacks.append(callback)
+
+    def addPlacementObserver(self, callback: Callable[[int], None]) -> None:
+        """
+        Address-keyed placement observer (QEMU's
+        C{mark_postcopy_blocktime_end}); called for pages that were faulted on.
+
+        @param callback: called with the page's address in the daemon's mapping.
+        """
+        self._placementCallbacks.append(callback)
+
+    def stop(self, reason: BaseException | None = None) -> None:
+        """
+        Fail outstanding requests, detach every client and close the
+        daemon's userfaultfd (idempotent).  Call it only once every page is
+        placed, or when the guests are finished anyway: closing the last
+        reference to a userfaultfd turns its missing pages into zero pages.
+
+        @param reason: the failure for outstanding Deferreds (default: a
+            L{twisted_postcopy.errors.MigrationFailed}).
+        """
+        self.failAll(reason if reason is not None else MigrationFailed("fault service stopped"))
+        self._pending.clear()
+        for client in list(self.clients):
+            self.removeClient(client, "fault service stopped")
+        if self.uffd >= 0:
+            os.close(self.uffd)
+            self.uffd = -1

@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_ram_support -*-
+"""
+The early check: can this process use userfaultfd for postcopy?
+
+The destination calls L{checkUserfaultfd} when it receives
+C{POSTCOPY_ADVISE} (QEMU's C{postcopy_ram_supported_by_host}), so a
+missing privilege or kernel feature fails the migration before any page
+is discarded, with a message that names the fix.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from twisted_postcopy.errors import UffdError, UffdUnavailableError
+from twisted_postcopy.ram import uffd
+
+#: Where the huge page pool is sized.
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+
+#: Free 2 MiB huge pages.
+FREE_HUGEPAGES = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages"
+
+_PRIVILEGE = (
+    "userfaultfd is not permitted for this process ({error}). Fix one of: run the daemon as root "
+    "or with CAP_SYS_PTRACE; `sysctl vm.unprivileged_userfaultfd=1`; or give the daemon's user "
+    "read-write access to /dev/userfaultfd (Linux 6.1+). Kernel-mode faults (vCPUs, system calls) "
+    "need a full-privilege userfaultfd, so UFFD_USER_MODE_ONLY is not an option for postcopy."
+)
+
+_NO_KERNEL = (
+    "this kernel has no userfaultfd ({error}): it was built without CONFIG_USERFAULTFD; "
+    "postcopy needs a kernel with CONFIG_USERFAULTFD=y (4.11 or later for shared memory)."
+)
+
+
+def _openError(error: UffdError) -> UffdUnavailableError:
+    """
+    @param error: the failure to open a userfaultfd.
+    @return: the error to raise, with the fix.
+    """
+    if error.errno == errno.ENOSYS:
+        return UffdUnavailableError(_NO_KERNEL.format(error=error))
+    if error.errno in (errno.EPERM, errno.EACCES):
+        return UffdUnavailableError(_PRIVILEGE.format(error=error))
+    return UffdUnavailableError(f"userfaultfd could not be opened: {error}")
+
+
+def _readInt(path: str) -> int:
+    """
+    @param path: a sysfs or procfs file holding one integer.
+    @return: its value, or 0 when it cannot be read.
+    """
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def checkHugePages(pages: int = 1) -> None:
+    """
+    Check that C{pages} free 2 MiB huge pages are reserved.
+
+    @param pages: how many huge pages are needed.
+    @raise UffdUnavailableError: fewer are free; the message gives the
+        C{nr_hugepages} command.
+    """
+    free = _readInt(FREE_HUGEPAGES)
+    if free < pages:
+        total = _readInt(NR_HUGEPAGES)
+        raise UffdUnavailableError(
+            f"hugetlbfs RAM needs {pages} free 2 MiB huge page(s) but {free} of {total} are free: "
+            f"reserve them as root with `echo {total - free + pages} > {NR_HUGEPAGES}`"
+        )
+
+
+def checkUserfaultfd(hugetlb: bool = False, hugePages: int = 1) -> int:
+    """
+    Check that postcopy can run here (QEMU's
+    C{postcopy_ram_supported_by_host}): a userfaultfd opens with full
+    privilege, the handshake works, MISSING faults on shared memory are
+    supported (and on hugetlbfs, with huge pages reserved, if asked).
+
+    @param hugetlb: whether hugetlbfs-backed RAM will be used.
+    @param hugePages: how many 2 MiB pages that RAM needs.
+    @return: the kernel's C{UFFD_FEATURE_*} bits.
+    @raise UffdUnavailableError: something is missing; the message names
+        the fix.
+    """
+    try:
+        features = uffd.probeFeatures()
+    except UffdError as error:
+        raise _openError(error) from None
+    if not features & uffd.UFFD_FEATURE_MISSING_SHMEM:
+        raise UffdUnavailableError(
+            "userfaultfd cannot trap missing pages of shared memory (UFFD_FEATURE_MISSING_SHMEM, "
+            "Linux 4.11+): upgrade the kernel"
+        )
+    if hugetlb:
+        if not features & uffd.UFFD_FEATURE_MISSING_HUGETLBFS:
+            raise UffdUnavailableError(
+                "userfaultfd cannot trap missing hugetlbfs pages (UFFD_FEATURE_MISSING_HUGETLBFS, "
+                "Linux 4.11+): upgrade the kernel or use 4 KiB pages"
+            )
+        checkHugePages(hugePages)
+    return features
+
+
+def describeFeatures(features: int) -> list[str]:
+    """
+    @param features: C{UFFD_FEATURE_*} bits.
+    @return: the names of the bits this module knows, for logs.
+    """
+    names = [name for name in dir(uffd) if name.startswith("UFFD_FEATURE_")]
+    return sorted(name[len("UFFD_FEATURE_"):] for name in names if features & getattr(uffd, name))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(", ".join(describeFeatures(checkUserfaultfd())), "pid", os.getpid())
