@@ -61,6 +61,18 @@ class ReturnPathDecoderTests(SynchronousTestCase):
         """
         self.assertEqual(decode(GOLDEN), GOLDEN_EVENTS)
 
+    def test_realRecording(self) -> None:
+        """
+        The return path of a real postcopy migration (TCG, so PONGs in
+        order) decodes to four PONGs and SHUT(0).
+        """
+        import os
+        path = os.path.join(os.path.dirname(__file__), "data", "qemu72-postcopy-pc-32m.rp.bin")
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertEqual(decodeChunked(ReturnPathDecoder, data, 3),
+                         [PongReceived(1), PongReceived(2), PongReceived(3), PongReceived(4), ShutReceived(0)])
+
     def test_recvBitmap(self) -> None:
         """
         RECV_BITMAP carries its trailing size, bitmap and end mark.
