@@ -191,19 +191,13 @@ def _runPostcopy(
 
     @return: see L{migratePostcopy}.
     """
-    for qemu in (source, destination):
-        qemu.setCapabilities(postcopy_ram=True)
-    destination.setCapabilities(postcopy_blocktime=True)
-    source.setParameters(
-        max_bandwidth=precopyBandwidth, max_postcopy_bandwidth=postcopyBandwidth
-    )
-    target = listenIncoming(destination)
+    target = preparePostcopy(source, destination, precopyBandwidth, postcopyBandwidth)
     relay = RecordingRelay(target) if record else None
     try:
         source.waitSerial(1, timeout)
         started = time.time()
         source.migrate(relay.uri if relay else "tcp:%s:%d" % target)
-        _startPostcopyAfter(source, startAfterBytes, timeout)
+        startPostcopyAfter(source, startAfterBytes, timeout)
         resumed = eventTime(destination.waitEvent("RESUME", timeout))
         sourceInfo = source.waitMigration(["completed"], timeout)
         destinationInfo = destination.waitMigration(["completed"], timeout)
@@ -223,7 +217,34 @@ def _runPostcopy(
     )
 
 
-def _startPostcopyAfter(source: QEMUInstance, count: int, timeout: float) -> None:
+def preparePostcopy(
+    source: QEMUInstance,
+    destination: QEMUInstance,
+    precopyBandwidth: int,
+    postcopyBandwidth: int,
+) -> tuple[str, int]:
+    """
+    Switch on C{postcopy-ram} on both sides (and C{postcopy-blocktime} on
+    the destination), set the source's bandwidths, and make the destination
+    listen.
+
+    @param source: the source QEMU.
+    @param destination: the destination QEMU (started with C{-incoming
+        defer}).
+    @param precopyBandwidth: the source's C{max-bandwidth} (bytes/s).
+    @param postcopyBandwidth: the source's C{max-postcopy-bandwidth}.
+    @return: the C{(host, port)} the destination listens on.
+    """
+    for qemu in (source, destination):
+        qemu.setCapabilities(postcopy_ram=True)
+    destination.setCapabilities(postcopy_blocktime=True)
+    source.setParameters(
+        max_bandwidth=precopyBandwidth, max_postcopy_bandwidth=postcopyBandwidth
+    )
+    return listenIncoming(destination)
+
+
+def startPostcopyAfter(source: QEMUInstance, count: int, timeout: float) -> None:
     """
     Issue C{migrate-start-postcopy} once C{count} bytes were transferred.
 
