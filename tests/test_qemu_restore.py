@@ -1,0 +1,158 @@
+# -*- test-case-name: tests.test_qemu_restore -*-
+"""
+Restore snapshots into real QEMU 7.2 destinations (TCG, 32 MiB, the
+boot-sector counting guest) with C{postcopy snapshot restore}.
+
+The snapshot is made once per test process: QEMU saves the running guest
+with C{migrate exec:cat > FILE} and C{postcopy snapshot import} stores it.
+Every restored guest must keep writing serial markers and, once stopped,
+hold a consistent counter pattern (every page's counter is C{v} or C{v+1}
+with one boundary), which a lost or misplaced page would break.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.snapshotqemu import (
+    LAYOUT, MEMORY_MIB, TIMEOUT, bootImage, finish, requireQEMU, restoreTarget, snapshotCommand,
+    summaries,
+)
+from twisted_postcopy.testing.qemubaseline import recordPrecopy, stopAndCheck
+
+_made: dict[str, str] = {}
+
+
+def storedSnapshot() -> tuple[str, str]:
+    """
+    Record and import the guest once per process.
+
+    @return: (the snapshot directory, the boot image).
+    """
+    if not _made:
+        requireQEMU()
+        directory = tempfile.mkdtemp(prefix="pc-restore-")
+        atexit.register(shutil.rmtree, directory, True)
+        stream = os.path.join(directory, "stream.mig")
+        recordPrecopy(directory, stream, MEMORY_MIB, LAYOUT)
+        code, _, err = finish(snapshotCommand("import", stream, os.path.join(directory, "snap")))
+        if code:
+            raise AssertionError(err.decode())
+        _made.update(directory=directory, snapshot=os.path.join(directory, "snap"),
+                     image=bootImage(directory))
+    return _made["snapshot"], _made["image"]
+
+
+class RestoreTests(SynchronousTestCase):
+    """
+    Our source feeding a stored snapshot to QEMU destinations.
+    """
+
+    def setUp(self) -> None:
+        """
+        Make (or reuse) the snapshot and a directory for the destinations.
+        """
+        self.snapshot, self.image = storedSnapshot()
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+
+    def target(self, name: str, postcopy: bool):
+        """
+        @param name: the instance name.
+        @param postcopy: enable postcopy on it.
+        @return: (a fresh QEMU destination, its URI); killed at cleanup.
+        """
+        qemu, uri = restoreTarget(self.directory, name, self.image, postcopy)
+        self.addCleanup(qemu.kill)
+        return qemu, uri
+
+    def assertRunsConsistently(self, qemu) -> None:
+        """
+        The restored guest completed, keeps running, and its memory holds
+        a consistent counter pattern.
+
+        @param qemu: the destination.
+        """
+        qemu.waitMigration(["completed"], TIMEOUT)
+        seen = len(qemu.serialOutput())
+        qemu.waitSerial(seen + 2, TIMEOUT)
+        stopAndCheck(qemu, LAYOUT)
+
+    def test_postcopy(self) -> None:
+        """
+        A postcopy restore runs the guest before its RAM arrived: QEMU
+        asked for pages (our source counted them), and the guest is
+        consistent after completion.
+        """
+        qemu, uri = self.target("post", True)
+        code, out, err = finish(snapshotCommand("restore", self.snapshot, "--to", uri, "--postcopy"))
+        self.assertEqual(code, 0, err.decode())
+        (summary,) = summaries(out)
+        self.assertEqual(summary["status"], "completed", summary)
+        self.assertGreater(summary["ram"]["postcopy-requests"], 0, summary)
+        self.assertEqual(qemu.qmp("query-status")["status"], "running")
+        info = qemu.waitMigration(["completed"], TIMEOUT)
+        self.assertIn("postcopy-blocktime", info, info)
+        self.assertRunsConsistently(qemu)
+
+    def test_precopy(self) -> None:
+        """
+        A plain precopy restore (all pages, devices, EOF, vmdesc) gives a
+        running, consistent guest.
+        """
+        qemu, uri = self.target("pre", False)
+        code, out, err = finish(snapshotCommand("restore", self.snapshot, "--to", uri))
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual([s["status"] for s in summaries(out)], ["completed"])
+        self.assertRunsConsistently(qemu)
+
+    def test_threeClones(self) -> None:
+        """
+        One snapshot restored into three QEMUs at once, one connection
+        each: all complete and run consistently.
+        """
+        targets = [self.target(f"clone{index}", True) for index in range(3)]
+        arguments = [argument for _, uri in targets for argument in ("--to", uri)]
+        code, out, err = finish(snapshotCommand("restore", self.snapshot, *arguments, "--postcopy"))
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual([s["status"] for s in summaries(out)], ["completed"] * 3)
+        for qemu, _ in targets:
+            self.assertRunsConsistently(qemu)
+
+    def test_sourceKilled(self) -> None:
+        """
+        When our source dies mid-postcopy, QEMU leaves postcopy-active for
+        a paused or failed state and never reports completion.
+        """
+        qemu, uri = self.target("killed", True)
+        restore = snapshotCommand("restore", self.snapshot, "--to", uri, "--postcopy",
+                                  "--max-bandwidth", str(1 << 20))
+        self.addCleanup(finish, restore, 5)
+        qemu.waitMigration(["postcopy-active"], TIMEOUT)
+        time.sleep(0.5)
+        restore.kill()
+        info = qemu.waitMigration(["postcopy-paused", "failed"], TIMEOUT)
+        self.assertIn(info["status"], ("postcopy-paused", "failed"))
+        time.sleep(0.5)
+        self.assertNotEqual(qemu.queryMigrate()["status"], "completed")
+
+    def test_tamperedRefused(self) -> None:
+        """
+        A tampered snapshot is refused before any connection, naming the
+        file.
+        """
+        copy = os.path.join(self.directory, "copy")
+        shutil.copytree(self.snapshot, copy)
+        with open(os.path.join(copy, "devices.bin"), "r+b") as f:
+            f.write(b"\xff")
+        qemu, uri = self.target("tampered", True)
+        code, _, err = finish(snapshotCommand("restore", copy, "--to", uri, "--postcopy"))
+        self.assertEqual(code, 1)
+        self.assertIn(b"devices.bin", err)
+        self.assertIsNone(qemu.queryMigrate().get("status"))
