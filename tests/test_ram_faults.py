@@ -1,0 +1,373 @@
+# -*- test-case-name: tests.test_ram_faults -*-
+"""
+Tests for L{twisted_postcopy.ram.faults}: real userfaultfds, guest worker
+processes that fault from C threads, pages that arrive only through faults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from twisted_postcopy.errors import MappingTableError, PostcopyPaused, RAMBlockError, UffdError
+from twisted_postcopy.ram.block import HUGE_PAGE_SIZE, RAMBlock
+from twisted_postcopy.ram.faults import ClientMapping, FaultService
+from twisted_postcopy.ram.guestworker import MemoryPageSource, spawnWorker
+from twisted_postcopy.ram.support import NR_HUGEPAGES, checkUserfaultfd
+
+PAGE = 4096
+
+
+def _skipUnlessUffd() -> None:
+    """
+    @raise SkipTest: userfaultfd is unusable here (the reason says why).
+    """
+    try:
+        checkUserfaultfd()
+    except Exception as error:
+        raise SkipTest(str(error))
+
+
+def pageContents(pages: int, pageSize: int = PAGE, seed: int = 1) -> bytes:
+    """
+    @param pages: number of pages.
+    @param pageSize: page size.
+    @param seed: random seed.
+    @return: random pages, with every third page all zero.
+    """
+    rng = random.Random(seed)
+    return b"".join(bytes(pageSize) if i % 3 == 1 else rng.randbytes(pageSize) for i in range(pages))
+
+
+def firstBytes(data: bytes, pageSize: int, first: int, count: int) -> int:
+    """
+    @return: the sum of the first byte of pages C{first..first+count}
+        (what the worker's checksum reports for a read touch).
+    """
+    return sum(data[i * pageSize] for i in range(first, first + count))
+
+
+class _Observer:
+    """
+    An IFaultObserver recording calls; C{faulted} fires at the first fault.
+    """
+
+    def __init__(self) -> None:
+        self.began: list[tuple] = []
+        self.placed: list[tuple] = []
+        self.faulted: Deferred = Deferred()
+
+    def faultBegan(self, threadId: int, block: str, offset: int, t: int) -> None:
+        self.began.append((threadId, block, offset, t))
+        if not self.faulted.called:
+            self.faulted.callback(None)
+
+    def pagePlaced(self, block: str, offset: int, t: int) -> None:
+        self.placed.append((block, offset, t))
+
+
+class _NeverSource:
+    """
+    A page source that never answers (its Deferreds stay pending).
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int]] = []
+
+    def requestPage(self, block: str, offset: int) -> Deferred:
+        self.requests.append((block, offset))
+        return Deferred()
+
+
+class FaultServiceProcessTests(TestCase):
+    """
+    The fault service on the real reactor with worker processes.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        Skip without userfaultfd.
+        """
+        _skipUnlessUffd()
+
+    def makeService(self, contents: dict[str, bytes], pageSize: int = PAGE, backing: str = "memfd"):
+        """
+        @return: (service, source, blocks) with cleanups.
+        """
+        blocks = [RAMBlock(name, len(data), pageSize, backing) for name, data in contents.items()]
+        source = MemoryPageSource(contents)
+        service = FaultService(reactor, source, blocks)
+        source.service = service
+        self.addCleanup(lambda: [block.close() for block in blocks])
+        self.addCleanup(service.stop)
+        return service, source, blocks
+
+    def spawn(self, service, blocks):
+        """
+        @return: a worker whose exit is awaited at cleanup.
+        """
+        worker = spawnWorker(reactor, service, blocks)
+        self.addCleanup(lambda: worker.ended if worker.ended.called else worker.exit())
+        return worker
+
+    @inlineCallbacks
+    def test_everyByteThroughFaults(self):
+        """
+        Pages (random and zero) arrive only through faults: every byte the
+        guest reads matches, each page was requested once, and zero pages
+        were placed as zero pages.
+        """
+        data = pageContents(96)
+        service, source, blocks = self.makeService({"pc.ram": data})
+        worker = self.spawn(service, blocks)
+        yield worker.attached
+        answer = yield worker.command(op="touch", block=0, first=0, count=96)
+        self.assertEqual(answer["checksum"], firstBytes(data, PAGE, 0, 96))
+        digest = yield worker.command(op="digest", block=0)
+        self.assertEqual(digest["digest"], hashlib.sha256(data).hexdigest())
+        self.assertEqual(sorted(source.requests), [("pc.ram", i * PAGE) for i in range(96)])
+        self.assertEqual(service.missingPages(), 0)
+
+    @inlineCallbacks
+    def test_samePageManyThreads(self):
+        """
+        Eight threads faulting on the same pages share one request per page
+        and all read the placed bytes; their thread ids are reported.
+        """
+        data = pageContents(4, seed=2)
+        service, source, blocks = self.makeService({"pc.ram": data})
+        observer = _Observer()
+        service.subscribe(observer)
+        worker = self.spawn(service, blocks)
+        yield worker.attached
+        answer = yield worker.command(op="touch", block=0, first=0, count=4, threads=8, shared=True)
+        self.assertEqual(answer["checksum"], 8 * firstBytes(data, PAGE, 0, 4))
+        self.assertEqual(len(source.requests), 4)
+        self.assertTrue({began[0] for began in observer.began} <= set(answer["tids"]))
+        self.assertEqual(sorted({placed[1] for placed in observer.placed}), [0, PAGE, 2 * PAGE, 3 * PAGE])
+
+    @inlineCallbacks
+    def test_manyClients(self):
+        """
+        Four guest processes over two blocks fault concurrently; every page
+        is requested once and every process reads the same bytes.
+        """
+        contents = {"pc.ram": pageContents(64, seed=3), "vga.vram": pageContents(16, seed=4)}
+        service, source, blocks = self.makeService(contents)
+        workers = [self.spawn(service, blocks) for _ in range(4)]
+        for worker in workers:
+            yield worker.attached
+        answers = [worker.command(op="touch", block=0, first=0, count=64, threads=2) for worker in workers]
+        answers += [worker.command(op="touch", block=1, first=0, count=16) for worker in workers]
+        for answer, expected in zip(answers, [firstBytes(contents["pc.ram"], PAGE, 0, 64)] * 4
+                                    + [firstBytes(contents["vga.vram"], PAGE, 0, 16)] * 4):
+            self.assertEqual((yield answer)["checksum"], expected)
+        self.assertEqual(len(source.requests), 80)
+        self.assertEqual(len(set(source.requests)), 80)
+
+    @inlineCallbacks
+    def test_receivedPageWakesAtOnce(self):
+        """
+        Pages placed in the background before the guest touches them are
+        never requested.
+        """
+        data = pageContents(8, seed=5)
+        service, source, blocks = self.makeService({"pc.ram": data})
+        service.placePages("pc.ram", 0, data)
+        worker = self.spawn(service, blocks)
+        yield worker.attached
+        answer = yield worker.command(op="touch", block=0, first=0, count=8)
+        self.assertEqual(answer["checksum"], firstBytes(data, PAGE, 0, 8))
+        self.assertEqual(source.requests, [])
+
+    @inlineCallbacks
+    def test_discardThenRefault(self):
+        """
+        After a discard (hole punch) the guest faults again and reads the
+        newly placed bytes.
+        """
+        first, second = pageContents(8, seed=6), pageContents(8, seed=7)
+        service, source, blocks = self.makeService({"pc.ram": first})
+        worker = self.spawn(service, blocks)
+        yield worker.attached
+        answer = yield worker.command(op="touch", block=0, first=0, count=8)
+        self.assertEqual(answer["checksum"], firstBytes(first, PAGE, 0, 8))
+        blocks[0].discard(2 * PAGE, 4 * PAGE)
+        source.contents["pc.ram"] = second
+        digest = yield worker.command(op="digest", block=0)
+        expected = first[: 2 * PAGE] + second[2 * PAGE : 6 * PAGE] + first[6 * PAGE :]
+        self.assertEqual(digest["digest"], hashlib.sha256(expected).hexdigest())
+        self.assertEqual(source.requests[8:], [("pc.ram", i * PAGE) for i in range(2, 6)])
+
+    @inlineCallbacks
+    def test_clientDiesMidFault(self):
+        """
+        A guest killed while blocked on a fault is removed (its pidfd fires)
+        and another guest of the same block is still served.
+        """
+        data = pageContents(4, seed=8)
+        blocks = [RAMBlock("pc.ram", len(data))]
+        self.addCleanup(blocks[0].close)
+        never = _NeverSource()
+        service = FaultService(reactor, never, blocks)
+        self.addCleanup(service.stop)
+        observer = _Observer()
+        service.subscribe(observer)
+        doomed = spawnWorker(reactor, service, blocks)
+        yield doomed.attached
+        doomed.command(op="touch", block=0, first=1, count=1).addErrback(lambda f: None)
+        yield observer.faulted
+        doomed.transport.signalProcess("KILL")
+        yield doomed.ended
+        while doomed.client.alive:
+            yield _turn()
+        self.assertEqual(service.clients, [])
+        survivor = self.spawn(service, blocks)
+        yield survivor.attached
+        touched = survivor.command(op="touch", block=0, first=1, count=1)
+        service.placePages("pc.ram", PAGE, data[PAGE : 2 * PAGE])
+        self.assertEqual((yield touched)["checksum"], data[PAGE])
+        self.assertEqual(never.requests, [("pc.ram", PAGE)])
+
+    @inlineCallbacks
+    def test_hugetlbfs(self):
+        """
+        2 MiB hugetlbfs pages are faulted in (zero pages by copy).
+        """
+        try:
+            with open(NR_HUGEPAGES) as f:
+                saved = int(f.read())
+            with open(NR_HUGEPAGES, "w") as f:
+                f.write(str(saved + 4))
+        except OSError as error:
+            raise SkipTest(f"cannot reserve huge pages through {NR_HUGEPAGES}: {error}")
+
+        def restore() -> None:
+            with open(NR_HUGEPAGES, "w") as f:
+                f.write(str(saved))
+
+        self.addCleanup(restore)
+        try:
+            checkUserfaultfd(hugetlb=True, hugePages=4)
+        except Exception as error:
+            raise SkipTest(f"the kernel did not reserve huge pages: {error}")
+        data = pageContents(2, HUGE_PAGE_SIZE, seed=9) + bytes(HUGE_PAGE_SIZE)
+        service, source, blocks = self.makeService({"pc.ram": data}, HUGE_PAGE_SIZE, "hugetlbfs")
+        worker = self.spawn(service, blocks)
+        yield worker.attached
+        digest = yield worker.command(op="digest", block=0)
+        self.assertEqual(digest["digest"], hashlib.sha256(data).hexdigest())
+        self.assertEqual(len(source.requests), 3)
+
+
+def _turn() -> Deferred:
+    """
+    @return: a Deferred firing on the next reactor iteration.
+    """
+    from twisted.internet.task import deferLater
+
+    return deferLater(reactor, 0.01, lambda: None)
+
+
+class FaultServiceUnitTests(SynchronousTestCase):
+    """
+    The service's bookkeeping with a real userfaultfd but no guest.
+    """
+
+    def setUp(self) -> None:
+        """
+        A service over one 16-page block, on a memory reactor.
+        """
+        _skipUnlessUffd()
+        self.block = RAMBlock("pc.ram", 16 * PAGE)
+        self.addCleanup(self.block.close)
+        self.source = _NeverSource()
+        self.service = FaultService(MemoryReactor(), self.source, {"pc.ram": self.block})
+        self.addCleanup(self.service.stop)
+
+    def test_requestPageShared(self):
+        """
+        Two waiters of one page make one request; placing it fires both.
+        """
+        first = self.service.requestPage("pc.ram", 3 * PAGE)
+        second = self.service.requestPage("pc.ram", 3 * PAGE + 5)
+        self.assertEqual(self.source.requests, [("pc.ram", 3 * PAGE)])
+        self.assertNoResult(first)
+        self.service.placePages("pc.ram", 2 * PAGE, os.urandom(2 * PAGE))
+        self.assertIsNone(self.successResultOf(first))
+        self.assertIsNone(self.successResultOf(second))
+        self.assertIsNone(self.successResultOf(self.service.requestPage("pc.ram", 2 * PAGE)))
+
+    def test_failAll(self):
+        """
+        C{failAll} fails outstanding waiters; C{rerequestPending} asks again.
+        """
+        waiting = self.service.requestPage("pc.ram", 0)
+        self.service.failAll(PostcopyPaused("paused"))
+        self.failureResultOf(waiting, PostcopyPaused)
+        self.assertEqual(self.service.rerequestPending(), 1)
+        self.assertEqual(self.source.requests, [("pc.ram", 0), ("pc.ram", 0)])
+
+    def test_placeTwiceCountsAsPlaced(self):
+        """
+        Placing a page that exists already (EEXIST) is not an error.
+        """
+        self.service.placeZero("pc.ram", 0, 4 * PAGE)
+        self.service.placePages("pc.ram", 0, os.urandom(8 * PAGE))
+        self.assertEqual(self.service.missingPages(), 8)
+
+    def test_badPlacement(self):
+        """
+        Placing into an unknown block, past the end or misaligned raises
+        L{RAMBlockError}; a misaligned copy never reaches the kernel.
+        """
+        self.assertRaises(RAMBlockError, self.service.placePages, "nope", 0, bytes(PAGE))
+        self.assertRaises(RAMBlockError, self.service.placeZero, "pc.ram", 15 * PAGE, 2 * PAGE)
+        self.assertRaises(RAMBlockError, self.service.placePages, "pc.ram", 100, bytes(PAGE))
+
+    def test_badMappingTable(self):
+        """
+        Mapping tables that do not fit the blocks raise L{MappingTableError}.
+        """
+        bad = [
+            [],
+            [ClientMapping(0x10000, "nope", 0, PAGE)],
+            [ClientMapping(0x10001, "pc.ram", 0, PAGE)],
+            [ClientMapping(0x10000, "pc.ram", 8 * PAGE, 9 * PAGE)],
+            [ClientMapping(0x10000, "pc.ram", 0, PAGE, 2 << 20)],
+            [ClientMapping(0x10000, "pc.ram", 0, 2 * PAGE), ClientMapping(0x11000, "pc.ram", 4 * PAGE, PAGE)],
+            [{"base": 0x10000, "block": "pc.ram"}],
+        ]
+        for table in bad:
+            self.assertRaises(MappingTableError, self.service.addClient, -1, table)
+
+    def test_duplicateBlock(self):
+        """
+        A block cannot be registered twice.
+        """
+        self.assertRaises(RAMBlockError, self.service.addBlock, self.block)
+
+    def test_registeredBlockRefusesWrite(self):
+        """
+        Once registered, a block refuses C{pwrite} (which would silently
+        fill pages behind the fault service).
+        """
+        self.assertRaises(RAMBlockError, self.block.write, 0, bytes(PAGE))
+
+    def test_stoppedServiceFailsWaiters(self):
+        """
+        Stopping the service fails outstanding waiters and closes its uffd.
+        """
+        waiting = self.service.requestPage("pc.ram", 0)
+        self.service.stop()
+        self.failureResultOf(waiting)
+        self.assertEqual(self.service.uffd, -1)
+        self.assertRaises(UffdError, self.service.placeZero, "pc.ram", 0, PAGE)
