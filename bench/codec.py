@@ -1,0 +1,143 @@
+# -*- test-case-name: tests.test_wire_stream -*-
+"""
+Benchmark of the wire codec's hot path: decoding a stream of non-zero
+pages (and encoding it).
+
+Builds, in memory, a main stream holding C{--size-mib} MiB of random pages
+(one RAM PART section of PAGE|CONTINUE records, made with
+L{StreamEncoder}), cut into chunks like socket reads, then decodes it with
+L{StreamDecoder} for each chunk size and prints MB/s of page data and ns per
+page record.  C{--json} prints one JSON object instead of the table.
+
+Usage: C{python bench/codec.py [--size-mib 512] [--chunk-kib 64 1024] [--json]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE, SectionType
+from twisted_postcopy.wire.encoder import StreamEncoder
+from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo
+from twisted_postcopy.wire.stream import StreamDecoder
+
+#: Distinct random pages; page I of the block carries pattern I modulo this.
+POOL_PAGES = 16384
+
+
+def encodeStream(pages: int) -> tuple[list[bytes | memoryview], float]:
+    """
+    Encode a stream of C{pages} random non-zero pages.
+
+    @param pages: the number of pages.
+    @return: the stream's buffers (headers and page views, as for
+        C{sendmsg}) and the seconds the encoder took.
+    """
+    pool = memoryview(os.urandom(POOL_PAGES * TARGET_PAGE_SIZE))
+    encoder = StreamEncoder()
+    buffers: list[bytes | memoryview] = [
+        encoder.header("pc-i440fx-7.2"),
+        encoder.ramStart(2, [RAMBlockInfo("pc.ram", pages * TARGET_PAGE_SIZE)]),
+        encoder.sectionHeader(SectionType.SECTION_PART, 2)]
+    start = time.perf_counter()
+    for page in range(pages):
+        slot = (page % POOL_PAGES) * TARGET_PAGE_SIZE
+        buffers.extend(encoder.page("pc.ram", page * TARGET_PAGE_SIZE, pool[slot:slot + TARGET_PAGE_SIZE]))
+    elapsed = time.perf_counter() - start
+    buffers += [encoder.eos(), encoder.sectionFooter(2), encoder.eof()]
+    return buffers, elapsed
+
+
+def chunked(buffers: list[bytes | memoryview], size: int) -> list[bytes]:
+    """
+    Cut the stream into chunks of C{size} bytes, like socket reads.
+
+    @param buffers: the stream's buffers.
+    @param size: the chunk size.
+    @return: the chunks.
+    """
+    chunks, pending, length = [], [], 0
+    for buffer in buffers:
+        view = memoryview(buffer)
+        while len(view):
+            take = min(size - length, len(view))
+            pending.append(view[:take])
+            view, length = view[take:], length + take
+            if length == size:
+                chunks.append(b"".join(pending))
+                pending, length = [], 0
+    if pending:
+        chunks.append(b"".join(pending))
+    return chunks
+
+
+def decode(chunks: list[bytes]) -> tuple[int, float]:
+    """
+    Decode the chunks, touching each page event's data length.
+
+    @param chunks: the stream.
+    @return: the number of pages and the seconds taken.
+    """
+    decoder = StreamDecoder()
+    pages = 0
+    start = time.perf_counter()
+    for chunk in chunks:
+        decoder.receiveData(chunk)
+        for event in decoder.events():
+            if event.__class__ is PageReceived:
+                pages += len(event.data) == TARGET_PAGE_SIZE
+    decoder.receiveData(b"")
+    for _ in decoder.events():
+        pass
+    elapsed = time.perf_counter() - start
+    assert decoder.complete
+    return pages, elapsed
+
+
+def main() -> None:
+    """
+    Run the benchmark and print the table or the JSON object.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=512, help="page data to decode (MiB)")
+    parser.add_argument("--chunk-kib", type=int, nargs="+", default=[64, 1024],
+                        help="chunk sizes fed to the decoder (KiB); the first is the headline")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    pages = args.size_mib * 1024 * 1024 // TARGET_PAGE_SIZE
+    buffers, encodeSeconds = encodeStream(pages)
+    rows = []
+    for kib in args.chunk_kib:
+        chunks = chunked(buffers, kib * 1024)
+        decoded, seconds = decode(chunks)
+        assert decoded == pages, (decoded, pages)
+        rows.append((kib, seconds))
+        del chunks
+    headlineKib, headline = rows[0]
+    result = {
+        "size_mib": args.size_mib, "pages": pages, "chunk_kib": headlineKib,
+        "decode_ms": round(headline * 1e3, 1),
+        "decode_mbps": round(pages * TARGET_PAGE_SIZE / headline / 1e6, 1),
+        "ns_per_page": round(headline / pages * 1e9, 1),
+        "encode_ms": round(encodeSeconds * 1e3, 1),
+        "encode_ns_per_page": round(encodeSeconds / pages * 1e9, 1),
+    }
+    for kib, seconds in rows[1:]:
+        result[f"decode_{kib}k_mbps"] = round(pages * TARGET_PAGE_SIZE / seconds / 1e6, 1)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"wire codec: {pages} non-zero pages ({args.size_mib} MiB), PAGE|CONTINUE records")
+    print(f"{'operation':<28}{'MB/s':>10}{'ns/page':>10}{'total ms':>10}")
+    for kib, seconds in rows:
+        print(f"{f'decode, {kib} KiB chunks':<28}{pages * TARGET_PAGE_SIZE / seconds / 1e6:>10.0f}"
+              f"{seconds / pages * 1e9:>10.0f}{seconds * 1e3:>10.0f}")
+    print(f"{'encode (header + view)':<28}{pages * TARGET_PAGE_SIZE / encodeSeconds / 1e6:>10.0f}"
+          f"{encodeSeconds / pages * 1e9:>10.0f}{encodeSeconds * 1e3:>10.0f}")
+
+
+if __name__ == "__main__":
+    main()
