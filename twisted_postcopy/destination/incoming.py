@@ -129,8 +129,12 @@ class IncomingMigration:
         @param offset: byte offset.
         @param data: the page.
         """
-        self._placer().page(idstr, offset, data)
-        self._placed(idstr, offset, len(data))
+        placer = self.placer
+        if placer is None:
+            raise RemoteProtocolError("RAM page before the RAM block list")
+        placer.page(idstr, offset, data)
+        if self.faults is not None:
+            self.pendingPlaced.append((idstr, offset, len(data)))
 
     def zero(self, idstr: str, offset: int, fill: int) -> None:
         """

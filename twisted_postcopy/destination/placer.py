@@ -112,19 +112,31 @@ class PagePlacer:
 
     def page(self, idstr: str, offset: int, data: bytes | memoryview) -> None:
         """
-        A PAGE record.
+        A PAGE record (the hot path: one call per received page).
 
         @param idstr: the block.
         @param offset: byte offset.
         @param data: the page bytes (may be a view into a receive buffer;
             they are copied or written before this returns).
+        @raise RemoteProtocolError: unknown block, bad offset, or a page
+            sent twice after LISTEN.
         """
-        block = self._block(idstr, offset, len(data))
-        self._markReceived(idstr, block, offset, len(data))
-        if self.runBlock != idstr or self.runOffset + len(self.run) != offset or len(self.run) >= MAX_RUN:
+        size = len(data)
+        block = self.blocks.get(idstr)
+        if block is None or offset % block.pageSize or offset + size > block.length:
+            self._block(idstr, offset, size)
+        bits = self.received[idstr]
+        index = offset // block.pageSize
+        if self.faults is not None and bits[index] == 1:
+            raise RemoteProtocolError(f"page {idstr}:{offset:x} sent twice after LISTEN")
+        bits[index] = 1
+        self.pagesPlaced += 1
+        run = self.run
+        if self.runBlock != idstr or self.runOffset + len(run) != offset or len(run) >= MAX_RUN:
             self.flush()
             self.runBlock, self.runOffset = idstr, offset
-        self.run += data
+            run = self.run
+        run += data
 
     def zero(self, idstr: str, offset: int, fill: int, length: int) -> None:
         """

@@ -30,7 +30,18 @@ BATCH = 1 << 20
 #: The same in postcopy: smaller, so a page request waits behind less data.
 POSTCOPY_BATCH = 1 << 17
 VMDESC = b'{"page_size": 4096, "devices": []}'
+#: A zero page; a page is compared with it only when its first byte is 0,
+#: and as bytes (a memoryview comparison is element by element).
 _ZERO = bytes(4096)
+_WORD = struct.Struct(">Q")
+_ZERO_CONTINUE = c.ZERO | c.CONTINUE
+_PAGE_CONTINUE = c.PAGE | c.CONTINUE
+#: Pages per background run when no budget applies (the final END).
+RUN_PAGES = 256
+#: The target page: one RAM record each.
+TARGET_PAGE = 4096
+#: Batch cost of a page whose content is unknown in advance.
+PAGE_COST = TARGET_PAGE
 #: What a record costs at least against a step's batch, so a step of ZERO
 #: records stays short and page requests are read between steps.
 MIN_RECORD_COST = 128
@@ -159,7 +170,7 @@ class OutgoingMigration:
         data = self.views[page.block][page.offset : page.offset + size]
         name = None if page.block == self.lastBlock else page.block
         self.lastBlock = page.block
-        if data == _ZERO:
+        if not data[0] and data.tobytes() == _ZERO:
             out.append(c.recordHeader(page.offset, c.ZERO, name) + b"\x00")
             self.stats.duplicate += 1
             return len(out[-1])
@@ -167,6 +178,46 @@ class OutgoingMigration:
         out.append(data)
         self.stats.normal += 1
         return len(out[-2]) + size
+
+    def _records(self, idstr: str, offset: int, count: int, size: int, out: list[Any]) -> int:
+        """
+        Append the records of a run of host pages of one block, one record
+        per target page (the hot loop).
+
+        @param idstr: the block.
+        @param offset: the first page's offset.
+        @param count: how many host pages.
+        @param size: the host page size.
+        @param out: the buffers being gathered.
+        @return: the cost against the batch (see L{MIN_RECORD_COST}).
+        """
+        view = self.views[idstr]
+        append = out.append
+        pack = _WORD.pack
+        end = offset + count * size
+        pages = (end - offset) // TARGET_PAGE
+        normal = 0
+        if idstr != self.lastBlock:
+            self.lastBlock = idstr
+            data = view[offset : offset + TARGET_PAGE]
+            if not data[0] and data.tobytes() == _ZERO:
+                append(pack(offset | c.ZERO) + c.str8(idstr) + b"\x00")
+            else:
+                append(pack(offset | c.PAGE) + c.str8(idstr))
+                append(data)
+                normal += 1
+            offset += TARGET_PAGE
+        for offset in range(offset, end, TARGET_PAGE):
+            data = view[offset : offset + TARGET_PAGE]
+            if not data[0] and data.tobytes() == _ZERO:
+                append(pack(offset | _ZERO_CONTINUE) + b"\x00")
+            else:
+                append(pack(offset | _PAGE_CONTINUE))
+                append(data)
+                normal += 1
+        self.stats.normal += normal
+        self.stats.duplicate += pages - normal
+        return normal * TARGET_PAGE + (pages - normal) * MIN_RECORD_COST
 
     def _part(self, kind: int, limited: bool) -> bool:
         """
@@ -180,15 +231,19 @@ class OutgoingMigration:
         out: list[Any] = [c.sectionHeader(kind, RAM_SECTION_ID)]
         batch = POSTCOPY_BATCH if self.machine.status == S.POSTCOPY_ACTIVE else BATCH
         budget = min(batch, self.limiter.allowance())
+        scheduler = self.scheduler
         while True:
-            page = self.scheduler.nextUrgent()
-            if page is None:
-                if limited and budget <= 0:
-                    break
-                page = self.scheduler.nextBackground()
-                if page is None:
-                    break
-            budget -= max(self._record(page, out), MIN_RECORD_COST)
+            page = scheduler.nextUrgent()
+            if page is not None:
+                budget -= max(self._record(page, out), MIN_RECORD_COST)
+                continue
+            if limited and budget <= 0:
+                break
+            pages = max(1, int(min(budget, batch) // PAGE_COST)) if limited else RUN_PAGES
+            run = scheduler.nextBackgroundRun(pages)
+            if run is None:
+                break
+            budget -= self._records(*run, out)
         out += [struct.pack(">Q", c.EOS), c.footer(RAM_SECTION_ID)]
         self._send(b"".join(out))
         return self.scheduler.remainingBytes > 0

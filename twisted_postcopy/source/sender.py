@@ -97,12 +97,20 @@ class PageScheduler:
     @ivar queue: pending requests, (block index, page index) per page.
     @ivar position: the background scan's (block index, page index).
     @ivar lastRequestBlock: the block of the previous REQ_PAGES_ID.
+    @ivar dirtyBytes: bytes of the pages still dirty.
     """
 
     blocks: list[_BlockMap]
     queue: deque[tuple[int, int]] = field(factory=deque)
     position: tuple[int, int] = (0, 0)
     lastRequestBlock: int | None = None
+    dirtyBytes: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Count the dirty bytes.
+        """
+        self.dirtyBytes = sum(len(b.dirty) * b.pageSize for b in self.blocks)
 
     @classmethod
     def forBlocks(cls, blocks: Iterable[tuple[str, int, int]]) -> PageScheduler:
@@ -128,7 +136,7 @@ class PageScheduler:
         """
         Bytes still dirty (QEMU's C{ram_bytes_remaining}).
         """
-        return sum(block.dirty.count(1) * block.pageSize for block in self.blocks)
+        return self.dirtyBytes
 
     def markDirty(self, idstr: str, offset: int, length: int) -> None:
         """
@@ -142,6 +150,7 @@ class PageScheduler:
         first = offset // block.pageSize
         last = min(len(block.dirty), -(-(offset + length) // block.pageSize))
         if last > first:
+            self.dirtyBytes += (last - first - block.dirty.count(1, first, last)) * block.pageSize
             block.dirty[first:last] = b"\x01" * (last - first)
 
     def queueRequest(self, idstr: str | None, start: int, length: int) -> None:
@@ -191,6 +200,7 @@ class PageScheduler:
         """
         block = self.blocks[index]
         block.dirty[page] = 0
+        self.dirtyBytes -= block.pageSize
         self.position = (index, page + 1)
         return ScheduledPage(block.idstr, page * block.pageSize, urgent)
 
@@ -219,6 +229,28 @@ class PageScheduler:
             if found >= 0:
                 return self._take(index, found, False)
         return None
+
+    def nextBackgroundRun(self, maxPages: int) -> tuple[str, int, int, int] | None:
+        """
+        Hand out up to C{maxPages} consecutive dirty pages of one block from
+        the scan position (wrapping around once), clearing their bits.
+
+        @param maxPages: the most pages to take.
+        @return: (idstr, first offset, page count, page size), or L{None}
+            when nothing is dirty.
+        """
+        page = self.nextBackground()
+        if page is None:
+            return None
+        index, first = self.position[0], self.position[1] - 1
+        block = self.blocks[index]
+        dirty = block.dirty
+        end = dirty.find(0, first + 1, first + maxPages)
+        end = min(len(dirty), first + maxPages) if end < 0 else end
+        dirty[first + 1 : end] = bytes(end - first - 1)
+        self.dirtyBytes -= (end - first - 1) * block.pageSize
+        self.position = (index, end)
+        return block.idstr, page.offset, end - first, block.pageSize
 
     def nextPage(self) -> ScheduledPage | None:
         """
