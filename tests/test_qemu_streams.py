@@ -426,33 +426,49 @@ class InspectTests(SynchronousTestCase):
         ).stdout
         return json.loads(output)
 
-    def assertReport(self, report: dict[str, Any], commands: list[str]) -> None:
+    def assertReport(
+        self, report: dict[str, Any], commands: list[str], postcopy: bool
+    ) -> None:
         """
         Check the fields every report must carry.
 
         @param report: the JSON report.
-        @param commands: the main-stream command names expected, in order.
+        @param commands: the command names expected, in stream order
+            (those inside the package included).
+        @param postcopy: whether the stream switched to postcopy.
         """
         self.assertEqual(report["version"], 3)
         self.assertEqual(report["machine"], MACHINE)
         self.assertIs(report["complete"], True)
-        names = [str(c if isinstance(c, str) else c.get("name")) for c in report["commands"]]
-        self.assertEqual([name.upper().replace("-", "_") for name in names], commands)
+        self.assertIs(report["postcopy"], postcopy)
+        self.assertIsNone(report["error"])
+        self.assertEqual(report["commands"], commands)
 
     def test_precopy(self) -> None:
         """
-        The precopy recording: no commands, complete.
+        The precopy recording: no commands, complete, and the same RAM
+        blocks as the decoder's START list.
         """
-        self.assertReport(self.inspect(recordings().precopyPath), [])
+        data = recordings().precopy
+        report = self.inspect(recordings().precopyPath)
+        self.assertReport(report, [], postcopy=False)
+        (listed,) = named(wire("decodeAll")(data), "RAMBlocksListed")
+        self.assertEqual(
+            [(block["id"], block["length"]) for block in report["ram_blocks"]],
+            [(block.idstr, block.length) for block in listed.blocks],
+        )
 
     def test_postcopy(self) -> None:
         """
-        The postcopy recording: its commands in order, complete.
+        The postcopy recording: its commands in order (the package's
+        LISTEN, PING and RUN in place), PINGs 1 to 4, complete.
         """
         report = self.inspect(recordings().postcopyPath)
-        discards = sum(1 for c in report["commands"] if "DISCARD" in str(c).upper())
+        discards = report["commands"].count("POSTCOPY_RAM_DISCARD")
+        self.assertGreaterEqual(discards, 1)
         self.assertReport(report, [
             "OPEN_RETURN_PATH", "PING", "POSTCOPY_ADVISE",
             *["POSTCOPY_RAM_DISCARD"] * discards,
-            "PING", "PACKAGED", "PING",
-        ])
+            "PING", "PACKAGED", "POSTCOPY_LISTEN", "PING", "POSTCOPY_RUN", "PING",
+        ], postcopy=True)
+        self.assertEqual(report["pings"], [1, 2, 3, 4])
