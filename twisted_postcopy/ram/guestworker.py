@@ -39,6 +39,7 @@ from zope.interface import implementer
 from twisted_postcopy.interfaces import IPageSource
 from twisted_postcopy.ram import uffd
 from twisted_postcopy.ram._uffd import ffi, lib
+from twisted_postcopy.ram.dirty import registerWriteTracking
 
 
 def _touch(base: int, pageSize: int, pages: list[int], write: bool, threads: int, shared: bool) -> dict[str, Any]:
@@ -81,15 +82,21 @@ def main(spec: dict[str, Any]) -> None:
     """
     The worker program.
 
-    @param spec: C{sock} (fd of the Unix socket) and C{blocks}: a list of
-        (fd, length, pageSize, idstr).
+    @param spec: C{sock} (fd of the Unix socket), C{blocks}: a list of
+        (fd, length, pageSize, idstr), and C{mode}: C{"fault"} (register
+        MISSING for a L{FaultService}) or C{"track"} (write tracking for a
+        L{twisted_postcopy.ram.dirty.DirtyTracker}).
     """
-    fd = uffd.openWithFeatures(uffd.UFFD_FEATURE_THREAD_ID)
+    track = spec.get("mode") == "track"
+    fd = None if track else uffd.openWithFeatures(uffd.UFFD_FEATURE_THREAD_ID)
     mappings = []
     for memfd, length, pageSize, idstr in spec["blocks"]:
         address = lib.tp_mmap(memfd, length, lib.MAP_SHARED)
         uffd.check(address, "mmap")
-        uffd.register(fd, address, length)
+        if track:
+            fd = registerWriteTracking(address, length, fd)
+        else:
+            uffd.register(fd, address, length)
         mappings.append({"base": address, "block": idstr, "offset": 0, "length": length, "pageSize": pageSize})
     sock = socket.socket(fileno=spec["sock"])
     socket.send_fds(sock, [json.dumps(mappings).encode()], [fd])
@@ -113,7 +120,8 @@ class WorkerProcess(protocol.ProcessProtocol):
     """
     The parent's side of one worker.
 
-    @ivar service: the fault service to attach the worker to.
+    @ivar service: the fault service (or dirty tracker) to attach the
+        worker to.
     @ivar client: the L{FaultClient} once attached.
     @ivar attached: fires with the client once the worker is attached.
     @ivar ended: fires with the exit reason when the process ends.
@@ -144,7 +152,8 @@ class WorkerProcess(protocol.ProcessProtocol):
             answer = json.loads(line)
             if answer.get("ready"):
                 table, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 1)
-                self.client = self.service.addClient(fds[0], json.loads(table), pid=self.transport.pid)
+                attach = getattr(self.service, "addClient", None) or self.service.addProcess
+                self.client = attach(fds[0], json.loads(table), pid=self.transport.pid)
                 self.attached.callback(self.client)
             else:
                 self._answers.pop(0).callback(answer)
@@ -190,18 +199,20 @@ class WorkerProcess(protocol.ProcessProtocol):
         return self.ended
 
 
-def spawnWorker(reactor: Any, service: Any, blocks: list[Any]) -> WorkerProcess:
+def spawnWorker(reactor: Any, service: Any, blocks: list[Any], mode: str = "fault") -> WorkerProcess:
     """
     Start a worker mapping C{blocks} and attach it to C{service}.
 
     @param reactor: an C{IReactorProcess}.
-    @param service: the L{FaultService}.
+    @param service: the L{FaultService}, or a
+        L{twisted_postcopy.ram.dirty.DirtyTracker} in C{"track"} mode.
     @param blocks: the RAMBlocks (memfd-backed) to map, in order.
+    @param mode: C{"fault"} or C{"track"}.
     @return: the worker; wait on its C{attached}.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", theirs.fileno(): theirs.fileno()}
-    spec: dict[str, Any] = {"sock": theirs.fileno(), "blocks": []}
+    spec: dict[str, Any] = {"sock": theirs.fileno(), "blocks": [], "mode": mode}
     for block in blocks:
         fds[block.fd] = block.fd
         spec["blocks"].append([block.fd, block.length, block.pageSize, block.idstr])
