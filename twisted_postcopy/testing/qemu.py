@@ -166,6 +166,9 @@ class QEMUInstance:
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         def ready() -> bool | None:
+            """
+            @return: L{True} once the socket exists, else L{None}.
+            """
             self.checkAlive()
             return os.path.exists(socketPath) or None
 
@@ -232,6 +235,9 @@ class QEMUInstance:
         """
 
         def arrived() -> dict | None:
+            """
+            @return: the next event if it is the awaited one, else L{None}.
+            """
             self.checkAlive()
             event = self._monitor.pull_event(wait=False)
             return event if event is not None and event["event"] == name else None
@@ -256,6 +262,9 @@ class QEMUInstance:
         wanted = set(statuses)
 
         def reached() -> str | None:
+            """
+            @return: the run state if wanted, else L{None}.
+            """
             status = self.status()
             return status if status in wanted else None
 
@@ -323,6 +332,11 @@ class QEMUInstance:
         wanted = set(statuses)
 
         def reached() -> dict | None:
+            """
+            @return: the C{query-migrate} answer if its status is wanted,
+                else L{None}.
+            @raise QEMUError: when the migration failed.
+            """
             info = self.queryMigrate()
             status = info.get("status")
             if status in wanted:
@@ -369,6 +383,9 @@ class QEMUInstance:
         """
 
         def written() -> bytes | None:
+            """
+            @return: the serial output once long enough, else L{None}.
+            """
             self.checkAlive()
             output = self.serialOutput()
             return output if len(output) >= count else None

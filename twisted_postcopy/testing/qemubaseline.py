@@ -254,6 +254,9 @@ def startPostcopyAfter(source: QEMUInstance, count: int, timeout: float) -> None
     """
 
     def transferred() -> bool | None:
+        """
+        @return: L{True} once enough bytes went, else L{None}.
+        """
         info = source.queryMigrate()
         return info.get("ram", {}).get("transferred", 0) >= count or None
 

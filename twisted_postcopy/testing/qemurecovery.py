@@ -133,6 +133,9 @@ def _interrupt(
         destination.waitEvent("RESUME", timeout)
 
         def sentEnough() -> bool | None:
+            """
+            @return: L{True} once postcopy sent enough bytes, else L{None}.
+            """
             info = source.queryMigrate()
             if info["status"] != "postcopy-active":
                 return None
