@@ -12,7 +12,6 @@ present then).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from typing import Any, Callable
@@ -23,74 +22,11 @@ from zope.interface import implementer
 from twisted_postcopy.errors import MigrationError, SnapshotError
 from twisted_postcopy.interfaces import IIncomingVM
 from twisted_postcopy.protocols import _codec as c
+from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.snapshot.store import Snapshot, writeSnapshot
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 #: The largest total RAM a capture accepts (64 GiB).
 MAX_RAM = 64 << 30
-
-
-class MemfdBlock:
-    """
-    A captured RAMBlock: a memfd the size of the block.
-
-    @ivar idstr: QEMU's block name.
-    @ivar length: the used length.
-    @ivar pageSize: 4096 (hugepage blocks are not captured).
-    @ivar fd: the memfd.
-    """
-
-    def __init__(self, idstr: str, length: int, pageSize: int = 4096) -> None:
-        """
-        @param idstr: the name.
-        @param length: bytes.
-        @param pageSize: the page size.
-        """
-        self.idstr, self.length, self.pageSize = idstr, length, pageSize
-        self.fd = os.memfd_create("capture:" + idstr.replace("/", "_")[:200])
-        os.ftruncate(self.fd, length)
-
-    def write(self, offset: int, data: bytes) -> None:
-        """
-        Store bytes before any userfaultfd registration.
-
-        @param offset: byte offset.
-        @param data: the bytes.
-        @raise SnapshotError: the range is outside the block.
-        """
-        if offset < 0 or offset + len(data) > self.length:
-            raise SnapshotError(f"write at {offset:#x} past the end of block {self.idstr}")
-        os.pwrite(self.fd, data, offset)
-
-    def discard(self, offset: int, length: int) -> None:
-        """
-        Punch a hole (POSTCOPY_RAM_DISCARD, or a zero page).
-
-        @param offset: byte offset.
-        @param length: byte length.
-        @raise OSError: fallocate failed.
-        """
-        if _libc.fallocate(self.fd, _FALLOC_PUNCH, ctypes.c_long(offset), ctypes.c_long(length)):
-            raise OSError(ctypes.get_errno(), "fallocate(PUNCH_HOLE)")
-
-    def read(self, offset: int, length: int) -> bytes:
-        """
-        Read with C{pread} (a hole reads as zeros and never faults).
-
-        @param offset: byte offset.
-        @param length: byte count.
-        @return: the bytes.
-        """
-        return os.pread(self.fd, length, offset)
-
-    def close(self) -> None:
-        """
-        Release the memfd.
-        """
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 @implementer(IIncomingVM)
@@ -101,7 +37,7 @@ class CaptureVM:
     @ivar path: the snapshot directory.
     @ivar machine: the machine type name to record.
     @ivar configuration: the configuration bytes after the type byte.
-    @ivar blocks: idstr -> L{MemfdBlock}, in list order.
+    @ivar blocks: idstr -> L{RAMBlock}, in list order.
     @ivar devices: the device section bytes received.
     @ivar inPostcopy: tells whether the migration went through LISTEN
         (set by whoever drives the capture).
@@ -117,7 +53,7 @@ class CaptureVM:
         """
         self.path, self.machine = path, machine
         self.configuration = _configuration(machine)
-        self.blocks: dict[str, MemfdBlock] = {}
+        self.blocks: dict[str, RAMBlock] = {}
         self.devices: list[bytes] = []
         self.inPostcopy: Callable[[], bool] = lambda: False
         self.running = False
@@ -133,7 +69,7 @@ class CaptureVM:
         """
         self.configuration, self.machine = raw, machine
 
-    def ramBlocksListed(self, blocks: Any) -> dict[str, MemfdBlock]:
+    def ramBlocksListed(self, blocks: Any) -> dict[str, RAMBlock]:
         """
         Create one memfd per listed block.
 
@@ -146,7 +82,7 @@ class CaptureVM:
         for idstr, length, pageSize in blocks:
             if pageSize not in (None, 4096):
                 raise MigrationError(f"block {idstr}: page size {pageSize} not supported")
-            self.blocks[idstr] = MemfdBlock(idstr, length)
+            self.blocks[idstr] = RAMBlock(idstr, length)
         return dict(self.blocks)
 
     def deviceStateReceived(self, raw: bytes) -> None:
@@ -172,11 +108,14 @@ class CaptureVM:
         @param offset: byte offset.
         @param length: byte count.
         @return: the bytes.
-        @raise SnapshotError: unknown block.
+        @raise SnapshotError: unknown block, or a range past its end.
         """
         if idstr not in self.blocks:
             raise SnapshotError(f"no RAM block {idstr!r} in this capture")
-        return self.blocks[idstr].read(offset, length)
+        block = self.blocks[idstr]
+        if offset < 0 or length < 0 or offset + length > block.length:
+            raise SnapshotError(f"range {offset:#x}+{length:#x} past the end of block {idstr}")
+        return os.pread(block.fd, length, offset)
 
     def completed(self) -> None:
         """
@@ -259,55 +198,11 @@ def _stopListening(manager: Any, result: Any) -> Any:
     return result
 
 
-class PwriteFaultService:
-    """
-    The placement side of a fault service for a capture nobody maps: with
-    no userfaultfd registration anywhere, postcopy pages are written with
-    C{pwrite} and zero pages punch holes.  Used until
-    C{twisted_postcopy.ram.faults} lands; readers of a live capture then
-    see missing pages as zeros instead of fetching them.
-
-    @ivar blocks: idstr -> L{MemfdBlock}.
-    @ivar pageSource: where faults would be requested (unused).
-    """
-
-    def __init__(self, blocks: dict[str, MemfdBlock], pageSource: Any) -> None:
-        """
-        @param blocks: the capture's blocks.
-        @param pageSource: the incoming migration.
-        """
-        self.blocks, self.pageSource = blocks, pageSource
-
-    def placePages(self, idstr: str, offset: int, data: bytes) -> None:
-        """
-        @param idstr: the block.
-        @param offset: byte offset of the run.
-        @param data: the pages.
-        """
-        self.blocks[idstr].write(offset, data)
-
-    def placeZero(self, idstr: str, offset: int, length: int) -> None:
-        """
-        @param idstr: the block.
-        @param offset: byte offset.
-        @param length: byte length.
-        """
-        self.blocks[idstr].discard(offset, length)
-
-    def stop(self) -> None:
-        """
-        Nothing to release.
-        """
-
-
 def _faultServiceFactory(reactor: Any) -> Any:
     """
     @param reactor: the reactor.
-    @return: a fault service factory C{(blocks, pageSource) -> service}:
-        the ram fault service once it exists, else L{PwriteFaultService}.
+    @return: a fault service factory C{(blocks, pageSource) -> service}.
     """
-    try:
-        from twisted_postcopy.ram.faults import FaultService
-    except ImportError:
-        return PwriteFaultService
+    from twisted_postcopy.ram.faults import FaultService
+
     return lambda blocks, source: FaultService(reactor, source, blocks)

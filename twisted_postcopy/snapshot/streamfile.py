@@ -19,7 +19,7 @@ import struct
 
 from twisted_postcopy.errors import RemoteProtocolError, SnapshotError, UnsupportedFeatureError
 from twisted_postcopy.protocols import _codec as c
-from twisted_postcopy.snapshot.capture import MemfdBlock
+from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.snapshot.store import Snapshot, writeSnapshot
 
 _RAM_FLAGS = c.ZERO | c.PAGE | c.CONTINUE
@@ -56,7 +56,7 @@ class _Walker:
 
     @ivar data: the stream.
     @ivar at: the read position.
-    @ivar blocks: idstr -> L{MemfdBlock}.
+    @ivar blocks: idstr -> L{RAMBlock}.
     @ivar order: block names in list order.
     @ivar last: the CONTINUE block.
     """
@@ -66,7 +66,7 @@ class _Walker:
         @param data: the whole stream.
         """
         self.data, self.at = data, 0
-        self.blocks: dict[str, MemfdBlock] = {}
+        self.blocks: dict[str, RAMBlock] = {}
         self.order: list[str] = []
         self.last: str | None = None
 
@@ -159,7 +159,7 @@ class _Walker:
         total, seen = word & c.PAGE_MASK, 0
         while seen < total:
             name, length = self.str8(), self.u(">Q")
-            self.blocks[name] = MemfdBlock(name, length)
+            self.blocks[name] = RAMBlock(name, length)
             self.order.append(name)
             seen += length
         if self.u(">Q") != c.EOS:
