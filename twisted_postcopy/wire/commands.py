@@ -16,10 +16,12 @@ from typing import Callable, Union
 from twisted_postcopy.errors import (
     BadLengthError,
     BadRAMRecordError,
+    LimitExceededError,
     LocalProtocolError,
     UnknownElementError,
     UnsupportedFeatureError,
 )
+from twisted_postcopy.wire.buffer import ReceiveBuffer
 from twisted_postcopy.wire.constants import (
     COMMAND_LENGTHS,
     POSTCOPY_RAM_DISCARD_VERSION,
@@ -27,8 +29,10 @@ from twisted_postcopy.wire.constants import (
     SectionType,
 )
 from twisted_postcopy.wire.events import (
+    NEED_DATA,
     DiscardReceived,
     ListenReceived,
+    NeedData,
     PackageReceived,
     PingReceived,
     PostcopyAdvised,
@@ -40,6 +44,7 @@ from twisted_postcopy.wire.events import (
 from twisted_postcopy.wire.strings import checkStr8Length, decodeName, encodeStr8
 
 _commandHeader = struct.Struct(">BHH")
+_lengths = struct.Struct(">HH")
 
 #: Events of commands.
 CommandEvent = Union[
@@ -152,6 +157,37 @@ def decodeCommand(command: Command, payload: bytes, where: int) -> CommandEvent:
     @return: the event.
     """
     return _PARSERS[command](payload, where)
+
+
+def readCommand(buffer: ReceiveBuffer, maxPackageSize: int) -> CommandEvent | NeedData:
+    """
+    Read the command element at the buffer's position.
+
+    @param buffer: the receive buffer.
+    @param maxPackageSize: the largest PACKAGED body accepted.
+    @return: its event (PACKAGED with the package bytes), or L{NEED_DATA}.
+    @raise LimitExceededError: for a package over the limit.
+    """
+    if not buffer.ensure(5):
+        return NEED_DATA
+    where = buffer.position
+    cmd, length = _lengths.unpack_from(buffer.data, buffer.offset + 1)
+    command = checkCommandHeader(cmd, length, where)
+    if not buffer.ensure(5 + length):
+        return NEED_DATA
+    payload = bytes(buffer.view[buffer.offset + 5:buffer.offset + 5 + length])
+    if command is not Command.PACKAGED:
+        event = decodeCommand(command, payload, where)
+        buffer.advance(5 + length)
+        return event
+    size = int.from_bytes(payload, "big")
+    if size > maxPackageSize:
+        raise LimitExceededError(f"package of {size} bytes exceeds the limit {maxPackageSize}", where)
+    if not buffer.ensure(9 + size):
+        return NEED_DATA
+    data = bytes(buffer.view[buffer.offset + 9:buffer.offset + 9 + size])
+    buffer.advance(9 + size)
+    return PackageReceived(data)
 
 
 def checkDiscardRanges(event: DiscardReceived, lengths: dict[str, int], where: int) -> None:

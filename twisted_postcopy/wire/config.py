@@ -21,6 +21,7 @@ from twisted_postcopy.wire.constants import (
     MAX_IDSTR_LENGTH,
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
+    QEMU_VM_FILE_VERSION_COMPAT,
     SectionType,
 )
 from twisted_postcopy.wire.events import NEED_DATA, ConfigurationReceived, HeaderReceived, NeedData
@@ -28,6 +29,26 @@ from twisted_postcopy.wire.strings import decodeName, encodeName, encodeStr8
 
 #: Fixed body sizes of the fixed-size configuration subsections.
 _FIXED_BODIES = {CONFIG_TARGET_PAGE_BITS: 4, CONFIG_UUID: 16}
+
+
+def parseHeader(buffer: ReceiveBuffer) -> HeaderReceived | NeedData:
+    """
+    Decode the magic and version at the buffer's position.
+
+    @param buffer: the receive buffer.
+    @return: the event, or L{NEED_DATA}.
+    @raise BadHeaderError: for a bad magic or a version other than 3.
+    """
+    if not buffer.ensure(8):
+        return NEED_DATA
+    magic, version = struct.unpack_from(">II", buffer.data, buffer.offset)
+    if magic != QEMU_VM_FILE_MAGIC:
+        raise BadHeaderError(f"bad magic 0x{magic:08x} (expected 0x5145564d 'QEVM')", buffer.position)
+    if version != QEMU_VM_FILE_VERSION:
+        obsolete = " (obsolete)" if version == QEMU_VM_FILE_VERSION_COMPAT else ""
+        raise BadHeaderError(f"stream version {version}{obsolete} (expected 3)", buffer.position + 4)
+    buffer.advance(8)
+    return HeaderReceived(version)
 
 
 def parseConfiguration(buffer: ReceiveBuffer, limit: int) -> ConfigurationReceived | NeedData:

@@ -24,12 +24,22 @@ from __future__ import annotations
 import struct
 from typing import Container
 
+from attrs import define, field, frozen
+
+from twisted_postcopy.errors import (
+    DeviceSectionBoundaryError,
+    LimitExceededError,
+    SectionMismatchError,
+)
+from twisted_postcopy.wire.buffer import ReceiveBuffer
 from twisted_postcopy.wire.constants import (
     COMMAND_LENGTHS,
     FULL_HEADER_KINDS,
+    OWN_SECTION_PREFIX,
     SHORT_HEADER_KINDS,
     SectionType,
 )
+from twisted_postcopy.wire.events import NEED_DATA, DeviceSectionReceived, NeedData
 from twisted_postcopy.wire.strings import isPlausibleIdstr
 
 #: Longest element prefix the plausibility test looks at.
@@ -122,3 +132,122 @@ def findPayloadEnd(data: bytes | bytearray, start: int, sectionId: int, closed: 
         if verdict is None:
             return None, at
         at += 1
+
+
+@frozen
+class SectionInfo:
+    """
+    A section announced by a START or FULL header.
+
+    @ivar idstr: its idstr.
+    @ivar instanceId: its instance id.
+    @ivar versionId: its version id.
+    @ivar isRAM: whether it is the C{"ram"} section.
+    """
+
+    idstr: str
+    instanceId: int
+    versionId: int
+    isRAM: bool
+
+
+@define
+class DeviceSectionReader:
+    """
+    Reads one device section whose header starts at the buffer's position.
+
+    @ivar kind: its section type.
+    @ivar sectionId: its id.
+    @ivar section: what its START/FULL announced.
+    @ivar headerLength: the length of its header.
+    @ivar where: the stream offset of its header.
+    @ivar maxSize: the largest section accepted (header and footer included).
+    """
+
+    kind: SectionType
+    sectionId: int
+    section: SectionInfo
+    headerLength: int
+    where: int
+    maxSize: int
+    _raw: bytearray = field(init=False, factory=bytearray)
+    _resume: int = field(init=False, default=0)
+
+    def step(self, buffer: ReceiveBuffer, knownIds: Container[int]) -> DeviceSectionReceived | NeedData:
+        """
+        Read on.
+
+        @param buffer: the receive buffer.
+        @param knownIds: section ids already announced.
+        @return: the section's event, or L{NEED_DATA}.
+        @raise LimitExceededError: if the section is over C{maxSize}.
+        @raise DeviceSectionBoundaryError: if the input ended before its end.
+        @raise SectionMismatchError: if our own section's footer is wrong.
+        """
+        if self.section.idstr.startswith(OWN_SECTION_PREFIX):
+            return self._framed(buffer)
+        return self._search(buffer, knownIds)
+
+    def _event(self, raw: bytes) -> DeviceSectionReceived:
+        """
+        @param raw: the section's exact bytes.
+        @return: its event.
+        """
+        section = self.section
+        return DeviceSectionReceived(
+            self.kind, self.sectionId, section.idstr, section.instanceId, section.versionId, raw)
+
+    def _framed(self, buffer: ReceiveBuffer) -> DeviceSectionReceived | NeedData:
+        """
+        Read a twisted-postcopy guest section: payload C{be32 len} + blob.
+
+        @param buffer: the receive buffer, at the section's header.
+        @return: the event, or L{NEED_DATA}.
+        """
+        if not buffer.ensure(self.headerLength + 4):
+            return NEED_DATA
+        blobLength = struct.unpack_from(">I", buffer.data, buffer.offset + self.headerLength)[0]
+        total = self.headerLength + 4 + blobLength + 5
+        if total > self.maxSize:
+            raise LimitExceededError(
+                f"device section {self.section.idstr!r} of {total} bytes exceeds the limit {self.maxSize}",
+                self.where)
+        if not buffer.ensure(total):
+            return NEED_DATA
+        raw = bytes(buffer.view[buffer.offset:buffer.offset + total])
+        if raw[-5:] != footerBytes(self.sectionId):
+            raise SectionMismatchError(
+                f"section {self.section.idstr!r} blob is not followed by its footer", self.where + total - 5)
+        buffer.advance(total)
+        return self._event(raw)
+
+    def _search(self, buffer: ReceiveBuffer, knownIds: Container[int]) -> DeviceSectionReceived | NeedData:
+        """
+        Take bytes from the buffer (in doubling steps, so little is taken
+        back) and search on for the footer.
+
+        @param buffer: the receive buffer.
+        @param knownIds: section ids already announced.
+        @return: the event, or L{NEED_DATA}.
+        """
+        raw, bound = self._raw, self.maxSize + LOOKAHEAD
+        if not self._resume:
+            self._resume = self.headerLength
+        while True:
+            for piece in buffer.takeUpTo(min(max(len(raw), 65536), bound - len(raw))):
+                raw += piece
+            closed = buffer.closed and not len(buffer)
+            end, self._resume = findPayloadEnd(raw, self._resume, self.sectionId, closed, knownIds)
+            if end is not None or not len(buffer) or len(raw) >= bound:
+                break
+        if (end is None and len(raw) >= bound) or (end is not None and end > self.maxSize):
+            raise LimitExceededError(
+                f"no end of device section {self.section.idstr!r} within {self.maxSize} bytes", self.where)
+        if end is None:
+            if closed:
+                raise DeviceSectionBoundaryError(
+                    f"input ended before the footer of device section {self.section.idstr!r} "
+                    f"(expected 7e {self.sectionId:08x} and a plausible next element)", self.where)
+            return NEED_DATA
+        buffer.unread(bytes(raw[end:]))
+        return self._event(bytes(raw[:end]))

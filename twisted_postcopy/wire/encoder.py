@@ -18,7 +18,6 @@ from typing import Iterable
 from attrs import define, field
 
 from twisted_postcopy.wire.commands import (
-    CommandEvent,
     encodeAdvise,
     encodeCommand,
     encodeCommandEvent,

@@ -14,11 +14,9 @@ from __future__ import annotations
 import struct
 from typing import Callable, Iterable, Iterator
 
-from attrs import Factory, define, field
+from attrs import define, field
 
 from twisted_postcopy.errors import (
-    BadHeaderError,
-    DeviceSectionBoundaryError,
     LimitExceededError,
     RemoteProtocolError,
     SectionMismatchError,
@@ -26,31 +24,23 @@ from twisted_postcopy.errors import (
     UnknownElementError,
 )
 from twisted_postcopy.wire.buffer import ReceiveBuffer
-from twisted_postcopy.wire.commands import checkCommandHeader, checkDiscardRanges, decodeCommand
-from twisted_postcopy.wire.config import parseConfiguration
+from twisted_postcopy.wire.commands import checkDiscardRanges, readCommand
+from twisted_postcopy.wire.config import parseConfiguration, parseHeader
 from twisted_postcopy.wire.constants import (
     DEFAULT_MAX_BLOCK_LIST_SIZE,
     DEFAULT_MAX_DEVICE_SECTION_SIZE,
     DEFAULT_MAX_PACKAGE_SIZE,
     DEFAULT_MAX_VMDESC_SIZE,
-    OWN_SECTION_PREFIX,
-    QEMU_VM_FILE_MAGIC,
-    QEMU_VM_FILE_VERSION,
-    QEMU_VM_FILE_VERSION_COMPAT,
     RAM_IDSTR,
     RAM_SECTION_VERSION,
-    Command,
     SectionType,
 )
-from twisted_postcopy.wire.device import LOOKAHEAD, findPayloadEnd, footerBytes
+from twisted_postcopy.wire.device import DeviceSectionReader, SectionInfo
 from twisted_postcopy.wire.events import (
     NEED_DATA,
-    DeviceSectionReceived,
     DiscardReceived,
     EOFReceived,
-    HeaderReceived,
     NeedData,
-    PackageReceived,
     PostcopyAdvised,
     RAMBlockInfo,
     RAMSectionEOS,
@@ -64,7 +54,6 @@ from twisted_postcopy.wire.strings import checkStr8Length, decodeName
 
 _sectionId = struct.Struct(">I").unpack_from
 _fullHeaderTail = struct.Struct(">II").unpack_from
-_commandHeader = struct.Struct(">HH").unpack_from
 
 # Decoder states (what the next bytes are).
 _HEADER, _CONFIGURATION, _TOP, _BLOCK_LIST, _RAM, _FOOTER = (
@@ -72,44 +61,6 @@ _HEADER, _CONFIGURATION, _TOP, _BLOCK_LIST, _RAM, _FOOTER = (
 _DEVICE, _AFTER_EOF, _DONE = "device section", "element after EOF", "end of stream"
 #: States in which the input may end.
 _CLEAN_ENDS = frozenset({_TOP, _AFTER_EOF, _DONE})
-
-
-@define
-class _Section:
-    """
-    A section announced by a START or FULL header.
-
-    @ivar idstr: its idstr.
-    @ivar instanceId: its instance id.
-    @ivar versionId: its version id.
-    @ivar isRAM: whether it is the C{"ram"} section.
-    """
-
-    idstr: str
-    instanceId: int
-    versionId: int
-    isRAM: bool
-
-
-@define
-class _DeviceSearch:
-    """
-    A device section whose end is being searched for.
-
-    @ivar kind: its section type.
-    @ivar sectionId: its id.
-    @ivar section: what its START/FULL announced.
-    @ivar where: the stream offset of its header.
-    @ivar raw: its bytes received so far, header included.
-    @ivar resume: where the footer search resumes.
-    """
-
-    kind: SectionType
-    sectionId: int
-    section: _Section
-    where: int
-    raw: bytearray
-    resume: int
 
 
 @define
@@ -143,9 +94,9 @@ class StreamDecoder:
     _buffer: ReceiveBuffer = field(init=False)
     _ram: RAMRecordDecoder = field(init=False, factory=RAMRecordDecoder)
     _state: str = field(init=False, default=_HEADER)
-    _sections: dict[int, _Section] = field(init=False, factory=dict)
+    _sections: dict[int, SectionInfo] = field(init=False, factory=dict)
     _current: tuple[SectionType, int] = field(init=False, default=(SectionType.EOF, 0))
-    _device: _DeviceSearch | None = field(init=False, default=None)
+    _device: DeviceSectionReader | None = field(init=False, default=None)
     _advised: bool = field(init=False, default=False)
     _error: RemoteProtocolError | None = field(init=False, default=None)
     _handlers: dict[str, Callable[[], StreamEvent | NeedData]] = field(init=False, factory=dict)
@@ -157,7 +108,7 @@ class StreamDecoder:
         self._buffer = ReceiveBuffer(self.offset)
         self._ram.lengths.update((block.idstr, block.length) for block in self.blocks)
         if self.ramSectionId is not None:
-            self._sections[self.ramSectionId] = _Section(RAM_IDSTR, 0, RAM_SECTION_VERSION, True)
+            self._sections[self.ramSectionId] = SectionInfo(RAM_IDSTR, 0, RAM_SECTION_VERSION, True)
         if not self.header:
             self._state = _TOP
         self._handlers.update({
@@ -232,18 +183,11 @@ class StreamDecoder:
         """
         @return: L{HeaderReceived} once magic and version are in.
         """
-        buffer = self._buffer
-        if not buffer.ensure(8):
+        event = parseHeader(self._buffer)
+        if event is NEED_DATA:
             return self._needData()
-        magic, version = _fullHeaderTail(buffer.data, buffer.offset)
-        if magic != QEMU_VM_FILE_MAGIC:
-            raise BadHeaderError(f"bad magic 0x{magic:08x} (expected 0x5145564d 'QEVM')", buffer.position)
-        if version != QEMU_VM_FILE_VERSION:
-            obsolete = " (obsolete)" if version == QEMU_VM_FILE_VERSION_COMPAT else ""
-            raise BadHeaderError(f"stream version {version}{obsolete} (expected 3)", buffer.position + 4)
-        buffer.advance(8)
         self._state = _CONFIGURATION
-        return HeaderReceived(version)
+        return event
 
     def _configuration(self) -> StreamEvent | NeedData:
         """
@@ -294,7 +238,7 @@ class StreamDecoder:
         idstr = decodeName(buffer.data[at + 6:at + 6 + length])
         instanceId, versionId = _fullHeaderTail(buffer.data, at + 6 + length)
         isRAM = kind == SectionType.SECTION_START and idstr == RAM_IDSTR
-        section = self._sections[sectionId] = _Section(idstr, instanceId, versionId, isRAM)
+        section = self._sections[sectionId] = SectionInfo(idstr, instanceId, versionId, isRAM)
         if isRAM:
             buffer.advance(14 + length)
             self._current = (kind, sectionId)
@@ -355,137 +299,47 @@ class StreamDecoder:
         self._state = _TOP
         return SectionEnded(kind, sectionId)
 
-    def _startDevice(self, kind: SectionType, sectionId: int, section: _Section,
+    def _startDevice(self, kind: SectionType, sectionId: int, section: SectionInfo,
                      headerLength: int) -> StreamEvent | NeedData:
         """
-        Begin a device section: framed (our guests) or searched.
-
-        @param kind: the section type.
-        @param sectionId: its id.
-        @param section: what its START/FULL announced.
-        @param headerLength: the length of its header, available in the buffer.
-        @return: the device section event, or L{NEED_DATA}.
-        """
-        if section.idstr.startswith(OWN_SECTION_PREFIX):
-            return self._ownSection(kind, sectionId, section, headerLength)
-        buffer = self._buffer
-        where = buffer.position
-        raw = bytearray()
-        for piece in buffer.takeUpTo(headerLength):
-            raw += piece
-        self._device = _DeviceSearch(kind, sectionId, section, where, raw, headerLength)
-        self._state = _DEVICE
-        return self._deviceStep()
-
-    def _ownSection(self, kind: SectionType, sectionId: int, section: _Section,
-                    headerLength: int) -> StreamEvent | NeedData:
-        """
-        Decode a twisted-postcopy guest section: payload C{be32 len} + blob.
+        Begin a device section (its header is available in the buffer).
 
         @param kind: the section type.
         @param sectionId: its id.
         @param section: what its START/FULL announced.
         @param headerLength: the length of its header.
         @return: the device section event, or L{NEED_DATA}.
-        @raise LimitExceededError: for a blob over the device section limit.
-        @raise SectionMismatchError: if the footer does not follow the blob.
         """
-        buffer = self._buffer
-        if not buffer.ensure(headerLength + 4):
-            return self._needData()
-        blobLength = _sectionId(buffer.data, buffer.offset + headerLength)[0]
-        total = headerLength + 4 + blobLength + 5
-        if total > self.maxDeviceSectionSize:
-            raise LimitExceededError(
-                f"device section {section.idstr!r} of {total} bytes exceeds the limit "
-                f"{self.maxDeviceSectionSize}", buffer.position)
-        if not buffer.ensure(total):
-            return self._needData()
-        raw = bytes(buffer.view[buffer.offset:buffer.offset + total])
-        if raw[-5:] != footerBytes(sectionId):
-            raise SectionMismatchError(
-                f"section {section.idstr!r} blob is not followed by its footer", buffer.position + total - 5)
-        buffer.advance(total)
-        return DeviceSectionReceived(
-            kind, sectionId, section.idstr, section.instanceId, section.versionId, raw)
+        self._device = DeviceSectionReader(
+            kind, sectionId, section, headerLength, self._buffer.position, self.maxDeviceSectionSize)
+        self._state = _DEVICE
+        return self._deviceStep()
 
     def _deviceStep(self) -> StreamEvent | NeedData:
         """
-        Search on for the end of the current device section.
-
-        @return: the device section event, or L{NEED_DATA}.
-        @raise LimitExceededError: if no end is found within the limit.
-        @raise DeviceSectionBoundaryError: if the input ended first.
+        @return: the current device section's event, or L{NEED_DATA}.
         """
-        device, buffer = self._device, self._buffer
-        assert device is not None
-        bound = self.maxDeviceSectionSize + LOOKAHEAD
-        while True:
-            step = min(max(len(device.raw), 65536), bound - len(device.raw))
-            for piece in buffer.takeUpTo(step):
-                device.raw += piece
-            closed = buffer.closed and not len(buffer)
-            end, device.resume = findPayloadEnd(
-                device.raw, device.resume, device.sectionId, closed, self._sections)
-            if end is not None or not len(buffer) or len(device.raw) >= bound:
-                break
-        if end is None or end > self.maxDeviceSectionSize:
-            if len(device.raw) >= bound or (end or 0) > self.maxDeviceSectionSize:
-                raise LimitExceededError(
-                    f"no end of device section {device.section.idstr!r} within "
-                    f"{self.maxDeviceSectionSize} bytes", device.where)
-            if closed:
-                raise DeviceSectionBoundaryError(
-                    f"input ended before the footer of device section {device.section.idstr!r} "
-                    f"(expected 7e {device.sectionId:08x} and a plausible next element)", device.where)
-            return NEED_DATA
-        buffer.unread(bytes(device.raw[end:]))
-        section = device.section
+        assert self._device is not None
+        event = self._device.step(self._buffer, self._sections)
+        if event is NEED_DATA:
+            return self._needData()
         self._device = None
         self._state = _TOP
-        return DeviceSectionReceived(
-            device.kind, device.sectionId, section.idstr, section.instanceId, section.versionId,
-            bytes(device.raw[:end]))
+        return event
 
     def _command(self) -> StreamEvent | NeedData:
         """
         @return: the command's event (PACKAGED with its body).
-        @raise LimitExceededError: for a package over the limit.
         """
-        buffer = self._buffer
-        if not buffer.ensure(5):
+        where = self._buffer.position
+        event = readCommand(self._buffer, self.maxPackageSize)
+        if event is NEED_DATA:
             return self._needData()
-        where = buffer.position
-        cmd, length = _commandHeader(buffer.data, buffer.offset + 1)
-        command = checkCommandHeader(cmd, length, where)
-        if not buffer.ensure(5 + length):
-            return self._needData()
-        payload = bytes(buffer.view[buffer.offset + 5:buffer.offset + 5 + length])
-        if command is Command.PACKAGED:
-            return self._package(int.from_bytes(payload, "big"))
-        event = decodeCommand(command, payload, where)
         if isinstance(event, DiscardReceived):
             checkDiscardRanges(event, self._ram.lengths, where)
         elif isinstance(event, PostcopyAdvised):
             self._advised = True
-        buffer.advance(5 + length)
         return event
-
-    def _package(self, length: int) -> StreamEvent | NeedData:
-        """
-        @param length: the package length the command announced.
-        @return: L{PackageReceived} once the whole body is in.
-        @raise LimitExceededError: for a package over the limit.
-        """
-        buffer = self._buffer
-        if length > self.maxPackageSize:
-            raise LimitExceededError(
-                f"package of {length} bytes exceeds the limit {self.maxPackageSize}", buffer.position)
-        if not buffer.ensure(9 + length):
-            return self._needData()
-        data = bytes(buffer.view[buffer.offset + 9:buffer.offset + 9 + length])
-        buffer.advance(9 + length)
-        return PackageReceived(data)
 
     def _afterEOF(self) -> StreamEvent | NeedData:
         """
