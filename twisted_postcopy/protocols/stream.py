@@ -12,6 +12,7 @@ the incoming migration and writes its return path.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.protocol import Protocol
@@ -23,6 +24,10 @@ from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.source.outgoing import DONE
+
+#: The send buffer of the source socket and the receive buffer of the
+#: destination socket during postcopy.
+POSTCOPY_SNDBUF = 1 << 17
 
 
 @implementer(IPushProducer)
@@ -53,6 +58,7 @@ class SourceProtocol(Protocol):
         """
         self.migration.write = self.transport.write
         self.migration.onFinished = self._finished
+        self.migration.onPostcopy = self._postcopyStarted
         if not self.migration.machine.inProgress:
             self.transport.abortConnection()
             return
@@ -63,6 +69,15 @@ class SourceProtocol(Protocol):
             self.migration.fail(error)
             return
         self._schedule(0)
+
+    def _postcopyStarted(self) -> None:
+        """
+        Postcopy began: keep the kernel's send queue short, so a requested
+        page is not stuck behind megabytes of background pages.
+        """
+        handle = getattr(self.transport, "getHandle", None)
+        if handle is not None:
+            handle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SNDBUF)
 
     def _schedule(self, delay: float) -> None:
         """
@@ -160,7 +175,19 @@ class DestinationProtocol(Protocol):
         Loading starts; the return path writes to this transport.
         """
         self.incoming.returnPath = ReturnPathWriter(self.transport)
+        self.incoming.machine.status.observers.append(self._statusChanged)
         self.incoming.connected()
+
+    def _statusChanged(self, status: Any) -> None:
+        """
+        At LISTEN keep the kernel's receive queue short, so a requested page
+        is read soon after it was sent.
+
+        @param status: the new status.
+        """
+        handle = getattr(self.transport, "getHandle", None)
+        if status.value == "postcopy-active" and handle is not None:
+            handle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_SNDBUF)
 
     def dataReceived(self, data: bytes) -> None:
         """

@@ -73,6 +73,9 @@ class OutgoingMigration:
     @ivar tracking: whether the dirty tracker runs.
     @ivar onFinished: called with no argument when the status becomes
         final (completed or failed) so the protocol can close.
+    @ivar onPostcopy: called once the package is written, so the protocol
+        can shrink what the connection queues (requested pages wait
+        behind it).
     """
 
     vm: Any
@@ -93,6 +96,7 @@ class OutgoingMigration:
     shutValue: int | None = None
     tracking: bool = False
     onFinished: Callable[[], object] = lambda: None
+    onPostcopy: Callable[[], object] = lambda: None
 
     def __attrs_post_init__(self) -> None:
         """
@@ -329,6 +333,7 @@ class OutgoingMigration:
         self.stats.switchedOver()
         self.scheduler.restartScan()
         self.lastBlock = None
+        self.onPostcopy()
         self.limiter.bandwidth = self.parameters["max-postcopy-bandwidth"]
 
     def _postcopyStep(self) -> float:
