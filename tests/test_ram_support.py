@@ -1,0 +1,86 @@
+# -*- test-case-name: tests.test_ram_support -*-
+"""
+Tests for L{twisted_postcopy.ram.support}: the early check, as root and
+as C{nobody} (in a forked child that drops its privileges).
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from twisted_postcopy.errors import UffdUnavailableError
+from twisted_postcopy.ram import support, uffd
+
+
+def inChildAs(uid: int, f) -> str:
+    """
+    Run C{f} in a forked child after C{setuid(uid)}.
+
+    @return: C{"ok"} or the child's exception as C{"Name: message"}.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (child)
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            f()
+            message = "ok"
+        except BaseException as error:
+            message = f"{type(error).__name__}: {error}"
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as pipe:
+        return pipe.read().decode()
+
+
+class CheckTests(SynchronousTestCase):
+    """
+    L{support.checkUserfaultfd}.
+    """
+
+    def test_root(self):
+        """
+        As root the check passes and returns the feature bits.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root")
+        features = support.checkUserfaultfd()
+        self.assertTrue(features & uffd.UFFD_FEATURE_MISSING_SHMEM)
+        self.assertIn("THREAD_ID", support.describeFeatures(features))
+
+    def test_unprivileged(self):
+        """
+        As C{nobody} (with C{vm.unprivileged_userfaultfd=0}) the check names
+        the fixes: root/CAP_SYS_PTRACE, the sysctl, /dev/userfaultfd.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to drop to nobody")
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            if f.read().strip() != "0":
+                raise SkipTest("vm.unprivileged_userfaultfd is not 0")
+        message = inChildAs(65534, support.checkUserfaultfd)
+        self.assertTrue(message.startswith("UffdUnavailableError: "), message)
+        for fix in ("CAP_SYS_PTRACE", "sysctl vm.unprivileged_userfaultfd=1", "/dev/userfaultfd"):
+            self.assertIn(fix, message)
+
+    def test_hugePagesMissing(self):
+        """
+        Asking for more huge pages than are free names the C{nr_hugepages}
+        command.
+        """
+        error = self.assertRaises(UffdUnavailableError, support.checkHugePages, 1 << 30)
+        self.assertIn("/proc/sys/vm/nr_hugepages", str(error))
+
+    def test_messages(self):
+        """
+        ENOSYS names CONFIG_USERFAULTFD; EPERM names the privilege fixes.
+        """
+        from twisted_postcopy.errors import UffdError
+
+        self.assertIn("CONFIG_USERFAULTFD", str(support._openError(UffdError(38, "userfaultfd"))))
+        self.assertIn("CAP_SYS_PTRACE", str(support._openError(UffdError(1, "userfaultfd"))))

@@ -1,0 +1,144 @@
+# -*- test-case-name: tests.test_ram_uffd -*-
+"""
+Tests for L{twisted_postcopy.ram.uffd} against the real kernel.  The test
+process never touches registered memory: it checks results with C{pread}
+on the block's memfd.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from twisted_postcopy.errors import UffdError
+from twisted_postcopy.ram import uffd
+from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.ram.support import checkUserfaultfd
+
+PAGE = 4096
+
+
+class UffdTests(SynchronousTestCase):
+    """
+    The wrappers on a memfd RAMBlock registered on a fresh userfaultfd.
+    """
+
+    def setUp(self) -> None:
+        """
+        An 8-page block and a handshaken userfaultfd.
+        """
+        try:
+            checkUserfaultfd()
+        except Exception as error:
+            raise SkipTest(str(error))
+        self.block = RAMBlock("pc.ram", 8 * PAGE)
+        self.addCleanup(self.block.close)
+        self.fd = uffd.openWithFeatures(uffd.UFFD_FEATURE_THREAD_ID)
+        self.addCleanup(os.close, self.fd)
+
+    def assertErrno(self, code, f, *args):
+        """
+        C{f(*args)} raises L{UffdError} with C{code}.
+        """
+        error = self.assertRaises(UffdError, f, *args)
+        self.assertEqual(error.errno, code)
+        return error
+
+    def test_probe(self):
+        """
+        The probe reports the features postcopy needs, on a throwaway fd.
+        """
+        features = uffd.probeFeatures()
+        self.assertTrue(features & uffd.UFFD_FEATURE_THREAD_ID)
+        self.assertTrue(features & uffd.UFFD_FEATURE_MISSING_SHMEM)
+
+    def test_handshakeOnce(self):
+        """
+        A second handshake on one fd, or an unknown feature bit, is EINVAL.
+        """
+        self.assertErrno(errno.EINVAL, uffd.api, self.fd, 0)
+        fd = uffd.openUffd()
+        self.addCleanup(os.close, fd)
+        self.assertErrno(errno.EINVAL, uffd.api, fd, 1 << 40)
+
+    def test_badOpenFlags(self):
+        """
+        Unknown open flags are EINVAL.
+        """
+        self.assertErrno(errno.EINVAL, uffd.openUffd, 0x4)
+
+    def test_register(self):
+        """
+        Registration reports the resolving ioctls; misaligned ranges are
+        EINVAL; another uffd on the same range gets EBUSY.
+        """
+        ioctls = uffd.register(self.fd, self.block.address, self.block.length)
+        wanted = uffd.UFFDIO_COPY_BIT | uffd.UFFDIO_ZEROPAGE_BIT | uffd.UFFDIO_WAKE_BIT
+        self.assertEqual(ioctls & wanted, wanted)
+        self.assertErrno(errno.EINVAL, uffd.register, self.fd, self.block.address + 1, PAGE)
+        other = uffd.openWithFeatures()
+        self.addCleanup(os.close, other)
+        self.assertErrno(errno.EBUSY, uffd.register, other, self.block.address, PAGE)
+        uffd.unregister(self.fd, self.block.address, self.block.length)
+        uffd.register(other, self.block.address, PAGE)
+
+    def test_copyZeroWake(self):
+        """
+        COPY and ZEROPAGE fill the memfd; a second COPY is EEXIST; WAKE with
+        no waiter succeeds; nothing is queued to read.
+        """
+        uffd.register(self.fd, self.block.address, self.block.length)
+        data = os.urandom(2 * PAGE)
+        self.assertEqual(uffd.copy(self.fd, self.block.address, data), 2 * PAGE)
+        self.assertEqual(uffd.zeropage(self.fd, self.block.address + 2 * PAGE, PAGE), PAGE)
+        self.assertEqual(os.pread(self.block.fd, 3 * PAGE, 0), data + bytes(PAGE))
+        self.assertErrno(errno.EEXIST, uffd.copy, self.fd, self.block.address, data)
+        uffd.wake(self.fd, self.block.address, self.block.length)
+        self.assertIsNone(uffd.MessageBuffer().read(self.fd))
+
+    def test_placeRun(self):
+        """
+        A run over present and missing pages places the missing ones and
+        counts the present ones as existing.
+        """
+        uffd.register(self.fd, self.block.address, self.block.length)
+        uffd.copy(self.fd, self.block.address + PAGE, b"\1" * PAGE)
+        data = os.urandom(4 * PAGE)
+        result = uffd.placeRun(self.fd, self.block.address, data, len(data), PAGE)
+        self.assertEqual(result, (0, 4 * PAGE, PAGE))
+        expected = data[:PAGE] + b"\1" * PAGE + data[2 * PAGE :]
+        self.assertEqual(os.pread(self.block.fd, 4 * PAGE, 0), expected)
+        self.assertEqual(uffd.placeRun(self.fd, self.block.address + 4 * PAGE, None, 4 * PAGE, PAGE),
+                         (0, 4 * PAGE, 0))
+        result, done, _ = uffd.placeRun(self.fd, self.block.address + 1, None, PAGE, PAGE)
+        self.assertEqual((result, done), (-errno.EINVAL, 0))
+
+    def test_continue(self):
+        """
+        MINOR mode: a page in the page cache (pwrite) is mapped by CONTINUE;
+        CONTINUE again is EEXIST.
+        """
+        self.block.write(0, b"\2" * PAGE)
+        ioctls = uffd.register(self.fd, self.block.address, self.block.length,
+                               uffd.UFFDIO_REGISTER_MODE_MISSING | uffd.UFFDIO_REGISTER_MODE_MINOR)
+        self.assertTrue(ioctls & uffd.UFFDIO_CONTINUE_BIT)
+        self.assertEqual(uffd.continuePages(self.fd, self.block.address, PAGE), PAGE)
+        self.assertErrno(errno.EEXIST, uffd.continuePages, self.fd, self.block.address, PAGE)
+
+    def test_writeProtect(self):
+        """
+        WP registration on shmem allows protecting and unprotecting.
+        """
+        ioctls = uffd.register(self.fd, self.block.address, self.block.length, uffd.UFFDIO_REGISTER_MODE_WP)
+        self.assertTrue(ioctls & uffd.UFFDIO_WRITEPROTECT_BIT)
+        uffd.writeProtect(self.fd, self.block.address, self.block.length)
+        uffd.writeProtect(self.fd, self.block.address, self.block.length, protect=False, wakeWriters=False)
+        self.assertErrno(errno.EINVAL, uffd.writeProtect, self.fd, self.block.address + 1, PAGE)
+
+    def test_unregisteredRange(self):
+        """
+        COPY into an unregistered range is ENOENT.
+        """
+        self.assertErrno(errno.ENOENT, uffd.copy, self.fd, self.block.address, bytes(PAGE))
