@@ -217,3 +217,79 @@ class PostcopyLoopbackTests(TestCase):
         dstInfo = self.dst.queryMigrate()
         self.assertEqual(len(dstInfo["postcopy-vcpu-blocktime"]), 1)
         self.assertGreater(dstInfo["postcopy-vcpu-blocktime"][0], 0)
+
+
+class RAMIncomingVM(IncomingTestVM):
+    """
+    An incoming VM over L{twisted_postcopy.ram.block.RAMBlock}s, filled
+    through the production fault service (the manager's default).
+    """
+
+    def ramBlocksListed(self, blocks):
+        from twisted_postcopy.ram.block import RAMBlock
+
+        self.blocks = {name: RAMBlock(name, length) for name, length, _ in blocks}
+        return self.blocks
+
+    def contents(self):
+        return {name: os.pread(block.fd, block.length, 0) for name, block in self.blocks.items()}
+
+
+class RAMFaultServiceTests(TestCase):
+    """
+    Postcopy through C{ram.faults.FaultService} and its guest worker: two
+    threads touch every page while pages still arrive.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        try:
+            os.close(uffdOpen())
+        except OSError as error:
+            raise SkipTest(f"userfaultfd unavailable: {error}")
+
+    @inlineCallbacks
+    def test_workerTouchesEverything(self) -> None:
+        """
+        The worker faults on pages, they are requested and placed; its
+        digest equals the source's RAM and postcopy-requests > 0.
+        """
+        from twisted_postcopy.ram.guestworker import spawnWorker
+
+        source = OutgoingTestVM({"pc.ram": 8 * MiB}, device=ownDevice(b"dev"))
+        fill(source, 3)
+        destination = RAMIncomingVM()
+        src = MigrationManager(reactor, source)
+        dst = MigrationManager(reactor, destination)
+        for manager in (src, dst):
+            manager.setCapabilities({"postcopy-ram": True})
+        src.setParameters({"max-postcopy-bandwidth": 2 * MiB})
+        workers = []
+        original = destination.run
+
+        def run():
+            original()
+            service = dst.incoming.faults
+            workers.append(spawnWorker(reactor, service, list(destination.blocks.values())))
+
+        destination.run = run
+        port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+        src.startPostcopy()
+        yield src.whenStatus("postcopy-active")
+        while not workers:
+            yield deferLater(reactor, 0.01, lambda: None)
+        worker = workers[0]
+        yield worker.attached
+        answer = yield worker.command(op="touch", block=0, first=0, count=2048, threads=2)
+        self.assertEqual(len(answer["latencies"]), 2048)
+        status = yield src.whenStatus("completed", "failed")
+        self.assertEqual(status, "completed")
+        yield dst.whenStatus("completed")
+        digest = yield worker.command(op="digest", block=0)
+        yield worker.exit()
+        expected = hashlib.sha256(source.contents()["pc.ram"]).hexdigest()
+        self.assertEqual(digest["digest"], expected)
+        self.assertGreater(src.queryMigrate()["ram"]["postcopy-requests"], 0)

@@ -45,7 +45,8 @@ class MigrationManager:
     @ivar reactor: the reactor.
     @ivar vm: the VM migrated out, or the incoming VM (or its factory).
     @ivar faultServiceFactory: C{(blocks, pageSource) -> fault service},
-        used by a destination at LISTEN.
+        used by a destination at LISTEN (default:
+        L{twisted_postcopy.ram.faults.FaultService}).
     @ivar capabilities: capability name -> state.
     @ivar parameters: parameter name -> value.
     @ivar outgoing: the current outgoing migration, if any.
@@ -264,15 +265,27 @@ class MigrationManager:
         @param pageSource: where faults are requested from.
         @return: the fault service.
         """
-        if self.faultServiceFactory is None:
-            raise MigrationError("no fault service: postcopy is not supported here")
-        service = self.faultServiceFactory(blocks, pageSource)
+        factory = self.faultServiceFactory or self._ramFaultService
+        service = factory(blocks, pageSource)
         if self.capabilities["postcopy-blocktime"] and hasattr(service, "addFaultObserver"):
             threads = getattr(self.incoming.vm, "vcpuThreads", [])
             self.blocktime = BlocktimeContext(threads, self.reactor.seconds)
             service.addFaultObserver(self.blocktime.faultBegan)
             service.addPlacementObserver(self.blocktime.pagePlaced)
         return service
+
+    def _ramFaultService(self, blocks: dict[str, Any], pageSource: Any) -> Any:
+        """
+        The default fault service: L{twisted_postcopy.ram.faults.FaultService}
+        over the incoming VM's RAMBlocks.
+
+        @param blocks: idstr -> L{twisted_postcopy.ram.block.RAMBlock}.
+        @param pageSource: where faults are requested from.
+        @return: the service.
+        """
+        from twisted_postcopy.ram.faults import FaultService
+
+        return FaultService(self.reactor, pageSource, blocks)
 
     def migratePause(self) -> None:
         """
