@@ -106,6 +106,35 @@ def stopAndCheck(qemu: QEMUInstance, layout: GuestLayout) -> CounterSnapshot:
 
 
 @frozen
+class PostcopyPlan:
+    """
+    How L{migratePostcopy} runs a migration.
+
+    @ivar memoryMiB: guest RAM size in MiB.
+    @ivar layout: the guest layout.
+    @ivar record: relay through a L{RecordingRelay} and keep what crossed.
+    @ivar precopyBandwidth: the source's C{max-bandwidth} (bytes/s),
+        which keeps precopy running until the switch.
+    @ivar postcopyBandwidth: the source's C{max-postcopy-bandwidth}
+        (bytes/s, 0 for unlimited); a low value makes the destination fault
+        and request pages.
+    @ivar startAfterBytes: issue C{migrate-start-postcopy} once this many
+        bytes were transferred (0: right after C{migrate}).
+    @ivar preempt: switch on C{postcopy-preempt} on both sides.
+    @ivar timeout: seconds allowed for each wait.
+    """
+
+    memoryMiB: int
+    layout: GuestLayout
+    record: bool
+    precopyBandwidth: int
+    postcopyBandwidth: int
+    startAfterBytes: int
+    preempt: bool
+    timeout: float
+
+
+@frozen
 class PostcopyResult:
     """
     The outcome of one QEMU-to-QEMU postcopy migration.
@@ -117,6 +146,8 @@ class PostcopyResult:
     @ivar main: the recorded main stream (empty without a relay).
     @ivar returnPath: the recorded return path (empty without a relay).
     @ivar snapshot: the destination's verified counters after the run.
+    @ivar preempt: the recorded preempt channel (empty without preempt or
+        without a relay).
     """
 
     source: dict[str, Any]
@@ -125,6 +156,7 @@ class PostcopyResult:
     main: bytes
     returnPath: bytes
     snapshot: CounterSnapshot
+    preempt: bytes = b""
 
 
 def migratePostcopy(
@@ -135,6 +167,7 @@ def migratePostcopy(
     precopyBandwidth: int = 4 * MIB,
     postcopyBandwidth: int = 0,
     startAfterBytes: int = MIB,
+    preempt: bool = False,
     timeout: float = 60.0,
 ) -> PostcopyResult:
     """
@@ -142,34 +175,30 @@ def migratePostcopy(
     C{postcopy-ram}, switching to postcopy mid-precopy.
 
     @param directory: an existing directory for images and QEMU files.
-    @param memoryMiB: guest RAM size in MiB.
-    @param layout: the guest layout (default: L{layoutFor}).
-    @param record: relay through a L{RecordingRelay} and keep both
-        directions.
-    @param precopyBandwidth: the source's C{max-bandwidth} (bytes/s),
-        which keeps precopy running until the switch.
-    @param postcopyBandwidth: the source's C{max-postcopy-bandwidth}
-        (bytes/s, 0 for unlimited); a low value makes the destination fault
-        and request pages.
-    @param startAfterBytes: issue C{migrate-start-postcopy} once this many
-        bytes were transferred (0: right after C{migrate}).
-    @param timeout: seconds allowed for each wait.
+    @param memoryMiB: see L{PostcopyPlan}.
+    @param layout: see L{PostcopyPlan} (default: L{layoutFor}).
+    @param record: see L{PostcopyPlan}.
+    @param precopyBandwidth: see L{PostcopyPlan}.
+    @param postcopyBandwidth: see L{PostcopyPlan}.
+    @param startAfterBytes: see L{PostcopyPlan}.
+    @param preempt: see L{PostcopyPlan}.
+    @param timeout: see L{PostcopyPlan}.
     @return: the figures, recordings and verified destination memory.
     @raise QEMUError: when a QEMU or the migration fails.
     @raise GuestPatternError: when the destination memory is inconsistent.
     """
-    layout = layout or layoutFor(memoryMiB)
-    image = writeBootImage(os.path.join(directory, "boot.img"), layout)
+    plan = PostcopyPlan(
+        memoryMiB, layout or layoutFor(memoryMiB), record, precopyBandwidth,
+        postcopyBandwidth, startAfterBytes, preempt, timeout,
+    )
+    image = writeBootImage(os.path.join(directory, "boot.img"), plan.layout)
     source = startGuest(directory, "source", image, memoryMiB)
     try:
         destination = startGuest(
             directory, "destination", image, memoryMiB, "-incoming", "defer"
         )
         try:
-            return _runPostcopy(
-                source, destination, layout, record, precopyBandwidth,
-                postcopyBandwidth, startAfterBytes, timeout,
-            )
+            return _runPostcopy(source, destination, plan)
         finally:
             destination.kill()
     finally:
@@ -177,43 +206,40 @@ def migratePostcopy(
 
 
 def _runPostcopy(
-    source: QEMUInstance,
-    destination: QEMUInstance,
-    layout: GuestLayout,
-    record: bool,
-    precopyBandwidth: int,
-    postcopyBandwidth: int,
-    startAfterBytes: int,
-    timeout: float,
+    source: QEMUInstance, destination: QEMUInstance, plan: PostcopyPlan
 ) -> PostcopyResult:
     """
     The body of L{migratePostcopy}, once both QEMUs run.
 
     @return: see L{migratePostcopy}.
     """
-    target = preparePostcopy(source, destination, precopyBandwidth, postcopyBandwidth)
-    relay = RecordingRelay(target) if record else None
+    target = preparePostcopy(
+        source, destination, plan.precopyBandwidth, plan.postcopyBandwidth,
+        plan.preempt,
+    )
+    relay = RecordingRelay(target) if plan.record else None
     try:
-        source.waitSerial(1, timeout)
+        source.waitSerial(1, plan.timeout)
         started = time.time()
         source.migrate(relay.uri if relay else "tcp:%s:%d" % target)
-        startPostcopyAfter(source, startAfterBytes, timeout)
-        resumed = eventTime(destination.waitEvent("RESUME", timeout))
-        sourceInfo = source.waitMigration(["completed"], timeout)
-        destinationInfo = destination.waitMigration(["completed"], timeout)
+        startPostcopyAfter(source, plan.startAfterBytes, plan.timeout)
+        resumed = eventTime(destination.waitEvent("RESUME", plan.timeout))
+        sourceInfo = source.waitMigration(["completed"], plan.timeout)
+        destinationInfo = destination.waitMigration(["completed"], plan.timeout)
         if relay:
-            relay.waitClosed(timeout)
+            relay.waitClosed(plan.timeout)
     finally:
         if relay:
             relay.close()
-    connection = relay.connections[0] if relay else None
+    recorded = [bytes(c.forward) for c in relay.connections] if relay else []
     return PostcopyResult(
         source=sourceInfo,
         destination=destinationInfo,
         resumeAfter=resumed - started,
-        main=bytes(connection.forward) if connection else b"",
-        returnPath=bytes(connection.backward) if connection else b"",
-        snapshot=stopAndCheck(destination, layout),
+        main=recorded[0] if recorded else b"",
+        returnPath=bytes(relay.connections[0].backward) if relay else b"",
+        snapshot=stopAndCheck(destination, plan.layout),
+        preempt=recorded[1] if len(recorded) > 1 else b"",
     )
 
 
@@ -222,21 +248,25 @@ def preparePostcopy(
     destination: QEMUInstance,
     precopyBandwidth: int,
     postcopyBandwidth: int,
+    preempt: bool = False,
 ) -> tuple[str, int]:
     """
-    Switch on C{postcopy-ram} on both sides (and C{postcopy-blocktime} on
-    the destination), set the source's bandwidths, and make the destination
-    listen.
+    Switch on C{postcopy-ram} (and C{postcopy-preempt} if asked) on both
+    sides and C{postcopy-blocktime} on the destination, set the source's
+    bandwidths, and make the destination listen.
 
     @param source: the source QEMU.
     @param destination: the destination QEMU (started with C{-incoming
         defer}).
     @param precopyBandwidth: the source's C{max-bandwidth} (bytes/s).
     @param postcopyBandwidth: the source's C{max-postcopy-bandwidth}.
+    @param preempt: whether to use a postcopy preempt channel.
     @return: the C{(host, port)} the destination listens on.
     """
     for qemu in (source, destination):
         qemu.setCapabilities(postcopy_ram=True)
+        if preempt:
+            qemu.setCapabilities(postcopy_preempt=True)
     destination.setCapabilities(postcopy_blocktime=True)
     source.setParameters(
         max_bandwidth=precopyBandwidth, max_postcopy_bandwidth=postcopyBandwidth
