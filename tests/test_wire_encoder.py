@@ -6,13 +6,21 @@ migration-stream.md section 7.
 
 from __future__ import annotations
 
+from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_wire_ram import PC_BLOCKS
 from tests.wirehelpers import globalstatePayload, unhex
 from twisted_postcopy.wire.constants import SectionType
-from twisted_postcopy.wire.encoder import StreamEncoder
-from twisted_postcopy.wire.events import DeviceSectionReceived
+from twisted_postcopy.wire.encoder import StreamEncoder, encodeEvents
+from twisted_postcopy.wire.events import (
+    DeviceSectionReceived,
+    DiscardReceived,
+    PageReceived,
+    PingReceived,
+    RAMBlockInfo,
+    ZeroPageReceived,
+)
 from twisted_postcopy.wire.stream import decodeAll
 
 
@@ -92,3 +100,69 @@ class EncoderGoldenTests(SynchronousTestCase):
         """
         ram = memoryview(bytearray(4096))
         self.assertIs(StreamEncoder().page("pc.ram", 0, ram)[1], ram)
+
+
+#: Blocks of the generated streams.
+BLOCKS = {"pc.ram": 0x100000, "pc.bios": 0x40000, "x": 0x20000}
+_records = st.lists(st.one_of(
+    st.tuples(st.just("page"), st.sampled_from(sorted(BLOCKS)), st.integers(0, 1), st.binary(min_size=1, max_size=4)),
+    st.tuples(st.just("zero"), st.sampled_from(sorted(BLOCKS)), st.integers(0, 1), st.integers(0, 255)),
+    st.tuples(st.just("ping"), st.integers(0, 2**32 - 1)),
+    st.tuples(st.just("discard"), st.sampled_from(sorted(BLOCKS)), st.integers(1, 30)),
+    st.tuples(st.just("section")),
+), max_size=25)
+
+
+class GeneratedStreamTests(SynchronousTestCase):
+    """
+    Streams generated from random element sequences decode to exactly the
+    elements encoded, and re-encode to the same bytes.
+    """
+
+    @settings(max_examples=40, deadline=None)
+    @given(_records, st.booleans())
+    def test_roundTrip(self, records: list[tuple], alwaysName: bool) -> None:
+        """
+        Encode, decode, compare events, re-encode.
+        """
+        encoder = StreamEncoder(alwaysNameBlock=alwaysName)
+        parts = [encoder.header("pc-q35-7.2"), encoder.ramStart(7, [RAMBlockInfo(k, v) for k, v in BLOCKS.items()]),
+                 encoder.sectionHeader(SectionType.SECTION_PART, 7)]
+        expected: list[tuple] = []
+        for record in records:
+            if record[0] == "page":
+                _, block, page, pattern = record
+                data = (pattern * 4096)[:4096]
+                parts.extend(encoder.page(block, page * 0x1000, data))
+                expected.append(("page", block, page * 0x1000, data))
+            elif record[0] == "zero":
+                _, block, page, fill = record
+                parts.append(encoder.zeroPage(block, page * 0x1000, fill))
+                expected.append(("zero", block, page * 0x1000, fill))
+            elif record[0] == "ping":
+                parts += [encoder.eos(), encoder.sectionFooter(7), encoder.ping(record[1]),
+                          encoder.sectionHeader(SectionType.SECTION_PART, 7)]
+                expected.append(("ping", record[1]))
+            elif record[0] == "discard":
+                ranges = [(i * 0x1000, 0x1000) for i in range(record[2])]
+                parts += [encoder.eos(), encoder.sectionFooter(7), encoder.discard(record[1], ranges),
+                          encoder.sectionHeader(SectionType.SECTION_PART, 7)]
+                expected.extend(("discard", record[1], ranges[i:i + 12]) for i in range(0, len(ranges), 12))
+            else:
+                parts += [encoder.eos(), encoder.sectionFooter(7),
+                          encoder.sectionHeader(SectionType.SECTION_END, 7)]
+        parts += [encoder.eos(), encoder.sectionFooter(7), encoder.eof()]
+        stream = b"".join(bytes(part) for part in parts)
+        events = decodeAll(stream)
+        self.assertEqual(encodeEvents(events), stream)
+        found: list[tuple] = []
+        for event in events:
+            if isinstance(event, PageReceived):
+                found.append(("page", event.block, event.offset, bytes(event.data)))
+            elif isinstance(event, ZeroPageReceived):
+                found.append(("zero", event.block, event.offset, event.fill))
+            elif isinstance(event, PingReceived):
+                found.append(("ping", event.value))
+            elif isinstance(event, DiscardReceived):
+                found.append(("discard", event.block, list(event.ranges)))
+        self.assertEqual(found, expected)

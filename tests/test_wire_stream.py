@@ -412,3 +412,20 @@ class StreamErrorTests(SynchronousTestCase):
         decoder.receiveData(b"XXXXXXXX")
         first = self.assertRaises(BadHeaderError, decoder.nextEvent)
         self.assertIs(self.assertRaises(BadHeaderError, decoder.nextEvent), first)
+
+
+class PurityTests(SynchronousTestCase):
+    """
+    The codec is sans-IO.
+    """
+
+    def test_noReactorImport(self) -> None:
+        """
+        Importing the whole codec imports nothing from C{twisted.internet}.
+        """
+        import subprocess
+        import sys
+        code = ("import sys, twisted_postcopy.wire, twisted_postcopy.wire.device; "
+                "print(sorted(m for m in sys.modules if m.startswith('twisted.')))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out.strip(), "[]")
