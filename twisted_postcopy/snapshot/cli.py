@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any, Callable
 
 from twisted_postcopy.errors import PostcopyError
@@ -195,21 +196,28 @@ def _restore(args: argparse.Namespace) -> int:
     """
     @param args: the parsed arguments.
     @return: 0 once every destination completed; one C{query-migrate}
-        JSON line per destination is printed at the end.
+        JSON line per destination is printed at the end, with
+        C{started}, the epoch time the connections were started.
     """
     from twisted_postcopy.snapshot.restore import restoreSnapshot
+    from twisted_postcopy.snapshot.store import openSnapshot
+
+    if not args.no_verify:
+        openSnapshot(args.dir).verify()
 
     def start(reactor: Any) -> Any:
         """
         @param reactor: the running reactor.
         @return: a Deferred firing when every clone ended.
         """
-        managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy,
-                                         not args.no_verify, args.max_bandwidth)
+        started = time.time()
+        managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy, False,
+                                         args.max_bandwidth)
 
         def report(result: Any) -> Any:
             for uri, manager in zip(args.to, managers):
-                print(json.dumps({"uri": uri, **manager.queryMigrate()}, sort_keys=True), flush=True)
+                line = {"uri": uri, "started": started, **manager.queryMigrate()}
+                print(json.dumps(line, sort_keys=True), flush=True)
             return result
 
         return done.addBoth(report)

@@ -1,0 +1,169 @@
+"""
+Restoring a snapshot into a real QEMU 7.2 by postcopy, beside QEMU's own
+ways of getting the same guest running.
+
+For each guest size the boot-sector counting guest (whose every page holds
+data) is saved with C{migrate exec:cat > FILE} and imported with
+C{postcopy snapshot import}.  Then, each into a fresh QEMU:
+
+  - B{ours}: C{postcopy snapshot restore --postcopy --no-verify}; time from
+    our C{migrate} to the destination's C{RESUME} event, total restore time
+    (our C{total-time}), QEMU's page requests (our C{postcopy-requests}) and
+    the destination's C{postcopy-blocktime};
+  - B{qemu-postcopy}: QEMU to QEMU postcopy of the same guest (switched to
+    postcopy after 1 MiB of precopy);
+  - B{precopy-load}: C{-incoming exec:cat FILE} of the saved stream, time
+    to C{RESUME} (all RAM first).
+
+Usage: C{python bench/qemu_restore.py [--sizes 1024 4096] [--json]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from twisted_postcopy.testing.bootsector import writeBootImage
+from twisted_postcopy.testing.qemubaseline import (
+    eventTime, layoutFor, listenIncoming, qemuPrecopyLoad, qemuToQemuPostcopy, startGuest,
+    stopAndCheck,
+)
+
+TIMEOUT = 300.0
+
+
+def record(directory: str, sizeMiB: int, stream: str) -> None:
+    """
+    Save the running guest to a stream file (unlimited bandwidth, a 2 s
+    downtime limit so precopy converges while the guest counts).
+
+    @param directory: scratch directory.
+    @param sizeMiB: guest RAM.
+    @param stream: the file to write.
+    """
+    image = writeBootImage(os.path.join(directory, "boot.img"), layoutFor(sizeMiB))
+    source = startGuest(directory, "saver", image, sizeMiB)
+    try:
+        source.waitSerial(1, TIMEOUT)
+        source.setParameters(max_bandwidth=1 << 40, downtime_limit=2000)
+        source.migrate(f"exec:cat > {stream}")
+        source.waitMigration(["completed"], TIMEOUT)
+    finally:
+        source.kill()
+
+
+def command(*arguments: str) -> subprocess.CompletedProcess[bytes]:
+    """
+    @param arguments: C{postcopy snapshot} arguments.
+    @return: the finished process.
+    @raise RuntimeError: it failed.
+    """
+    done = subprocess.run([sys.executable, "-m", "twisted_postcopy.cli", "snapshot", *arguments],
+                          capture_output=True, timeout=TIMEOUT)
+    if done.returncode:
+        raise RuntimeError(done.stderr.decode())
+    return done
+
+
+def ours(directory: str, sizeMiB: int, snapshot: str) -> dict[str, Any]:
+    """
+    Our postcopy restore into a fresh QEMU.
+
+    @param directory: scratch directory.
+    @param sizeMiB: guest RAM.
+    @param snapshot: the snapshot directory.
+    @return: the figures.
+    """
+    image = os.path.join(directory, "boot.img")
+    target = startGuest(directory, "restored", image, sizeMiB, "-incoming", "defer")
+    try:
+        target.setCapabilities(**{"postcopy-ram": True, "postcopy-blocktime": True})
+        host, port = listenIncoming(target)
+        done = command("restore", snapshot, "--to", f"tcp:{host}:{port}", "--postcopy", "--no-verify")
+        (summary,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith(b"{")]
+        resumed = eventTime(target.waitEvent("RESUME", TIMEOUT))
+        info = target.waitMigration(["completed"], TIMEOUT)
+        stopAndCheck(target, layoutFor(sizeMiB))
+    finally:
+        target.kill()
+    return {"resume_ms": (resumed - summary["started"]) * 1000, "total_ms": summary["total-time"],
+            "postcopy_requests": summary["ram"]["postcopy-requests"],
+            "blocktime_ms": info.get("postcopy-blocktime"), "mbps": summary["ram"]["mbps"]}
+
+
+def measure(sizeMiB: int, scratch: str) -> dict[str, Any]:
+    """
+    All three ways for one guest size.
+
+    @param sizeMiB: guest RAM.
+    @param scratch: parent scratch directory.
+    @return: the figures, keyed C{ours_*}, C{qemu_postcopy_*},
+        C{precopy_load_*} and ratios.
+    """
+    directory = tempfile.mkdtemp(prefix=f"restore-{sizeMiB}-", dir=scratch)
+    stream, snapshot = os.path.join(directory, "stream.mig"), os.path.join(directory, "snap")
+    record(directory, sizeMiB, stream)
+    began = time.monotonic()
+    command("import", stream, snapshot)
+    figures = {"import_ms": (time.monotonic() - began) * 1000}
+    figures.update({f"ours_{k}": v for k, v in ours(directory, sizeMiB, snapshot).items()})
+    baseline = tempfile.mkdtemp(dir=directory)
+    figures.update({f"qemu_postcopy_{k}": v for k, v in qemuToQemuPostcopy(
+        sizeMiB, baseline, timeout=TIMEOUT).items()})
+    figures.update({f"precopy_load_{k}": v for k, v in qemuPrecopyLoad(
+        stream, directory, sizeMiB, layoutFor(sizeMiB)).items()})
+    figures["resume_vs_qemu_postcopy_ratio"] = figures["ours_resume_ms"] / figures["qemu_postcopy_resume_ms"]
+    figures["resume_vs_precopy_load_ratio"] = figures["ours_resume_ms"] / figures["precopy_load_load_ms"]
+    figures["total_vs_qemu_postcopy_ratio"] = figures["ours_total_ms"] / figures["qemu_postcopy_total_ms"]
+    shutil.rmtree(directory, ignore_errors=True)
+    return figures
+
+
+def table(results: dict[int, dict[str, Any]]) -> str:
+    """
+    @param results: size in MiB -> figures.
+    @return: a readable table.
+    """
+    rows = [("", "to running (ms)", "total (ms)", "page requests", "blocktime (ms)")]
+    for size, f in results.items():
+        rows.append((f"{size} MiB ours", f"{f['ours_resume_ms']:.0f}", f"{f['ours_total_ms']:.0f}",
+                     str(f["ours_postcopy_requests"]), str(f["ours_blocktime_ms"])))
+        rows.append((f"{size} MiB qemu->qemu postcopy", f"{f['qemu_postcopy_resume_ms']:.0f}",
+                     f"{f['qemu_postcopy_total_ms']:.0f}", str(f["qemu_postcopy_postcopy_requests"]),
+                     str(f["qemu_postcopy_blocktime_ms"])))
+        rows.append((f"{size} MiB precopy load (exec:cat)", f"{f['precopy_load_load_ms']:.0f}",
+                     f"{f['precopy_load_load_ms']:.0f}", "-", "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
+                               enumerate(zip(row, widths))) for row in rows)
+
+
+def main() -> None:
+    """
+    Run the bench and print a table, or one JSON object with C{--json}.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], metavar="MIB")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    scratch = tempfile.mkdtemp(prefix="pc-bench-restore-")
+    try:
+        results = {size: measure(size, scratch) for size in args.sizes}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        print(json.dumps({f"{size}mib_{key}": value for size, figures in results.items()
+                          for key, value in figures.items()}, sort_keys=True))
+    else:
+        print(table(results))
+
+
+if __name__ == "__main__":
+    main()
