@@ -404,6 +404,15 @@ class StreamErrorTests(SynchronousTestCase):
         self.assertStreamError(LimitExceededError, HEADER + unhex("00 06 00 01 00 00"), 27,
                                maxVMDescriptionSize=1000)
 
+    def test_offsetOption(self) -> None:
+        """
+        C{offset} shifts reported offsets (e.g. a package inside its stream).
+        """
+        error = self.assertRaises(UnknownElementError, decodeAll, unhex("08 00 01 00 00 09"),
+                                  header=False, offset=1000)
+        self.assertEqual(error.offset, 1005)
+        self.assertIn("at stream offset 1005", str(error))
+
     def test_errorIsSticky(self) -> None:
         """
         After an error the decoder raises it again.
