@@ -17,11 +17,13 @@ import struct
 from typing import Any, Callable
 
 from attrs import define, field
+from twisted.internet.defer import maybeDeferred
 
 from twisted_postcopy.errors import MigrationFailed
 from twisted_postcopy.protocols import _codec as c
 from twisted_postcopy.source.machine import MigrationStatus as S, StatusMachine, outgoingMachine
-from twisted_postcopy.source.sender import PageScheduler, RateLimiter, ScheduledPage, converged
+from twisted_postcopy.source.records import RecordWriter
+from twisted_postcopy.source.sender import PageScheduler, RateLimiter, converged
 from twisted_postcopy.source.stats import TransferStats
 
 RAM_SECTION_ID = 2
@@ -30,21 +32,12 @@ BATCH = 1 << 20
 #: The same in postcopy: smaller, so a page request waits behind less data.
 POSTCOPY_BATCH = 1 << 17
 VMDESC = b'{"page_size": 4096, "devices": []}'
-#: A zero page; a page is compared with it only when its first byte is 0,
-#: and as bytes (a memoryview comparison is element by element).
-_ZERO = bytes(4096)
-_WORD = struct.Struct(">Q")
-_ZERO_CONTINUE = c.ZERO | c.CONTINUE
-_PAGE_CONTINUE = c.PAGE | c.CONTINUE
 #: Pages per background run when no budget applies (the final END).
 RUN_PAGES = 256
-#: The target page: one RAM record each.
-TARGET_PAGE = 4096
 #: Batch cost of a page whose content is unknown in advance.
-PAGE_COST = TARGET_PAGE
-#: What a record costs at least against a step's batch, so a step of ZERO
-#: records stays short and page requests are read between steps.
-MIN_RECORD_COST = 128
+PAGE_COST = 4096
+#: Seconds between steps while waiting for the VM to stop.
+STOP_POLL = 0.002
 #: Returned by L{OutgoingMigration.step} when nothing more will be written.
 DONE = -1.0
 
@@ -63,14 +56,15 @@ class OutgoingMigration:
     @ivar stats: counters for C{query-migrate}.
     @ivar scheduler: the dirty maps and page queue.
     @ivar limiter: the rate limiter of the main channel.
-    @ivar views: idstr -> memoryview of the block's RAM (read only here).
-    @ivar lastBlock: the block of the last page record (CONTINUE memory).
+    @ivar records: encodes RAM records from the blocks' memory.
     @ivar postcopyRequested: C{migrate-start-postcopy} was issued.
     @ivar returnPathOpen: OPEN_RETURN_PATH was sent.
     @ivar stopped: the VM was stopped by this migration.
     @ivar written: whether everything was written (waiting for SHUT).
     @ivar shutValue: the destination's SHUT value, if it arrived.
     @ivar tracking: whether the dirty tracker runs.
+    @ivar ending: C{"precopy"} or C{"postcopy"} once the switchover began.
+    @ivar device: the device state, once the VM stopped and gave it.
     @ivar onFinished: called with no argument when the status becomes
         final (completed or failed) so the protocol can close.
     @ivar onPostcopy: called once the package is written, so the protocol
@@ -87,14 +81,15 @@ class OutgoingMigration:
     stats: TransferStats = field(init=False)
     scheduler: PageScheduler = field(init=False)
     limiter: RateLimiter = field(init=False)
-    views: dict[str, memoryview] = field(init=False)
-    lastBlock: str | None = None
+    records: RecordWriter = field(init=False)
     postcopyRequested: bool = False
     returnPathOpen: bool = False
     stopped: bool = False
     written: bool = False
     shutValue: int | None = None
     tracking: bool = False
+    ending: str | None = None
+    device: bytes | None = None
     onFinished: Callable[[], object] = lambda: None
     onPostcopy: Callable[[], object] = lambda: None
 
@@ -106,7 +101,7 @@ class OutgoingMigration:
         self.scheduler = PageScheduler.forBlocks(blocks)
         self.stats = TransferStats(self.now, sum(b.length for b in self.vm.blocks))
         self.limiter = RateLimiter(self.now, self.parameters["max-bandwidth"])
-        self.views = {b.idstr: b.view() for b in self.vm.blocks}
+        self.records = RecordWriter({b.idstr: b.view() for b in self.vm.blocks}, self.stats)
 
     def begin(self) -> None:
         """
@@ -162,67 +157,6 @@ class OutgoingMigration:
         self.limiter.account(len(data))
         self.stats.sent(len(data), self.machine.status, self.stopped)
 
-    def _record(self, page: ScheduledPage, out: list[Any]) -> int:
-        """
-        Append the record of one page (ZERO if it is all zero).
-
-        @param page: the page.
-        @param out: the buffers being gathered.
-        @return: the record's size in bytes.
-        """
-        size = 4096
-        data = self.views[page.block][page.offset : page.offset + size]
-        name = None if page.block == self.lastBlock else page.block
-        self.lastBlock = page.block
-        if not data[0] and data.tobytes() == _ZERO:
-            out.append(c.recordHeader(page.offset, c.ZERO, name) + b"\x00")
-            self.stats.duplicate += 1
-            return len(out[-1])
-        out.append(c.recordHeader(page.offset, c.PAGE, name))
-        out.append(data)
-        self.stats.normal += 1
-        return len(out[-2]) + size
-
-    def _records(self, idstr: str, offset: int, count: int, size: int, out: list[Any]) -> int:
-        """
-        Append the records of a run of host pages of one block, one record
-        per target page (the hot loop).
-
-        @param idstr: the block.
-        @param offset: the first page's offset.
-        @param count: how many host pages.
-        @param size: the host page size.
-        @param out: the buffers being gathered.
-        @return: the cost against the batch (see L{MIN_RECORD_COST}).
-        """
-        view = self.views[idstr]
-        append = out.append
-        pack = _WORD.pack
-        end = offset + count * size
-        pages = (end - offset) // TARGET_PAGE
-        normal = 0
-        if idstr != self.lastBlock:
-            self.lastBlock = idstr
-            data = view[offset : offset + TARGET_PAGE]
-            if not data[0] and data.tobytes() == _ZERO:
-                append(pack(offset | c.ZERO) + c.str8(idstr) + b"\x00")
-            else:
-                append(pack(offset | c.PAGE) + c.str8(idstr))
-                append(data)
-                normal += 1
-            offset += TARGET_PAGE
-        for offset in range(offset, end, TARGET_PAGE):
-            data = view[offset : offset + TARGET_PAGE]
-            if not data[0] and data.tobytes() == _ZERO:
-                append(pack(offset | _ZERO_CONTINUE) + b"\x00")
-            else:
-                append(pack(offset | _PAGE_CONTINUE))
-                append(data)
-                normal += 1
-        self.stats.normal += normal
-        self.stats.duplicate += pages - normal
-        return normal * TARGET_PAGE + (pages - normal) * MIN_RECORD_COST
-
     def _part(self, kind: int, limited: bool) -> bool:
         """
         Write one PART (or END) with urgent pages first, then background
@@ -239,7 +173,8 @@ class OutgoingMigration:
         while True:
             page = scheduler.nextUrgent()
             if page is not None:
-                budget -= max(self._record(page, out), MIN_RECORD_COST)
+                size = scheduler.blocks[scheduler.position[0]].pageSize
+                budget -= self.records.write(page.block, page.offset, 1, size, out)
                 continue
             if limited and budget <= 0:
                 break
@@ -247,7 +182,7 @@ class OutgoingMigration:
             run = scheduler.nextBackgroundRun(pages)
             if run is None:
                 break
-            budget -= self._records(*run, out)
+            budget -= self.records.write(*run, out)
         out += [struct.pack(">Q", c.EOS), c.footer(RAM_SECTION_ID)]
         self._send(b"".join(out))
         return self.scheduler.remainingBytes > 0
@@ -266,17 +201,27 @@ class OutgoingMigration:
             return self.limiter.delay()
         if status == S.POSTCOPY_ACTIVE:
             return self._postcopyStep()
-        if self.postcopyRequested:
+        if self.ending is None:
+            if self.postcopyRequested:
+                self.ending = "postcopy"
+            else:
+                if self.scheduler.remainingBytes == 0:
+                    self._sync()
+                if converged(self.scheduler.remainingBytes, self._bandwidth(),
+                             self.parameters["downtime-limit"]):
+                    self.ending = "precopy"
+            if self.ending is not None:
+                self._stopVM()
+        if self.ending is None:
+            self._part(c.PART, True)
+            return 0.0
+        if self.device is None:
+            return STOP_POLL
+        if self.ending == "postcopy":
             self._switchover()
             return 0.0
-        if self.scheduler.remainingBytes == 0:
-            self._sync()
-        if converged(self.scheduler.remainingBytes, self._bandwidth(),
-                     self.parameters["downtime-limit"]):
-            self._completePrecopy()
-            return DONE
-        self._part(c.PART, True)
-        return 0.0
+        self._completePrecopy()
+        return DONE
 
     def _bandwidth(self) -> float:
         """
@@ -298,33 +243,44 @@ class OutgoingMigration:
 
     def _stopVM(self) -> None:
         """
-        Stop the guest for switchover, and collect its last writes.
+        Stop the guest for switchover; once it is stopped (C{stop()} may
+        return a Deferred), collect its last writes and its device state
+        (which may also come as a Deferred) into L{device}.
         """
         self.stats.stopping()
-        self.vm.stop()
-        self.stopped = True
-        self._sync()
+
+        def stopped(_: object) -> Any:
+            if not self.machine.inProgress:
+                self.vm.resume()
+                return None
+            self.stopped = True
+            self._sync()
+            return maybeDeferred(self.vm.deviceState)
+
+        def collected(device: bytes) -> None:
+            self.device = device
+
+        stopping = maybeDeferred(self.vm.stop).addCallback(stopped).addCallback(collected)
+        stopping.addErrback(lambda failure: self.fail(failure.value))
 
     def _completePrecopy(self) -> None:
         """
-        Stop the VM, send everything left (END), devices, EOF and vmdesc.
+        The VM is stopped: send everything left (END), devices, EOF, vmdesc.
         """
-        self._stopVM()
         self._part(c.END, False)
-        device = self.vm.deviceState()
-        self._send(device + bytes([c.EOF, c.VMDESC]) + struct.pack(">I", len(VMDESC)) + VMDESC)
+        self._send(self.device + bytes([c.EOF, c.VMDESC]) + struct.pack(">I", len(VMDESC)) + VMDESC)
         self._written()
 
     def _switchover(self) -> None:
         """
-        Enter postcopy: stop, discard every dirty page, package, PING 4.
+        The VM is stopped: enter postcopy, discard every dirty page, send
+        the package and PING 4.
         """
-        self._stopVM()
         self.machine.moveTo(S.POSTCOPY_ACTIVE)
         if self.machine.status != S.POSTCOPY_ACTIVE:
             return
         out = [c.discard(name, ranges) for name, ranges in self.scheduler.discardCommands()]
-        package = (c.command(c.CMD_LISTEN) + self.vm.deviceState() + self._ping(3)
+        package = (c.command(c.CMD_LISTEN) + self.device + self._ping(3)
                    + c.command(c.CMD_RUN))
         out += [self._ping(2), c.command(c.CMD_PACKAGED, struct.pack(">I", len(package))),
                 package, self._ping(4)]
@@ -332,7 +288,7 @@ class OutgoingMigration:
         self.stopped = False
         self.stats.switchedOver()
         self.scheduler.restartScan()
-        self.lastBlock = None
+        self.records.lastBlock = None
         self.onPostcopy()
         self.limiter.bandwidth = self.parameters["max-postcopy-bandwidth"]
 

@@ -1,0 +1,88 @@
+# -*- test-case-name: tests.test_source_outgoing -*-
+"""
+RAM records from guest memory: the source's hot loop.
+
+L{RecordWriter} turns runs of pages into QEMU 7.2 RAM records
+(migration-stream.md 3.1-3.2): a PAGE record with the page as a memoryview
+of the block (gathered, not copied, until the step joins its buffers), or
+a ZERO record when the page is all zero; the block name only when the
+block differs from the previous record's (CONTINUE otherwise).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from attrs import define
+
+from twisted_postcopy.protocols import _codec as c
+
+#: The target page: one RAM record each.
+TARGET_PAGE = 4096
+#: What a record costs at least against a step's batch, so a step of ZERO
+#: records stays short and page requests are read between steps.
+MIN_RECORD_COST = 128
+#: A zero page; a page is compared with it only when its first byte is 0,
+#: and as bytes (a memoryview comparison is element by element).
+_ZERO = bytes(TARGET_PAGE)
+_WORD = struct.Struct(">Q")
+_ZERO_CONTINUE = c.ZERO | c.CONTINUE
+_PAGE_CONTINUE = c.PAGE | c.CONTINUE
+
+
+@define
+class RecordWriter:
+    """
+    Encodes RAM records of one outgoing stream.
+
+    @ivar views: idstr -> memoryview of the block's RAM (the source reads
+        its own guest RAM; nothing here runs on a destination).
+    @ivar stats: counts C{normal} and C{duplicate} pages.
+    @ivar lastBlock: the block of the previous record (QEMU's
+        C{last_sent_block}); L{None} makes the next record name its block.
+    """
+
+    views: dict[str, memoryview]
+    stats: Any
+    lastBlock: str | None = None
+
+    def write(self, idstr: str, offset: int, count: int, size: int, out: list[Any]) -> int:
+        """
+        Append the records of a run of host pages of one block, one record
+        per target page.
+
+        @param idstr: the block.
+        @param offset: the first page's offset.
+        @param count: how many host pages.
+        @param size: the host page size.
+        @param out: the buffers being gathered.
+        @return: the run's cost against the batch (see L{MIN_RECORD_COST}).
+        """
+        view = self.views[idstr]
+        append = out.append
+        pack = _WORD.pack
+        end = offset + count * size
+        pages = (end - offset) // TARGET_PAGE
+        normal = 0
+        if idstr != self.lastBlock:
+            self.lastBlock = idstr
+            data = view[offset : offset + TARGET_PAGE]
+            if not data[0] and data.tobytes() == _ZERO:
+                append(pack(offset | c.ZERO) + c.str8(idstr) + b"\x00")
+            else:
+                append(pack(offset | c.PAGE) + c.str8(idstr))
+                append(data)
+                normal += 1
+            offset += TARGET_PAGE
+        for offset in range(offset, end, TARGET_PAGE):
+            data = view[offset : offset + TARGET_PAGE]
+            if not data[0] and data.tobytes() == _ZERO:
+                append(pack(offset | _ZERO_CONTINUE) + b"\x00")
+            else:
+                append(pack(offset | _PAGE_CONTINUE))
+                append(data)
+                normal += 1
+        self.stats.normal += normal
+        self.stats.duplicate += pages - normal
+        return normal * TARGET_PAGE + (pages - normal) * MIN_RECORD_COST
