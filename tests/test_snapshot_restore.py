@@ -1,0 +1,146 @@
+# -*- test-case-name: tests.test_snapshot_restore -*-
+"""
+Tests for L{twisted_postcopy.snapshot.restore}: the snapshot as an
+L{IOutgoingVM}, and restoring one snapshot into two of the engine's own
+destinations at once over loopback TCP (the real-QEMU restores are in
+C{tests/test_qemu_restore.py}).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from tests.enginevm import IncomingTestVM
+from twisted_postcopy.errors import MigrationFailed, SnapshotError
+from twisted_postcopy.interfaces import IOutgoingVM
+from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.snapshot.restore import SnapshotVM, restoreSnapshot
+from twisted_postcopy.snapshot.store import openSnapshot, writeSnapshot
+
+PAGE = 4096
+MACHINE = "pc-i440fx-7.2"
+CONFIG = struct.pack(">I", len(MACHINE)) + MACHINE.encode()
+BLOB = b"device state " * 10
+#: One of our own device sections (C{be32 len} + blob), section id 3.
+DEVICE = (b"\x04" + struct.pack(">I", 3) + b"\x15twisted-postcopy/test" + struct.pack(">III", 0, 1, len(BLOB))
+          + BLOB + b"\x7e" + struct.pack(">I", 3))
+
+
+def makeSnapshot(path: str, configuration: bytes = CONFIG) -> dict[str, bytes]:
+    """
+    Store a two-block snapshot.
+
+    @param path: the directory.
+    @param configuration: the configuration bytes.
+    @return: idstr -> the block's content.
+    """
+    contents = {"pc.ram": bytes(range(256)) * 16 * 8 + bytes(8 * PAGE), "pc.rom": b"r" * PAGE}
+    fds = []
+    for data in contents.values():
+        fd = os.memfd_create("content")
+        os.write(fd, data)
+        fds.append(fd)
+    try:
+        writeSnapshot(path, MACHINE, configuration, "precopy", DEVICE,
+                      [(name, len(data), PAGE, fd) for (name, data), fd in zip(contents.items(), fds)])
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return contents
+
+
+class SnapshotVMTests(SynchronousTestCase):
+    """
+    L{SnapshotVM}.
+    """
+
+    def test_outgoingVM(self) -> None:
+        """
+        It provides L{IOutgoingVM}: the stored machine, blocks whose views
+        hold the stored bytes, no dirty tracker, the stored device state.
+        """
+        path = self.mktemp()
+        contents = makeSnapshot(path)
+        vm = SnapshotVM(openSnapshot(path))
+        self.assertTrue(verifyObject(IOutgoingVM, vm))
+        self.assertEqual(vm.machine, MACHINE)
+        self.assertIsNone(vm.dirtyTracker)
+        self.assertEqual({b.idstr: bytes(b.view()) for b in vm.blocks}, contents)
+        self.assertEqual(vm.deviceState(), DEVICE)
+        vm.stop()
+        vm.resume()
+
+    def test_configurationSubsections(self) -> None:
+        """
+        A stored configuration the engine cannot reproduce is refused by
+        name rather than restored wrongly.
+        """
+        path = self.mktemp()
+        makeSnapshot(path, CONFIG + b"\x05\x11target-page-bits")
+        error = self.assertRaises(SnapshotError, SnapshotVM, openSnapshot(path))
+        self.assertIn("configuration.bin", str(error))
+
+    def test_tamperedRefused(self) -> None:
+        """
+        L{restoreSnapshot} verifies hashes before connecting anywhere.
+        """
+        path = self.mktemp()
+        makeSnapshot(path)
+        with open(os.path.join(path, "ram", "0001.ram"), "r+b") as f:
+            f.write(b"X")
+        error = self.assertRaises(SnapshotError, restoreSnapshot, None, path, ["tcp:127.0.0.1:1"])
+        self.assertIn("0001.ram", str(error))
+
+
+class LoopbackRestoreTests(TestCase):
+    """
+    One snapshot restored into two engine destinations at once.
+    """
+
+    @inlineCallbacks
+    def destination(self):
+        """
+        @return: (a Deferred firing with) an incoming VM and its URI.
+        """
+        vm = IncomingTestVM()
+        manager = MigrationManager(reactor, vm)
+        port = yield manager.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(lambda: [block.close() for block in vm.blocks.values()])
+        return vm, manager, f"tcp:127.0.0.1:{port.getHost().port}"
+
+    @inlineCallbacks
+    def test_clonesByPrecopy(self) -> None:
+        """
+        Both clones complete with every block's bytes and the device
+        sections exactly as stored.
+        """
+        path = self.mktemp()
+        contents = makeSnapshot(path)
+        targets = []
+        for _ in range(2):
+            targets.append((yield self.destination()))
+        managers, done = restoreSnapshot(reactor, path, [uri for _, _, uri in targets], postcopy=False)
+        statuses = yield done
+        self.assertEqual(statuses, ["completed", "completed"])
+        for vm, manager, _ in targets:
+            yield manager.whenStatus("completed")
+            self.assertEqual(vm.contents(), contents)
+            self.assertEqual(b"".join(vm.devices), DEVICE)
+
+    @inlineCallbacks
+    def test_unreachable(self) -> None:
+        """
+        A destination that does not listen fails the restore with
+        L{MigrationFailed} naming it.
+        """
+        path = self.mktemp()
+        makeSnapshot(path)
+        _, done = restoreSnapshot(reactor, path, ["tcp:127.0.0.1:1"], postcopy=False)
+        error = yield self.assertFailure(done, MigrationFailed)
+        self.assertIn("tcp:127.0.0.1:1", str(error))
