@@ -87,6 +87,9 @@ class PageBitmap:
         @param count: number of pages.
         @raise IndexError: outside the bitmap.
         """
+        if count == 1 and 0 <= page < self.pages:
+            self._bits[page >> 3] |= 1 << (page & 7)
+            return
         self._assign(page, count, True)
 
     def clear(self, page: int, count: int = 1) -> None:

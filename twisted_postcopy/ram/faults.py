@@ -27,7 +27,7 @@ import os
 from typing import Any, Callable, Iterable, Mapping
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -254,8 +254,13 @@ class FaultService:
         """
         pending.requested = True
         self.requestCount += 1
-        requested = maybeDeferred(self.pageSource.requestPage, *key)
-        requested.addErrback(self._requestFailed, key, pending)
+        try:
+            requested = self.pageSource.requestPage(*key)
+        except Exception:
+            self._requestFailed(Failure(), key, pending)
+            return
+        if isinstance(requested, Deferred):
+            requested.addErrback(self._requestFailed, key, pending)
 
     def _requestFailed(self, reason: Failure, key: tuple[str, int], pending: _PendingPage) -> None:
         """

@@ -9,10 +9,12 @@ an inherited Unix socket (SCM_RIGHTS), then obeys JSON commands, one per
 line on stdin, answering one JSON line each on stdout:
 
   - C{{"op": "touch", "block": i, "first": page, "count": n, "threads": t,
-    "write": false}}: C{t} threads touch pages C{first..first+n} (thread
-    C{k} takes every C{t}-th page) through L{lib.tp_touch_pages}, in C
-    with the GIL released; answers C{checksum} (sum of the bytes read),
-    C{latencies} (ns per touch, from C{CLOCK_MONOTONIC}) and C{tids};
+    "write": false, "shared": false}}: C{t} threads touch pages
+    C{first..first+n} (thread C{k} takes every C{t}-th page, or all of
+    them when C{shared}) through C{lib.tp_touch_pages}, in C with the GIL
+    released; answers C{checksum} (sum of the bytes read), C{latencies}
+    (ns per touch, from C{CLOCK_MONOTONIC}), C{tids} and C{elapsed} (ns
+    for the whole command);
   - C{{"op": "digest", "block": i}}: SHA-256 of the whole mapping (only
     once every page is present);
   - C{{"op": "exit"}}.
@@ -70,12 +72,13 @@ def _touch(base: int, pageSize: int, pages: list[int], write: bool, threads: int
         results[k] = (threading.get_native_id(), checksum[0], [ended[i] - began[i] for i in range(n)])
 
     workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    began = lib.tp_monotonic_ns()
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
     return {"checksum": sum(r[1] for r in results), "tids": [r[0] for r in results],
-            "latencies": [lat for r in results for lat in r[2]]}
+            "latencies": [lat for r in results for lat in r[2]], "elapsed": lib.tp_monotonic_ns() - began}
 
 
 def main(spec: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ is discarded, with a message that names the fix.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 
 from twisted_postcopy.errors import UffdError, UffdUnavailableError
@@ -106,6 +107,23 @@ def checkUserfaultfd(hugetlb: bool = False, hugePages: int = 1) -> int:
             )
         checkHugePages(hugePages)
     return features
+
+
+def tuneGarbageCollector(threshold: int = 100000) -> None:
+    """
+    Keep the cyclic garbage collector off the fault path: freeze what
+    exists (daemon start-up objects are never scanned again) and make
+    young-generation collections rare.  With CPython's default threshold
+    (700) a collection runs every hundred or so faults and is the p99
+    fault latency (see C{bench/faults.py}).  Call it once in the
+    destination daemon, e.g. at C{POSTCOPY_LISTEN}.
+
+    @param threshold: the new generation-0 threshold.
+    """
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(threshold, second, third)
 
 
 def describeFeatures(features: int) -> list[str]:

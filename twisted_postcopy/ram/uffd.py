@@ -256,14 +256,14 @@ def placeRun(fd: int, address: int, data: bytes | bytearray | memoryview | None,
         already existed); C{-EAGAIN} means non-cooperative events must be
         read before the rest (from C{address + done}) can be placed.
     """
-    placed = ffi.new("uint64_t *")
-    existed = ffi.new("uint64_t *")
+    placed = ffi.new("uint64_t[2]")
     if data is None:
-        result = lib.tp_uffd_place(fd, address, 0, length, pageSize, mode, placed, existed)
+        result = lib.tp_uffd_place(fd, address, 0, length, pageSize, mode, placed, placed + 1)
     else:
-        keep, source = _sourceAddress(data)
-        result = lib.tp_uffd_place(fd, address, source, length, pageSize, mode, placed, existed)
-    return result, placed[0], existed[0]
+        keep = ffi.from_buffer(data)
+        result = lib.tp_uffd_place(fd, address, ffi.cast("uintptr_t", keep), length, pageSize, mode,
+                                   placed, placed + 1)
+    return result, placed[0], placed[1]
 
 
 class MessageBuffer:
