@@ -99,6 +99,26 @@ class InstanceTests(SynchronousTestCase):
         self.assertIn("no-such-option", str(error))
         self.assertIn("bad: QEMU exited", str(error))
 
+    def test_missingDirectory(self) -> None:
+        """
+        A directory that does not exist gives a L{QEMUError} and leaves no
+        process or socket directory behind.
+        """
+        error = self.assertRaises(
+            QEMUError, QEMUInstance.start, self.mktemp(), ["-S"], "nowhere"
+        )
+        self.assertIn("nowhere: cannot run", str(error))
+
+    def test_socketDirectoryRemoved(self) -> None:
+        """
+        The QMP socket lives in a short private directory, removed by
+        L{QEMUInstance.kill}.
+        """
+        instance = self.start()
+        self.assertTrue(os.path.exists(os.path.join(instance.socketDirectory, "qmp.sock")))
+        instance.kill()
+        self.assertFalse(os.path.exists(instance.socketDirectory))
+
     def test_qmpAndStatus(self) -> None:
         """
         QMP commands return their result; C{-S} leaves the guest in

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -110,11 +111,15 @@ class QEMUInstance:
         stderr log (C{stderr.log}) and the serial output (C{serial.out}).
     @ivar process: the QEMU process.
     @ivar name: a label used in error messages (C{source}, C{destination}).
+    @ivar socketDirectory: a short private directory under the system
+        temporary directory holding the QMP socket (Unix socket paths are
+        limited to 107 bytes); removed by L{kill}.
     """
 
     directory: str
     process: subprocess.Popen[bytes]
     name: str
+    socketDirectory: str
     _monitor: Any = field(default=None)
 
     @classmethod
@@ -137,17 +142,22 @@ class QEMUInstance:
         @raise QEMUError: when QEMU exits or QMP does not come up; the
             process is killed and reaped first.
         """
-        socketPath = os.path.join(directory, "qmp.sock")
+        socketDirectory = tempfile.mkdtemp(prefix="qmp-")
+        socketPath = os.path.join(socketDirectory, "qmp.sock")
         command = [
             qemuBinary() or QEMU_BINARY, *arguments,
             "-qmp", f"unix:{socketPath},server=on,wait=off",
             "-serial", f"file:{os.path.join(directory, 'serial.out')}",
         ]
-        with open(os.path.join(directory, "stderr.log"), "wb") as log:
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
-        instance = cls(directory=directory, process=process, name=name)
+        try:
+            with open(os.path.join(directory, "stderr.log"), "wb") as log:
+                process = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                )
+        except OSError as error:
+            shutil.rmtree(socketDirectory, ignore_errors=True)
+            raise QEMUError(f"{name}: cannot run {command[0]}: {error}") from error
+        instance = cls(directory, process, name, socketDirectory)
         try:
             instance._connect(socketPath, timeout)
         except BaseException:
@@ -412,3 +422,4 @@ class QEMUInstance:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
+        shutil.rmtree(self.socketDirectory, ignore_errors=True)
