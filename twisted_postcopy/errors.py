@@ -230,3 +230,20 @@ class DirtyTrackingUnavailableError(UffdUnavailableError):
     available (kernel before 6.7, or the feature bits are missing); the
     message names what is missing.
     """
+
+
+class AttachProtocolError(PostcopyError):
+    """
+    A guest process and the daemon disagree on the attach protocol: a
+    malformed or oversized message, an unexpected message type, a file
+    descriptor count that does not match, or an C{error} the other side
+    sent (its message is quoted).
+    """
+
+
+class GuestError(PostcopyError):
+    """
+    A guest of ours failed: a worker process exited or refused a command,
+    its device state is malformed, or its RAM does not verify (the message
+    names the first offending page).
+    """
