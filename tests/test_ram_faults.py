@@ -59,16 +59,25 @@ class _Observer:
     """
 
     def __init__(self) -> None:
+        """
+        Nothing observed yet.
+        """
         self.began: list[tuple] = []
         self.placed: list[tuple] = []
         self.faulted: Deferred = Deferred()
 
     def faultBegan(self, threadId: int, block: str, offset: int, t: int) -> None:
+        """
+        Record a fault.
+        """
         self.began.append((threadId, block, offset, t))
         if not self.faulted.called:
             self.faulted.callback(None)
 
     def pagePlaced(self, block: str, offset: int, t: int) -> None:
+        """
+        Record a placement.
+        """
         self.placed.append((block, offset, t))
 
 
@@ -78,9 +87,17 @@ class _NeverSource:
     """
 
     def __init__(self) -> None:
+        """
+        No requests yet.
+        """
         self.requests: list[tuple[str, int]] = []
 
     def requestPage(self, block: str, offset: int) -> Deferred:
+        """
+        Record the request.
+
+        @return: a Deferred that never fires.
+        """
         self.requests.append((block, offset))
         return Deferred()
 
@@ -153,6 +170,21 @@ class FaultServiceProcessTests(TestCase):
         self.assertEqual(len(source.requests), 4)
         self.assertTrue({began[0] for began in observer.began} <= set(answer["tids"]))
         self.assertEqual(sorted({placed[1] for placed in observer.placed}), [0, PAGE, 2 * PAGE, 3 * PAGE])
+
+    @inlineCallbacks
+    def test_sixteenThreads(self):
+        """
+        Sixteen threads faulting on distinct pages of one block (more
+        threads than CPUs) all read the right bytes.
+        """
+        data = pageContents(512, seed=10)
+        service, source, blocks = self.makeService({"pc.ram": data})
+        worker = self.spawn(service, blocks)
+        yield worker.attached
+        answer = yield worker.command(op="touch", block=0, first=0, count=512, threads=16)
+        self.assertEqual(answer["checksum"], firstBytes(data, PAGE, 0, 512))
+        self.assertEqual(len(set(answer["tids"])), 16)
+        self.assertEqual(len(source.requests), 512)
 
     @inlineCallbacks
     def test_manyClients(self):
@@ -251,6 +283,9 @@ class FaultServiceProcessTests(TestCase):
             raise SkipTest(f"cannot reserve huge pages through {NR_HUGEPAGES}: {error}")
 
         def restore() -> None:
+            """
+            Give the huge pages back.
+            """
             with open(NR_HUGEPAGES, "w") as f:
                 f.write(str(saved))
 
