@@ -21,7 +21,7 @@ import hashlib
 import json
 import mmap
 import os
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from attrs import frozen
 
@@ -224,7 +224,7 @@ class Snapshot:
         }
 
 
-def _openChecked(path: str, size: int):
+def _openChecked(path: str, size: int) -> BinaryIO:
     """
     Open a snapshot file, checking its size.
 
