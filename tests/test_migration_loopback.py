@@ -17,9 +17,11 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
+from zope.interface import implementer
 
 from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
 from tests.uffdguest import FaultService, spawnGuest, uffdOpen
+from twisted_postcopy.interfaces import IOutgoingVM
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.protocols import _codec as c
 
@@ -293,3 +295,145 @@ class RAMFaultServiceTests(TestCase):
         expected = hashlib.sha256(source.contents()["pc.ram"]).hexdigest()
         self.assertEqual(digest["digest"], expected)
         self.assertGreater(src.queryMigrate()["ram"]["postcopy-requests"], 0)
+
+
+@implementer(IOutgoingVM)
+class DirtyingGuestSource:
+    """
+    An outgoing VM whose guest is a real process (the ram guest worker)
+    writing its RAM in a loop, tracked with WP_ASYNC + PAGEMAP_SCAN.
+    """
+
+    machine = "pc-i440fx-7.2"
+
+    def __init__(self, blocks) -> None:
+        from twisted_postcopy.ram.dirty import DirtyTracker
+
+        self.blocks = blocks
+        self.dirtyTracker = DirtyTracker(blocks)
+        self.worker = None
+        self.running = False
+        self.current = None
+        self.writes = 0
+
+    @inlineCallbacks
+    def boot(self):
+        """
+        Start the guest and its write loop.
+        """
+        from twisted_postcopy.ram.guestworker import spawnWorker
+
+        self.worker = spawnWorker(reactor, self.dirtyTracker, self.blocks, mode="track")
+        yield self.worker.attached
+        self.resume()
+
+    def _loop(self, _=None):
+        """
+        Write 32 pages somewhere, again and again while running.
+        """
+        if not self.running:
+            self.current = None
+            return
+        first = (self.writes * 97) % (self.blocks[0].length // PAGE - 32)
+        self.writes += 1
+        self.current = self.worker.command(op="touch", block=0, first=first, count=32, write=True)
+        self.current.addCallback(self._loop)
+
+    def stop(self):
+        """
+        Stop writing; fires once the write in flight is done.
+        """
+        self.running = False
+        return self.current
+
+    def deviceState(self) -> bytes:
+        return ownDevice(b"dirtying guest")
+
+    def resume(self) -> None:
+        if not self.running:
+            self.running = True
+            self._loop()
+
+
+class DirtyingGuestTests(TestCase):
+    """
+    A guest process keeps writing during precopy; what arrives is the
+    source's final state.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        from twisted_postcopy.errors import DirtyTrackingUnavailableError
+        from twisted_postcopy.ram.dirty import checkWriteTracking
+
+        try:
+            checkWriteTracking()
+        except DirtyTrackingUnavailableError as error:
+            raise SkipTest(str(error))
+
+    @inlineCallbacks
+    def migrate(self, postcopy: bool):
+        from twisted_postcopy.ram.block import RAMBlock
+
+        blocks = [RAMBlock("pc.ram", 8 * MiB)]
+        for offset in range(0, 8 * MiB, 2 * PAGE):
+            blocks[0].write(offset, (b"initial %d" % offset).ljust(PAGE, b"."))
+        source = DirtyingGuestSource(blocks)
+        yield source.boot()
+        self.addCleanup(source.worker.exit)
+        destination = RAMIncomingVM()
+        src = MigrationManager(reactor, source)
+        dst = MigrationManager(reactor, destination, lambda b, s: _PlaceByPwrite(b))
+        if postcopy:
+            for manager in (src, dst):
+                manager.setCapabilities({"postcopy-ram": True})
+        src.setParameters({"max-bandwidth": 16 * MiB, "downtime-limit": 20})
+        port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+        if postcopy:
+            yield deferLater(reactor, 0.3, lambda: None)
+            src.startPostcopy()
+        status = yield src.whenStatus("completed", "failed")
+        yield dst.whenStatus("completed", "failed")
+        self.assertEqual(status, "completed")
+        info = src.queryMigrate()
+        self.assertGreater(source.writes, 3, info)
+        self.assertGreaterEqual(info["ram"]["dirty-sync-count"], 1, info)
+        final = os.pread(blocks[0].fd, blocks[0].length, 0)
+        self.assertEqual(destination.contents()["pc.ram"], final)
+
+    def test_precopy(self) -> None:
+        """
+        Precopy with a guest process dirtying pages converges on its final
+        state.
+        """
+        return self.migrate(False)
+
+    def test_postcopy(self) -> None:
+        """
+        Switching to postcopy while the guest process writes: pages dirtied
+        after being sent are discarded and re-sent; the destination ends
+        with the final state.
+        """
+        return self.migrate(True)
+
+
+class _PlaceByPwrite:
+    """
+    A fault service for a destination without guest (pages land with
+    pwrite; the test only reads the result after completion).
+    """
+
+    def __init__(self, blocks) -> None:
+        self.blocks = blocks
+
+    def placePages(self, block, offset, data):
+        os.pwrite(self.blocks[block].fd, data, offset)
+
+    def placeZero(self, block, offset, length):
+        os.pwrite(self.blocks[block].fd, bytes(length), offset)
+
+    def stop(self):
+        pass
