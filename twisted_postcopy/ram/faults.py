@@ -21,42 +21,24 @@ Nothing here touches guest memory from Python.  See C{docs/userfaultfd.md}.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 from typing import Any, Callable, Iterable, Mapping
 
-from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_postcopy.errors import MappingTableError, MigrationFailed, RAMBlockError, UffdError
+from twisted_postcopy.errors import MappingTableError, MigrationFailed, UffdError
 from twisted_postcopy.ram import uffd
+from twisted_postcopy.ram.pending import PendingPage, PendingPages
+from twisted_postcopy.ram.placement import Placer
 from twisted_postcopy.ram.clients import ClientMapping, FaultClient, Readable, validateMappings
 
 __all__ = ["ClientMapping", "FaultClient", "FaultService"]
 from twisted_postcopy.ram.uffdmsg import UFFD_EVENT_PAGEFAULT, iterRecords
 
 _log = Logger()
-
-#: How often a placement is retried after draining events (C{EAGAIN}).
-PLACE_RETRIES = 8
-
-
-@define(eq=False)
-class _PendingPage:
-    """
-    A page that is missing and wanted.
-
-    @ivar waiters: (client, address in the client) of each fault.
-    @ivar deferreds: L{FaultService.requestPage} callers to fire once placed.
-    @ivar requested: whether a page source request is outstanding.
-    """
-
-    waiters: list[tuple[FaultClient, int]] = field(factory=list)
-    deferreds: list[Deferred] = field(factory=list)
-    requested: bool = False
 
 
 class FaultService:
@@ -65,11 +47,11 @@ class FaultService:
 
     @ivar reactor: the reactor that reads client userfaultfds.
     @ivar pageSource: where missing pages are requested.
-    @ivar blocks: idstr -> RAMBlock being filled.
     @ivar clients: the attached clients.
-    @ivar uffd: the daemon's own placement userfaultfd.
+    @ivar placer: the daemon's own placement userfaultfd and its blocks.
     @ivar faultCount: fault messages read.
-    @ivar requestCount: page requests sent to the page source.
+    @ivar pending: the wanted pages (C{pending.requestCount}: requests
+        sent to the page source).
     """
 
     def __init__(self, reactor: Any, pageSource: Any, blocks: Iterable[Any] | Mapping[str, Any] = ()) -> None:
@@ -81,14 +63,11 @@ class FaultService:
         """
         self.reactor = reactor
         self.pageSource = pageSource
-        self.blocks: dict[str, Any] = {}
         self.clients: list[FaultClient] = []
-        self.uffd = uffd.openWithFeatures(0)
+        self.placer = Placer()
         self.faultCount = 0
-        self.requestCount = 0
-        self._pending: dict[tuple[str, int], _PendingPage] = {}
+        self.pending = PendingPages(pageSource)
         self._messages = uffd.MessageBuffer()
-        self._drainBuffer = uffd.MessageBuffer(16)
         self._observers: list[Any] = []
         self._faultCallbacks: list[Callable[..., None]] = []
         self._placementCallbacks: list[Callable[[int], None]] = []
@@ -106,11 +85,21 @@ class FaultService:
         @raise RAMBlockError: a block of that idstr is already registered.
         @raise UffdError: the registration failed.
         """
-        if block.idstr in self.blocks:
-            raise RAMBlockError(f"RAMBlock {block.idstr} is already registered with the fault service")
-        uffd.register(self.uffd, block.address, block.length)
-        block.registered = True
-        self.blocks[block.idstr] = block
+        self.placer.register(block)
+
+    @property
+    def blocks(self) -> dict[str, Any]:
+        """
+        @return: idstr -> the registered RAMBlocks.
+        """
+        return self.placer.blocks
+
+    @property
+    def uffd(self) -> int:
+        """
+        @return: the daemon's own placement userfaultfd (-1 once stopped).
+        """
+        return self.placer.uffd
 
     def addClient(self, uffdFd: int, mappings: Iterable[Any], pid: int | None = None) -> FaultClient:
         """
@@ -159,8 +148,7 @@ class FaultService:
         if client.pidfd >= 0:
             os.close(client.pidfd)
         self.clients.remove(client)
-        for pending in self._pending.values():
-            pending.waiters = [waiter for waiter in pending.waiters if waiter[0] is not client]
+        self.pending.forgetClient(client)
         _log.info("fault service: removed {client}: {reason}", client=client, reason=reason)
 
     def _clientExited(self, client: FaultClient) -> None:
@@ -218,17 +206,11 @@ class FaultService:
                 callback(threadId, block.address + offset, True)
             self._wake(client, pageAddress, size)
             return
-        key = (block.idstr, offset)
-        pending = self._pending.get(key)
-        if pending is None:
-            pending = self._pending[key] = _PendingPage()
-        pending.waiters.append((client, pageAddress))
         for observer in self._observers:
             observer.faultBegan(threadId, block.idstr, offset, now)
         for callback in self._faultCallbacks:
             callback(threadId, block.address + offset, False)
-        if not pending.requested:
-            self._request(key, pending)
+        self.pending.addWaiter((block.idstr, offset), client, pageAddress)
 
     def _wake(self, client: FaultClient, address: int, length: int) -> None:
         """
@@ -245,40 +227,6 @@ class FaultService:
         except UffdError as error:
             self.removeClient(client, f"UFFDIO_WAKE failed: {error}")
 
-    def _request(self, key: tuple[str, int], pending: _PendingPage) -> None:
-        """
-        Ask the page source for a page (once; shared by all its waiters).
-
-        @param key: (block idstr, offset).
-        @param pending: the page's waiting state.
-        """
-        pending.requested = True
-        self.requestCount += 1
-        try:
-            requested = self.pageSource.requestPage(*key)
-        except Exception:
-            self._requestFailed(Failure(), key, pending)
-            return
-        if isinstance(requested, Deferred):
-            requested.addErrback(self._requestFailed, key, pending)
-
-    def _requestFailed(self, reason: Failure, key: tuple[str, int], pending: _PendingPage) -> None:
-        """
-        The page source could not deliver: fail the page's Deferreds; its
-        faulting threads stay blocked until L{rerequestPending}.
-
-        @param reason: the failure (e.g. L{PostcopyPaused}).
-        @param key: (block idstr, offset).
-        @param pending: the page's waiting state.
-        """
-        if self._pending.get(key) is not pending:
-            return
-        pending.requested = False
-        deferreds, pending.deferreds = pending.deferreds, []
-        _log.info("fault service: request for {key} failed: {reason}", key=key, reason=reason.getErrorMessage())
-        for waiting in deferreds:
-            waiting.errback(reason)
-
     def requestPage(self, block: str, offset: int) -> Deferred:
         """
         Want a page (the daemon's own need, e.g. a device load); shares the
@@ -289,19 +237,11 @@ class FaultService:
         @return: a Deferred firing with L{None} once the page is placed.
         @raise RAMBlockError: unknown block or bad offset.
         """
-        ram = self._block(block, offset, 1)
+        ram = self.placer.find(block, offset)
         offset -= offset % ram.pageSize
         if ram.receivedMap.test(offset // ram.pageSize):
             return succeed(None)
-        key = (block, offset)
-        pending = self._pending.get(key)
-        if pending is None:
-            pending = self._pending[key] = _PendingPage()
-        waiting: Deferred = Deferred(lambda d: pending.deferreds.remove(d) if d in pending.deferreds else None)
-        pending.deferreds.append(waiting)
-        if not pending.requested:
-            self._request(key, pending)
-        return waiting
+        return self.pending.addDeferred((block, offset))
 
     def rerequestPending(self) -> int:
         """
@@ -309,10 +249,7 @@ class FaultService:
 
         @return: how many requests were sent.
         """
-        again = [(key, pending) for key, pending in self._pending.items() if not pending.requested]
-        for key, pending in again:
-            self._request(key, pending)
-        return len(again)
+        return self.pending.rerequest()
 
     def failAll(self, reason: BaseException | Failure) -> None:
         """
@@ -321,26 +258,9 @@ class FaultService:
 
         @param reason: e.g. L{twisted_postcopy.errors.PostcopyPaused}.
         """
-        failure = reason if isinstance(reason, Failure) else Failure(reason)
-        for key, pending in list(self._pending.items()):
-            self._requestFailed(failure, key, pending)
+        self.pending.failAll(reason)
 
     # -- placement ---------------------------------------------------------
-
-    def _block(self, idstr: str, offset: int, length: int) -> Any:
-        """
-        @param idstr: a block name.
-        @param offset: byte offset.
-        @param length: byte length.
-        @return: the registered RAMBlock.
-        @raise RAMBlockError: unknown block, or the range is outside it.
-        """
-        block = self.blocks.get(idstr)
-        if block is None:
-            raise RAMBlockError(f"RAMBlock {idstr!r} is not registered with the fault service")
-        if offset < 0 or length <= 0 or offset + length > block.length:
-            raise RAMBlockError(f"RAMBlock {idstr}: range {offset:#x}+{length:#x} outside its {block.length:#x} bytes")
-        return block
 
     def placePages(self, block: str, offset: int, data: bytes | bytearray | memoryview) -> None:
         """
@@ -355,9 +275,8 @@ class FaultService:
         @raise UffdError: the kernel refused (pages before the failure are
             placed and woken).
         """
-        ram = self._block(block, offset, len(data))
-        ram.checkRange(offset, len(data))
-        self._place(ram, offset, memoryview(data).cast("B"), len(data))
+        ram = self.placer.block(block, offset, len(data))
+        self._finish(ram, offset, *self.placer.place(ram, offset, memoryview(data).cast("B"), len(data)))
 
     def placeZero(self, block: str, offset: int, length: int) -> None:
         """
@@ -370,45 +289,24 @@ class FaultService:
         @raise RAMBlockError: unknown block or misaligned range.
         @raise UffdError: the kernel refused.
         """
-        ram = self._block(block, offset, length)
-        ram.checkRange(offset, length)
+        ram = self.placer.block(block, offset, length)
         zeros = memoryview(bytes(length)) if ram.backing == "hugetlbfs" else None
-        self._place(ram, offset, zeros, length)
+        self._finish(ram, offset, *self.placer.place(ram, offset, zeros, length))
 
-    def _place(self, ram: Any, offset: int, data: memoryview | None, length: int) -> None:
+    def _finish(self, ram: Any, offset: int, done: int, error: UffdError | None) -> None:
         """
-        Place a run on the daemon's uffd, draining events on C{EAGAIN}.
+        After a placement: release what was placed, then raise the error.
 
         @param ram: the RAMBlock.
-        @param offset: byte offset.
-        @param data: the bytes, or L{None} for zero pages.
-        @param length: the run's length.
-        @raise UffdError: the kernel refused.
+        @param offset: where the run started.
+        @param done: bytes placed from C{offset}.
+        @param error: why the rest was not placed, or L{None}.
+        @raise UffdError: C{error}.
         """
-        done, retries = 0, 0
-        while True:
-            rest = None if data is None else data[done:]
-            result, placed, _ = uffd.placeRun(self.uffd, ram.address + offset + done, rest, length - done,
-                                              ram.pageSize)
-            done += placed
-            if result == -errno.EAGAIN and retries < PLACE_RETRIES:
-                retries += 1
-                self._drainOwn()
-                continue
-            break
         if done:
             self._placed(ram, offset, done)
-        if result < 0:
-            operation = "UFFDIO_ZEROPAGE" if data is None else "UFFDIO_COPY"
-            raise UffdError(-result, f"{operation} of {ram.idstr}:{offset + done:#x}: {os.strerror(-result)}")
-
-    def _drainOwn(self) -> None:
-        """
-        Read (and drop) whatever is queued on the daemon's own uffd, so a
-        placement refused with C{EAGAIN} can proceed.
-        """
-        while self._drainBuffer.read(self.uffd) is not None:
-            pass
+        if error is not None:
+            raise error
 
     def _placed(self, ram: Any, offset: int, length: int) -> None:
         """
@@ -421,20 +319,11 @@ class FaultService:
         """
         size = ram.pageSize
         ram.receivedMap.set(offset // size, length // size)
-        if not self._pending:
-            return
-        if length // size <= len(self._pending):
-            keys = [(ram.idstr, page) for page in range(offset, offset + length, size)]
-            found = [(key, self._pending.pop(key)) for key in keys if key in self._pending]
-        else:
-            found = [(key, pending) for key, pending in self._pending.items()
-                     if key[0] == ram.idstr and offset <= key[1] < offset + length]
-            for key, _ in found:
-                del self._pending[key]
-        for key, pending in found:
-            self._release(ram, key[1], pending)
+        if len(self.pending):
+            for page, pending in self.pending.take(ram.idstr, offset, length, size):
+                self._release(ram, page, pending)
 
-    def _release(self, ram: Any, offset: int, pending: _PendingPage) -> None:
+    def _release(self, ram: Any, offset: int, pending: PendingPage) -> None:
         """
         Wake the clients waiting on one placed page and fire its Deferreds.
 
@@ -501,9 +390,7 @@ class FaultService:
             L{twisted_postcopy.errors.MigrationFailed}).
         """
         self.failAll(reason if reason is not None else MigrationFailed("fault service stopped"))
-        self._pending.clear()
+        self.pending.clear()
         for client in list(self.clients):
             self.removeClient(client, "fault service stopped")
-        if self.uffd >= 0:
-            os.close(self.uffd)
-            self.uffd = -1
+        self.placer.close()
