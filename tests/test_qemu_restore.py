@@ -88,10 +88,12 @@ class RestoreTests(SynchronousTestCase):
         """
         A postcopy restore runs the guest before its RAM arrived: QEMU
         asked for pages (our source counted them), and the guest is
-        consistent after completion.
+        consistent after completion.  Background pages are throttled to
+        16 MiB/s so that the guest surely faults before they arrive.
         """
         qemu, uri = self.target("post", True)
-        code, out, err = finish(snapshotCommand("restore", self.snapshot, "--to", uri, "--postcopy"))
+        code, out, err = finish(snapshotCommand("restore", self.snapshot, "--to", uri, "--postcopy",
+                                                "--max-bandwidth", str(16 << 20)))
         self.assertEqual(code, 0, err.decode())
         (summary,) = summaries(out)
         self.assertEqual(summary["status"], "completed", summary)
