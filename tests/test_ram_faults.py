@@ -163,6 +163,9 @@ class FaultServiceProcessTests(TestCase):
         service, source, blocks = self.makeService({"pc.ram": data})
         observer = _Observer()
         service.subscribe(observer)
+        faulted, placed = [], []
+        service.addFaultObserver(lambda tid, address, received: faulted.append((tid, address, received)))
+        service.addPlacementObserver(placed.append)
         worker = self.spawn(service, blocks)
         yield worker.attached
         answer = yield worker.command(op="touch", block=0, first=0, count=4, threads=8, shared=True)
@@ -170,6 +173,10 @@ class FaultServiceProcessTests(TestCase):
         self.assertEqual(len(source.requests), 4)
         self.assertTrue({began[0] for began in observer.began} <= set(answer["tids"]))
         self.assertEqual(sorted({placed[1] for placed in observer.placed}), [0, PAGE, 2 * PAGE, 3 * PAGE])
+        pages = [blocks[0].address + i * PAGE for i in range(4)]
+        self.assertEqual(sorted(placed), pages)
+        self.assertTrue({address for _, address, _ in faulted} <= set(pages))
+        self.assertEqual([f[:2] for f in faulted if not f[2]], [b[0:1] + (pages[b[2] // PAGE],) for b in observer.began])
 
     @inlineCallbacks
     def test_sixteenThreads(self):

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from twisted_postcopy.errors import UffdError
 from twisted_postcopy.ram import uffd
+from twisted_postcopy.ram._uffd import lib
 from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.ram.support import checkUserfaultfd
 
@@ -62,6 +63,17 @@ class UffdTests(SynchronousTestCase):
         fd = uffd.openUffd()
         self.addCleanup(os.close, fd)
         self.assertErrno(errno.EINVAL, uffd.api, fd, 1 << 40)
+
+    def test_devUserfaultfd(self):
+        """
+        C{/dev/userfaultfd} with C{USERFAULTFD_IOC_NEW} (the fallback when
+        the system call is refused) gives a working userfaultfd.
+        """
+        fd = lib.tp_uffd_dev_open(uffd.DEFAULT_FLAGS)
+        if fd in (-errno.ENOENT, -errno.EACCES):
+            raise SkipTest(f"/dev/userfaultfd unavailable: {os.strerror(-fd)}")
+        self.addCleanup(os.close, uffd.check(fd, "USERFAULTFD_IOC_NEW"))
+        self.assertTrue(uffd.api(fd, uffd.UFFD_FEATURE_THREAD_ID)[0] & uffd.UFFD_FEATURE_THREAD_ID)
 
     def test_badOpenFlags(self):
         """
