@@ -69,6 +69,9 @@ class TimedFaults(FaultService):
     """
 
     def __init__(self, *args: Any) -> None:
+        """
+        Set up the instance.
+        """
         super().__init__(*args)
         self.started: dict[int, float] = {}
         self.latencies: list[float] = []
@@ -107,6 +110,9 @@ def migrate(mib: int, postcopy: bool) -> Any:
     services: list[TimedFaults] = []
 
     def faults(blocks: Any, pageSource: Any) -> TimedFaults:
+        """
+        The fault service factory, keeping the timed service.
+        """
         service = TimedFaults(reactor, blocks, pageSource)
         destination.service = service
         services.append(service)

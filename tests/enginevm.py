@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_migration_loopback -*-
 """
 Small VMs for the engine's tests: memfd-backed RAM blocks, an outgoing VM
 the test fills before (and writes during) migration, and an incoming VM
@@ -78,18 +79,30 @@ class WriteLog:
     """
 
     def __init__(self) -> None:
+        """
+        Set up the instance.
+        """
         self.ranges: dict[str, list[tuple[int, int]]] = {}
         self.running = False
 
     def start(self) -> None:
+        """
+        Begin tracking: forget earlier writes.
+        """
         self.running = True
         self.ranges = {}
 
     def sync(self) -> dict[str, list[tuple[int, int]]]:
+        """
+        @return: the ranges written since the previous sync, by block.
+        """
         ranges, self.ranges = self.ranges, {}
         return ranges
 
     def stop(self) -> None:
+        """
+        Stop (no further effect on pages already placed).
+        """
         self.running = False
 
 
@@ -102,6 +115,9 @@ class OutgoingTestVM:
     machine = "pc-i440fx-7.2"
 
     def __init__(self, sizes: dict[str, int], device: bytes = b"") -> None:
+        """
+        Set up the instance.
+        """
         self.blocks = [MemBlock(name, size) for name, size in sizes.items()]
         self.dirtyTracker = WriteLog()
         self.device = device
@@ -119,16 +135,28 @@ class OutgoingTestVM:
                 (offset, len(data)))
 
     def stop(self) -> None:
+        """
+        Stop (no further effect on pages already placed).
+        """
         self.running = False
 
     def deviceState(self) -> bytes:
+        """
+        @return: this VM's device sections.
+        """
         return self.device
 
     def resume(self) -> None:
+        """
+        Let the guest run again.
+        """
         self.running = True
         self.resumed += 1
 
     def contents(self) -> dict[str, bytes]:
+        """
+        @return: idstr -> the block's bytes (read with pread).
+        """
         return {b.idstr: bytes(b.map) for b in self.blocks}
 
 
@@ -139,27 +167,55 @@ class IncomingTestVM:
     """
 
     def __init__(self) -> None:
+        """
+        Set up the instance.
+        """
         self.blocks: dict[str, MemBlock] = {}
         self.devices: list[bytes] = []
         self.events: list[str] = []
         self.failure: Any = None
 
     def ramBlocksListed(self, blocks: Any) -> dict[str, MemBlock]:
+        """
+        Create one memfd block per listed block.
+
+        @param blocks: (idstr, length, pageSize) each.
+        @return: idstr -> block.
+        """
         self.blocks = {name: MemBlock(name, length) for name, length, _ in blocks}
         return self.blocks
 
     def deviceStateReceived(self, raw: bytes) -> None:
+        """
+        Record device bytes.
+
+        @param raw: the device sections.
+        """
         self.devices.append(raw)
 
     def run(self) -> None:
+        """
+        The guest starts here.
+        """
         self.events.append("run")
 
     def completed(self) -> None:
+        """
+        Record completion.
+        """
         self.events.append("completed")
 
     def failed(self, reason: Any) -> None:
+        """
+        Record the failure.
+
+        @param reason: why.
+        """
         self.events.append("failed")
         self.failure = reason
 
     def contents(self) -> dict[str, bytes]:
+        """
+        @return: idstr -> the block's bytes (read with pread).
+        """
         return {name: block.read() for name, block in self.blocks.items()}

@@ -78,12 +78,21 @@ class _Faults:
     """
 
     def __init__(self) -> None:
+        """
+        Set up the instance.
+        """
         self.calls: list[tuple] = []
 
     def placePages(self, block, offset, data):
+        """
+        Place pages (UFFDIO_COPY here, or a stand-in).
+        """
         self.calls.append(("copy", block, offset, len(data)))
 
     def placeZero(self, block, offset, length):
+        """
+        Place zero pages.
+        """
         self.calls.append(("zero", block, offset, length))
 
 
@@ -93,10 +102,16 @@ class _Block:
     """
 
     def __init__(self, length: int) -> None:
+        """
+        Set up the instance.
+        """
         self.length, self.pageSize, self.fd = length, PAGE, -1
         self.discards: list[tuple[int, int]] = []
 
     def discard(self, offset: int, length: int) -> None:
+        """
+        Record a discard.
+        """
         self.discards.append((offset, length))
 
 
@@ -106,6 +121,9 @@ class PlacerTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
+        """
+        Prepare the VMs and managers for one test.
+        """
         self.block = _Block(8 * PAGE)
         self.placer = PagePlacer({"pc.ram": self.block})
 

@@ -34,6 +34,9 @@ def qemuStatus(qemu: QEMUInstance, statuses: set[str], interval: float = 0.05) -
     done: Deferred = Deferred()
 
     def poll() -> None:
+        """
+        Query QEMU; fire or poll again.
+        """
         info = qemu.queryMigrate()
         if info.get("status") in statuses | {"failed"}:
             done.callback(info)
@@ -53,6 +56,9 @@ class QEMUSourceTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
+        """
+        Prepare the VMs and managers for one test.
+        """
         directory = tempfile.mkdtemp(prefix="tpq")
         self.addCleanup(shutil.rmtree, directory, True)
         image = writeBootImage(os.path.join(directory, "boot.img"))
@@ -63,12 +69,18 @@ class QEMUSourceTests(TestCase):
         self.manager = MigrationManager(reactor, self.vm, self._faults)
 
     def _faults(self, blocks, pageSource):
+        """
+        The destination's fault service factory (the test's real-kernel one).
+        """
         service = FaultService(reactor, blocks, pageSource)
         self.services.append(service)
         return service
 
     @inlineCallbacks
     def _migrate(self, postcopy: bool):
+        """
+        Run one migration and check both ends; fires with QEMU's final query-migrate.
+        """
         port = _freePort()
         if postcopy:
             try:

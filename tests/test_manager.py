@@ -25,6 +25,9 @@ class SurfaceTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
+        """
+        Prepare the VMs and managers for one test.
+        """
         self.vm = OutgoingTestVM({"pc.ram": 4 * PAGE})
         self.manager = MigrationManager(MemoryReactorClock(), self.vm)
 
@@ -106,6 +109,9 @@ class ScenarioTests(TestCase):
 
     @inlineCallbacks
     def setUpPair(self, postcopy: bool = False, bandwidth: int = 2 * MiB):
+        """
+        Start a source and a destination, migrate, and wait until precopy runs.
+        """
         self.source = OutgoingTestVM({"pc.ram": 16 * MiB})
         for offset in range(0, 16 * MiB, PAGE):
             self.source.write(0, offset, b"%d" % offset)
@@ -187,10 +193,19 @@ class _NullFaults:
     """
 
     def placePages(self, block, offset, data):
+        """
+        Place pages (UFFDIO_COPY here, or a stand-in).
+        """
         pass
 
     def placeZero(self, block, offset, length):
+        """
+        Place zero pages.
+        """
         pass
 
     def stop(self):
+        """
+        Stop (no further effect on pages already placed).
+        """
         pass

@@ -58,6 +58,9 @@ class LoopbackTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
+        """
+        Prepare the VMs and managers for one test.
+        """
         self.source = OutgoingTestVM({"pc.ram": 8 * MiB, "pc.rom": 128 * 1024},
                                      device=ownDevice(b"cpu state"))
         fill(self.source, 1)
@@ -91,6 +94,9 @@ class LoopbackTests(TestCase):
         writes = []
 
         def dirty(n=[0]):
+            """
+            Write a random page every 10 ms while the guest runs (30 times).
+            """
             if self.source.running and n[0] < 30:
                 n[0] += 1
                 self.source.write(0, (n[0] * 37 % 2048) * PAGE, os.urandom(PAGE))
@@ -134,17 +140,26 @@ class IncomingGuestVM(IncomingTestVM):
     """
 
     def __init__(self) -> None:
+        """
+        Set up the instance.
+        """
         super().__init__()
         self.service = None
         self.guest = None
         self.vcpuThreads: list[int] = []
 
     def run(self) -> None:
+        """
+        The guest starts here.
+        """
         super().run()
         self.guest = spawnGuest(reactor, self.service, self.blocks)
         self.guest.done.addCallback(self._exited)
 
     def _exited(self, digests):
+        """
+        @return: the guest's digests.
+        """
         return digests
 
 
@@ -157,6 +172,9 @@ class PostcopyLoopbackTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
+        """
+        Prepare the VMs and managers for one test.
+        """
         try:
             os.close(uffdOpen())
         except OSError as error:
@@ -176,11 +194,17 @@ class PostcopyLoopbackTests(TestCase):
         self.dst.subscribe(lambda e: self.dstEvents.append(e["data"]["status"]))
 
     def faultService(self, blocks, pageSource):
+        """
+        The destination's fault service factory: the real-kernel test service, which also records the guest's thread for blocktime.
+        """
         service = FaultService(reactor, blocks, pageSource)
         self.destination.service = service
         original = service.attach
 
         def attach(uffd, bases, names):
+            """
+            Attach the guest and register its thread as a vCPU.
+            """
             original(uffd, bases, names)
             self.destination.vcpuThreads.append(self.destination.guest.lines[0]["tid"])
 
@@ -228,12 +252,21 @@ class RAMIncomingVM(IncomingTestVM):
     """
 
     def ramBlocksListed(self, blocks):
+        """
+        Create one memfd block per listed block.
+
+        @param blocks: (idstr, length, pageSize) each.
+        @return: idstr -> block.
+        """
         from twisted_postcopy.ram.block import RAMBlock
 
         self.blocks = {name: RAMBlock(name, length) for name, length, _ in blocks}
         return self.blocks
 
     def contents(self):
+        """
+        @return: idstr -> the block's bytes (read with pread).
+        """
         return {name: os.pread(block.fd, block.length, 0) for name, block in self.blocks.items()}
 
 
@@ -246,6 +279,9 @@ class RAMFaultServiceTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
+        """
+        Prepare the VMs and managers for one test.
+        """
         try:
             os.close(uffdOpen())
         except OSError as error:
@@ -271,6 +307,9 @@ class RAMFaultServiceTests(TestCase):
         original = destination.run
 
         def run():
+            """
+            The guest starts here.
+            """
             original()
             service = dst.incoming.faults
             workers.append(spawnWorker(reactor, service, list(destination.blocks.values())))
@@ -307,6 +346,9 @@ class DirtyingGuestSource:
     machine = "pc-i440fx-7.2"
 
     def __init__(self, blocks) -> None:
+        """
+        Set up the instance.
+        """
         from twisted_postcopy.ram.dirty import DirtyTracker
 
         self.blocks = blocks
@@ -347,9 +389,15 @@ class DirtyingGuestSource:
         return self.current
 
     def deviceState(self) -> bytes:
+        """
+        @return: this VM's device sections.
+        """
         return ownDevice(b"dirtying guest")
 
     def resume(self) -> None:
+        """
+        Let the guest run again.
+        """
         if not self.running:
             self.running = True
             self._loop()
@@ -364,6 +412,9 @@ class DirtyingGuestTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
+        """
+        Prepare the VMs and managers for one test.
+        """
         from twisted_postcopy.errors import DirtyTrackingUnavailableError
         from twisted_postcopy.ram.dirty import checkWriteTracking
 
@@ -374,6 +425,9 @@ class DirtyingGuestTests(TestCase):
 
     @inlineCallbacks
     def migrate(self, postcopy: bool):
+        """
+        Migrate the dirtying guest and check the destination got its final RAM.
+        """
         from twisted_postcopy.ram.block import RAMBlock
 
         blocks = [RAMBlock("pc.ram", 8 * MiB)]
@@ -427,13 +481,25 @@ class _PlaceByPwrite:
     """
 
     def __init__(self, blocks) -> None:
+        """
+        Set up the instance.
+        """
         self.blocks = blocks
 
     def placePages(self, block, offset, data):
+        """
+        Place pages (UFFDIO_COPY here, or a stand-in).
+        """
         os.pwrite(self.blocks[block].fd, data, offset)
 
     def placeZero(self, block, offset, length):
+        """
+        Place zero pages.
+        """
         os.pwrite(self.blocks[block].fd, bytes(length), offset)
 
     def stop(self):
+        """
+        Stop (no further effect on pages already placed).
+        """
         pass

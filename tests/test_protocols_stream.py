@@ -156,6 +156,11 @@ class DestinationByteByByteTests(SynchronousTestCase):
     """
 
     def _feed(self, stream: bytes, postcopy: bool = False):
+        """
+        Feed C{stream} to a fresh destination one byte at a time.
+
+        @return: (vm, incoming migration, return-path transport).
+        """
         vm = IncomingTestVM()
         incoming = IncomingMigration(vm, None, postcopy)
         incoming.machine.setup()

@@ -46,6 +46,9 @@ class QEMUDestinationTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
+        """
+        Prepare the VMs and managers for one test.
+        """
         directory = tempfile.mkdtemp(prefix="tpq")
         self.addCleanup(shutil.rmtree, directory, True)
         image = writeBootImage(os.path.join(directory, "boot.img"))

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_migration_loopback -*-
 """
 Postcopy test support with the real kernel: a minimal userfaultfd fault
 service (until C{twisted_postcopy.ram.faults} lands) and a guest process
@@ -85,6 +86,9 @@ class FaultService:
     """
 
     def __init__(self, reactor: Any, blocks: dict[str, Any], pageSource: Any) -> None:
+        """
+        Set up the instance.
+        """
         self.reactor, self.blocks, self.pageSource = reactor, blocks, pageSource
         self.uffd = uffdOpen(0)
         self.bases = {}
@@ -98,9 +102,15 @@ class FaultService:
         self.reader: Any = None
 
     def addFaultObserver(self, observer: Any) -> None:
+        """
+        @param observer: called with (thread id, address, received) per fault.
+        """
         self.faultObservers.append(observer)
 
     def addPlacementObserver(self, observer: Any) -> None:
+        """
+        @param observer: called with the address of each placed page.
+        """
         self.placementObservers.append(observer)
 
     def attach(self, uffd: int, bases: list[int], names: list[str]) -> None:
@@ -113,12 +123,21 @@ class FaultService:
         self.reactor.addReader(self.reader)
 
     def _guestAddress(self, name: str, offset: int) -> int:
+        """
+        @return: the guest's address of C{offset} in block C{name}.
+        """
         for n, base, _ in self.guest:
             if n == name:
                 return base + offset
         raise KeyError(name)
 
     def faulted(self, address: int, tid: int) -> None:
+        """
+        A guest fault was read: request the page, wake the guest once placed.
+
+        @param address: the faulting address.
+        @param tid: the faulting thread.
+        """
         self.nfaults = getattr(self, "nfaults", 0) + 1
         for name, base, length in self.guest:
             if base <= address < base + length:
@@ -133,6 +152,9 @@ class FaultService:
         d.addErrback(lambda f: None)
 
     def _wake(self, name: str, offset: int, length: int) -> None:
+        """
+        Wake the guest on a placed range and tell the placement observers.
+        """
         if self.guestFd is None or not self.guest:
             return
         start = self._guestAddress(name, offset)
@@ -142,17 +164,26 @@ class FaultService:
                 observer(start + page)
 
     def placePages(self, name: str, offset: int, data: bytes) -> None:
+        """
+        Place pages (UFFDIO_COPY here, or a stand-in).
+        """
         source = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
         arg = bytearray(struct.pack("QQQQq", self.bases[name] + offset, source, len(data), 0, 0))
         fcntl.ioctl(self.uffd, UFFDIO_COPY, arg)
         self._wake(name, offset, len(data))
 
     def placeZero(self, name: str, offset: int, length: int) -> None:
+        """
+        Place zero pages.
+        """
         arg = bytearray(struct.pack("QQQq", self.bases[name] + offset, length, 0, 0))
         fcntl.ioctl(self.uffd, UFFDIO_ZEROPAGE, arg)
         self._wake(name, offset, length)
 
     def stop(self) -> None:
+        """
+        Stop (no further effect on pages already placed).
+        """
         if self.reader is not None:
             self.reactor.removeReader(self.reader)
             self.reader = None
@@ -165,12 +196,21 @@ class _Reader:
     """
 
     def __init__(self, service: FaultService) -> None:
+        """
+        Set up the instance.
+        """
         self.service = service
 
     def fileno(self) -> int:
+        """
+        @return: the guest's userfaultfd.
+        """
         return self.service.guestFd
 
     def doRead(self) -> None:
+        """
+        Read fault messages and dispatch page faults.
+        """
         try:
             data = os.read(self.service.guestFd, 32 * 64)
         except BlockingIOError:
@@ -182,9 +222,15 @@ class _Reader:
                 self.service.faulted(address, tid)
 
     def connectionLost(self, reason: Any) -> None:
+        """
+        Nothing to release.
+        """
         pass
 
     def logPrefix(self) -> str:
+        """
+        @return: the log prefix.
+        """
         return "uffd-guest"
 
 
@@ -194,6 +240,9 @@ class GuestProcess(protocol.ProcessProtocol):
     """
 
     def __init__(self, service: FaultService, sock: socket.socket, names: list[str]) -> None:
+        """
+        Set up the instance.
+        """
         self.service, self.sock, self.names = service, sock, names
         self.lines: list[dict] = []
         self.buffer = b""
@@ -201,6 +250,9 @@ class GuestProcess(protocol.ProcessProtocol):
         self.errors = b""
 
     def outReceived(self, data: bytes) -> None:
+        """
+        Parse the guest's JSON lines; the first one carries its mapping bases.
+        """
         self.buffer += data
         while b"\n" in self.buffer:
             line, self.buffer = self.buffer.split(b"\n", 1)
@@ -210,9 +262,15 @@ class GuestProcess(protocol.ProcessProtocol):
                 self.service.attach(fds[0], self.lines[0]["bases"], self.names)
 
     def errReceived(self, data: bytes) -> None:
+        """
+        Keep the guest's stderr for the error message.
+        """
         self.errors += data
 
     def processEnded(self, reason: Any) -> None:
+        """
+        Fire C{done} with the guest's digests, or fail with its stderr.
+        """
         self.sock.close()
         if len(self.lines) == 2:
             self.done.callback(self.lines[1])

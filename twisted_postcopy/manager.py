@@ -240,6 +240,12 @@ class MigrationManager:
         listening = serverEndpoint(self.reactor, uri).listen(self.destinationFactory)
 
         def listened(port: Any) -> Any:
+            """
+            Remember the listening port.
+
+            @param port: it.
+            @return: C{port}.
+            """
             self._listening = port
             incoming.machine.status.observers.append(self._stopListening)
             return port

@@ -250,6 +250,9 @@ class OutgoingMigration:
         self.stats.stopping()
 
         def stopped(_: object) -> Any:
+            """
+            The VM stopped: sync dirty pages, then ask for the device state.
+            """
             if not self.machine.inProgress:
                 self.vm.resume()
                 return None
@@ -258,6 +261,9 @@ class OutgoingMigration:
             return maybeDeferred(self.vm.deviceState)
 
         def collected(device: bytes) -> None:
+            """
+            @param device: the device state, now ready to send.
+            """
             self.device = device
 
         stopping = maybeDeferred(self.vm.stop).addCallback(stopped).addCallback(collected)
