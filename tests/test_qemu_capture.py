@@ -7,18 +7,26 @@ switched to postcopy by C{migrate-start-postcopy}.
 QEMU's source is paused once its migration completed, so a C{pmemsave} of
 it then is exactly what the snapshot must hold.  Each captured snapshot is
 then restored the other way into a fresh QEMU, which must run consistently.
+
+L{LiveReadTests} captures in-process (real reactor; QMP calls are short and
+waits are polled with C{deferLater}) and reads a page of the live capture
+during postcopy, which must come from the QEMU source by REQ_PAGES.
 """
 
 from __future__ import annotations
 
 import os
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.snapshotqemu import (
     LAYOUT, MEMORY_MIB, TIMEOUT, bootImage, finish, requireQEMU, restoreTarget, runningSource,
     snapshotCommand, startCapture, summaries,
 )
+from twisted_postcopy.snapshot.capture import captureSnapshot
 from twisted_postcopy.snapshot.store import openSnapshot
 from twisted_postcopy.testing.bootsector import checkCounterPattern
 from twisted_postcopy.testing.qemubaseline import MIB, stopAndCheck
@@ -115,3 +123,59 @@ class CaptureTests(SynchronousTestCase):
         self.assertMatchesSource()
         self.assertEqual(openSnapshot(self.target).form, "package")
         self.restoreInto(False)
+
+
+class LiveReadTests(TestCase):
+    """
+    Reading a capture while QEMU's postcopy is still sending.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def waitStatus(self, qemu, status: str):
+        """
+        Poll C{query-migrate} without blocking the reactor.
+
+        @param qemu: the QEMU source.
+        @param status: the status awaited.
+        @return: (a Deferred firing with) the matching answer.
+        """
+        for _ in range(int(TIMEOUT / 0.05)):
+            info = qemu.queryMigrate()
+            if info.get("status") == status:
+                return info
+            self.assertNotEqual(info.get("status"), "failed", info)
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"source never reached {status}")
+
+    @inlineCallbacks
+    def test_readLiveRequestsPages(self) -> None:
+        """
+        A live read of pages not yet received during postcopy makes QEMU's
+        source serve page requests; the bytes equal the paused source's
+        memory, and the stored snapshot holds the same bytes.
+        """
+        requireQEMU()
+        directory = self.mktemp()
+        os.makedirs(directory)
+        source = runningSource(directory, bootImage(directory))
+        self.addCleanup(source.kill)
+        listening, vm = captureSnapshot(reactor, "tcp:127.0.0.1:0", os.path.join(directory, "snap"))
+        port = yield listening
+        source.setCapabilities(**{"postcopy-ram": True, "return-path": True})
+        source.setParameters(**{"max-bandwidth": 4 << 20, "max-postcopy-bandwidth": 1 << 20})
+        source.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+        yield self.waitStatus(source, "active")
+        source.qmp("migrate-start-postcopy")
+        yield self.waitStatus(source, "postcopy-active")
+        while not vm.inPostcopy():
+            yield deferLater(reactor, 0.01, lambda: None)
+        offset = LAYOUT.end - 16 * 4096
+        data = yield vm.readLive("pc.ram", offset, 3 * 4096 + 100)
+        self.assertEqual(data, source.pmemsave(offset, 3 * 4096 + 100))
+        self.assertGreater(source.queryMigrate()["ram"]["postcopy-requests"], 0)
+        source.setParameters(**{"max-postcopy-bandwidth": 0})
+        snapshot = yield vm.stored
+        yield self.waitStatus(source, "completed")
+        self.assertEqual(snapshot.read("pc.ram", offset, len(data)), data)

@@ -140,11 +140,11 @@ class LoopbackCaptureTests(TestCase):
         source.write(0, 3 * PAGE, b"x" * PAGE)
         source.write(1, 0, b"y" * 100)
         path = self.mktemp()
-        listening, stored = captureSnapshot(reactor, "tcp:127.0.0.1:0", path, postcopy=False)
+        listening, vm = captureSnapshot(reactor, "tcp:127.0.0.1:0", path, postcopy=False)
         port = yield listening
         manager = MigrationManager(reactor, source)
         manager.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
-        snapshot = yield stored
+        snapshot = yield vm.stored
         self.assertEqual((yield manager.whenStatus("completed", "failed")), "completed")
         expected = source.contents()
         self.assertEqual({b.idstr: snapshot.read(b.idstr, 0, b.length) for b in snapshot.blocks},

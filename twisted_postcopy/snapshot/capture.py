@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from zope.interface import implementer
 
 from twisted_postcopy.errors import MigrationError, SnapshotError
@@ -41,6 +41,8 @@ class CaptureVM:
     @ivar devices: the device section bytes received.
     @ivar inPostcopy: tells whether the migration went through LISTEN
         (set by whoever drives the capture).
+    @ivar pageSource: the incoming migration as an L{IPageSource}, for
+        L{readLive} (set by whoever drives the capture).
     @ivar running: the VM was started (RUN or end of precopy).
     @ivar stored: fires with the L{Snapshot} once stored, or fails.
     """
@@ -56,6 +58,7 @@ class CaptureVM:
         self.blocks: dict[str, RAMBlock] = {}
         self.devices: list[bytes] = []
         self.inPostcopy: Callable[[], bool] = lambda: False
+        self.pageSource: Any = None
         self.running = False
         self.stored: Deferred = Deferred()
 
@@ -102,20 +105,47 @@ class CaptureVM:
     def read(self, idstr: str, offset: int, length: int) -> bytes:
         """
         Read captured RAM with C{pread} (pages not yet received read as
-        zeros; use the fault service to fetch them first).
+        zeros; see L{readLive}).
 
         @param idstr: the block.
         @param offset: byte offset.
         @param length: byte count.
         @return: the bytes.
-        @raise SnapshotError: unknown block, or a range past its end.
+        @raise SnapshotError: unknown block, a range past its end, or the
+            capture is over (read the stored snapshot then).
         """
+        if self.stored.called:
+            raise SnapshotError(f"{self.path}: the capture is over; read the stored snapshot")
         if idstr not in self.blocks:
             raise SnapshotError(f"no RAM block {idstr!r} in this capture")
         block = self.blocks[idstr]
         if offset < 0 or length < 0 or offset + length > block.length:
             raise SnapshotError(f"range {offset:#x}+{length:#x} past the end of block {idstr}")
         return os.pread(block.fd, length, offset)
+
+    def readLive(self, idstr: str, offset: int, length: int) -> Deferred:
+        """
+        Read captured RAM during the migration: in postcopy, pages not yet
+        received are first requested from the source (REQ_PAGES) and the
+        read happens once they are placed.  Before this side processed
+        LISTEN (see L{inPostcopy}) nothing can be requested, and pages not
+        yet received read as zeros.
+
+        @param idstr: the block.
+        @param offset: byte offset.
+        @param length: byte count.
+        @return: a Deferred firing with the bytes.
+        @raise SnapshotError: as L{read}.
+        """
+        self.read(idstr, offset, 0)
+        if self.pageSource is None or not self.inPostcopy():
+            return succeed(self.read(idstr, offset, length))
+        pageSize = self.blocks[idstr].pageSize
+        first = offset - offset % pageSize
+        waits = [self.pageSource.requestPage(idstr, page)
+                 for page in range(first, offset + length, pageSize)]
+        return gatherResults(waits, consumeErrors=True).addCallback(
+            lambda _: self.read(idstr, offset, length))
 
     def completed(self) -> None:
         """
@@ -161,7 +191,7 @@ def _configuration(machine: str) -> bytes:
 
 
 def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
-                    machine: str = "pc-i440fx-7.2") -> tuple[Deferred, Deferred]:
+                    machine: str = "pc-i440fx-7.2") -> tuple[Deferred, CaptureVM]:
     """
     Listen for one incoming migration and store it.
 
@@ -170,8 +200,8 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
     @param path: the snapshot directory.
     @param postcopy: accept postcopy (C{postcopy-ram} on this side).
     @param machine: the machine name to record.
-    @return: (a Deferred firing with the listening port, a Deferred
-        firing with the stored L{Snapshot} or failing).
+    @return: (a Deferred firing with the listening port, the
+        L{CaptureVM}, whose C{stored} fires with the L{Snapshot} or fails).
     """
     from twisted_postcopy.manager import MigrationManager
 
@@ -180,8 +210,9 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
     manager.setCapabilities({"postcopy-ram": postcopy})
     vm.inPostcopy = lambda: bool(manager.incoming is not None and manager.incoming.faults is not None)
     listening = manager.migrateIncoming(uri)
+    vm.pageSource = manager.incoming
     vm.stored.addBoth(lambda result: _stopListening(manager, result))
-    return listening, vm.stored
+    return listening, vm
 
 
 def _stopListening(manager: Any, result: Any) -> Any:

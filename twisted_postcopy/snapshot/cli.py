@@ -184,10 +184,10 @@ def _capture(args: argparse.Namespace) -> int:
         @param reactor: the running reactor.
         @return: a Deferred firing once the snapshot is stored.
         """
-        listening, stored = captureSnapshot(reactor, args.listen, args.dir,
-                                            not args.no_postcopy, args.machine)
+        listening, vm = captureSnapshot(reactor, args.listen, args.dir, not args.no_postcopy,
+                                        args.machine)
         listening.addCallback(lambda port: print(f"listening on {port.getHost()}", flush=True))
-        return listening.addCallback(lambda _: stored)
+        return listening.addCallback(lambda _: vm.stored)
 
     return _runUntil(start)
 
