@@ -6,8 +6,12 @@ cancellation / failure scenarios over real loopback TCP.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -209,3 +213,84 @@ class _NullFaults:
         Stop (no further effect on pages already placed).
         """
         pass
+
+
+DESTINATION = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from twisted.internet import reactor
+from tests.enginevm import IncomingTestVM
+from twisted_postcopy.manager import MigrationManager
+
+manager = MigrationManager(reactor, IncomingTestVM())
+
+def listening(port):
+    print(port.getHost().port, flush=True)
+
+manager.migrateIncoming("tcp:127.0.0.1:0").addCallback(listening)
+reactor.run()
+"""
+
+
+class _Destination(ProcessProtocol):
+    """
+    A destination daemon in its own process; C{port} fires with its
+    listening port.
+    """
+
+    def __init__(self) -> None:
+        """
+        Nothing received yet.
+        """
+        self.port: Deferred = Deferred()
+        self.ended: Deferred = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        """
+        The first line is the port.
+        """
+        if not self.port.called:
+            self.port.callback(int(data.split()[0]))
+
+    def processEnded(self, reason) -> None:
+        """
+        The process is gone.
+        """
+        self.ended.callback(None)
+
+
+class KilledDestinationTests(TestCase):
+    """
+    A destination process killed with SIGKILL in the middle of precopy.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_sourceSurvives(self) -> None:
+        """
+        The source fails (connection lost), its guest runs again with RAM
+        untouched, and a new migration can be started.
+        """
+        source = OutgoingTestVM({"pc.ram": 16 * MiB})
+        for offset in range(0, 16 * MiB, PAGE):
+            source.write(0, offset, b"%d" % offset)
+        before = source.contents()
+        manager = MigrationManager(reactor, source)
+        manager.setParameters({"max-bandwidth": 4 * MiB})
+        destination = _Destination()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        process = reactor.spawnProcess(destination, sys.executable,
+                                       [sys.executable, "-c", DESTINATION, root], env=None)
+        port = yield destination.port
+        manager.migrate(f"tcp:127.0.0.1:{port}")
+        yield manager.whenStatus("active")
+        yield deferLater(reactor, 0.3, lambda: None)
+        process.signalProcess("KILL")
+        status = yield manager.whenStatus("failed", "completed")
+        yield destination.ended
+        self.assertEqual(status, "failed")
+        self.assertTrue(source.running)
+        self.assertEqual(source.contents(), before)
+        source.write(0, 0, b"guest still runs")
+        self.assertEqual(manager.queryMigrate()["status"], "failed")
