@@ -1,0 +1,419 @@
+# -*- test-case-name: tests.test_guests_host -*-
+"""
+The daemon's side of the attach protocol: L{GuestHost} listens on a Unix
+socket, spawns guest worker processes, hands them the RAMBlocks' memfds,
+attaches their userfaultfds to the fault service (destination) or the
+dirty tracker (source), and drives them (C{run}, C{stop}, C{save},
+C{load}).  See C{docs/attach.md}.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import sys
+from typing import Any, Iterable
+
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.interfaces import IFileDescriptorReceiver
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from twisted_postcopy.errors import AttachProtocolError, GuestError, MappingTableError
+from twisted_postcopy.guests.attach import MODES, MessageReader, encodeMessage
+from twisted_postcopy.ram.clients import validateMappings
+
+_log = Logger()
+
+#: Control requests and the reply each expects.
+REPLIES = {"run": "running", "stop": "stopped", "save": "state", "load": "loaded", "verify": "verified", "digest": "digested"}
+
+
+def clientTable(mappings: Any) -> list[dict[str, Any]]:
+    """
+    Translate a wire mapping table to the fault service's field names.
+
+    @param mappings: the C{mappings} list of a C{uffd}/C{track} message.
+    @return: dicts with C{base}, C{block}, C{offset}, C{length}, C{pageSize}.
+    @raise MappingTableError: not a list of objects with those fields.
+    """
+    if not isinstance(mappings, list):
+        raise MappingTableError("mapping table is not a list")
+    try:
+        return [{"base": m["base"], "block": m["idstr"], "offset": m["offset"], "length": m["length"],
+                 "pageSize": m["page_size"]} for m in mappings]
+    except (KeyError, TypeError) as error:
+        raise MappingTableError(f"bad mapping table entry: {error!r}") from None
+
+
+@implementer(IFileDescriptorReceiver)
+class AttachProtocol(protocol.Protocol):
+    """
+    One attached guest process.
+
+    @ivar host: the L{GuestHost}.
+    @ivar guest: the guest name from C{hello}.
+    @ivar worker: the worker name from C{hello}.
+    @ivar pid: the process id from C{hello}.
+    @ivar client: the fault service client or tracked process.
+    @ivar attached: whether the attachment completed.
+    @ivar info: fields of the last C{info} message (e.g. a kv port).
+    """
+
+    def __init__(self, host: GuestHost) -> None:
+        """
+        @param host: the host.
+        """
+        self.host = host
+        self.reader = MessageReader()
+        self.guest = self.worker = ""
+        self.pid = 0
+        self.client: Any = None
+        self.attached = False
+        self.info: dict[str, Any] = {}
+        self._replies: list[tuple[str, Deferred]] = []
+
+    def fileDescriptorReceived(self, descriptor: int) -> None:
+        """
+        @param descriptor: an fd that came with the next bytes.
+        """
+        self.reader.feed(b"", (descriptor,))
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Parse and handle messages; a protocol error closes the connection.
+
+        @param data: bytes.
+        """
+        try:
+            self.reader.feed(data)
+            for message in self.reader.messages():
+                self._handle(message)
+        except (AttachProtocolError, MappingTableError, OSError) as error:
+            self.fail(str(error))
+
+    def fail(self, reason: str) -> None:
+        """
+        Send C{error} and close.
+
+        @param reason: the message.
+        """
+        _log.warn("attach: dropping {worker} (pid {pid}): {reason}", worker=self.worker, pid=self.pid, reason=reason)
+        self.transport.write(encodeMessage("error", message=reason))
+        self.transport.loseConnection()
+
+    def send(self, kind: str, fds: Iterable[int] = (), **fields: Any) -> None:
+        """
+        @param kind: the message type.
+        @param fds: descriptors to attach (still owned by the caller).
+        @param fields: its fields.
+        """
+        fds = list(fds)
+        for fd in fds:
+            self.transport.sendFileDescriptor(fd)
+        if fds:
+            fields["fds"] = len(fds)
+        self.transport.write(encodeMessage(kind, **fields))
+
+    def _handle(self, message: Any) -> None:
+        """
+        @param message: one received message.
+        @raise AttachProtocolError: unexpected here.
+        """
+        if message.kind == "hello" and not self.worker:
+            self.guest, self.worker, self.pid = str(message["guest"]), str(message["worker"]), int(message["pid"])
+            blocks = self.host.blocks
+            self.send("blocks", [b.fd for b in blocks], mode=self.host.mode,
+                      blocks=[{"idstr": b.idstr, "length": b.length, "page_size": b.pageSize} for b in blocks])
+        elif message.kind in ("uffd", "track", "mapped") and self.worker and not self.attached:
+            self._attach(message)
+        elif message.kind == "info" and self.attached:
+            self.info = dict(message.fields)
+        elif message.kind == "error" and self._replies:
+            self._replies.pop(0)[1].errback(GuestError(f"guest worker {self.worker}: {message.fields.get('message')}"))
+            self.transport.loseConnection()
+        elif self.attached and self._replies and message.kind == self._replies[0][0]:
+            self._replies.pop(0)[1].callback(message.fields)
+        else:
+            for fd in message.fds:
+                os.close(fd)
+            raise AttachProtocolError(f"unexpected {message.kind} message")
+
+    def _attach(self, message: Any) -> None:
+        """
+        Hand the client's userfaultfd and table to the fault service or
+        dirty tracker.
+
+        @param message: C{uffd}, C{track} or C{mapped}.
+        @raise AttachProtocolError: the message does not fit the mode.
+        @raise MappingTableError: bad table.
+        """
+        expected = {"fault": "uffd", "track": "track", "plain": "mapped"}[self.host.mode]
+        if message.kind != expected or len(message.fds) != (0 if expected == "mapped" else 1):
+            for fd in message.fds:
+                os.close(fd)
+            raise AttachProtocolError(f"{self.host.mode} mode wants one {expected} message, got {message.kind}")
+        try:
+            table = clientTable(message["mappings"])
+            if self.host.mode == "fault":
+                self.client = self.host.faultService.addClient(message.fds[0], table, self.pid)
+            elif self.host.mode == "track":
+                self.client = self.host.dirtyTracker.addProcess(message.fds[0], table, self.pid)
+            else:
+                validateMappings({b.idstr: b for b in self.host.blocks}, table)
+        except BaseException:
+            if message.fds and self.client is None:
+                os.close(message.fds[0])
+            raise
+        self.attached = True
+        self.send("attached")
+        self.host.workerAttached(self)
+
+    def request(self, kind: str, **fields: Any) -> Deferred:
+        """
+        Send a control request.
+
+        @param kind: C{run}, C{stop}, C{save}, C{load} or C{verify}.
+        @param fields: its fields.
+        @return: a Deferred firing with the reply's fields.
+        """
+        reply: Deferred = Deferred()
+        self._replies.append((REPLIES[kind], reply))
+        self.send(kind, **fields)
+        return reply
+
+    def connectionLost(self, reason: Any) -> None:
+        """
+        The worker went away: fail its requests, release what it held.
+
+        @param reason: why.
+        """
+        self.reader.close()
+        replies, self._replies = self._replies, []
+        for _, reply in replies:
+            reply.errback(GuestError(f"guest worker {self.worker} (pid {self.pid}) disconnected"))
+        self.host.workerLost(self)
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    """
+    A spawned worker process.
+
+    @ivar name: the worker name.
+    @ivar errors: its stderr (kept for messages).
+    @ivar ended: fires with the exit reason.
+    """
+
+    def __init__(self, name: str) -> None:
+        """
+        @param name: the worker name.
+        """
+        self.name = name
+        self.errors = b""
+        self.ended: Deferred = Deferred()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """
+        @param childFD: 1 or 2.
+        @param data: output bytes (the last 8 KiB are kept).
+        """
+        self.errors = (self.errors + data)[-8192:]
+
+    def processEnded(self, reason: Any) -> None:
+        """
+        @param reason: the exit status.
+        """
+        self.ended.callback(reason.value)
+
+
+class GuestHost(protocol.Factory):
+    """
+    Spawns a guest's worker processes and drives their attachments.
+
+    @ivar reactor: the reactor.
+    @ivar socketPath: the attach socket.
+    @ivar blocks: the RAMBlocks handed to each worker.
+    @ivar mode: C{fault}, C{track} or C{plain}.
+    @ivar faultService: where C{fault} clients go.
+    @ivar dirtyTracker: where C{track} clients go.
+    @ivar workers: attached workers by name.
+    @ivar processes: spawned processes by worker name.
+    """
+
+    def __init__(self, reactor: Any, socketPath: str, blocks: list[Any], mode: str = "plain",
+                 faultService: Any = None, dirtyTracker: Any = None) -> None:
+        """
+        @param reactor: an C{IReactorUNIX} and C{IReactorProcess}.
+        @param socketPath: where to listen.
+        @param blocks: the RAMBlocks (memfd-backed).
+        @param mode: the attachment mode.
+        @param faultService: a L{twisted_postcopy.ram.faults.FaultService}.
+        @param dirtyTracker: a L{twisted_postcopy.ram.dirty.DirtyTracker}.
+        @raise GuestError: unknown mode.
+        """
+        if mode not in MODES:
+            raise GuestError(f"unknown attach mode {mode!r}")
+        self.reactor, self.socketPath, self.blocks, self.mode = reactor, socketPath, blocks, mode
+        self.faultService, self.dirtyTracker = faultService, dirtyTracker
+        self.workers: dict[str, AttachProtocol] = {}
+        self.processes: dict[str, WorkerProcess] = {}
+        self.expected = 0
+        self._waiting: list[Deferred] = []
+        self._killed: Deferred | None = None
+        self.port = reactor.listenUNIX(socketPath, self)
+
+    def buildProtocol(self, addr: Any) -> AttachProtocol:
+        """
+        @param addr: the peer address.
+        @return: a new attachment.
+        """
+        return AttachProtocol(self)
+
+    def spawn(self, module: str, guest: str, count: int, arguments: list[str] = ()) -> None:
+        """
+        Spawn C{count} workers: C{python -m MODULE --attach PATH --guest
+        GUEST --worker NAME ARGUMENTS...}.
+
+        @param module: the worker module (e.g. C{twisted_postcopy.guests.stress}).
+        @param guest: the guest name.
+        @param count: how many workers.
+        @param arguments: more command-line arguments.
+        """
+        for index in range(count):
+            name = f"{guest}-{len(self.processes)}"
+            process = WorkerProcess(name)
+            argv = [sys.executable, "-m", module, "--attach", self.socketPath, "--guest", guest,
+                    "--worker", name, *arguments]
+            self.reactor.spawnProcess(process, sys.executable, argv, env=dict(os.environ),
+                                      childFDs={0: "w", 1: "r", 2: "r"})
+            self.processes[name] = process
+        self.expected += count
+
+    def workerAttached(self, worker: AttachProtocol) -> None:
+        """
+        A worker completed its attachment.
+
+        @param worker: its protocol.
+        """
+        self.workers[worker.worker] = worker
+        self._check()
+
+    def workerLost(self, worker: AttachProtocol) -> None:
+        """
+        A worker disconnected: drop it (others are unaffected) and fail
+        whoever waits for all workers.
+
+        @param worker: its protocol.
+        """
+        if self.workers.get(worker.worker) is worker:
+            del self.workers[worker.worker]
+            if self.faultService is not None and worker.client is not None:
+                self.faultService.removeClient(worker.client, "attach connection closed")
+        process = self.processes.get(worker.worker)
+        detail = process.errors.decode(errors="replace")[-2000:] if process else ""
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(GuestError(f"guest worker {worker.worker or '?'} went away before attaching: {detail}"))
+
+    def _check(self) -> None:
+        """
+        Fire L{whenAttached} waiters once every spawned worker attached.
+        """
+        if len(self.workers) >= self.expected:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(dict(self.workers))
+
+    def whenAttached(self) -> Deferred:
+        """
+        @return: a Deferred firing with name -> L{AttachProtocol} once every
+            spawned worker attached, or failing with L{GuestError} if one
+            goes away first.
+        """
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        self._check()
+        return d
+
+    def _all(self, kind: str, fields: dict[str, dict[str, Any]] | None = None) -> Deferred:
+        """
+        Send one request to every attached worker.
+
+        @param kind: the request.
+        @param fields: worker name -> fields, or L{None} for none.
+        @return: a Deferred firing with worker name -> reply fields.
+        """
+        names = sorted(self.workers)
+        requests = [self.workers[name].request(kind, **(fields or {}).get(name, {})) for name in names]
+        d = gatherResults(requests, consumeErrors=True)
+        d.addErrback(lambda failure: failure.value.subFailure if hasattr(failure.value, "subFailure") else failure)
+        return d.addCallback(lambda replies: dict(zip(names, replies)))
+
+    def run(self) -> Deferred:
+        """
+        @return: a Deferred firing once every worker runs.
+        """
+        return self._all("run")
+
+    def stop(self) -> Deferred:
+        """
+        Stop every worker: each stops writing before it answers
+        C{stopped}.
+
+        @return: a Deferred firing once every worker stopped.
+        """
+        return self._all("stop")
+
+    def save(self) -> Deferred:
+        """
+        @return: a Deferred firing with worker name -> device state bytes.
+        """
+        d = self._all("save")
+        return d.addCallback(lambda replies: {n: base64.b64decode(r["blob"]) for n, r in replies.items()})
+
+    def load(self, states: dict[str, bytes]) -> Deferred:
+        """
+        @param states: worker name -> device state bytes.
+        @return: a Deferred firing once every worker loaded its state.
+        @raise GuestError: a worker has no state.
+        """
+        missing = set(self.workers) - set(states)
+        if missing:
+            raise GuestError(f"no device state for workers {sorted(missing)}")
+        return self._all("load", {n: {"blob": base64.b64encode(states[n]).decode()} for n in self.workers})
+
+    def verify(self) -> Deferred:
+        """
+        @return: a Deferred firing with worker name -> C{verified} fields.
+        """
+        return self._all("verify")
+
+    def digest(self) -> Deferred:
+        """
+        @return: a Deferred firing with worker name -> SHA-256 hex digests
+            of its mappings, in block order.
+        """
+        return self._all("digest").addCallback(lambda replies: {n: r["sha256"] for n, r in replies.items()})
+
+    def kill(self) -> Deferred:
+        """
+        Kill every spawned worker and stop listening.
+
+        @return: a Deferred firing once all have exited.
+        """
+        if self._killed is not None:
+            return self._killed
+        for process in self.processes.values():
+            if not process.ended.called:
+                try:
+                    process.transport.signalProcess(signal.SIGKILL)
+                except Exception:
+                    pass
+        for worker in list(self.workers.values()):
+            worker.transport.loseConnection()
+        ended = DeferredList([p.ended for p in self.processes.values()])
+        stopped = self.port.stopListening() or succeed(None)
+        self._killed = DeferredList([ended, stopped]).addCallback(lambda _: None)
+        return self._killed
