@@ -49,16 +49,19 @@ class CaptureTests(SynchronousTestCase):
         self.addCleanup(self.source.kill)
         self.target = os.path.join(self.directory, "snapshot")
 
-    def capture(self, postcopy: bool) -> dict:
+    def capture(self, postcopy: bool, returnPath: bool = False) -> dict:
         """
         Migrate the source into a capture, switching to postcopy
         mid-precopy when asked.
 
-        @param postcopy: use postcopy.
+        @param postcopy: use postcopy (and the return path).
+        @param returnPath: open the return path in precopy.
         @return: the source's final C{query-migrate}.
         """
         process, uri = startCapture(self.directory, self.target, postcopy)
         self.addCleanup(finish, process, 5)
+        if returnPath:
+            self.source.setCapabilities(**{"return-path": True})
         if postcopy:
             self.source.setCapabilities(**{"postcopy-ram": True, "return-path": True})
             self.source.setParameters(**{"max-bandwidth": 16 << 20})
@@ -111,6 +114,15 @@ class CaptureTests(SynchronousTestCase):
         self.assertMatchesSource()
         self.assertEqual(openSnapshot(self.target).form, "precopy")
         self.restoreInto(True)
+
+    def test_precopyReturnPath(self) -> None:
+        """
+        A precopy capture with QEMU's return path open completes on both
+        sides (the capture answers PING and sends SHUT) and stores RAM
+        equal to the source.
+        """
+        self.capture(False, returnPath=True)
+        self.assertMatchesSource()
 
     def test_postcopy(self) -> None:
         """
