@@ -1,6 +1,6 @@
 """
-Migration engine benchmark over loopback TCP, both daemons in this process
-(one reactor, so one core does both sides: figures are a lower bound).
+Migration engine benchmark over loopback TCP, the source in this process
+and the destination daemon in a child process (one core each).
 
 Runs two migrations of a guest whose RAM holds incompressible data:
   1. Precopy with no bandwidth limit. Reports throughput, total time and
@@ -23,8 +23,8 @@ import sys
 import time
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import protocol, reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -97,15 +97,13 @@ class TimedFaults(FaultService):
 
 
 @inlineCallbacks
-def migrate(mib: int, postcopy: bool) -> Any:
+def destinationRole(postcopy: bool) -> Any:
     """
-    Run one migration.
+    The destination daemon (run in its own process by L{migrate}): prints
+    its port, then, once completed, one JSON line with the fault latencies.
 
-    @param mib: guest RAM in MiB.
-    @param postcopy: switch to postcopy at once.
-    @return: (source query-migrate, elapsed seconds, fault latencies).
+    @param postcopy: enable C{postcopy-ram}.
     """
-    source = stressVM(mib)
     destination = GuestVM()
     services: list[TimedFaults] = []
 
@@ -118,27 +116,81 @@ def migrate(mib: int, postcopy: bool) -> Any:
         services.append(service)
         return service
 
-    src = MigrationManager(reactor, source)
     dst = MigrationManager(reactor, destination, faults)
-    src.setParameters({"max-bandwidth": 0})
-    if postcopy:
-        for manager in (src, dst):
-            manager.setCapabilities({"postcopy-ram": True})
+    dst.setCapabilities({"postcopy-ram": postcopy})
     port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
+    print(port.getHost().port, flush=True)
+    status = yield dst.whenStatus("completed", "failed")
+    if destination.guest is not None:
+        yield destination.guest.done
+    latencies = services[0].latencies if services else []
+    print(json.dumps({"status": status, "latencies": latencies}), flush=True)
+
+
+class DestinationProcess(protocol.ProcessProtocol):
+    """
+    The parent's view of the destination process.
+
+    @ivar port: fires with its listening port.
+    @ivar result: fires with its final JSON line.
+    """
+
+    def __init__(self) -> None:
+        """
+        Nothing received yet.
+        """
+        self.port: Deferred = Deferred()
+        self.result: Deferred = Deferred()
+        self.output = b""
+
+    def outReceived(self, data: bytes) -> None:
+        """
+        First line: the port; second line: the result.
+        """
+        self.output += data
+        lines = self.output.split(b"\n")
+        if len(lines) > 1 and not self.port.called:
+            self.port.callback(int(lines[0]))
+        if len(lines) > 2 and not self.result.called:
+            self.result.callback(json.loads(lines[1]))
+
+    def errReceived(self, data: bytes) -> None:
+        """
+        Show the destination's errors.
+        """
+        sys.stderr.write(data.decode(errors="replace"))
+
+
+@inlineCallbacks
+def migrate(mib: int, postcopy: bool) -> Any:
+    """
+    Run one migration to a destination in its own process (so each side
+    has a core).
+
+    @param mib: guest RAM in MiB.
+    @param postcopy: switch to postcopy at once.
+    @return: (source query-migrate, elapsed seconds, fault latencies).
+    """
+    source = stressVM(mib)
+    destination = DestinationProcess()
+    arguments = [sys.executable, os.path.abspath(__file__), "--destination-role"]
+    if postcopy:
+        arguments.append("--postcopy")
+    reactor.spawnProcess(destination, sys.executable, arguments, env=None)
+    port = yield destination.port
+    src = MigrationManager(reactor, source)
+    src.setParameters({"max-bandwidth": 0})
+    src.setCapabilities({"postcopy-ram": postcopy})
     began = time.perf_counter()
-    src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+    src.migrate(f"tcp:127.0.0.1:{port}")
     if postcopy:
         src.startPostcopy()
     status = yield src.whenStatus("completed", "failed")
-    yield dst.whenStatus("completed", "failed")
     elapsed = time.perf_counter() - began
-    if destination.guest is not None:
-        yield destination.guest.done
-    port.stopListening()
-    if status != "completed":
-        raise RuntimeError(f"migration {status}: {src.queryMigrate()}")
-    latencies = services[0].latencies if services else []
-    return src.queryMigrate(), elapsed, latencies
+    result = yield destination.result
+    if status != "completed" or result["status"] != "completed":
+        raise RuntimeError(f"migration {status}/{result['status']}: {src.queryMigrate()}")
+    return src.queryMigrate(), elapsed, result["latencies"]
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -186,5 +238,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--mib", type=int, default=1024, help="guest RAM in MiB")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    reactor.callWhenRunning(main, parser.parse_args())
+    parser.add_argument("--destination-role", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--postcopy", action="store_true", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.destination_role:
+        reactor.callWhenRunning(lambda: destinationRole(options.postcopy).addBoth(lambda _: reactor.stop()))
+    else:
+        reactor.callWhenRunning(main, options)
     reactor.run()
