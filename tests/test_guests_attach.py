@@ -1,0 +1,245 @@
+# -*- test-case-name: tests.test_guests_attach -*-
+"""
+Tests for L{twisted_postcopy.guests.attach} and the daemon side in
+L{twisted_postcopy.guests.host}: message framing on bytes, and guest
+processes attached to a real fault service (real userfaultfd, real
+processes, real Unix sockets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import struct
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from twisted_postcopy.errors import AttachProtocolError, GuestError, UffdError
+from twisted_postcopy.guests.attach import MAX_MESSAGE, MessageReader, attach, encodeMessage
+from twisted_postcopy.guests.host import GuestHost
+from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.ram.faults import FaultService
+from twisted_postcopy.ram.guestworker import MemoryPageSource
+from twisted_postcopy.ram.uffd import openWithFeatures
+
+PAGE = 4096
+STRESS = "twisted_postcopy.guests.stress"
+IDLE = ["--working-set", "0"]
+
+
+class MessageReaderTests(SynchronousTestCase):
+    """
+    Tests for L{MessageReader} and L{encodeMessage}.
+    """
+
+    def test_anySplit(self) -> None:
+        """
+        Messages fed in chunks of any size come out whole, in order, each
+        with the descriptors it claims.
+        """
+        data = encodeMessage("hello", guest="g", worker="g-0", pid=1) + encodeMessage("uffd", fds=2, mappings=[])
+        for size in (1, 3, 7, len(data)):
+            reader = MessageReader()
+            fds = [10, 11]
+            messages = []
+            for start in range(0, len(data), size):
+                reader.feed(data[start : start + size], fds if start == 0 else ())
+                messages += list(reader.messages())
+            self.assertEqual([(m.kind, m.fds) for m in messages], [("hello", ()), ("uffd", (10, 11))])
+            self.assertEqual(messages[0]["worker"], "g-0")
+
+    def test_missingField(self) -> None:
+        """
+        A missing field is an L{AttachProtocolError} naming it.
+        """
+        reader = MessageReader()
+        reader.feed(encodeMessage("hello"))
+        (message,) = reader.messages()
+        error = self.assertRaises(AttachProtocolError, message.__getitem__, "pid")
+        self.assertIn("'pid'", str(error))
+
+    def test_badMessages(self) -> None:
+        """
+        Too long, not JSON, not an object with a type, or claiming fds that
+        did not arrive: each raises L{AttachProtocolError}.
+        """
+        for data, text in [(struct.pack(">I", MAX_MESSAGE + 1), "exceeds"),
+                           (struct.pack(">I", 3) + b"{x}", "not JSON"),
+                           (struct.pack(">I", 2) + b"[]", "'type'"),
+                           (encodeMessage("uffd", fds=1), "claims 1 fds")]:
+            reader = MessageReader()
+            reader.feed(data)
+            error = self.assertRaises(AttachProtocolError, list, reader.messages())
+            self.assertIn(text, str(error))
+
+    def test_closeUnclaimed(self) -> None:
+        """
+        L{MessageReader.close} closes descriptors no message claimed.
+        """
+        r, w = os.pipe()
+        os.close(w)
+        reader = MessageReader()
+        reader.feed(b"", [r])
+        reader.close()
+        self.assertRaises(OSError, os.fstat, r)
+
+
+def _checkUffd() -> None:
+    """
+    @raise SkipTest: no userfaultfd here.
+    """
+    try:
+        os.close(openWithFeatures(0))
+    except UffdError as error:
+        raise SkipTest(f"userfaultfd unavailable: {error}")
+
+
+class FaultAttachTests(TestCase):
+    """
+    Guest processes attached in C{fault} mode read a block whose pages
+    arrive only through their faults.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        One 2 MiB block of random bytes (a quarter zero pages) behind a
+        fault service fed by an in-process page source.
+        """
+        _checkUffd()
+        rng = random.Random(7)
+        pages = [bytes(PAGE) if rng.random() < 0.25 else rng.randbytes(PAGE) for _ in range(512)]
+        self.contents = b"".join(pages)
+        self.block = RAMBlock("pc.ram", len(self.contents))
+        self.addCleanup(self.block.close)
+
+    def makeHost(self, delay: float = 0.0) -> GuestHost:
+        """
+        @param delay: seconds before each requested page is placed.
+        @return: a host in C{fault} mode (killed at cleanup).
+        """
+        self.source = MemoryPageSource({"pc.ram": self.contents}, reactor if delay else None, delay)
+        self.service = FaultService(reactor, self.source, [self.block])
+        self.source.service = self.service
+        host = GuestHost(reactor, self.mktemp() + ".sock", [self.block], "fault", faultService=self.service)
+        self.addCleanup(host.kill)
+        return host
+
+    @inlineCallbacks
+    def test_readThroughFaults(self) -> None:
+        """
+        A worker process attaches, reads its whole mapping; every byte is
+        the page source's and every page came through a request.
+        """
+        host = self.makeHost()
+        host.spawn(STRESS, "stress", 1, IDLE)
+        yield host.whenAttached()
+        digests = yield host.digest()
+        self.assertEqual(digests, {"stress-0": [hashlib.sha256(self.contents).hexdigest()]})
+        self.assertEqual(len(set(self.source.requests)), 512)
+        self.assertEqual(self.service.clients[0].pid, host.workers["stress-0"].pid)
+
+    @inlineCallbacks
+    def test_manyClients(self) -> None:
+        """
+        Four processes read the same block at once: all see the same bytes,
+        and no page is requested twice.
+        """
+        host = self.makeHost(0.001)
+        host.spawn(STRESS, "stress", 4, IDLE)
+        yield host.whenAttached()
+        digests = yield host.digest()
+        expected = [hashlib.sha256(self.contents).hexdigest()]
+        self.assertEqual(digests, {f"stress-{k}": expected for k in range(4)})
+        self.assertEqual(len(self.source.requests), len(set(self.source.requests)))
+        self.assertEqual(len(self.service.clients), 4)
+
+    @inlineCallbacks
+    def test_clientDiesMidFault(self) -> None:
+        """
+        A worker killed while blocked on a fault is dropped (its attachment
+        and fault client go); the other worker's read completes intact.
+        """
+        host = self.makeHost(0.002)
+        host.spawn(STRESS, "stress", 2, IDLE)
+        yield host.whenAttached()
+        reading = host.workers["stress-1"].request("digest")
+        dying = host.workers["stress-0"].request("digest")
+        dying.addErrback(lambda failure: failure.trap(GuestError))
+        yield deferLater(reactor, 0.05, lambda: None)
+        os.kill(host.workers["stress-0"].pid, signal.SIGKILL)
+        reply = yield reading
+        self.assertIsNone((yield dying), "the killed worker finished its read")
+        self.assertEqual(reply["sha256"], [hashlib.sha256(self.contents).hexdigest()])
+        yield host.processes["stress-0"].ended
+        self.assertEqual(sorted(host.workers), ["stress-1"])
+        self.assertEqual([c.pid for c in self.service.clients], [host.workers["stress-1"].pid])
+
+    @inlineCallbacks
+    def assertRefused(self, host: GuestHost, table: list, text: str) -> None:
+        """
+        Attaching with C{table} from a thread is refused with C{text}.
+
+        @param host: the host.
+        @param table: the mapping table to send.
+        @param text: expected in the error.
+        """
+        try:
+            attachment = yield deferToThread(attach, host.socketPath, "bad", "bad-0", table)
+        except AttachProtocolError as error:
+            self.assertIn(text, str(error))
+        else:
+            attachment.close()
+            self.fail(f"table {table} accepted")
+
+    @inlineCallbacks
+    def test_badMappingTable(self) -> None:
+        """
+        Unknown idstr, past the end, unaligned, malformed: each gets
+        C{error} and a close; a good worker attaches afterwards.
+        """
+        host = self.makeHost()
+        entry = {"base": 0x7F0000000000, "idstr": "pc.ram", "offset": 0, "length": PAGE, "page_size": PAGE}
+        yield self.assertRefused(host, [dict(entry, idstr="pc.rom")], "unknown RAMBlock 'pc.rom'")
+        yield self.assertRefused(host, [dict(entry, offset=len(self.contents))], "runs past")
+        yield self.assertRefused(host, [dict(entry, base=entry["base"] + 100)], "not aligned")
+        yield self.assertRefused(host, [{"base": 1}], "bad mapping table entry")
+        self.assertEqual(self.service.clients, [])
+        host.spawn(STRESS, "stress", 1, IDLE)
+        yield host.whenAttached()
+        self.assertEqual(len(self.service.clients), 1)
+
+    @inlineCallbacks
+    def test_garbage(self) -> None:
+        """
+        A peer sending a message that is not JSON gets C{error} and a close.
+        """
+        import socket
+
+        host = self.makeHost()
+
+        def talk() -> bytes:
+            """
+            @return: everything the daemon sent before closing.
+            """
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(host.socketPath)
+                sock.sendall(struct.pack(">I", 4) + b"nope")
+                chunks = []
+                while chunk := sock.recv(4096):
+                    chunks.append(chunk)
+                return b"".join(chunks)
+
+        data = yield deferToThread(talk)
+        reader = MessageReader()
+        reader.feed(data)
+        (message,) = reader.messages()
+        self.assertEqual(message.kind, "error")
+        self.assertIn("not JSON", message["message"])
