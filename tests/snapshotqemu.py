@@ -86,7 +86,8 @@ def summaries(stdout: bytes) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith(b"{")]
 
 
-def restoreTarget(directory: str, name: str, image: str, postcopy: bool) -> tuple[QEMUInstance, str]:
+def restoreTarget(directory: str, name: str, image: str, postcopy: bool,
+                  memoryMiB: int = MEMORY_MIB) -> tuple[QEMUInstance, str]:
     """
     Start a fresh QEMU waiting for an incoming migration.
 
@@ -94,9 +95,10 @@ def restoreTarget(directory: str, name: str, image: str, postcopy: bool) -> tupl
     @param name: the instance name.
     @param image: the boot image (same machine options as the source).
     @param postcopy: enable C{postcopy-ram} on it.
+    @param memoryMiB: its RAM size.
     @return: (the instance, its C{tcp:} URI).
     """
-    qemu = startGuest(directory, name, image, MEMORY_MIB, "-incoming", "defer")
+    qemu = startGuest(directory, name, image, memoryMiB, "-incoming", "defer")
     try:
         if postcopy:
             qemu.setCapabilities(**{"postcopy-ram": True, "postcopy-blocktime": True})

@@ -62,13 +62,14 @@ class RestoreTests(SynchronousTestCase):
         self.directory = self.mktemp()
         os.makedirs(self.directory)
 
-    def target(self, name: str, postcopy: bool):
+    def target(self, name: str, postcopy: bool, memoryMiB: int = MEMORY_MIB):
         """
         @param name: the instance name.
         @param postcopy: enable postcopy on it.
+        @param memoryMiB: its RAM size.
         @return: (a fresh QEMU destination, its URI); killed at cleanup.
         """
-        qemu, uri = restoreTarget(self.directory, name, self.image, postcopy)
+        qemu, uri = restoreTarget(self.directory, name, self.image, postcopy, memoryMiB)
         self.addCleanup(qemu.kill)
         return qemu, uri
 
@@ -158,3 +159,16 @@ class RestoreTests(SynchronousTestCase):
         self.assertEqual(code, 1)
         self.assertIn(b"devices.bin", err)
         self.assertIsNone(qemu.queryMigrate().get("status"))
+
+    def test_sizeMismatch(self) -> None:
+        """
+        A destination with another RAM size refuses the block list; the
+        restore exits 1 reporting C{failed}, and QEMU never runs the guest.
+        """
+        qemu, uri = self.target("bigger", True, 2 * MEMORY_MIB)
+        code, out, err = finish(snapshotCommand("restore", self.snapshot, "--to", uri, "--postcopy"))
+        self.assertEqual(code, 1)
+        self.assertEqual([s["status"] for s in summaries(out)], ["failed"])
+        self.assertIn(uri.encode(), err)
+        qemu.process.wait(TIMEOUT)
+        self.assertIn("Size mismatch", qemu.stderrTail())
