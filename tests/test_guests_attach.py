@@ -172,11 +172,11 @@ class FaultAttachTests(TestCase):
         yield host.whenAttached()
         reading = host.workers["stress-1"].request("digest")
         dying = host.workers["stress-0"].request("digest")
-        dying.addErrback(lambda failure: failure.trap(GuestError))
+        dying.addCallbacks(lambda _: "finished", lambda failure: failure.trap(GuestError) and "lost")
         yield deferLater(reactor, 0.05, lambda: None)
         os.kill(host.workers["stress-0"].pid, signal.SIGKILL)
         reply = yield reading
-        self.assertIsNone((yield dying), "the killed worker finished its read")
+        self.assertEqual((yield dying), "lost")
         self.assertEqual(reply["sha256"], [hashlib.sha256(self.contents).hexdigest()])
         yield host.processes["stress-0"].ended
         self.assertEqual(sorted(host.workers), ["stress-1"])
