@@ -20,7 +20,7 @@ from tests.enginevm import IncomingTestVM
 from twisted_postcopy.errors import MigrationFailed, SnapshotError
 from twisted_postcopy.interfaces import IOutgoingVM
 from twisted_postcopy.manager import MigrationManager
-from twisted_postcopy.snapshot.restore import SnapshotVM, restoreSnapshot
+from twisted_postcopy.snapshot.restore import SnapshotVM, restoreSnapshot, verifyInThread
 from twisted_postcopy.snapshot.store import openSnapshot, writeSnapshot
 
 PAGE = 4096
@@ -144,3 +144,24 @@ class LoopbackRestoreTests(TestCase):
         _, done = restoreSnapshot(reactor, path, ["tcp:127.0.0.1:1"], postcopy=False)
         error = yield self.assertFailure(done, MigrationFailed)
         self.assertIn("tcp:127.0.0.1:1", str(error))
+
+
+class VerifyInThreadTests(TestCase):
+    """
+    L{verifyInThread}.
+    """
+
+    @inlineCallbacks
+    def test_verified(self) -> None:
+        """
+        An intact snapshot comes back opened; a tampered one fails with
+        L{SnapshotError} naming the file.
+        """
+        path = self.mktemp()
+        makeSnapshot(path)
+        snapshot = yield verifyInThread(reactor, path)
+        self.assertEqual(snapshot.machine, MACHINE)
+        with open(os.path.join(path, "configuration.bin"), "r+b") as f:
+            f.write(b"\1")
+        error = yield self.assertFailure(verifyInThread(reactor, path), SnapshotError)
+        self.assertIn("configuration.bin", str(error))

@@ -159,3 +159,30 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
 
     done = DeferredList([d for _, d in started], consumeErrors=True)
     return managers, done.addCallback(gathered)
+
+
+def _openVerified(path: str) -> Snapshot:
+    """
+    @param path: the snapshot directory.
+    @return: the snapshot, every sha256 checked.
+    @raise SnapshotError: missing, truncated or tampered.
+    """
+    snapshot = openSnapshot(path)
+    snapshot.verify()
+    return snapshot
+
+
+def verifyInThread(reactor: Any, path: str) -> Deferred:
+    """
+    Open and verify a snapshot in the reactor's thread pool, so a daemon
+    does not stop serving while gigabytes are hashed (only snapshot files
+    are read; no guest memory is touched).
+
+    @param reactor: the reactor.
+    @param path: the snapshot directory.
+    @return: a Deferred firing with the L{Snapshot}, or failing with
+        L{SnapshotError}.
+    """
+    from twisted.internet.threads import deferToThreadPool
+
+    return deferToThreadPool(reactor, reactor.getThreadPool(), _openVerified, path)
