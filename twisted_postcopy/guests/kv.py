@@ -57,8 +57,8 @@ class Table:
     def _find(self, key: bytes) -> tuple[int, bool]:
         """
         @param key: a key.
-        @return: (slot, whether it holds C{key}); a free slot when not.
-        @raise GuestError: the table is full.
+        @return: (slot, whether it holds C{key}); a free slot (or -1 when
+            the table is full) when not.
         """
         home = zlib.crc32(key) % self.slots
         for probe in range(self.slots):
@@ -69,7 +69,7 @@ class Table:
                 return slot, False
             if self.view[at + 4 : at + 4 + length] == key:
                 return slot, True
-        raise GuestError("kv table is full")
+        return -1, False
 
     def get(self, key: bytes) -> bytes | None:
         """
@@ -87,8 +87,11 @@ class Table:
         """
         @param key: 1-64 bytes.
         @param value: 0-184 bytes.
+        @raise GuestError: the table is full.
         """
         slot, _ = self._find(key)
+        if slot < 0:
+            raise GuestError("kv table is full")
         at = slot * SLOT
         self.view[at + 4 : at + 4 + len(key)] = key
         self.view[at + _VALUE_AT : at + _VALUE_AT + len(value)] = value
