@@ -14,7 +14,11 @@ import tempfile
 import hashlib
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from typing import Any
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.protocols.basic import LineReceiver
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
@@ -581,3 +585,108 @@ class StressGuestTests(TestCase):
         """
         info = yield self.migrate(True)
         self.assertGreater(info["ram"]["postcopy-requests"], 0)
+
+
+class _KVClient(LineReceiver):
+    """
+    Sends C{SET} requests one at a time and remembers the acknowledged
+    ones; or sends C{GET}s and collects the answers.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(self, requests: list[bytes]) -> None:
+        """
+        @param requests: the lines to send, in order.
+        """
+        self.requests = list(requests)
+        self.answers: list[tuple[bytes, bytes]] = []
+        self.finished: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        """
+        Send the first request.
+        """
+        self._next()
+
+    def _next(self) -> None:
+        """
+        Send the next request, or finish.
+        """
+        if not self.requests:
+            self.transport.loseConnection()
+            return
+        self.sendLine(self.requests[0])
+
+    def lineReceived(self, line: bytes) -> None:
+        """
+        Record the answer; stop at the first error (the guest stopped).
+        """
+        self.answers.append((self.requests.pop(0), line.strip()))
+        if line.startswith(b"ERR stopped"):
+            self.transport.loseConnection()
+            return
+        self._next()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        """
+        Done.
+        """
+        if not self.finished.called:
+            self.finished.callback(self.answers)
+
+
+class KVGuestTests(TestCase):
+    """
+    The built-in C{kv} guest serving clients during a postcopy migration:
+    no acknowledged write is lost.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        Skip without write tracking or userfaultfd.
+        """
+        StressGuestTests.setUp(self)
+
+    @inlineCallbacks
+    def test_noAcknowledgedWriteLost(self) -> None:
+        """
+        A client writes until the source guest stops; every write answered
+        OK reads back the same from the destination guest.
+        """
+        from twisted_postcopy.guests.guest import Guest, GuestSpec, IncomingGuest
+
+        spec = GuestSpec("kv", workers=1, blocks=(("ram", 8 * MiB),))
+        source = Guest(reactor, spec, os.path.join(self.directory, "src.sock"))
+        self.addCleanup(source.close)
+        yield source.start()
+        arriving = IncomingGuest(reactor, spec, os.path.join(self.directory, "dst.sock"))
+        self.addCleanup(arriving.close)
+        src = MigrationManager(reactor, source)
+        dst = MigrationManager(reactor, arriving, arriving.faultServiceFactory)
+        for manager in (src, dst):
+            manager.setCapabilities({"postcopy-ram": True})
+        src.setParameters({"max-bandwidth": 16 * MiB, "max-postcopy-bandwidth": 4 * MiB})
+        port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        kvPort = list(source.host.workers.values())[0].info["port"]
+        writes = [b"SET key%d value-%d" % (i, i * 7) for i in range(20000)]
+        writer = _KVClient(writes)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", kvPort), writer)
+        yield deferLater(reactor, 0.3, lambda: None)
+        src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+        yield deferLater(reactor, 0.3, lambda: None)
+        src.startPostcopy()
+        answers = yield writer.finished
+        acknowledged = [request for request, answer in answers if answer == b"OK"]
+        self.assertGreater(len(acknowledged), 10, answers[-3:])
+        yield src.whenStatus("completed")
+        yield arriving.running
+        newPort = list(arriving.host.workers.values())[0].info["port"]
+        reader = _KVClient([b"GET " + request.split()[1] for request in acknowledged])
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", newPort), reader)
+        results = yield reader.finished
+        self.assertEqual([answer for _, answer in results],
+                         [request.split()[2] for request in acknowledged])
