@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.errors import SnapshotError
 from twisted_postcopy.snapshot.store import (
-    CONFIGURATION, DEVICES, MANIFEST, dataRuns, hashFile, openSnapshot, writeSnapshot,
+    BlockInfo, CONFIGURATION, DEVICES, MANIFEST, dataRuns, hashFile, openSnapshot, writeSnapshot,
 )
 
 PAGE = 4096
@@ -101,7 +101,8 @@ class StoreTests(SynchronousTestCase):
         """
         mapping = self.snapshot.mapBlock(self.snapshot.block("pc.ram"))
         self.addCleanup(mapping.close)
-        self.assertEqual(bytes(mapping), self.expectedRAM())
+        self.assertEqual(bytes(mapping.view()), self.expectedRAM())
+        self.assertIsNone(self.snapshot.mapBlock(BlockInfo("empty", 0, PAGE, "ram/none")))
 
     def test_readOutside(self) -> None:
         """

@@ -11,7 +11,6 @@ sparse block files: holes read as zeros and go out as ZERO records.
 
 from __future__ import annotations
 
-import mmap
 from typing import Any, Sequence
 
 from attrs import define, field
@@ -21,6 +20,7 @@ from zope.interface import implementer
 from twisted_postcopy.errors import MigrationFailed, SnapshotError
 from twisted_postcopy.interfaces import IOutgoingVM
 from twisted_postcopy.protocols import _codec as c
+from twisted_postcopy.snapshot.mapping import BlockMapping
 from twisted_postcopy.snapshot.store import Snapshot, openSnapshot
 
 _EMPTY = memoryview(b"")
@@ -35,18 +35,24 @@ class SnapshotBlock:
     @ivar length: bytes.
     @ivar pageSize: the page size.
     @ivar mapping: its read-only mapping (L{None} when empty).
+    @ivar _view: the view handed out (one per block).
     """
 
     idstr: str
     length: int
     pageSize: int
-    mapping: mmap.mmap | None
+    mapping: BlockMapping | None
+    _view: memoryview | None = None
 
     def view(self) -> memoryview:
         """
-        @return: the stored bytes (never copied).
+        @return: the stored bytes, read-only (never copied).
         """
-        return memoryview(self.mapping) if self.mapping is not None else _EMPTY
+        if self.mapping is None:
+            return _EMPTY
+        if self._view is None:
+            self._view = self.mapping.view()
+        return self._view
 
 
 @implementer(IOutgoingVM)

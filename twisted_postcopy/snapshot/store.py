@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
-from typing import BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 from attrs import frozen
 
 from twisted_postcopy.errors import SnapshotError
+
+if TYPE_CHECKING:
+    from twisted_postcopy.snapshot.mapping import BlockMapping
 
 #: The manifest's name and format number.
 MANIFEST = "manifest.json"
@@ -165,17 +167,19 @@ class Snapshot:
                 return block
         raise SnapshotError(f"{self.path}: no RAM block {idstr!r}")
 
-    def mapBlock(self, block: BlockInfo) -> mmap.mmap | None:
+    def mapBlock(self, block: BlockInfo) -> "BlockMapping | None":
         """
         Map a block's file read-only (holes read as zeros; no userfaultfd).
 
         @param block: the entry.
-        @return: the mapping, or L{None} for an empty block.
+        @return: the L{twisted_postcopy.snapshot.mapping.BlockMapping}, or
+            L{None} for an empty block.
         """
+        from twisted_postcopy.snapshot.mapping import BlockMapping
+
         if not block.length:
             return None
-        with open(self._file(block.file), "rb") as f:
-            return mmap.mmap(f.fileno(), block.length, mmap.MAP_SHARED, mmap.PROT_READ)
+        return BlockMapping(self._file(block.file), block.length)
 
     def read(self, idstr: str, offset: int, length: int) -> bytes:
         """
