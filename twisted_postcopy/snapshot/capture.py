@@ -23,7 +23,7 @@ from twisted_postcopy.errors import MigrationError, SnapshotError
 from twisted_postcopy.interfaces import IIncomingVM
 from twisted_postcopy.protocols import _codec as c
 from twisted_postcopy.ram.block import RAMBlock
-from twisted_postcopy.snapshot.store import Snapshot, writeSnapshot
+from twisted_postcopy.snapshot.store import writeSnapshot
 
 #: The largest total RAM a capture accepts (64 GiB).
 MAX_RAM = 64 << 30
