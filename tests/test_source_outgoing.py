@@ -54,6 +54,18 @@ class OutgoingTests(SynchronousTestCase):
         self.assertGreater(delay, 0)
         self.assertEqual(len(chunks), 1)
 
+    def test_bandwidthChangeApplies(self) -> None:
+        """
+        A max-bandwidth change during precopy applies at the next step.
+        """
+        _, migration, chunks, clock = _migration({}, **{"max-bandwidth": 1})
+        clock.advance(1)
+        migration.step()
+        self.assertGreater(migration.step(), 0)
+        migration.parameters["max-bandwidth"] = 0
+        clock.advance(1)
+        self.assertEqual(migration.step(), 0.0)
+
     def test_urgentPagesIgnoreLimit(self) -> None:
         """
         In postcopy with the background budget spent, a requested page is

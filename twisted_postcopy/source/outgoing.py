@@ -197,6 +197,8 @@ class OutgoingMigration:
         status = self.machine.status
         if self.written or status not in (S.ACTIVE, S.POSTCOPY_ACTIVE):
             return DONE
+        if status == S.ACTIVE:
+            self.limiter.bandwidth = self.parameters["max-bandwidth"]
         if self.limiter.limited() and not self.scheduler.queue:
             return self.limiter.delay()
         if status == S.POSTCOPY_ACTIVE:
