@@ -179,6 +179,21 @@ class FaultServiceProcessTests(TestCase):
         self.assertEqual([f[:2] for f in faulted if not f[2]], [b[0:1] + (pages[b[2] // PAGE],) for b in observer.began])
 
     @inlineCallbacks
+    def test_brokenObserver(self):
+        """
+        An observer that raises is logged; faults are still served.
+        """
+        data = pageContents(2, seed=11)
+        service, source, blocks = self.makeService({"pc.ram": data})
+        service.addFaultObserver(lambda *args: 1 / 0)
+        worker = self.spawn(service, blocks)
+        yield worker.attached
+        answer = yield worker.command(op="touch", block=0, first=0, count=2)
+        self.assertEqual(answer["checksum"], firstBytes(data, PAGE, 0, 2))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
+        self.assertEqual(len(source.requests), 2)
+
+    @inlineCallbacks
     def test_sixteenThreads(self):
         """
         Sixteen threads faulting on distinct pages of one block (more

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import MappingTableError, MigrationFailed, UffdError
 from twisted_postcopy.ram import uffd
+from twisted_postcopy.ram.observers import FaultObservers
 from twisted_postcopy.ram.pending import PendingPage, PendingPages
 from twisted_postcopy.ram.placement import Placer
 from twisted_postcopy.ram.clients import ClientMapping, FaultClient, Readable, validateMappings
@@ -68,9 +69,7 @@ class FaultService:
         self.faultCount = 0
         self.pending = PendingPages(pageSource)
         self._messages = uffd.MessageBuffer()
-        self._observers: list[Any] = []
-        self._faultCallbacks: list[Callable[..., None]] = []
-        self._placementCallbacks: list[Callable[[int], None]] = []
+        self.observers = FaultObservers()
         for block in (blocks.values() if isinstance(blocks, Mapping) else blocks):
             self.addBlock(block)
 
@@ -163,7 +162,10 @@ class FaultService:
 
     def _clientReadable(self, client: FaultClient) -> None:
         """
-        Read the client's fault messages in batches until C{EAGAIN}.
+        Read the client's fault messages in batches until C{EAGAIN}.  An
+        exception while handling one fault (an observer's bug) is logged and
+        does not stop the reading: the reactor would otherwise drop the
+        descriptor and leave the client blocked.
 
         @param client: the client whose userfaultfd is readable.
         """
@@ -177,7 +179,11 @@ class FaultService:
                 return
             for event, _, address, threadId in list(iterRecords(records)):
                 if event == UFFD_EVENT_PAGEFAULT:
-                    self._fault(client, address, threadId & 0xFFFFFFFF)
+                    try:
+                        self._fault(client, address, threadId & 0xFFFFFFFF)
+                    except Exception:
+                        _log.failure("fault service: handling a fault of {client} at {address:#x}",
+                                     client=client, address=address)
                 else:
                     _log.warn("fault service: ignored uffd event {event} from {client}", event=event, client=client)
 
@@ -201,15 +207,11 @@ class FaultService:
         pageAddress = address - (address - mapping.base) % size
         offset = mapping.offset + pageAddress - mapping.base
         now = uffd.monotonicNs()
-        if block.receivedMap.test(offset // size):
-            for callback in self._faultCallbacks:
-                callback(threadId, block.address + offset, True)
+        received = block.receivedMap.test(offset // size)
+        self.observers.faultBegan(threadId, block, offset, now, received)
+        if received:
             self._wake(client, pageAddress, size)
             return
-        for observer in self._observers:
-            observer.faultBegan(threadId, block.idstr, offset, now)
-        for callback in self._faultCallbacks:
-            callback(threadId, block.address + offset, False)
         self.pending.addWaiter((block.idstr, offset), client, pageAddress)
 
     def _wake(self, client: FaultClient, address: int, length: int) -> None:
@@ -333,11 +335,7 @@ class FaultService:
         """
         for client, address in pending.waiters:
             self._wake(client, address, ram.pageSize)
-        now = uffd.monotonicNs()
-        for observer in self._observers:
-            observer.pagePlaced(ram.idstr, offset, now)
-        for callback in self._placementCallbacks:
-            callback(ram.address + offset)
+        self.observers.pagePlaced(ram, offset, uffd.monotonicNs())
         for waiting in pending.deferreds:
             waiting.callback(None)
 
@@ -357,27 +355,24 @@ class FaultService:
             C{pagePlaced} when such a page is placed.
         @return: a callable that unsubscribes it.
         """
-        self._observers.append(observer)
-        return lambda: self._observers.remove(observer)
+        return self.observers.subscribe(observer)
 
     def addFaultObserver(self, callback: Callable[[int, int, bool], None]) -> None:
         """
-        Address-keyed fault observer (the shape of QEMU's
-        C{mark_postcopy_blocktime_begin}).
+        Address-keyed fault observer (QEMU's C{mark_postcopy_blocktime_begin}).
 
         @param callback: called with (thread id, the page's address in the
             daemon's mapping, whether the page was already received).
         """
-        self._faultCallbacks.append(callback)
+        self.observers.addFaultObserver(callback)
 
     def addPlacementObserver(self, callback: Callable[[int], None]) -> None:
         """
-        Address-keyed placement observer (QEMU's
-        C{mark_postcopy_blocktime_end}); called for pages that were faulted on.
+        Address-keyed placement observer (QEMU's C{mark_postcopy_blocktime_end}).
 
         @param callback: called with the page's address in the daemon's mapping.
         """
-        self._placementCallbacks.append(callback)
+        self.observers.addPlacementObserver(callback)
 
     def stop(self, reason: BaseException | None = None) -> None:
         """
