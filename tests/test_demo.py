@@ -33,7 +33,7 @@ class ArgumentTests(SynchronousTestCase):
         """
         args = buildParser().parse_args(["demo"])
         self.assertEqual((args.guest, args.ram, args.postcopy_after, args.json),
-                         ("stress", 256 << 20, 1.0, False))
+                         ("stress", 256 << 20, 0.2, False))
 
     def test_options(self) -> None:
         """
@@ -46,16 +46,13 @@ class ArgumentTests(SynchronousTestCase):
 
     def test_daemonArguments(self) -> None:
         """
-        Both daemons get the same guest, RAM and seed; only the destination
-        gets C{--incoming}.
+        Both daemons get the same guest, RAM and seed.
         """
         args = buildParser().parse_args(["demo", "--ram", "64M", "--seed", "7"])
-        args.uri = "tcp:127.0.0.1:4444"
         self.assertEqual(demo.daemonArguments(args, "source"),
                          ["--role", "source", "--guest", "stress", "--ram", f"{64 << 20}B",
                           "--seed", "7"])
-        self.assertEqual(demo.daemonArguments(args, "destination")[-2:],
-                         ["--incoming", "tcp:127.0.0.1:4444"])
+        self.assertEqual(demo.daemonArguments(args, "destination")[:2], ["--role", "destination"])
 
     def test_freePort(self) -> None:
         """

@@ -3,6 +3,10 @@
 The daemon: one L{MigrationService} per process, holding the guest, the
 MigrationManager and the control listener.  It is what C{twistd postcopy}
 runs (see L{twisted_postcopy.tap}).
+
+The guest is a child service: L{OutgoingGuestService} on a source (it is
+also the manager's L{IOutgoingVM}), L{IncomingGuestService} on a
+destination.
 """
 
 from __future__ import annotations
@@ -10,12 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from twisted_postcopy.control.server import ControlFactory
+from twisted_postcopy.errors import MigrationError
+from twisted_postcopy.guests.guest import MACHINE, Guest, GuestSpec, IncomingGuest
+from twisted_postcopy.interfaces import IOutgoingVM
 
 
 class MigrationService(MultiService):
@@ -83,3 +91,171 @@ class MigrationService(MultiService):
         @param failure: the failure.
         """
         self.log.failure("migrate-incoming {uri} failed", failure, uri=self.incoming)
+
+
+@implementer(IOutgoingVM)
+class OutgoingGuestService(Service):
+    """
+    The source daemon's guest: a L{Guest} created, and its worker
+    processes spawned, when the service starts (after twistd forked), and
+    killed when it stops.  It is the manager's L{IOutgoingVM}, delegating
+    to the running guest.
+
+    @ivar reactor: the reactor.
+    @ivar spec: the guest's L{GuestSpec}.
+    @ivar socketPath: the guest's attach socket.
+    @ivar guest: the L{Guest} once started.
+    @ivar started: a Deferred firing once every worker runs.
+    """
+
+    machine = MACHINE
+    log = Logger()
+
+    def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str) -> None:
+        """
+        @param reactor: the reactor.
+        @param spec: what guest to run.
+        @param socketPath: where its workers attach.
+        """
+        self.reactor, self.spec, self.socketPath = reactor, spec, socketPath
+        self.guest: Guest | None = None
+        self.started: Deferred | None = None
+
+    def startService(self) -> None:
+        """
+        Create the guest and run its workers.
+        """
+        super().startService()
+        self.guest = Guest(self.reactor, self.spec, self.socketPath)
+        self.started = self.guest.start()
+        self.started.addErrback(lambda f: self.log.failure("guest {name} did not start", f,
+                                                           name=self.spec.name))
+
+    def stopService(self) -> Deferred | None:
+        """
+        Kill the workers and release the RAM.
+
+        @return: a Deferred firing when done.
+        """
+        super().stopService()
+        return self.guest.close() if self.guest is not None else None
+
+    def _running(self) -> Guest:
+        """
+        @return: the guest.
+        @raise MigrationError: it has not been started.
+        """
+        if self.guest is None:
+            raise MigrationError("The guest is not running")
+        return self.guest
+
+    @property
+    def blocks(self) -> list[Any]:
+        """
+        The guest's RAMBlocks.
+        """
+        return self._running().blocks
+
+    @property
+    def dirtyTracker(self) -> Any:
+        """
+        The guest's dirty tracker.
+        """
+        return self._running().dirtyTracker
+
+    def stop(self) -> Deferred:
+        """
+        @return: a Deferred firing once no worker can write.
+        """
+        return self._running().stop()
+
+    def deviceState(self) -> Deferred:
+        """
+        @return: a Deferred firing with the guest's device section.
+        """
+        return self._running().deviceState()
+
+    def resume(self) -> Deferred:
+        """
+        @return: a Deferred firing once the workers run again.
+        """
+        return self._running().resume()
+
+    def query(self) -> dict[str, Any]:
+        """
+        C{query-guest} on the source.
+
+        @return: the guest's name, role, RAM and whether it runs.
+        """
+        return {"name": self.spec.name, "role": "source", "ram": _ramSize(self.spec),
+                "workers": self.spec.workers, "running": bool(self.started and self.started.called)}
+
+
+class IncomingGuestService(Service):
+    """
+    The destination daemon's guest: an L{IncomingGuest} waiting for its
+    memory; C{query-guest} reports its workers' memory check once the
+    migration completed.
+
+    @ivar spec: the guest's L{GuestSpec}.
+    @ivar guest: the L{IncomingGuest}.
+    @ivar outcome: L{None} while migrating, then C{"completed"} or the
+        failure's text.
+    """
+
+    def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str) -> None:
+        """
+        @param reactor: the reactor.
+        @param spec: what guest to expect.
+        @param socketPath: where its workers will attach.
+        """
+        self.spec = spec
+        self.guest = IncomingGuest(reactor, spec, socketPath)
+        self.outcome: str | None = None
+        self.guest.done.addCallbacks(lambda _: self._ended("completed"),
+                                     lambda f: self._ended(f.getErrorMessage()))
+
+    def _ended(self, outcome: str) -> None:
+        """
+        Record how the incoming migration ended.
+
+        @param outcome: C{completed} or why it failed.
+        """
+        self.outcome = outcome
+
+    def stopService(self) -> Deferred:
+        """
+        Kill the workers and release the RAM.
+
+        @return: a Deferred firing when done.
+        """
+        super().stopService()
+        return self.guest.close()
+
+    async def query(self) -> dict[str, Any]:
+        """
+        C{query-guest} on the destination: once the migration completed,
+        every worker checks its memory (C{verified} is true when all pass).
+
+        @return: name, role, RAM, C{outcome}, C{verified} (L{None} before
+            the end) and each worker's verdict.
+        """
+        info: dict[str, Any] = {"name": self.spec.name, "role": "destination",
+                                "ram": _ramSize(self.spec), "outcome": self.outcome,
+                                "verified": None}
+        if self.outcome == "completed":
+            await self.guest.running
+            verdicts = await self.guest.host.verify()
+            info["workers"] = verdicts
+            info["verified"] = all(verdict.get("ok") for verdict in verdicts.values())
+        elif self.outcome is not None:
+            info["verified"] = False
+        return info
+
+
+def _ramSize(spec: GuestSpec) -> int:
+    """
+    @param spec: a guest.
+    @return: its total RAM in bytes.
+    """
+    return sum(length for _, length in spec.blocks)

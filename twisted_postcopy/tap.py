@@ -15,13 +15,18 @@ the migration, as QEMU does with C{-incoming}::
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from typing import Any
 
 from twisted.python import usage
 
 #: Multipliers of the size suffixes (QEMU's C{-m}: a bare number is MiB).
 _SIZE_UNITS = {"": 1 << 20, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+#: The guests' page size.
+PAGE_SIZE = 4096
 
 ROLES = ("source", "destination")
 GUESTS = ("stress", "kv", "none")
@@ -88,7 +93,10 @@ class Options(usage.Options):
         ["guest", None, "stress", "Built-in guest: stress, kv or none.", _choice("guest", GUESTS)],
         ["ram", None, "256M", "Guest RAM size (QEMU's -m: 256M, 1G; a bare number is MiB).",
          parseSize],
-        ["seed", None, 0, "Seed of the guest's workload (source) and of its verification.", int],
+        ["seed", None, 1, "Seed of the stress guest's page contents.", int],
+        ["workers", None, 2, "Number of guest worker processes.", int],
+        ["attach", None, None,
+         "Unix socket where guest workers attach (default: CONTROL_PATH.attach)."],
     ]
 
     def __init__(self) -> None:
@@ -118,6 +126,10 @@ class Options(usage.Options):
             self["ram"] = parseSize(self["ram"])
         if not self["control"]:
             raise usage.UsageError("--control ENDPOINT is required")
+        if self["ram"] % PAGE_SIZE or self["ram"] <= 0:
+            raise usage.UsageError(f"--ram must be a positive multiple of {PAGE_SIZE}")
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
         if self["incoming"] and self["role"] != "destination":
             raise usage.UsageError("--incoming is only for --role destination")
 
@@ -133,20 +145,63 @@ def _noIncomingVM() -> Any:
     raise MigrationError("This daemon runs no guest (--guest none): nothing to migrate into")
 
 
+def guestSpec(options: Options) -> Any:
+    """
+    The built-in guest described by the options: one RAM block of
+    C{--ram} bytes shared by C{--workers} worker processes (a C{stress}
+    guest's working sets cover the whole block).
+
+    @param options: the parsed L{Options}.
+    @return: a L{twisted_postcopy.guests.guest.GuestSpec}.
+    """
+    from twisted_postcopy.guests.guest import GuestSpec
+
+    workers = options["workers"]
+    arguments: list[str] = []
+    if options["guest"] == "stress":
+        arguments += ["--working-set", str(options["ram"] // PAGE_SIZE // workers),
+                      "--seed", str(options["seed"])]
+    elif options["guest"] == "kv":
+        arguments += ["--workers", str(workers)]
+    for key, value in options["guest-option"].items():
+        arguments += [f"--{key}", value]
+    return GuestSpec(options["guest"], workers=workers, blocks=(("ram", options["ram"]),),
+                     arguments=tuple(arguments))
+
+
+def attachPath(options: Options) -> str:
+    """
+    Where guest workers attach: C{--attach}, else beside a Unix control
+    socket, else in a new temporary directory.
+
+    @param options: the parsed L{Options}.
+    @return: a Unix socket path.
+    """
+    if options["attach"]:
+        return options["attach"]
+    if options["control"].startswith("unix:"):
+        return options["control"][len("unix:"):].split(":")[0] + ".attach"
+    return os.path.join(tempfile.mkdtemp(prefix="postcopy-"), "attach.sock")
+
+
 def buildManager(reactor: Any, options: Options) -> tuple[Any, Any]:
     """
-    Build the guest (if any) and the MigrationManager over it.
+    Build the guest's service (if any) and the MigrationManager over it.
 
     @param reactor: the reactor.
     @param options: the parsed L{Options}.
     @return: the manager and the guest's service (or L{None}).
     """
     from twisted_postcopy.manager import MigrationManager
+    from twisted_postcopy.service import IncomingGuestService, OutgoingGuestService
 
-    if options["guest"] != "none":
-        raise usage.UsageError(f"--guest {options['guest']}: the built-in guests are not available yet")
-    vm = None if options["role"] == "source" else _noIncomingVM
-    return MigrationManager(reactor, vm), None
+    if options["guest"] == "none":
+        return MigrationManager(reactor, None if options["role"] == "source" else _noIncomingVM), None
+    if options["role"] == "source":
+        outgoing = OutgoingGuestService(reactor, guestSpec(options), attachPath(options))
+        return MigrationManager(reactor, outgoing), outgoing
+    incoming = IncomingGuestService(reactor, guestSpec(options), attachPath(options))
+    return MigrationManager(reactor, incoming.guest, incoming.guest.faultServiceFactory), incoming
 
 
 def makeService(options: Options, reactor: Any = None) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 from twisted.protocols.amp import AmpList, Argument, Boolean, Command, Unicode
 
 from twisted_postcopy.errors import (
+    GuestError,
     IllegalTransitionError,
     MigrationCancelled,
     MigrationError,
@@ -36,6 +37,7 @@ MIGRATION_ERRORS: dict[type[Exception], bytes] = {
     PostcopyPaused: b"POSTCOPY_PAUSED",
     MigrationError: b"MIGRATION_ERROR",
     UffdUnavailableError: b"UFFD_UNAVAILABLE",
+    GuestError: b"GUEST_ERROR",
     PostcopyError: b"POSTCOPY_ERROR",
 }
 
