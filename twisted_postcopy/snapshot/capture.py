@@ -16,7 +16,8 @@ import os
 import time
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, execute, gatherResults, succeed
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_postcopy.errors import MigrationError, SnapshotError
@@ -44,6 +45,9 @@ class CaptureVM:
     @ivar pageSource: the incoming migration as an L{IPageSource}, for
         L{readLive} (set by whoever drives the capture).
     @ivar running: the VM was started (RUN or end of precopy).
+    @ivar runWriter: C{(function, *args) -> Deferred} running the store
+        (default: at once; L{captureSnapshot} uses the reactor's thread
+        pool: the writer only C{pread}s memfds and writes files).
     @ivar stored: fires with the L{Snapshot} once stored, or fails.
     """
 
@@ -59,6 +63,7 @@ class CaptureVM:
         self.devices: list[bytes] = []
         self.inPostcopy: Callable[[], bool] = lambda: False
         self.pageSource: Any = None
+        self.runWriter: Callable[..., Deferred] = execute
         self.running = False
         self.stored: Deferred = Deferred()
 
@@ -149,19 +154,28 @@ class CaptureVM:
 
     def completed(self) -> None:
         """
-        Every page arrived: write the snapshot and fire L{stored}.
+        Every page arrived: write the snapshot (through L{runWriter}, so a
+        daemon can do it in a thread while QEMU gets its SHUT), then fire
+        L{stored}.
         """
         form = "package" if self.inPostcopy() else "precopy"
-        try:
-            snapshot = writeSnapshot(
-                self.path, self.machine, self.configuration, form, b"".join(self.devices),
-                [(b.idstr, b.length, b.pageSize, b.fd) for b in self.blocks.values()], time.time())
-        except BaseException as e:
-            self._close()
-            self.stored.errback(e)
-            return
+        blocks = [(b.idstr, b.length, b.pageSize, b.fd) for b in self.blocks.values()]
+        writing = self.runWriter(writeSnapshot, self.path, self.machine, self.configuration, form,
+                                 b"".join(self.devices), blocks, time.time())
+        writing.addBoth(self._written)
+
+    def _written(self, result: Any) -> None:
+        """
+        The snapshot was written (or not): release the memfds, fire
+        L{stored}.
+
+        @param result: the L{Snapshot} or a L{Failure}.
+        """
         self._close()
-        self.stored.callback(snapshot)
+        if isinstance(result, Failure):
+            self.stored.errback(result)
+        else:
+            self.stored.callback(result)
 
     def failed(self, reason: Any) -> None:
         """
@@ -203,6 +217,8 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
     @return: (a Deferred firing with the listening port, the
         L{CaptureVM}, whose C{stored} fires with the L{Snapshot} or fails).
     """
+    from twisted.internet.threads import deferToThreadPool
+
     from twisted_postcopy.manager import MigrationManager
 
     vm = CaptureVM(path, machine)
@@ -211,6 +227,8 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
     vm.inPostcopy = lambda: bool(manager.incoming is not None and manager.incoming.faults is not None)
     listening = manager.migrateIncoming(uri)
     vm.pageSource = manager.incoming
+    vm.runWriter = lambda function, *args: deferToThreadPool(
+        reactor, reactor.getThreadPool(), function, *args)
     vm.stored.addBoth(lambda result: _stopListening(manager, result))
     return listening, vm
 
