@@ -406,6 +406,21 @@ class FaultServiceUnitTests(SynchronousTestCase):
         for table in bad:
             self.assertRaises(MappingTableError, self.service.addClient, -1, table)
 
+    def test_brokenClientRemoved(self):
+        """
+        A client whose userfaultfd cannot be read (no API handshake: EINVAL)
+        is removed when its descriptor turns readable; its fd is closed.
+        """
+        from twisted_postcopy.ram import uffd
+
+        fd = uffd.openUffd()
+        client = self.service.addClient(fd, [ClientMapping(0x10000, "pc.ram", 0, 16 * PAGE)])
+        self.assertEqual(self.service.reactor.getReaders(), client.readers)
+        client.readers[0].doRead()
+        self.assertFalse(client.alive)
+        self.assertEqual((self.service.clients, self.service.reactor.getReaders()), ([], []))
+        self.assertRaises(OSError, os.fstat, fd)
+
     def test_duplicateBlock(self):
         """
         A block cannot be registered twice.
