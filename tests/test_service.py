@@ -7,16 +7,23 @@ control endpoint (a real Unix socket) and starts the incoming migration.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
+from zope.interface.verify import verifyObject
 
 from twisted_postcopy import errors
 from twisted_postcopy.control.client import connectControl
-from twisted_postcopy.service import MigrationService
+from twisted_postcopy.errors import DirtyTrackingUnavailableError
+from twisted_postcopy.guests.guest import GuestSpec
+from twisted_postcopy.interfaces import IOutgoingVM
+from twisted_postcopy.ram.dirty import checkWriteTracking
+from twisted_postcopy.service import IncomingGuestService, MigrationService, OutgoingGuestService
 from tests.test_control_server import FakeManager
 
 
@@ -116,3 +123,61 @@ class MigrationServiceTests(TestCase):
         service = self.startService(guest=guest)
         self.assertIs(guest.parent, service)
         self.assertTrue(guest.running)
+
+
+class GuestServiceTests(TestCase):
+    """
+    Tests for L{OutgoingGuestService} and L{IncomingGuestService} with the
+    real stress guest.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        Make a short directory for the attach socket.
+        """
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.directory = tempfile.mkdtemp(prefix="pc-test-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.spec = GuestSpec("stress", workers=1, blocks=(("ram", 1 << 20),),
+                              arguments=("--working-set", "256"))
+
+    @defer.inlineCallbacks
+    def test_outgoing(self) -> Any:
+        """
+        The source guest's workers start with the service; meanwhile the
+        VM refuses to be used; C{query-guest} reports it running; stopping
+        the service kills the workers.
+        """
+        try:
+            checkWriteTracking()
+        except DirtyTrackingUnavailableError as e:
+            raise SkipTest(str(e))
+        service = OutgoingGuestService(self.reactor, self.spec, os.path.join(self.directory, "a.sock"))
+        self.assertRaises(errors.MigrationError, service.stop)
+        self.assertRaises(errors.MigrationError, getattr, service, "blocks")
+        service.startService()
+        yield service.started
+        self.assertTrue(verifyObject(IOutgoingVM, service))
+        self.assertEqual(service.query(), {"name": "stress", "role": "source", "ram": 1 << 20,
+                                           "workers": 1, "running": True})
+        self.assertEqual([block.idstr for block in service.blocks], ["ram"])
+        yield service.stopService()
+        self.assertTrue(all(p.ended.called for p in service.guest.host.processes.values()))
+
+    @defer.inlineCallbacks
+    def test_incomingBeforeAndAfterFailure(self) -> Any:
+        """
+        Before the migration ends the destination guest's C{verified} is
+        L{None}; after a failure it is false, with the reason.
+        """
+        service = IncomingGuestService(self.reactor, self.spec, os.path.join(self.directory, "b.sock"))
+        info = yield defer.ensureDeferred(service.query())
+        self.assertEqual((info["verified"], info["outcome"], info["role"]), (None, None, "destination"))
+        service.guest.failed("connection lost")
+        info = yield defer.ensureDeferred(service.query())
+        self.assertFalse(info["verified"])
+        self.assertIn("connection lost", info["outcome"])
