@@ -421,6 +421,27 @@ class FaultServiceUnitTests(SynchronousTestCase):
         self.assertEqual((self.service.clients, self.service.reactor.getReaders()), ([], []))
         self.assertRaises(OSError, os.fstat, fd)
 
+    def test_mappingOffsets(self):
+        """
+        Faults in a client mapping that starts inside a block are turned
+        into block offsets; a fault outside the table is ignored; a fault
+        on a received page makes no request.
+        """
+        from twisted_postcopy.ram import uffd
+
+        fd = uffd.openWithFeatures()
+        table = [ClientMapping(0x7F0000000000, "pc.ram", 4 * PAGE, 4 * PAGE),
+                 ClientMapping(0x7F0000100000, "pc.ram", 12 * PAGE, 2 * PAGE)]
+        client = self.service.addClient(fd, table)
+        self.service._fault(client, 0x7F0000000000 + 2 * PAGE + 123, 7)
+        self.service._fault(client, 0x7F0000100000 + PAGE, 7)
+        self.service._fault(client, 0x7F0000200000, 7)
+        self.assertEqual(self.source.requests, [("pc.ram", 6 * PAGE), ("pc.ram", 13 * PAGE)])
+        self.service.placePages("pc.ram", 6 * PAGE, bytes(PAGE))
+        self.service._fault(client, 0x7F0000000000 + 2 * PAGE, 8)
+        self.assertEqual(len(self.source.requests), 2)
+        self.assertEqual((client.alive, client.faults, self.service.faultCount), (True, 4, 4))
+
     def test_duplicateBlock(self):
         """
         A block cannot be registered twice.
