@@ -72,6 +72,15 @@ class PageBitmapTests(SynchronousTestCase):
         self.assertRaises(BitmapError, PageBitmap.fromBytes, 130, bytes(16))
         self.assertEqual(PageBitmap.fromBytes(3, b"\xff" * 8).count(), 3)
 
+    def test_scaled(self):
+        """
+        Scaling turns each bit into C{factor} bits.
+        """
+        bitmap = PageBitmap(3)
+        bitmap.set(1)
+        finer = bitmap.scaled(512)
+        self.assertEqual((finer.pages, list(finer.runs())), (1536, [(512, 512)]))
+
     @given(st.lists(st.booleans(), min_size=1, max_size=300))
     def test_runsMatchNaive(self, bits):
         """

@@ -52,6 +52,15 @@ class RAMBlockTests(SynchronousTestCase):
         self.assertEqual(list(block.receivedMap.runs()), [(3, 2)])
         self.assertEqual(block.pages, 8)
 
+    def test_receivedBitmap(self):
+        """
+        The received bitmap for the return path is QEMU's encoding of the
+        received pages.
+        """
+        block = self.block("pc.ram", 130 * PAGE)
+        block.write(64 * PAGE, bytes(PAGE))
+        self.assertEqual(block.receivedBitmap(), bytes(8) + b"\x01" + bytes(15))
+
     def test_badRanges(self):
         """
         Unaligned or out-of-range writes and discards raise L{RAMBlockError}.

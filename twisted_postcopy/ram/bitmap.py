@@ -137,6 +137,20 @@ class PageBitmap:
             yield start, end - start
             start = flat.find(want, end)
 
+    def scaled(self, factor: int) -> PageBitmap:
+        """
+        The same bitmap at a finer granularity: each bit becomes C{factor}
+        bits (e.g. one 2 MiB host page -> 512 target pages of 4 KiB, since
+        QEMU's C{receivedmap} counts target pages).
+
+        @param factor: bits per bit.
+        @return: a new bitmap of C{pages * factor} pages.
+        """
+        finer = PageBitmap(self.pages * factor)
+        for start, count in self.runs():
+            finer.set(start * factor, count * factor)
+        return finer
+
     def toBytes(self) -> bytes:
         """
         QEMU's encoding: little-endian u64 words, padded with zero bits.

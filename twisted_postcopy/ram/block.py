@@ -129,6 +129,17 @@ class RAMBlock:
             raise RAMBlockError(f"RAMBlock {self.idstr}: range {offset:#x}+{length:#x} is not aligned "
                                 f"to its page size {self.pageSize:#x}")
 
+    def receivedBitmap(self, targetPageSize: int = 4096) -> bytes:
+        """
+        QEMU's received bitmap of this block for C{MIG_RP_MSG_RECV_BITMAP}:
+        one bit per I{target} page, little-endian u64 words (the framing,
+        size and end mark, is the return path codec's).
+
+        @param targetPageSize: the target page size (4096 on x86).
+        @return: the bitmap bytes.
+        """
+        return self.receivedMap.scaled(self.pageSize // targetPageSize).toBytes()
+
     def view(self) -> memoryview:
         """
         A memoryview of the daemon's mapping, B{for source-side reads only}
