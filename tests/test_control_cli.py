@@ -22,6 +22,7 @@ from twisted_postcopy.cli import buildParser
 from twisted_postcopy.control import cli
 from twisted_postcopy.control.server import ControlFactory
 from tests.test_control_server import FakeManager
+from tests.test_service import socketPath
 
 
 class ParsingTests(SynchronousTestCase):
@@ -97,7 +98,7 @@ class CommandTests(TestCase):
 
         self.reactor = reactor
         self.manager = FakeManager()
-        self.path = self.mktemp() + ".sock"
+        self.path = socketPath(self)
         d = UNIXServerEndpoint(reactor, self.path).listen(ControlFactory(self.manager))
         return d.addCallback(lambda port: self.addCleanup(port.stopListening))
 
@@ -181,7 +182,7 @@ class CommandTests(TestCase):
         A control endpoint nobody listens on gives exit status 1 and says
         which endpoint.
         """
-        args = buildParser().parse_args(["query-migrate", "--control", "unix:" + self.mktemp()])
+        args = buildParser().parse_args(["query-migrate", "--control", "unix:" + socketPath(self)])
         err = io.StringIO()
         status = yield cli.runHandler(self.reactor, _handlerOf(args), args, io.StringIO(), err)
         self.assertEqual(status, 1)

@@ -27,6 +27,19 @@ from twisted_postcopy.service import IncomingGuestService, MigrationService, Out
 from tests.test_control_server import FakeManager
 
 
+def socketPath(case: Any) -> str:
+    """
+    A Unix socket path in a fresh temporary directory removed after the
+    test (short, and outside the working tree).
+
+    @param case: the test case, for the cleanup.
+    @return: the path.
+    """
+    directory = tempfile.mkdtemp(prefix="pc-test-")
+    case.addCleanup(shutil.rmtree, directory, True)
+    return os.path.join(directory, "control.sock")
+
+
 class MigrationServiceTests(TestCase):
     """
     Tests for L{MigrationService} on the real reactor.
@@ -40,7 +53,7 @@ class MigrationServiceTests(TestCase):
 
         self.reactor = reactor
         self.manager = FakeManager()
-        self.path = self.mktemp() + ".sock"
+        self.path = socketPath(self)
 
     def startService(self, **kwargs: Any) -> MigrationService:
         """
@@ -181,3 +194,34 @@ class GuestServiceTests(TestCase):
         info = yield defer.ensureDeferred(service.query())
         self.assertFalse(info["verified"])
         self.assertIn("connection lost", info["outcome"])
+
+
+class CapabilityTests(TestCase):
+    """
+    Start-up capabilities (C{--capability}).
+    """
+
+    def test_setBeforeIncoming(self) -> None:
+        """
+        Capabilities are set before C{migrate-incoming} runs.
+        """
+        from twisted.internet import reactor
+
+        manager = FakeManager()
+        service = MigrationService(reactor, manager, "unix:" + socketPath(self),
+                                   incoming="tcp:127.0.0.1:4444", capabilities={"postcopy-ram": True})
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual([name for name, _ in manager.calls], ["setCapabilities", "migrateIncoming"])
+
+    def test_refused(self) -> None:
+        """
+        A refused capability fails the start-up with the manager's error.
+        """
+        from twisted.internet import reactor
+
+        manager = FakeManager()
+        manager.failure = errors.MigrationError("Capability 'xbzrle' is not supported")
+        service = MigrationService(reactor, manager, "unix:" + socketPath(self),
+                                   capabilities={"xbzrle": True})
+        self.assertRaises(errors.MigrationError, service.startService)

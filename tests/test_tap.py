@@ -92,6 +92,17 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((options["guest"], options["ram"]), ("kv", 64 << 20))
         self.assertEqual(options["guest-option"], {"keys": "1000", "value-size": "64"})
 
+    def test_capabilities(self) -> None:
+        """
+        C{--capability NAME=on|off} accumulates start-up capabilities; a
+        bad state is a usage error.
+        """
+        options = self.parse("--control", "unix:/c", "--capability", "postcopy-ram=on",
+                             "--capability", "postcopy-blocktime=yes", "--capability", "events=off")
+        self.assertEqual(options["capabilities"],
+                         {"postcopy-ram": True, "postcopy-blocktime": True, "events": False})
+        self.assertRaises(usage.UsageError, self.parse, "--control", "unix:/c", "--capability", "x=2")
+
     def test_controlRequired(self) -> None:
         """
         C{--control} is required.

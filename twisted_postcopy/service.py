@@ -36,6 +36,7 @@ class MigrationService(MultiService):
     @ivar manager: the MigrationManager the control API acts on.
     @ivar control: the control endpoint description (C{unix:PATH}, ...).
     @ivar incoming: the migration URI to listen on at start, or L{None}.
+    @ivar capabilities: capabilities set when the service starts.
     @ivar guest: the guest's service, or L{None}; it answers C{query-guest}
         through its C{query()} method.
     @ivar controlService: the child service listening on C{control}.
@@ -50,6 +51,7 @@ class MigrationService(MultiService):
         control: str,
         incoming: str | None = None,
         guest: IService | None = None,
+        capabilities: dict[str, bool] | None = None,
     ) -> None:
         """
         @param reactor: the reactor.
@@ -57,8 +59,11 @@ class MigrationService(MultiService):
         @param control: the control endpoint description.
         @param incoming: a migration URI to listen on once started.
         @param guest: the guest's service, if any.
+        @param capabilities: capabilities to set at start, before
+            C{incoming} is listened on.
         """
         super().__init__()
+        self.capabilities = dict(capabilities or {})
         self.reactor = reactor
         self.manager = manager
         self.control = control
@@ -75,9 +80,14 @@ class MigrationService(MultiService):
 
     def startService(self) -> None:
         """
-        Start the guest and the control listener, then listen for the
-        incoming migration if one was given.
+        Set the start-up capabilities, start the guest and the control
+        listener, then listen for the incoming migration if one was given.
+
+        @raise twisted_postcopy.errors.MigrationError: a capability is
+            refused (twistd then exits with the message).
         """
+        if self.capabilities:
+            self.manager.setCapabilities(self.capabilities)
         super().startService()
         if self.incoming is not None:
             self.incomingStarted = maybeDeferred(self.manager.migrateIncoming, self.incoming)

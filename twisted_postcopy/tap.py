@@ -101,10 +101,25 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         """
-        Start with no guest options.
+        Start with no guest options and no capabilities.
         """
         super().__init__()
         self["guest-option"] = {}
+        self["capabilities"] = {}
+
+    def opt_capability(self, value: str) -> None:
+        """
+        Set a migration capability at start, NAME=on|off (repeatable), as
+        QEMU's -global migration.x-NAME=on does.
+        """
+        from argparse import ArgumentTypeError
+
+        from twisted_postcopy.control.cli import parseAssignments, parseState
+
+        try:
+            self["capabilities"].update(parseAssignments([value], parseState))
+        except ArgumentTypeError as e:
+            raise usage.UsageError(f"--capability: {e}") from None
 
     def opt_guest_option(self, value: str) -> None:
         """
@@ -217,4 +232,5 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     from twisted_postcopy.service import MigrationService
 
     manager, guest = buildManager(reactor, options)
-    return MigrationService(reactor, manager, options["control"], incoming=options["incoming"], guest=guest)
+    return MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
+                            guest=guest, capabilities=options["capabilities"])
