@@ -8,6 +8,7 @@ userfaultfd faults on the destination).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -223,3 +224,29 @@ class MigrationTests(TestCase):
         self.assertEqual(values, [acknowledged[key] for key in keys])
         yield self.src.whenStatus("completed", "failed")
         self.assertEqual((yield self.dst.whenStatus("completed", "failed")), "completed")
+
+    @inlineCallbacks
+    def test_cancelResumes(self) -> None:
+        """
+        After a cancelled migration the source guest still stops, saves and
+        resumes (its steps go on) and its memory verifies.
+        """
+        spec = GuestSpec("stress", 1, (("ram", 4 * MiB),), ("--working-set", "1024", "--rate", "2000"))
+        source, destination = self.guests(spec, True)
+        yield source.start()
+        self.src.setParameters({"max-bandwidth": 1 * MiB})
+        port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+        yield self.src.whenStatus("active")
+        self.src.cancel()
+        self.assertEqual((yield self.src.whenStatus("cancelled", "failed", "completed")), "cancelled")
+        yield deferLater(reactor, 0.1, lambda: None)
+        yield source.stop()
+        first = yield source.host.save()
+        yield source.resume()
+        yield deferLater(reactor, 0.1, lambda: None)
+        yield source.stop()
+        second = yield source.host.save()
+        self.assertGreater(json.loads(second["stress-0"])["steps"], json.loads(first["stress-0"])["steps"])
+        verified = yield source.host.verify()
+        self.assertTrue(verified["stress-0"]["ok"], verified)
