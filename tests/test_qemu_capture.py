@@ -124,6 +124,22 @@ class CaptureTests(SynchronousTestCase):
         self.capture(False, returnPath=True)
         self.assertMatchesSource()
 
+    def test_cancelled(self) -> None:
+        """
+        A migration cancelled on the QEMU side fails the capture: exit
+        status 1, and no manifest (so no snapshot) is left behind.
+        """
+        process, uri = startCapture(self.directory, self.target)
+        self.addCleanup(finish, process, 5)
+        self.source.setParameters(**{"max-bandwidth": 1 << 20})
+        self.source.migrate(uri)
+        self.source.waitMigration(["active"], TIMEOUT)
+        self.source.qmp("migrate_cancel")
+        self.source.waitMigration(["cancelled"], TIMEOUT)
+        code, _, err = finish(process)
+        self.assertEqual(code, 1, err.decode())
+        self.assertFalse(os.path.exists(os.path.join(self.target, "manifest.json")))
+
     def test_postcopy(self) -> None:
         """
         A capture switched to postcopy stores the package's device state
