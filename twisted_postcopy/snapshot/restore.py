@@ -64,12 +64,15 @@ class SnapshotVM:
     @ivar snapshot: the opened snapshot.
     @ivar blocks: its blocks in list order.
     @ivar machine: the machine type name.
+    @ivar configuration: the stored configuration section after its type
+        byte (for an engine that sends it verbatim).
     @ivar dirtyTracker: always L{None}.
     """
 
     snapshot: Snapshot
     blocks: list[SnapshotBlock] = field(init=False)
     machine: str = field(init=False)
+    configuration: bytes = field(init=False)
     dirtyTracker: None = None
 
     def __attrs_post_init__(self) -> None:
@@ -80,7 +83,8 @@ class SnapshotVM:
             engine's header does not send.
         """
         self.machine = self.snapshot.machine
-        if c.header(self.machine)[9:] != self.snapshot.configuration():
+        self.configuration = self.snapshot.configuration()
+        if c.header(self.machine)[9:] != self.configuration:
             raise SnapshotError(f"{self.snapshot.path}/configuration.bin: has subsections; "
                                 "restore sends only the machine name")
         self.blocks = [SnapshotBlock(b.idstr, b.length, b.pageSize, self.snapshot.mapBlock(b))
