@@ -102,12 +102,14 @@ class ReportTests(SynchronousTestCase):
                                "duplicate": 400, "postcopy-requests": 57}},
             "destination": {"status": "completed", "postcopy-blocktime": 120,
                             "postcopy-vcpu-blocktime": [80, 40]},
+            "source-statuses": ["setup", "active", "postcopy-active", "completed"],
             "guest": {"verified": True}, "verified": True, "guest-name": "stress",
             "ram-bytes": 64 * MIB, "uri": "tcp:127.0.0.1:4444",
         })
         for needle in ("stress guest, 64.0 MiB", "completed: total 2300 ms", "downtime 40 ms",
                        "16000 pages", "57 postcopy requests", "blocktime 120 ms",
-                       "per vCPU 80, 40 ms", "verified: yes"):
+                       "per vCPU 80, 40 ms", "verified: yes",
+                       "statuses: setup -> active -> postcopy-active -> completed"):
             self.assertIn(needle, text)
 
     def test_notVerified(self) -> None:

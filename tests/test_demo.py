@@ -101,11 +101,13 @@ class EndToEndTests(SynchronousTestCase):
 
     def test_demoJSON(self) -> None:
         """
-        C{postcopy demo --json --ram 64M} completes on both sides, went
-        through postcopy, and the destination guest verified its memory.
+        C{postcopy demo --json --ram 64M --postcopy-after 0} completes on
+        both sides, went through postcopy (its events say so), and the
+        destination guest verified its memory.
         """
         result = subprocess.run(
-            [sys.executable, "-m", "twisted_postcopy.cli", "demo", "--json", "--ram", "64M"],
+            [sys.executable, "-m", "twisted_postcopy.cli", "demo", "--json", "--ram", "64M",
+             "--postcopy-after", "0"],
             capture_output=True, text=True, timeout=120,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -115,3 +117,21 @@ class EndToEndTests(SynchronousTestCase):
         self.assertTrue(report["verified"], report["guest"])
         self.assertEqual(report["ram-bytes"], 64 << 20)
         self.assertGreater(report["source"]["ram"]["transferred"], 0)
+        self.assertEqual(report["source-statuses"][-1], "completed")
+        self.assertIn("postcopy-active", report["source-statuses"])
+        self.assertGreater(report["guest"]["workers"]["stress-0"]["pages"], 0)
+
+    def test_demoReport(self) -> None:
+        """
+        Without C{--json} the demo prints its report, progress going to
+        standard error as plain lines (not a terminal).
+        """
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted_postcopy.cli", "demo", "--ram", "16M", "--guest", "kv"],
+            capture_output=True, text=True, timeout=120,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("guest memory verified: yes", result.stdout)
+        self.assertIn("destination  completed", result.stdout)
+        self.assertIn("completed", result.stderr)
+        self.assertNotIn("\r", result.stderr)

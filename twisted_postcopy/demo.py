@@ -112,11 +112,16 @@ async def migrate(reactor: Any, source: Daemon, destination: Daemon, args: argpa
     @param destination: the destination daemon.
     @param args: the demo's arguments.
     @param progress: the progress display.
-    @return: both C{query-migrate} answers and the guest's check.
+    @return: both C{query-migrate} answers, the source's C{MIGRATION}
+        statuses (from events) and the guest's check.
     @raise PostcopyError: a side did not finish within C{args.timeout}.
     """
     deadline = reactor.seconds() + args.timeout
     await waitForGuest(reactor, source, deadline)
+    statuses: list[str] = []
+    await source.client.subscribe(
+        lambda event, data: statuses.append(data["status"]) if event == "MIGRATION" else None
+    )
     await source.client.setCapabilities(SOURCE_CAPABILITIES)
     await destination.client.setCapabilities(DESTINATION_CAPABILITIES)
     await destination.client.migrateIncoming(args.uri)
@@ -132,6 +137,7 @@ async def migrate(reactor: Any, source: Daemon, destination: Daemon, args: argpa
         if info.get("status") not in FINAL_STATUSES:
             raise PostcopyError(f"{daemon.name} still {info.get('status')!r} after {args.timeout} s")
         result[daemon.name] = info
+    result["source-statuses"] = statuses
     result["guest"] = await destination.client.queryGuest()
     result["verified"] = bool(result["guest"].get("verified"))
     return result

@@ -120,7 +120,7 @@ def formatReport(result: dict[str, Any]) -> str:
     The human-readable final report of C{postcopy demo}.
 
     @param result: C{source} and C{destination} C{query-migrate} answers,
-        C{guest} (C{query-guest}), C{verified}, C{guest-name},
+        C{source-statuses}, C{guest} (C{query-guest}), C{verified}, C{guest-name},
         C{ram-bytes} and C{uri}.
     @return: the report text.
     """
@@ -135,6 +135,7 @@ def formatReport(result: dict[str, Any]) -> str:
         f"             sent {_mib(ram.get('transferred'))} at {ram.get('mbps', 0):.0f} Mbps: "
         f"{ram.get('normal', '-')} pages, {ram.get('duplicate', '-')} zero pages, "
         f"{ram.get('postcopy-requests', '-')} postcopy requests",
+        f"             statuses: {' -> '.join(result.get('source-statuses') or ['-'])}",
         f"destination  {destination.get('status')}: postcopy blocktime "
         f"{destination.get('postcopy-blocktime', '-')} ms"
         + (f", per vCPU {', '.join(map(str, vcpu))} ms" if vcpu else ""),
