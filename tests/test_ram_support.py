@@ -76,11 +76,29 @@ class CheckTests(SynchronousTestCase):
         error = self.assertRaises(UffdUnavailableError, support.checkHugePages, 1 << 30)
         self.assertIn("/proc/sys/vm/nr_hugepages", str(error))
 
+    def test_faultServiceUnprivileged(self):
+        """
+        A fault service created without privilege fails with the same
+        message naming the fixes.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to drop to nobody")
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            if f.read().strip() != "0":
+                raise SkipTest("vm.unprivileged_userfaultfd is not 0")
+        from twisted.internet.testing import MemoryReactor
+
+        from twisted_postcopy.ram.faults import FaultService
+
+        message = inChildAs(65534, lambda: FaultService(MemoryReactor(), None))
+        self.assertTrue(message.startswith("UffdUnavailableError: "), message)
+        self.assertIn("CAP_SYS_PTRACE", message)
+
     def test_messages(self):
         """
         ENOSYS names CONFIG_USERFAULTFD; EPERM names the privilege fixes.
         """
         from twisted_postcopy.errors import UffdError
 
-        self.assertIn("CONFIG_USERFAULTFD", str(support._openError(UffdError(38, "userfaultfd"))))
-        self.assertIn("CAP_SYS_PTRACE", str(support._openError(UffdError(1, "userfaultfd"))))
+        self.assertIn("CONFIG_USERFAULTFD", str(support.unavailableError(UffdError(38, "userfaultfd"))))
+        self.assertIn("CAP_SYS_PTRACE", str(support.unavailableError(UffdError(1, "userfaultfd"))))

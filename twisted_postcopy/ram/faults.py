@@ -60,7 +60,8 @@ class FaultService:
         @param reactor: an C{IReactorFDSet}.
         @param pageSource: an L{IPageSource}.
         @param blocks: RAMBlocks (or idstr -> RAMBlock) to register now.
-        @raise UffdError: userfaultfd could not be opened.
+        @raise UffdUnavailableError: userfaultfd could not be opened.
+        @raise UffdError: a registration failed.
         """
         self.reactor = reactor
         self.pageSource = pageSource

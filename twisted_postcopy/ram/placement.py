@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted_postcopy.errors import RAMBlockError, UffdError
 from twisted_postcopy.ram import uffd
+from twisted_postcopy.ram.support import unavailableError
 
 #: How often a placement is retried after draining events (C{EAGAIN}).
 PLACE_RETRIES = 8
@@ -35,9 +36,13 @@ class Placer:
         """
         Open the placement userfaultfd.
 
-        @raise UffdError: userfaultfd could not be opened.
+        @raise UffdUnavailableError: userfaultfd could not be opened (the
+            message names the fix).
         """
-        self.uffd = uffd.openWithFeatures(0)
+        try:
+            self.uffd = uffd.openWithFeatures(0)
+        except UffdError as error:
+            raise unavailableError(error) from None
         self.blocks: dict[str, Any] = {}
         self._drainBuffer = uffd.MessageBuffer(16)
 

@@ -36,7 +36,7 @@ _NO_KERNEL = (
 )
 
 
-def _openError(error: UffdError) -> UffdUnavailableError:
+def unavailableError(error: UffdError) -> UffdUnavailableError:
     """
     @param error: the failure to open a userfaultfd.
     @return: the error to raise, with the fix.
@@ -93,7 +93,7 @@ def checkUserfaultfd(hugetlb: bool = False, hugePages: int = 1) -> int:
     try:
         features = uffd.probeFeatures()
     except UffdError as error:
-        raise _openError(error) from None
+        raise unavailableError(error) from None
     if not features & uffd.UFFD_FEATURE_MISSING_SHMEM:
         raise UffdUnavailableError(
             "userfaultfd cannot trap missing pages of shared memory (UFFD_FEATURE_MISSING_SHMEM, "
