@@ -328,13 +328,15 @@ class FaultService:
 
     def _release(self, ram: Any, offset: int, pending: PendingPage) -> None:
         """
-        Wake the clients waiting on one placed page and fire its Deferreds.
+        Wake the clients waiting on one placed page (one C{UFFDIO_WAKE} per
+        client and address, however many threads wait there) and fire its
+        Deferreds.
 
         @param ram: the RAMBlock.
         @param offset: the page's byte offset.
         @param pending: its waiting state.
         """
-        for client, address in pending.waiters:
+        for client, address in dict.fromkeys(pending.waiters):
             self._wake(client, address, ram.pageSize)
         self.observers.pagePlaced(ram, offset, uffd.monotonicNs())
         for waiting in pending.deferreds:
