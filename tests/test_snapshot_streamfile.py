@@ -129,10 +129,11 @@ class ImportTests(SynchronousTestCase):
 
     def test_unsupportedFlags(self) -> None:
         """
-        XBZRLE and compressed pages are refused by name.
+        XBZRLE, compressed and unknown record flags are refused by name.
         """
-        pages = record(0, 0x40, b"pc.ram")
-        self.assertRaises(UnsupportedFeatureError, self.importBytes, stream(pages))
+        for flags in (0x40, 0x100, 0x400 | 0x08):
+            pages = record(0, flags, b"pc.ram") + b"u" * PAGE
+            self.assertRaises(UnsupportedFeatureError, self.importBytes, stream(pages))
 
     def test_missingFile(self) -> None:
         """

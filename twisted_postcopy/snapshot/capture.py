@@ -22,9 +22,9 @@ from zope.interface import implementer
 
 from twisted_postcopy.errors import MigrationError, SnapshotError
 from twisted_postcopy.interfaces import IIncomingVM
-from twisted_postcopy.protocols import _codec as c
 from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.snapshot.store import writeSnapshot
+from twisted_postcopy.wire.config import encodeHeader
 
 #: The largest total RAM a capture accepts (64 GiB).
 MAX_RAM = 64 << 30
@@ -201,7 +201,7 @@ def _configuration(machine: str) -> bytes:
     @return: the configuration section QEMU 7.2 x86 sends for it (no
         subsections), after the type byte.
     """
-    return c.header(machine)[9:]
+    return encodeHeader(machine)[9:]
 
 
 def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,

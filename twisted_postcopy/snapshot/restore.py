@@ -19,9 +19,9 @@ from zope.interface import implementer
 
 from twisted_postcopy.errors import MigrationFailed, SnapshotError
 from twisted_postcopy.interfaces import IOutgoingVM
-from twisted_postcopy.protocols import _codec as c
 from twisted_postcopy.snapshot.mapping import BlockMapping
 from twisted_postcopy.snapshot.store import Snapshot, openSnapshot
+from twisted_postcopy.wire.config import encodeHeader
 
 _EMPTY = memoryview(b"")
 
@@ -84,7 +84,7 @@ class SnapshotVM:
         """
         self.machine = self.snapshot.machine
         self.configuration = self.snapshot.configuration()
-        if c.header(self.machine)[9:] != self.configuration:
+        if encodeHeader(self.machine)[9:] != self.configuration:
             raise SnapshotError(f"{self.snapshot.path}/configuration.bin: has subsections; "
                                 "restore sends only the machine name")
         self.blocks = [SnapshotBlock(b.idstr, b.length, b.pageSize, self.snapshot.mapBlock(b))

@@ -18,11 +18,13 @@ import os
 import struct
 
 from twisted_postcopy.errors import RemoteProtocolError, SnapshotError, UnsupportedFeatureError
-from twisted_postcopy.protocols import _codec as c
 from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.snapshot.store import Snapshot, writeSnapshot
+from twisted_postcopy.wire.constants import QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, RAMFlag
+from twisted_postcopy.wire.constants import SectionType as T
 
-_RAM_FLAGS = c.ZERO | c.PAGE | c.CONTINUE
+_RAM_FLAGS = int(RAMFlag.ZERO | RAMFlag.PAGE | RAMFlag.CONTINUE)
+_PAGE_MASK = ~0xFFF
 
 
 def findVMDescription(data: bytes | mmap.mmap) -> int:
@@ -35,7 +37,7 @@ def findVMDescription(data: bytes | mmap.mmap) -> int:
     """
     end = len(data)
     closing = data.rfind(b"}")
-    marker = bytes([c.EOF, c.VMDESC])
+    marker = bytes([T.EOF, T.VMDESCRIPTION])
     position = data.rfind(marker, 0, end)
     while position >= 0:
         size = struct.unpack(">I", data[position + 2 : position + 6])[0]
@@ -101,11 +103,11 @@ class _Walker:
         @raise UnsupportedFeatureError: the configuration has subsections.
         """
         magic, version, kind = struct.unpack(">IIB", self.take(9))
-        if magic != c.MAGIC or version != c.VERSION or kind != c.CONFIGURATION:
+        if magic != QEMU_VM_FILE_MAGIC or version != QEMU_VM_FILE_VERSION or kind != T.CONFIGURATION:
             raise RemoteProtocolError("bad stream header")
         begin = self.at
         machine = self.take(self.u(">I")).decode()
-        if self.data[self.at] == c.SUBSECTION:
+        if self.data[self.at] == T.SUBSECTION:
             raise UnsupportedFeatureError("configuration subsections are not supported")
         return machine, bytes(self.data[begin : self.at])
 
@@ -117,12 +119,12 @@ class _Walker:
         """
         while True:
             kind = self.data[self.at]
-            if kind == c.COMMAND:
+            if kind == T.COMMAND:
                 self.at += 1
                 self.take(struct.unpack(">HH", self.take(4))[1])
-            elif kind in (c.START, c.FULL) and self._idstrAt() != "ram":
+            elif kind in (T.SECTION_START, T.SECTION_FULL) and self._idstrAt() != "ram":
                 return self.at
-            elif kind in (c.START, c.PART, c.END):
+            elif kind in (T.SECTION_START, T.SECTION_PART, T.SECTION_END):
                 self.at += 1
                 self._ramSection(kind)
             else:
@@ -142,13 +144,13 @@ class _Walker:
         @param kind: START, PART or END.
         """
         sectionId = self.u(">I")
-        if kind == c.START:
+        if kind == T.SECTION_START:
             self.str8()
             self.take(8)
             self._ramList()
         else:
             self._records()
-        if self.take(1)[0] != c.FOOTER or self.u(">I") != sectionId:
+        if self.take(1)[0] != T.SECTION_FOOTER or self.u(">I") != sectionId:
             raise RemoteProtocolError(f"bad section footer before offset {self.at}")
 
     def _ramList(self) -> None:
@@ -156,13 +158,13 @@ class _Walker:
         The RAM START block list: creates the memfd blocks.
         """
         word = self.u(">Q")
-        total, seen = word & c.PAGE_MASK, 0
+        total, seen = word & _PAGE_MASK, 0
         while seen < total:
             name, length = self.str8(), self.u(">Q")
             self.blocks[name] = RAMBlock(name, length)
             self.order.append(name)
             seen += length
-        if self.u(">Q") != c.EOS:
+        if self.u(">Q") != RAMFlag.EOS:
             raise RemoteProtocolError("RAM START not ended by EOS")
 
     def _records(self) -> None:
@@ -171,17 +173,17 @@ class _Walker:
         """
         while True:
             word = self.u(">Q")
-            flags, offset = word & ~c.PAGE_MASK, word & c.PAGE_MASK
-            if flags == c.EOS:
+            flags, offset = word & ~_PAGE_MASK, word & _PAGE_MASK
+            if flags == RAMFlag.EOS:
                 return
             if flags & ~_RAM_FLAGS:
                 raise UnsupportedFeatureError(f"RAM record flags {flags:#x}")
-            if not flags & c.CONTINUE:
+            if not flags & RAMFlag.CONTINUE:
                 self.last = self.str8()
             block = self.blocks.get(self.last or "")
             if block is None:
                 raise RemoteProtocolError(f"Can't find block {self.last}")
-            if flags & c.PAGE:
+            if flags & RAMFlag.PAGE:
                 block.write(offset, self.take(4096))
             elif self.take(1) != b"\x00":
                 block.write(offset, self.data[self.at - 1 : self.at] * 4096)
