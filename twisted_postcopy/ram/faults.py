@@ -31,13 +31,13 @@ from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import MappingTableError, MigrationFailed, UffdError
 from twisted_postcopy.ram import uffd
+from twisted_postcopy.ram.clients import ClientMapping, FaultClient, Readable, validateMappings
 from twisted_postcopy.ram.observers import FaultObservers
 from twisted_postcopy.ram.pending import PendingPage, PendingPages
 from twisted_postcopy.ram.placement import Placer
-from twisted_postcopy.ram.clients import ClientMapping, FaultClient, Readable, validateMappings
+from twisted_postcopy.ram.uffdmsg import UFFD_EVENT_PAGEFAULT, iterRecords
 
 __all__ = ["ClientMapping", "FaultClient", "FaultService"]
-from twisted_postcopy.ram.uffdmsg import UFFD_EVENT_PAGEFAULT, iterRecords
 
 _log = Logger()
 
