@@ -14,7 +14,8 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from twisted_postcopy import errors
@@ -23,7 +24,8 @@ from twisted_postcopy.errors import DirtyTrackingUnavailableError
 from twisted_postcopy.guests.guest import GuestSpec
 from twisted_postcopy.interfaces import IOutgoingVM
 from twisted_postcopy.ram.dirty import checkWriteTracking
-from twisted_postcopy.service import IncomingGuestService, MigrationService, OutgoingGuestService
+from twisted_postcopy.service import (
+    START_TIMEOUT, IncomingGuestService, MigrationService, OutgoingGuestService)
 from tests.test_control_server import FakeManager
 
 
@@ -225,3 +227,37 @@ class CapabilityTests(TestCase):
         service = MigrationService(reactor, manager, "unix:" + socketPath(self),
                                    capabilities={"xbzrle": True})
         self.assertRaises(errors.MigrationError, service.startService)
+
+
+class IncomingGuestStartTests(SynchronousTestCase):
+    """
+    C{query-guest} on a destination whose migration completed waits for
+    the workers to start, within a bound.
+    """
+
+    def setUp(self) -> None:
+        """
+        An incoming guest service on a fake clock whose migration completed.
+        """
+        self.clock = MemoryReactorClock()
+        spec = GuestSpec("stress", workers=1, blocks=(("ram", 1 << 20),))
+        self.service = IncomingGuestService(self.clock, spec, "/nonexistent/a.sock")
+        self.service.guest.completed()
+
+    def test_workersNeverStart(self) -> None:
+        """
+        Workers that never start give a L{errors.GuestError} after
+        L{START_TIMEOUT}, not a hang.
+        """
+        d = defer.ensureDeferred(self.service.query())
+        self.assertNoResult(d)
+        self.clock.advance(START_TIMEOUT + 1)
+        self.assertIn("not running", str(self.failureResultOf(d, errors.GuestError).value))
+
+    def test_workersFailed(self) -> None:
+        """
+        Workers that failed to start give a L{errors.GuestError} naming why.
+        """
+        d = defer.ensureDeferred(self.service.query())
+        self.service.guest.running.errback(errors.GuestError("worker stress-0 exited"))
+        self.assertIn("worker stress-0 exited", str(self.failureResultOf(d, errors.GuestError).value))

@@ -15,13 +15,14 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_postcopy.control.server import ControlFactory
-from twisted_postcopy.errors import MigrationError
+from twisted_postcopy.errors import GuestError, MigrationError
 from twisted_postcopy.guests.guest import MACHINE, Guest, GuestSpec, IncomingGuest
 from twisted_postcopy.interfaces import IOutgoingVM
 
@@ -201,6 +202,10 @@ class OutgoingGuestService(Service):
                 "workers": self.spec.workers, "running": bool(self.started and self.started.called)}
 
 
+#: Seconds C{query-guest} waits for a destination guest's workers to start.
+START_TIMEOUT = 30.0
+
+
 class IncomingGuestService(Service):
     """
     The destination daemon's guest: an L{IncomingGuest} waiting for its
@@ -211,6 +216,8 @@ class IncomingGuestService(Service):
     @ivar guest: the L{IncomingGuest}.
     @ivar outcome: L{None} while migrating, then C{"completed"} or the
         failure's text.
+    @ivar started: L{None} until the workers loaded the migrated state,
+        then C{"running"} or why they failed.
     """
 
     def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str) -> None:
@@ -219,11 +226,45 @@ class IncomingGuestService(Service):
         @param spec: what guest to expect.
         @param socketPath: where its workers will attach.
         """
-        self.spec = spec
+        self.reactor, self.spec = reactor, spec
         self.guest = IncomingGuest(reactor, spec, socketPath)
         self.outcome: str | None = None
+        self.started: str | None = None
+        self._startWaiters: list[Deferred] = []
         self.guest.done.addCallbacks(lambda _: self._ended("completed"),
                                      lambda f: self._ended(f.getErrorMessage()))
+        self.guest.running.addCallbacks(lambda _: self._ran("running"),
+                                        lambda f: self._ran(f.getErrorMessage()))
+
+    def _ran(self, started: str) -> None:
+        """
+        Record whether the workers started with the migrated state, and
+        wake L{query}s waiting for it.
+
+        @param started: C{running} or why they did not start.
+        """
+        self.started = started
+        waiters, self._startWaiters = self._startWaiters, []
+        for waiter in waiters:
+            waiter.callback(started)
+
+    def _whenStarted(self) -> Deferred:
+        """
+        @return: a Deferred firing with L{started} once known, failing with
+            L{GuestError} if the workers do not start within
+            L{START_TIMEOUT} seconds.
+        """
+        if self.started is not None:
+            return succeed(self.started)
+        waiter: Deferred = Deferred()
+        self._startWaiters.append(waiter)
+
+        def timedOut(failure: Any) -> None:
+            failure.trap(defer.TimeoutError)
+            self._startWaiters.remove(waiter)
+            raise GuestError(f"guest {self.spec.name}: workers not running after {START_TIMEOUT} s")
+
+        return waiter.addTimeout(START_TIMEOUT, self.reactor).addErrback(timedOut)
 
     def _ended(self, outcome: str) -> None:
         """
@@ -254,7 +295,9 @@ class IncomingGuestService(Service):
                                 "ram": _ramSize(self.spec), "outcome": self.outcome,
                                 "verified": None}
         if self.outcome == "completed":
-            await self.guest.running
+            started = await self._whenStarted()
+            if started != "running":
+                raise GuestError(f"guest {self.spec.name} did not start: {started}")
             verdicts = await self.guest.host.verify()
             info["workers"] = verdicts
             info["verified"] = all(verdict.get("ok") for verdict in verdicts.values())
