@@ -198,3 +198,51 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(service.incoming, "tcp:127.0.0.1:4444")
         error = self.assertRaises(MigrationError, service.manager.migrateIncoming, "tcp:127.0.0.1:1")
         self.assertIn("--guest none", str(error))
+
+
+class GuestSpecTests(SynchronousTestCase):
+    """
+    Tests for L{tap.guestSpec} and L{tap.attachPath}.
+    """
+
+    def options(self, *argv: str) -> tap.Options:
+        """
+        Parse a command line with a control socket.
+
+        @param argv: more options.
+        @return: the options.
+        """
+        options = tap.Options()
+        options.parseOptions(["--control", "unix:/run/pc.sock:lockfile=1", *argv])
+        return options
+
+    def test_stress(self) -> None:
+        """
+        A stress guest's workers split the RAM block's pages; the seed and
+        guest options become worker arguments.
+        """
+        spec = tap.guestSpec(self.options("--ram", "64M", "--workers", "4", "--seed", "9",
+                                          "--guest-option", "rate=5000"))
+        self.assertEqual((spec.name, spec.workers, spec.blocks), ("stress", 4, (("ram", 64 << 20),)))
+        self.assertEqual(spec.arguments,
+                         ("--working-set", str((64 << 20) // 4096 // 4), "--seed", "9", "--rate", "5000"))
+
+    def test_kv(self) -> None:
+        """
+        A kv guest's workers learn how many share the block.
+        """
+        spec = tap.guestSpec(self.options("--guest", "kv", "--workers", "3"))
+        self.assertEqual(spec.arguments, ("--workers", "3"))
+
+    def test_attachPath(self) -> None:
+        """
+        Workers attach beside the control socket unless C{--attach} says.
+        """
+        self.assertEqual(tap.attachPath(self.options()), "/run/pc.sock.attach")
+        self.assertEqual(tap.attachPath(self.options("--attach", "/tmp/a")), "/tmp/a")
+
+    def test_badRAM(self) -> None:
+        """
+        RAM that is not a whole number of pages is a usage error.
+        """
+        self.assertRaises(usage.UsageError, self.options, "--ram", "1000B")
