@@ -446,7 +446,10 @@ class DirtyingGuestTests(TestCase):
         if postcopy:
             for manager in (src, dst):
                 manager.setCapabilities({"postcopy-ram": True})
-        src.setParameters({"max-bandwidth": 16 * MiB, "downtime-limit": 20})
+        if postcopy:
+            src.setParameters({"max-bandwidth": 16 * MiB, "downtime-limit": 20})
+        else:
+            src.setParameters({"max-bandwidth": 0, "downtime-limit": 300})
         port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(port.stopListening)
         src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
@@ -461,13 +464,20 @@ class DirtyingGuestTests(TestCase):
         self.assertGreaterEqual(info["ram"]["dirty-sync-count"], 1, info)
         final = os.pread(blocks[0].fd, blocks[0].length, 0)
         self.assertEqual(destination.contents()["pc.ram"], final)
+        return info
 
     def test_precopy(self) -> None:
         """
         Precopy with a guest process dirtying pages converges on its final
         state.
         """
-        return self.migrate(False)
+        return self.migrate(False).addCallback(self.assertPrecopySyncs)
+
+    def assertPrecopySyncs(self, info) -> None:
+        """
+        The source synced before stopping: the final sync is one more.
+        """
+        self.assertGreaterEqual(info["ram"]["dirty-sync-count"], 2, info)
 
     def test_postcopy(self) -> None:
         """
@@ -551,8 +561,11 @@ class StressGuestTests(TestCase):
         dst = MigrationManager(reactor, arriving, arriving.faultServiceFactory)
         for manager in (src, dst):
             manager.setCapabilities({"postcopy-ram": postcopy})
-        src.setParameters({"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 8 * MiB,
-                           "downtime-limit": 50})
+        if postcopy:
+            src.setParameters({"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 8 * MiB,
+                               "downtime-limit": 50})
+        else:
+            src.setParameters({"max-bandwidth": 0, "downtime-limit": 300})
         port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(port.stopListening)
         src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")

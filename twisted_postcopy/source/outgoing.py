@@ -206,11 +206,9 @@ class OutgoingMigration:
         if self.ending is None:
             if self.postcopyRequested:
                 self.ending = "postcopy"
-            else:
-                if self.scheduler.remainingBytes == 0:
-                    self._sync()
-                if converged(self.scheduler.remainingBytes, self._bandwidth(),
-                             self.parameters["downtime-limit"]):
+            elif self._converged():
+                self._sync()
+                if self._converged():
                     self.ending = "precopy"
             if self.ending is not None:
                 self._stopVM()
@@ -225,11 +223,16 @@ class OutgoingMigration:
         self._completePrecopy()
         return DONE
 
-    def _bandwidth(self) -> float:
+    def _converged(self) -> bool:
         """
-        @return: the bandwidth used for the convergence test, bytes/s.
+        QEMU's test: the dirty bytes left fit in C{downtime-limit} at the
+        measured bandwidth.  It is made twice, before and after a dirty
+        sync, so the VM stops only if the guest's latest writes fit too.
+
+        @return: whether the precopy phase may end.
         """
-        return self.stats.bandwidth()
+        return converged(self.scheduler.remainingBytes, self.stats.bandwidth(),
+                         self.parameters["downtime-limit"])
 
     def _sync(self) -> None:
         """
