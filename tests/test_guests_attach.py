@@ -243,3 +243,46 @@ class FaultAttachTests(TestCase):
         (message,) = reader.messages()
         self.assertEqual(message.kind, "error")
         self.assertIn("not JSON", message["message"])
+
+
+class TrackAttachTests(TestCase):
+    """
+    Guest processes attached in C{track} mode: their writes are seen by
+    the dirty tracker.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_everyWrittenPageIsDirty(self) -> None:
+        """
+        Every page whose bytes changed between C{start} and the C{sync}
+        after C{stop} is reported dirty; the tracker holds both workers.
+        """
+        from twisted_postcopy.errors import DirtyTrackingUnavailableError
+        from twisted_postcopy.ram.dirty import DirtyTracker
+
+        try:
+            block = RAMBlock("ram", 1 << 20)
+            tracker = DirtyTracker([block])
+        except DirtyTrackingUnavailableError as error:
+            raise SkipTest(str(error))
+        self.addCleanup(block.close)
+        host = GuestHost(reactor, self.mktemp() + ".sock", [block], "track", dirtyTracker=tracker)
+        self.addCleanup(host.kill)
+        host.spawn(STRESS, "stress", 2, ["--working-set", "100", "--rate", "300"])
+        yield host.whenAttached()
+        self.assertEqual(sorted(p.pid for p in tracker.processes), sorted(w.pid for w in host.workers.values()))
+        yield host.run()
+        yield deferLater(reactor, 0.1, lambda: None)
+        tracker.start()
+        before = os.pread(block.fd, block.length, 0)
+        yield deferLater(reactor, 0.2, lambda: None)
+        yield host.stop()
+        after = os.pread(block.fd, block.length, 0)
+        dirty = {offset // PAGE + k for offset, length in tracker.sync()["ram"] for k in range(length // PAGE)}
+        changed = {page for page in range(block.length // PAGE)
+                   if before[page * PAGE : (page + 1) * PAGE] != after[page * PAGE : (page + 1) * PAGE]}
+        self.assertTrue(changed)
+        self.assertLessEqual(changed, dirty)
+        self.assertEqual(tracker.sync()["ram"], [])
