@@ -120,3 +120,11 @@ class ReportTests(SynchronousTestCase):
                                       "destination": {"status": "failed"}, "verified": False})
         self.assertIn("verified: NO", text)
         self.assertIn("total - ms", text)
+
+    def test_kv(self) -> None:
+        """
+        A kv run reports how many entries came back.
+        """
+        text = progress.formatReport({"source": {}, "destination": {}, "verified": True,
+                                      "kv": {"keys": 1000, "matched": 1000}})
+        self.assertIn("kv entries read back from the destination: 1000 of 1000", text)

@@ -124,14 +124,19 @@ class EndToEndTests(SynchronousTestCase):
     def test_demoReport(self) -> None:
         """
         Without C{--json} the demo prints its report, progress going to
-        standard error as plain lines (not a terminal).
+        standard error as plain lines (not a terminal); a kv guest's
+        entries, stored on the source, are all read back from the
+        destination.
         """
         result = subprocess.run(
-            [sys.executable, "-m", "twisted_postcopy.cli", "demo", "--ram", "16M", "--guest", "kv"],
+            [sys.executable, "-m", "twisted_postcopy.cli", "demo", "--ram", "16M", "--guest", "kv",
+             "--postcopy-after", "0"],
             capture_output=True, text=True, timeout=120,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("guest memory verified: yes", result.stdout)
+        self.assertIn(f"read back from the destination: {2 * demo.KV_ENTRIES} of {2 * demo.KV_ENTRIES}",
+                      result.stdout)
         self.assertIn("destination  completed", result.stdout)
         self.assertIn("completed", result.stderr)
         self.assertNotIn("\r", result.stderr)

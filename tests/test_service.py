@@ -178,7 +178,8 @@ class GuestServiceTests(TestCase):
         yield service.started
         self.assertTrue(verifyObject(IOutgoingVM, service))
         self.assertEqual(service.query(), {"name": "stress", "role": "source", "ram": 1 << 20,
-                                           "workers": 1, "running": True})
+                                           "workers": 1, "running": True,
+                                           "info": {"stress-0": {}}})
         self.assertEqual([block.idstr for block in service.blocks], ["ram"])
         yield service.stopService()
         self.assertTrue(all(p.ended.called for p in service.guest.host.processes.values()))

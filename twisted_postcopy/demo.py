@@ -35,6 +35,9 @@ SOURCE_CAPABILITIES = {"postcopy-ram": True}
 DESTINATION_CAPABILITIES = {"postcopy-ram": True, "postcopy-blocktime": True}
 #: Loopback is fast: precopy at up to 1 GiB/s (QEMU's default is 128 MiB/s).
 SOURCE_PARAMETERS = {"max-bandwidth": 1 << 30}
+#: Entries the demo stores in each kv worker before migrating, then reads
+#: back from the destination.
+KV_ENTRIES = 500
 
 
 def freePort() -> int:
@@ -118,6 +121,9 @@ async def migrate(reactor: Any, source: Daemon, destination: Daemon, args: argpa
     """
     deadline = reactor.seconds() + args.timeout
     await waitForGuest(reactor, source, deadline)
+    stored = None
+    if args.guest == "kv":
+        stored = await kvExchange(await source.client.queryGuest(), args.seed, "SET")
     statuses: list[str] = []
     await source.client.subscribe(
         lambda event, data: statuses.append(data["status"]) if event == "MIGRATION" else None
@@ -140,7 +146,80 @@ async def migrate(reactor: Any, source: Daemon, destination: Daemon, args: argpa
     result["source-statuses"] = statuses
     result["guest"] = await destination.client.queryGuest()
     result["verified"] = bool(result["guest"].get("verified"))
+    if stored is not None:
+        result["kv"] = await kvCheck(destination, args.seed, stored)
+        result["verified"] = result["verified"] and result["kv"]["keys"] == result["kv"]["matched"] > 0
     return result
+
+
+def kvRequests(port: int, lines: list[str]) -> list[str]:
+    """
+    Send request lines to a kv worker and collect the answers (blocking:
+    run in a thread; the daemon's guest RAM is never touched here).
+
+    @param port: the worker's loopback TCP port.
+    @param lines: C{SET key value} / C{GET key} lines.
+    @return: the answer lines.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        stream = connection.makefile("rwb")
+        answers = []
+        for line in lines:
+            stream.write(line.encode() + b"\n")
+            stream.flush()
+            answers.append(stream.readline().decode().rstrip("\n"))
+        return answers
+
+
+def kvEntries(worker: str, seed: int) -> dict[str, str]:
+    """
+    The entries the demo stores in one kv worker.
+
+    @param worker: the worker's name.
+    @param seed: varies the values.
+    @return: key -> value.
+    """
+    return {f"{worker}-key{i}": f"value-{seed}-{i}-{worker}" for i in range(KV_ENTRIES)}
+
+
+async def kvExchange(guestInfo: dict[str, Any], seed: int, verb: str) -> dict[str, list[str]]:
+    """
+    Store the demo's entries in (C{SET}) or read them back from (C{GET})
+    every kv worker of a guest.
+
+    @param guestInfo: the guest's C{query-guest} answer (worker ports).
+    @param seed: varies the values.
+    @param verb: C{SET} or C{GET}.
+    @return: worker name -> answers in L{kvEntries} order.
+    """
+    from twisted.internet.threads import deferToThread
+
+    answers = {}
+    for worker, info in guestInfo.get("info", {}).items():
+        entries = kvEntries(worker, seed)
+        lines = [f"SET {k} {v}" if verb == "SET" else f"GET {k}" for k, v in entries.items()]
+        answers[worker] = await deferToThread(kvRequests, info["port"], lines)
+    return answers
+
+
+async def kvCheck(destination: Daemon, seed: int, stored: dict[str, list[str]]) -> dict[str, Any]:
+    """
+    Read back from the destination's kv workers what was stored on the
+    source's before migration.
+
+    @param destination: the destination daemon.
+    @param seed: the values' seed.
+    @param stored: the source's C{SET} answers.
+    @return: C{keys} stored, C{matched} read back unchanged.
+    """
+    read = await kvExchange(await destination.client.queryGuest(), seed, "GET")
+    keys = sum(answer == "OK" for answers in stored.values() for answer in answers)
+    matched = sum(
+        answer == value
+        for worker, answers in read.items()
+        for answer, value in zip(answers, kvEntries(worker, seed).values())
+    )
+    return {"keys": keys, "matched": matched}
 
 
 def terminate(daemons: list[Daemon]) -> None:

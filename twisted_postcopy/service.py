@@ -199,7 +199,8 @@ class OutgoingGuestService(Service):
         @return: the guest's name, role, RAM and whether it runs.
         """
         return {"name": self.spec.name, "role": "source", "ram": _ramSize(self.spec),
-                "workers": self.spec.workers, "running": bool(self.started and self.started.called)}
+                "workers": self.spec.workers, "running": bool(self.started and self.started.called),
+                "info": _workerInfo(self.guest.host if self.guest else None)}
 
 
 #: Seconds C{query-guest} waits for a destination guest's workers to start.
@@ -299,6 +300,7 @@ class IncomingGuestService(Service):
             if started != "running":
                 raise GuestError(f"guest {self.spec.name} did not start: {started}")
             verdicts = await self.guest.host.verify()
+            info["info"] = _workerInfo(self.guest.host)
             info["workers"] = verdicts
             info["verified"] = all(verdict.get("ok") for verdict in verdicts.values())
         elif self.outcome is not None:
@@ -312,3 +314,16 @@ def _ramSize(spec: GuestSpec) -> int:
     @return: its total RAM in bytes.
     """
     return sum(length for _, length in spec.blocks)
+
+
+def _workerInfo(host: Any) -> dict[str, dict[str, Any]]:
+    """
+    What each attached worker announced about itself (a kv worker: its
+    TCP C{port}).
+
+    @param host: a L{twisted_postcopy.guests.host.GuestHost}, or L{None}.
+    @return: worker name -> its last C{info} fields.
+    """
+    if host is None:
+        return {}
+    return {name: dict(session.info) for name, session in sorted(host.workers.items())}

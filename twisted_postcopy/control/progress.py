@@ -141,4 +141,7 @@ def formatReport(result: dict[str, Any]) -> str:
         + (f", per vCPU {', '.join(map(str, vcpu))} ms" if vcpu else ""),
         f"guest memory verified: {'yes' if result.get('verified') else 'NO'}",
     ]
+    if "kv" in result:
+        kv = result["kv"]
+        lines.insert(-1, f"kv entries read back from the destination: {kv['matched']} of {kv['keys']}")
     return "\n".join(lines)
