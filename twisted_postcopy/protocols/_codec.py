@@ -41,6 +41,14 @@ def command(cmd: int, payload: bytes = b"") -> bytes:
     return struct.pack(">BHH", COMMAND, cmd, len(payload)) + payload
 
 
+def ping(value: int) -> bytes:
+    """
+    @param value: the ping value.
+    @return: a PING command.
+    """
+    return command(CMD_PING, struct.pack(">I", value))
+
+
 def header(machine: str) -> bytes:
     """
     @param machine: the machine type name.

@@ -13,7 +13,9 @@ L{OutgoingMigration.pagesRequested}.
 
 from __future__ import annotations
 
+import operator
 import struct
+from functools import reduce
 from typing import Any, Callable
 
 from attrs import define, field
@@ -118,9 +120,10 @@ class OutgoingMigration:
         out = [c.header(self.vm.machine)]
         if postcopy or self.capabilities.get("return-path", False):
             self.returnPathOpen = True
-            out += [c.command(c.CMD_OPEN_RETURN_PATH), self._ping(1)]
+            out += [c.command(c.CMD_OPEN_RETURN_PATH), c.ping(1)]
         if postcopy:
-            out.append(c.command(c.CMD_ADVISE, struct.pack(">QQ", self._summary(), 4096)))
+            summary = reduce(operator.or_, (b.pageSize for b in self.vm.blocks), 0)
+            out.append(c.command(c.CMD_ADVISE, struct.pack(">QQ", summary, 4096)))
         out += [c.sectionHeader(c.START, RAM_SECTION_ID, "ram", 0, 4),
                 c.ramList((b.idstr, b.length) for b in self.vm.blocks), c.footer(RAM_SECTION_ID)]
         self._send(b"".join(out))
@@ -129,23 +132,6 @@ class OutgoingMigration:
             self.tracking = True
         self.stats.setupDone()
         self.machine.moveTo(S.ACTIVE)
-
-    def _summary(self) -> int:
-        """
-        @return: QEMU's C{ram_pagesize_summary}.
-        """
-        summary = 0
-        for block in self.vm.blocks:
-            summary |= block.pageSize
-        return summary
-
-    @staticmethod
-    def _ping(value: int) -> bytes:
-        """
-        @param value: the ping value.
-        @return: a PING command.
-        """
-        return c.command(c.CMD_PING, struct.pack(">I", value))
 
     def _send(self, data: bytes) -> None:
         """
@@ -291,10 +277,10 @@ class OutgoingMigration:
         if self.machine.status != S.POSTCOPY_ACTIVE:
             return
         out = [c.discard(name, ranges) for name, ranges in self.scheduler.discardCommands()]
-        package = (c.command(c.CMD_LISTEN) + self.device + self._ping(3)
+        package = (c.command(c.CMD_LISTEN) + self.device + c.ping(3)
                    + c.command(c.CMD_RUN))
-        out += [self._ping(2), c.command(c.CMD_PACKAGED, struct.pack(">I", len(package))),
-                package, self._ping(4)]
+        out += [c.ping(2), c.command(c.CMD_PACKAGED, struct.pack(">I", len(package))),
+                package, c.ping(4)]
         self._send(b"".join(out))
         self.stopped = False
         self.stats.switchedOver()
