@@ -244,6 +244,36 @@ class FaultAttachTests(TestCase):
         self.assertEqual(message.kind, "error")
         self.assertIn("not JSON", message["message"])
 
+    @inlineCallbacks
+    def test_workerFailsToStart(self) -> None:
+        """
+        A worker process that exits without attaching fails
+        L{GuestHost.whenAttached} with its stderr.
+        """
+        host = self.makeHost()
+        host.spawn("twisted_postcopy.guests.nonexistent", "nope", 1)
+        error = yield self.assertFailure(host.whenAttached(), GuestError)
+        self.assertIn("No module named", str(error))
+
+    @inlineCallbacks
+    def test_duplicateWorker(self) -> None:
+        """
+        A second attachment under an attached worker's name is refused;
+        the first stays attached.
+        """
+        host = self.makeHost()
+        host.spawn(STRESS, "stress", 1, IDLE)
+        yield host.whenAttached()
+        first = host.workers["stress-0"]
+        try:
+            yield deferToThread(attach, host.socketPath, "stress", "stress-0")
+        except AttachProtocolError as error:
+            self.assertIn("already attached", str(error))
+        else:
+            self.fail("a second stress-0 attached")
+        self.assertIs(host.workers["stress-0"], first)
+        self.assertEqual(len(self.service.clients), 1)
+
 
 class TrackAttachTests(TestCase):
     """

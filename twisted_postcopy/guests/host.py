@@ -86,7 +86,6 @@ class GuestHost(protocol.Factory):
         self.faultService, self.dirtyTracker = faultService, dirtyTracker
         self.workers: dict[str, AttachProtocol] = {}
         self.processes: dict[str, WorkerProcess] = {}
-        self.expected = 0
         self._waiting: list[Deferred] = []
         self._killed: Deferred | None = None
         self.port = reactor.listenUNIX(socketPath, self)
@@ -116,7 +115,7 @@ class GuestHost(protocol.Factory):
             self.reactor.spawnProcess(process, sys.executable, argv, env=dict(os.environ),
                                       childFDs={0: "w", 1: "r", 2: "r"})
             self.processes[name] = process
-        self.expected += count
+            process.ended.addCallback(self._processEnded, name)
 
     def workerAttached(self, worker: AttachProtocol) -> None:
         """
@@ -129,26 +128,47 @@ class GuestHost(protocol.Factory):
 
     def workerLost(self, worker: AttachProtocol) -> None:
         """
-        A worker disconnected: drop it (others are unaffected) and fail
-        whoever waits for all workers.
+        A connection closed: drop its worker (others are unaffected); if
+        it was one of ours, fail whoever waits for all workers.
 
         @param worker: its protocol.
         """
+        ours = worker.worker in self.processes and self.workers.get(worker.worker) in (None, worker)
         if self.workers.get(worker.worker) is worker:
             del self.workers[worker.worker]
             if self.faultService is not None and worker.client is not None:
                 self.faultService.removeClient(worker.client, "attach connection closed")
-        process = self.processes.get(worker.worker)
+        if ours:
+            self._failWaiting(worker.worker, "disconnected")
+
+    def _processEnded(self, reason: Any, name: str) -> None:
+        """
+        A spawned worker exited; if it never attached, nobody will.
+
+        @param reason: its exit status.
+        @param name: its name.
+        """
+        if name not in self.workers:
+            self._failWaiting(name, f"exited ({reason})")
+
+    def _failWaiting(self, name: str, what: str) -> None:
+        """
+        Fail the L{whenAttached} waiters.
+
+        @param name: the worker that went away.
+        @param what: how.
+        """
+        process = self.processes.get(name)
         detail = process.errors.decode(errors="replace")[-2000:] if process else ""
         waiting, self._waiting = self._waiting, []
         for d in waiting:
-            d.errback(GuestError(f"guest worker {worker.worker or '?'} went away before attaching: {detail}"))
+            d.errback(GuestError(f"guest worker {name} {what}: {detail}"))
 
     def _check(self) -> None:
         """
         Fire L{whenAttached} waiters once every spawned worker attached.
         """
-        if len(self.workers) >= self.expected:
+        if all(name in self.workers for name in self.processes):
             waiting, self._waiting = self._waiting, []
             for d in waiting:
                 d.callback(dict(self.workers))

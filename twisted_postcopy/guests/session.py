@@ -125,7 +125,9 @@ class AttachProtocol(protocol.Protocol):
         @raise AttachProtocolError: unexpected here.
         """
         if message.kind == "hello" and not self.worker:
-            self.guest, self.worker, self.pid = str(message["guest"]), str(message["worker"]), int(message["pid"])
+            self.guest, self.worker, self.pid = _hello(message)
+            if self.worker in self.host.workers:
+                raise AttachProtocolError(f"worker {self.worker} is already attached")
             blocks = self.host.blocks
             self.send("blocks", [b.fd for b in blocks], mode=self.host.mode,
                       blocks=[{"idstr": b.idstr, "length": b.length, "page_size": b.pageSize} for b in blocks])
@@ -197,3 +199,15 @@ class AttachProtocol(protocol.Protocol):
         for _, reply in replies:
             reply.errback(GuestError(f"guest worker {self.worker} (pid {self.pid}) disconnected"))
         self.host.workerLost(self)
+
+
+def _hello(message: Any) -> tuple[str, str, int]:
+    """
+    @param message: a C{hello} message.
+    @return: its guest name, worker name and process id.
+    @raise AttachProtocolError: a field is missing or of the wrong type.
+    """
+    guest, worker, pid = message["guest"], message["worker"], message["pid"]
+    if not (isinstance(guest, str) and isinstance(worker, str) and worker and isinstance(pid, int) and pid > 0):
+        raise AttachProtocolError(f"bad hello: guest {guest!r}, worker {worker!r}, pid {pid!r}")
+    return guest, worker, pid
