@@ -25,6 +25,9 @@ from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPath
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.source.outgoing import DONE
 
+#: Buffers per C{sendmsg} (Linux's C{UIO_MAXIOV}).
+IOV_MAX = 1024
+
 #: The send buffer of the source socket and the receive buffer of the
 #: destination socket during postcopy.
 POSTCOPY_SNDBUF = 1 << 17
@@ -59,6 +62,8 @@ class SourceProtocol(Protocol):
         self.migration.write = self.transport.write
         self.migration.onFinished = self._finished
         self.migration.onPostcopy = self._postcopyStarted
+        if hasattr(self.transport, "socket") and hasattr(self.transport, "_tempDataLen"):
+            self.migration.writeBuffers = self._writeBuffers
         if not self.migration.machine.inProgress:
             self.transport.abortConnection()
             return
@@ -69,6 +74,39 @@ class SourceProtocol(Protocol):
             self.migration.fail(error)
             return
         self._schedule(0)
+
+    def _writeBuffers(self, buffers: list[Any]) -> None:
+        """
+        Send gathered buffers with C{sendmsg} straight from guest RAM views
+        while nothing is queued in the transport; whatever the socket does
+        not take (and everything while the transport holds data, to keep
+        the order) goes through C{transport.write}.
+
+        @param buffers: bytes and memoryviews, in order.
+        """
+        transport = self.transport
+        if transport._tempDataLen or len(transport.dataBuffer) > transport.offset:
+            transport.write(b"".join(buffers))
+            return
+        sock = transport.socket
+        for first in range(0, len(buffers), IOV_MAX):
+            batch = buffers[first : first + IOV_MAX]
+            try:
+                sent = sock.sendmsg(batch)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0
+            if sent == sum(map(len, batch)):
+                continue
+            rest = buffers[first:]
+            for index, buffer in enumerate(rest):
+                if sent < len(buffer):
+                    rest = [memoryview(buffer)[sent:], *rest[index + 1 :]]
+                    break
+                sent -= len(buffer)
+            transport.write(b"".join(rest))
+            return
 
     def _postcopyStarted(self) -> None:
         """

@@ -69,6 +69,8 @@ class OutgoingMigration:
     @ivar device: the device state, once the VM stopped and gave it.
     @ivar onFinished: called with no argument when the status becomes
         final (completed or failed) so the protocol can close.
+    @ivar writeBuffers: writes a list of buffers without joining them
+        (set by the protocol), or L{None} to join and use C{write}.
     @ivar onPostcopy: called once the package is written, so the protocol
         can shrink what the connection queues (requested pages wait
         behind it).
@@ -94,6 +96,7 @@ class OutgoingMigration:
     device: bytes | None = None
     onFinished: Callable[[], object] = lambda: None
     onPostcopy: Callable[[], object] = lambda: None
+    writeBuffers: Callable[[list[Any]], None] | None = None
 
     def __attrs_post_init__(self) -> None:
         """
@@ -143,6 +146,20 @@ class OutgoingMigration:
         self.limiter.account(len(data))
         self.stats.sent(len(data), self.machine.status, self.stopped)
 
+    def _sendBuffers(self, buffers: list[Any]) -> None:
+        """
+        Write gathered buffers (bytes and views of guest RAM) and count them.
+
+        @param buffers: the buffers, in order.
+        """
+        size = sum(map(len, buffers))
+        if self.writeBuffers is None:
+            self.write(b"".join(buffers))
+        else:
+            self.writeBuffers(buffers)
+        self.limiter.account(size)
+        self.stats.sent(size, self.machine.status, self.stopped)
+
     def _part(self, kind: int, limited: bool) -> bool:
         """
         Write one PART (or END) with urgent pages first, then background
@@ -170,7 +187,7 @@ class OutgoingMigration:
                 break
             budget -= self.records.write(*run, out)
         out += [struct.pack(">Q", c.EOS), c.footer(RAM_SECTION_ID)]
-        self._send(b"".join(out))
+        self._sendBuffers(out)
         return self.scheduler.remainingBytes > 0
 
     def step(self) -> float:
