@@ -247,3 +247,18 @@ class GuestError(PostcopyError):
     its device state is malformed, or its RAM does not verify (the message
     names the first offending page).
     """
+
+
+class SnapshotBusyError(SnapshotError):
+    """
+    A daemon was asked to start a snapshot capture while its previous
+    capture is still listening or receiving (one capture at a time).
+    """
+
+
+class SnapshotReadTooLargeError(SnapshotError):
+    """
+    A C{snapshot-read} over the control API asked for more bytes than one
+    AMP value can carry (L{twisted_postcopy.snapshot.jobs.MAX_READ}); the
+    client splits longer reads.
+    """

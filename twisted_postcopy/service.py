@@ -25,6 +25,7 @@ from twisted_postcopy.control.server import ControlFactory
 from twisted_postcopy.errors import GuestError, MigrationError
 from twisted_postcopy.guests.guest import MACHINE, Guest, GuestSpec, IncomingGuest
 from twisted_postcopy.interfaces import IOutgoingVM
+from twisted_postcopy.snapshot.jobs import SnapshotJobs
 
 
 class MigrationService(MultiService):
@@ -41,6 +42,8 @@ class MigrationService(MultiService):
     @ivar guest: the guest's service, or L{None}; it answers C{query-guest}
         through its C{query()} method.
     @ivar controlService: the child service listening on C{control}.
+    @ivar snapshots: the daemon's snapshot jobs (every daemon serves the
+        C{snapshot-*} commands).
     """
 
     log = Logger()
@@ -72,8 +75,10 @@ class MigrationService(MultiService):
         self.guest = guest
         if guest is not None:
             guest.setServiceParent(self)
+        self.snapshots = SnapshotJobs(reactor)
         endpoint = serverFromString(reactor, control)
-        self.controlService = StreamServerEndpointService(endpoint, ControlFactory(manager, guest))
+        factory = ControlFactory(manager, guest, self.snapshots)
+        self.controlService = StreamServerEndpointService(endpoint, factory)
         # Fail twistd's start-up, rather than log, when the endpoint is busy.
         self.controlService._raiseSynchronously = True
         self.controlService.setServiceParent(self)

@@ -11,6 +11,12 @@ the migration, as QEMU does with C{-incoming}::
 
     twistd -n postcopy --role destination --control unix:/run/dst.sock \\
         --incoming tcp:127.0.0.1:4444 --guest stress --ram 256M
+
+Every daemon also serves the C{snapshot-*} commands (capture a QEMU
+migration into a snapshot directory, restore one into QEMU destinations).
+A daemon that does only that runs no guest::
+
+    twistd -n postcopy --role snapshot --control unix:/run/snap.sock
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ _SIZE_UNITS = {"": 1 << 20, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T
 #: The guests' page size.
 PAGE_SIZE = 4096
 
-ROLES = ("source", "destination")
+ROLES = ("source", "destination", "snapshot")
 GUESTS = ("stress", "kv", "none")
 
 
@@ -77,7 +83,7 @@ class Options(usage.Options):
     Options of C{twistd postcopy}.
     """
 
-    synopsis = "--role source|destination --control ENDPOINT [options]"
+    synopsis = "--role source|destination|snapshot --control ENDPOINT [options]"
     longdesc = (
         "Run a postcopy live migration daemon (a QEMU-like VM host for a "
         "built-in guest), controlled over AMP with QMP's migration commands "
@@ -85,7 +91,9 @@ class Options(usage.Options):
     )
 
     optParameters = [
-        ["role", None, "source", "source or destination.", _choice("role", ROLES)],
+        ["role", None, "source",
+         "source, destination, or snapshot (no guest; snapshot-* commands only).",
+         _choice("role", ROLES)],
         ["control", None, None, "Control endpoint, e.g. unix:/run/postcopy.sock (required)."],
         ["incoming", None, None,
          "Destination: listen for the migration on this URI at start "
@@ -147,6 +155,8 @@ class Options(usage.Options):
             raise usage.UsageError("--workers must be at least 1")
         if self["incoming"] and self["role"] != "destination":
             raise usage.UsageError("--incoming is only for --role destination")
+        if self["role"] == "snapshot":
+            self["guest"] = "none"
 
 
 def _noIncomingVM() -> Any:
@@ -211,7 +221,8 @@ def buildManager(reactor: Any, options: Options) -> tuple[Any, Any]:
     from twisted_postcopy.service import IncomingGuestService, OutgoingGuestService
 
     if options["guest"] == "none":
-        return MigrationManager(reactor, None if options["role"] == "source" else _noIncomingVM), None
+        vm = None if options["role"] == "source" else _noIncomingVM
+        return MigrationManager(reactor, vm), None
     if options["role"] == "source":
         outgoing = OutgoingGuestService(reactor, guestSpec(options), attachPath(options))
         return MigrationManager(reactor, outgoing), outgoing

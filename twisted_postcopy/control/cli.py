@@ -340,7 +340,9 @@ def register(subparsers: Any) -> None:
 
     @param subparsers: the C{add_subparsers} object.
     """
-    for name, helpText, handler, extra in _COMMANDS:
+    from twisted_postcopy.control.snapshotcli import SNAPSHOT_COMMANDS
+
+    for name, helpText, handler, extra in _COMMANDS + SNAPSHOT_COMMANDS:
         parser = subparsers.add_parser(name, help=helpText, description=helpText)
         parser.add_argument(
             "--control",

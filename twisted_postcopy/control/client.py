@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from twisted_postcopy.control import commands
 from twisted_postcopy.control.server import capabilitiesFromList, capabilitiesToList
+from twisted_postcopy.snapshot.jobs import MAX_READ
 
 #: Statuses after which an outgoing or incoming migration does not move.
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
@@ -176,6 +177,84 @@ class ControlClient(AMP):
         @return: the guest's state.
         """
         return (await self.callRemote(commands.QueryGuest))["info"]
+
+    async def snapshotCapture(self, uri: str, path: str, postcopy: bool = True,
+                              machine: str | None = None) -> str:
+        """
+        C{snapshot-capture}.
+
+        @param uri: where the daemon listens for QEMU's migration.
+        @param path: the snapshot directory (absolute: the daemon's working
+            directory is not the caller's).
+        @param postcopy: accept postcopy.
+        @param machine: the machine type recorded, or L{None} for QEMU 7.2's.
+        @return: the URI listened on.
+        """
+        options = {"machine": machine} if machine else {}
+        answer = await self.callRemote(commands.SnapshotCapture, uri=uri, dir=path,
+                                       postcopy=postcopy, **options)
+        return answer["uri"]
+
+    async def snapshotRestore(self, path: str, uris: list[str], postcopy: bool = True,
+                              bandwidth: int = 0, verify: bool = True) -> None:
+        """
+        C{snapshot-restore}.
+
+        @param path: the snapshot directory.
+        @param uris: the destinations (one clone each).
+        @param postcopy: restore by postcopy.
+        @param bandwidth: bytes/s per destination, 0 for unlimited.
+        @param verify: check the hashes first.
+        """
+        await self.callRemote(commands.SnapshotRestore, dir=path, uris=list(uris),
+                              postcopy=postcopy, max_bandwidth=bandwidth, verify=verify)
+
+    async def snapshotVerify(self, path: str) -> dict[str, Any]:
+        """
+        C{snapshot-verify}.
+
+        @param path: the snapshot directory.
+        @return: the snapshot's info once every hash matched.
+        """
+        return (await self.callRemote(commands.SnapshotVerify, dir=path))["info"]
+
+    async def snapshotInfo(self, path: str) -> dict[str, Any]:
+        """
+        C{snapshot-info}.
+
+        @param path: the snapshot directory.
+        @return: the snapshot's info.
+        """
+        return (await self.callRemote(commands.SnapshotInfo, dir=path))["info"]
+
+    async def snapshotRead(self, path: str, block: str, offset: int, length: int,
+                           chunk: int = MAX_READ) -> bytes:
+        """
+        C{snapshot-read}, split into calls of at most C{chunk} bytes.
+
+        @param path: the snapshot directory, or C{""} for the live capture.
+        @param block: the RAM block.
+        @param offset: byte offset.
+        @param length: byte count (any size).
+        @param chunk: bytes per call.
+        @return: the bytes.
+        """
+        parts = []
+        starts = range(offset, offset + length, chunk) if length > 0 else [offset]
+        for start in starts:
+            size = min(chunk, offset + length - start)
+            answer = await self.callRemote(commands.SnapshotRead, dir=path, block=block,
+                                           offset=start, length=size)
+            parts.append(answer["data"])
+        return b"".join(parts)
+
+    async def querySnapshot(self) -> dict[str, Any]:
+        """
+        C{query-snapshot}.
+
+        @return: C{capture} and C{restores}.
+        """
+        return (await self.callRemote(commands.QuerySnapshot))["info"]
 
 
 def runMain(main: Callable[[Any], Awaitable[int]]) -> int:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.protocols.amp import AmpList, Argument, Boolean, Command, Unicode
+from twisted.protocols.amp import (
+    AmpList, Argument, Boolean, Command, Integer, ListOf, String, Unicode,
+)
 
 from twisted_postcopy.errors import (
     GuestError,
@@ -25,6 +27,9 @@ from twisted_postcopy.errors import (
     MigrationFailed,
     PostcopyError,
     PostcopyPaused,
+    SnapshotBusyError,
+    SnapshotError,
+    SnapshotReadTooLargeError,
     UffdUnavailableError,
 )
 
@@ -39,6 +44,15 @@ MIGRATION_ERRORS: dict[type[Exception], bytes] = {
     UffdUnavailableError: b"UFFD_UNAVAILABLE",
     GuestError: b"GUEST_ERROR",
     PostcopyError: b"POSTCOPY_ERROR",
+}
+
+#: The errors of the C{snapshot-*} commands: the snapshot errors first
+#: (subclasses before L{SnapshotError}), then L{MIGRATION_ERRORS}.
+SNAPSHOT_ERRORS: dict[type[Exception], bytes] = {
+    SnapshotBusyError: b"SNAPSHOT_BUSY",
+    SnapshotReadTooLargeError: b"SNAPSHOT_READ_TOO_LARGE",
+    SnapshotError: b"SNAPSHOT_ERROR",
+    **MIGRATION_ERRORS,
 }
 
 
@@ -225,3 +239,84 @@ class MigrationEvent(Command):
     response: list = []
     errors = MIGRATION_ERRORS
     requiresAnswer = False
+
+
+class SnapshotCapture(Command):
+    """
+    C{snapshot-capture} (ours): listen on C{uri} for one incoming QEMU
+    migration (as QEMU's C{migrate-incoming} does) and store it as a
+    snapshot in C{dir}.  Answers with the URI listened on (the real port
+    when C{uri} asked for port 0) once listening; progress with
+    L{QuerySnapshot}.
+    """
+
+    arguments = [(b"uri", Unicode()), (b"dir", Unicode()), (b"postcopy", Boolean(optional=True)),
+                 (b"machine", Unicode(optional=True))]
+    response = [(b"uri", Unicode())]
+    errors = SNAPSHOT_ERRORS
+
+
+class SnapshotRestore(Command):
+    """
+    C{snapshot-restore} (ours): migrate the snapshot in C{dir} to every
+    destination in C{uris} at once (clones), by postcopy unless
+    C{postcopy} is false, each limited to C{max-bandwidth} bytes/s (0:
+    unlimited).  Answers once the hashes are checked (unless C{verify} is
+    false) and every connection is started; progress with
+    L{QuerySnapshot}.
+    """
+
+    arguments = [(b"dir", Unicode()), (b"uris", ListOf(Unicode())),
+                 (b"postcopy", Boolean(optional=True)), (b"max-bandwidth", Integer(optional=True)),
+                 (b"verify", Boolean(optional=True))]
+    response: list = []
+    errors = SNAPSHOT_ERRORS
+
+
+class SnapshotVerify(Command):
+    """
+    C{snapshot-verify} (ours): check every file's size and sha256; answers
+    with the snapshot's info, or a C{SNAPSHOT_ERROR} naming the first bad
+    file.
+    """
+
+    arguments = [(b"dir", Unicode())]
+    response = [(b"info", JSON())]
+    errors = SNAPSHOT_ERRORS
+
+
+class SnapshotInfo(Command):
+    """
+    C{snapshot-info} (ours): the snapshot's machine, device state and
+    blocks, as a JSON object.
+    """
+
+    arguments = [(b"dir", Unicode())]
+    response = [(b"info", JSON())]
+    errors = SNAPSHOT_ERRORS
+
+
+class SnapshotRead(Command):
+    """
+    C{snapshot-read} (ours): C{length} bytes of RAM block C{block} at
+    C{offset}, from the snapshot in C{dir}, or from the capture in
+    progress when C{dir} is its directory or empty (in postcopy, pages not
+    yet received are first requested from the source).  At most
+    L{twisted_postcopy.snapshot.jobs.MAX_READ} bytes per call.
+    """
+
+    arguments = [(b"dir", Unicode()), (b"block", Unicode()), (b"offset", Integer()),
+                 (b"length", Integer())]
+    response = [(b"data", String())]
+    errors = SNAPSHOT_ERRORS
+
+
+class QuerySnapshot(Command):
+    """
+    C{query-snapshot} (ours): the daemon's capture and restores as a JSON
+    object (C{capture}, C{restores}), see C{docs/amp-api.md}.
+    """
+
+    arguments: list = []
+    response = [(b"info", JSON())]
+    errors = SNAPSHOT_ERRORS

@@ -19,7 +19,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.protocols.amp import AMP
 
 from twisted_postcopy.control import commands
-from twisted_postcopy.errors import MigrationError
+from twisted_postcopy.errors import MigrationError, SnapshotError
 
 
 def _call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
@@ -65,16 +65,20 @@ class ControlAMP(AMP):
     @ivar manager: the daemon's MigrationManager.
     @ivar guest: the daemon's guest (with a C{query()} method returning a
         mapping or a Deferred of one), or L{None}.
+    @ivar snapshots: the daemon's
+        L{twisted_postcopy.snapshot.jobs.SnapshotJobs}, or L{None}.
     """
 
-    def __init__(self, manager: Any, guest: Any = None) -> None:
+    def __init__(self, manager: Any, guest: Any = None, snapshots: Any = None) -> None:
         """
         @param manager: the MigrationManager the commands act on.
         @param guest: the guest answering C{query-guest}, if any.
+        @param snapshots: what the C{snapshot-*} commands act on, if any.
         """
         super().__init__()
         self.manager = manager
         self.guest = guest
+        self.snapshots = snapshots
         self._unsubscribe: Callable[[], None] | None = None
 
     @commands.SetCapabilities.responder
@@ -197,6 +201,94 @@ class ControlAMP(AMP):
             return fail(MigrationError("This daemon runs no guest"))
         return maybeDeferred(self.guest.query).addCallback(lambda info: {"info": info})
 
+    def _snapshots(self) -> Any:
+        """
+        @return: the snapshot jobs.
+        @raise SnapshotError: this daemon runs none.
+        """
+        if self.snapshots is None:
+            raise SnapshotError("This daemon does not run snapshot jobs")
+        return self.snapshots
+
+    @commands.SnapshotCapture.responder
+    def snapshotCapture(self, uri: str, dir: str, postcopy: bool | None = None,
+                        machine: str | None = None) -> Deferred:
+        """
+        C{snapshot-capture}.
+
+        @param uri: where to listen.
+        @param dir: the snapshot directory.
+        @param postcopy: accept postcopy (default: yes).
+        @param machine: the machine type recorded (default: QEMU 7.2's pc).
+        @return: a Deferred firing with C{{"uri": <listened on>}}.
+        """
+        options = {"machine": machine} if machine else {}
+        d = maybeDeferred(lambda: self._snapshots().startCapture(
+            uri, dir, postcopy is not False, **options))
+        return d.addCallback(lambda listened: {"uri": listened})
+
+    @commands.SnapshotRestore.responder
+    def snapshotRestore(self, dir: str, uris: list[str], postcopy: bool | None = None,
+                        max_bandwidth: int | None = None, verify: bool | None = None) -> Deferred:
+        """
+        C{snapshot-restore}.
+
+        @param dir: the snapshot directory.
+        @param uris: the destinations.
+        @param postcopy: restore by postcopy (default: yes).
+        @param max_bandwidth: bytes/s per destination (default: unlimited).
+        @param verify: check the hashes first (default: yes).
+        @return: a Deferred firing with the empty response once started.
+        """
+        return _call(lambda: self._snapshots().startRestore(
+            dir, uris, postcopy is not False, max_bandwidth or 0, verify is not False))
+
+    @commands.SnapshotVerify.responder
+    def snapshotVerify(self, dir: str) -> Deferred:
+        """
+        C{snapshot-verify}.
+
+        @param dir: the snapshot directory.
+        @return: a Deferred firing with C{{"info": <snapshot info>}}.
+        """
+        d = maybeDeferred(lambda: self._snapshots().verify(dir))
+        return d.addCallback(lambda info: {"info": info})
+
+    @commands.SnapshotInfo.responder
+    def snapshotInfo(self, dir: str) -> Deferred:
+        """
+        C{snapshot-info}.
+
+        @param dir: the snapshot directory.
+        @return: a Deferred firing with C{{"info": <snapshot info>}}.
+        """
+        d = maybeDeferred(lambda: self._snapshots().info(dir))
+        return d.addCallback(lambda info: {"info": info})
+
+    @commands.SnapshotRead.responder
+    def snapshotRead(self, dir: str, block: str, offset: int, length: int) -> Deferred:
+        """
+        C{snapshot-read}.
+
+        @param dir: the snapshot directory, or C{""} for the live capture.
+        @param block: the RAM block.
+        @param offset: byte offset.
+        @param length: byte count.
+        @return: a Deferred firing with C{{"data": <bytes>}}.
+        """
+        d = maybeDeferred(lambda: self._snapshots().read(dir, block, offset, length))
+        return d.addCallback(lambda data: {"data": bytes(data)})
+
+    @commands.QuerySnapshot.responder
+    def querySnapshot(self) -> Deferred:
+        """
+        C{query-snapshot}.
+
+        @return: a Deferred firing with C{{"info": {capture, restores}}}.
+        """
+        return maybeDeferred(lambda: self._snapshots().query()).addCallback(
+            lambda info: {"info": info})
+
     @commands.Subscribe.responder
     def subscribe(self) -> dict:
         """
@@ -237,15 +329,18 @@ class ControlFactory(ServerFactory):
 
     @ivar manager: the daemon's MigrationManager.
     @ivar guest: the daemon's guest, or L{None}.
+    @ivar snapshots: the daemon's snapshot jobs, or L{None}.
     """
 
-    def __init__(self, manager: Any, guest: Any = None) -> None:
+    def __init__(self, manager: Any, guest: Any = None, snapshots: Any = None) -> None:
         """
         @param manager: the MigrationManager.
         @param guest: the guest answering C{query-guest}, if any.
+        @param snapshots: what the C{snapshot-*} commands act on, if any.
         """
         self.manager = manager
         self.guest = guest
+        self.snapshots = snapshots
 
     def buildProtocol(self, addr: Any) -> ControlAMP:
         """
@@ -254,6 +349,6 @@ class ControlFactory(ServerFactory):
         @param addr: the peer address.
         @return: a L{ControlAMP} for the manager.
         """
-        protocol = ControlAMP(self.manager, self.guest)
+        protocol = ControlAMP(self.manager, self.guest, self.snapshots)
         protocol.factory = self
         return protocol

@@ -49,6 +49,9 @@ class CaptureVM:
         (default: at once; L{captureSnapshot} uses the reactor's thread
         pool: the writer only C{pread}s memfds and writes files).
     @ivar stored: fires with the L{Snapshot} once stored, or fails.
+    @ivar migration: the MigrationManager receiving the capture (set by
+        L{captureSnapshot}; its C{queryMigrate} reports progress), or
+        L{None}.
     """
 
     def __init__(self, path: str, machine: str = "pc-i440fx-7.2") -> None:
@@ -66,6 +69,7 @@ class CaptureVM:
         self.runWriter: Callable[..., Deferred] = execute
         self.running = False
         self.stored: Deferred = Deferred()
+        self.migration: Any = None
 
     def configurationReceived(self, raw: bytes, machine: str) -> None:
         """
@@ -227,6 +231,7 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
     vm.inPostcopy = lambda: bool(manager.incoming is not None and manager.incoming.faults is not None)
     listening = manager.migrateIncoming(uri)
     vm.pageSource = manager.incoming
+    vm.migration = manager
     vm.runWriter = lambda function, *args: deferToThreadPool(
         reactor, reactor.getThreadPool(), function, *args)
     vm.stored.addBoth(lambda result: _stopListening(manager, result))

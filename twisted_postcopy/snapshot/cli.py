@@ -53,6 +53,8 @@ def register(subparsers: Any) -> None:
     info.add_argument("dir")
     info.set_defaults(func=_guard(_info))
     read = commands.add_parser("read", help="write stored RAM bytes to stdout")
+    read.add_argument("--control", metavar="ENDPOINT",
+                      help="read through this daemon (a live read when DIR is its capture)")
     for name in ("dir", "block", "offset", "length"):
         read.add_argument(name)
     read.set_defaults(func=_guard(_read))
@@ -110,11 +112,19 @@ def _info(args: argparse.Namespace) -> int:
 
 def _read(args: argparse.Namespace) -> int:
     """
+    Read stored RAM; with C{--control}, ask that daemon instead (a page
+    of its capture in progress not yet received is then requested from
+    the QEMU source first).
+
     @param args: the parsed arguments.
-    @return: 0.
+    @return: the exit status.
     """
     from twisted_postcopy.snapshot.store import openSnapshot
 
+    if args.control:
+        from twisted_postcopy.control.snapshotcli import readThroughDaemon
+
+        return readThroughDaemon(args)
     data = openSnapshot(args.dir).read(args.block, int(args.offset, 0), int(args.length, 0))
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()

@@ -1,0 +1,272 @@
+# -*- test-case-name: tests.test_snapshot_jobs -*-
+"""
+The snapshot jobs of a daemon: what the control API's C{snapshot-*}
+commands act on.
+
+L{SnapshotJobs} runs at most one capture at a time (one listener for one
+incoming QEMU migration, like QEMU's single C{-incoming}) and any number of
+restores (each feeding one snapshot to one or more destinations).  Reads
+of the capture in progress go through L{CaptureVM.readLive}: in postcopy a
+page not yet received is requested from the QEMU source first.  Verifying
+hashes whole snapshots and runs in the reactor's thread pool.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, succeed
+
+from twisted_postcopy.errors import SnapshotBusyError, SnapshotError, SnapshotReadTooLargeError
+from twisted_postcopy.snapshot.capture import CaptureVM, captureSnapshot
+from twisted_postcopy.snapshot.restore import restoreSnapshot, verifyInThread
+from twisted_postcopy.snapshot.store import openSnapshot
+
+#: The most bytes one C{snapshot-read} returns: 15 pages, below AMP's
+#: 65,535-byte value limit.
+MAX_READ = 15 * 4096
+
+
+def addressURI(address: Any) -> str:
+    """
+    Write a listening address the way QEMU writes migration URIs.
+
+    @param address: an C{IPv4Address}, C{IPv6Address} or C{UNIXAddress}.
+    @return: C{tcp:HOST:PORT}, C{tcp:[HOST]:PORT} or C{unix:PATH}.
+    """
+    if getattr(address, "type", None) == "TCP":
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        return f"tcp:{host}:{address.port}"
+    name = address.name
+    return "unix:" + (name.decode() if isinstance(name, bytes) else name)
+
+
+@define
+class CaptureJob:
+    """
+    One capture: a listener, then a migration, then a stored snapshot.
+
+    @ivar uri: the URI listened on (the real port once listening).
+    @ivar path: the snapshot directory (absolute).
+    @ivar postcopy: whether postcopy is accepted.
+    @ivar vm: the L{CaptureVM}.
+    @ivar outcome: L{None} while running, C{completed}, or C{failed}.
+    @ivar error: why it failed, or L{None}.
+    """
+
+    uri: str
+    path: str
+    postcopy: bool
+    vm: CaptureVM
+    outcome: str | None = None
+    error: str | None = None
+
+    def ended(self, result: Any) -> None:
+        """
+        Record how the capture ended (the callback of C{vm.stored}).
+
+        @param result: the L{Snapshot} or a Failure.
+        """
+        if hasattr(result, "getErrorMessage"):
+            self.outcome, self.error = "failed", result.getErrorMessage()
+        else:
+            self.outcome = "completed"
+
+    def query(self) -> dict[str, Any]:
+        """
+        @return: C{uri}, C{dir}, C{postcopy}, C{status} (the incoming
+            migration's QMP status, C{storing} between its end and the
+            snapshot's, then C{completed} or C{failed}), C{error} when
+            failed, and C{migration} (the incoming side's C{query-migrate}).
+        """
+        migration = self.vm.migration.queryMigrate() if self.vm.migration is not None else {}
+        status = self.outcome or migration.get("status", "setup")
+        if status == "completed" and self.outcome is None:
+            status = "storing"
+        info = {"uri": self.uri, "dir": self.path, "postcopy": self.postcopy, "status": status,
+                "migration": migration}
+        if self.error is not None:
+            info["error"] = self.error
+        return info
+
+
+@define
+class RestoreJob:
+    """
+    One restore of a snapshot into one or more destinations.
+
+    @ivar path: the snapshot directory.
+    @ivar uris: the destinations.
+    @ivar postcopy: restored by postcopy.
+    @ivar managers: one MigrationManager per destination.
+    @ivar outcome: L{None} while running, C{completed} or C{failed}.
+    @ivar error: why it failed, or L{None}.
+    """
+
+    path: str
+    uris: list[str]
+    postcopy: bool
+    managers: list[Any] = field(factory=list)
+    outcome: str | None = None
+    error: str | None = None
+
+    def ended(self, result: Any) -> None:
+        """
+        Record how the restore ended.
+
+        @param result: the statuses or a Failure.
+        """
+        if hasattr(result, "getErrorMessage"):
+            self.outcome, self.error = "failed", result.getErrorMessage()
+        else:
+            self.outcome = "completed"
+
+    def query(self) -> dict[str, Any]:
+        """
+        @return: C{dir}, C{postcopy}, C{status} (C{setup} while verifying,
+            C{active}, C{completed} or C{failed}), C{error} when failed,
+            and C{clones}: per destination its C{uri} and C{query-migrate}.
+        """
+        status = self.outcome or ("active" if self.managers else "setup")
+        info: dict[str, Any] = {"dir": self.path, "postcopy": self.postcopy, "status": status,
+                                "clones": [{"uri": uri, **manager.queryMigrate()}
+                                           for uri, manager in zip(self.uris, self.managers)]}
+        if self.error is not None:
+            info["error"] = self.error
+        return info
+
+
+@define
+class SnapshotJobs:
+    """
+    A daemon's snapshot captures and restores.
+
+    @ivar reactor: the reactor.
+    @ivar capture: the latest L{CaptureJob}, or L{None}.
+    @ivar restores: every L{RestoreJob} started, oldest first.
+    """
+
+    reactor: Any
+    capture: CaptureJob | None = None
+    restores: list[RestoreJob] = field(factory=list)
+
+    def startCapture(self, uri: str, path: str, postcopy: bool = True,
+                     machine: str = "pc-i440fx-7.2") -> Deferred:
+        """
+        C{snapshot-capture}: listen for one incoming migration and store
+        it in C{path}.
+
+        @param uri: C{tcp:HOST:PORT} (port 0 picks one) or C{unix:PATH}.
+        @param path: the snapshot directory to create.
+        @param postcopy: accept postcopy.
+        @param machine: the machine type recorded.
+        @return: a Deferred firing with the URI listened on.
+        @raise SnapshotBusyError: a capture is still running.
+        """
+        if self.capture is not None and self.capture.outcome is None:
+            raise SnapshotBusyError(f"a capture into {self.capture.path} is still running")
+        path = os.path.abspath(path)
+        listening, vm = captureSnapshot(self.reactor, uri, path, postcopy, machine)
+        job = CaptureJob(uri, path, postcopy, vm)
+        vm.stored.addBoth(lambda result: job.ended(result))
+        self.capture = job
+
+        def listened(port: Any) -> str:
+            job.uri = addressURI(port.getHost())
+            return job.uri
+
+        def refused(failure: Any) -> Any:
+            job.ended(failure)
+            return failure
+
+        return listening.addCallbacks(listened, refused)
+
+    def startRestore(self, path: str, uris: Sequence[str], postcopy: bool = True,
+                     bandwidth: int = 0, verify: bool = True) -> Deferred:
+        """
+        C{snapshot-restore}: feed a snapshot to every destination at once.
+
+        @param path: the snapshot directory.
+        @param uris: one destination URI per clone.
+        @param postcopy: restore by postcopy.
+        @param bandwidth: bytes/s per destination, 0 for unlimited.
+        @param verify: check every sha256 first (in a thread).
+        @return: a Deferred firing with L{None} once every connection is
+            started (after verifying), failing with L{SnapshotError}.
+        @raise SnapshotError: no destination given.
+        """
+        if not uris:
+            raise SnapshotError("snapshot-restore needs at least one destination URI")
+        job = RestoreJob(os.path.abspath(path), list(uris), postcopy)
+        self.restores.append(job)
+        checked = verifyInThread(self.reactor, job.path) if verify else succeed(None)
+
+        def start(_: Any) -> None:
+            managers, done = restoreSnapshot(self.reactor, job.path, job.uris, postcopy, False,
+                                             bandwidth)
+            job.managers = managers
+            done.addBoth(job.ended)
+
+        def refused(failure: Any) -> Any:
+            job.ended(failure)
+            return failure
+
+        return checked.addCallback(start).addErrback(refused)
+
+    def verify(self, path: str) -> Deferred:
+        """
+        C{snapshot-verify}: check sizes and sha256 (in a thread).
+
+        @param path: the snapshot directory.
+        @return: a Deferred firing with the snapshot's info, or failing
+            with L{SnapshotError}.
+        """
+        return verifyInThread(self.reactor, path).addCallback(lambda snapshot: snapshot.info())
+
+    def info(self, path: str) -> dict[str, Any]:
+        """
+        C{snapshot-info}.
+
+        @param path: the snapshot directory.
+        @return: the snapshot's info (C{Snapshot.info}).
+        @raise SnapshotError: not a snapshot.
+        """
+        return openSnapshot(path).info()
+
+    def read(self, path: str, idstr: str, offset: int, length: int) -> Deferred:
+        """
+        C{snapshot-read}: read RAM of a stored snapshot, or of the capture
+        in progress when C{path} is its directory (or empty).
+
+        @param path: the snapshot directory, or C{""} for the live capture.
+        @param idstr: the RAM block.
+        @param offset: byte offset.
+        @param length: byte count, at most L{MAX_READ}.
+        @return: a Deferred firing with the bytes.
+        @raise SnapshotError: bad range or block, no such snapshot, or no
+            capture running when C{path} is empty.
+        @raise SnapshotReadTooLargeError: C{length} exceeds L{MAX_READ}.
+        """
+        if length > MAX_READ:
+            raise SnapshotReadTooLargeError(
+                f"snapshot-read of {length} bytes: at most {MAX_READ} per call")
+        live = self.capture
+        if live is not None and (not path or os.path.abspath(path) == live.path):
+            if live.outcome is None:
+                return live.vm.readLive(idstr, offset, length)
+            path = live.path
+        if not path:
+            raise SnapshotError("no capture is running; name a snapshot directory")
+        return succeed(openSnapshot(path).read(idstr, offset, length))
+
+    def query(self) -> dict[str, Any]:
+        """
+        C{query-snapshot}.
+
+        @return: C{capture} (L{CaptureJob.query}, or L{None}) and
+            C{restores} (L{RestoreJob.query} each).
+        """
+        return {"capture": self.capture.query() if self.capture is not None else None,
+                "restores": [job.query() for job in self.restores]}
