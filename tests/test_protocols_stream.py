@@ -221,3 +221,86 @@ class DestinationByteByByteTests(SynchronousTestCase):
         """
         vm, incoming, _ = self._feed(b"QEVX" + HEADER[4:])
         self.assertEqual(vm.events, ["failed"])
+
+
+class _PartialSocket:
+    """
+    A socket whose C{sendmsg} takes at most C{room} bytes per call.
+    """
+
+    def __init__(self, room: int) -> None:
+        """
+        @param room: bytes accepted per call.
+        """
+        self.room = room
+        self.sent = b""
+
+    def sendmsg(self, buffers) -> int:
+        """
+        Take up to C{room} bytes of the joined buffers.
+        """
+        data = b"".join(bytes(b) for b in buffers)[: self.room]
+        self.sent += data
+        return len(data)
+
+
+class _SocketTransport(StringTransport):
+    """
+    A L{StringTransport} with the attributes of a TCP transport that
+    L{SourceProtocol} uses for C{sendmsg}.
+    """
+
+    def __init__(self, room: int) -> None:
+        """
+        @param room: bytes the socket takes per call.
+        """
+        super().__init__()
+        self.socket = _PartialSocket(room)
+        self._tempDataLen = 0
+        self.dataBuffer = b""
+        self.offset = 0
+
+
+class SendmsgTests(SynchronousTestCase):
+    """
+    The source's gathered writes keep the stream's order whatever the
+    socket accepts.
+    """
+
+    def _protocol(self, room: int):
+        """
+        @param room: bytes the socket takes per call.
+        @return: a connected source protocol and its transport.
+        """
+        vm = OutgoingTestVM({"pc.ram": 4 * PAGE})
+        migration = OutgoingMigration(vm, None, Clock().seconds, {}, {
+            "max-bandwidth": 0, "max-postcopy-bandwidth": 0, "downtime-limit": 300})
+        migration.begin()
+        protocol = SourceProtocol(migration, Clock())
+        transport = _SocketTransport(room)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_partialSend(self) -> None:
+        """
+        What the socket did not take goes to the transport, from the exact
+        byte where it stopped, for every cut point.
+        """
+        buffers = [b"head", memoryview(b"A" * 100), b"mid", memoryview(b"B" * 50), b"tail"]
+        whole = b"".join(bytes(b) for b in buffers)
+        for room in (0, 1, 4, 5, 104, 107, 150, len(whole), len(whole) + 10):
+            protocol, transport = self._protocol(room)
+            transport.clear()
+            transport.socket.sent = b""
+            protocol._writeBuffers(list(buffers))
+            self.assertEqual(transport.socket.sent + transport.value(), whole, room)
+
+    def test_queuedDataKeepsOrder(self) -> None:
+        """
+        While the transport holds data, buffers are queued behind it.
+        """
+        protocol, transport = self._protocol(1000)
+        transport._tempDataLen = 1
+        transport.clear()
+        protocol._writeBuffers([b"x", memoryview(b"y")])
+        self.assertEqual((transport.socket.sent, transport.value()), (b"", b"xy"))
