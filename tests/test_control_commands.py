@@ -58,16 +58,34 @@ class ErrorsMapTests(SynchronousTestCase):
 
     def test_everyCommandDeclaresErrors(self) -> None:
         """
-        Every command in the module maps every migration error.
+        Every migration command in the module maps every migration error;
+        every snapshot command (C{snapshot-*}, C{query-snapshot}) maps
+        L{commands.SNAPSHOT_ERRORS}, which holds them too.
         """
         found = [
             value
             for value in vars(commands).values()
             if isinstance(value, type) and issubclass(value, Command) and value is not Command
         ]
-        self.assertEqual(len(found), 14)
+        snapshot = [c for c in found if "Snapshot" in c.__name__]
+        self.assertEqual((len(found), len(snapshot)), (20, 6))
         for command in found:
-            self.assertEqual(dict(command.errors), commands.MIGRATION_ERRORS, command)
+            expected = commands.SNAPSHOT_ERRORS if command in snapshot else commands.MIGRATION_ERRORS
+            self.assertEqual(dict(command.errors), expected, command)
+        self.assertLessEqual(commands.MIGRATION_ERRORS.items(), commands.SNAPSHOT_ERRORS.items())
+
+    def test_snapshotErrorsOrder(self) -> None:
+        """
+        In L{commands.SNAPSHOT_ERRORS} no class comes after one of its
+        bases, codes are unique, and L{errors.PostcopyError} is last.
+        """
+        classes = list(commands.SNAPSHOT_ERRORS)
+        for i, cls in enumerate(classes):
+            for later in classes[i + 1:]:
+                self.assertFalse(issubclass(later, cls), (later, cls))
+        codes = list(commands.SNAPSHOT_ERRORS.values())
+        self.assertEqual(len(codes), len(set(codes)))
+        self.assertIs(classes[-1], errors.PostcopyError)
 
     def test_migrationErrorRoot(self) -> None:
         """
