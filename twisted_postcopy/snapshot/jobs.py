@@ -79,13 +79,16 @@ class CaptureJob:
         @return: C{uri}, C{dir}, C{postcopy}, C{status} (the incoming
             migration's QMP status, C{storing} between its end and the
             snapshot's, then C{completed} or C{failed}), C{error} when
-            failed, and C{migration} (the incoming side's C{query-migrate}).
+            failed, C{page-requests} (true once LISTEN was processed: a
+            live read then requests missing pages from the source), and
+            C{migration} (the incoming side's C{query-migrate}).
         """
         migration = self.vm.migration.queryMigrate() if self.vm.migration is not None else {}
         status = self.outcome or migration.get("status", "setup")
         if status == "completed" and self.outcome is None:
             status = "storing"
         info = {"uri": self.uri, "dir": self.path, "postcopy": self.postcopy, "status": status,
+                "page-requests": self.outcome is None and bool(self.vm.inPostcopy()),
                 "migration": migration}
         if self.error is not None:
             info["error"] = self.error
@@ -174,10 +177,18 @@ class SnapshotJobs:
         self.capture = job
 
         def listened(port: Any) -> str:
+            """
+            @param port: the listening port.
+            @return: its URI.
+            """
             job.uri = addressURI(port.getHost())
             return job.uri
 
         def refused(failure: Any) -> Any:
+            """
+            @param failure: why listening failed.
+            @return: C{failure}.
+            """
             job.ended(failure)
             return failure
 
@@ -204,12 +215,21 @@ class SnapshotJobs:
         checked = verifyInThread(self.reactor, job.path) if verify else succeed(None)
 
         def start(_: Any) -> None:
+            """
+            Connect to every destination.
+
+            @param _: ignored.
+            """
             managers, done = restoreSnapshot(self.reactor, job.path, job.uris, postcopy, False,
                                              bandwidth)
             job.managers = managers
             done.addBoth(job.ended)
 
         def refused(failure: Any) -> Any:
+            """
+            @param failure: why the restore could not start.
+            @return: C{failure}.
+            """
             job.ended(failure)
             return failure
 
