@@ -82,6 +82,19 @@ class MigrationServiceTests(TestCase):
         self.assertEqual(info, {"status": "none"})
 
     @defer.inlineCallbacks
+    def test_snapshotJobs(self) -> Any:
+        """
+        Every daemon answers the snapshot commands from its own
+        L{MigrationService.snapshots}.
+        """
+        service = self.startService()
+        client = yield connectControl(self.reactor, "unix:" + self.path)
+        self.addCleanup(client.transport.loseConnection)
+        info = yield defer.Deferred.fromCoroutine(client.querySnapshot())
+        self.assertEqual(info, {"capture": None, "restores": []})
+        self.assertEqual(service.snapshots.query(), info)
+
+    @defer.inlineCallbacks
     def test_barePath(self) -> Any:
         """
         L{connectControl} takes a bare absolute path as a Unix endpoint.

@@ -103,6 +103,13 @@ class OptionsTests(SynchronousTestCase):
                          {"postcopy-ram": True, "postcopy-blocktime": True, "events": False})
         self.assertRaises(usage.UsageError, self.parse, "--control", "unix:/c", "--capability", "x=2")
 
+    def test_snapshot(self) -> None:
+        """
+        C{--role snapshot} implies C{--guest none}.
+        """
+        options = self.parse("--role", "snapshot", "--control", "unix:/c", "--guest", "kv")
+        self.assertEqual((options["role"], options["guest"]), ("snapshot", "none"))
+
     def test_controlRequired(self) -> None:
         """
         C{--control} is required.
@@ -187,6 +194,17 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(service, MigrationService)
         self.assertIsInstance(service.manager, MigrationManager)
         self.assertEqual((service.control, service.incoming), ("unix:/tmp/x.sock", None))
+
+    def test_snapshotRole(self) -> None:
+        """
+        A C{--role snapshot} daemon runs no guest, serves the snapshot
+        jobs, and refuses to migrate anything itself.
+        """
+        service = self.make("--role", "snapshot", "--control", "unix:/tmp/x.sock")
+        self.assertIsNone(service.guest)
+        self.assertIs(service.controlService.factory.snapshots, service.snapshots)
+        self.assertRaises(MigrationError, service.manager.migrateIncoming, "tcp:127.0.0.1:1")
+        self.assertRaises(MigrationError, service.manager.migrate, "tcp:127.0.0.1:1")
 
     def test_destinationWithoutGuest(self) -> None:
         """
