@@ -19,6 +19,7 @@ from twisted_postcopy.errors import RemoteProtocolError
 from twisted_postcopy.protocols import _codec as c
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.source.outgoing import OutgoingMigration
+from twisted_postcopy.wire.config import encodeCapabilities
 
 #: migration-stream.md appendix A and B.
 HEADER = bytes.fromhex("5145564d00000003070000000d70632d6934343066782d372e32")
@@ -30,12 +31,17 @@ PING2 = bytes.fromhex("080002000400000002")
 POSTCOPY_TAIL = bytes.fromhex("03000000020000000000000010" "7e00000002" "00")
 
 
-def _source(capabilities: dict[str, bool], sizes: dict[str, int] | None = None):
+def _source(capabilities: dict[str, bool], sizes: dict[str, int] | None = None,
+            configuration: bytes | None = None):
     """
+    @param configuration: the VM's optional C{configuration} attribute
+        (left unset when L{None}).
     @return: (vm, migration, protocol, transport, clock) of a connected
         source.
     """
     vm = OutgoingTestVM(sizes or {"pc.ram": 16 * PAGE})
+    if configuration is not None:
+        vm.configuration = configuration
     vm.write(0, 3 * PAGE, b"x" * PAGE)
     clock = Clock()
     parameters = {"max-bandwidth": 0, "max-postcopy-bandwidth": 0, "downtime-limit": 300}
@@ -304,3 +310,82 @@ class SendmsgTests(SynchronousTestCase):
         transport.clear()
         protocol._writeBuffers([b"x", memoryview(b"y")])
         self.assertEqual((transport.socket.sent, transport.value()), (b"", b"xy"))
+
+
+class _ConfiguredIncomingVM(IncomingTestVM):
+    """
+    An incoming VM that records the configuration section it is given.
+
+    @ivar configurations: C{(raw, machine)} per call.
+    """
+
+    def __init__(self) -> None:
+        """
+        Start with no configuration.
+        """
+        super().__init__()
+        self.configurations: list[tuple[bytes, str]] = []
+
+    def configurationReceived(self, raw: bytes, machine: str) -> None:
+        """
+        @param raw: the section after its type byte.
+        @param machine: its machine name.
+        """
+        self.configurations.append((raw, machine))
+
+
+class ConfigurationPassThroughTests(SynchronousTestCase):
+    """
+    The configuration section goes from an L{IOutgoingVM}'s optional
+    C{configuration} to an L{IIncomingVM}'s optional C{configurationReceived}
+    byte for byte.
+    """
+
+    def _migrate(self, configuration: bytes | None) -> tuple[bytes, _ConfiguredIncomingVM]:
+        """
+        Run a precopy migration from a source VM with C{configuration}
+        (absent when L{None}) into a recording destination VM.
+
+        @return: the source's stream and the destination VM.
+        """
+        _, migration, _, transport, clock = _source({}, configuration=configuration)
+        _run(clock, migration)
+        vm = _ConfiguredIncomingVM()
+        incoming = IncomingMigration(vm, None)
+        incoming.machine.setup()
+        protocol = DestinationProtocol(incoming)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(transport.value())
+        self.assertEqual(vm.events, ["run", "completed"])
+        return transport.value(), vm
+
+    def test_builtFromMachine(self) -> None:
+        """
+        A source VM without C{configuration} sends the section built from
+        C{machine}; the destination VM gets it without the type byte.
+        """
+        stream, vm = self._migrate(None)
+        self.assertEqual(stream[: len(HEADER)], HEADER)
+        self.assertEqual(vm.configurations, [(HEADER[9:], "pc-i440fx-7.2")])
+
+    def test_verbatim(self) -> None:
+        """
+        A source VM's C{configuration} with a subsection is sent verbatim
+        and handed over verbatim, with the machine name decoded from it.
+        """
+        name = b"pc-q35-7.2"
+        raw = struct.pack(">I", len(name)) + name + encodeCapabilities(["x-ignore-shared"])
+        stream, vm = self._migrate(raw)
+        self.assertEqual(stream[9 : 9 + len(raw)], raw)
+        self.assertEqual(vm.configurations, [(raw, "pc-q35-7.2")])
+
+    def test_vmWithoutMethod(self) -> None:
+        """
+        A destination VM without C{configurationReceived} is simply not
+        told (the precopy migration still completes).
+        """
+        _, migration, _, transport, clock = _source({})
+        _run(clock, migration)
+        vm, incoming, _ = DestinationByteByByteTests()._feed(transport.value())
+        self.assertFalse(hasattr(vm, "configurationReceived"))
+        self.assertEqual(incoming.machine.status.status.value, "completed")

@@ -60,6 +60,13 @@ class IDirtyTracker(Interface):
 class IOutgoingVM(Interface):
     """
     What a source migrates: a guest of ours, or a stored snapshot.
+
+    Optional member (documented here, not declared, so that C{verifyObject}
+    does not demand it):
+
+      - C{configuration}: the configuration section's bytes after its 0x07
+        type byte (be32 name length, name, subsections), sent verbatim.  A
+        VM without it gets the section built from C{machine}.
     """
 
     machine = Attribute("The machine type name sent in the configuration section (L{str}).")
@@ -92,6 +99,18 @@ class IOutgoingVM(Interface):
 class IIncomingVM(Interface):
     """
     What a destination fills: a guest of ours, or a snapshot being captured.
+
+    Optional members (documented here, not declared, so that
+    C{verifyObject} does not demand them):
+
+      - C{configurationReceived(raw, machine)}: the stream's configuration
+        section arrived.  C{raw} (L{bytes}) is the section after its 0x07
+        type byte: be32 name length, name, subsections; C{machine} (L{str})
+        is the machine type name in it.  Called once, before RAM START,
+        only when the VM has this method.
+      - C{vcpuThreads}: a live sequence of the native thread ids that touch
+        guest RAM (its vCPUs), by vCPU index, for C{postcopy-blocktime}.
+        Without it the blocktime figures read 0.
     """
 
     def ramBlocksListed(blocks):

@@ -13,6 +13,7 @@ return path) and placement switches to it.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Callable, Sequence
 
 from attrs import define, field
@@ -24,6 +25,7 @@ from twisted_postcopy.destination.machine import IncomingMachine
 from twisted_postcopy.destination.placer import PagePlacer
 from twisted_postcopy.errors import MigrationFailed, RemoteProtocolError
 from twisted_postcopy.interfaces import IPageSource
+from twisted_postcopy.wire.strings import encodeName
 
 #: The only page size pair this destination accepts in ADVISE.
 TARGET_PAGE_SIZE = 4096
@@ -71,6 +73,19 @@ class IncomingMigration:
         The source connected: loading starts (status C{active}).
         """
         self.machine.loadingStarted()
+
+    def configurationReceived(self, machineName: str, subsections: bytes) -> None:
+        """
+        The configuration section: handed to the VM when it has a
+        C{configurationReceived(raw, machine)} method.
+
+        @param machineName: the machine type name.
+        @param subsections: the raw subsection bytes that followed it.
+        """
+        receive = getattr(self.vm, "configurationReceived", None)
+        if receive is not None:
+            name = encodeName(machineName)
+            receive(struct.pack(">I", len(name)) + name + subsections, machineName)
 
     def openReturnPath(self) -> None:
         """

@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from typing import Iterable
 
+from twisted_postcopy.wire.strings import encodeName
+
 MAGIC, VERSION = 0x5145564D, 3
 EOF, START, PART, END, FULL, SUBSECTION, VMDESC, CONFIGURATION, COMMAND = range(9)
 FOOTER = 0x7E
@@ -49,13 +51,18 @@ def ping(value: int) -> bytes:
     return command(CMD_PING, struct.pack(">I", value))
 
 
-def header(machine: str) -> bytes:
+def header(machine: str, configuration: bytes | None = None) -> bytes:
     """
     @param machine: the machine type name.
+    @param configuration: the configuration section's bytes after its type
+        byte (be32 length, name, subsections), sent verbatim; L{None} to
+        build it from C{machine}.
     @return: magic, version and the configuration section.
     """
-    name = machine.encode()
-    return struct.pack(">IIBI", MAGIC, VERSION, CONFIGURATION, len(name)) + name
+    if configuration is None:
+        name = encodeName(machine)
+        configuration = struct.pack(">I", len(name)) + name
+    return struct.pack(">IIB", MAGIC, VERSION, CONFIGURATION) + configuration
 
 
 def sectionHeader(kind: int, sectionId: int, idstr: str = "", instance: int = 0,

@@ -47,6 +47,7 @@ class IncomingStreamReader:
         self.devices: list[bytes] = []
         self.finished = False
         self._calls = {
+            e.ConfigurationReceived: lambda ev: incoming.configurationReceived(ev.machine, ev.subsections),
             e.ReturnPathOpened: lambda ev: incoming.openReturnPath(),
             e.PingReceived: lambda ev: incoming.ping(ev.value),
             e.PostcopyAdvised: lambda ev: incoming.advise(ev.pageSizeSummary or 0, ev.targetPageSize or 0),

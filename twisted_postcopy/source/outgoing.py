@@ -120,7 +120,7 @@ class OutgoingMigration:
         Connected: header, return path, ADVISE, RAM START; status C{active}.
         """
         postcopy = self.capabilities.get("postcopy-ram", False)
-        out = [c.header(self.vm.machine)]
+        out = [c.header(self.vm.machine, getattr(self.vm, "configuration", None))]
         if postcopy or self.capabilities.get("return-path", False):
             self.returnPathOpen = True
             out += [c.command(c.CMD_OPEN_RETURN_PATH), c.ping(1)]
