@@ -249,6 +249,36 @@ class SnapshotCommandTests(SynchronousTestCase):
             data = self.successResultOf(self.call(self.client.snapshotRead(path, "pc.ram", 10, 20)))
             self.assertEqual(data, bytes(20))
 
+    def test_captureStored(self) -> None:
+        """
+        Once the capture is stored, C{query-snapshot} reports it
+        C{completed} and reads of it (by directory or C{""}) return the
+        stored bytes.
+        """
+        target = os.path.abspath(self.mktemp())
+        self.successResultOf(self.call(self.client.snapshotCapture("tcp:127.0.0.1:0", target)))
+        vm = self.jobs.capture.vm
+        vm.ramBlocksListed([("pc.ram", 4 * PAGE, None)])
+        vm.blocks["pc.ram"].write(PAGE, b"x" * PAGE)
+        vm.completed()
+        capture = self.successResultOf(self.call(self.client.querySnapshot()))["capture"]
+        self.assertEqual((capture["status"], capture["page-requests"]), ("completed", False))
+        for path in (target, ""):
+            data = self.successResultOf(self.call(self.client.snapshotRead(path, "pc.ram", PAGE - 2, 4)))
+            self.assertEqual(data, b"\0\0xx")
+
+    def test_captureFailed(self) -> None:
+        """
+        A failed capture is reported C{failed} with its reason, and a new
+        capture may start.
+        """
+        self.successResultOf(self.call(self.client.snapshotCapture("tcp:127.0.0.1:0", self.mktemp())))
+        self.jobs.capture.vm.failed("QEMU went away")
+        capture = self.successResultOf(self.call(self.client.querySnapshot()))["capture"]
+        self.assertEqual(capture["status"], "failed")
+        self.assertIn("QEMU went away", capture["error"])
+        self.successResultOf(self.call(self.client.snapshotCapture("tcp:127.0.0.1:0", self.mktemp())))
+
     def test_restore(self) -> None:
         """
         C{snapshot-restore} verifies the snapshot, connects to every

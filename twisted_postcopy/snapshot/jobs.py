@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_snapshot_jobs -*-
+# -*- test-case-name: tests.test_control_snapshot -*-
 """
 The snapshot jobs of a daemon: what the control API's C{snapshot-*}
 commands act on.
@@ -54,6 +54,7 @@ class CaptureJob:
     @ivar vm: the L{CaptureVM}.
     @ivar outcome: L{None} while running, C{completed}, or C{failed}.
     @ivar error: why it failed, or L{None}.
+    @ivar _waiters: Deferreds of L{whenEnded}.
     """
 
     uri: str
@@ -62,10 +63,12 @@ class CaptureJob:
     vm: CaptureVM
     outcome: str | None = None
     error: str | None = None
+    _waiters: list[Deferred] = field(factory=list)
 
     def ended(self, result: Any) -> None:
         """
-        Record how the capture ended (the callback of C{vm.stored}).
+        Record how the capture ended (the callback of C{vm.stored}) and
+        wake L{whenEnded} waiters.
 
         @param result: the L{Snapshot} or a Failure.
         """
@@ -73,6 +76,36 @@ class CaptureJob:
             self.outcome, self.error = "failed", result.getErrorMessage()
         else:
             self.outcome = "completed"
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(self.outcome)
+
+    def whenEnded(self) -> Deferred:
+        """
+        @return: a Deferred firing with L{outcome} once the capture ended.
+        """
+        if self.outcome is not None:
+            return succeed(self.outcome)
+        waiter: Deferred = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def read(self, idstr: str, offset: int, length: int) -> Deferred:
+        """
+        Read the capture's RAM: live while QEMU is sending, from the stored
+        snapshot once its migration completed (waiting for the files to be
+        written).
+
+        @param idstr: the RAM block.
+        @param offset: byte offset.
+        @param length: byte count.
+        @return: a Deferred firing with the bytes.
+        @raise SnapshotError: bad block or range.
+        """
+        if self.outcome is None and self.query()["status"] != "storing":
+            return self.vm.readLive(idstr, offset, length)
+        return self.whenEnded().addCallback(
+            lambda _: openSnapshot(self.path).read(idstr, offset, length))
 
     def query(self) -> dict[str, Any]:
         """
@@ -274,9 +307,7 @@ class SnapshotJobs:
                 f"snapshot-read of {length} bytes: at most {MAX_READ} per call")
         live = self.capture
         if live is not None and (not path or os.path.abspath(path) == live.path):
-            if live.outcome is None:
-                return live.vm.readLive(idstr, offset, length)
-            path = live.path
+            return live.read(idstr, offset, length)
         if not path:
             raise SnapshotError("no capture is running; name a snapshot directory")
         return succeed(openSnapshot(path).read(idstr, offset, length))
