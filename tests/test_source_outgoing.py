@@ -15,6 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.enginevm import OutgoingTestVM, PAGE
 from twisted_postcopy.protocols import _codec as c
 from twisted_postcopy.source.outgoing import DONE, OutgoingMigration
+from twisted_postcopy.wire import decodeAll
+from twisted_postcopy.wire import events as e
 
 
 def _migration(capabilities: dict[str, bool], **parameters: int):
@@ -86,6 +88,30 @@ class OutgoingTests(SynchronousTestCase):
         header = 5 + 8 + 1 + len("pc.ram")
         self.assertEqual(len(chunks[0]), header + PAGE + 8 + 5)
         self.assertEqual(migration.stats.postcopyRequests, 1)
+
+    def test_scanRestartsAfterRequest(self) -> None:
+        """
+        As QEMU 7.2's C{ram_find_and_save_block} moves C{pss} to a queued
+        page, the background scan continues from the page after a requested
+        one: on the wire the requested page is followed by its successors,
+        and the pages the scan skipped come after the end of the block.
+        """
+        _, migration, chunks, clock = _migration({"postcopy-ram": True},
+                                                 **{"max-postcopy-bandwidth": 4 * PAGE * 10})
+        migration.postcopyRequested = True
+        migration.step()
+        self.assertEqual(migration.machine.status.value, "postcopy-active")
+        migration.step()
+        migration.pagesRequested("pc.ram", 40 * PAGE, PAGE)
+        while migration.step() != DONE:
+            clock.advance(0.1)
+        pages = [event.offset // PAGE for event in decodeAll(b"".join(chunks))
+                 if isinstance(event, e.PageReceived)]
+        self.assertEqual(sorted(pages), list(range(64)))
+        sent = pages.index(40)
+        self.assertGreater(sent, 0)
+        self.assertEqual(pages[sent:sent + 24], list(range(40, 64)))
+        self.assertEqual(pages[:sent] + pages[sent + 24:], list(range(40)))
 
     def test_neverTwiceAfterSwitch(self) -> None:
         """
