@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_postcopy import errors
 from twisted_postcopy.control.client import ControlClient
 from twisted_postcopy.control.server import ControlAMP
-from twisted_postcopy.snapshot.jobs import MAX_READ, SnapshotJobs, addressURI
+from twisted_postcopy.snapshot.jobs import LIVE_READ_TIMEOUT, MAX_READ, SnapshotJobs, addressURI
 from twisted_postcopy.snapshot.store import writeSnapshot
 from twisted_postcopy.wire.config import encodeHeader
 
@@ -54,6 +54,20 @@ class _ImmediatePool:
             onResult(False, Failure())
         else:
             onResult(True, result)
+
+
+class _SilentSource:
+    """
+    Page requests to a QEMU source that never answers.
+    """
+
+    def requestPage(self, block: str, offset: int) -> Deferred:
+        """
+        @param block: the block.
+        @param offset: the page.
+        @return: a Deferred that never fires.
+        """
+        return Deferred()
 
 
 class ImmediateReactor(MemoryReactorClock):
@@ -248,6 +262,23 @@ class SnapshotCommandTests(SynchronousTestCase):
         for path in (target, ""):
             data = self.successResultOf(self.call(self.client.snapshotRead(path, "pc.ram", 10, 20)))
             self.assertEqual(data, bytes(20))
+
+    def test_liveReadTimeout(self) -> None:
+        """
+        A live read in postcopy whose page never arrives from the source
+        fails with L{errors.SnapshotError} after L{LIVE_READ_TIMEOUT}
+        seconds, rather than hanging.
+        """
+        self.successResultOf(self.call(self.client.snapshotCapture("tcp:127.0.0.1:0", self.mktemp())))
+        vm = self.jobs.capture.vm
+        vm.ramBlocksListed([("pc.ram", 4 * PAGE, None)])
+        vm.inPostcopy = lambda: True
+        vm.pageSource = _SilentSource()
+        d = self.call(self.client.snapshotRead("", "pc.ram", 0, 10))
+        self.assertNoResult(d)
+        self.reactor.advance(LIVE_READ_TIMEOUT)
+        self.pump.flush()
+        self.failureResultOf(d).trap(errors.SnapshotError)
 
     def test_captureStored(self) -> None:
         """

@@ -24,6 +24,10 @@ from twisted_postcopy.snapshot.capture import CaptureVM, captureSnapshot
 from twisted_postcopy.snapshot.restore import restoreSnapshot, verifyInThread
 from twisted_postcopy.snapshot.store import openSnapshot
 
+#: Seconds a live read waits for its pages from the QEMU source before
+#: failing with L{SnapshotError} (the source stopped serving them).
+LIVE_READ_TIMEOUT = 60.0
+
 #: The most bytes one C{snapshot-read} returns: 15 pages, below AMP's
 #: 65,535-byte value limit.
 MAX_READ = 15 * 4096
@@ -90,20 +94,24 @@ class CaptureJob:
         self._waiters.append(waiter)
         return waiter
 
-    def read(self, idstr: str, offset: int, length: int) -> Deferred:
+    def read(self, reactor: Any, idstr: str, offset: int, length: int) -> Deferred:
         """
         Read the capture's RAM: live while QEMU is sending, from the stored
         snapshot once its migration completed (waiting for the files to be
         written).
 
+        @param reactor: the reactor (for L{LIVE_READ_TIMEOUT}).
         @param idstr: the RAM block.
         @param offset: byte offset.
         @param length: byte count.
-        @return: a Deferred firing with the bytes.
+        @return: a Deferred firing with the bytes, failing with
+            L{SnapshotError} if the pages do not arrive in time.
         @raise SnapshotError: bad block or range.
         """
         if self.outcome is None and self.query()["status"] != "storing":
-            return self.vm.readLive(idstr, offset, length)
+            return _within(reactor, self.vm.readLive(idstr, offset, length), SnapshotError(
+                f"live read of {idstr} at {offset:#x}: the source sent no page "
+                f"within {LIVE_READ_TIMEOUT:g} s"))
         return self.whenEnded().addCallback(
             lambda _: openSnapshot(self.path).read(idstr, offset, length))
 
@@ -126,6 +134,42 @@ class CaptureJob:
         if self.error is not None:
             info["error"] = self.error
         return info
+
+
+def _within(reactor: Any, reading: Deferred, error: Exception) -> Deferred:
+    """
+    Give up waiting for a live read after L{LIVE_READ_TIMEOUT} seconds.
+    The read itself is left alone: its pages are still wanted by the
+    capture, and its late result is dropped.
+
+    @param reactor: the reactor.
+    @param reading: the read's Deferred.
+    @param error: the error to fail with on timeout.
+    @return: a Deferred firing with the read's result, or failing with
+        C{error}.
+    """
+    result: Deferred = Deferred()
+
+    def timedOut() -> None:
+        """
+        Fail the caller's Deferred.
+        """
+        result.errback(error)
+
+    timer = reactor.callLater(LIVE_READ_TIMEOUT, timedOut)
+
+    def done(outcome: Any) -> None:
+        """
+        Pass the read's outcome on, unless too late.
+
+        @param outcome: the bytes or a Failure.
+        """
+        if timer.active():
+            timer.cancel()
+            result.callback(outcome)
+
+    reading.addBoth(done)
+    return result
 
 
 @define
@@ -307,7 +351,7 @@ class SnapshotJobs:
                 f"snapshot-read of {length} bytes: at most {MAX_READ} per call")
         live = self.capture
         if live is not None and (not path or os.path.abspath(path) == live.path):
-            return live.read(idstr, offset, length)
+            return live.read(self.reactor, idstr, offset, length)
         if not path:
             raise SnapshotError("no capture is running; name a snapshot directory")
         return succeed(openSnapshot(path).read(idstr, offset, length))
