@@ -233,6 +233,7 @@ class MigrationTests(TestCase):
         """
         spec = GuestSpec("stress", 1, (("ram", 4 * MiB),), ("--working-set", "1024", "--rate", "2000"))
         source, destination = self.guests(spec, True)
+        destinationFailed = self.assertFailure(destination.done, GuestError)
         yield source.start()
         self.src.setParameters({"max-bandwidth": 1 * MiB})
         port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
@@ -240,6 +241,8 @@ class MigrationTests(TestCase):
         yield self.src.whenStatus("active")
         self.src.cancel()
         self.assertEqual((yield self.src.whenStatus("cancelled", "failed", "completed")), "cancelled")
+        self.assertEqual((yield self.dst.whenStatus("failed")), "failed")
+        yield destinationFailed
         yield deferLater(reactor, 0.1, lambda: None)
         yield source.stop()
         first = yield source.host.save()
