@@ -48,6 +48,18 @@ class MemBlock:
         """
         return memoryview(self.map)
 
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """
+        Write whole pages with C{pwrite} (the destination's precopy path).
+
+        @param offset: bytes.
+        @param data: the pages.
+        """
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.fd, view, offset)
+            view, offset = view[written:], offset + written
+
     def discard(self, offset: int, length: int) -> None:
         """
         Punch a hole.

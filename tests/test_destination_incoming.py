@@ -7,16 +7,23 @@ loaded into a destination, and postcopy placement rules.
 
 from __future__ import annotations
 
+import errno
 import os
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.enginevm import IncomingTestVM, PAGE
+from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
+from tests.test_protocols_stream import HEADER, RP_PING_ADVISE
 from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.destination.placer import HOLE, PagePlacer
-from twisted_postcopy.errors import RemoteProtocolError
-from twisted_postcopy.protocols.stream import DestinationProtocol
+from twisted_postcopy.errors import RemoteProtocolError, UffdError
+from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
+from twisted_postcopy.ram import support
+from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.ram.support import unavailableError
+from twisted_postcopy.source.outgoing import OutgoingMigration
 from twisted_postcopy.wire import decodeAll
 from twisted_postcopy.wire import events as e
 
@@ -167,3 +174,185 @@ class PlacerTests(SynchronousTestCase):
         """
         self.assertRaises(RemoteProtocolError, self.placer.page, "nope", 0, bytes(PAGE))
         self.assertRaises(RemoteProtocolError, self.placer.page, "pc.ram", 8 * PAGE, bytes(PAGE))
+
+
+class _StoppingFaults(_Faults):
+    """
+    Records placements and C{stop}.
+    """
+
+    def stop(self) -> None:
+        """
+        Record the stop.
+        """
+        self.calls.append(("stop",))
+
+
+class _RAMBlockVM(IncomingTestVM):
+    """
+    An incoming VM whose blocks are real L{RAMBlock}s.
+    """
+
+    def ramBlocksListed(self, blocks):
+        """
+        @param blocks: (idstr, length, page size) each.
+        @return: idstr -> new RAMBlock.
+        """
+        self.blocks = {name: RAMBlock(name, length) for name, length, _ in blocks}
+        for block in self.blocks.values():
+            self.addCleanup(block.close)
+        return self.blocks
+
+
+class RAMSupportTests(SynchronousTestCase):
+    """
+    The destination's use of L{twisted_postcopy.ram.support} and of
+    L{RAMBlock.write}, and when the fault service stops.
+    """
+
+    def _destination(self, vm, postcopy: bool = False):
+        """
+        @return: (incoming migration, connected protocol) over C{vm}.
+        """
+        incoming = IncomingMigration(vm, None, postcopy)
+        incoming.machine.setup()
+        protocol = DestinationProtocol(incoming)
+        protocol.makeConnection(StringTransport())
+        return incoming, protocol
+
+    def test_adviseChecksUserfaultfd(self) -> None:
+        """
+        At POSTCOPY_ADVISE the destination runs its userfaultfd check; a
+        missing privilege fails the incoming migration right there, with
+        L{UffdUnavailableError}'s message naming the fix.
+        """
+        unavailable = unavailableError(UffdError(errno.EPERM, "userfaultfd: Operation not permitted"))
+
+        def refuse() -> None:
+            raise unavailable
+
+        vm = IncomingTestVM()
+        incoming, protocol = self._destination(vm, postcopy=True)
+        incoming.checkUserfaultfd = refuse
+        protocol.dataReceived(HEADER + RP_PING_ADVISE)
+        self.assertEqual(incoming.machine.status.status.value, "failed")
+        self.assertIs(vm.failure, unavailable)
+        self.assertIn("vm.unprivileged_userfaultfd=1", str(vm.failure))
+        self.assertEqual(incoming.machine.postcopy.name, "NONE")
+
+    def test_defaults(self) -> None:
+        """
+        By default the check is L{support.checkUserfaultfd} and LISTEN
+        tunes the collector with L{support.tuneGarbageCollector}; the check
+        passes on this host and ADVISE is accepted.
+        """
+        vm = IncomingTestVM()
+        incoming, protocol = self._destination(vm, postcopy=True)
+        self.assertIs(incoming.checkUserfaultfd, support.checkUserfaultfd)
+        self.assertIs(incoming.tuneGarbageCollector, support.tuneGarbageCollector)
+        protocol.dataReceived(HEADER + RP_PING_ADVISE)
+        self.assertEqual(incoming.machine.postcopy.name, "ADVISE")
+
+    def test_listenTunesCollector(self) -> None:
+        """
+        LISTEN tunes the collector once, before the fault service starts.
+        """
+        calls: list[str] = []
+        incoming = IncomingMigration(IncomingTestVM(), _NullReturnPath(), True,
+                                     lambda blocks, source: calls.append("faults"))
+        incoming.tuneGarbageCollector = lambda: calls.append("gc")
+        incoming.checkUserfaultfd = lambda: calls.append("check")
+        incoming.machine.setup()
+        incoming.connected()
+        incoming.advise(PAGE, PAGE)
+        incoming.ramBlocksListed([("pc.ram", 4 * PAGE, None)])
+        incoming.listen()
+        self.assertEqual(calls, ["check", "gc", "faults"])
+
+    def test_precopyMarksReceived(self) -> None:
+        """
+        Precopy pages go through L{RAMBlock.write}: the block's received
+        bitmap holds exactly the pages sent with data (ZERO pages stay
+        holes), and the memfd holds them.
+        """
+        source = OutgoingTestVM({"pc.ram": 16 * PAGE})
+        for page in (1, 2, 3, 9):
+            source.write(0, page * PAGE, b"%d" % page)
+        clock = Clock()
+        parameters = {"max-bandwidth": 0, "max-postcopy-bandwidth": 0, "downtime-limit": 300}
+        migration = OutgoingMigration(source, None, clock.seconds, {}, parameters)
+        migration.begin()
+        sending = StringTransport()
+        SourceProtocol(migration, clock).makeConnection(sending)
+        while not migration.written:
+            clock.advance(0.1)
+        vm = _RAMBlockVM()
+        vm.addCleanup = self.addCleanup
+        incoming, protocol = self._destination(vm)
+        protocol.dataReceived(sending.value())
+        self.assertEqual(vm.events, ["run", "completed"])
+        block = vm.blocks["pc.ram"]
+        self.assertEqual([page for page in range(16) if block.receivedMap.test(page)], [1, 2, 3, 9])
+        self.assertEqual(os.pread(block.fd, block.length, 0), source.contents()["pc.ram"])
+
+    def test_stopOnlyWhenAllPlaced(self) -> None:
+        """
+        The fault service stops after every page is placed (holes get zero
+        pages first); a postcopy stream that ends with a page never sent
+        fails with L{RemoteProtocolError} before the service is stopped
+        (the failure stops it).
+        """
+        for sent, expected in ((4, "completed"), (3, "failed")):
+            faults = _StoppingFaults()
+            vm = IncomingTestVM()
+            incoming = IncomingMigration(vm, _NullReturnPath(), True, lambda blocks, source: faults)
+            incoming.checkUserfaultfd = incoming.tuneGarbageCollector = lambda: None
+            incoming.machine.setup()
+            incoming.connected()
+            incoming.advise(PAGE, PAGE)
+            incoming.ramBlocksListed([("pc.ram", 5 * PAGE, None)])
+            incoming.zero("pc.ram", 4 * PAGE, 0)
+            incoming.listen()
+            incoming.run()
+            for page in range(sent):
+                incoming.page("pc.ram", page * PAGE, bytes(PAGE))
+            incoming.flush()
+            if sent == 4:
+                incoming.eof()
+            else:
+                error = self.assertRaises(RemoteProtocolError, incoming.eof)
+                self.assertIn("1 page(s) never sent", str(error))
+                self.assertNotIn(("stop",), faults.calls)
+                incoming.failed(error)
+            self.assertEqual(incoming.machine.status.status.value, expected)
+            self.assertEqual(faults.calls[0], ("copy", "pc.ram", 0, sent * PAGE))
+            self.assertEqual(faults.calls[1], ("zero", "pc.ram", 4 * PAGE, PAGE))
+            self.assertEqual(faults.calls[2:], [("stop",)])
+
+
+class _NullReturnPath:
+    """
+    A return path that sends nothing.
+    """
+
+    def reset(self) -> None:
+        """
+        Forget the previous request's block.
+        """
+
+    def shut(self, value: int) -> None:
+        """
+        @param value: the SHUT value.
+        """
+
+    def pong(self, value: int) -> None:
+        """
+        @param value: the PONG value.
+        """
+
+    def requestPages(self, idstr: str, start: int, length: int) -> None:
+        """
+        @param idstr: the block.
+        @param start: byte offset.
+        @param length: bytes.
+        """

@@ -25,6 +25,7 @@ from twisted_postcopy.destination.machine import IncomingMachine
 from twisted_postcopy.destination.placer import PagePlacer
 from twisted_postcopy.errors import MigrationFailed, RemoteProtocolError
 from twisted_postcopy.interfaces import IPageSource
+from twisted_postcopy.ram import support
 from twisted_postcopy.wire.strings import encodeName
 
 #: The only page size pair this destination accepts in ADVISE.
@@ -54,6 +55,12 @@ class IncomingMigration:
     @ivar observers: called with C{(idstr, offset, length)} per placement
         after LISTEN (blocktime hooks in here).
     @ivar pendingPlaced: pages handed to the placer since the last flush.
+    @ivar checkUserfaultfd: called at POSTCOPY_ADVISE (QEMU's
+        C{postcopy_ram_supported_by_host}); raises
+        L{twisted_postcopy.errors.UffdUnavailableError} when postcopy
+        cannot run here.
+    @ivar tuneGarbageCollector: called at POSTCOPY_LISTEN to keep the
+        cyclic garbage collector off the fault path.
     """
 
     vm: Any
@@ -67,6 +74,8 @@ class IncomingMigration:
     sawEOF: bool = False
     observers: list[Callable[[str, int, int], object]] = field(factory=list)
     pendingPlaced: list[tuple[str, int, int]] = field(factory=list)
+    checkUserfaultfd: Callable[[], object] = support.checkUserfaultfd
+    tuneGarbageCollector: Callable[[], object] = support.tuneGarbageCollector
 
     def connected(self) -> None:
         """
@@ -109,6 +118,8 @@ class IncomingMigration:
         @param pageSizeSummary: the source's OR of block page sizes.
         @param targetPageSize: the source's target page size.
         @raise RemoteProtocolError: postcopy is off here, or the sizes differ.
+        @raise twisted_postcopy.errors.UffdUnavailableError: userfaultfd
+            cannot be used by this process (the message names the fix).
         """
         if not self.postcopyEnabled:
             raise RemoteProtocolError("CMD_POSTCOPY_ADVISE received but postcopy-ram is off")
@@ -117,6 +128,7 @@ class IncomingMigration:
                 f"Postcopy needs matching target page sizes {targetPageSize:#x} "
                 f"(summary {pageSizeSummary:#x})"
             )
+        self.checkUserfaultfd()
         self.machine.advise()
 
     def ramBlocksListed(self, blocks: Sequence[tuple[str, int, int | None]]) -> None:
@@ -211,6 +223,7 @@ class IncomingMigration:
         placer.flush()
         if self.faultServiceFactory is None:
             raise RemoteProtocolError("postcopy LISTEN but no fault service available")
+        self.tuneGarbageCollector()
         self.faults = self.faultServiceFactory(dict(placer.blocks), self)
         placer.faults = self.faults
 
@@ -262,10 +275,18 @@ class IncomingMigration:
 
     def complete(self) -> None:
         """
-        Completion: status C{completed}, the VM told, SHUT(0) sent.
+        Completion: status C{completed}, the VM told, SHUT(0) sent.  In
+        postcopy the fault service stops only once every page is placed
+        (stopping it earlier would turn the missing pages into zero pages).
+
+        @raise RemoteProtocolError: the stream ended with pages never sent.
         """
         if self.faults is not None:
-            self._placer().fillAllHoles()
+            placer = self._placer()
+            placer.fillAllHoles()
+            missing = placer.missingPages()
+            if missing:
+                raise RemoteProtocolError(f"postcopy stream ended with {missing} page(s) never sent")
             self.faults.stop()
         self.vm.completed()
         self.machine.complete()

@@ -6,14 +6,16 @@ Consecutive pages of one block are gathered into one run, written or
 placed with one call when the run is broken or L{PagePlacer.flush} is
 called (the protocol does so after each chunk of received data).  Before
 LISTEN (precopy) a run is written with C{pwrite} on the block's memfd and
-ZERO pages punch a hole, so the daemon never reads guest RAM.  From LISTEN
+ZERO pages punch a hole, so the daemon never reads guest RAM.  Precopy runs
+go through the block's C{write} (L{twisted_postcopy.ram.block.RAMBlock.write}),
+which keeps its received bitmap; a hole stays unreceived there, so a fault
+on it reaches the page source, which fills it with a zero page.  From LISTEN
 on, runs go through the fault service (UFFDIO_COPY / UFFDIO_ZEROPAGE).
 """
 
 from __future__ import annotations
 
 import errno
-import os
 from typing import Any, Mapping
 
 from attrs import define, field
@@ -33,8 +35,8 @@ class PagePlacer:
     """
     Writes precopy pages, places postcopy pages.
 
-    @ivar blocks: idstr -> RAMBlock of the incoming VM (C{fd}, C{length},
-        C{pageSize}, C{discard(offset, length)}).
+    @ivar blocks: idstr -> RAMBlock of the incoming VM (C{length},
+        C{pageSize}, C{write(offset, data)}, C{discard(offset, length)}).
     @ivar faults: the fault service once postcopy listens, else L{None}
         (C{placePages(block, offset, data)}, C{placeZero(block, offset,
         length)}).
@@ -202,7 +204,7 @@ class PagePlacer:
         """
         if self.run:
             if self.faults is None:
-                os.pwrite(self.blocks[self.runBlock].fd, self.run, self.runOffset)
+                self.blocks[self.runBlock].write(self.runOffset, self.run)
                 self.run.clear()
             else:
                 data, self.run = bytes(self.run), bytearray()
