@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from typing import Iterable
 
-from attrs import define, field
+from attrs import define
 
 from twisted_postcopy.wire.commands import (
     encodeAdvise,
@@ -50,7 +50,7 @@ from twisted_postcopy.wire.events import (
     ZeroPageReceived,
 )
 from twisted_postcopy.errors import LocalProtocolError
-from twisted_postcopy.wire.ram import Buffers, RAMRecordEncoder, encodeBlockList
+from twisted_postcopy.wire.ram import Buffers, RAMChannelEncoder, encodeBlockList
 from twisted_postcopy.wire.strings import encodeStr8
 
 
@@ -71,21 +71,14 @@ def encodeSectionHeader(kind: SectionType, sectionId: int, idstr: str = "",
 
 
 @define
-class StreamEncoder:
+class StreamEncoder(RAMChannelEncoder):
     """
-    Builds a main stream element by element.
+    Builds a main stream element by element; the RAM record methods
+    (C{page}, C{zeroPage}, C{eos}, C{resetLastBlock}) come from
+    L{RAMChannelEncoder}.
 
     @ivar alwaysNameBlock: never use CONTINUE (valid, only larger).
     """
-
-    alwaysNameBlock: bool = False
-    _ram: RAMRecordEncoder = field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        """
-        Create the RAM record encoder.
-        """
-        self._ram = RAMRecordEncoder(self.alwaysNameBlock)
 
     def header(self, machine: str, subsections: bytes = b"") -> bytes:
         """
@@ -196,36 +189,6 @@ class StreamEncoder:
         """
         return (encodeSectionHeader(SectionType.SECTION_START, sectionId, RAM_IDSTR, 0, RAM_SECTION_VERSION)
                 + encodeBlockList(blocks) + self._ram.eos() + footerBytes(sectionId))
-
-    def page(self, block: str, offset: int, data: bytes | memoryview) -> Buffers:
-        """
-        @param block: the RAMBlock idstr.
-        @param offset: the page's byte offset in the block.
-        @param data: the 4096 page bytes (not copied).
-        @return: C{[header, data]}.
-        """
-        return self._ram.page(block, offset, data)
-
-    def zeroPage(self, block: str, offset: int, fill: int = 0) -> bytes:
-        """
-        @param block: the RAMBlock idstr.
-        @param offset: the page's byte offset in the block.
-        @param fill: the fill byte.
-        @return: the ZERO record.
-        """
-        return self._ram.zeroPage(block, offset, fill)
-
-    def eos(self) -> bytes:
-        """
-        @return: the EOS record ending a RAM payload.
-        """
-        return self._ram.eos()
-
-    def resetLastBlock(self) -> None:
-        """
-        Forget the CONTINUE block (at the switch to postcopy, after recovery).
-        """
-        self._ram.reset()
 
     def ownDeviceSection(self, sectionId: int, guest: str, blob: bytes,
                          kind: SectionType = SectionType.SECTION_FULL) -> bytes:

@@ -13,7 +13,7 @@ from attrs import define, field
 from twisted_postcopy.errors import RemoteProtocolError, TruncatedStreamError, UnknownElementError
 from twisted_postcopy.wire.buffer import ReceiveBuffer
 from twisted_postcopy.wire.events import NEED_DATA, NeedData, RAMBlockInfo, RAMSectionEOS
-from twisted_postcopy.wire.ram import Buffers, RAMEvent, RAMRecordDecoder, RAMRecordEncoder
+from twisted_postcopy.wire.ram import RAMChannelEncoder, RAMEvent, RAMRecordDecoder
 
 
 @define
@@ -94,52 +94,16 @@ class PreemptDecoder:
 
 
 @define
-class PreemptEncoder:
+class PreemptEncoder(RAMChannelEncoder):
     """
-    Encodes a preempt channel: urgent pages, then EOS.
+    Encodes a preempt channel: urgent pages, then EOS (C{page},
+    C{zeroPage}, C{eos}, C{resetLastBlock} from L{RAMChannelEncoder}).
 
     @ivar alwaysNameBlock: never use CONTINUE (what QEMU 7.2 effectively
         does: it names the block after every channel switch).
     """
 
     alwaysNameBlock: bool = True
-    _ram: RAMRecordEncoder = field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        """
-        Create the record encoder.
-        """
-        self._ram = RAMRecordEncoder(self.alwaysNameBlock)
-
-    def page(self, block: str, offset: int, data: bytes | memoryview) -> Buffers:
-        """
-        @param block: the RAMBlock idstr.
-        @param offset: the page's byte offset in the block.
-        @param data: the 4096 page bytes (not copied).
-        @return: C{[header, data]}.
-        """
-        return self._ram.page(block, offset, data)
-
-    def zeroPage(self, block: str, offset: int, fill: int = 0) -> bytes:
-        """
-        @param block: the RAMBlock idstr.
-        @param offset: the page's byte offset in the block.
-        @param fill: the fill byte.
-        @return: the ZERO record.
-        """
-        return self._ram.zeroPage(block, offset, fill)
-
-    def eos(self) -> bytes:
-        """
-        @return: the EOS record that ends the channel.
-        """
-        return self._ram.eos()
-
-    def resetLastBlock(self) -> None:
-        """
-        Forget the CONTINUE block.
-        """
-        self._ram.reset()
 
     def encodeEvents(self, events: Iterable[RAMEvent]) -> bytes:
         """

@@ -315,6 +315,56 @@ class RAMRecordEncoder:
         return [self.eos()]
 
 
+@define
+class RAMChannelEncoder:
+    """
+    The RAM record methods shared by the encoder of each channel that
+    carries RAM records (the main stream and the preempt channel): pages,
+    zero pages and EOS, with the channel's own CONTINUE "last block".
+
+    @ivar alwaysNameBlock: never use CONTINUE (valid, only larger).
+    """
+
+    alwaysNameBlock: bool = False
+    _ram: RAMRecordEncoder = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Create the RAM record encoder.
+        """
+        self._ram = RAMRecordEncoder(self.alwaysNameBlock)
+
+    def page(self, block: str, offset: int, data: bytes | memoryview) -> Buffers:
+        """
+        @param block: the RAMBlock idstr.
+        @param offset: the page's byte offset in the block.
+        @param data: the 4096 page bytes (not copied).
+        @return: C{[header, data]}.
+        """
+        return self._ram.page(block, offset, data)
+
+    def zeroPage(self, block: str, offset: int, fill: int = 0) -> bytes:
+        """
+        @param block: the RAMBlock idstr.
+        @param offset: the page's byte offset in the block.
+        @param fill: the fill byte.
+        @return: the ZERO record.
+        """
+        return self._ram.zeroPage(block, offset, fill)
+
+    def eos(self) -> bytes:
+        """
+        @return: the EOS record (ending a RAM payload or the preempt channel).
+        """
+        return self._ram.eos()
+
+    def resetLastBlock(self) -> None:
+        """
+        Forget the CONTINUE block (at the switch to postcopy, after recovery).
+        """
+        self._ram.reset()
+
+
 def encodeBlockList(blocks: Iterable[RAMBlockInfo]) -> bytes:
     """
     Encode the MEM_SIZE record of a RAM START payload.
