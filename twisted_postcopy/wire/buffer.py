@@ -9,11 +9,19 @@ parsed in place, so a page's memoryview is a zero-copy slice of the chunk
 that stays valid however long it is held (a C{bytearray} with exported
 views could not be resized).  Only an element that straddles two chunks is
 copied, and only its own bytes are.
+
+L{BufferedDecoder} is the feeding and pulling API every decoder shares.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import Generic, Iterator, TypeVar
+
+from twisted_postcopy.errors import RemoteProtocolError
+from twisted_postcopy.wire.events import NEED_DATA, NeedData
+
+_EventT = TypeVar("_EventT")
 
 
 class ReceiveBuffer:
@@ -160,3 +168,56 @@ class ReceiveBuffer:
             self._pendingLength += here
         self._replace(data, 0)
         self.position -= len(data)
+
+
+class BufferedDecoder(Generic[_EventT]):
+    """
+    The sans-IO API of a decoder: bytes in with L{receiveData}, events out
+    with L{nextEvent} or L{events}; the first protocol error is kept and
+    raised again by every later call.
+
+    A subclass (an attrs class) holds C{_buffer}, a L{ReceiveBuffer}, and
+    C{_error} (L{None} until a failure), and decodes one element in
+    C{_next}.
+    """
+
+    __slots__ = ()
+    _buffer: ReceiveBuffer
+    _error: RemoteProtocolError | None
+
+    def receiveData(self, data: bytes | bytearray | memoryview) -> None:
+        """
+        Buffer received bytes (nothing is parsed here).
+
+        @param data: the bytes; C{b""} means the input ended.
+        """
+        self._buffer.feed(data)
+
+    def events(self) -> Iterator[_EventT]:
+        """
+        @return: an iterator of the events decodable now.
+        """
+        while (event := self.nextEvent()) is not NEED_DATA:
+            yield event  # type: ignore[misc]
+
+    def nextEvent(self) -> _EventT | NeedData:
+        """
+        Decode the next event.
+
+        @return: the event, or L{NEED_DATA} (after EOF was fed: the end).
+        @raise RemoteProtocolError: a subclass naming the offset and what
+            was expected; the decoder then stays failed.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except RemoteProtocolError as e:
+            self._error = e
+            raise
+
+    def _next(self) -> _EventT | NeedData:
+        """
+        @return: the next event, or L{NEED_DATA}.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must decode in _next")

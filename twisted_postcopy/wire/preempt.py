@@ -6,20 +6,21 @@ commands) up to one EOS record, with its own CONTINUE "last block".
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from attrs import define, field
 
 from twisted_postcopy.errors import RemoteProtocolError, TruncatedStreamError, UnknownElementError
-from twisted_postcopy.wire.buffer import ReceiveBuffer
+from twisted_postcopy.wire.buffer import BufferedDecoder, ReceiveBuffer
 from twisted_postcopy.wire.events import NEED_DATA, NeedData, RAMBlockInfo, RAMSectionEOS
 from twisted_postcopy.wire.ram import RAMChannelEncoder, RAMEvent, RAMRecordDecoder
 
 
 @define
-class PreemptDecoder:
+class PreemptDecoder(BufferedDecoder[RAMEvent]):
     """
-    Incremental decoder of a preempt channel.
+    Incremental decoder of a preempt channel (C{receiveData},
+    C{nextEvent}, C{events} from L{BufferedDecoder}).
 
     @ivar blocks: the RAMBlocks (from the main stream's START list).
     @ivar offset: the stream offset of the first byte fed.
@@ -45,33 +46,6 @@ class PreemptDecoder:
         @return: whether the EOS record was decoded.
         """
         return self._ended
-
-    def receiveData(self, data: bytes | bytearray | memoryview) -> None:
-        """
-        @param data: received bytes; C{b""} means the input ended.
-        """
-        self._buffer.feed(data)
-
-    def events(self) -> Iterator[RAMEvent]:
-        """
-        @return: an iterator of the events decodable now.
-        """
-        while (event := self.nextEvent()) is not NEED_DATA:
-            yield event
-
-    def nextEvent(self) -> RAMEvent | NeedData:
-        """
-        @return: the next page, zero page or EOS event, or L{NEED_DATA}.
-        @raise RemoteProtocolError: for a bad record, data after EOS or a
-            truncation; the decoder then stays failed.
-        """
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._next()
-        except RemoteProtocolError as e:
-            self._error = e
-            raise
 
     def _next(self) -> RAMEvent | NeedData:
         """

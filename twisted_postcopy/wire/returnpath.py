@@ -10,7 +10,6 @@ C{0x0123456789abcdef}.
 from __future__ import annotations
 
 import struct
-from typing import Iterator
 
 from attrs import define, field
 
@@ -23,7 +22,7 @@ from twisted_postcopy.errors import (
     TruncatedStreamError,
     UnknownElementError,
 )
-from twisted_postcopy.wire.buffer import ReceiveBuffer
+from twisted_postcopy.wire.buffer import BufferedDecoder, ReceiveBuffer
 from twisted_postcopy.wire.constants import (
     DEFAULT_MAX_RECV_BITMAP_SIZE,
     MAX_RP_MESSAGE_LEN,
@@ -62,9 +61,10 @@ def encodeMessage(message: RPMessage, payload: bytes) -> bytes:
 
 
 @define
-class ReturnPathDecoder:
+class ReturnPathDecoder(BufferedDecoder[ReturnPathEvent]):
     """
-    Incremental decoder of return-path messages (run by the source).
+    Incremental decoder of return-path messages (run by the source;
+    C{receiveData}, C{nextEvent}, C{events} from L{BufferedDecoder}).
 
     @ivar maxBitmapSize: the largest RECV_BITMAP body accepted.
     @ivar offset: the stream offset of the first byte fed.
@@ -81,35 +81,6 @@ class ReturnPathDecoder:
         Create the buffer.
         """
         self._buffer = ReceiveBuffer(self.offset)
-
-    def receiveData(self, data: bytes | bytearray | memoryview) -> None:
-        """
-        @param data: received bytes; C{b""} means the input ended.
-        """
-        self._buffer.feed(data)
-
-    def events(self) -> Iterator[ReturnPathEvent]:
-        """
-        @return: an iterator of the events decodable now.
-        """
-        while (event := self.nextEvent()) is not NEED_DATA:
-            yield event
-
-    def nextEvent(self) -> ReturnPathEvent | NeedData:
-        """
-        Decode the next message.
-
-        @return: the event, or L{NEED_DATA}.
-        @raise RemoteProtocolError: a subclass naming the offset and what
-            was expected; the decoder then stays failed.
-        """
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._next()
-        except RemoteProtocolError as e:
-            self._error = e
-            raise
 
     def _next(self) -> ReturnPathEvent | NeedData:
         """

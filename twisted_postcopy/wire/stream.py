@@ -23,7 +23,7 @@ from twisted_postcopy.errors import (
     TruncatedStreamError,
     UnknownElementError,
 )
-from twisted_postcopy.wire.buffer import ReceiveBuffer
+from twisted_postcopy.wire.buffer import BufferedDecoder, ReceiveBuffer
 from twisted_postcopy.wire.commands import checkDiscardRanges, readCommand
 from twisted_postcopy.wire.config import parseConfiguration, parseHeader
 from twisted_postcopy.wire.constants import (
@@ -64,9 +64,10 @@ _CLEAN_ENDS = frozenset({_TOP, _AFTER_EOF, _DONE})
 
 
 @define
-class StreamDecoder:
+class StreamDecoder(BufferedDecoder[StreamEvent]):
     """
-    Incremental decoder of a main migration stream (or a package).
+    Incremental decoder of a main migration stream (or a package);
+    C{receiveData} and C{events} come from L{BufferedDecoder}.
 
     @ivar header: whether the stream starts with magic, version and
         configuration (L{False} for a package or a recovery channel).
@@ -131,17 +132,10 @@ class StreamDecoder:
         """
         return dict(self._ram.lengths)
 
-    def receiveData(self, data: bytes | bytearray | memoryview) -> None:
-        """
-        Buffer received bytes (nothing is parsed here).
-
-        @param data: the bytes; C{b""} means the input ended.
-        """
-        self._buffer.feed(data)
-
     def nextEvent(self) -> StreamEvent | NeedData:
         """
-        Decode the next event.
+        Decode the next event (overrides L{BufferedDecoder.nextEvent} to
+        decode RAM records inline, the per-page hot path).
 
         @return: the event, or L{NEED_DATA} (after EOF was fed: the end).
         @raise RemoteProtocolError: a subclass naming the offset and what
@@ -161,13 +155,6 @@ class StreamDecoder:
         except RemoteProtocolError as e:
             self._error = e
             raise
-
-    def events(self) -> Iterator[StreamEvent]:
-        """
-        @return: an iterator of the events decodable now.
-        """
-        while (event := self.nextEvent()) is not NEED_DATA:
-            yield event
 
     def _needData(self) -> NeedData:
         """
