@@ -41,7 +41,7 @@ from twisted_postcopy.wire.events import (
     ReturnPathOpened,
     RunReceived,
 )
-from twisted_postcopy.wire.strings import checkStr8Length, decodeName, encodeStr8
+from twisted_postcopy.wire.strings import checkFixedLength, checkStr8Length, decodeName, encodeStr8
 
 _commandHeader = struct.Struct(">BHH")
 _lengths = struct.Struct(">HH")
@@ -71,10 +71,7 @@ def checkCommandHeader(cmd: int, length: int, where: int) -> Command:
     if command is Command.ENABLE_COLO:
         raise UnsupportedFeatureError(
             "MIG_CMD_ENABLE_COLO is not supported: switch off the x-colo capability", where)
-    expected = COMMAND_LENGTHS[command]
-    if expected is not None and length != expected:
-        raise BadLengthError(
-            f"{command.name} with length {length} (expected {expected})", where)
+    checkFixedLength(COMMAND_LENGTHS, command, length, command.name, where)
     return command
 
 

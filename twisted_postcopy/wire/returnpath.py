@@ -41,7 +41,7 @@ from twisted_postcopy.wire.events import (
     ReturnPathEvent,
     ShutReceived,
 )
-from twisted_postcopy.wire.strings import checkStr8Length, decodeName, encodeStr8
+from twisted_postcopy.wire.strings import checkFixedLength, checkStr8Length, decodeName, encodeStr8
 
 _rpHeader = struct.Struct(">HH")
 _reqPages = struct.Struct(">QI")
@@ -95,11 +95,9 @@ class ReturnPathDecoder(BufferedDecoder[ReturnPathEvent]):
             raise UnknownElementError(
                 f"invalid return-path message 0x{kind:04x} length 0x{length:04x} (expected 1..6)", where)
         message = RPMessage(kind)
-        expected = RP_MESSAGE_LENGTHS[message]
         if length > MAX_RP_MESSAGE_LEN:
             raise LimitExceededError(f"{message.name} message of length {length} (at most 512)", where)
-        if expected is not None and length != expected:
-            raise BadLengthError(f"{message.name} message with length {length} (expected {expected})", where)
+        checkFixedLength(RP_MESSAGE_LENGTHS, message, length, f"{message.name} message", where)
         if not buffer.ensure(4 + length):
             return self._needData()
         payload = bytes(buffer.view[buffer.offset + 4:buffer.offset + 4 + length])

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_wire_ram -*-
 """
-C{str8} id strings: a C{u8} length and that many bytes, no NUL.
+C{str8} id strings: a C{u8} length and that many bytes, no NUL; and the
+length checks the decoders share.
 
 Names are L{str} decoded as UTF-8 with C{surrogateescape}, so any byte
 string round-trips exactly.
@@ -8,8 +9,12 @@ string round-trips exactly.
 
 from __future__ import annotations
 
+from typing import Mapping, TypeVar
+
 from twisted_postcopy.errors import BadLengthError, LocalProtocolError
 from twisted_postcopy.wire.constants import MAX_IDSTR_LENGTH
+
+_KindT = TypeVar("_KindT")
 
 
 def decodeName(raw: bytes | memoryview) -> str:
@@ -51,6 +56,25 @@ def checkStr8Length(length: int, what: str, offset: int) -> None:
     """
     if length == 0:
         raise BadLengthError(f"empty {what} id string (expected 1..255 bytes)", offset)
+
+
+def checkFixedLength(table: Mapping[_KindT, int | None], kind: _KindT, length: int,
+                     what: str, offset: int) -> None:
+    """
+    Check a payload length against a table of fixed lengths (QEMU's
+    C{mig_cmd_args} for commands, the return path's message lengths).
+
+    @param table: the exact length of each kind, L{None} for variable.
+    @param kind: the element's kind (a key of C{table}).
+    @param length: the length read.
+    @param what: the element's name, for the message.
+    @param offset: the element's stream offset.
+    @raise BadLengthError: if C{kind} has a fixed length other than
+        C{length}.
+    """
+    expected = table[kind]
+    if expected is not None and length != expected:
+        raise BadLengthError(f"{what} with length {length} (expected {expected})", offset)
 
 
 def isPlausibleIdstr(raw: bytes | memoryview) -> bool:
