@@ -274,6 +274,51 @@ class FaultAttachTests(TestCase):
         self.assertIs(host.workers["stress-0"], first)
         self.assertEqual(len(self.service.clients), 1)
 
+    @inlineCallbacks
+    def test_threadsReported(self) -> None:
+        """
+        After attaching, a stress worker reports its writer thread: a
+        thread of its process other than the main one; the host's list
+        holds it once, also after C{run} reported it again.
+        """
+        host = self.makeHost()
+        host.spawn(STRESS, "stress", 1, IDLE)
+        yield host.whenAttached()
+        yield host.digest()
+        worker = host.workers["stress-0"]
+        tasks = {int(tid) for tid in os.listdir(f"/proc/{worker.pid}/task")}
+        self.assertEqual(len(worker.threads), 1)
+        self.assertLessEqual(set(worker.threads), tasks - {worker.pid})
+        self.assertEqual(host.threads, worker.threads)
+        yield host.run()
+        self.assertEqual(host.threads, worker.threads)
+
+    @inlineCallbacks
+    def test_badThreads(self) -> None:
+        """
+        A C{threads} message that is not a list of positive integers gets
+        C{error} and a close.
+        """
+        host = self.makeHost()
+
+        def talk() -> str:
+            """
+            @return: the daemon's error message.
+            """
+            attachment = attach(host.socketPath, "bad", "bad-0")
+            try:
+                attachment.send("threads", threads=[1, "two"])
+                attachment.receive()
+            except AttachProtocolError as error:
+                return str(error)
+            finally:
+                attachment.close()
+            return "accepted"
+
+        message = yield deferToThread(talk)
+        self.assertIn("bad threads message", message)
+        self.assertEqual(host.threads, [])
+
 
 class TrackAttachTests(TestCase):
     """

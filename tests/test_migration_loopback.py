@@ -562,6 +562,7 @@ class StressGuestTests(TestCase):
         dst = MigrationManager(reactor, arriving, arriving.faultServiceFactory)
         for manager in (src, dst):
             manager.setCapabilities({"postcopy-ram": postcopy})
+        dst.setCapabilities({"postcopy-blocktime": postcopy})
         if postcopy:
             src.setParameters({"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 8 * MiB,
                                "downtime-limit": 50})
@@ -581,24 +582,33 @@ class StressGuestTests(TestCase):
         for name, verdict in verdicts.items():
             self.assertTrue(verdict["ok"], (name, verdict))
             self.assertGreater(verdict["steps"], 0)
-        return src.queryMigrate()
+        return src.queryMigrate(), dst.queryMigrate(), arriving
 
     @inlineCallbacks
     def test_precopy(self) -> None:
         """
         Precopy of a guest dirtying memory: every page verified.
         """
-        info = yield self.migrate(False)
+        info, _, _ = yield self.migrate(False)
         self.assertGreater(info["ram"]["dirty-sync-count"], 0)
 
     @inlineCallbacks
     def test_postcopy(self) -> None:
         """
         Postcopy: the workers run on the destination before all pages
-        arrived (their faults are requested) and every page verifies.
+        arrived (their faults are requested) and every page verifies.  With
+        C{postcopy-blocktime} on the destination, the workers' reported
+        threads are its vCPUs: C{postcopy-vcpu-blocktime} has an entry per
+        thread and the writers' waits make at least one of them non-zero.
         """
-        info = yield self.migrate(True)
+        info, incoming, arriving = yield self.migrate(True)
         self.assertGreater(info["ram"]["postcopy-requests"], 0)
+        self.assertEqual(incoming["status"], "completed")
+        vcpus = incoming["postcopy-vcpu-blocktime"]
+        self.assertEqual(len(vcpus), len(arriving.vcpuThreads))
+        self.assertGreaterEqual(len(vcpus), 2)
+        self.assertTrue(any(vcpus), incoming)
+        self.assertGreaterEqual(incoming["postcopy-blocktime"], 0)
 
 
 class _KVClient(LineReceiver):

@@ -222,6 +222,9 @@ class IncomingGuest:
     @ivar autoRun: whether C{run} runs the workers (or only loads them).
     @ivar running: fires once the workers loaded their state (and run).
     @ivar done: fires on completion, fails on failure.
+    @ivar vcpuThreads: the native ids of the worker threads that touch
+        guest RAM, as the workers report them (a live list: it grows as
+        they run; C{postcopy-blocktime} counts them as vCPUs).
     """
 
     def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str, autoRun: bool = True) -> None:
@@ -238,6 +241,7 @@ class IncomingGuest:
         self.states: dict[str, bytes] | None = None
         self.running: Deferred = Deferred()
         self.done: Deferred = Deferred()
+        self.vcpuThreads: list[int] = []
 
     def ramBlocksListed(self, blocks: Any) -> dict[str, RAMBlock]:
         """
@@ -258,7 +262,7 @@ class IncomingGuest:
         @param faultService: for C{fault}.
         """
         self.host = GuestHost(self.reactor, self.socketPath, list(self.blocks.values()), mode,
-                              faultService=faultService)
+                              faultService=faultService, threads=self.vcpuThreads)
         self.host.spawn(self.spec.workerModule(), self.spec.name, self.spec.workers, list(self.spec.arguments))
 
     def faultServiceFactory(self, blocks: dict[str, Any], pageSource: Any) -> Any:

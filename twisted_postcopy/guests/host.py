@@ -67,10 +67,14 @@ class GuestHost(protocol.Factory):
     @ivar dirtyTracker: where C{track} clients go.
     @ivar workers: attached workers by name.
     @ivar processes: spawned processes by worker name.
+    @ivar threads: the native thread ids every worker reported (C{threads}
+        messages), in first-report order; only ever appended to, so an
+        index keeps naming the same thread (blocktime's vCPU index).
     """
 
     def __init__(self, reactor: Any, socketPath: str, blocks: list[Any], mode: str = "plain",
-                 faultService: Any = None, dirtyTracker: Any = None) -> None:
+                 faultService: Any = None, dirtyTracker: Any = None,
+                 threads: list[int] | None = None) -> None:
         """
         @param reactor: an C{IReactorUNIX} and C{IReactorProcess}.
         @param socketPath: where to listen.
@@ -78,6 +82,8 @@ class GuestHost(protocol.Factory):
         @param mode: the attachment mode.
         @param faultService: a L{twisted_postcopy.ram.faults.FaultService}.
         @param dirtyTracker: a L{twisted_postcopy.ram.dirty.DirtyTracker}.
+        @param threads: the list L{threads} appends to (a new one if
+            L{None}), so a caller can hand out a live view.
         @raise GuestError: unknown mode.
         """
         if mode not in MODES:
@@ -86,6 +92,7 @@ class GuestHost(protocol.Factory):
         self.faultService, self.dirtyTracker = faultService, dirtyTracker
         self.workers: dict[str, AttachProtocol] = {}
         self.processes: dict[str, WorkerProcess] = {}
+        self.threads: list[int] = [] if threads is None else threads
         self._waiting: list[Deferred] = []
         self._killed: Deferred | None = None
         self.port = reactor.listenUNIX(socketPath, self)
@@ -125,6 +132,15 @@ class GuestHost(protocol.Factory):
         """
         self.workers[worker.worker] = worker
         self._check()
+
+    def workerThreads(self, worker: AttachProtocol) -> None:
+        """
+        A worker reported its thread ids: add the new ones to L{threads}.
+
+        @param worker: its protocol.
+        """
+        known = set(self.threads)
+        self.threads.extend(tid for tid in worker.threads if tid not in known)
 
     def workerLost(self, worker: AttachProtocol) -> None:
         """

@@ -62,6 +62,7 @@ class AttachProtocol(protocol.Protocol):
     @ivar client: the fault service client or tracked process.
     @ivar attached: whether the attachment completed.
     @ivar info: fields of the last C{info} message (e.g. a kv port).
+    @ivar threads: the native thread ids of the last C{threads} message.
     """
 
     def __init__(self, host: GuestHost) -> None:
@@ -75,6 +76,7 @@ class AttachProtocol(protocol.Protocol):
         self.client: Any = None
         self.attached = False
         self.info: dict[str, Any] = {}
+        self.threads: list[int] = []
         self._replies: list[tuple[str, Deferred]] = []
 
     def fileDescriptorReceived(self, descriptor: int) -> None:
@@ -135,6 +137,9 @@ class AttachProtocol(protocol.Protocol):
             self._attach(message)
         elif message.kind == "info" and self.attached:
             self.info = dict(message.fields)
+        elif message.kind == "threads" and self.attached:
+            self.threads = _threadIds(message)
+            self.host.workerThreads(self)
         elif message.kind == "error" and self._replies:
             self._replies.pop(0)[1].errback(GuestError(f"guest worker {self.worker}: {message.fields.get('message')}"))
             self.transport.loseConnection()
@@ -211,3 +216,21 @@ def _hello(message: Any) -> tuple[str, str, int]:
     if not (isinstance(guest, str) and isinstance(worker, str) and worker and isinstance(pid, int) and pid > 0):
         raise AttachProtocolError(f"bad hello: guest {guest!r}, worker {worker!r}, pid {pid!r}")
     return guest, worker, pid
+
+
+#: The most thread ids one C{threads} message may list.
+MAX_THREADS = 4096
+
+
+def _threadIds(message: Any) -> list[int]:
+    """
+    @param message: a C{threads} message.
+    @return: its thread ids.
+    @raise AttachProtocolError: not a list of at most L{MAX_THREADS}
+        positive integers.
+    """
+    threads = message["threads"]
+    if not (isinstance(threads, list) and len(threads) <= MAX_THREADS
+            and all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in threads)):
+        raise AttachProtocolError(f"bad threads message: {threads!r:.200}")
+    return threads

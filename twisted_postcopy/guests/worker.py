@@ -4,7 +4,8 @@ The run-control loop shared by guest worker programs.
 
 A worker program attaches (L{twisted_postcopy.guests.attach.attach}) and
 then obeys the daemon's requests on its main thread while its own threads
-do the guest's work:
+do the guest's work.  It reports its thread ids (C{threads}) once attached
+and again before each C{running}:
 
   - C{run} -> L{GuestWorker.resume}, then C{info} (if it returned
     fields) and C{running};
@@ -26,6 +27,7 @@ import argparse
 import base64
 import hashlib
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from twisted_postcopy.errors import AttachProtocolError, GuestError
@@ -78,11 +80,34 @@ class GuestWorker:
         """
         return {"ok": True}
 
+    def threadIds(self) -> list[int]:
+        """
+        The native thread ids of the threads that run the guest's work (its
+        "vCPUs", for C{postcopy-blocktime}).  By default every live Python
+        thread of the worker but the main one, which only answers the
+        daemon's requests (or the main thread alone when there is no
+        other); override to report other threads.
+
+        @return: the ids, as the kernel reports them in C{uffd_msg} C{ptid}.
+        """
+        main = threading.main_thread()
+        threads = [t for t in threading.enumerate() if t is not main and t.native_id is not None]
+        return [t.native_id for t in threads or [main] if t.native_id is not None]
+
     def close(self) -> None:
         """
         The daemon went away: end the work.
         """
         self.pause()
+
+
+def reportThreads(worker: GuestWorker) -> None:
+    """
+    Send C{threads} with the worker's current thread ids.
+
+    @param worker: the worker.
+    """
+    worker.attachment.send("threads", threads=worker.threadIds())
 
 
 def serve(worker: GuestWorker) -> None:
@@ -92,6 +117,7 @@ def serve(worker: GuestWorker) -> None:
     @param worker: the worker.
     """
     attachment = worker.attachment
+    reportThreads(worker)
     while True:
         try:
             message = attachment.receive()
@@ -102,6 +128,7 @@ def serve(worker: GuestWorker) -> None:
                 info = worker.resume()
                 if info:
                     attachment.send("info", **info)
+                reportThreads(worker)
                 attachment.send("running")
             elif message.kind == "stop":
                 worker.pause()
