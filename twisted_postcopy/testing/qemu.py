@@ -7,7 +7,8 @@ boot-sector guest of L{twisted_postcopy.testing.bootsector}, with its QMP
 monitor on a Unix socket in a private directory, its stderr and serial port
 in files there, and every wait bounded by a timeout.  L{machineArguments}
 holds the options shared by a migration source and its destination, so a
-restore target always matches.
+restore target always matches (it and the other host facts live in
+L{twisted_postcopy.testing.qemuhost} and are importable from here).
 
 Everything here is synchronous (QMP through L{qemu.qmp.legacy}); it never
 touches the Twisted reactor.
@@ -19,87 +20,26 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Iterable
 
 from attrs import define, field
 
 from twisted_postcopy.errors import QEMUError, QEMUTimeoutError
+from twisted_postcopy.testing.qemuhost import (
+    DEFAULT_TIMEOUT,
+    MACHINE,
+    QEMU_BINARY,
+    machineArguments,
+    qemuAvailable,
+    qemuBinary,
+    qemuSkipReason,
+    waitFor,
+)
 
-QEMU_BINARY = "qemu-system-x86_64"
-MACHINE = "pc-i440fx-7.2"
-DEFAULT_TIMEOUT = 30.0
-_POLL = 0.02
-_T = TypeVar("_T")
-
-
-def qemuBinary() -> str | None:
-    """
-    @return: the path of C{qemu-system-x86_64}, or L{None} when missing.
-    """
-    return shutil.which(QEMU_BINARY)
-
-
-def qemuSkipReason() -> str | None:
-    """
-    Explain why real-QEMU tests cannot run here.
-
-    @return: a reason suitable for a trial C{skip} attribute, or L{None}
-        when QEMU and the C{qemu.qmp} package are both available.
-    """
-    if qemuBinary() is None:
-        return f"{QEMU_BINARY} not found (run tools/install-deps)"
-    try:
-        import qemu.qmp.legacy  # noqa: F401
-    except ImportError:
-        return "the qemu.qmp package is missing (pip install qemu.qmp)"
-    return None
-
-
-def qemuAvailable() -> bool:
-    """
-    @return: whether real-QEMU tests can run here.
-    """
-    return qemuSkipReason() is None
-
-
-def machineArguments(image: str, memoryMiB: int = 32) -> list[str]:
-    """
-    The machine options shared by every source and destination QEMU.
-
-    @param image: the raw boot-sector image (an IDE disk: SeaBIOS boots it
-        faster than a floppy).
-    @param memoryMiB: guest RAM size in MiB.
-    @return: C{qemu-system-x86_64} arguments (no monitor, serial or
-        incoming options).
-    """
-    return [
-        "-M", MACHINE, "-accel", "tcg", "-m", str(memoryMiB),
-        "-nodefaults", "-no-user-config", "-display", "none",
-        "-drive", f"file={image},format=raw,if=ide,snapshot=on",
-    ]
-
-
-def waitFor(
-    check: Callable[[], _T | None], timeout: float, what: str
-) -> _T:
-    """
-    Poll C{check} until it returns something other than L{None}.
-
-    @param check: the condition; its non-L{None} result is returned.
-    @param timeout: seconds to wait at most.
-    @param what: what is awaited, for the error message.
-    @return: the first non-L{None} result of C{check}.
-    @raise QEMUTimeoutError: when C{timeout} elapses first.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise QEMUTimeoutError(f"timed out after {timeout} s waiting {what}")
-        time.sleep(_POLL)
+__all__ = [
+    "DEFAULT_TIMEOUT", "MACHINE", "QEMU_BINARY", "QEMUInstance", "machineArguments",
+    "qemuAvailable", "qemuBinary", "qemuSkipReason", "waitFor",
+]
 
 
 @define
@@ -423,3 +363,4 @@ class QEMUInstance:
                 self.process.kill()
                 self.process.wait(timeout)
         shutil.rmtree(self.socketDirectory, ignore_errors=True)
+

@@ -1,0 +1,93 @@
+# -*- test-case-name: tests.test_qemu -*-
+"""
+Whether and how this host runs QEMU 7.2 for tests and benches: the binary,
+the reason real-QEMU tests are skipped, the machine options every source
+and destination share, and bounded polling.
+
+Everything here is synchronous; it never touches the Twisted reactor.
+L{twisted_postcopy.testing.qemu} re-exports every name.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Callable, TypeVar
+
+from twisted_postcopy.errors import QEMUTimeoutError
+
+QEMU_BINARY = "qemu-system-x86_64"
+MACHINE = "pc-i440fx-7.2"
+DEFAULT_TIMEOUT = 30.0
+_POLL = 0.02
+_T = TypeVar("_T")
+
+
+def qemuBinary() -> str | None:
+    """
+    @return: the path of C{qemu-system-x86_64}, or L{None} when missing.
+    """
+    return shutil.which(QEMU_BINARY)
+
+
+def qemuSkipReason() -> str | None:
+    """
+    Explain why real-QEMU tests cannot run here.
+
+    @return: a reason suitable for a trial C{skip} attribute, or L{None}
+        when QEMU and the C{qemu.qmp} package are both available.
+    """
+    if qemuBinary() is None:
+        return f"{QEMU_BINARY} not found (run tools/install-deps)"
+    try:
+        import qemu.qmp.legacy  # noqa: F401
+    except ImportError:
+        return "the qemu.qmp package is missing (pip install qemu.qmp)"
+    return None
+
+
+def qemuAvailable() -> bool:
+    """
+    @return: whether real-QEMU tests can run here.
+    """
+    return qemuSkipReason() is None
+
+
+def machineArguments(image: str, memoryMiB: int = 32) -> list[str]:
+    """
+    The machine options shared by every source and destination QEMU.
+
+    @param image: the raw boot-sector image (an IDE disk: SeaBIOS boots it
+        faster than a floppy).
+    @param memoryMiB: guest RAM size in MiB.
+    @return: C{qemu-system-x86_64} arguments (no monitor, serial or
+        incoming options).
+    """
+    return [
+        "-M", MACHINE, "-accel", "tcg", "-m", str(memoryMiB),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-drive", f"file={image},format=raw,if=ide,snapshot=on",
+    ]
+
+
+def waitFor(
+    check: Callable[[], _T | None], timeout: float, what: str
+) -> _T:
+    """
+    Poll C{check} until it returns something other than L{None}.
+
+    @param check: the condition; its non-L{None} result is returned.
+    @param timeout: seconds to wait at most.
+    @param what: what is awaited, for the error message.
+    @return: the first non-L{None} result of C{check}.
+    @raise QEMUTimeoutError: when C{timeout} elapses first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise QEMUTimeoutError(f"timed out after {timeout} s waiting {what}")
+        time.sleep(_POLL)
+
