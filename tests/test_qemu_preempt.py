@@ -12,22 +12,19 @@ the preempt connection, in accept order, as the destination sees them.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
+from twisted_postcopy import wire
 from twisted_postcopy.testing.bootsector import PAGE_SIZE, CounterSnapshot
-from twisted_postcopy.testing.qemu import qemuSkipReason
 from twisted_postcopy.testing.qemubaseline import (
     MIB,
     PostcopyResult,
     layoutFor,
     migratePostcopy,
 )
-
-_cache: dict[str, Any] = {}
+from twisted_postcopy.testing.qemuhost import inTemporaryDirectory, recordOnce
 
 
 def migration() -> PostcopyResult:
@@ -38,42 +35,27 @@ def migration() -> PostcopyResult:
     @return: the recorded migration.
     @raise SkipTest: when QEMU is not installed.
     """
-    reason = qemuSkipReason()
-    if reason:
-        raise SkipTest(reason)
-    if "result" not in _cache:
-        directory = tempfile.mkdtemp(prefix="qemu-preempt-")
-        try:
-            _cache["result"] = migratePostcopy(
-                directory, 32, layoutFor(32, pages=1024),
-                postcopyBandwidth=2 * MIB, preempt=True,
-            )
-        except Exception as error:
-            _cache["result"] = error
-        finally:
-            shutil.rmtree(directory, True)
-    if isinstance(_cache["result"], Exception):
-        raise _cache["result"]
-    return _cache["result"]
+    return recordOnce("preempt", lambda: inTemporaryDirectory("qemu-preempt-", _migrate))
 
 
-def codec() -> Any:
+def _migrate(directory: str) -> PostcopyResult:
     """
-    @return: the L{twisted_postcopy.wire} package.
-    @raise SkipTest: while the codec cannot be imported.
+    Run the preempt migration.
+
+    @param directory: a scratch directory for the QEMUs' files.
+    @return: the recorded migration.
     """
-    try:
-        from twisted_postcopy import wire
-    except ImportError as error:
-        raise SkipTest(f"wire codec not available yet: {error}")
-    return wire
+    return migratePostcopy(
+        directory, 32, layoutFor(32, pages=1024),
+        postcopyBandwidth=2 * MIB, preempt=True,
+    )
 
 
 def mainEvents() -> list[Any]:
     """
     @return: the events of the recorded main stream.
     """
-    return codec().decodeAll(migration().main)
+    return wire.decodeAll(migration().main)
 
 
 def blocks() -> tuple[Any, ...]:
@@ -88,7 +70,7 @@ def preemptEvents() -> tuple[list[Any], Any]:
     """
     @return: the events of the recorded preempt channel, and its decoder.
     """
-    decoder = codec().PreemptDecoder(blocks())
+    decoder = wire.PreemptDecoder(blocks())
     decoder.receiveData(migration().preempt)
     decoder.receiveData(b"")
     return list(decoder.events()), decoder
@@ -110,7 +92,7 @@ def requestedPages() -> set[tuple[str, int]]:
     @return: the C{(block, offset)} of every page the destination requested
         on the return path.
     """
-    decoder = codec().ReturnPathDecoder()
+    decoder = wire.ReturnPathDecoder()
     decoder.receiveData(migration().returnPath)
     decoder.receiveData(b"")
     return {
@@ -155,7 +137,7 @@ class PreemptDecodeTests(SynchronousTestCase):
         """
         The main stream decodes completely and re-encodes exactly.
         """
-        self.assertTrue(codec().encodeEvents(mainEvents()) == migration().main)
+        self.assertTrue(wire.encodeEvents(mainEvents()) == migration().main)
 
     def test_preemptDecodes(self) -> None:
         """
@@ -166,7 +148,7 @@ class PreemptDecodeTests(SynchronousTestCase):
         self.assertTrue(decoder.complete)
         self.assertTrue(pages(events))
         self.assertEqual(type(events[-1]).__name__, "RAMSectionEOS")
-        encoded = codec().PreemptEncoder().encodeEvents(events)
+        encoded = wire.PreemptEncoder().encodeEvents(events)
         self.assertTrue(encoded == migration().preempt)
 
     def test_preemptCarriesRequestedPages(self) -> None:

@@ -14,17 +14,14 @@ each channel carried.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from typing import Any
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
+from twisted_postcopy import wire
 from twisted_postcopy.testing.bootsector import PAGE_SIZE, CounterSnapshot
-from twisted_postcopy.testing.qemu import qemuSkipReason
+from twisted_postcopy.testing.qemuhost import inTemporaryDirectory, recordOnce
 from twisted_postcopy.testing.qemurecovery import RecoveryResult, migratePostcopyRecovered
-
-_cache: dict[str, Any] = {}
 
 
 def recovery() -> RecoveryResult:
@@ -35,32 +32,7 @@ def recovery() -> RecoveryResult:
     @return: the recorded recovery.
     @raise SkipTest: when QEMU is not installed.
     """
-    reason = qemuSkipReason()
-    if reason:
-        raise SkipTest(reason)
-    if "result" not in _cache:
-        directory = tempfile.mkdtemp(prefix="qemu-recovery-")
-        try:
-            _cache["result"] = migratePostcopyRecovered(directory)
-        except Exception as error:
-            _cache["result"] = error
-        finally:
-            shutil.rmtree(directory, True)
-    if isinstance(_cache["result"], Exception):
-        raise _cache["result"]
-    return _cache["result"]
-
-
-def codec() -> Any:
-    """
-    @return: the L{twisted_postcopy.wire} package.
-    @raise SkipTest: while the codec cannot be imported.
-    """
-    try:
-        from twisted_postcopy import wire
-    except ImportError as error:
-        raise SkipTest(f"wire codec not available yet: {error}")
-    return wire
+    return recordOnce("recovery", lambda: inTemporaryDirectory("qemu-recovery-", migratePostcopyRecovered))
 
 
 def interruptedEvents() -> tuple[list[Any], Any]:
@@ -69,7 +41,7 @@ def interruptedEvents() -> tuple[list[Any], Any]:
 
     @return: its events and the decoder.
     """
-    decoder = codec().StreamDecoder()
+    decoder = wire.StreamDecoder()
     decoder.receiveData(bytes(recovery().interrupted.forward))
     return list(decoder.events()), decoder
 
@@ -88,7 +60,7 @@ def recoveredEvents() -> list[Any]:
     @return: the events of the recovery main channel (no header; the
         blocks and the RAM section id come from the first connection).
     """
-    return codec().decodeAll(
+    return wire.decodeAll(
         bytes(recovery().recovered.forward), header=False,
         blocks=listedBlocks(), ramSectionId=2,
     )
@@ -99,7 +71,7 @@ def returnPathEvents(data: bytes) -> list[Any]:
     @param data: a recorded return path.
     @return: its events.
     """
-    decoder = codec().ReturnPathDecoder()
+    decoder = wire.ReturnPathDecoder()
     decoder.receiveData(data)
     decoder.receiveData(b"")
     return list(decoder.events())
@@ -180,7 +152,7 @@ class InterruptedStreamTests(SynchronousTestCase):
         The decoded elements re-encode to a prefix of the recording.
         """
         events, _ = interruptedEvents()
-        encoded = codec().encodeEvents(events)
+        encoded = wire.encodeEvents(events)
         self.assertTrue(encoded)
         self.assertTrue(bytes(recovery().interrupted.forward).startswith(encoded))
 
@@ -208,7 +180,7 @@ class RecoveryChannelTests(SynchronousTestCase):
         """
         Re-encoding the recovery channel's events gives back its bytes.
         """
-        encoded = codec().encodeEvents(recoveredEvents())
+        encoded = wire.encodeEvents(recoveredEvents())
         self.assertTrue(encoded == bytes(recovery().recovered.forward))
 
     def test_returnPath(self) -> None:
@@ -228,7 +200,7 @@ class RecoveryChannelTests(SynchronousTestCase):
         self.assertEqual(kinds(events)[len(blocks)], "ResumeAckReceived")
         self.assertEqual(events[len(blocks)].value, 1)
         self.assertEqual((kinds(events)[-1], events[-1].value), ("ShutReceived", 0))
-        encoder = codec().ReturnPathEncoder()
+        encoder = wire.ReturnPathEncoder()
         self.assertTrue(b"".join(encoder.encode(e) for e in events) == data)
 
     def test_bitmapsMatchPages(self) -> None:

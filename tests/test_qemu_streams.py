@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterable
 from attrs import frozen
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from twisted_postcopy import wire
 from twisted_postcopy.testing.bootsector import PAGE_SIZE, CounterSnapshot
-from twisted_postcopy.testing.qemu import MACHINE, qemuSkipReason
 from twisted_postcopy.testing.qemubaseline import (
     MIB,
     PostcopyResult,
@@ -38,6 +38,7 @@ from twisted_postcopy.testing.qemubaseline import (
     migratePostcopy,
     recordPrecopy,
 )
+from twisted_postcopy.testing.qemuhost import MACHINE, recordOnce
 
 MEMORY_MIB = 32
 LAYOUT = layoutFor(MEMORY_MIB, pages=1024)
@@ -71,9 +72,6 @@ class Recordings:
         return os.path.join(self.directory, "postcopy.main")
 
 
-_cache: dict[str, Any] = {}
-
-
 def recordings() -> Recordings:
     """
     Record both streams on first use; later calls return the same ones (or
@@ -82,17 +80,7 @@ def recordings() -> Recordings:
     @return: the recordings.
     @raise SkipTest: when QEMU is not installed.
     """
-    reason = qemuSkipReason()
-    if reason:
-        raise SkipTest(reason)
-    if "result" not in _cache:
-        try:
-            _cache["result"] = _record()
-        except Exception as error:
-            _cache["result"] = error
-    if isinstance(_cache["result"], Exception):
-        raise _cache["result"]
-    return _cache["result"]
+    return recordOnce("streams", _record)
 
 
 def _record() -> Recordings:
@@ -120,31 +108,12 @@ def _record() -> Recordings:
     return result
 
 
-def wire(name: str) -> Any:
-    """
-    Get one name of the wire codec's API, skipping the test while it is
-    not written.
-
-    @param name: a name exported by L{twisted_postcopy.wire}, e.g.
-        C{decodeAll}.
-    @return: the object.
-    @raise SkipTest: when it cannot be imported.
-    """
-    try:
-        from twisted_postcopy import wire as codec
-    except ImportError as error:
-        raise SkipTest(f"wire codec not available yet: {error}")
-    if not hasattr(codec, name):
-        raise SkipTest(f"twisted_postcopy.wire.{name} not available yet")
-    return getattr(codec, name)
-
-
 def decodeReturnPath(data: bytes) -> list[Any]:
     """
     @param data: a recorded return path.
     @return: all its events.
     """
-    decoder = wire("ReturnPathDecoder")()
+    decoder = wire.ReturnPathDecoder()
     decoder.receiveData(data)
     decoder.receiveData(b"")
     return list(decoder.events())
@@ -221,7 +190,7 @@ class StreamDecodeMixin:
         """
         @return: all the events of the recording.
         """
-        return wire("decodeAll")(self.data())
+        return wire.decodeAll(self.data())
 
     def test_decodesCompletely(self) -> None:
         """
@@ -239,7 +208,7 @@ class StreamDecodeMixin:
         """
         data = self.data()
         chunks = (data[at : at + 65521] for at in range(0, len(data), 65521))
-        summary = [_summary(event) for event in wire("iterChunks")(chunks)]
+        summary = [_summary(event) for event in wire.iterChunks(chunks)]
         self.assertEqual(summary, [_summary(event) for event in self.decode()])
 
     def test_ramCoversBlocks(self) -> None:
@@ -262,7 +231,7 @@ class StreamDecodeMixin:
         """
         Encoding the decoded events gives back the recorded bytes exactly.
         """
-        encoded = wire("encodeEvents")(self.decode())
+        encoded = wire.encodeEvents(self.decode())
         self.assertTrue(encoded == self.data(), "re-encoded stream differs")
 
 
@@ -352,7 +321,7 @@ class PostcopyStreamTests(StreamDecodeMixin, SynchronousTestCase):
         PING(3), RUN, with every device section kept byte-exact.
         """
         (package,) = named(self.decode(), "PackageReceived")
-        events = wire("decodeAll")(package.data, header=False)
+        events = wire.decodeAll(package.data, header=False)
         kinds = [type(event).__name__ for event in events]
         self.assertEqual(kinds[0], "ListenReceived")
         self.assertEqual(kinds[-2:], ["PingReceived", "RunReceived"])
@@ -384,7 +353,7 @@ class PostcopyStreamTests(StreamDecodeMixin, SynchronousTestCase):
         recorded) gives back the recorded bytes exactly.
         """
         data = recordings().postcopy.returnPath
-        encoder = wire("ReturnPathEncoder")()
+        encoder = wire.ReturnPathEncoder()
         encoded = b"".join(encoder.encode(event) for event in decodeReturnPath(data))
         self.assertTrue(encoded == data, "re-encoded return path differs")
 
@@ -393,8 +362,8 @@ class PostcopyStreamTests(StreamDecodeMixin, SynchronousTestCase):
         Encoding the package's decoded events gives back the package.
         """
         (package,) = named(self.decode(), "PackageReceived")
-        events = wire("decodeAll")(package.data, header=False)
-        self.assertTrue(wire("encodeEvents")(events) == package.data)
+        events = wire.decodeAll(package.data, header=False)
+        self.assertTrue(wire.encodeEvents(events) == package.data)
 
 
 _NOT_COMMANDS = {
@@ -452,7 +421,7 @@ class InspectTests(SynchronousTestCase):
         data = recordings().precopy
         report = self.inspect(recordings().precopyPath)
         self.assertReport(report, [], postcopy=False)
-        (listed,) = named(wire("decodeAll")(data), "RAMBlocksListed")
+        (listed,) = named(wire.decodeAll(data), "RAMBlocksListed")
         self.assertEqual(
             [(block["id"], block["length"]) for block in report["ram_blocks"]],
             [(block.idstr, block.length) for block in listed.blocks],

@@ -2,7 +2,8 @@
 """
 Whether and how this host runs QEMU 7.2 for tests and benches: the binary,
 the reason real-QEMU tests are skipped, the machine options every source
-and destination share, and bounded polling.
+and destination share, bounded polling, and recordings made once per test
+process.
 
 Everything here is synchronous; it never touches the Twisted reactor.
 L{twisted_postcopy.testing.qemu} re-exports every name.
@@ -11,8 +12,9 @@ L{twisted_postcopy.testing.qemu} re-exports every name.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from twisted_postcopy.errors import QEMUTimeoutError
 
@@ -91,3 +93,47 @@ def waitFor(
             raise QEMUTimeoutError(f"timed out after {timeout} s waiting {what}")
         time.sleep(_POLL)
 
+
+_recordings: dict[str, Any] = {}
+
+
+def recordOnce(key: str, record: Callable[[], _T]) -> _T:
+    """
+    Make a real-QEMU recording on first use; later calls with the same key
+    return the same result, or raise the same error, without running QEMU
+    again.
+
+    @param key: names the recording (one per test module).
+    @param record: makes the recording.
+    @return: what C{record} returned.
+    @raise SkipTest: when QEMU cannot run here.
+    """
+    from twisted.trial.unittest import SkipTest
+
+    reason = qemuSkipReason()
+    if reason:
+        raise SkipTest(reason)
+    if key not in _recordings:
+        try:
+            _recordings[key] = record()
+        except Exception as error:
+            _recordings[key] = error
+    result = _recordings[key]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def inTemporaryDirectory(prefix: str, run: Callable[[str], _T]) -> _T:
+    """
+    Run C{run} in a new temporary directory, removed afterwards.
+
+    @param prefix: the directory name's prefix.
+    @param run: called with the directory's path.
+    @return: what C{run} returned.
+    """
+    directory = tempfile.mkdtemp(prefix=prefix)
+    try:
+        return run(directory)
+    finally:
+        shutil.rmtree(directory, True)
