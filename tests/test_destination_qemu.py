@@ -9,8 +9,6 @@ the stopped source's RAM byte for byte.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -20,8 +18,7 @@ from tests.enginevm import IncomingTestVM
 from tests.test_source_qemu import RAM_RANGES, _freePort
 from tests.uffdguest import FaultService, uffdOpen
 from twisted_postcopy.manager import MigrationManager
-from twisted_postcopy.testing.bootsector import writeBootImage
-from twisted_postcopy.testing.qemu import QEMUInstance, machineArguments, qemuSkipReason
+from twisted_postcopy.testing.qemu import QEMUInstance, qemuSkipReason, startBootedQEMU
 
 
 def qemuStatus(qemu: QEMUInstance, statuses: set[str], interval: float = 0.05) -> Deferred:
@@ -59,11 +56,7 @@ class QEMUSourceTests(TestCase):
         """
         Prepare the VMs and managers for one test.
         """
-        directory = tempfile.mkdtemp(prefix="tpq")
-        self.addCleanup(shutil.rmtree, directory, True)
-        image = writeBootImage(os.path.join(directory, "boot.img"))
-        self.qemu = QEMUInstance.start(directory, machineArguments(image, 32), "source")
-        self.addCleanup(self.qemu.kill)
+        self.qemu = startBootedQEMU(self, "source")
         self.vm = IncomingTestVM()
         self.services: list[FaultService] = []
         self.manager = MigrationManager(reactor, self.vm, self._faults)

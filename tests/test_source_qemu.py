@@ -7,11 +7,8 @@ on QEMU, and QEMU's guest RAM equals ours byte for byte.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import struct
-import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -19,8 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.enginevm import OutgoingTestVM, PAGE
 from twisted_postcopy.manager import MigrationManager
-from twisted_postcopy.testing.bootsector import writeBootImage
-from twisted_postcopy.testing.qemu import QEMUInstance, machineArguments, qemuSkipReason
+from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
 
 MiB = 1 << 20
 #: Guest-physical ranges of pc.ram that read as RAM (below the VGA hole,
@@ -49,12 +45,7 @@ class QEMUDestinationTests(TestCase):
         """
         Prepare the VMs and managers for one test.
         """
-        directory = tempfile.mkdtemp(prefix="tpq")
-        self.addCleanup(shutil.rmtree, directory, True)
-        image = writeBootImage(os.path.join(directory, "boot.img"))
-        self.qemu = QEMUInstance.start(
-            directory, [*machineArguments(image, 32), "-S", "-incoming", "defer"], "destination")
-        self.addCleanup(self.qemu.kill)
+        self.qemu = startBootedQEMU(self, "destination", ["-S", "-incoming", "defer"])
         self.vm = OutgoingTestVM({"pc.ram": 32 * MiB})
         for offset in range(0, 32 * MiB, 3 * PAGE):
             self.vm.write(0, offset, struct.pack(">Q", offset) * 64)

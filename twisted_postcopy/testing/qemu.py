@@ -9,6 +9,7 @@ in files there, and every wait bounded by a timeout.  L{machineArguments}
 holds the options shared by a migration source and its destination, so a
 restore target always matches (it and the other host facts live in
 L{twisted_postcopy.testing.qemuhost} and are importable from here).
+L{startBootedQEMU} starts one for a test case.
 
 Everything here is synchronous (QMP through L{qemu.qmp.legacy}); it never
 touches the Twisted reactor.
@@ -20,7 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from attrs import define, field
 
@@ -36,9 +37,12 @@ from twisted_postcopy.testing.qemuhost import (
     waitFor,
 )
 
+if TYPE_CHECKING:
+    from twisted.trial.unittest import SynchronousTestCase
+
 __all__ = [
     "DEFAULT_TIMEOUT", "MACHINE", "QEMU_BINARY", "QEMUInstance", "machineArguments",
-    "qemuAvailable", "qemuBinary", "qemuSkipReason", "waitFor",
+    "qemuAvailable", "qemuBinary", "qemuSkipReason", "startBootedQEMU", "waitFor",
 ]
 
 
@@ -364,3 +368,25 @@ class QEMUInstance:
                 self.process.wait(timeout)
         shutil.rmtree(self.socketDirectory, ignore_errors=True)
 
+
+def startBootedQEMU(case: SynchronousTestCase, name: str, extraArguments: Iterable[str] = (),
+                    memoryMiB: int = 32) -> QEMUInstance:
+    """
+    Start QEMU booting the boot-sector guest in a temporary directory, both
+    removed after the test.
+
+    @param case: the test case (its C{addCleanup} is used).
+    @param name: the instance's label (C{source}, C{destination}).
+    @param extraArguments: arguments after the machine ones, such as
+        C{-S -incoming defer}.
+    @param memoryMiB: guest RAM size in MiB.
+    @return: the running instance.
+    """
+    from twisted_postcopy.testing.bootsector import writeBootImage
+
+    directory = tempfile.mkdtemp(prefix="tpq")
+    case.addCleanup(shutil.rmtree, directory, True)
+    image = writeBootImage(os.path.join(directory, "boot.img"))
+    qemu = QEMUInstance.start(directory, [*machineArguments(image, memoryMiB), *extraArguments], name)
+    case.addCleanup(qemu.kill)
+    return qemu
