@@ -9,6 +9,9 @@ return path), L{recordPrecopy} saves a precopy stream to a file with
 C{exec:cat}, and L{loadPrecopy} restores one into a fresh QEMU.
 L{qemuToQemuPostcopy} and L{qemuPrecopyLoad} reduce those to flat
 dictionaries of figures with unit-suffixed keys for C{bench/} scripts.
+The single-guest helpers (L{layoutFor}, L{startGuest}, L{stopAndCheck},
+...) live in L{twisted_postcopy.testing.qemuguest} and are importable from
+here.
 
 Times are taken from QMP event timestamps (QEMU's own clock) against
 C{time.time()} read just before the command, so the 20 ms QMP polling does
@@ -23,86 +26,24 @@ from typing import Any
 
 from attrs import frozen
 
-from twisted_postcopy.testing.bootsector import (
-    PAGE_SIZE,
-    CounterSnapshot,
-    GuestLayout,
-    checkCounterPattern,
-    writeBootImage,
+from twisted_postcopy.testing.bootsector import CounterSnapshot, GuestLayout, writeBootImage
+from twisted_postcopy.testing.qemu import QEMUInstance, waitFor
+from twisted_postcopy.testing.qemuguest import (
+    MIB,
+    UNLIMITED,
+    eventTime,
+    layoutFor,
+    listenIncoming,
+    startGuest,
+    stopAndCheck,
 )
-from twisted_postcopy.testing.qemu import QEMUInstance, machineArguments, waitFor
 from twisted_postcopy.testing.relay import RecordingRelay
 
-MIB = 1 << 20
-#: A C{max-bandwidth} no link reaches (QEMU has no "unlimited" value).
-UNLIMITED = 1 << 40
-
-
-def layoutFor(memoryMiB: int, pages: int | None = None) -> GuestLayout:
-    """
-    The default guest layout for a RAM size: count pages from 1 MiB up to
-    C{pages} pages, or up to 1 MiB below the top of RAM.
-
-    @param memoryMiB: guest RAM size in MiB (at least 4).
-    @param pages: how many pages to count, or L{None} for all that fit.
-    @return: the layout.
-    """
-    end = (memoryMiB - 1) * MIB
-    if pages is not None:
-        end = min(end, MIB + pages * PAGE_SIZE)
-    return GuestLayout(start=MIB, end=end)
-
-
-def eventTime(event: dict) -> float:
-    """
-    @param event: a QMP event message.
-    @return: its timestamp in seconds since the epoch.
-    """
-    stamp = event["timestamp"]
-    return stamp["seconds"] + stamp["microseconds"] / 1e6
-
-
-def startGuest(
-    directory: str, name: str, image: str, memoryMiB: int, *extra: str
-) -> QEMUInstance:
-    """
-    Start one QEMU in its own subdirectory of C{directory}.
-
-    @param directory: the parent directory.
-    @param name: the instance and subdirectory name.
-    @param image: the boot image.
-    @param memoryMiB: guest RAM size.
-    @param extra: extra QEMU arguments.
-    @return: the running instance.
-    """
-    home = os.path.join(directory, name)
-    os.makedirs(home, exist_ok=True)
-    return QEMUInstance.start(home, [*machineArguments(image, memoryMiB), *extra], name)
-
-
-def listenIncoming(destination: QEMUInstance) -> tuple[str, int]:
-    """
-    Make a C{-incoming defer} QEMU listen on an ephemeral loopback port.
-
-    @param destination: the destination QEMU.
-    @return: the C{(host, port)} it listens on.
-    """
-    destination.migrateIncoming("tcp:127.0.0.1:0")
-    (address,) = destination.queryMigrate()["socket-address"]
-    return address["host"], int(address["port"])
-
-
-def stopAndCheck(qemu: QEMUInstance, layout: GuestLayout) -> CounterSnapshot:
-    """
-    Stop a guest and verify its counters.
-
-    @param qemu: a running QEMU.
-    @param layout: its guest layout.
-    @return: the verified snapshot.
-    @raise GuestPatternError: when the memory is not consistent.
-    """
-    qemu.qmp("stop")
-    return checkCounterPattern(qemu.pmemsave(0, layout.end), layout)
+__all__ = [
+    "MIB", "UNLIMITED", "PostcopyPlan", "PostcopyResult", "eventTime", "layoutFor",
+    "listenIncoming", "loadPrecopy", "migratePostcopy", "preparePostcopy", "qemuPrecopyLoad",
+    "qemuToQemuPostcopy", "recordPrecopy", "startGuest", "startPostcopyAfter", "stopAndCheck",
+]
 
 
 @frozen
