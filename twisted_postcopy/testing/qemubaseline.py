@@ -32,6 +32,8 @@ from twisted_postcopy.testing.qemuguest import (
     MIB,
     UNLIMITED,
     eventTime,
+    guestPair,
+    incomingAddress,
     layoutFor,
     listenIncoming,
     startGuest,
@@ -40,9 +42,10 @@ from twisted_postcopy.testing.qemuguest import (
 from twisted_postcopy.testing.relay import RecordingRelay
 
 __all__ = [
-    "MIB", "UNLIMITED", "PostcopyPlan", "PostcopyResult", "eventTime", "layoutFor",
-    "listenIncoming", "loadPrecopy", "migratePostcopy", "preparePostcopy", "qemuPrecopyLoad",
-    "qemuToQemuPostcopy", "recordPrecopy", "startGuest", "startPostcopyAfter", "stopAndCheck",
+    "MIB", "UNLIMITED", "PostcopyPlan", "PostcopyResult", "eventTime", "guestPair",
+    "incomingAddress", "layoutFor", "listenIncoming", "loadPrecopy", "migratePostcopy",
+    "preparePostcopy", "qemuPrecopyLoad", "qemuToQemuPostcopy", "recordPrecopy",
+    "startGuest", "startPostcopyAfter", "stopAndCheck",
 ]
 
 
@@ -132,18 +135,8 @@ def migratePostcopy(
         memoryMiB, layout or layoutFor(memoryMiB), record, precopyBandwidth,
         postcopyBandwidth, startAfterBytes, preempt, timeout,
     )
-    image = writeBootImage(os.path.join(directory, "boot.img"), plan.layout)
-    source = startGuest(directory, "source", image, memoryMiB)
-    try:
-        destination = startGuest(
-            directory, "destination", image, memoryMiB, "-incoming", "defer"
-        )
-        try:
-            return _runPostcopy(source, destination, plan)
-        finally:
-            destination.kill()
-    finally:
-        source.kill()
+    with guestPair(directory, plan.layout, memoryMiB) as (source, destination):
+        return _runPostcopy(source, destination, plan)
 
 
 def _runPostcopy(

@@ -2,20 +2,24 @@
 """
 The boot-sector guest in real QEMUs, for the migrations of
 L{twisted_postcopy.testing.qemubaseline} and
-L{twisted_postcopy.testing.qemurecovery}: its layout, starting one QEMU,
-listening for a migration, and stopping and verifying the guest.  L{twisted_postcopy.testing.qemubaseline} re-exports
+L{twisted_postcopy.testing.qemurecovery}: its layout, starting one QEMU or
+a source and destination pair, listening for a migration, and stopping and
+verifying the guest.  L{twisted_postcopy.testing.qemubaseline} re-exports
 every name.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 from twisted_postcopy.testing.bootsector import (
     PAGE_SIZE,
     CounterSnapshot,
     GuestLayout,
     checkCounterPattern,
+    writeBootImage,
 )
 from twisted_postcopy.testing.qemu import QEMUInstance, machineArguments
 
@@ -74,6 +78,15 @@ def listenIncoming(destination: QEMUInstance) -> tuple[str, int]:
     @return: the C{(host, port)} it listens on.
     """
     destination.migrateIncoming("tcp:127.0.0.1:0")
+    return incomingAddress(destination)
+
+
+def incomingAddress(destination: QEMUInstance) -> tuple[str, int]:
+    """
+    @param destination: a QEMU listening for an incoming migration (after
+        C{migrate-incoming} or C{migrate-recover} on port 0).
+    @return: the C{(host, port)} it listens on.
+    """
     (address,) = destination.queryMigrate()["socket-address"]
     return address["host"], int(address["port"])
 
@@ -90,3 +103,29 @@ def stopAndCheck(qemu: QEMUInstance, layout: GuestLayout) -> CounterSnapshot:
     qemu.qmp("stop")
     return checkCounterPattern(qemu.pmemsave(0, layout.end), layout)
 
+
+@contextmanager
+def guestPair(
+    directory: str, layout: GuestLayout, memoryMiB: int
+) -> Iterator[tuple[QEMUInstance, QEMUInstance]]:
+    """
+    Run a migration source booting the guest and a C{-incoming defer}
+    destination, both killed on exit.
+
+    @param directory: an existing directory for the image and QEMU files.
+    @param layout: the guest layout written into the boot image.
+    @param memoryMiB: guest RAM size in MiB.
+    @return: a context manager giving C{(source, destination)}.
+    """
+    image = writeBootImage(os.path.join(directory, "boot.img"), layout)
+    source = startGuest(directory, "source", image, memoryMiB)
+    try:
+        destination = startGuest(
+            directory, "destination", image, memoryMiB, "-incoming", "defer"
+        )
+        try:
+            yield source, destination
+        finally:
+            destination.kill()
+    finally:
+        source.kill()

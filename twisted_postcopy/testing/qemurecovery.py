@@ -15,24 +15,19 @@ kept: the interrupted stream and its return path, and the recovery channel
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 from attrs import frozen
 
-from twisted_postcopy.testing.bootsector import (
-    CounterSnapshot,
-    GuestLayout,
-    writeBootImage,
-)
+from twisted_postcopy.testing.bootsector import CounterSnapshot, GuestLayout
 from twisted_postcopy.testing.qemu import QEMUInstance, waitFor
-from twisted_postcopy.testing.qemubaseline import (
+from twisted_postcopy.testing.qemubaseline import preparePostcopy, startPostcopyAfter
+from twisted_postcopy.testing.qemuguest import (
     MIB,
+    guestPair,
+    incomingAddress,
     layoutFor,
-    preparePostcopy,
-    startGuest,
-    startPostcopyAfter,
     stopAndCheck,
 )
 from twisted_postcopy.testing.relay import RecordingRelay, RelayedConnection
@@ -85,30 +80,20 @@ def migratePostcopyRecovered(
     @raise GuestPatternError: when the destination memory is inconsistent.
     """
     layout = layout or layoutFor(memoryMiB, pages=1024)
-    image = writeBootImage(os.path.join(directory, "boot.img"), layout)
-    source = startGuest(directory, "source", image, memoryMiB)
-    try:
-        destination = startGuest(
-            directory, "destination", image, memoryMiB, "-incoming", "defer"
+    with guestPair(directory, layout, memoryMiB) as (source, destination):
+        target = preparePostcopy(source, destination, 4 * MIB, postcopyBandwidth)
+        interrupted, pausedAfter = _interrupt(
+            source, destination, target, cutAfterBytes, timeout
         )
-        try:
-            target = preparePostcopy(source, destination, 4 * MIB, postcopyBandwidth)
-            interrupted, pausedAfter = _interrupt(
-                source, destination, target, cutAfterBytes, timeout
-            )
-            recovered = _recover(source, destination, timeout)
-            return RecoveryResult(
-                source=source.waitMigration(["completed"], timeout),
-                destination=destination.waitMigration(["completed"], timeout),
-                interrupted=interrupted,
-                recovered=recovered,
-                pausedAfter=pausedAfter,
-                snapshot=stopAndCheck(destination, layout),
-            )
-        finally:
-            destination.kill()
-    finally:
-        source.kill()
+        recovered = _recover(source, destination, timeout)
+        return RecoveryResult(
+            source=source.waitMigration(["completed"], timeout),
+            destination=destination.waitMigration(["completed"], timeout),
+            interrupted=interrupted,
+            recovered=recovered,
+            pausedAfter=pausedAfter,
+            snapshot=stopAndCheck(destination, layout),
+        )
 
 
 def _interrupt(
@@ -162,8 +147,7 @@ def _recover(
     @return: the recovery connection, once it closed.
     """
     destination.qmp("migrate-recover", uri="tcp:127.0.0.1:0")
-    (address,) = destination.queryMigrate()["socket-address"]
-    relay = RecordingRelay((address["host"], int(address["port"])))
+    relay = RecordingRelay(incomingAddress(destination))
     try:
         source.qmp("migrate", uri=relay.uri, resume=True)
         for qemu in (source, destination):
