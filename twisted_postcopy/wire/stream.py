@@ -67,7 +67,7 @@ _CLEAN_ENDS = frozenset({_TOP, _AFTER_EOF, _DONE})
 class StreamDecoder(BufferedDecoder[StreamEvent]):
     """
     Incremental decoder of a main migration stream (or a package);
-    C{receiveData} and C{events} come from L{BufferedDecoder}.
+    C{receiveData}, C{nextEvent} and C{events} come from L{BufferedDecoder}.
 
     @ivar header: whether the stream starts with magic, version and
         configuration (L{False} for a package or a recovery channel).
@@ -132,29 +132,21 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         """
         return dict(self._ram.lengths)
 
-    def nextEvent(self) -> StreamEvent | NeedData:
+    def _next(self) -> StreamEvent | NeedData:
         """
-        Decode the next event (overrides L{BufferedDecoder.nextEvent} to
-        decode RAM records inline, the per-page hot path).
+        Decode the next element of the current state (RAM records first:
+        the per-page hot path).
 
-        @return: the event, or L{NEED_DATA} (after EOF was fed: the end).
-        @raise RemoteProtocolError: a subclass naming the offset and what
-            was expected; the decoder then stays failed.
+        @return: the event, or L{NEED_DATA}.
         """
-        if self._error is not None:
-            raise self._error
-        try:
-            if self._state is _RAM:
-                event = self._ram.nextRecord(self._buffer)
-                if event is NEED_DATA:
-                    return self._needData()
-                if event.__class__ is RAMSectionEOS:
-                    self._state = _FOOTER
-                return event
-            return self._handlers[self._state]()
-        except RemoteProtocolError as e:
-            self._error = e
-            raise
+        if self._state is _RAM:
+            event = self._ram.nextRecord(self._buffer)
+            if event is NEED_DATA:
+                return self._needData()
+            if event.__class__ is RAMSectionEOS:
+                self._state = _FOOTER
+            return event
+        return self._handlers[self._state]()
 
     def _needData(self) -> NeedData:
         """
