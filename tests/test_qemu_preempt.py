@@ -71,9 +71,7 @@ def preemptEvents() -> tuple[list[Any], Any]:
     @return: the events of the recorded preempt channel, and its decoder.
     """
     decoder = wire.PreemptDecoder(blocks())
-    decoder.receiveData(migration().preempt)
-    decoder.receiveData(b"")
-    return list(decoder.events()), decoder
+    return decoder.decodeWhole(migration().preempt), decoder
 
 
 def pages(events: list[Any]) -> set[tuple[str, int]]:
@@ -92,12 +90,10 @@ def requestedPages() -> set[tuple[str, int]]:
     @return: the C{(block, offset)} of every page the destination requested
         on the return path.
     """
-    decoder = wire.ReturnPathDecoder()
-    decoder.receiveData(migration().returnPath)
-    decoder.receiveData(b"")
+    events = wire.ReturnPathDecoder().decodeWhole(migration().returnPath)
     return {
         (event.block, offset)
-        for event in decoder.events() if type(event).__name__ == "PagesRequested"
+        for event in events if type(event).__name__ == "PagesRequested"
         for offset in range(event.start, event.start + event.length, PAGE_SIZE)
     }
 

@@ -71,10 +71,7 @@ def returnPathEvents(data: bytes) -> list[Any]:
     @param data: a recorded return path.
     @return: its events.
     """
-    decoder = wire.ReturnPathDecoder()
-    decoder.receiveData(data)
-    decoder.receiveData(b"")
-    return list(decoder.events())
+    return wire.ReturnPathDecoder().decodeWhole(data)
 
 
 def kinds(events: list[Any]) -> list[str]:

@@ -113,10 +113,7 @@ def decodeReturnPath(data: bytes) -> list[Any]:
     @param data: a recorded return path.
     @return: all its events.
     """
-    decoder = wire.ReturnPathDecoder()
-    decoder.receiveData(data)
-    decoder.receiveData(b"")
-    return list(decoder.events())
+    return wire.ReturnPathDecoder().decodeWhole(data)
 
 
 def named(events: Iterable[object], kind: str) -> list[Any]:

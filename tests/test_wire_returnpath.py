@@ -122,6 +122,18 @@ class ReturnPathDecoderTests(SynchronousTestCase):
         """
         self.assertRaises(TruncatedStreamError, decode, GOLDEN[:-2])
 
+    def test_decodeWhole(self) -> None:
+        """
+        L{ReturnPathDecoder.decodeWhole} (from L{BufferedDecoder}) feeds a
+        complete input and its end and returns every event; a truncated
+        input raises L{TruncatedStreamError}, again on the next call.
+        """
+        bitmap = RecvBitmapReceived("/rom@etc/acpi/tables", unhex("ffffffff00000000"))
+        self.assertEqual(ReturnPathDecoder().decodeWhole(GOLDEN + BITMAP), [*GOLDEN_EVENTS, bitmap])
+        decoder = ReturnPathDecoder()
+        self.assertRaises(TruncatedStreamError, decoder.decodeWhole, GOLDEN[:-2])
+        self.assertRaises(TruncatedStreamError, decoder.nextEvent)
+
 
 class ReturnPathEncoderTests(SynchronousTestCase):
     """

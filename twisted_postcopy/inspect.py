@@ -41,7 +41,7 @@ from twisted_postcopy.wire.events import (
     VMDescriptionReceived,
     ZeroPageReceived,
 )
-from twisted_postcopy.wire.stream import StreamDecoder
+from twisted_postcopy.wire.stream import iterChunks
 
 #: How many bytes are read from the file at a time.
 CHUNK_SIZE = 1 << 20
@@ -141,10 +141,7 @@ class StreamSummary:
         """
         package: dict[str, Any] = {"length": len(data), "sections": [], "commands": []}
         self.packages.append(package)
-        decoder = StreamDecoder(header=False)
-        decoder.receiveData(data)
-        decoder.receiveData(b"")
-        for inner in decoder.events():
+        for inner in iterChunks((data,), header=False):
             self.observe(inner, package)
 
     def _section(self, event: SectionStarted | DeviceSectionReceived, package: dict[str, Any] | None) -> None:
@@ -206,14 +203,8 @@ def summarize(chunks: Iterable[bytes], header: bool = True) -> StreamSummary:
     @return: the summary.
     """
     summary = StreamSummary()
-    decoder = StreamDecoder(header=header)
     try:
-        for chunk in chunks:
-            decoder.receiveData(chunk)
-            for event in decoder.events():
-                summary.observe(event)
-        decoder.receiveData(b"")
-        for event in decoder.events():
+        for event in iterChunks(chunks, header=header):
             summary.observe(event)
     except RemoteProtocolError as e:
         summary.error = f"{type(e).__name__}: {e}"

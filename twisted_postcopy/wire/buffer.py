@@ -173,7 +173,7 @@ class ReceiveBuffer:
 class BufferedDecoder(Generic[_EventT]):
     """
     The sans-IO API of a decoder: bytes in with L{receiveData}, events out
-    with L{nextEvent} or L{events}; the first protocol error is kept and
+    with L{nextEvent} or L{events} (or both at once with L{decodeWhole}); the first protocol error is kept and
     raised again by every later call.
 
     A subclass (an attrs class) holds C{_buffer}, a L{ReceiveBuffer}, and
@@ -215,6 +215,18 @@ class BufferedDecoder(Generic[_EventT]):
         except RemoteProtocolError as e:
             self._error = e
             raise
+
+    def decodeWhole(self, data: bytes | bytearray | memoryview) -> list[_EventT]:
+        """
+        Decode a complete input: feed it and its end, take every event.
+
+        @param data: all the bytes (a recording, a package).
+        @return: all its events.
+        @raise RemoteProtocolError: for bad input, including a truncation.
+        """
+        self.receiveData(data)
+        self.receiveData(b"")
+        return list(self.events())
 
     def _next(self) -> _EventT | NeedData:
         """

@@ -365,10 +365,7 @@ def decodeAll(data: bytes, **options: object) -> list[StreamEvent]:
     @return: all its events.
     @raise RemoteProtocolError: for bad input, including a truncation.
     """
-    decoder = StreamDecoder(**options)  # type: ignore[arg-type]
-    decoder.receiveData(data)
-    decoder.receiveData(b"")
-    return list(decoder.events())
+    return StreamDecoder(**options).decodeWhole(data)  # type: ignore[arg-type]
 
 
 def iterChunks(chunks: Iterable[bytes], **options: object) -> Iterator[StreamEvent]:
