@@ -19,6 +19,7 @@ from twisted_postcopy.blocktime import BlocktimeContext
 from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.errors import MigrationError
 from twisted_postcopy.interfaces import IIncomingVM, IOutgoingVM
+from twisted_postcopy.protocols.recovery import RecoveryListener, migratePause, resumeOutgoing
 from twisted_postcopy.protocols.factories import (
     DestinationFactory, SourceFactory, clientEndpoint, parseURI, serverEndpoint)
 from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
@@ -54,6 +55,8 @@ class MigrationManager:
     @ivar blocktime: the blocktime context of the incoming migration.
     @ivar destinationFactory: the factory accepting the incoming
         connection(s).
+    @ivar recovery: the destination's recovery connections
+        (C{migrate-recover}).
     """
 
     def __init__(self, reactor: Any, vm: Any, faultServiceFactory: Callable[..., Any] | None = None) -> None:
@@ -75,6 +78,7 @@ class MigrationManager:
         self._waiters: list[tuple[frozenset[str], Deferred]] = []
         self._listening: Any = None
         self.destinationFactory: DestinationFactory | None = None
+        self.recovery: RecoveryListener | None = None
 
     @property
     def status(self) -> S:
@@ -180,11 +184,14 @@ class MigrationManager:
         C{migrate}: connect and start; returns at once.
 
         @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
-        @param resume: recovery (not supported yet).
-        @raise MigrationError: running already, bad URI, not a source.
+        @param resume: resume a paused postcopy migration (a failed
+            connect leaves it paused).
+        @raise MigrationError: running already, bad URI, not a source, or
+            nothing paused to resume.
         """
         if resume:
-            raise MigrationError("Cannot resume if there is no paused migration")
+            resumeOutgoing(self.reactor, self.outgoing, uri)
+            return
         if self._busy():
             raise MigrationError(_IN_PROGRESS)
         if not IOutgoingVM.providedBy(self.vm):
@@ -237,6 +244,8 @@ class MigrationManager:
         incoming.machine.status.observers.append(self._emit)
         incoming.machine.setup()
         self.destinationFactory = DestinationFactory(incoming)
+        self.recovery = RecoveryListener(self.reactor, incoming, self._emit)
+        self.destinationFactory.recovery = self.recovery.factory
         listening = serverEndpoint(self.reactor, uri).listen(self.destinationFactory)
 
         def listened(port: Any) -> Any:
@@ -295,20 +304,24 @@ class MigrationManager:
 
     def migratePause(self) -> None:
         """
-        C{migrate-pause}: not supported yet.
+        C{migrate-pause}: shut the main connection down; both sides pause.
 
-        @raise MigrationError: always.
+        @raise MigrationError: not in C{postcopy-active} (QEMU's text).
         """
-        raise MigrationError("migrate-pause is currently only supported during postcopy-active state")
+        migratePause(self.outgoing or self.incoming)
 
-    def migrateRecover(self, uri: str) -> None:
+    def migrateRecover(self, uri: str) -> Deferred:
         """
-        C{migrate-recover}: not supported yet.
+        C{migrate-recover}: listen for the source's new main connection
+        (instead of the original address); emits C{setup}.
 
         @param uri: the new URI.
-        @raise MigrationError: always.
+        @return: a Deferred firing with the listening port.
+        @raise MigrationError: not paused (QEMU's text), bad URI.
         """
-        raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        if self.recovery is None:
+            raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        return self.recovery.recover(uri)
 
     def queryMigrate(self) -> dict[str, Any]:
         """

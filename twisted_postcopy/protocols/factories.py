@@ -95,6 +95,9 @@ class DestinationFactory(Factory):
     @ivar incoming: the incoming migration.
     @ivar main: the main connection's protocol, once accepted.
     @ivar accepted: fires with the main protocol when it connects.
+    @ivar recovery: builds the protocol of any later connection (a
+        recovery main channel while postcopy is paused), or L{None} to
+        refuse them.
     """
 
     def __init__(self, incoming: Any) -> None:
@@ -104,6 +107,7 @@ class DestinationFactory(Factory):
         self.incoming = incoming
         self.main: DestinationProtocol | None = None
         self.accepted: Deferred = Deferred()
+        self.recovery: Factory | None = None
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         """
@@ -111,7 +115,7 @@ class DestinationFactory(Factory):
         @return: the main protocol for the first connection, else None.
         """
         if self.main is not None:
-            return None
+            return None if self.recovery is None else self.recovery.buildProtocol(addr)
         self.main = DestinationProtocol(self.incoming)
         self.accepted.callback(self.main)
         return self.main

@@ -20,10 +20,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
+from twisted_postcopy.destination.recovery import channelLost as incomingChannelLost
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.source.outgoing import DONE
+from twisted_postcopy.source.recovery import channelLost as outgoingChannelLost
 
 #: Buffers per C{sendmsg} (Linux's C{UIO_MAXIOV}).
 IOV_MAX = 1024
@@ -59,6 +61,15 @@ class SourceProtocol(Protocol):
         """
         Start the migration and the first step.
         """
+        if self._attach():
+            self._start()
+
+    def _attach(self) -> bool:
+        """
+        Make this connection the migration's main channel.
+
+        @return: whether the migration is still in progress.
+        """
         self.migration.write = self.transport.write
         self.migration.onFinished = self._finished
         self.migration.onPostcopy = self._postcopyStarted
@@ -66,8 +77,14 @@ class SourceProtocol(Protocol):
             self.migration.writeBuffers = self._writeBuffers
         if not self.migration.machine.inProgress:
             self.transport.abortConnection()
-            return
+            return False
         self.transport.registerProducer(self, True)
+        return True
+
+    def _start(self) -> None:
+        """
+        Start the migration and the first step.
+        """
         try:
             self.migration.start()
         except PostcopyError as error:
@@ -190,6 +207,8 @@ class SourceProtocol(Protocol):
         @param reason: why.
         """
         self.pauseProducing()
+        if outgoingChannelLost(self.migration, self.transport, reason.getErrorMessage()):
+            return
         self.migration.fail(MigrationFailed(f"migration connection lost: {reason.getErrorMessage()}"))
 
 
@@ -237,7 +256,8 @@ class DestinationProtocol(Protocol):
             self.driver.receiveData(data)
             self.incoming.flush()
         except (PostcopyError, OSError) as error:
-            self.incoming.failed(error)
+            if not incomingChannelLost(self.incoming, self, error):
+                self.incoming.failed(error)
             self.transport.abortConnection()
             return
         if self.driver.finished:
@@ -245,8 +265,11 @@ class DestinationProtocol(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         """
-        A connection lost before the end fails the incoming migration.
+        A connection lost before the end fails the incoming migration (or
+        pauses it while postcopy runs).
 
         @param reason: why.
         """
+        if incomingChannelLost(self.incoming, self, reason.getErrorMessage()):
+            return
         self.incoming.failed(MigrationFailed(f"migration connection lost: {reason.getErrorMessage()}"))

@@ -1,0 +1,208 @@
+# -*- test-case-name: tests.test_recovery_destination -*-
+"""
+Postcopy pause and recovery on the destination (return-path-preempt-recovery.md
+sections 4.2-4.5): QEMU 7.2's C{postcopy_pause_incoming},
+C{loadvm_handle_recv_bitmap} and C{loadvm_postcopy_handle_resume}, without
+sockets.
+
+While postcopy is RUNNING any main-channel failure pauses the incoming
+migration: faulting guest threads keep waiting, the userfaultfds stay open,
+page requests are held.  On a new connection the status is
+C{postcopy-recover}; each RECV_BITMAP command is answered with the block's
+received bitmap and POSTCOPY_RESUME with RESUME_ACK(1), after which every
+page still awaited is requested again (REQ_PAGES_ID first).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define
+from twisted.logger import Logger
+
+from twisted_postcopy.destination.machine import PostcopyState
+from twisted_postcopy.errors import MigrationError, RemoteProtocolError
+from twisted_postcopy.source.machine import MigrationStatus as S
+from twisted_postcopy.source.recovery import PAUSED_MESSAGE, TARGET_PAGE_SIZE, bitmapSize
+
+#: Statuses in which a lost connection pauses instead of failing.
+PAUSABLE = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER})
+#: C{bytes.translate} table: a placer's received byte (0, 1, hole) to a digit.
+_DIGITS = bytes.maketrans(bytes(range(256)), b"0" + b"1" * 255)
+
+log = Logger()
+
+
+@define
+class HeldReturnPath:
+    """
+    The return path while paused or recovering: page requests are held
+    (every awaited page is requested again at POSTCOPY_RESUME), other
+    messages go to the new connection's writer, if any.
+
+    @ivar writer: the new connection's
+        L{twisted_postcopy.protocols.returnpath.ReturnPathWriter}, or
+        L{None} while no connection is up.
+    """
+
+    writer: Any = None
+
+    @property
+    def transport(self) -> Any:
+        """
+        The transport of the connection being recovered, or L{None}.
+        """
+        return None if self.writer is None else self.writer.transport
+
+    def pong(self, value: int) -> None:
+        """
+        @param value: the PING value to echo (on the new connection).
+        """
+        if self.writer is not None:
+            self.writer.pong(value)
+
+    def shut(self, value: int) -> None:
+        """
+        @param value: the SHUT value (on the new connection).
+        """
+        if self.writer is not None:
+            self.writer.shut(value)
+
+    def requestPages(self, block: str, start: int, length: int) -> None:
+        """
+        Held: re-sent at POSTCOPY_RESUME from the awaited pages.
+
+        @param block: the block idstr.
+        @param start: byte offset.
+        @param length: byte length.
+        """
+
+    def reset(self) -> None:
+        """
+        Nothing to forget.
+        """
+
+
+def receivedBitmap(received: bytes | bytearray, length: int, pageSize: int) -> bytes:
+    """
+    QEMU's received bitmap of one block (C{ramblock_recv_bitmap_send}).
+
+    @param received: the placer's bytes for the block, one per host page
+        (0 = missing; 1 or a precopy hole = received).
+    @param length: the block's length.
+    @param pageSize: its host page size.
+    @return: one bit per target page, little-endian 64-bit words, padded
+        with zero bits to a whole word.
+    """
+    digits = bytes(received).translate(_DIGITS)
+    ratio = pageSize // TARGET_PAGE_SIZE
+    if ratio > 1:
+        digits = b"".join(digit * ratio for digit in (digits[i:i + 1] for i in range(len(digits))))
+    value = int(digits[::-1] or b"0", 2)
+    return value.to_bytes(bitmapSize(length), "little")
+
+
+def pauseIncoming(incoming: Any, protocol: Any, reason: object) -> None:
+    """
+    QEMU's C{postcopy_pause_incoming}: status C{postcopy-paused}, page
+    requests held, the lost connection forgotten.
+
+    @param incoming: the incoming migration.
+    @param protocol: the lost connection's protocol.
+    @param reason: why (logged).
+    """
+    log.warn("{message} ({reason})", message=PAUSED_MESSAGE, reason=reason)
+    observers = incoming.machine.status.observers
+    for observer in list(observers):
+        if getattr(observer, "__self__", None) is protocol:
+            observers.remove(observer)
+    incoming.returnPath = HeldReturnPath()
+    incoming.machine.status.moveTo(S.POSTCOPY_PAUSED)
+
+
+def channelLost(incoming: Any, protocol: Any, reason: object) -> bool:
+    """
+    A main connection of an incoming migration failed or closed: pause
+    while postcopy is RUNNING.
+
+    @param incoming: the incoming migration.
+    @param protocol: the connection's protocol.
+    @param reason: why.
+    @return: L{True} when handled here (a replaced connection, or the
+        migration paused), L{False} when the migration must fail.
+    """
+    status = incoming.machine.status.status
+    if status == S.POSTCOPY_PAUSED:
+        return True
+    if status not in PAUSABLE or incoming.machine.postcopy != PostcopyState.RUNNING:
+        return False
+    if getattr(incoming.returnPath, "transport", None) is not protocol.transport:
+        return True
+    pauseIncoming(incoming, protocol, reason)
+    return True
+
+
+def checkRecover(incoming: Any) -> None:
+    """
+    C{migrate-recover}: only while paused.
+
+    @param incoming: the incoming migration, or L{None}.
+    @raise MigrationError: QEMU's text otherwise.
+    """
+    if incoming is None or incoming.machine.status.status != S.POSTCOPY_PAUSED:
+        raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+
+
+@define
+class DestinationResume:
+    """
+    The destination's side of one recovery handshake.
+
+    @ivar incoming: the paused incoming migration.
+    @ivar writer: the new connection's return-path writer.
+    """
+
+    incoming: Any
+    writer: Any
+
+    def start(self) -> None:
+        """
+        The new main connection is up: C{postcopy-recover}; replies go to
+        it, page requests stay held.
+        """
+        self.incoming.returnPath = HeldReturnPath(self.writer)
+        self.incoming.machine.status.moveTo(S.POSTCOPY_RECOVER)
+
+    def recvBitmap(self, idstr: str) -> None:
+        """
+        RECV_BITMAP: answer with the block's received bitmap.
+
+        @param idstr: the block.
+        @raise RemoteProtocolError: an unknown block (QEMU's text).
+        """
+        if self.incoming.machine.status.status != S.POSTCOPY_RECOVER:
+            log.warn("MSG_RP_RECV_BITMAP only used for recovery")
+            return
+        placer = self.incoming.placer
+        block = placer.blocks.get(idstr)
+        if block is None:
+            raise RemoteProtocolError(f"RECV_BITMAP: block '{idstr}' not found")
+        bitmap = receivedBitmap(placer.received[idstr], block.length, block.pageSize)
+        self.writer.transport.write(self.writer.encoder.recvBitmap(idstr, bitmap))
+
+    def resume(self) -> None:
+        """
+        POSTCOPY_RESUME: RESUME_ACK(1), C{postcopy-active}, and every
+        awaited page requested again (REQ_PAGES_ID first).
+        """
+        incoming = self.incoming
+        if incoming.machine.status.status != S.POSTCOPY_RECOVER:
+            log.warn("illegal resume received")
+            return
+        writer = self.writer
+        writer.reset()
+        writer.transport.write(writer.encoder.resumeAck())
+        incoming.returnPath = writer
+        incoming.machine.status.moveTo(S.POSTCOPY_ACTIVE)
+        for idstr, offset in list(incoming.waiting):
+            writer.requestPages(idstr, offset, incoming.placer.blocks[idstr].pageSize)

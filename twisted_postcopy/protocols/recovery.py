@@ -1,0 +1,355 @@
+# -*- test-case-name: tests.test_recovery_loopback -*-
+"""
+The connections of a postcopy recovery (return-path-preempt-recovery.md
+section 4.3-4.4): the source's new main connection (C{migrate} with
+C{resume}), the destination's (C{migrate-recover}, or the original
+listener while paused), and C{migrate-pause}.
+
+The protocols only move bytes: the handshakes are
+L{twisted_postcopy.source.recovery.SourceResume} and
+L{twisted_postcopy.destination.recovery.DestinationResume}.  Once resumed,
+each connection carries on as an ordinary main connection.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from twisted_postcopy.destination.recovery import DestinationResume, checkRecover
+from twisted_postcopy.errors import MigrationError, PostcopyError
+from twisted_postcopy.protocols.factories import clientEndpoint, serverEndpoint
+from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
+from twisted_postcopy.protocols.returnpath import ReturnPathWriter
+from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
+from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
+from twisted_postcopy.source.recovery import SourceResume, checkResume, currentTransport
+from twisted_postcopy.wire import StreamDecoder
+from twisted_postcopy.wire import events as e
+
+#: The RAM section id of 7.2's stream (and ours): SECTION_PARTs after a
+#: recovery carry it without a new SECTION_START.
+RAM_SECTION_ID = 2
+
+log = Logger()
+
+
+class RecoveryReturnPathReader(ReturnPathReader):
+    """
+    The source's return path on a recovery connection: RECV_BITMAP and
+    RESUME_ACK go to the handshake, everything else as usual.
+
+    @ivar resume: the handshake.
+    """
+
+    def __init__(self, outgoing: Any, resume: SourceResume) -> None:
+        """
+        @param outgoing: the outgoing migration.
+        @param resume: the handshake.
+        """
+        super().__init__(outgoing)
+        self.resume = resume
+        self.resumed: Callable[[], object] = lambda: None
+
+    def receiveData(self, data: bytes) -> None:
+        """
+        Decode and act on return-path bytes.
+
+        @param data: the bytes.
+        @raise twisted_postcopy.errors.PostcopyError: bad input.
+        """
+        self.decoder.receiveData(data)
+        outgoing = self.outgoing
+        for event in self.decoder.events():
+            kind = event.__class__
+            if kind is e.RecvBitmapReceived:
+                self.resume.bitmapReceived(event.block, event.bitmap)
+            elif kind is e.ResumeAckReceived:
+                if self.resume.resumeAcked():
+                    self.resumed()
+            elif kind is e.PagesRequested:
+                outgoing.pagesRequested(event.block, event.start, event.length)
+            elif kind is e.ShutReceived:
+                outgoing.shut(event.value)
+
+
+class RecoverySourceProtocol(SourceProtocol):
+    """
+    The source's new main connection: the handshake, then the ordinary
+    postcopy stream.
+    """
+
+    def __init__(self, migration: Any, reactor: Any) -> None:
+        """
+        @param migration: the paused outgoing migration.
+        @param reactor: an L{IReactorTime}.
+        """
+        super().__init__(migration, reactor)
+        self.resume = SourceResume(migration, lambda data: self.transport.write(data))
+        self.returnPath = RecoveryReturnPathReader(migration, self.resume)
+        self.returnPath.resumed = self._resumed
+
+    def connectionMade(self) -> None:
+        """
+        Take over the migration's writes and send the bitmap requests.
+        """
+        if self.migration.machine.status != S.POSTCOPY_PAUSED:
+            self.transport.abortConnection()
+            return
+        self._attach()
+        self._postcopyStarted()
+        self.resume.start()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Return-path bytes; a bad reply during the handshake pauses again
+        (7.2 would wait forever) after recording the error.
+
+        @param data: what arrived.
+        """
+        if self.migration.machine.status != S.POSTCOPY_RECOVER:
+            super().dataReceived(data)
+            return
+        try:
+            self.returnPath.receiveData(data)
+        except PostcopyError as error:
+            log.error("postcopy recovery: {error}", error=error)
+            self.migration.stats.error = str(error)
+            self.transport.abortConnection()
+
+    def _resumed(self) -> None:
+        """
+        RESUME_ACK: pages flow again.
+        """
+        self._schedule(0)
+
+
+class RecoverySourceFactory(Factory):
+    """
+    Builds the L{RecoverySourceProtocol} of a resumed migration.
+
+    @ivar migration: the outgoing migration.
+    @ivar reactor: the reactor.
+    """
+
+    def __init__(self, migration: Any, reactor: Any) -> None:
+        """
+        @param migration: the outgoing migration.
+        @param reactor: the reactor.
+        """
+        self.migration = migration
+        self.reactor = reactor
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        """
+        @param addr: the peer.
+        @return: the recovery protocol.
+        """
+        return RecoverySourceProtocol(self.migration, self.reactor)
+
+
+def resumeOutgoing(reactor: Any, migration: Any, uri: str) -> Deferred:
+    """
+    C{migrate} with C{resume}: connect; a failed connect leaves the
+    migration paused (retry later), as in QEMU.
+
+    @param reactor: the reactor.
+    @param migration: the outgoing migration, or L{None}.
+    @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
+    @return: the connect Deferred (never fails).
+    @raise MigrationError: no paused migration, bad URI.
+    """
+    checkResume(migration)
+    endpoint = clientEndpoint(reactor, uri)
+
+    def failed(reason: Any) -> None:
+        """
+        @param reason: the connect failure.
+        """
+        migration.stats.error = f"Failed to connect to '{uri}': {reason.getErrorMessage()}"
+        log.error("{error}", error=migration.stats.error)
+
+    return endpoint.connect(RecoverySourceFactory(migration, reactor)).addErrback(failed)
+
+
+class RecoveryStreamReader(IncomingStreamReader):
+    """
+    The destination's recovery main channel: no header; RECV_BITMAP and
+    POSTCOPY_RESUME go to the handshake.
+    """
+
+    def __init__(self, incoming: Any, resume: DestinationResume) -> None:
+        """
+        @param incoming: the incoming migration.
+        @param resume: the handshake.
+        """
+        super().__init__(incoming)
+        blocks = [e.RAMBlockInfo(idstr, block.length) for idstr, block in incoming.placer.blocks.items()]
+        self.decoder = StreamDecoder(header=False, blocks=blocks, ramSectionId=RAM_SECTION_ID)
+        self._calls[e.RecvBitmapRequested] = lambda ev: resume.recvBitmap(ev.block)
+        self._calls[e.ResumeReceived] = lambda ev: resume.resume()
+
+
+class RecoveryDestinationProtocol(DestinationProtocol):
+    """
+    The destination's new main connection of a paused migration.
+    """
+
+    def __init__(self, incoming: Any) -> None:
+        """
+        @param incoming: the paused incoming migration.
+        """
+        Protocol.__init__(self)
+        self.incoming = incoming
+        self.driver: Any = None
+
+    def connectionMade(self) -> None:
+        """
+        Enter C{postcopy-recover}, or drop the connection when the
+        migration is not paused (QEMU ignores extra connections).
+        """
+        if self.incoming.machine.status.status != S.POSTCOPY_PAUSED:
+            log.warn("Extra incoming migration connection; ignoring")
+            self.transport.abortConnection()
+            return
+        resume = DestinationResume(self.incoming, ReturnPathWriter(self.transport))
+        self.driver = RecoveryStreamReader(self.incoming, resume)
+        self._statusChanged(S.POSTCOPY_ACTIVE)
+        resume.start()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Main-stream bytes (only once this connection was accepted).
+
+        @param data: what arrived.
+        """
+        if self.incoming.returnPath.transport is self.transport:
+            super().dataReceived(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        """
+        A connection that never took over changes nothing.
+
+        @param reason: why.
+        """
+        if self.driver is not None:
+            super().connectionLost(reason)
+
+
+class RecoveryDestinationFactory(Factory):
+    """
+    Builds a L{RecoveryDestinationProtocol} per connection.
+
+    @ivar incoming: the incoming migration.
+    """
+
+    def __init__(self, incoming: Any) -> None:
+        """
+        @param incoming: the incoming migration.
+        """
+        self.incoming = incoming
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        """
+        @param addr: the peer.
+        @return: a recovery protocol (it drops itself unless paused).
+        """
+        return RecoveryDestinationProtocol(self.incoming)
+
+
+class RecoveryListener:
+    """
+    The destination's recovery connections: the C{migrate-recover}
+    listener (closed when the migration ends).  Unlike QEMU, the original
+    C{migrate-incoming} listener is released once loading started, so a
+    recovery always needs C{migrate-recover}.
+
+    @ivar reactor: the reactor.
+    @ivar incoming: the incoming migration.
+    @ivar emit: publishes a status event (C{migrate-recover} emits
+        C{setup} without changing the status).
+    @ivar port: the current recovery listening port, if any.
+    @ivar factory: builds the recovery protocols.
+    """
+
+    def __init__(self, reactor: Any, incoming: Any, emit: Callable[[S], object]) -> None:
+        """
+        @param reactor: the reactor.
+        @param incoming: the incoming migration.
+        @param emit: the manager's event publisher.
+        """
+        self.reactor = reactor
+        self.incoming = incoming
+        self.emit = emit
+        self.port: Any = None
+        self.factory = RecoveryDestinationFactory(incoming)
+        incoming.machine.status.observers.append(self._statusChanged)
+
+    def _statusChanged(self, status: S) -> None:
+        """
+        At the end stop listening.
+
+        @param status: the new status.
+        """
+        if status in FINISHED:
+            self.close()
+
+    def _listen(self, endpoint: Any) -> Deferred:
+        """
+        @param endpoint: a server endpoint.
+        @return: a Deferred firing with the listening port (remembered).
+        """
+
+        def listened(port: Any) -> Any:
+            """
+            @param port: the new listening port.
+            @return: it.
+            """
+            self.port = port
+            return port
+
+        return endpoint.listen(self.factory).addCallback(listened)
+
+    def recover(self, uri: str) -> Deferred:
+        """
+        C{migrate-recover}: replace the recovery listener.
+
+        @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
+        @return: a Deferred firing with the listening port.
+        @raise MigrationError: not paused, bad URI.
+        """
+        checkRecover(self.incoming)
+        endpoint = serverEndpoint(self.reactor, uri)
+        self.close()
+        self.emit(S.SETUP)
+        return self._listen(endpoint)
+
+    def close(self) -> None:
+        """
+        Stop the recovery listener, if any.
+        """
+        if self.port is not None:
+            self.port.stopListening()
+            self.port = None
+
+
+def migratePause(migration: Any) -> None:
+    """
+    C{migrate-pause}: shut the main connection down; both sides then pause
+    as on a network failure.
+
+    @param migration: the outgoing or incoming migration, or L{None}.
+    @raise MigrationError: not in C{postcopy-active} (QEMU's text).
+    """
+    machine = getattr(migration, "machine", None)
+    status = getattr(machine, "status", None)
+    status = getattr(status, "status", status)
+    if status != S.POSTCOPY_ACTIVE:
+        raise MigrationError("migrate-pause is currently only supported during postcopy-active state")
+    transport = getattr(migration, "returnPath", None)
+    transport = currentTransport(migration) if transport is None else transport.transport
+    transport.getHandle().shutdown(socket.SHUT_RDWR)

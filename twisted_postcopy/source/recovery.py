@@ -1,0 +1,208 @@
+# -*- test-case-name: tests.test_recovery_source -*-
+"""
+Postcopy pause and recovery on the source (return-path-preempt-recovery.md
+sections 4.2-4.6): QEMU 7.2's C{postcopy_pause}, C{ram_resume_prepare} and
+C{migrate_handle_rp_recv_bitmap}, without sockets.
+
+While C{postcopy-active} (or C{postcopy-recover}) a lost main connection
+pauses the outgoing migration instead of failing it: the guest stays
+stopped here and nothing is lost.  L{SourceResume} then runs the
+handshake on a new connection: a C{RECV_BITMAP} command per block in list
+order, each reply turns into the dirty map (dirty := NOT received), then
+C{POSTCOPY_RESUME}; C{RESUME_ACK(1)} returns to C{postcopy-active} and the
+scan restarts from the start of RAM.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from attrs import define, field
+from twisted.logger import Logger
+
+from twisted_postcopy.errors import BitmapError, MigrationError, RemoteProtocolError
+from twisted_postcopy.protocols import _codec as c
+from twisted_postcopy.source.machine import MigrationStatus as S
+
+#: QEMU 7.2's C{MIG_CMD_POSTCOPY_RESUME} and C{MIG_CMD_RECV_BITMAP}.
+CMD_POSTCOPY_RESUME, CMD_RECV_BITMAP = 9, 10
+#: The target page size received bitmaps count in.
+TARGET_PAGE_SIZE = 4096
+#: Statuses in which a lost connection pauses instead of failing.
+PAUSABLE = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER})
+#: QEMU's log line when a postcopy migration pauses.
+PAUSED_MESSAGE = "Detected IO failure for postcopy. Migration paused."
+#: C{str.translate} table from a bitmap's C{"0"}/C{"1"} digits to dirty flags.
+_NOT_RECEIVED = bytes.maketrans(b"01", b"\x01\x00")
+
+log = Logger()
+
+
+def bitmapSize(length: int) -> int:
+    """
+    @param length: a block's used length in bytes.
+    @return: QEMU's received-bitmap size for it: one bit per target page,
+        rounded up to whole 64-bit words.
+    """
+    pages = -(-length // TARGET_PAGE_SIZE)
+    return -(-pages // 64) * 8
+
+
+def dirtyFromReceived(bitmap: bytes, length: int, pageSize: int) -> bytearray:
+    """
+    QEMU's C{ram_dirty_bitmap_reload} for one block: dirty := NOT received.
+
+    @param bitmap: the received bitmap (little-endian 64-bit words, one bit
+        per target page).
+    @param length: the block's used length.
+    @param pageSize: the block's host page size (a host page is dirty if
+        any of its target pages is missing).
+    @return: one byte per host page, 1 = to send.
+    """
+    pages = length // TARGET_PAGE_SIZE
+    digits = format(int.from_bytes(bitmap, "little"), f"0{len(bitmap) * 8}b")[::-1][:pages]
+    dirty = digits.encode("ascii").translate(_NOT_RECEIVED)
+    ratio = pageSize // TARGET_PAGE_SIZE
+    if ratio <= 1:
+        return bytearray(dirty)
+    return bytearray(int(1 in dirty[page:page + ratio]) for page in range(0, pages, ratio))
+
+
+def currentTransport(migration: Any) -> Any:
+    """
+    @param migration: an L{twisted_postcopy.source.outgoing.OutgoingMigration}.
+    @return: the transport its main channel writes to (the protocol binds
+        C{migration.write} to C{transport.write}), or L{None}.
+    """
+    return getattr(migration.write, "__self__", None)
+
+
+def _discard(data: bytes) -> None:
+    """
+    The main channel's writer while paused: the bytes are dropped (the
+    received bitmaps tell what must be sent again).
+
+    @param data: ignored.
+    """
+
+
+def pauseOutgoing(migration: Any, reason: object) -> None:
+    """
+    QEMU's C{postcopy_pause}: status C{postcopy-paused}; writes are dropped
+    until a new connection replaces the old one.
+
+    @param migration: the outgoing migration, in a L{PAUSABLE} status.
+    @param reason: why (logged).
+    """
+    log.warn("{message} ({reason})", message=PAUSED_MESSAGE, reason=reason)
+    migration.write = _discard
+    migration.writeBuffers = None
+    migration.scheduler.queue.clear()
+    migration.machine.moveTo(S.POSTCOPY_PAUSED)
+
+
+def channelLost(migration: Any, transport: Any, reason: object) -> bool:
+    """
+    The main connection of an outgoing migration was lost: pause if
+    postcopy can be recovered.
+
+    @param migration: the outgoing migration.
+    @param transport: the lost connection's transport.
+    @param reason: why.
+    @return: L{True} when handled here (a replaced connection, or the
+        migration paused), L{False} when the migration must fail.
+    """
+    status = migration.machine.status
+    if status == S.POSTCOPY_PAUSED or (
+            status in PAUSABLE and currentTransport(migration) is not transport):
+        return True
+    if status in PAUSABLE:
+        pauseOutgoing(migration, reason)
+        return True
+    return False
+
+
+def checkResume(migration: Any) -> None:
+    """
+    C{migrate} with C{resume}: only a paused migration may resume.
+
+    @param migration: the outgoing migration, or L{None}.
+    @raise MigrationError: QEMU's text otherwise.
+    """
+    if migration is None or migration.machine.status != S.POSTCOPY_PAUSED:
+        raise MigrationError("Cannot resume if there is no paused migration")
+
+
+@define
+class SourceResume:
+    """
+    The source's side of one recovery handshake.
+
+    @ivar migration: the paused outgoing migration.
+    @ivar write: writes to the new main channel.
+    @ivar awaited: blocks whose bitmap has not come back yet.
+    """
+
+    migration: Any
+    write: Callable[[bytes], None]
+    awaited: set[str] = field(init=False, factory=set)
+
+    def start(self) -> None:
+        """
+        Connected: status C{postcopy-recover}, then one RECV_BITMAP per
+        block in list order (no header, no OPEN_RETURN_PATH).
+        """
+        migration = self.migration
+        migration.machine.moveTo(S.POSTCOPY_RECOVER)
+        blocks = [b.idstr for b in migration.vm.blocks]
+        self.awaited = set(blocks)
+        self.write(b"".join(c.command(CMD_RECV_BITMAP, c.str8(name)) for name in blocks))
+
+    def bitmapReceived(self, idstr: str, bitmap: bytes) -> None:
+        """
+        An RP RECV_BITMAP: rebuild that block's dirty map; after the last
+        one, send POSTCOPY_RESUME.
+
+        @param idstr: the block name.
+        @param bitmap: its received bitmap.
+        @raise RemoteProtocolError: outside recovery or an unknown block
+            (QEMU's texts).
+        @raise BitmapError: the size does not match the block.
+        """
+        status = self.migration.machine.status
+        if status != S.POSTCOPY_RECOVER:
+            raise RemoteProtocolError(f"ram_dirty_bitmap_reload: incorrect state {status.value}")
+        scheduler = self.migration.scheduler
+        try:
+            block = scheduler.blocks[scheduler._index(idstr)]
+        except KeyError:
+            raise RemoteProtocolError(
+                f"migrate_handle_rp_recv_bitmap: invalid block name '{idstr}'") from None
+        expected = bitmapSize(block.length)
+        if len(bitmap) != expected:
+            raise BitmapError(
+                f"ram_dirty_bitmap_reload: ramblock '{idstr}' bitmap size mismatch "
+                f"(0x{len(bitmap):x} != 0x{expected:x})")
+        scheduler.dirtyBytes -= block.dirty.count(1) * block.pageSize
+        block.dirty = dirtyFromReceived(bitmap, block.length, block.pageSize)
+        scheduler.dirtyBytes += block.dirty.count(1) * block.pageSize
+        self.awaited.discard(idstr)
+        if not self.awaited:
+            self.write(c.command(CMD_POSTCOPY_RESUME))
+
+    def resumeAcked(self) -> bool:
+        """
+        RESUME_ACK(1): back to C{postcopy-active}; the scan restarts at the
+        start of RAM and every channel names its first block again.  An
+        ack outside recovery is ignored, as in QEMU.
+
+        @return: whether the migration resumed.
+        """
+        migration = self.migration
+        if migration.machine.status != S.POSTCOPY_RECOVER or self.awaited:
+            return False
+        migration.scheduler.restartScan()
+        migration.scheduler.lastRequestBlock = None
+        migration.records.lastBlock = None
+        migration.machine.moveTo(S.POSTCOPY_ACTIVE)
+        return True
