@@ -1,0 +1,219 @@
+# -*- test-case-name: tests.test_recovery_loopback -*-
+"""
+Postcopy pause and recovery between two L{MigrationManager}s over real
+loopback TCP, with real network failures: a relay between the two sides is
+cut (both directions shut down at once) while a destination guest process
+faults on missing pages through its own userfaultfd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests import test_migration_loopback as loopback
+from tests.enginevm import OutgoingTestVM
+from tests.uffdguest import FaultService, spawnGuest, uffdOpen
+from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.testing.relay import RecordingRelay
+
+MiB = 1 << 20
+#: The longest any single wait in these tests may take, in seconds.
+WAIT = 20.0
+
+
+def within(waiting: Deferred, seconds: float = WAIT) -> Deferred:
+    """
+    @param waiting: a Deferred.
+    @param seconds: the bound.
+    @return: C{waiting}, failing with C{TimeoutError} after C{seconds}.
+    """
+    return waiting.addTimeout(seconds, reactor)
+
+
+def recvBitmapCommand(name: str) -> bytes:
+    """
+    @param name: a block name.
+    @return: QEMU 7.2's C{MIG_CMD_RECV_BITMAP} for it.
+    """
+    raw = name.encode()
+    return struct.pack(">BHHB", 8, 10, 1 + len(raw), len(raw)) + raw
+
+
+class GuestVM(loopback.IncomingGuestVM):
+    """
+    The destination VM: a guest process reading all of its RAM in a
+    scattered order, faulting on every missing page.
+    """
+
+
+class RecoveryLoopbackTests(TestCase):
+    """
+    Our source to our destination through a cuttable relay.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        Two managers with postcopy on; the destination's fault service is
+        the real-kernel test service.
+        """
+        try:
+            os.close(uffdOpen())
+        except OSError as error:
+            raise SkipTest(f"userfaultfd unavailable: {error}")
+        self.source = OutgoingTestVM({"pc.ram": 8 * MiB, "pc.rom": 128 * 1024},
+                                     device=loopback.ownDevice(b"cpu state"))
+        loopback.fill(self.source, 5)
+        self.destination = GuestVM()
+        self.src = MigrationManager(reactor, self.source)
+        self.dst = MigrationManager(reactor, self.destination, self.faultService)
+        for manager in (self.src, self.dst):
+            manager.setCapabilities({"postcopy-ram": True})
+        self.src.setParameters({"max-bandwidth": 4 * MiB, "max-postcopy-bandwidth": 2 * MiB})
+        self.events: dict[str, list[str]] = {"src": [], "dst": []}
+        self.src.subscribe(lambda e: self.events["src"].append(e["data"]["status"]))
+        self.dst.subscribe(lambda e: self.events["dst"].append(e["data"]["status"]))
+
+    def faultService(self, blocks: dict[str, Any], pageSource: Any) -> FaultService:
+        """
+        @param blocks: the destination's blocks.
+        @param pageSource: the incoming migration.
+        @return: the test fault service (the guest attaches to it at RUN).
+        """
+        service = FaultService(reactor, blocks, pageSource)
+        self.destination.service = service
+        return service
+
+    def relay(self, port: Any) -> RecordingRelay:
+        """
+        @param port: a listening port of the destination.
+        @return: a relay to it, closed at cleanup.
+        """
+        relay = RecordingRelay(("127.0.0.1", port.getHost().port))
+        self.addCleanup(relay.close)
+        return relay
+
+    @inlineCallbacks
+    def startPostcopy(self):
+        """
+        Migrate through a relay until the destination guest runs and
+        faults.
+
+        @return: the relay (via the Deferred).
+        """
+        port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        relay = self.relay(port)
+        self.src.migrate(relay.uri)
+        yield within(self.src.whenStatus("active"))
+        self.src.startPostcopy()
+        yield within(self.dst.whenStatus("postcopy-active"))
+        yield deferLater(reactor, 0.5, lambda: None)
+        return relay
+
+    @inlineCallbacks
+    def recoverAndComplete(self):
+        """
+        Both sides are paused: C{migrate-recover} on the destination,
+        C{migrate resume} on the source (through a second relay), then
+        both complete and the guest saw exactly the source's RAM.
+
+        @return: the recovery relay (via the Deferred).
+        """
+        paused = yield within(self.src.whenStatus("postcopy-paused"))
+        self.assertEqual(paused, "postcopy-paused")
+        yield within(self.dst.whenStatus("postcopy-paused"))
+        self.assertEqual(self.dst.queryMigrate()["status"], "postcopy-paused")
+        self.assertFalse(self.destination.guest.done.called)
+        recoverPort = yield self.dst.migrateRecover("tcp:127.0.0.1:0")
+        relay = self.relay(recoverPort)
+        self.src.migrate(relay.uri, resume=True)
+        status = yield within(self.src.whenStatus("completed", "failed"))
+        dstStatus = yield within(self.dst.whenStatus("completed", "failed"))
+        digests = yield within(self.destination.guest.done)
+        self.assertEqual((status, dstStatus), ("completed", "completed"))
+        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
+        self.assertEqual(digests, expected)
+        return relay
+
+    def assertRecoveryWire(self, relay: RecordingRelay) -> None:
+        """
+        The recovery connection starts as QEMU 7.2's does: one RECV_BITMAP
+        per block in list order, then POSTCOPY_RESUME; the return path
+        answers each with its bitmap, then RESUME_ACK(1), then the
+        re-sent request of the page the paused guest waits for
+        (REQ_PAGES_ID first).
+
+        @param relay: the recovery relay.
+        """
+        forward = bytes(relay.connections[0].forward)
+        backward = bytes(relay.connections[0].backward)
+        head = recvBitmapCommand("pc.ram") + recvBitmapCommand("pc.rom") + bytes.fromhex("0800090000")
+        self.assertEqual(forward[:len(head)], head)
+        self.assertEqual(backward[:11], bytes.fromhex("0005 0007 06") + b"pc.ram")
+        ramBitmap = 8 * MiB // 4096 // 8
+        self.assertEqual(struct.unpack(">Q", backward[11:19])[0], ramBitmap)
+        romStart = 19 + ramBitmap + 8
+        self.assertEqual(backward[19 + ramBitmap:romStart], bytes.fromhex("0123456789abcdef"))
+        self.assertEqual(backward[romStart:romStart + 11], bytes.fromhex("0005 0007 06") + b"pc.rom")
+        ackAt = romStart + 11 + 8 + 8 + 8
+        self.assertEqual(backward[ackAt:ackAt + 8], bytes.fromhex("0006 0004 00000001"))
+        self.assertEqual(backward[ackAt + 8:ackAt + 10], bytes.fromhex("0003"))
+
+    @inlineCallbacks
+    def test_cutAndRecover(self) -> None:
+        """
+        A cut during postcopy pauses both sides (not failed); after
+        C{migrate-recover} and C{migrate resume} the migration completes
+        with the guest's memory identical to the source's, and the status
+        sequences are QEMU's.
+        """
+        relay = yield self.startPostcopy()
+        relay.cut()
+        recovery = yield self.recoverAndComplete()
+        self.assertRecoveryWire(recovery)
+        self.assertEqual(self.events["src"], [
+            "setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
+            "postcopy-active", "completed"])
+        self.assertEqual(self.events["dst"], [
+            "setup", "active", "postcopy-active", "postcopy-paused", "setup", "postcopy-recover",
+            "postcopy-active", "completed"])
+
+    @inlineCallbacks
+    def test_migratePauseAndRecover(self) -> None:
+        """
+        C{migrate-pause} on the source shuts the connection down: both
+        sides pause, and recover as after a network failure.
+        """
+        yield self.startPostcopy()
+        self.src.migratePause()
+        yield self.recoverAndComplete()
+
+    @inlineCallbacks
+    def test_destinationPauseAndTwoRecoveries(self) -> None:
+        """
+        C{migrate-pause} on the destination pauses both sides; a cut
+        after the first recovery pauses them again, and a second recovery
+        completes.
+        """
+        yield self.startPostcopy()
+        self.dst.migratePause()
+        paused = yield within(self.src.whenStatus("postcopy-paused"))
+        self.assertEqual(paused, "postcopy-paused")
+        recoverPort = yield self.dst.migrateRecover("tcp:127.0.0.1:0")
+        relay = self.relay(recoverPort)
+        self.src.migrate(relay.uri, resume=True)
+        yield within(self.dst.whenStatus("postcopy-active"))
+        yield deferLater(reactor, 0.3, lambda: None)
+        relay.cut()
+        yield self.recoverAndComplete()
+        self.assertEqual(self.events["src"].count("postcopy-paused"), 2)
