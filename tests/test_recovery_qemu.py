@@ -1,0 +1,117 @@
+# -*- test-case-name: tests.test_recovery_qemu -*-
+"""
+Postcopy recovery against a REAL QEMU 7.2 destination: our source migrates
+through a relay, the relay is cut during postcopy, QEMU pauses, QEMU's
+C{migrate-recover} and our C{migrate resume} recover, QEMU completes and
+its guest RAM equals ours byte for byte.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests.enginevm import OutgoingTestVM, PAGE
+from tests.test_recovery_loopback import WAIT, recvBitmapCommand, within
+from tests.test_source_qemu import RAM_RANGES, _freePort
+from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
+from twisted_postcopy.testing.qemuguest import incomingAddress
+from twisted_postcopy.testing.relay import RecordingRelay
+
+MiB = 1 << 20
+#: Seconds between two C{query-migrate} polls of QEMU.
+POLL = 0.05
+
+
+@inlineCallbacks
+def qemuStatus(qemu, status: str):
+    """
+    Poll QEMU (without blocking the reactor for long) until it reports
+    C{status}.
+
+    @param qemu: a L{twisted_postcopy.testing.qemu.QEMUInstance}.
+    @param status: the awaited migration status.
+    @return: a Deferred firing with QEMU's C{query-migrate}.
+    @raise AssertionError: not reached within L{WAIT} seconds.
+    """
+    for _ in range(int(WAIT / POLL)):
+        info = qemu.queryMigrate()
+        if info.get("status") == status:
+            return info
+        yield deferLater(reactor, POLL, lambda: None)
+    raise AssertionError(f"QEMU never reached {status}: {qemu.stderrTail()}")
+
+
+class QEMUDestinationRecoveryTests(TestCase):
+    """
+    Source: ours.  Destination: C{qemu-system-x86_64 -incoming defer -S}.
+    """
+
+    skip = qemuSkipReason()
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        A QEMU destination, and our 32 MiB source with a page pattern.
+        """
+        self.qemu = startBootedQEMU(self, "destination", ["-S", "-incoming", "defer"])
+        self.vm = OutgoingTestVM({"pc.ram": 32 * MiB})
+        for offset in range(0, 32 * MiB, 3 * PAGE):
+            self.vm.write(0, offset, struct.pack(">Q", offset) * 64)
+        self.manager = MigrationManager(reactor, self.vm)
+        self.manager.setCapabilities({"postcopy-ram": True})
+        self.manager.setParameters({"max-bandwidth": 0, "max-postcopy-bandwidth": 4 * MiB})
+        self.qemu.setCapabilities(**{"postcopy-ram": True})
+
+    def relay(self, target: tuple[str, int]) -> RecordingRelay:
+        """
+        @param target: where to relay to.
+        @return: a relay, closed at cleanup.
+        """
+        relay = RecordingRelay(target)
+        self.addCleanup(relay.close)
+        return relay
+
+    @inlineCallbacks
+    def test_cutAndRecoverIntoQEMU(self) -> None:
+        """
+        A cut during postcopy pauses both; after QEMU's C{migrate-recover}
+        and our C{migrate resume} QEMU answers the RECV_BITMAP with a
+        partial bitmap and RESUME_ACK, and completes with our RAM.
+        """
+        port = _freePort()
+        self.qemu.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        first = self.relay(("127.0.0.1", port))
+        self.manager.migrate(first.uri)
+        self.manager.startPostcopy()
+        yield within(self.manager.whenStatus("postcopy-active"))
+        yield deferLater(reactor, 1.0, lambda: None)
+        first.cut()
+        yield within(self.manager.whenStatus("postcopy-paused"))
+        yield qemuStatus(self.qemu, "postcopy-paused")
+        self.qemu.qmp("migrate-recover", uri="tcp:127.0.0.1:0")
+        second = self.relay(incomingAddress(self.qemu))
+        self.manager.migrate(second.uri, resume=True)
+        status = yield within(self.manager.whenStatus("completed", "failed"))
+        self.assertEqual(status, "completed", self.qemu.stderrTail())
+        info = self.qemu.waitMigration(["completed"], timeout=WAIT)
+        self.assertEqual(info["status"], "completed")
+        ram = self.vm.blocks[0].map
+        for start, length in RAM_RANGES:
+            self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
+        forward = bytes(second.connections[0].forward)
+        head = recvBitmapCommand("pc.ram") + bytes.fromhex("0800090000")
+        self.assertEqual(forward[:len(head)], head)
+        backward = bytes(second.connections[0].backward)
+        self.assertEqual(backward[:15], bytes.fromhex("0005 0007 06") + b"pc.ram" + bytes(4))
+        size = struct.unpack(">Q", backward[11:19])[0]
+        self.assertEqual(size, 32 * MiB // 4096 // 8)
+        bitmap = int.from_bytes(backward[19:19 + size], "little")
+        self.assertTrue(0 < bitmap.bit_count() < 32 * MiB // 4096)
+        ack = 19 + size + 8
+        self.assertEqual(backward[ack:ack + 8], bytes.fromhex("0006 0004 00000001"))
