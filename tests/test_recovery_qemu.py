@@ -1,23 +1,26 @@
 # -*- test-case-name: tests.test_recovery_qemu -*-
 """
-Postcopy recovery against a REAL QEMU 7.2 destination: our source migrates
-through a relay, the relay is cut during postcopy, QEMU pauses, QEMU's
-C{migrate-recover} and our C{migrate resume} recover, QEMU completes and
-its guest RAM equals ours byte for byte.
+Postcopy recovery against a REAL QEMU 7.2 peer, both ways: the migration
+goes through a relay, the relay is cut during postcopy, both sides pause,
+C{migrate-recover} on the destination and C{migrate resume} on the source
+recover, both complete and the destination RAM equals the source's byte
+for byte.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.enginevm import OutgoingTestVM, PAGE
+from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
 from tests.test_recovery_loopback import WAIT, recvBitmapCommand, within
 from tests.test_source_qemu import RAM_RANGES, _freePort
+from tests.uffdguest import FaultService, uffdOpen
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
 from twisted_postcopy.testing.qemuguest import incomingAddress
@@ -115,3 +118,65 @@ class QEMUDestinationRecoveryTests(TestCase):
         self.assertTrue(0 < bitmap.bit_count() < 32 * MiB // 4096)
         ack = 19 + size + 8
         self.assertEqual(backward[ack:ack + 8], bytes.fromhex("0006 0004 00000001"))
+
+
+class QEMUSourceRecoveryTests(TestCase):
+    """
+    Source: C{qemu-system-x86_64} running the boot-sector guest.
+    Destination: ours, pages placed through a real userfaultfd.
+    """
+
+    skip = qemuSkipReason()
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        A QEMU source, and our destination with postcopy on.
+        """
+        try:
+            os.close(uffdOpen())
+        except OSError as error:
+            raise SkipTest(f"userfaultfd unavailable: {error}")
+        self.qemu = startBootedQEMU(self, "source")
+        self.vm = IncomingTestVM()
+        self.manager = MigrationManager(reactor, self.vm, lambda blocks, source: FaultService(
+            reactor, blocks, source))
+        self.manager.setCapabilities({"postcopy-ram": True})
+        self.qemu.setCapabilities(**{"postcopy-ram": True})
+        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 40000})
+
+    @inlineCallbacks
+    def test_cutAndRecoverFromQEMU(self) -> None:
+        """
+        A cut during postcopy pauses QEMU and us; after our
+        C{migrate-recover} and QEMU's C{migrate resume} both complete and
+        our RAM equals the stopped source's.
+        """
+        listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(listening.stopListening)
+        first = RecordingRelay(("127.0.0.1", listening.getHost().port))
+        self.addCleanup(first.close)
+        self.qemu.migrate(first.uri)
+        yield qemuStatus(self.qemu, "active")
+        self.qemu.qmp("migrate-start-postcopy")
+        yield within(self.manager.whenStatus("postcopy-active"))
+        yield deferLater(reactor, 0.5, lambda: None)
+        first.cut()
+        yield within(self.manager.whenStatus("postcopy-paused"))
+        yield qemuStatus(self.qemu, "postcopy-paused")
+        port = yield self.manager.migrateRecover("tcp:127.0.0.1:0")
+        second = RecordingRelay(("127.0.0.1", port.getHost().port))
+        self.addCleanup(second.close)
+        self.qemu.setParameters(**{"max-postcopy-bandwidth": 0})
+        self.qemu.qmp("migrate", uri=second.uri, resume=True)
+        ours = yield within(self.manager.whenStatus("completed", "failed"))
+        self.assertEqual(ours, "completed", str(self.vm.failure))
+        info = yield qemuStatus(self.qemu, "completed")
+        self.assertGreater(info["ram"]["postcopy-bytes"], 0)
+        ram = self.vm.contents()["pc.ram"]
+        for start, length in RAM_RANGES:
+            self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
+        forward = bytes(second.connections[0].forward)
+        self.assertEqual(forward[:len(recvBitmapCommand("pc.ram"))], recvBitmapCommand("pc.ram"))
+        backward = bytes(second.connections[0].backward)
+        self.assertEqual(backward[:11], bytes.fromhex("0005 0007 06") + b"pc.ram")
