@@ -15,6 +15,8 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -52,6 +54,47 @@ class GuestVM(loopback.IncomingGuestVM):
     The destination VM: a guest process reading all of its RAM in a
     scattered order, faulting on every missing page.
     """
+
+
+class _Peer(Protocol):
+    """
+    A raw peer: writes C{send} on connect (or once data arrives, with
+    C{reply}), collects what arrives, fires C{done} with it when closed.
+
+    @ivar send: bytes written on connect.
+    @ivar reply: bytes written once the first data arrived.
+    @ivar received: what arrived.
+    @ivar done: fires with C{received} once the connection closed.
+    """
+
+    def __init__(self, send: bytes = b"", reply: bytes = b"") -> None:
+        """
+        @param send: bytes written on connect.
+        @param reply: bytes written once data arrived.
+        """
+        self.send, self.reply = send, reply
+        self.received = bytearray()
+        self.done: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        """
+        Write C{send}.
+        """
+        self.transport.write(self.send)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        @param data: collected; the first data is answered with C{reply}.
+        """
+        if not self.received:
+            self.transport.write(self.reply)
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        """
+        @param reason: ignored.
+        """
+        self.done.callback(bytes(self.received))
 
 
 class RecoveryLoopbackTests(TestCase):
@@ -209,6 +252,7 @@ class RecoveryLoopbackTests(TestCase):
         self.dst.migratePause()
         paused = yield within(self.src.whenStatus("postcopy-paused"))
         self.assertEqual(paused, "postcopy-paused")
+        yield within(self.dst.whenStatus("postcopy-paused"))
         recoverPort = yield self.dst.migrateRecover("tcp:127.0.0.1:0")
         relay = self.relay(recoverPort)
         self.src.migrate(relay.uri, resume=True)
@@ -217,3 +261,39 @@ class RecoveryLoopbackTests(TestCase):
         relay.cut()
         yield self.recoverAndComplete()
         self.assertEqual(self.events["src"].count("postcopy-paused"), 2)
+
+    @inlineCallbacks
+    def test_badHandshakesPauseAgain(self) -> None:
+        """
+        Bad input during the handshake pauses that side again (7.2 would
+        crash or wait forever): our destination given a RECV_BITMAP for an
+        unknown block, and our source given a bitmap of the wrong size,
+        both drop that connection and go back to C{postcopy-paused}; then
+        a correct recovery completes.
+        """
+        relay = yield self.startPostcopy()
+        relay.cut()
+        yield within(self.src.whenStatus("postcopy-paused"))
+        yield within(self.dst.whenStatus("postcopy-paused"))
+        recoverPort = yield self.dst.migrateRecover("tcp:127.0.0.1:0")
+        intruder = _Peer(send=recvBitmapCommand("xyz"))
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", recoverPort.getHost().port),
+                              intruder)
+        yield within(intruder.done)
+        self.assertEqual(self.events["dst"][-2:], ["postcopy-recover", "postcopy-paused"])
+        badReply = (bytes.fromhex("0005 0007 06") + b"pc.ram" + struct.pack(">Q", 16) + bytes(16)
+                    + bytes.fromhex("0123456789abcdef"))
+        liar = _Peer(reply=badReply)
+        fake = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: liar))
+        self.addCleanup(fake.stopListening)
+        self.src.migrate(f"tcp:127.0.0.1:{fake.getHost().port}", resume=True)
+        yield within(liar.done)
+        self.assertEqual(self.events["src"][-2:], ["postcopy-recover", "postcopy-paused"])
+        self.assertIn("bitmap size mismatch (0x10 != 0x100)", self.src.outgoing.stats.error)
+        self.src.migrate(f"tcp:127.0.0.1:{recoverPort.getHost().port}", resume=True)
+        status = yield within(self.src.whenStatus("completed", "failed"))
+        self.assertEqual(status, "completed")
+        digests = yield within(self.destination.guest.done)
+        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
+        self.assertEqual(digests, expected)
