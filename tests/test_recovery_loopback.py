@@ -176,6 +176,8 @@ class RecoveryLoopbackTests(TestCase):
         self.assertEqual(paused, "postcopy-paused")
         yield within(self.dst.whenStatus("postcopy-paused"))
         self.assertEqual(self.dst.queryMigrate()["status"], "postcopy-paused")
+        self.assertEqual(self.src.queryMigrate()["status"], "postcopy-paused")
+        self.assertFalse(self.source.running)
         self.assertFalse(self.destination.guest.done.called)
         recoverPort = yield self.dst.migrateRecover("tcp:127.0.0.1:0")
         relay = self.relay(recoverPort)

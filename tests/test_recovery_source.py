@@ -7,10 +7,12 @@ sockets; and the QMP errors of the recovery commands.
 
 from __future__ import annotations
 
+from hypothesis import given, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.enginevm import PAGE, OutgoingTestVM
+from twisted_postcopy.destination.recovery import receivedBitmap
 from twisted_postcopy.errors import BitmapError, MigrationError, RemoteProtocolError
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.source.machine import MigrationStatus as S
@@ -75,6 +77,22 @@ class BitmapTests(SynchronousTestCase):
         self.assertEqual(dirty, bytearray(32) + bytearray(b"\x01") * 32)
         dirty = dirtyFromReceived(bytes.fromhex("0500000000000000"), 4 * PAGE, PAGE)
         self.assertEqual(dirty, bytearray(b"\x00\x01\x00\x01"))
+
+    @given(st.binary(min_size=1, max_size=300), st.sampled_from([1, 2, 512]))
+    def test_roundTrip(self, received: bytes, ratio: int) -> None:
+        """
+        What the destination encodes the source reloads as exactly the
+        pages not received, for any block size and page size.
+
+        @param received: one byte per host page (non-zero = received).
+        @param ratio: target pages per host page.
+        """
+        pageSize = ratio * PAGE
+        length = len(received) * pageSize
+        bitmap = receivedBitmap(received, length, pageSize)
+        self.assertEqual(len(bitmap), bitmapSize(length))
+        self.assertEqual(dirtyFromReceived(bitmap, length, pageSize),
+                         bytearray(int(not byte) for byte in received))
 
     def test_hugePages(self) -> None:
         """
