@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from tests import test_migration_loopback as loopback
 from tests.enginevm import OutgoingTestVM
-from tests.uffdguest import FaultService, spawnGuest, uffdOpen
+from tests.uffdguest import FaultService, uffdOpen
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.relay import RecordingRelay
 

@@ -22,8 +22,8 @@ from twisted.logger import Logger
 
 from twisted_postcopy.destination.recovery import DestinationResume, checkRecover
 from twisted_postcopy.errors import MigrationError, PostcopyError
-from twisted_postcopy.protocols.factories import clientEndpoint, serverEndpoint
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
+from twisted_postcopy.protocols.factories import clientEndpoint, serverEndpoint
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
@@ -32,7 +32,8 @@ from twisted_postcopy.wire import StreamDecoder
 from twisted_postcopy.wire import events as e
 
 #: The RAM section id of 7.2's stream (and ours): SECTION_PARTs after a
-#: recovery carry it without a new SECTION_START.
+#: recovery carry it without a new SECTION_START.  (The first connection's
+#: decoder knows the real one but does not expose it.)
 RAM_SECTION_ID = 2
 
 log = Logger()
@@ -44,6 +45,8 @@ class RecoveryReturnPathReader(ReturnPathReader):
     RESUME_ACK go to the handshake, everything else as usual.
 
     @ivar resume: the handshake.
+    @ivar resumed: called once RESUME_ACK moved the migration back to
+        C{postcopy-active}.
     """
 
     def __init__(self, outgoing: Any, resume: SourceResume) -> None:
@@ -81,6 +84,8 @@ class RecoverySourceProtocol(SourceProtocol):
     """
     The source's new main connection: the handshake, then the ordinary
     postcopy stream.
+
+    @ivar resume: the handshake.
     """
 
     def __init__(self, migration: Any, reactor: Any) -> None:
@@ -197,6 +202,9 @@ class RecoveryStreamReader(IncomingStreamReader):
 class RecoveryDestinationProtocol(DestinationProtocol):
     """
     The destination's new main connection of a paused migration.
+
+    @ivar driver: the recovery stream reader, once this connection took
+        over (L{None} for a dropped extra connection).
     """
 
     def __init__(self, incoming: Any) -> None:
