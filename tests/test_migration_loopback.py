@@ -16,11 +16,11 @@ import hashlib
 from twisted.internet import reactor
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.protocols.basic import LineReceiver
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
@@ -609,6 +609,120 @@ class StressGuestTests(TestCase):
         self.assertGreaterEqual(len(vcpus), 2)
         self.assertTrue(any(vcpus), incoming)
         self.assertGreaterEqual(incoming["postcopy-blocktime"], 0)
+
+
+    @inlineCallbacks
+    def switchDuringFirstPass(self, delay: float):
+        """
+        Start a 64 MiB stress guest (its first C{run} writes its whole
+        working set), migrate it as soon as L{Guest.start} fired and ask
+        for postcopy C{delay} seconds later, during the first precopy pass.
+
+        @return: the source's statuses and its final C{query-migrate}.
+        """
+        from twisted_postcopy.guests.guest import Guest, GuestSpec, IncomingGuest
+
+        spec = GuestSpec("stress", workers=2, blocks=(("ram", 64 * MiB),),
+                         arguments=("--working-set", str(32 * MiB // PAGE)))
+        source = Guest(reactor, spec, os.path.join(self.directory, "src.sock"))
+        self.addCleanup(source.close)
+        yield source.start()
+        arriving = IncomingGuest(reactor, spec, os.path.join(self.directory, "dst.sock"))
+        self.addCleanup(arriving.close)
+        src = MigrationManager(reactor, source)
+        dst = MigrationManager(reactor, arriving, arriving.faultServiceFactory)
+        for manager in (src, dst):
+            manager.setCapabilities({"postcopy-ram": True})
+        src.setParameters({"max-bandwidth": 64 * MiB})
+        statuses: list[str] = []
+        src.subscribe(lambda event: statuses.append(event["data"]["status"]))
+        port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+        yield deferLater(reactor, delay, lambda: None)
+        src.startPostcopy()
+        status = yield src.whenStatus("completed", "failed")
+        self.assertEqual(status, "completed", src.queryMigrate())
+        yield arriving.running
+        verdicts = yield arriving.host.verify()
+        self.assertTrue(all(verdict["ok"] for verdict in verdicts.values()), verdicts)
+        return statuses, src.queryMigrate()
+
+    @inlineCallbacks
+    def test_switchAtOnce(self) -> None:
+        """
+        C{migrate-start-postcopy} right after C{migrate}, on a guest whose
+        start just completed: the status goes through C{postcopy-active},
+        and nothing is sent while the guest is stopped (the guest's memory
+        initialisation is over before L{Guest.start} fires, so the stop
+        does not wait behind it).
+        """
+        statuses, info = yield self.switchDuringFirstPass(0)
+        self.assertEqual(statuses, ["setup", "active", "postcopy-active", "completed"])
+        self.assertEqual(info["ram"]["downtime-bytes"], 0)
+
+    @inlineCallbacks
+    def test_switchPartway(self) -> None:
+        """
+        C{migrate-start-postcopy} partway through the first precopy pass
+        (64 MiB at 64 MiB/s, asked after 0.2 s): the switch happens, with
+        no page sent during the downtime.
+        """
+        statuses, info = yield self.switchDuringFirstPass(0.2)
+        self.assertIn("postcopy-active", statuses)
+        self.assertEqual(statuses[-1], "completed")
+        self.assertEqual(info["ram"]["downtime-bytes"], 0)
+        self.assertGreater(info["ram"]["postcopy-bytes"], 0)
+
+
+class _RunningHost:
+    """
+    A guest host whose workers are attached and whose C{run} is answered
+    when the test says.
+
+    @ivar runs: the Deferreds of C{run} requests.
+    """
+
+    def __init__(self) -> None:
+        """
+        No run requested yet.
+        """
+        self.runs: list[Deferred] = []
+
+    def whenAttached(self) -> Deferred:
+        """
+        @return: a fired Deferred (every worker attached).
+        """
+        return succeed({})
+
+    def run(self) -> Deferred:
+        """
+        @return: a Deferred the test fires (the workers' C{running}).
+        """
+        self.runs.append(Deferred())
+        return self.runs[-1]
+
+
+class GuestStartTests(SynchronousTestCase):
+    """
+    L{Guest.start}'s Deferred, which says whether a source guest runs.
+    """
+
+    def test_calledOnlyOnceRunning(self) -> None:
+        """
+        The Deferred is not C{called} while the workers are still in their
+        first C{run} (a stress worker writing its working set), so nobody
+        migrates a guest that would stop only after its initialisation.
+        """
+        from twisted_postcopy.guests.guest import Guest
+
+        guest = Guest.__new__(Guest)
+        guest.host = _RunningHost()
+        started = guest.start()
+        self.assertEqual(len(guest.host.runs), 1)
+        self.assertFalse(started.called)
+        guest.host.runs[0].callback({"stress-0": {}})
+        self.assertEqual(self.successResultOf(started), {"stress-0": {}})
 
 
 class _KVClient(LineReceiver):

@@ -308,6 +308,7 @@ class SendmsgTests(SynchronousTestCase):
         protocol, transport = self._protocol(1000)
         transport._tempDataLen = 1
         transport.clear()
+        transport.socket.sent = b""
         protocol._writeBuffers([b"x", memoryview(b"y")])
         self.assertEqual((transport.socket.sent, transport.value()), (b"", b"xy"))
 

@@ -113,6 +113,37 @@ class OutgoingTests(SynchronousTestCase):
         self.assertEqual(pages[sent:sent + 24], list(range(40, 64)))
         self.assertEqual(pages[:sent] + pages[sent + 24:], list(range(40)))
 
+    def test_precopyEndInSteps(self) -> None:
+        """
+        The precopy completion writes its single END section a batch per
+        step (so encoding overlaps sending): with 3 MiB dirty at the stop
+        the END spans several writes, the stream holds one END with every
+        page, and nothing of it is rate limited.
+        """
+        pages = 768
+        vm = OutgoingTestVM({"pc.ram": pages * PAGE})
+        for page in range(pages):
+            vm.write(0, page * PAGE, b"%d" % page)
+        clock = Clock()
+        chunks: list[bytes] = []
+        parameters = {"max-bandwidth": PAGE, "max-postcopy-bandwidth": 0, "downtime-limit": 300}
+        migration = OutgoingMigration(vm, chunks.append, clock.seconds, {}, parameters)
+        migration.begin()
+        migration.start()
+        migration.ending = "precopy"
+        migration._stopVM()
+        writes = len(chunks)
+        while migration.step() != DONE:
+            pass
+        self.assertGreater(len(chunks) - writes, 2)
+        events = decodeAll(b"".join(chunks))
+        ends = [event for event in events if isinstance(event, e.SectionStarted) and event.kind == c.END]
+        self.assertEqual(len(ends), 1)
+        received = {event.offset // PAGE for event in events if isinstance(event, e.PageReceived)}
+        self.assertEqual(received, set(range(pages)))
+        self.assertEqual(migration.machine.status.value, "completed")
+        self.assertEqual(migration.stats.downtimeBytes, sum(map(len, chunks[writes:])))
+
     def test_neverTwiceAfterSwitch(self) -> None:
         """
         Every page goes out exactly once after the switch, and the first

@@ -171,9 +171,15 @@ class Guest:
 
     def start(self) -> Deferred:
         """
-        @return: a Deferred firing once every worker attached and runs.
+        @return: a new Deferred firing once every worker attached and
+            answered C{running} (its C{called} stays false until then; a
+            guest still initialising its memory would otherwise be stopped
+            for switchover behind its first C{run}, and its start counted
+            as downtime).
         """
-        return self.host.whenAttached().addCallback(lambda _: self.host.run())
+        running: Deferred = Deferred()
+        self.host.whenAttached().addCallback(lambda _: self.host.run()).chainDeferred(running)
+        return running
 
     def stop(self) -> Deferred:
         """

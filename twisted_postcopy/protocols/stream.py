@@ -73,6 +73,7 @@ class SourceProtocol(Protocol):
         self.migration.write = self.transport.write
         self.migration.onFinished = self._finished
         self.migration.onPostcopy = self._postcopyStarted
+        self.migration.onDeviceReady = self._wake
         if hasattr(self.transport, "socket") and hasattr(self.transport, "_tempDataLen"):
             self.migration.writeBuffers = self._writeBuffers
         if not self.migration.machine.inProgress:
@@ -140,6 +141,16 @@ class SourceProtocol(Protocol):
         """
         if self.pending is None and not self.paused:
             self.pending = self.reactor.callLater(delay, self._step)
+
+    def _wake(self) -> None:
+        """
+        Step at once (the stopped VM's device state is ready), replacing a
+        later scheduled poll.
+        """
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+        self._schedule(0)
 
     def _step(self) -> None:
         """

@@ -34,10 +34,6 @@ BATCH = 1 << 20
 #: The same in postcopy: smaller, so a page request waits behind less data.
 POSTCOPY_BATCH = 1 << 17
 VMDESC = b'{"page_size": 4096, "devices": []}'
-#: Pages per background run when no budget applies (the final END).
-RUN_PAGES = 256
-#: Batch cost of a page whose content is unknown in advance.
-PAGE_COST = 4096
 #: Seconds between steps while waiting for the VM to stop.
 STOP_POLL = 0.002
 #: Returned by L{OutgoingMigration.step} when nothing more will be written.
@@ -74,6 +70,9 @@ class OutgoingMigration:
     @ivar onPostcopy: called once the package is written, so the protocol
         can shrink what the connection queues (requested pages wait
         behind it).
+    @ivar onDeviceReady: called once the stopped VM gave its device state,
+        so the protocol steps at once instead of at the next poll.
+    @ivar endOpened: the precopy END section's header was written.
     """
 
     vm: Any
@@ -96,6 +95,8 @@ class OutgoingMigration:
     device: bytes | None = None
     onFinished: Callable[[], object] = lambda: None
     onPostcopy: Callable[[], object] = lambda: None
+    onDeviceReady: Callable[[], object] = lambda: None
+    endOpened: bool = False
     writeBuffers: Callable[[list[Any]], None] | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -129,22 +130,12 @@ class OutgoingMigration:
             out.append(c.command(c.CMD_ADVISE, struct.pack(">QQ", summary, 4096)))
         out += [c.sectionHeader(c.START, RAM_SECTION_ID, "ram", 0, 4),
                 c.ramList((b.idstr, b.length) for b in self.vm.blocks), c.footer(RAM_SECTION_ID)]
-        self._send(b"".join(out))
+        self._sendBuffers(out)
         if self.vm.dirtyTracker is not None:
             self.vm.dirtyTracker.start()
             self.tracking = True
         self.stats.setupDone()
         self.machine.moveTo(S.ACTIVE)
-
-    def _send(self, data: bytes) -> None:
-        """
-        Write to the main channel and count it.
-
-        @param data: the bytes.
-        """
-        self.write(data)
-        self.limiter.account(len(data))
-        self.stats.sent(len(data), self.machine.status, self.stopped)
 
     def _sendBuffers(self, buffers: list[Any]) -> None:
         """
@@ -160,32 +151,16 @@ class OutgoingMigration:
         self.limiter.account(size)
         self.stats.sent(size, self.machine.status, self.stopped)
 
-    def _part(self, kind: int, limited: bool) -> bool:
+    def _part(self) -> bool:
         """
-        Write one PART (or END) with urgent pages first, then background
-        pages until the batch or the rate budget is used up.
+        Write one PART with urgent pages first, then background pages until
+        the batch or the rate budget is used up.
 
-        @param kind: PART or END.
-        @param limited: whether background pages obey the batch and budget.
         @return: whether dirty pages remain.
         """
-        out: list[Any] = [c.sectionHeader(kind, RAM_SECTION_ID)]
+        out: list[Any] = [c.sectionHeader(c.PART, RAM_SECTION_ID)]
         batch = POSTCOPY_BATCH if self.machine.status == S.POSTCOPY_ACTIVE else BATCH
-        budget = min(batch, self.limiter.allowance())
-        scheduler = self.scheduler
-        while True:
-            page = scheduler.nextUrgent()
-            if page is not None:
-                size = scheduler.blocks[scheduler.position[0]].pageSize
-                budget -= self.records.write(page.block, page.offset, 1, size, out)
-                continue
-            if limited and budget <= 0:
-                break
-            pages = max(1, int(min(budget, batch) // PAGE_COST)) if limited else RUN_PAGES
-            run = scheduler.nextBackgroundRun(pages)
-            if run is None:
-                break
-            budget -= self.records.write(*run, out)
+        self.records.gather(self.scheduler, out, min(batch, self.limiter.allowance()), batch)
         out += [struct.pack(">Q", c.EOS), c.footer(RAM_SECTION_ID)]
         self._sendBuffers(out)
         return self.scheduler.remainingBytes > 0
@@ -202,7 +177,7 @@ class OutgoingMigration:
             return DONE
         if status == S.ACTIVE:
             self.limiter.bandwidth = self.parameters["max-bandwidth"]
-        if self.limiter.limited() and not self.scheduler.queue:
+        if self.limiter.limited() and not self.scheduler.queue and not self.stopped:
             return self.limiter.delay()
         if status == S.POSTCOPY_ACTIVE:
             return self._postcopyStep()
@@ -216,15 +191,14 @@ class OutgoingMigration:
             if self.ending is not None:
                 self._stopVM()
         if self.ending is None:
-            self._part(c.PART, True)
+            self._part()
             return 0.0
         if self.device is None:
             return STOP_POLL
         if self.ending == "postcopy":
             self._switchover()
             return 0.0
-        self._completePrecopy()
-        return DONE
+        return self._completePrecopy()
 
     def _converged(self) -> bool:
         """
@@ -273,17 +247,33 @@ class OutgoingMigration:
             @param device: the device state, now ready to send.
             """
             self.device = device
+            self.onDeviceReady()
 
         stopping = maybeDeferred(self.vm.stop).addCallback(stopped).addCallback(collected)
         stopping.addErrback(lambda failure: self.fail(failure.value))
 
-    def _completePrecopy(self) -> None:
+    def _completePrecopy(self) -> float:
         """
-        The VM is stopped: send everything left (END), devices, EOF, vmdesc.
+        The VM is stopped: send everything left (one END section, written
+        a batch per step so encoding overlaps sending; its bytes are those
+        of QEMU's single C{ram_save_complete} write), then the devices,
+        EOF and the vmdesc.  Not rate limited, as in QEMU.
+
+        @return: as L{step}.
         """
-        self._part(c.END, False)
-        self._send(self.device + bytes([c.EOF, c.VMDESC]) + struct.pack(">I", len(VMDESC)) + VMDESC)
+        out: list[Any] = []
+        if not self.endOpened:
+            self.endOpened = True
+            out.append(c.sectionHeader(c.END, RAM_SECTION_ID))
+        self.records.gather(self.scheduler, out, BATCH, BATCH)
+        if self.scheduler.remainingBytes > 0:
+            self._sendBuffers(out)
+            return 0.0
+        out += [struct.pack(">Q", c.EOS), c.footer(RAM_SECTION_ID), self.device,
+                bytes([c.EOF, c.VMDESC]), struct.pack(">I", len(VMDESC)), VMDESC]
+        self._sendBuffers(out)
         self._written()
+        return DONE
 
     def _switchover(self) -> None:
         """
@@ -298,7 +288,7 @@ class OutgoingMigration:
                    + c.command(c.CMD_RUN))
         out += [c.ping(2), c.command(c.CMD_PACKAGED, struct.pack(">I", len(package))),
                 package, c.ping(4)]
-        self._send(b"".join(out))
+        self._sendBuffers(out)
         self.stopped = False
         self.stats.switchedOver()
         self.scheduler.restartScan()
@@ -313,10 +303,10 @@ class OutgoingMigration:
         @return: as L{step}.
         """
         self.limiter.bandwidth = self.parameters["max-postcopy-bandwidth"]
-        if self._part(c.PART, True):
+        if self._part():
             return 0.0
-        self._send(c.sectionHeader(c.END, RAM_SECTION_ID) + struct.pack(">Q", c.EOS)
-                   + c.footer(RAM_SECTION_ID) + bytes([c.EOF]))
+        self._sendBuffers([c.sectionHeader(c.END, RAM_SECTION_ID), struct.pack(">Q", c.EOS),
+                           c.footer(RAM_SECTION_ID), bytes([c.EOF])])
         self._written()
         return DONE
 

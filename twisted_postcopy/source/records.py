@@ -20,6 +20,8 @@ from twisted_postcopy.protocols import _codec as c
 
 #: The target page: one RAM record each.
 TARGET_PAGE = 4096
+#: Batch cost of a page whose content is unknown in advance.
+PAGE_COST = 4096
 #: What a record costs at least against a step's batch, so a step of ZERO
 #: records stays short and page requests are read between steps.
 MIN_RECORD_COST = 128
@@ -86,3 +88,26 @@ class RecordWriter:
         self.stats.normal += normal
         self.stats.duplicate += pages - normal
         return normal * TARGET_PAGE + (pages - normal) * MIN_RECORD_COST
+
+    def gather(self, scheduler: Any, out: list[Any], budget: float, batch: int) -> None:
+        """
+        Append RAM records to C{out}: every urgent page, then background
+        pages until C{budget} bytes are used.
+
+        @param scheduler: the L{twisted_postcopy.source.sender.PageScheduler}.
+        @param out: the buffers being gathered.
+        @param budget: bytes of background pages allowed.
+        @param batch: the most bytes of one background run.
+        """
+        while True:
+            page = scheduler.nextUrgent()
+            if page is not None:
+                size = scheduler.blocks[scheduler.position[0]].pageSize
+                budget -= self.write(page.block, page.offset, 1, size, out)
+                continue
+            if budget <= 0:
+                break
+            run = scheduler.nextBackgroundRun(max(1, int(min(budget, batch) // PAGE_COST)))
+            if run is None:
+                break
+            budget -= self.write(*run, out)
