@@ -83,6 +83,24 @@ class SurfaceTests(SynchronousTestCase):
         error = self.assertRaises(MigrationError, self.manager.setCapabilities, {"events": True})
         self.assertEqual(str(error), "There's a migration process in progress")
 
+    def test_destinationCapabilitiesUntilLoading(self) -> None:
+        """
+        After C{migrate-incoming} a destination still takes
+        C{migrate-set-capabilities} (postcopy-ram reaches the incoming
+        migration) until loading starts; then it is refused.
+        """
+        manager = MigrationManager(MemoryReactorClock(), IncomingTestVM())
+        manager.migrateIncoming("tcp:127.0.0.1:0")
+        self.assertEqual(manager.status.value, "setup")
+        manager.setCapabilities({"postcopy-ram": True, "postcopy-blocktime": True})
+        self.assertTrue(manager.incoming.postcopyEnabled)
+        self.assertTrue(manager.queryCapabilities()["postcopy-blocktime"])
+        manager.incoming.connected()
+        self.assertEqual(manager.status.value, "active")
+        error = self.assertRaises(MigrationError, manager.setCapabilities, {"postcopy-ram": False})
+        self.assertEqual(str(error), "There's a migration process in progress")
+        self.assertTrue(manager.incoming.postcopyEnabled)
+
     def test_queryBeforeMigrate(self) -> None:
         """
         Before any migration query-migrate is empty.
@@ -132,6 +150,30 @@ class ScenarioTests(TestCase):
         self.src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
         yield self.src.whenStatus("active")
         yield deferLater(reactor, 0.2, lambda: None)
+
+    @inlineCallbacks
+    def test_destinationCapabilityAfterIncoming(self) -> None:
+        """
+        Postcopy enabled on the destination only after C{migrate-incoming}
+        (QEMU's C{-incoming defer} order is not required): ADVISE is
+        accepted and the postcopy migration completes with equal RAM.
+        """
+        self.source = OutgoingTestVM({"pc.ram": 4 * MiB})
+        for offset in range(0, 4 * MiB, PAGE):
+            self.source.write(0, offset, b"%d" % offset)
+        self.destination = IncomingTestVM()
+        self.src = MigrationManager(reactor, self.source)
+        self.dst = MigrationManager(reactor, self.destination)
+        self.src.setCapabilities({"postcopy-ram": True})
+        port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        self.dst.setCapabilities({"postcopy-ram": True})
+        self.dst.faultServiceFactory = lambda blocks, source: _PlacingFaults(blocks)
+        self.src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+        self.src.startPostcopy()
+        self.assertEqual((yield self.src.whenStatus("completed", "failed")), "completed")
+        self.assertEqual((yield self.dst.whenStatus("completed", "failed")), "completed")
+        self.assertEqual(self.destination.contents(), self.source.contents())
 
     @inlineCallbacks
     def test_cancelInPrecopy(self) -> None:
@@ -213,6 +255,34 @@ class _NullFaults:
         Stop (no further effect on pages already placed).
         """
         pass
+
+
+class _PlacingFaults(_NullFaults):
+    """
+    A stand-in fault service for L{IncomingTestVM}'s blocks (no guest
+    faults there): placed pages are written with C{pwrite}, zero pages
+    punched (test only).
+
+    @ivar blocks: idstr -> block.
+    """
+
+    def __init__(self, blocks) -> None:
+        """
+        @param blocks: idstr -> block, as given at LISTEN.
+        """
+        self.blocks = blocks
+
+    def placePages(self, block, offset, data):
+        """
+        Write the pages.
+        """
+        self.blocks[block].write(offset, data)
+
+    def placeZero(self, block, offset, length):
+        """
+        Punch the pages.
+        """
+        self.blocks[block].discard(offset, length)
 
 
 DESTINATION = r"""

@@ -101,10 +101,10 @@ class MigrationManager:
         C{migrate-set-capabilities}.
 
         @param capabilities: name -> state.
-        @raise MigrationError: unknown or unsupported capability, or a
-            migration is running.
+        @raise MigrationError: unknown or unsupported capability, an
+            outgoing migration runs, or an incoming one began loading.
         """
-        if self._busy():
+        if self._loading():
             raise MigrationError(_IN_PROGRESS)
         for name, state in capabilities.items():
             if name not in self.capabilities:
@@ -114,6 +114,21 @@ class MigrationManager:
             if state and name not in SUPPORTED:
                 raise MigrationError(f"Capability '{name}' is not supported by twisted-postcopy")
         self.capabilities.update({name: bool(state) for name, state in capabilities.items()})
+        if self.incoming is not None:
+            self.incoming.postcopyEnabled = self.capabilities["postcopy-ram"]
+
+    def _loading(self) -> bool:
+        """
+        Whether capabilities are frozen: an outgoing migration runs, or an
+        incoming one left C{setup} (a destination may still change them
+        after C{migrate-incoming}, as QEMU 7.2 only checks its outgoing
+        state).
+
+        @return: whether C{migrate-set-capabilities} must be refused.
+        """
+        if self.incoming is not None and self.outgoing is None:
+            return self.status not in FINISHED and self.status != S.SETUP
+        return self._busy()
 
     def queryCapabilities(self) -> dict[str, bool]:
         """
