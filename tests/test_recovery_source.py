@@ -53,6 +53,7 @@ def pausableMigration() -> tuple[OutgoingMigration, _Transport]:
                                    "downtime-limit": 300})
     for status in (S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE):
         migration.machine.moveTo(status)
+    migration.pong(3)
     return migration, transport
 
 
@@ -115,6 +116,15 @@ class PauseTests(SynchronousTestCase):
         """
         migration, transport = pausableMigration()
         migration.machine.status = S.ACTIVE
+        self.assertFalse(channelLost(migration, transport, "lost"))
+
+    def test_beforeRunFails(self) -> None:
+        """
+        In postcopy but before PONG 3 (the destination never reached
+        POSTCOPY_RUN, so no guest runs there) a lost connection fails.
+        """
+        migration, transport = pausableMigration()
+        migration.destinationRunning = False
         self.assertFalse(channelLost(migration, transport, "lost"))
 
     def test_postcopyPauses(self) -> None:

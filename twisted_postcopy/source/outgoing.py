@@ -60,6 +60,9 @@ class OutgoingMigration:
     @ivar stopped: the VM was stopped by this migration.
     @ivar written: whether everything was written (waiting for SHUT).
     @ivar shutValue: the destination's SHUT value, if it arrived.
+    @ivar destinationRunning: PONG 3 arrived: the destination loaded the
+        package up to POSTCOPY_RUN, so its guest may run (a lost connection
+        then pauses the migration instead of failing it).
     @ivar tracking: whether the dirty tracker runs.
     @ivar ending: C{"precopy"} or C{"postcopy"} once the switchover began.
     @ivar device: the device state, once the VM stopped and gave it.
@@ -90,6 +93,7 @@ class OutgoingMigration:
     stopped: bool = False
     written: bool = False
     shutValue: int | None = None
+    destinationRunning: bool = False
     tracking: bool = False
     ending: str | None = None
     device: bytes | None = None
@@ -342,10 +346,13 @@ class OutgoingMigration:
 
     def pong(self, value: int) -> None:
         """
-        PONG from the destination (QEMU only traces it).
+        PONG from the destination (QEMU only traces it); PONG 3 answers the
+        PING just before POSTCOPY_RUN in the package.
 
         @param value: the echoed ping value.
         """
+        if value == 3:
+            self.destinationRunning = True
 
     def pagesRequested(self, idstr: str | None, start: int, length: int) -> None:
         """

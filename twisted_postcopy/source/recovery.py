@@ -104,7 +104,9 @@ def pauseOutgoing(migration: Any, reason: object) -> None:
 def channelLost(migration: Any, transport: Any, reason: object) -> bool:
     """
     The main connection of an outgoing migration was lost: pause if
-    postcopy can be recovered.
+    postcopy can be recovered, that is once PONG 3 said the destination
+    reached POSTCOPY_RUN (before that its guest cannot run there, so the
+    migration fails, where 7.2 would pause and wait for nothing).
 
     @param migration: the outgoing migration.
     @param transport: the lost connection's transport.
@@ -116,7 +118,7 @@ def channelLost(migration: Any, transport: Any, reason: object) -> bool:
     if status == S.POSTCOPY_PAUSED or (
             status in PAUSABLE and currentTransport(migration) is not transport):
         return True
-    if status in PAUSABLE:
+    if status in PAUSABLE and migration.destinationRunning:
         pauseOutgoing(migration, reason)
         return True
     return False
