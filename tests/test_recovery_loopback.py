@@ -299,3 +299,65 @@ class RecoveryLoopbackTests(TestCase):
         digests = yield within(self.destination.guest.done)
         expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
         self.assertEqual(digests, expected)
+
+
+class ProductionFaultServiceTests(TestCase):
+    """
+    Recovery with the production fault service
+    (L{twisted_postcopy.ram.faults.FaultService}) and its guest worker:
+    two worker threads touch every page while the connection is cut.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        Skip without userfaultfd.
+        """
+        try:
+            os.close(uffdOpen())
+        except OSError as error:
+            raise SkipTest(f"userfaultfd unavailable: {error}")
+
+    @inlineCallbacks
+    def test_workerWaitsThroughRecovery(self) -> None:
+        """
+        Faults outstanding at the cut stay pending while paused (the worker
+        keeps waiting, nothing fails), are requested again after the
+        recovery, and the worker's digest equals the source's RAM.
+        """
+        from twisted_postcopy.ram.guestworker import spawnWorker
+
+        source = OutgoingTestVM({"pc.ram": 8 * MiB}, device=loopback.ownDevice(b"dev"))
+        loopback.fill(source, 7)
+        destination = loopback.RAMIncomingVM()
+        src, dst = MigrationManager(reactor, source), MigrationManager(reactor, destination)
+        for manager in (src, dst):
+            manager.setCapabilities({"postcopy-ram": True})
+        src.setParameters({"max-postcopy-bandwidth": 1 * MiB})
+        port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        relay = RecordingRelay(("127.0.0.1", port.getHost().port))
+        self.addCleanup(relay.close)
+        src.migrate(relay.uri)
+        src.startPostcopy()
+        yield within(dst.whenStatus("postcopy-active"))
+        worker = spawnWorker(reactor, dst.incoming.faults, list(destination.blocks.values()))
+        yield within(worker.attached)
+        touching = worker.command(op="touch", block=0, first=0, count=2048, threads=2)
+        yield deferLater(reactor, 0.3, lambda: None)
+        relay.cut()
+        yield within(src.whenStatus("postcopy-paused"))
+        yield within(dst.whenStatus("postcopy-paused"))
+        self.assertFalse(touching.called)
+        self.assertGreater(len(dst.incoming.waiting), 0)
+        recoverPort = yield dst.migrateRecover("tcp:127.0.0.1:0")
+        src.migrate(f"tcp:127.0.0.1:{recoverPort.getHost().port}", resume=True)
+        answer = yield within(touching)
+        self.assertEqual(len(answer["latencies"]), 2048)
+        status = yield within(src.whenStatus("completed", "failed"))
+        self.assertEqual(status, "completed")
+        yield within(dst.whenStatus("completed"))
+        digest = yield within(worker.command(op="digest", block=0))
+        yield within(worker.exit())
+        self.assertEqual(digest["digest"], hashlib.sha256(source.contents()["pc.ram"]).hexdigest())
