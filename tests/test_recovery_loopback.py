@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import struct
 from typing import Any
 
@@ -270,8 +271,9 @@ class RecoveryLoopbackTests(TestCase):
         Bad input during the handshake pauses that side again (7.2 would
         crash or wait forever): our destination given a RECV_BITMAP for an
         unknown block, and our source given a bitmap of the wrong size,
-        both drop that connection and go back to C{postcopy-paused}; then
-        a correct recovery completes.
+        both drop that connection and go back to C{postcopy-paused}; a
+        refused resume connect leaves the source paused; then a correct
+        recovery completes.
         """
         relay = yield self.startPostcopy()
         relay.cut()
@@ -283,6 +285,16 @@ class RecoveryLoopbackTests(TestCase):
                               intruder)
         yield within(intruder.done)
         self.assertEqual(self.events["dst"][-2:], ["postcopy-recover", "postcopy-paused"])
+        closed = socket.create_server(("127.0.0.1", 0))
+        closedPort = closed.getsockname()[1]
+        closed.close()
+        self.src.migrate(f"tcp:127.0.0.1:{closedPort}", resume=True)
+        for _ in range(int(WAIT / 0.01)):
+            if self.src.outgoing.stats.error:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.src.status.value, "postcopy-paused")
+        self.assertIn("Failed to connect to", self.src.outgoing.stats.error)
         badReply = (bytes.fromhex("0005 0007 06") + b"pc.ram" + struct.pack(">Q", 16) + bytes(16)
                     + bytes.fromhex("0123456789abcdef"))
         liar = _Peer(reply=badReply)
