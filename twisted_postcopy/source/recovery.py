@@ -175,11 +175,9 @@ class SourceResume:
         if status != S.POSTCOPY_RECOVER:
             raise RemoteProtocolError(f"ram_dirty_bitmap_reload: incorrect state {status.value}")
         scheduler = self.migration.scheduler
-        try:
-            block = scheduler.blocks[scheduler._index(idstr)]
-        except KeyError:
-            raise RemoteProtocolError(
-                f"migrate_handle_rp_recv_bitmap: invalid block name '{idstr}'") from None
+        block = next((b for b in scheduler.blocks if b.idstr == idstr), None)
+        if block is None:
+            raise RemoteProtocolError(f"migrate_handle_rp_recv_bitmap: invalid block name '{idstr}'")
         expected = bitmapSize(block.length)
         if len(bitmap) != expected:
             raise BitmapError(
