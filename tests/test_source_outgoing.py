@@ -113,12 +113,11 @@ class OutgoingTests(SynchronousTestCase):
         self.assertEqual(pages[sent:sent + 24], list(range(40, 64)))
         self.assertEqual(pages[:sent] + pages[sent + 24:], list(range(40)))
 
-    def test_precopyEndInSteps(self) -> None:
+    def test_precopyEndNotThrottled(self) -> None:
         """
-        The precopy completion writes its single END section a batch per
-        step (so encoding overlaps sending): with 3 MiB dirty at the stop
-        the END spans several writes, the stream holds one END with every
-        page, and nothing of it is rate limited.
+        The precopy completion is not rate limited (as in QEMU): with 3 MiB
+        dirty at the stop and a budget of one page per second, the stream
+        holds one END section with every page, sent while stopped.
         """
         pages = 768
         vm = OutgoingTestVM({"pc.ram": pages * PAGE})
@@ -135,7 +134,6 @@ class OutgoingTests(SynchronousTestCase):
         writes = len(chunks)
         while migration.step() != DONE:
             pass
-        self.assertGreater(len(chunks) - writes, 2)
         events = decodeAll(b"".join(chunks))
         ends = [event for event in events if isinstance(event, e.SectionStarted) and event.kind == c.END]
         self.assertEqual(len(ends), 1)

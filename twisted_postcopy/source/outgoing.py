@@ -75,7 +75,6 @@ class OutgoingMigration:
         behind it).
     @ivar onDeviceReady: called once the stopped VM gave its device state,
         so the protocol steps at once instead of at the next poll.
-    @ivar endOpened: the precopy END section's header was written.
     """
 
     vm: Any
@@ -100,7 +99,6 @@ class OutgoingMigration:
     onFinished: Callable[[], object] = lambda: None
     onPostcopy: Callable[[], object] = lambda: None
     onDeviceReady: Callable[[], object] = lambda: None
-    endOpened: bool = False
     writeBuffers: Callable[[list[Any]], None] | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -258,21 +256,16 @@ class OutgoingMigration:
 
     def _completePrecopy(self) -> float:
         """
-        The VM is stopped: send everything left (one END section, written
-        a batch per step so encoding overlaps sending; its bytes are those
-        of QEMU's single C{ram_save_complete} write), then the devices,
-        EOF and the vmdesc.  Not rate limited, as in QEMU.
+        The VM is stopped: send everything left in one END section, then
+        the devices, EOF and the vmdesc.  Not rate limited, as in QEMU.
+        (Writing the END a batch per step, to overlap encoding and sending,
+        was measured slower: bench/migrate.py precopy downtime 265-307 ms
+        against 144-179 ms in one step.)
 
-        @return: as L{step}.
+        @return: L{DONE}.
         """
-        out: list[Any] = []
-        if not self.endOpened:
-            self.endOpened = True
-            out.append(c.sectionHeader(c.END, RAM_SECTION_ID))
-        self.records.gather(self.scheduler, out, BATCH, BATCH)
-        if self.scheduler.remainingBytes > 0:
-            self._sendBuffers(out)
-            return 0.0
+        out: list[Any] = [c.sectionHeader(c.END, RAM_SECTION_ID)]
+        self.records.gather(self.scheduler, out, float("inf"), BATCH)
         out += [struct.pack(">Q", c.EOS), c.footer(RAM_SECTION_ID), self.device,
                 bytes([c.EOF, c.VMDESC]), struct.pack(">I", len(VMDESC)), VMDESC]
         self._sendBuffers(out)
