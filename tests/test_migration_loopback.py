@@ -27,7 +27,7 @@ from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
 from tests.uffdguest import FaultService, spawnGuest, uffdOpen
 from twisted_postcopy.interfaces import IOutgoingVM
 from twisted_postcopy.manager import MigrationManager
-from twisted_postcopy.protocols import _codec as c
+from tests import wirebytes as c
 
 MiB = 1 << 20
 

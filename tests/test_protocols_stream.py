@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
 from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.errors import RemoteProtocolError
-from twisted_postcopy.protocols import _codec as c
+from tests import wirebytes as c
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.source.outgoing import OutgoingMigration
 from twisted_postcopy.wire.config import encodeCapabilities

@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.enginevm import OutgoingTestVM, PAGE
-from twisted_postcopy.protocols import _codec as c
+from tests import wirebytes as c
 from twisted_postcopy.source.outgoing import DONE, OutgoingMigration
 from twisted_postcopy.wire import decodeAll
 from twisted_postcopy.wire import events as e

@@ -38,6 +38,19 @@ class EncoderGoldenTests(SynchronousTestCase):
             "01 00 00 00 02 03 72 61 6d 00 00 00 00 00 00 00 04  00 00 00 00 09 0d 20 04")))
         self.assertTrue(data.endswith(unhex("00 00 00 00 00 00 00 10  7e 00 00 00 02")))
 
+    def test_headerVerbatimConfiguration(self) -> None:
+        """
+        Vector 7.A, and a captured configuration element (here with the
+        capabilities subsection of vector 7.M) is sent unchanged.
+        """
+        encoder = StreamEncoder()
+        self.assertEqual(encoder.header("pc-i440fx-7.2"), unhex(
+            "51 45 56 4d 00 00 00 03 07 00 00 00 0d 70 63 2d 69 34 34 30 66 78 2d 37 2e 32"))
+        configuration = (unhex("00 00 00 0d") + b"pc-i440fx-7.2" + b"\x05\x1a" + b"configuration/capabilities"
+                         + unhex("00 00 00 01 00 00 00 01 0f") + b"x-ignore-shared")
+        data = encoder.header("ignored", configuration=configuration)
+        self.assertEqual(data, unhex("51 45 56 4d 00 00 00 03 07") + configuration)
+
     def test_postcopyPartAndEnd(self) -> None:
         """
         Vectors 7.I and 7.K: after a reset the first record of a PART names

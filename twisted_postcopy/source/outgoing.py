@@ -14,7 +14,6 @@ L{OutgoingMigration.pagesRequested}.
 from __future__ import annotations
 
 import operator
-import struct
 from functools import reduce
 from typing import Any, Callable
 
@@ -22,7 +21,9 @@ from attrs import define, field
 from twisted.internet.defer import maybeDeferred
 
 from twisted_postcopy.errors import MigrationFailed
-from twisted_postcopy.protocols import _codec as c
+from twisted_postcopy.wire import StreamEncoder
+from twisted_postcopy.wire.events import RAMBlockInfo
+from twisted_postcopy.wire.constants import SectionType
 from twisted_postcopy.source.machine import MigrationStatus as S, StatusMachine, outgoingMachine
 from twisted_postcopy.source.records import RecordWriter
 from twisted_postcopy.source.sender import PageScheduler, RateLimiter, converged
@@ -38,6 +39,9 @@ VMDESC = b'{"page_size": 4096, "devices": []}'
 STOP_POLL = 0.002
 #: Returned by L{OutgoingMigration.step} when nothing more will be written.
 DONE = -1.0
+#: Element encoders; pages are written by L{RecordWriter}, so its CONTINUE
+#: memory is not used.
+_wire = StreamEncoder()
 
 
 @define
@@ -123,15 +127,14 @@ class OutgoingMigration:
         Connected: header, return path, ADVISE, RAM START; status C{active}.
         """
         postcopy = self.capabilities.get("postcopy-ram", False)
-        out = [c.header(self.vm.machine, getattr(self.vm, "configuration", None))]
+        out = [_wire.header(self.vm.machine, configuration=getattr(self.vm, "configuration", None))]
         if postcopy or self.capabilities.get("return-path", False):
             self.returnPathOpen = True
-            out += [c.command(c.CMD_OPEN_RETURN_PATH), c.ping(1)]
+            out += [_wire.openReturnPath(), _wire.ping(1)]
         if postcopy:
             summary = reduce(operator.or_, (b.pageSize for b in self.vm.blocks), 0)
-            out.append(c.command(c.CMD_ADVISE, struct.pack(">QQ", summary, 4096)))
-        out += [c.sectionHeader(c.START, RAM_SECTION_ID, "ram", 0, 4),
-                c.ramList((b.idstr, b.length) for b in self.vm.blocks), c.footer(RAM_SECTION_ID)]
+            out.append(_wire.postcopyAdvise(summary, 4096))
+        out.append(_wire.ramStart(RAM_SECTION_ID, [RAMBlockInfo(b.idstr, b.length) for b in self.vm.blocks]))
         self._sendBuffers(out)
         if self.vm.dirtyTracker is not None:
             self.vm.dirtyTracker.start()
@@ -160,10 +163,10 @@ class OutgoingMigration:
 
         @return: whether dirty pages remain.
         """
-        out: list[Any] = [c.sectionHeader(c.PART, RAM_SECTION_ID)]
+        out: list[Any] = [_wire.sectionHeader(SectionType.SECTION_PART, RAM_SECTION_ID)]
         batch = POSTCOPY_BATCH if self.machine.status == S.POSTCOPY_ACTIVE else BATCH
         self.records.gather(self.scheduler, out, min(batch, self.limiter.allowance()), batch)
-        out += [struct.pack(">Q", c.EOS), c.footer(RAM_SECTION_ID)]
+        out += [_wire.eos(), _wire.sectionFooter(RAM_SECTION_ID)]
         self._sendBuffers(out)
         return self.scheduler.remainingBytes > 0
 
@@ -264,10 +267,10 @@ class OutgoingMigration:
 
         @return: L{DONE}.
         """
-        out: list[Any] = [c.sectionHeader(c.END, RAM_SECTION_ID)]
+        out: list[Any] = [_wire.sectionHeader(SectionType.SECTION_END, RAM_SECTION_ID)]
         self.records.gather(self.scheduler, out, float("inf"), BATCH)
-        out += [struct.pack(">Q", c.EOS), c.footer(RAM_SECTION_ID), self.device,
-                bytes([c.EOF, c.VMDESC]), struct.pack(">I", len(VMDESC)), VMDESC]
+        out += [_wire.eos(), _wire.sectionFooter(RAM_SECTION_ID), self.device,
+                _wire.eof(), _wire.vmDescription(VMDESC)]
         self._sendBuffers(out)
         self._written()
         return DONE
@@ -280,11 +283,9 @@ class OutgoingMigration:
         self.machine.moveTo(S.POSTCOPY_ACTIVE)
         if self.machine.status != S.POSTCOPY_ACTIVE:
             return
-        out = [c.discard(name, ranges) for name, ranges in self.scheduler.discardCommands()]
-        package = (c.command(c.CMD_LISTEN) + self.device + c.ping(3)
-                   + c.command(c.CMD_RUN))
-        out += [c.ping(2), c.command(c.CMD_PACKAGED, struct.pack(">I", len(package))),
-                package, c.ping(4)]
+        out = [_wire.discard(name, ranges) for name, ranges in self.scheduler.discardCommands()]
+        package = _wire.listen() + self.device + _wire.ping(3) + _wire.run()
+        out += [_wire.ping(2), _wire.packaged(package), _wire.ping(4)]
         self._sendBuffers(out)
         self.stopped = False
         self.stats.switchedOver()
@@ -302,8 +303,8 @@ class OutgoingMigration:
         self.limiter.bandwidth = self.parameters["max-postcopy-bandwidth"]
         if self._part():
             return 0.0
-        self._sendBuffers([c.sectionHeader(c.END, RAM_SECTION_ID), struct.pack(">Q", c.EOS),
-                           c.footer(RAM_SECTION_ID), bytes([c.EOF])])
+        self._sendBuffers([_wire.sectionHeader(SectionType.SECTION_END, RAM_SECTION_ID), _wire.eos(),
+                           _wire.sectionFooter(RAM_SECTION_ID), _wire.eof()])
         self._written()
         return DONE
 

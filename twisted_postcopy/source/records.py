@@ -16,7 +16,8 @@ from typing import Any
 
 from attrs import define
 
-from twisted_postcopy.protocols import _codec as c
+from twisted_postcopy.wire.constants import RAMFlag
+from twisted_postcopy.wire.strings import encodeStr8
 
 #: The target page: one RAM record each.
 TARGET_PAGE = 4096
@@ -29,8 +30,9 @@ MIN_RECORD_COST = 128
 #: and as bytes (a memoryview comparison is element by element).
 _ZERO = bytes(TARGET_PAGE)
 _WORD = struct.Struct(">Q")
-_ZERO_CONTINUE = c.ZERO | c.CONTINUE
-_PAGE_CONTINUE = c.PAGE | c.CONTINUE
+_ZERO_CONTINUE = int(RAMFlag.ZERO | RAMFlag.CONTINUE)
+_PAGE_CONTINUE = int(RAMFlag.PAGE | RAMFlag.CONTINUE)
+_ZERO_FLAG, _PAGE_FLAG = int(RAMFlag.ZERO), int(RAMFlag.PAGE)
 
 
 @define
@@ -71,9 +73,9 @@ class RecordWriter:
             self.lastBlock = idstr
             data = view[offset : offset + TARGET_PAGE]
             if not data[0] and data.tobytes() == _ZERO:
-                append(pack(offset | c.ZERO) + c.str8(idstr) + b"\x00")
+                append(pack(offset | _ZERO_FLAG) + encodeStr8(idstr) + b"\x00")
             else:
-                append(pack(offset | c.PAGE) + c.str8(idstr))
+                append(pack(offset | _PAGE_FLAG) + encodeStr8(idstr))
                 append(data)
                 normal += 1
             offset += TARGET_PAGE

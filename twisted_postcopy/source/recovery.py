@@ -21,11 +21,11 @@ from attrs import define, field
 from twisted.logger import Logger
 
 from twisted_postcopy.errors import BitmapError, MigrationError, RemoteProtocolError
-from twisted_postcopy.protocols import _codec as c
+from twisted_postcopy.wire import StreamEncoder
 from twisted_postcopy.source.machine import MigrationStatus as S
 
-#: QEMU 7.2's C{MIG_CMD_POSTCOPY_RESUME} and C{MIG_CMD_RECV_BITMAP}.
-CMD_POSTCOPY_RESUME, CMD_RECV_BITMAP = 9, 10
+#: Command encoder (RECV_BITMAP, POSTCOPY_RESUME).
+_wire = StreamEncoder()
 #: The target page size received bitmaps count in.
 TARGET_PAGE_SIZE = 4096
 #: Statuses in which a lost connection pauses instead of failing.
@@ -158,7 +158,7 @@ class SourceResume:
         migration.machine.moveTo(S.POSTCOPY_RECOVER)
         blocks = [b.idstr for b in migration.vm.blocks]
         self.awaited = set(blocks)
-        self.write(b"".join(c.command(CMD_RECV_BITMAP, c.str8(name)) for name in blocks))
+        self.write(b"".join(_wire.recvBitmap(name) for name in blocks))
 
     def bitmapReceived(self, idstr: str, bitmap: bytes) -> None:
         """
@@ -188,7 +188,7 @@ class SourceResume:
         scheduler.dirtyBytes += block.dirty.count(1) * block.pageSize
         self.awaited.discard(idstr)
         if not self.awaited:
-            self.write(c.command(CMD_POSTCOPY_RESUME))
+            self.write(_wire.resume())
 
     def resumeAcked(self) -> bool:
         """

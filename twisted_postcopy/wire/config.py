@@ -123,16 +123,22 @@ def _subsectionSize(buffer: ReceiveBuffer, used: int, where: int) -> int | NeedD
     return size
 
 
-def encodeHeader(machine: str, subsections: bytes = b"") -> bytes:
+def encodeHeader(machine: str, subsections: bytes = b"", configuration: bytes | None = None) -> bytes:
     """
     @param machine: the machine type name, e.g. C{"pc-i440fx-7.2"}.
     @param subsections: raw configuration subsections (see
         L{encodeSubsection}).
+    @param configuration: the configuration element's bytes after its type
+        byte (be32 length, name, subsections) to send verbatim, as captured
+        from a QEMU source; when given, C{machine} and C{subsections} are
+        not used.
     @return: magic, version and the configuration element.
     """
-    name = encodeName(machine)
-    return struct.pack(">IIBI", QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
-                       SectionType.CONFIGURATION, len(name)) + name + subsections
+    if configuration is None:
+        name = encodeName(machine)
+        configuration = struct.pack(">I", len(name)) + name + subsections
+    return struct.pack(">IIB", QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
+                       SectionType.CONFIGURATION) + configuration
 
 
 def encodeHeaderEvent(event: HeaderReceived) -> bytes:

@@ -80,13 +80,15 @@ class StreamEncoder(RAMChannelEncoder):
     @ivar alwaysNameBlock: never use CONTINUE (valid, only larger).
     """
 
-    def header(self, machine: str, subsections: bytes = b"") -> bytes:
+    def header(self, machine: str, subsections: bytes = b"", configuration: bytes | None = None) -> bytes:
         """
         @param machine: the machine type name.
         @param subsections: raw configuration subsections.
+        @param configuration: the configuration element after its type byte,
+            sent verbatim instead of one built from C{machine}.
         @return: magic, version and configuration.
         """
-        return encodeHeader(machine, subsections)
+        return encodeHeader(machine, subsections, configuration)
 
     def command(self, command: Command, payload: bytes = b"") -> bytes:
         """

@@ -1,8 +1,9 @@
-# -*- test-case-name: tests.test_protocols_codec -*-
+# -*- test-case-name: tests.test_protocols_stream -*-
 """
-The source's record encoders (migration-stream.md sections 1-4): small
-functions returning bytes, gathered by the outgoing migration into one
-write per step.  Decoding is L{twisted_postcopy.wire}'s.
+An independent builder of QEMU 7.2 wire bytes for tests (like the
+C{FrameFactory} of Twisted's HTTP/2 tests): small functions written from
+migration-stream.md, separate from L{twisted_postcopy.wire}, so that a bug
+the product's encoder and decoder share cannot hide.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import struct
 from typing import Iterable
 
-from twisted_postcopy.wire.strings import encodeName
+
+
 
 MAGIC, VERSION = 0x5145564D, 3
 EOF, START, PART, END, FULL, SUBSECTION, VMDESC, CONFIGURATION, COMMAND = range(9)
@@ -60,7 +62,7 @@ def header(machine: str, configuration: bytes | None = None) -> bytes:
     @return: magic, version and the configuration section.
     """
     if configuration is None:
-        name = encodeName(machine)
+        name = machine.encode("ascii")
         configuration = struct.pack(">I", len(name)) + name
     return struct.pack(">IIB", MAGIC, VERSION, CONFIGURATION) + configuration
 
