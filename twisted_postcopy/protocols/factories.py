@@ -66,9 +66,12 @@ class SourceFactory(Factory):
     """
     Builds the L{SourceProtocol} of one outgoing migration.
 
+    @cvar protocol: the protocol class built (a subclass for recovery).
     @ivar migration: the outgoing migration.
     @ivar reactor: the reactor.
     """
+
+    protocol = SourceProtocol
 
     def __init__(self, migration: Any, reactor: Any) -> None:
         """
@@ -83,7 +86,7 @@ class SourceFactory(Factory):
         @param addr: the peer.
         @return: the source protocol.
         """
-        return SourceProtocol(self.migration, self.reactor)
+        return self.protocol(self.migration, self.reactor)
 
 
 class DestinationFactory(Factory):

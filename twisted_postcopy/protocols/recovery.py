@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted_postcopy.destination.recovery import DestinationResume, checkRecover
 from twisted_postcopy.errors import MigrationError, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
-from twisted_postcopy.protocols.factories import clientEndpoint, serverEndpoint
+from twisted_postcopy.protocols.factories import SourceFactory, clientEndpoint, serverEndpoint
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
@@ -133,28 +133,12 @@ class RecoverySourceProtocol(SourceProtocol):
         self._schedule(0)
 
 
-class RecoverySourceFactory(Factory):
+class RecoverySourceFactory(SourceFactory):
     """
     Builds the L{RecoverySourceProtocol} of a resumed migration.
-
-    @ivar migration: the outgoing migration.
-    @ivar reactor: the reactor.
     """
 
-    def __init__(self, migration: Any, reactor: Any) -> None:
-        """
-        @param migration: the outgoing migration.
-        @param reactor: the reactor.
-        """
-        self.migration = migration
-        self.reactor = reactor
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        """
-        @param addr: the peer.
-        @return: the recovery protocol.
-        """
-        return RecoverySourceProtocol(self.migration, self.reactor)
+    protocol = RecoverySourceProtocol
 
 
 def resumeOutgoing(reactor: Any, migration: Any, uri: str) -> Deferred:

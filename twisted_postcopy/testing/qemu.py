@@ -118,17 +118,27 @@ class QEMUInstance:
         @raise QEMUError: when QEMU exits first.
         """
         from qemu.qmp.legacy import QEMUMonitorProtocol
+        from qemu.qmp.protocol import ConnectError
 
-        def ready() -> bool | None:
+        def connected() -> Any:
             """
-            @return: L{True} once the socket exists, else L{None}.
+            QEMU creates the socket file before it listens on it, so a
+            refused connection is retried.
+
+            @return: a negotiated monitor, or L{None} to try again.
             """
             self.checkAlive()
-            return os.path.exists(socketPath) or None
+            if not os.path.exists(socketPath):
+                return None
+            monitor = QEMUMonitorProtocol(socketPath, nickname=self.name)
+            try:
+                monitor.connect(negotiate=True)
+            except ConnectError:
+                monitor.close()
+                return None
+            return monitor
 
-        waitFor(ready, timeout, f"for the QMP socket of {self.name}")
-        self._monitor = QEMUMonitorProtocol(socketPath, nickname=self.name)
-        self._monitor.connect(negotiate=True)
+        self._monitor = waitFor(connected, timeout, f"for the QMP socket of {self.name}")
         self._monitor.settimeout(timeout)
 
     def stderrTail(self, lines: int = 10) -> str:
