@@ -10,6 +10,13 @@ Runs two migrations of a guest whose RAM holds incompressible data:
      request latency from fault read to placement and wake (p50/p99), the
      downtime (stop until the package is sent) and the total time.
 
+Beside them, in the same run, a QEMU 7.2 to QEMU 7.2 postcopy migration of
+a guest with the same RAM size (the project's boot-sector counter guest
+under TCG, switched to postcopy at once, no bandwidth limit), and the
+ratios of our figures to QEMU's (C{--no-qemu} skips it). The guests
+differ: ours holds incompressible data in every page, QEMU's is mostly
+zero pages, which QEMU sends as 9-byte records.
+
 Throughput is in megabits per second (C{_mbps}, QEMU's C{mbps} unit); the
 table adds GB/s.
 
@@ -23,6 +30,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -34,6 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.enginevm import IncomingTestVM, OutgoingTestVM  # noqa: E402
 from tests.uffdguest import FaultService, spawnGuest  # noqa: E402
 from twisted_postcopy.manager import MigrationManager  # noqa: E402
+from twisted_postcopy.testing.qemubaseline import UNLIMITED, qemuToQemuPostcopy  # noqa: E402
+from twisted_postcopy.testing.qemuhost import qemuSkipReason  # noqa: E402
 
 
 def stressVM(mib: int) -> OutgoingTestVM:
@@ -206,6 +216,30 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1e6
 
 
+def qemuBaseline(mib: int, ours: dict[str, Any]) -> dict[str, Any]:
+    """
+    QEMU-to-QEMU postcopy of a guest of the same size, and our ratios.
+
+    @param mib: guest RAM in MiB.
+    @param ours: our figures (see L{main}).
+    @return: the QEMU figures and ratios (ours / QEMU's), or a skip reason.
+    """
+    reason = qemuSkipReason()
+    if reason:
+        return {"qemu_skipped": reason}
+    with tempfile.TemporaryDirectory(prefix="bench-migrate-") as scratch:
+        qemu = qemuToQemuPostcopy(mib, scratch, startAfterBytes=0, precopyBandwidth=UNLIMITED)
+    figures = {
+        "qemu_postcopy_total_ms": qemu["total_ms"],
+        "qemu_postcopy_downtime_ms": qemu["downtime_ms"],
+        "qemu_postcopy_requests": qemu["postcopy_requests"],
+        "qemu_postcopy_mbps": round(qemu["mbps"], 1),
+    }
+    if qemu["total_ms"]:
+        figures["ratio_postcopy_total"] = round(ours["postcopy_total_ms"] / qemu["total_ms"], 2)
+    return figures
+
+
 @inlineCallbacks
 def main(options: argparse.Namespace) -> Any:
     """
@@ -227,6 +261,8 @@ def main(options: argparse.Namespace) -> Any:
             "page_request_p99_us": round(_percentile(latencies, 0.99)),
             "page_request_mean_us": round(statistics.mean(latencies) * 1e6) if latencies else 0,
         }
+        if not options.no_qemu:
+            results.update(qemuBaseline(options.mib, results))
         if options.json:
             print(json.dumps(results))
         else:
@@ -242,6 +278,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--mib", type=int, default=1024, help="guest RAM in MiB")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU-to-QEMU baseline")
     parser.add_argument("--destination-role", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--postcopy", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
