@@ -1,0 +1,242 @@
+# -*- test-case-name: tests.test_preempt_protocols -*-
+"""
+The postcopy preempt channel's connections (capability
+C{postcopy-preempt}, return-path-preempt-recovery.md section 3): a second
+connection to the same address, source to destination only, carrying the
+requested ("urgent") pages as raw RAM records up to one EOS record.
+
+The protocols only move bytes: the source side encodes with
+L{PreemptEncoder}, the destination side decodes with L{PreemptDecoder} and
+hands the pages to the incoming migration (C{page}, C{zero}, C{flush}),
+which places them through the same placer and fault service as the main
+channel's pages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twisted_postcopy.errors import RemoteProtocolError
+from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, RAMSectionEOS, ZeroPageReceived
+from twisted_postcopy.wire.preempt import PreemptDecoder, PreemptEncoder
+
+_log = Logger()
+
+
+class PreemptSourceProtocol(Protocol):
+    """
+    The source's end of the preempt channel: writes one whole host page
+    per request, at once, naming its block in every record.
+
+    @ivar encoder: the channel's record encoder.
+    @ivar recordsSent: RAM records written (pages and zero pages).
+    @ivar ended: whether EOS was written.
+    """
+
+    def __init__(self) -> None:
+        """
+        Start with nothing sent.
+        """
+        self.encoder = PreemptEncoder()
+        self.recordsSent = 0
+        self.ended = False
+
+    def connectionMade(self) -> None:
+        """
+        Tell the factory (if a L{PreemptSourceFactory}) the channel is up.
+        """
+        factory = getattr(self, "factory", None)
+        if isinstance(factory, PreemptSourceFactory) and not factory.connected.called:
+            factory.connected.callback(self)
+
+    def sendHostPage(self, block: str, offset: int, data: bytes | memoryview,
+                     targetPageSize: int = 4096) -> None:
+        """
+        Write one host page as target-page records, flushed at once.
+
+        @param block: the RAMBlock idstr.
+        @param offset: the host page's byte offset in the block.
+        @param data: the whole host page's bytes.
+        @param targetPageSize: the target page size.
+        """
+        view = memoryview(data)
+        pieces: list[bytes | memoryview] = []
+        for start in range(0, len(view), targetPageSize):
+            pieces.extend(self.encoder.page(block, offset + start, view[start:start + targetPageSize]))
+            self.recordsSent += 1
+        self.transport.write(b"".join(pieces))
+
+    def sendEOS(self) -> None:
+        """
+        End the channel: one EOS record (after the main channel's END/EOF).
+        """
+        if not self.ended:
+            self.ended = True
+            self.transport.write(self.encoder.eos())
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        The channel is one-way: bytes from the destination are a protocol error.
+
+        @param data: the unexpected bytes.
+        """
+        _log.warn("preempt channel: {count} unexpected byte(s) from the destination", count=len(data))
+        self.transport.loseConnection()
+
+
+class PreemptSourceFactory(Factory):
+    """
+    Builds the source's L{PreemptSourceProtocol}; C{connected} fires with
+    it once the connection is made.
+
+    @ivar connected: fires with the protocol when it is connected.
+    """
+
+    protocol = PreemptSourceProtocol
+
+    def __init__(self) -> None:
+        """
+        Nothing connected yet.
+        """
+        self.connected: Deferred = Deferred()
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        """
+        @param addr: the peer.
+        @return: the protocol (C{connected} fires when it is connected).
+        """
+        protocol = PreemptSourceProtocol()
+        protocol.factory = self
+        return protocol
+
+
+class PreemptDestinationProtocol(Protocol):
+    """
+    The destination's end of the preempt channel: decodes RAM records and
+    hands them to the incoming migration, until EOS.
+
+    Bytes arriving before the block list is known are held (a 7.2 source
+    only writes here in postcopy, after RAM START).
+
+    @ivar incoming: the incoming migration (C{placer} with C{blocks},
+        C{page}, C{zero}, C{flush}, C{failed}).
+    @ivar decoder: the channel decoder, once the blocks are known.
+    @ivar held: bytes received before the decoder existed.
+    @ivar recordsReceived: RAM records received.
+    @ivar ended: fires with None at EOS, or fails if the channel breaks
+        before its EOS.
+    """
+
+    def __init__(self, incoming: Any) -> None:
+        """
+        @param incoming: the incoming migration.
+        """
+        self.incoming = incoming
+        self.decoder: PreemptDecoder | None = None
+        self.held: list[bytes] = []
+        self.recordsReceived = 0
+        self.ended: Deferred = Deferred()
+
+    def _decoder(self) -> PreemptDecoder | None:
+        """
+        @return: the decoder, made from the placer's blocks once known.
+        """
+        if self.decoder is None:
+            placer = getattr(self.incoming, "placer", None)
+            if placer is None:
+                return None
+            blocks = [RAMBlockInfo(name, block.length) for name, block in placer.blocks.items()]
+            self.decoder = PreemptDecoder(blocks)
+        return self.decoder
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Decode and place what arrived.
+
+        @param data: bytes from the source.
+        """
+        decoder = self._decoder()
+        if decoder is None:
+            self.held.append(data)
+            return
+        held, self.held = self.held, []
+        try:
+            for chunk in [*held, data]:
+                decoder.receiveData(chunk)
+            self._consume(decoder)
+        except RemoteProtocolError as e:
+            self._fail(e)
+
+    def _consume(self, decoder: PreemptDecoder) -> None:
+        """
+        Hand each decoded record to the incoming migration, then flush.
+
+        @param decoder: the channel decoder.
+        """
+        for event in decoder.events():
+            if isinstance(event, PageReceived):
+                self.incoming.page(event.block, event.offset, event.data)
+            elif isinstance(event, ZeroPageReceived):
+                self.incoming.zero(event.block, event.offset, event.fill)
+            elif isinstance(event, RAMSectionEOS):
+                continue
+            self.recordsReceived += 1
+        self.incoming.flush()
+        if decoder.complete and not self.ended.called:
+            self.ended.callback(None)
+
+    def _fail(self, reason: RemoteProtocolError) -> None:
+        """
+        Bad input: fail the incoming migration and drop the channel.
+
+        @param reason: the decoding error.
+        """
+        _log.warn("preempt channel: bad input: {reason}", reason=reason)
+        self.incoming.failed(reason)
+        if not self.ended.called:
+            self.ended.errback(reason)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        """
+        The channel closed: without its EOS that is an error for C{ended}.
+
+        @param reason: why.
+        """
+        if not self.ended.called:
+            self.ended.errback(RemoteProtocolError("preempt channel closed before its EOS record"))
+
+
+class PreemptDestinationFactory(Factory):
+    """
+    Builds the destination's L{PreemptDestinationProtocol}.
+
+    @ivar incoming: the incoming migration.
+    @ivar preempt: the protocol, once accepted.
+    @ivar accepted: fires with it when it connects.
+    """
+
+    def __init__(self, incoming: Any) -> None:
+        """
+        @param incoming: the incoming migration.
+        """
+        self.incoming = incoming
+        self.preempt: PreemptDestinationProtocol | None = None
+        self.accepted: Deferred = Deferred()
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        """
+        @param addr: the peer.
+        @return: the preempt protocol, or None (logged) for a later one.
+        """
+        if self.preempt is not None:
+            _log.info("Extra incoming migration connection; ignoring")
+            return None
+        self.preempt = PreemptDestinationProtocol(self.incoming)
+        self.accepted.callback(self.preempt)
+        return self.preempt
