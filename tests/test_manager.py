@@ -38,15 +38,19 @@ class SurfaceTests(SynchronousTestCase):
     def test_capabilities(self) -> None:
         """
         All 7.2 capabilities are listed off; supported ones can be set;
-        others (and preempt) are refused; unknown names are refused.
+        others are refused; unknown names are refused; postcopy-preempt
+        needs postcopy-ram (QEMU's text), in the same call or before.
         """
         self.assertEqual(list(self.manager.queryCapabilities()), CAPABILITIES)
+        error = self.assertRaises(MigrationError, self.manager.setCapabilities, {"postcopy-preempt": True})
+        self.assertEqual(str(error), "Postcopy preempt requires postcopy-ram")
+        self.assertFalse(self.manager.queryCapabilities()["postcopy-preempt"])
         self.manager.setCapabilities({"postcopy-ram": True, "events": True})
         self.assertTrue(self.manager.queryCapabilities()["postcopy-ram"])
-        for name in ("postcopy-preempt", "xbzrle", "nope"):
+        for name in ("xbzrle", "nope"):
             self.assertRaises(MigrationError, self.manager.setCapabilities, {name: True})
-        error = self.assertRaises(MigrationError, self.manager.setCapabilities, {"postcopy-preempt": True})
-        self.assertIn("not yet supported", str(error))
+        self.manager.setCapabilities({"postcopy-preempt": True})
+        self.assertTrue(self.manager.queryCapabilities()["postcopy-preempt"])
 
     def test_parameters(self) -> None:
         """

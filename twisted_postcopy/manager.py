@@ -22,6 +22,7 @@ from twisted_postcopy.interfaces import IIncomingVM, IOutgoingVM
 from twisted_postcopy.protocols.recovery import RecoveryListener, migratePause, resumeOutgoing
 from twisted_postcopy.protocols.factories import (
     DestinationFactory, SourceFactory, clientEndpoint, parseURI, serverEndpoint)
+from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
 from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
 from twisted_postcopy.source.outgoing import OutgoingMigration
 
@@ -33,7 +34,7 @@ CAPABILITIES = (
     "background-snapshot zero-copy-send postcopy-preempt"
 ).split()
 #: The capabilities this engine implements.
-SUPPORTED = frozenset({"events", "postcopy-ram", "return-path", "postcopy-blocktime"})
+SUPPORTED = frozenset({"events", "postcopy-ram", "return-path", "postcopy-blocktime", "postcopy-preempt"})
 #: Parameters and their QEMU defaults.
 PARAMETERS = {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0, "downtime-limit": 300}
 _IN_PROGRESS = "There's a migration process in progress"
@@ -109,13 +110,24 @@ class MigrationManager:
         for name, state in capabilities.items():
             if name not in self.capabilities:
                 raise MigrationError(f"Parameter 'capability' does not accept value '{name}'")
-            if state and name == "postcopy-preempt":
-                raise MigrationError("postcopy-preempt is not yet supported by twisted-postcopy")
             if state and name not in SUPPORTED:
                 raise MigrationError(f"Capability '{name}' is not supported by twisted-postcopy")
-        self.capabilities.update({name: bool(state) for name, state in capabilities.items()})
+        wanted = {**self.capabilities, **{name: bool(state) for name, state in capabilities.items()}}
+        if wanted["postcopy-preempt"] and not wanted["postcopy-ram"]:
+            raise MigrationError("Postcopy preempt requires postcopy-ram")
+        self.capabilities = wanted
         if self.incoming is not None:
             self.incoming.postcopyEnabled = self.capabilities["postcopy-ram"]
+            self._acceptPreempt()
+
+    def _acceptPreempt(self) -> None:
+        """
+        With C{postcopy-preempt} on, let the destination's listener accept
+        the second connection as the preempt channel.
+        """
+        factory = self.destinationFactory
+        if factory is not None and factory.preempt is None and self.capabilities["postcopy-preempt"]:
+            factory.preempt = PreemptDestinationFactory(self.incoming)
 
     def _loading(self) -> bool:
         """
@@ -211,6 +223,8 @@ class MigrationManager:
             raise MigrationError(_IN_PROGRESS)
         if not IOutgoingVM.providedBy(self.vm):
             raise MigrationError("this daemon has no outgoing VM")
+        if self.capabilities["postcopy-preempt"]:
+            raise MigrationError("postcopy-preempt is not yet supported by the twisted-postcopy source")
         endpoint = clientEndpoint(self.reactor, uri)
         migration = OutgoingMigration(self.vm, None, self.reactor.seconds,
                                       dict(self.capabilities), self.parameters)
@@ -261,6 +275,7 @@ class MigrationManager:
         self.destinationFactory = DestinationFactory(incoming)
         self.recovery = RecoveryListener(self.reactor, incoming, self._emit)
         self.destinationFactory.recovery = self.recovery.factory
+        self._acceptPreempt()
         listening = serverEndpoint(self.reactor, uri).listen(self.destinationFactory)
 
         def listened(port: Any) -> Any:
@@ -283,8 +298,12 @@ class MigrationManager:
         @param status: the new status.
         """
         if status == S.ACTIVE and self._listening is not None:
-            self._listening.stopListening()
-            self._listening = None
+            listening, self._listening = self._listening, None
+            preempt = self.destinationFactory.preempt if self.destinationFactory else None
+            if preempt is not None and preempt.preempt is None:
+                preempt.accepted.addCallback(lambda _: listening.stopListening())
+                return
+            listening.stopListening()
 
     def _faultService(self, blocks: dict[str, Any], pageSource: Any) -> Any:
         """

@@ -91,9 +91,10 @@ class SourceFactory(Factory):
 
 class DestinationFactory(Factory):
     """
-    Accepts the main connection of one incoming migration.  Later
-    connections are refused for now; a preempt channel (second connection)
-    will be accepted here.
+    Accepts the connections of one incoming migration by order, as QEMU
+    7.2 does: the first is the main channel; with C{postcopy-preempt} the
+    second is the preempt channel (built by C{preempt}); later ones go to
+    C{recovery} or are refused.
 
     @ivar incoming: the incoming migration.
     @ivar main: the main connection's protocol, once accepted.
@@ -101,6 +102,9 @@ class DestinationFactory(Factory):
     @ivar recovery: builds the protocol of any later connection (a
         recovery main channel while postcopy is paused), or L{None} to
         refuse them.
+    @ivar preempt: the preempt channel's factory (a
+        L{twisted_postcopy.protocols.preempt.PreemptDestinationFactory})
+        when the capability is on, else L{None}.
     """
 
     def __init__(self, incoming: Any) -> None:
@@ -111,6 +115,7 @@ class DestinationFactory(Factory):
         self.main: DestinationProtocol | None = None
         self.accepted: Deferred = Deferred()
         self.recovery: Factory | None = None
+        self.preempt: Any = None
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         """
@@ -118,6 +123,8 @@ class DestinationFactory(Factory):
         @return: the main protocol for the first connection, else None.
         """
         if self.main is not None:
+            if self.preempt is not None and self.preempt.preempt is None:
+                return self.preempt.buildProtocol(addr)
             return None if self.recovery is None else self.recovery.buildProtocol(addr)
         self.main = DestinationProtocol(self.incoming)
         self.accepted.callback(self.main)

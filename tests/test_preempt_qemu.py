@@ -1,0 +1,86 @@
+# -*- test-case-name: tests.test_preempt_qemu -*-
+"""
+A REAL QEMU 7.2 source with C{postcopy-preempt} migrating to our
+destination: the second connection is accepted as the preempt channel, a
+faulting guest process on our side makes QEMU send requested pages on it,
+and after completion our RAM equals the stopped source's RAM.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.test_destination_qemu import qemuStatus
+from tests.test_migration_loopback import IncomingGuestVM
+from tests.test_source_qemu import RAM_RANGES, _freePort
+from tests.uffdguest import FaultService, uffdOpen
+from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
+
+
+class QEMUPreemptSourceTests(TestCase):
+    """
+    Source: C{qemu-system-x86_64} with C{postcopy-preempt}.  Destination:
+    ours, with a faulting guest process.
+    """
+
+    skip = qemuSkipReason()
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        Start QEMU and our destination manager.
+        """
+        try:
+            os.close(uffdOpen())
+        except OSError as error:
+            raise SkipTest(f"userfaultfd unavailable: {error}")
+        self.qemu = startBootedQEMU(self, "source")
+        self.vm = IncomingGuestVM()
+        self.manager = MigrationManager(reactor, self.vm, self._faults)
+
+    def _faults(self, blocks, pageSource):
+        """
+        The destination's fault service factory (the test's real-kernel one).
+
+        @return: the service.
+        """
+        service = FaultService(reactor, blocks, pageSource)
+        self.vm.service = service
+        return service
+
+    @inlineCallbacks
+    def test_postcopyPreemptFromQEMU(self) -> None:
+        """
+        Postcopy with preempt from a running QEMU guest: both connections
+        accepted by order, requested pages arrive on the preempt channel
+        (QEMU counts postcopy requests), the channel ends with EOS, QEMU
+        completes, and our RAM equals the stopped source's.
+        """
+        port = _freePort()
+        capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
+        self.qemu.setCapabilities(**capabilities)
+        self.manager.setCapabilities(capabilities)
+        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 4000000})
+        listening = yield self.manager.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        self.addCleanup(listening.stopListening)
+        self.qemu.migrate(f"tcp:127.0.0.1:{port}")
+        yield qemuStatus(self.qemu, {"active"})
+        self.qemu.qmp("migrate-start-postcopy")
+        ours = yield self.manager.whenStatus("completed", "failed")
+        self.assertEqual(ours, "completed", str(self.vm.failure))
+        info = yield qemuStatus(self.qemu, {"completed"})
+        self.assertEqual(info["status"], "completed", self.qemu.stderrTail())
+        preempt = self.manager.destinationFactory.preempt.preempt
+        self.assertIsNotNone(preempt)
+        yield preempt.ended
+        yield self.vm.guest.done
+        self.assertGreater(info["ram"]["postcopy-requests"], 0)
+        self.assertGreater(preempt.recordsReceived, 0)
+        ram = self.vm.contents()["pc.ram"]
+        for start, length in RAM_RANGES:
+            self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
