@@ -54,6 +54,16 @@ def fill(vm: OutgoingTestVM, seed: int) -> None:
             vm.write(index, offset, struct.pack(">QQ", seed, offset) * 8)
 
 
+
+def skipWithoutUserfaultfd() -> None:
+    """
+    @raise SkipTest: when this kernel or process cannot open a userfaultfd.
+    """
+    try:
+        os.close(uffdOpen())
+    except OSError as error:
+        raise SkipTest(f"userfaultfd unavailable: {error}")
+
 class LoopbackTests(TestCase):
     """
     Real sockets, both managers in this process.
@@ -179,10 +189,7 @@ class PostcopyLoopbackTests(TestCase):
         """
         Prepare the VMs and managers for one test.
         """
-        try:
-            os.close(uffdOpen())
-        except OSError as error:
-            raise SkipTest(f"userfaultfd unavailable: {error}")
+        skipWithoutUserfaultfd()
         self.source = OutgoingTestVM({"pc.ram": 8 * MiB, "pc.rom": 128 * 1024},
                                      device=ownDevice(b"cpu state"))
         fill(self.source, 2)
@@ -286,10 +293,7 @@ class RAMFaultServiceTests(TestCase):
         """
         Prepare the VMs and managers for one test.
         """
-        try:
-            os.close(uffdOpen())
-        except OSError as error:
-            raise SkipTest(f"userfaultfd unavailable: {error}")
+        skipWithoutUserfaultfd()
 
     @inlineCallbacks
     def test_workerTouchesEverything(self) -> None:
