@@ -64,6 +64,32 @@ def skipWithoutUserfaultfd() -> None:
     except OSError as error:
         raise SkipTest(f"userfaultfd unavailable: {error}")
 
+
+@inlineCallbacks
+def startedGuestPair(case: Any, spec: Any, postcopy: bool) -> Any:
+    """
+    Start a source guest and prepare its destination guest and both
+    managers, with sockets in C{case.directory} and cleanups on C{case}.
+
+    @param case: the test case.
+    @param spec: the L{twisted_postcopy.guests.guest.GuestSpec}.
+    @param postcopy: the C{postcopy-ram} capability of both sides.
+    @return: a Deferred firing with (source, destination guest, source
+        manager, destination manager) once the source guest runs.
+    """
+    from twisted_postcopy.guests.guest import Guest, IncomingGuest
+
+    source = Guest(reactor, spec, os.path.join(case.directory, "src.sock"))
+    case.addCleanup(source.close)
+    yield source.start()
+    arriving = IncomingGuest(reactor, spec, os.path.join(case.directory, "dst.sock"))
+    case.addCleanup(arriving.close)
+    src = MigrationManager(reactor, source)
+    dst = MigrationManager(reactor, arriving, arriving.faultServiceFactory)
+    for manager in (src, dst):
+        manager.setCapabilities({"postcopy-ram": postcopy})
+    return source, arriving, src, dst
+
 class LoopbackTests(TestCase):
     """
     Real sockets, both managers in this process.
@@ -553,19 +579,11 @@ class StressGuestTests(TestCase):
         Run the stress guest, migrate it, and have the destination's
         workers verify every page against their migrated state.
         """
-        from twisted_postcopy.guests.guest import Guest, GuestSpec, IncomingGuest
+        from twisted_postcopy.guests.guest import GuestSpec
 
         spec = GuestSpec("stress", workers=2, blocks=(("ram", 16 * MiB),),
                          arguments=("--working-set", "1024", "--rate", "20000"))
-        source = Guest(reactor, spec, os.path.join(self.directory, "src.sock"))
-        self.addCleanup(source.close)
-        yield source.start()
-        arriving = IncomingGuest(reactor, spec, os.path.join(self.directory, "dst.sock"))
-        self.addCleanup(arriving.close)
-        src = MigrationManager(reactor, source)
-        dst = MigrationManager(reactor, arriving, arriving.faultServiceFactory)
-        for manager in (src, dst):
-            manager.setCapabilities({"postcopy-ram": postcopy})
+        source, arriving, src, dst = yield startedGuestPair(self, spec, postcopy)
         dst.setCapabilities({"postcopy-blocktime": postcopy})
         if postcopy:
             src.setParameters({"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 8 * MiB,
@@ -624,19 +642,11 @@ class StressGuestTests(TestCase):
 
         @return: the source's statuses and its final C{query-migrate}.
         """
-        from twisted_postcopy.guests.guest import Guest, GuestSpec, IncomingGuest
+        from twisted_postcopy.guests.guest import GuestSpec
 
         spec = GuestSpec("stress", workers=2, blocks=(("ram", 64 * MiB),),
                          arguments=("--working-set", str(32 * MiB // PAGE)))
-        source = Guest(reactor, spec, os.path.join(self.directory, "src.sock"))
-        self.addCleanup(source.close)
-        yield source.start()
-        arriving = IncomingGuest(reactor, spec, os.path.join(self.directory, "dst.sock"))
-        self.addCleanup(arriving.close)
-        src = MigrationManager(reactor, source)
-        dst = MigrationManager(reactor, arriving, arriving.faultServiceFactory)
-        for manager in (src, dst):
-            manager.setCapabilities({"postcopy-ram": True})
+        source, arriving, src, dst = yield startedGuestPair(self, spec, True)
         src.setParameters({"max-bandwidth": 64 * MiB})
         statuses: list[str] = []
         src.subscribe(lambda event: statuses.append(event["data"]["status"]))
