@@ -11,7 +11,7 @@ handled by the stream decoder.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Union
+from typing import Callable, Final, Union
 
 from twisted_postcopy.errors import (
     BadLengthError,
@@ -278,3 +278,22 @@ _EMPTY: dict[type, Command] = {
     RunReceived: Command.POSTCOPY_RUN,
     ResumeReceived: Command.POSTCOPY_RESUME,
 }
+
+
+#: The PING value QEMU 7.2 sends inside a package, between the device state
+#: and POSTCOPY_RUN.
+PACKAGE_PING_VALUE: Final = 3
+#: The first bytes of every 7.2 package: POSTCOPY_LISTEN.
+PACKAGE_HEAD: Final = encodeCommand(Command.POSTCOPY_LISTEN)
+#: The last bytes of every 7.2 package: PING(3), POSTCOPY_RUN.
+PACKAGE_TAIL: Final = (encodeCommand(Command.PING, struct.pack(">I", PACKAGE_PING_VALUE))
+                       + encodeCommand(Command.POSTCOPY_RUN))
+
+
+def encodePackageBody(devices: bytes) -> bytes:
+    """
+    @param devices: the device sections (FULL) to load at RUN.
+    @return: a package as QEMU 7.2 lays it out: LISTEN, the device
+        sections, PING(3), RUN (to wrap in L{encodePackaged}).
+    """
+    return PACKAGE_HEAD + devices + PACKAGE_TAIL
