@@ -13,7 +13,12 @@ import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_postcopy.errors import RemoteProtocolError, SnapshotError, UnsupportedFeatureError
+from twisted_postcopy.errors import (
+    BadRAMRecordError,
+    RemoteProtocolError,
+    SnapshotError,
+    UnsupportedFeatureError,
+)
 from twisted_postcopy.snapshot.streamfile import findVMDescription, importStreamFile
 
 PAGE = 4096
@@ -129,11 +134,14 @@ class ImportTests(SynchronousTestCase):
 
     def test_unsupportedFlags(self) -> None:
         """
-        XBZRLE, compressed and unknown record flags are refused by name.
+        XBZRLE and compressed records are refused by name, unknown record
+        flags as a bad record (the wire decoder's errors).
         """
-        for flags in (0x40, 0x100, 0x400 | 0x08):
+        for flags in (0x40, 0x100):
             pages = record(0, flags, b"pc.ram") + b"u" * PAGE
             self.assertRaises(UnsupportedFeatureError, self.importBytes, stream(pages))
+        pages = record(0, 0x400 | 0x08, b"pc.ram") + b"u" * PAGE
+        self.assertRaises(BadRAMRecordError, self.importBytes, stream(pages))
 
     def test_missingFile(self) -> None:
         """
