@@ -11,7 +11,7 @@ side keeps a "last block" for CONTINUE that persists across sections.
 from __future__ import annotations
 
 import struct
-from typing import Container, Iterable, Union
+from typing import Any, Container, Iterable, Union
 
 from attrs import Factory, define, field
 
@@ -49,6 +49,10 @@ _unpackWord = struct.Struct(">Q").unpack_from
 _packWord = struct.Struct(">Q").pack
 _PAGE, _ZERO, _CONTINUE = int(RAMFlag.PAGE), int(RAMFlag.ZERO), int(RAMFlag.CONTINUE)
 _PAGE_CONTINUE = _PAGE | _CONTINUE
+_ZERO_CONTINUE = _ZERO | _CONTINUE
+#: A zero page: a page is compared with it only when its first byte is 0,
+#: and as bytes (a memoryview comparison is element by element).
+_ZERO_PAGE = bytes(TARGET_PAGE_SIZE)
 _PAGE_RECORD = 8 + TARGET_PAGE_SIZE
 _UNSUPPORTED_MASK = sum(int(flag) for flag in UNSUPPORTED_RAM_FLAGS)
 
@@ -365,6 +369,52 @@ class RAMRecordEncoder:
         if len(data) != TARGET_PAGE_SIZE:
             raise LocalProtocolError(f"a page is {TARGET_PAGE_SIZE} bytes, not {len(data)}")
         return [self._header(block, offset, _PAGE, continued), data]
+
+    def pageRun(self, block: str, view: memoryview, start: int, end: int, out: list[Any]) -> int:
+        """
+        Encode the target pages C{start} to C{end} (byte offsets) of a
+        block from its memory, zero copy: a ZERO record for an all-zero
+        page, else a PAGE record whose data is a view of C{view} (not
+        copied until the caller joins or sends its buffers); the block is
+        named in the first record only if it differs from the last one
+        (CONTINUE after).  This is the source's hot loop.
+
+        @param block: the RAMBlock idstr.
+        @param view: the whole block's memory.
+        @param start: the first page's offset (target-page aligned).
+        @param end: the offset after the last page.
+        @param out: the buffers to append to (for C{socket.sendmsg}).
+        @return: how many PAGE (not ZERO) records were appended.
+        @raise LocalProtocolError: for an unaligned C{start}.
+        """
+        if start & RAM_FLAGS_MASK or start < 0:
+            raise LocalProtocolError(f"page offset 0x{start:x} is not page aligned")
+        if start >= end:
+            return 0
+        append = out.append
+        pack = _packWord
+        normal = 0
+        offset = start
+        if block != self.lastBlock or self.alwaysNameBlock:
+            stop = end if self.alwaysNameBlock else start + TARGET_PAGE_SIZE
+            for offset in range(start, stop, TARGET_PAGE_SIZE):
+                data = view[offset:offset + TARGET_PAGE_SIZE]
+                if not data[0] and data.tobytes() == _ZERO_PAGE:
+                    append(self._header(block, offset, _ZERO, False) + b"\x00")
+                else:
+                    append(self._header(block, offset, _PAGE, False))
+                    append(data)
+                    normal += 1
+            offset = stop
+        for offset in range(offset, end, TARGET_PAGE_SIZE):
+            data = view[offset:offset + TARGET_PAGE_SIZE]
+            if not data[0] and data.tobytes() == _ZERO_PAGE:
+                append(pack(offset | _ZERO_CONTINUE) + b"\x00")
+            else:
+                append(pack(offset | _PAGE_CONTINUE))
+                append(data)
+                normal += 1
+        return normal
 
     def zeroPage(self, block: str, offset: int, fill: int = 0, continued: bool | None = None) -> bytes:
         """
