@@ -129,3 +129,23 @@ class ClassificationTests(SynchronousTestCase):
         first = fuzz.makeInput(corpus, 7, 1234)
         second = fuzz.makeInput(corpus, 7, 1234)
         self.assertEqual(first[:2], second[:2])
+
+
+class FindingsTests(SynchronousTestCase):
+    """
+    What the fuzzer found, kept as regression tests.
+    """
+
+    def test_deeplyNestedAttachJSON(self) -> None:
+        """
+        An attach message of deeply nested JSON arrays is an
+        L{AttachProtocolError} (it raised RecursionError inside the
+        reader).
+        """
+        from twisted_postcopy.errors import AttachProtocolError
+        from twisted_postcopy.guests.attach import MessageReader
+
+        body = b"[" * 100_000
+        reader = MessageReader()
+        reader.feed(len(body).to_bytes(4, "big") + body)
+        self.assertRaises(AttachProtocolError, list, reader.messages())

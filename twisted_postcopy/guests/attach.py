@@ -129,7 +129,7 @@ class MessageReader:
         del self.buffer[: 4 + length]
         try:
             fields = json.loads(body)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise AttachProtocolError(f"message is not JSON: {error}") from None
         if not isinstance(fields, dict) or not isinstance(fields.get("type"), str):
             raise AttachProtocolError("message is not a JSON object with a string 'type'")

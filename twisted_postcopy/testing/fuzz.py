@@ -61,7 +61,7 @@ _TOKENS = (b"QEVM", b"\x00\x00\x00\x03", b"\x07", b"\x05", b"\x7e\x00\x00\x00\x0
            b"\x08\x00\x07\x00\x04", b"\x08\x00\x06", b"\x00\x06", b"\x06pc.ram", b"\x00\x03\x00\x0c",
            b"\x00\x04\x00\x0c", b"\x00\x05\x00\x01", b"\x00\x00\x00\x00\x00\x00\x00\x10",
            b"\xff\xff\xff\xff", b"\x00\x00\x00\x00\x00\x00\x10\x04", b"twisted-postcopy/",
-           b'{"type":"hello"', b"[" * 64)
+           b'{"type":"hello"', b"[" * 64, b"[" * 3000)
 
 
 def _chunks(data: bytes, rng: random.Random) -> Iterator[bytes]:
