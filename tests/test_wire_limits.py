@@ -113,24 +113,45 @@ class ReceiveBufferLinearTests(SynchronousTestCase, BoundedMixin):
     L{ReceiveBuffer.ensure} is linear in the bytes received.
     """
 
-    def test_growingElementInChunks(self) -> None:
+    def test_growingElementFromPendingChunks(self) -> None:
         """
         An element a parser needs in growing steps (ensure(16), ensure(32),
-        ...) over 4 MiB arriving in 4 KiB chunks costs linear time: joins
-        grow geometrically (the old buffer copied the element every step,
-        512 GiB here).
+        ...) over 4 MiB already received in 4 KiB chunks is joined
+        O(log n) times, not once per step (the old buffer copied the
+        element every step: 512 GiB here).
         """
         data = b"y" * (4 * MiB)
 
         def work() -> None:
             buffer = ReceiveBuffer()
-            wanted = 16
             for chunk in chunks(data, 4096):
                 buffer.feed(chunk)
-                while buffer.ensure(wanted):
-                    wanted += 16
+            wanted = 16
+            while buffer.ensure(wanted):
+                wanted += 16
+            self.assertEqual(wanted, len(data) + 16)
 
         self.assertBounded(work, memory=None)
+
+    def test_bigElementTrickling(self) -> None:
+        """
+        A 16 MiB package arriving in 4 KiB chunks, the decoder asked for
+        events after each chunk, is copied once: C{ensure} copies nothing
+        until the whole element is there.
+        """
+        encoder = StreamEncoder()
+        data = encoder.header("pc") + encoder.packaged(b"\x00" * (16 * MiB))
+        decoder = StreamDecoder()
+
+        def work() -> list:
+            events = []
+            for chunk in chunks(data, 4096):
+                decoder.receiveData(chunk)
+                events.extend(decoder.events())
+            return events
+
+        events = self.assertBounded(work, memory=None)
+        self.assertEqual(len(events[-1].data), 16 * MiB)
 
 
 def configuration(subsections: bytes) -> bytes:

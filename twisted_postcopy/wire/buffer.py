@@ -8,9 +8,11 @@ of one growing C{bytearray}: an element that lies inside one chunk is
 parsed in place, so a page's memoryview is a zero-copy slice of the chunk
 that stays valid however long it is held (a C{bytearray} with exported
 views could not be resized).  Only an element that straddles two chunks is
-copied: its own bytes and at most as many again (a join takes at least as
-many new bytes as are already there, so an element that a parser needs in
-growing steps is joined O(log n) times: copying stays linear).
+copied, once it is complete: its own bytes and at most as many again (a
+join takes at least as many of the pending bytes as are already joined, so
+an element a parser asks for in growing steps is joined O(log n) times).
+Parsers of elements made of many entries consume each entry as they read
+it, so no element grows while its bytes trickle in.
 
 L{BufferedDecoder} is the feeding and pulling API every decoder shares.
 """
