@@ -23,7 +23,6 @@ million inputs).
 from __future__ import annotations
 
 import random
-import struct
 import time
 import tracemalloc
 from collections import Counter
