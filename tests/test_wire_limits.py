@@ -286,6 +286,24 @@ class BlockListLimitTests(SynchronousTestCase, BoundedMixin):
         self.assertIn("second RAM START", str(error))
         self.assertEqual(error.offset, len(streamWith(one)))
 
+    def test_RAMStartInPackage(self) -> None:
+        """
+        A RAM START inside a package is a second list too: the destination's
+        reader refuses it with the package's offset in the stream.
+        """
+        class Incoming:
+            def __getattr__(self, name: str) -> Callable[..., None]:
+                return lambda *args: None
+
+        one = ramStart([RAMBlockInfo("pc.ram", 1 << 30)]) + struct.pack(">Q", 0x10) + footer(2)
+        inner = ramStart([RAMBlockInfo("pc.ram2", 1 << 40)], 3)
+        head = streamWith(one)
+        data = head + StreamEncoder().packaged(inner)
+        reader = IncomingStreamReader(Incoming())
+        error = self.assertRaises(DuplicateRAMBlockError, reader.receiveData, data)
+        self.assertIn("inside a package", str(error))
+        self.assertEqual(error.offset, len(head) + 9)
+
     def test_duplicateBlockNames(self) -> None:
         """
         A block listed twice is a protocol error at the second entry.

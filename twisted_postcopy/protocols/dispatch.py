@@ -98,8 +98,7 @@ class IncomingStreamReader:
             self.incoming.ping(PACKAGE_PING_VALUE)
             self._run(None)
             return
-        package = StreamDecoder(header=False, offset=self.decoder.position - len(data),
-                                maxDeviceBytes=self.decoder.maxDeviceBytes - self.heldDeviceBytes)
+        package = self.decoder.packageDecoder(data, self.heldDeviceBytes)
         package.receiveData(data)
         package.receiveData(b"")
         for event in package.events():

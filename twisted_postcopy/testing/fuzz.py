@@ -163,7 +163,7 @@ def _decodeStream(chunks: Iterator[bytes]) -> int:
         for event in decoder.events():
             count += 1
             if event.__class__ is e.PackageReceived:
-                package = StreamDecoder(header=False, offset=decoder.position - len(event.data))
+                package = decoder.packageDecoder(event.data)
                 count += len(package.decodeWhole(event.data))
     return count
 

@@ -90,6 +90,8 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
     @ivar blocks: RAMBlocks known before the stream (recovery, package).
     @ivar ramSectionId: the RAM section id known before the stream.
     @ivar offset: the stream offset of the first byte fed (for errors).
+    @ivar inPackage: whether this decodes a package (see
+        L{packageDecoder}): a RAM START there is a second one.
     """
 
     header: bool = True
@@ -105,6 +107,7 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
     blocks: tuple[RAMBlockInfo, ...] = field(default=(), converter=tuple)
     ramSectionId: int | None = None
     offset: int = 0
+    inPackage: bool = False
     _buffer: ReceiveBuffer = field(init=False)
     _ram: RAMRecordDecoder = field(init=False, factory=RAMRecordDecoder)
     _state: str = field(init=False, default=_HEADER)
@@ -147,6 +150,24 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         @return: used length of each known RAMBlock, by idstr.
         """
         return dict(self._ram.lengths)
+
+    def packageDecoder(self, data: bytes, heldDeviceBytes: int = 0) -> StreamDecoder:
+        """
+        A decoder for the body of the L{PackageReceived} just decoded.
+
+        @param data: the package's bytes.
+        @param heldDeviceBytes: device bytes already held from this stream
+            (they count against C{maxDeviceBytes}).
+        @return: a header-less decoder whose offsets count in this stream,
+            with this decoder's limits and RAM blocks, refusing a RAM START.
+        """
+        return StreamDecoder(
+            header=False, maxPackageSize=self.maxPackageSize, maxDeviceSectionSize=self.maxDeviceSectionSize,
+            maxVMDescriptionSize=self.maxVMDescriptionSize,
+            maxDeviceBytes=max(0, self.maxDeviceBytes - heldDeviceBytes), maxRAMBlocks=self.maxRAMBlocks,
+            maxTotalRAM=self.maxTotalRAM, maxSections=self.maxSections,
+            blocks=[RAMBlockInfo(name, length) for name, length in self._ram.lengths.items()],
+            offset=self.position - len(data), inPackage=True)
 
     def _next(self) -> StreamEvent | NeedData:
         """
@@ -233,9 +254,10 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         idstr = decodeName(buffer.data[at + 6:at + 6 + length])
         instanceId, versionId = _fullHeaderTail(buffer.data, at + 6 + length)
         isRAM = kind == SectionType.SECTION_START and idstr == RAM_IDSTR
-        if isRAM and (self._ram.listed or self._state is _BLOCK_LIST or any(
+        if isRAM and (self._ram.listed or self.inPackage or any(
                 known.isRAM for known in self._sections.values())):
-            raise DuplicateRAMBlockError("second RAM START (QEMU 7.2 sends one)", buffer.position)
+            where = "inside a package" if self.inPackage else "after the first"
+            raise DuplicateRAMBlockError(f"second RAM START, {where} (QEMU 7.2 sends one)", buffer.position)
         if sectionId not in self._sections and len(self._sections) >= self.maxSections:
             raise LimitExceededError(f"more than {self.maxSections} section ids", buffer.position,
                                      "max-sections")
