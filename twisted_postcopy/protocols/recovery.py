@@ -26,7 +26,7 @@ from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPath
 from twisted_postcopy.protocols.factories import SourceFactory, clientEndpoint, serverEndpoint
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
-from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
+from twisted_postcopy.state import FINISHED, MigrationStatus as S
 from twisted_postcopy.source.recovery import SourceResume, checkResume, currentTransport
 from twisted_postcopy.wire import StreamDecoder
 from twisted_postcopy.wire import events as e

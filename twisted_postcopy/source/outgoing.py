@@ -24,7 +24,7 @@ from twisted_postcopy.errors import MigrationFailed
 from twisted_postcopy.wire import StreamEncoder
 from twisted_postcopy.wire.events import RAMBlockInfo
 from twisted_postcopy.wire.constants import SectionType
-from twisted_postcopy.source.machine import MigrationStatus as S, StatusMachine, outgoingMachine
+from twisted_postcopy.state import MigrationStatus as S, StatusMachine, outgoingMachine
 from twisted_postcopy.source.records import RecordWriter
 from twisted_postcopy.source.sender import PageScheduler, RateLimiter, converged
 from twisted_postcopy.source.stats import TransferStats

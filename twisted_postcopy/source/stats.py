@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from attrs import define
 
-from twisted_postcopy.source.machine import MigrationStatus as S, POSTCOPY
+from twisted_postcopy.state import MigrationStatus as S, POSTCOPY
 
 PAGE_SIZE = 4096
 
