@@ -18,10 +18,11 @@ from zope.interface import implementer
 
 from twisted_postcopy.interfaces import IDirtyTracker, IIncomingVM, IOutgoingVM
 from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-PAGE = 4096
+PAGE = TARGET_PAGE_SIZE
 
 
 class MemBlock:
