@@ -338,6 +338,18 @@ class FaultServiceUnitTests(SynchronousTestCase):
         self.service = FaultService(MemoryReactor(), self.source, {"pc.ram": self.block})
         self.addCleanup(self.service.stop)
 
+    def test_interface(self):
+        """
+        The fault service provides L{IFaultService}; its guest worker's
+        in-process page source provides L{IPageSource}.
+        """
+        from zope.interface.verify import verifyObject
+
+        from twisted_postcopy.interfaces import IFaultService, IPageSource
+
+        self.assertTrue(verifyObject(IFaultService, self.service))
+        self.assertTrue(verifyObject(IPageSource, MemoryPageSource({})))
+
     def test_requestPageShared(self):
         """
         Two waiters of one page make one request; placing it fires both.
