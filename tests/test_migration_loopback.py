@@ -136,6 +136,7 @@ class LoopbackTests(TestCase):
         self.src.setParameters({"max-bandwidth": 40 * MiB, "downtime-limit": 50})
         uri = yield self.listen()
         writes = []
+        self.addCleanup(lambda: [write.cancel() for write in writes if write.active()])
 
         def dirty(n=[0]):
             """
