@@ -93,7 +93,7 @@ class _Faults:
 
     def placePages(self, block, offset, data):
         """
-        Place pages (UFFDIO_COPY here, or a stand-in).
+        Record a page run.
         """
         self.calls.append(("copy", block, offset, len(data)))
 

@@ -80,7 +80,8 @@ class _Observer:
 
 class _NeverSource:
     """
-    A page source that records requests and never answers.
+    A unit-test stand-in for the return path (the production fault service
+    is tested against it): records requests and never answers.
     """
 
     def __init__(self) -> None:
