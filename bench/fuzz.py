@@ -46,24 +46,29 @@ def _initWorker(memoryMiB: int) -> None:
     _corpus = fuzz.Corpus.load()
 
 
-def _batch(job: tuple[int, int, int, float]) -> fuzz.Report:
+def _batch(job: tuple[int, int, int, float, float | None]) -> fuzz.Report:
     """
-    @param job: (seed, first index, count, CPU bound).
+    @param job: (seed, first index, count, CPU bound, wall-clock deadline
+        as C{time.time()} or L{None}).
     @return: the batch's report.
     """
-    seed, start, count, cpuBound = job
+    seed, start, count, cpuBound, deadline = job
     fuzz.CPU_BOUND = cpuBound
     assert _corpus is not None
-    return fuzz.fuzz(_corpus, seed, start, count)
+    until = None if deadline is None else time.monotonic() + (deadline - time.time())
+    return fuzz.fuzz(_corpus, seed, start, count, until)
 
 
-def run(count: int, workers: int, seed: int, memoryMiB: int, cpuBound: float) -> tuple[fuzz.Report, float]:
+def run(count: int, workers: int, seed: int, memoryMiB: int, cpuBound: float,
+        maxSeconds: float | None = None) -> tuple[fuzz.Report, float]:
     """
+    @param maxSeconds: stop starting inputs after this many seconds.
     @return: the merged report and the wall-clock seconds.
     """
     report = fuzz.Report()
     batch = 2000
-    jobs = [(seed, start, min(batch, count - start), cpuBound) for start in range(0, count, batch)]
+    deadline = None if maxSeconds is None else time.time() + maxSeconds
+    jobs = [(seed, start, min(batch, count - start), cpuBound, deadline) for start in range(0, count, batch)]
     started = time.monotonic()
     with Pool(workers, _initWorker, (memoryMiB,)) as pool:
         for done, part in enumerate(pool.imap_unordered(_batch, jobs), 1):
@@ -116,13 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--memory-mib", type=int, default=2048, help="address-space limit per worker")
     parser.add_argument("--cpu-bound", type=float, default=fuzz.CPU_BOUND, help="CPU seconds per input")
+    parser.add_argument("--max-seconds", type=float, help="stop starting inputs after this long")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--replay", type=int, metavar="INDEX", help="run one input again, with a traceback")
     args = parser.parse_args(argv)
     if args.replay is not None:
         replay(args.replay, args.seed)
         return 0
-    report, seconds = run(args.count, args.jobs, args.seed, args.memory_mib, args.cpu_bound)
+    report, seconds = run(args.count, args.jobs, args.seed, args.memory_mib, args.cpu_bound, args.max_seconds)
     result = figures(report, seconds, args)
     if args.json:
         print(json.dumps(result))

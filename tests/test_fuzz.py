@@ -149,3 +149,23 @@ class FindingsTests(SynchronousTestCase):
         reader = MessageReader()
         reader.feed(len(body).to_bytes(4, "big") + body)
         self.assertRaises(AttachProtocolError, list, reader.messages())
+
+    def test_discardNameOverrunsPayload(self) -> None:
+        """
+        A POSTCOPY_RAM_DISCARD whose idstr length runs past its payload is
+        a L{BadLengthError} at the length byte, inside the input (its offset
+        pointed past the input: input 668859 of the first million).
+        """
+        from twisted_postcopy.errors import BadLengthError
+        from twisted_postcopy.wire import StreamDecoder
+        from twisted_postcopy.wire.commands import encodeCommand
+        from twisted_postcopy.wire.constants import Command
+
+        payload = b"\x00\xff" + b"a" * 30
+        data = encodeCommand(Command.POSTCOPY_RAM_DISCARD, payload)
+        error = self.assertRaises(BadLengthError, StreamDecoder(header=False).decodeWhole, data)
+        self.assertEqual(error.offset, 6)
+        self.assertIn("overruns", str(error))
+        corpus = fuzz.Corpus.load()
+        target, mutated, rng = fuzz.makeInput(corpus, 1, 668859)
+        self.assertEqual(fuzz.runOne(target, mutated, rng).kind, "error:BadLengthError")

@@ -105,7 +105,10 @@ def _discard(payload: bytes, where: int) -> DiscardReceived:
             f"POSTCOPY_RAM_DISCARD version {payload[0]} (expected 0)", where + 5)
     length = payload[1]
     checkStr8Length(length, "RAMBlock", where + 6)
-    if len(payload) < 3 + length or payload[2 + length] != 0:
+    if len(payload) < 3 + length:
+        raise BadLengthError(
+            f"POSTCOPY_RAM_DISCARD idstr of {length} bytes overruns its {len(payload)}-byte payload", where + 6)
+    if payload[2 + length] != 0:
         raise BadLengthError("POSTCOPY_RAM_DISCARD idstr is not followed by a NUL", where + 7 + length)
     body = len(payload) - 3 - length
     if body <= 0 or body % 16:
