@@ -561,3 +561,100 @@ class AttachSocketTests(TestCase):
         peer = PeerCredentials(pid, 0, 0)
         error = self.assertRaises(AttachProtocolError, host.checkHello, peer, "stress-9", pid)
         self.assertIn("spawned as worker stress-0", str(error))
+
+
+def makeCertificates(directory: str) -> dict[str, str]:
+    """
+    A test CA with a server and a client certificate, and a client
+    certificate from another CA, made with C{openssl} (EC P-256 keys).
+
+    @param directory: where to write them.
+    @return: name -> path: C{ca}, C{server.key}, C{server.pem},
+        C{client.key}, C{client.pem}, C{stranger.key}, C{stranger.pem},
+        and C{trust}: a directory holding only C{ca.pem}.
+    """
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        missingReal("openssl is needed to make test certificates (apt-get install openssl)")
+
+    def run(*arguments: str) -> None:
+        """
+        @param arguments: an openssl command.
+        """
+        subprocess.run(["openssl", *arguments], cwd=directory, check=True, capture_output=True)
+
+    newKey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "other"):
+        run("req", "-x509", *newKey, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2",
+            "-subj", f"/CN=postcopy test {ca}")
+    for name, ca in (("server", "ca"), ("client", "ca"), ("stranger", "other")):
+        run("req", *newKey, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2")
+    trust = os.path.join(directory, "trust")
+    os.mkdir(trust)
+    shutil.copy(os.path.join(directory, "ca.pem"), trust)
+    paths = {name: os.path.join(directory, name) for name in os.listdir(directory)}
+    paths["ca"] = paths["ca.pem"]
+    paths["trust"] = trust
+    return paths
+
+
+class SSLControlTests(TestCase):
+    """
+    An C{ssl:} control endpoint takes only clients with a certificate of
+    its CA.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_clientCertificates(self) -> None:
+        """
+        A client with a certificate of the control CA is answered; one
+        without a certificate, or with one of another CA, is refused.
+        """
+        from twisted_postcopy.control.client import connectControl
+
+        files = makeCertificates(openDirectory(self))
+        manager = FakeManager()
+        manager.info = {"status": "none"}
+        service = MigrationService(
+            reactor, manager, f"ssl:0:interface=127.0.0.1:privateKey={files['server.key']}:"
+            f"certKey={files['server.pem']}:caCerts={files['ca']}")
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = service.controlService._waitingForPort.result.getHost().port
+
+        @inlineCallbacks
+        def ask(client: str) -> Any:
+            """
+            @param client: the client's key and certificate options.
+            @return: query-migrate's answer, or the failure's class name.
+            """
+            try:
+                connection = yield connectControl(
+                    reactor, f"ssl:host=127.0.0.1:port={port}:caCertsDir={files['trust']}{client}")
+            except Exception as error:
+                return type(error).__name__
+            try:
+                return (yield Deferred.fromCoroutine(connection.queryMigrate()))
+            except Exception as error:
+                return type(error).__name__
+            finally:
+                connection.transport.loseConnection()
+
+        good = f":privateKey={files['client.key']}:certKey={files['client.pem']}"
+        stranger = f":privateKey={files['stranger.key']}:certKey={files['stranger.pem']}"
+        self.assertEqual((yield ask(good)), {"status": "none"})
+        self.assertNotIsInstance((yield ask("")), dict)
+        self.assertNotIsInstance((yield ask(stranger)), dict)
+
+    def test_unreadableFiles(self) -> None:
+        """
+        Missing key or CA files are an L{AccessError} naming the endpoint.
+        """
+        error = self.assertRaises(AccessError, MigrationService, reactor, FakeManager(),
+                                  "ssl:0:privateKey=/nonexistent/k:certKey=/nonexistent/c:caCerts=/nonexistent/ca")
+        self.assertIn("/nonexistent", str(error))

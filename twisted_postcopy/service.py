@@ -57,6 +57,7 @@ class MigrationService(MultiService):
         guest: IService | None = None,
         capabilities: dict[str, bool] | None = None,
         insecureControl: bool = False,
+        snapshotRoot: str | None = None,
     ) -> None:
         """
         @param reactor: the reactor.
@@ -68,6 +69,8 @@ class MigrationService(MultiService):
             C{incoming} is listened on.
         @param insecureControl: allow plaintext C{tcp:} control on a
             loopback interface (C{--insecure-control}).
+        @param snapshotRoot: the directory the C{snapshot-*} commands
+            cannot leave (C{--snapshot-root}), or L{None}.
         @raise twisted_postcopy.errors.AccessError: the control endpoint
             is refused by the access policy (see L{controlEndpoint}).
         """
@@ -80,7 +83,7 @@ class MigrationService(MultiService):
         self.guest = guest
         if guest is not None:
             guest.setServiceParent(self)
-        self.snapshots = SnapshotJobs(reactor)
+        self.snapshots = SnapshotJobs(reactor, root=snapshotRoot)
         endpoint = controlEndpoint(reactor, control, insecureControl)
         factory = ControlFactory(manager, guest, self.snapshots)
         self.controlService = StreamServerEndpointService(endpoint, factory)

@@ -105,6 +105,9 @@ class Options(usage.Options):
         ["workers", None, 2, "Number of guest worker processes.", int],
         ["attach", None, None,
          "Unix socket where guest workers attach (default: CONTROL_PATH.attach)."],
+        ["snapshot-root", None, None,
+         "The snapshot-* commands may only name directories under DIR (relative ones are "
+         "taken from it; no symbolic link is followed below it)."],
         ["attach-group", None, None,
          "Give the attach socket this group and mode 0660 (external guests of --attach-allow "
          "need it to reach the socket)."],
@@ -187,6 +190,8 @@ class Options(usage.Options):
             parseControl(self["control"], self["insecure-control"])
             if self["attach-group"] is not None:
                 parseGroup(self["attach-group"])
+            if self["snapshot-root"] is not None and not os.path.isdir(self["snapshot-root"]):
+                raise AccessError(f"--snapshot-root {self['snapshot-root']}: not a directory")
         except AccessError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -298,4 +303,5 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     manager, guest = buildManager(reactor, options)
     return MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
                             guest=guest, capabilities=options["capabilities"],
-                            insecureControl=options["insecure-control"])
+                            insecureControl=options["insecure-control"],
+                            snapshotRoot=options["snapshot-root"] and os.path.abspath(options["snapshot-root"]))
