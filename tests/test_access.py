@@ -83,16 +83,19 @@ def asNobody(function: Callable[[], Any]) -> Deferred:
     readEnd, writeEnd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)
+        # Whatever happens, the child never returns into the test runner.
         try:
-            os.close(readEnd)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            result = {"result": function()}
-        except BaseException as error:
-            result = {"error": repr(error)}
-        os.write(writeEnd, json.dumps(result).encode())
-        os._exit(0)
+            try:
+                os.close(readEnd)
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                result = {"result": function()}
+            except BaseException as error:
+                result = {"error": repr(error)}
+            os.write(writeEnd, json.dumps(result).encode())
+        finally:
+            os._exit(0)
     os.close(writeEnd)
 
     def collect() -> Any:
