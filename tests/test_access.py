@@ -276,7 +276,7 @@ class ListenUNIXTests(TestCase):
                 try:
                     sock.sendall(b"hi")
                     return sock.recv(2)
-                except ConnectionResetError:
+                except (ConnectionResetError, BrokenPipeError):
                     return b""
 
         self.assertEqual((yield deferToThread(talk)), b"")
@@ -661,3 +661,35 @@ class SSLControlTests(TestCase):
         error = self.assertRaises(AccessError, MigrationService, reactor, FakeManager(),
                                   "ssl:0:privateKey=/nonexistent/k:certKey=/nonexistent/c:caCerts=/nonexistent/ca")
         self.assertIn("/nonexistent", str(error))
+
+
+class OnePlaceTests(SynchronousTestCase):
+    """
+    The access policy lives in one place: every listening Unix or control
+    endpoint of the daemon goes through L{twisted_postcopy.access}.
+    """
+
+    def test_noOtherListeners(self) -> None:
+        """
+        No module of the package but C{access.py} (and the test helpers in
+        C{testing/}) calls C{reactor.listenUNIX}, C{serverFromString} or
+        C{UNIXServerEndpoint}: a new listening endpoint (a QMP socket) must
+        use L{twisted_postcopy.access.listenUNIX} or
+        L{twisted_postcopy.access.controlEndpoint}.
+        """
+        import re
+
+        import twisted_postcopy
+
+        package = os.path.dirname(twisted_postcopy.__file__)
+        pattern = re.compile(r"\.listenUNIX\(|serverFromString\(|UNIXServerEndpoint\(")
+        offenders = []
+        for directory, subdirectories, files in os.walk(package):
+            subdirectories[:] = [d for d in subdirectories if d not in ("testing", "__pycache__")]
+            for name in files:
+                path = os.path.join(directory, name)
+                if name.endswith(".py") and path != os.path.join(package, "access.py"):
+                    with open(path) as f:
+                        offenders += [f"{os.path.relpath(path, package)}:{number}: {line.strip()}"
+                                      for number, line in enumerate(f, 1) if pattern.search(line)]
+        self.assertEqual(offenders, [])
