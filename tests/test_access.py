@@ -419,6 +419,21 @@ class ControlSocketTests(TestCase):
         self.assertEqual(answer[0], "answered")
         self.assertIn("status", answer[1])
 
+    @inlineCallbacks
+    def test_groupAllowed(self) -> None:
+        """
+        C{unix:PATH:group=NAME} makes the socket 0660 with that group, and a
+        member of the group (here C{nobody}, whose group it is) is answered.
+        """
+        _, gid = nobody()
+        path = os.path.join(openDirectory(self), "group.sock")
+        self.startService(f"unix:{path}:group={gid}")
+        info = os.stat(path)
+        self.assertEqual((stat.S_IMODE(info.st_mode), info.st_gid), (0o660, gid))
+        outcome = yield asNobody(tryControl(path))
+        self.assertEqual(outcome[0], "answered")
+        self.assertIn("status", outcome[1])
+
     def test_tcpRefusedByService(self) -> None:
         """
         The service itself refuses a plaintext TCP control endpoint (not
