@@ -434,6 +434,26 @@ class ControlSocketTests(TestCase):
         self.assertEqual(outcome[0], "answered")
         self.assertIn("status", outcome[1])
 
+    @inlineCallbacks
+    def test_lockfileReplacesStaleSocket(self) -> None:
+        """
+        With C{lockfile=1} a stale socket left by a dead daemon (its lock
+        names a pid that is gone) is replaced, and the new one is 0600.
+        """
+        path = os.path.join(openDirectory(self), "stale.sock")
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(path)
+        stale.close()
+        dead = os.fork()
+        if dead == 0:  # pragma: no cover (the child)
+            os._exit(0)
+        os.waitpid(dead, 0)
+        os.symlink(str(dead), path + ".lock")
+        self.startService(f"unix:{path}:lockfile=1")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        answer = yield deferToThread(tryControl(path))
+        self.assertEqual(answer[0], "answered")
+
     def test_tcpRefusedByService(self) -> None:
         """
         The service itself refuses a plaintext TCP control endpoint (not

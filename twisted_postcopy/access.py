@@ -374,7 +374,7 @@ def _widen(path: str, policy: SocketPolicy) -> None:
 
 
 def listenUNIX(reactor: Any, path: str, factory: Any, policy: SocketPolicy | None = None,
-               backlog: int = 50) -> Any:
+               backlog: int = 50, lockfile: bool = False) -> Any:
     """
     Listen on a Unix socket created race-free with the policy's mode and
     group, checking every peer against the policy before a protocol is
@@ -386,6 +386,8 @@ def listenUNIX(reactor: Any, path: str, factory: Any, policy: SocketPolicy | Non
         protocol gets the peer's L{PeerCredentials} as C{peer}).
     @param policy: the L{SocketPolicy} (default: 0600, owner only).
     @param backlog: the listen backlog.
+    @param lockfile: use a C{PATH.lock} lock file, so a stale socket left
+        by a dead daemon is replaced (Twisted's C{lockfile=1}).
     @return: the listening port.
     """
     policy = SocketPolicy() if policy is None else policy
@@ -395,7 +397,7 @@ def listenUNIX(reactor: Any, path: str, factory: Any, policy: SocketPolicy | Non
     checking = _PeerCheckingFactory(factory, policy)
     previous = os.umask(_BIND_UMASK)
     try:
-        port = reactor.listenUNIX(path, checking, backlog, mode=DEFAULT_MODE)
+        port = reactor.listenUNIX(path, checking, backlog, mode=DEFAULT_MODE, wantPID=lockfile)
     finally:
         os.umask(previous)
     if inFilesystem and (policy.group is not None or policy.mode != DEFAULT_MODE):
@@ -418,12 +420,14 @@ class UNIXAccessEndpoint:
     @ivar path: the socket path.
     @ivar policy: its L{SocketPolicy}.
     @ivar backlog: the listen backlog.
+    @ivar lockfile: replace a stale socket, guarded by a lock file.
     """
 
     reactor: Any
     path: str
     policy: SocketPolicy = field(factory=SocketPolicy)
     backlog: int = 50
+    lockfile: bool = False
 
     def listen(self, factory: Any) -> Any:
         """
@@ -432,7 +436,8 @@ class UNIXAccessEndpoint:
         """
         from twisted.internet.defer import execute
 
-        return execute(listenUNIX, self.reactor, self.path, factory, self.policy, self.backlog)
+        return execute(listenUNIX, self.reactor, self.path, factory, self.policy, self.backlog,
+                       self.lockfile)
 
 
 @frozen
@@ -482,7 +487,7 @@ def parseControl(description: str, insecure: bool = False) -> ControlSpec:
     """
     Check a control endpoint description against the daemon's policy.
 
-    @param description: C{unix:PATH[:mode=OCTAL][:group=NAME]},
+    @param description: C{unix:PATH[:mode=OCTAL][:group=NAME][:lockfile=1]},
         C{ssl:PORT:privateKey=KEY:certKey=CERT:caCerts=CA[:interface=ADDR]},
         or C{tcp:PORT:interface=LOOPBACK} with C{insecure}.
     @param insecure: plaintext TCP on a loopback interface was explicitly
@@ -499,6 +504,9 @@ def parseControl(description: str, insecure: bool = False) -> ControlSpec:
             _mode(options["mode"])
         if "group" in options:
             parseGroup(options["group"])
+        for number in ("backlog", "lockfile"):
+            if not options.get(number, "0").isdigit():
+                raise AccessError(f"control endpoint {description!r}: {number} must be a number")
         return ControlSpec(kind, tuple(args), options, description)
     if kind == "ssl":
         if not options.get("caCerts"):
@@ -609,7 +617,8 @@ def controlEndpoint(reactor: Any, description: str, insecure: bool = False,
     if spec.kind == "unix":
         path = spec.args[0] if spec.args else spec.options["address"]
         return UNIXAccessEndpoint(reactor, path, unixPolicy(spec.options, what),
-                                  int(spec.options.get("backlog", 50)))
+                                  int(spec.options.get("backlog", 50)),
+                                  bool(int(spec.options.get("lockfile", 0))))
     if spec.kind == "ssl":
         return _sslEndpoint(reactor, spec)
     from twisted.internet.endpoints import serverFromString
