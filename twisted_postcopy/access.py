@@ -276,12 +276,18 @@ class _PeerCheck(Protocol):
             self.checking.refused.append(peer)
             transport.abortConnection()
             return
-        protocol = self.checking.wrapped.buildProtocol(self.addr)
+        try:
+            protocol = self.checking.wrapped.buildProtocol(self.addr)
+        except Exception:
+            _log.failure("{what}: building the protocol of {peer} failed", what=policy.what, peer=str(peer))
+            protocol = None
         if protocol is None:
-            transport.loseConnection()
+            transport.abortConnection()
             return
         protocol.peer = peer
         transport.protocol = protocol
+        if isinstance(getattr(transport, "logstr", None), str):
+            transport.logstr = transport.logstr.replace(type(self).__name__, type(protocol).__name__, 1)
         protocol.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
