@@ -378,6 +378,46 @@ class PolicyTests(SynchronousTestCase):
                           ["--control", "unix:/p", "--attach-allow", "everyone"])
 
 
+class DaemonOptionsTests(SynchronousTestCase):
+    """
+    C{twistd postcopy}'s access options reach the service.
+    """
+
+    def test_snapshotRoot(self) -> None:
+        """
+        C{--snapshot-root} (made absolute) confines the daemon's snapshot
+        jobs; a root that is not a directory is a usage error.
+        """
+        from twisted.internet.testing import MemoryReactorClock
+
+        from twisted_postcopy.tap import makeService
+
+        root = self.mktemp()
+        os.mkdir(root)
+        options = Options()
+        options.parseOptions(["--role", "snapshot", "--control", "unix:/nonexistent/c.sock",
+                              "--snapshot-root", root])
+        service = makeService(options, MemoryReactorClock())
+        self.assertEqual(service.snapshots.root, os.path.abspath(root))
+        self.assertRaises(usage.UsageError, Options().parseOptions,
+                          ["--control", "unix:/p", "--snapshot-root", "/nonexistent/root"])
+
+    def test_attachAccess(self) -> None:
+        """
+        C{--attach-allow} entries and C{--attach-group} make the guest's
+        L{AttachAccess}.
+        """
+        from twisted_postcopy.tap import attachAccess
+
+        options = Options()
+        options.parseOptions(["--control", "unix:/p", "--attach-allow", "uid=7", "--attach-allow", "pid=9",
+                              "--attach-group", "root"])
+        self.assertEqual(attachAccess(options), AttachAccess(PeerPolicy(uids={7}, pids={9}), 0, 0o660))
+        options = Options()
+        options.parseOptions(["--control", "unix:/p"])
+        self.assertEqual(attachAccess(options), AttachAccess())
+
+
 class ControlSocketTests(TestCase):
     """
     The daemon's control socket against another local user.
