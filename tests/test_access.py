@@ -27,7 +27,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_postcopy.access import (
-    DEFAULT_MODE, PeerCredentials, PeerPolicy, SocketPolicy, listenUNIX, ownerPolicy, parseControl,
+    DEFAULT_MODE, PeerCredentials, PeerPolicy, SocketPolicy, listenUNIX, ownerPolicy, parseListening,
     parsePeer)
 from twisted_postcopy.errors import AccessError, AttachProtocolError
 from twisted_postcopy.guests.attach import attach, encodeMessage
@@ -285,7 +285,7 @@ class ListenUNIXTests(TestCase):
 
 class PolicyTests(SynchronousTestCase):
     """
-    Tests for L{PeerPolicy}, L{parsePeer} and L{parseControl}.
+    Tests for L{PeerPolicy}, L{parsePeer} and L{parseListening}.
     """
 
     def test_allows(self) -> None:
@@ -317,11 +317,11 @@ class PolicyTests(SynchronousTestCase):
         """
         C{unix:} is accepted, with an octal owner-rw mode and a known group.
         """
-        self.assertEqual(parseControl("unix:/run/p.sock").args, ("/run/p.sock",))
-        self.assertEqual(parseControl("unix:/run/p.sock:mode=660:group=root").options,
+        self.assertEqual(parseListening("unix:/run/p.sock").args, ("/run/p.sock",))
+        self.assertEqual(parseListening("unix:/run/p.sock:mode=660:group=root").options,
                          {"mode": "660", "group": "root"})
         for bad in ("unix:/p:mode=9", "unix:/p:mode=700", "unix:/p:mode=066", "unix:/p:group=no-such-group"):
-            self.assertRaises(AccessError, parseControl, bad)
+            self.assertRaises(AccessError, parseListening, bad)
 
     def test_tcpRefused(self) -> None:
         """
@@ -329,11 +329,11 @@ class PolicyTests(SynchronousTestCase):
         anything but a loopback interface (0.0.0.0 or no interface: every
         interface); each message says what to use.
         """
-        error = self.assertRaises(AccessError, parseControl, "tcp:4444:interface=127.0.0.1")
+        error = self.assertRaises(AccessError, parseListening, "tcp:4444:interface=127.0.0.1")
         self.assertIn("--insecure-control", str(error))
         self.assertIn("ssl:", str(error))
         for wide in ("tcp:0.0.0.0:4444", "tcp:4444:interface=0.0.0.0", "tcp:4444", "tcp6:4444:interface=\\:\\:"):
-            error = self.assertRaises(AccessError, parseControl, wide, True)
+            error = self.assertRaises(AccessError, parseListening, wide, True)
             self.assertIn("loopback", str(error))
 
     def test_tcpLoopbackInsecure(self) -> None:
@@ -342,23 +342,23 @@ class PolicyTests(SynchronousTestCase):
         """
         for loopback in ("tcp:4444:interface=127.0.0.1", "tcp6:4444:interface=\\:\\:1",
                          "tcp:port=0:interface=localhost"):
-            self.assertEqual(parseControl(loopback, True).kind, loopback.split(":")[0])
+            self.assertEqual(parseListening(loopback, True).kind, loopback.split(":")[0])
 
     def test_sslNeedsClientCertificates(self) -> None:
         """
         C{ssl:} without C{caCerts} (so without client certificates) is
         refused; with it, accepted.
         """
-        error = self.assertRaises(AccessError, parseControl, "ssl:4444:privateKey=k.pem:certKey=c.pem")
+        error = self.assertRaises(AccessError, parseListening, "ssl:4444:privateKey=k.pem:certKey=c.pem")
         self.assertIn("caCerts", str(error))
-        self.assertEqual(parseControl("ssl:4444:privateKey=k:certKey=c:caCerts=ca").kind, "ssl")
+        self.assertEqual(parseListening("ssl:4444:privateKey=k:certKey=c:caCerts=ca").kind, "ssl")
 
     def test_otherTypesRefused(self) -> None:
         """
         Endpoint types other than unix, ssl and tcp are refused.
         """
-        self.assertRaises(AccessError, parseControl, "systemd:domain=INET:index=0")
-        self.assertRaises(AccessError, parseControl, "")
+        self.assertRaises(AccessError, parseListening, "systemd:domain=INET:index=0")
+        self.assertRaises(AccessError, parseListening, "")
 
     def test_options(self) -> None:
         """
@@ -748,9 +748,9 @@ class OnePlaceTests(SynchronousTestCase):
         """
         No module of the package but C{access.py} (and the test helpers in
         C{testing/}) calls C{reactor.listenUNIX}, C{serverFromString} or
-        C{UNIXServerEndpoint}: a new listening endpoint (a QMP socket) must
-        use L{twisted_postcopy.access.listenUNIX} or
-        L{twisted_postcopy.access.controlEndpoint}.
+        C{UNIXServerEndpoint}: a new listening endpoint (a QMP socket, a
+        metrics endpoint) must use L{twisted_postcopy.access.listenUNIX} or
+        L{twisted_postcopy.access.listeningEndpoint}.
         """
         import re
 
@@ -767,4 +767,5 @@ class OnePlaceTests(SynchronousTestCase):
                     with open(path) as f:
                         offenders += [f"{os.path.relpath(path, package)}:{number}: {line.strip()}"
                                       for number, line in enumerate(f, 1) if pattern.search(line)]
-        self.assertEqual(offenders, [])
+        self.assertEqual(offenders, [], "listen through twisted_postcopy.access.listeningEndpoint "
+                                        "(an operator's endpoint description) or access.listenUNIX")

@@ -12,7 +12,8 @@ C{SO_PEERCRED} against a peer policy (an object with an C{allows} method
 taking L{PeerCredentials}) before any protocol is built; a refused peer is
 logged and disconnected without a byte read.
 
-Control endpoints are parsed by L{parseControl}: C{unix:} is accepted
+Control endpoints, and every other endpoint an operator names for the
+daemon to listen on, are parsed by L{parseListening}: C{unix:} is accepted
 (owner-only by default), C{ssl:} only with C{caCerts=} so every client
 presents a certificate from that CA, plaintext C{tcp:} only on a loopback
 interface and only with C{insecure=True} (the C{--insecure-control}
@@ -39,8 +40,8 @@ from zope.interface import implementer
 from twisted_postcopy.errors import AccessError
 
 __all__ = [
-    "PeerCredentials", "PeerPolicy", "SocketPolicy", "ControlSpec", "UNIXAccessEndpoint",
-    "peerCredentials", "ownerPolicy", "listenUNIX", "parseControl", "controlEndpoint",
+    "PeerCredentials", "PeerPolicy", "SocketPolicy", "EndpointSpec", "UNIXAccessEndpoint",
+    "peerCredentials", "ownerPolicy", "listenUNIX", "parseListening", "listeningEndpoint",
     "parsePeer", "parseGroup", "DEFAULT_MODE",
 ]
 
@@ -447,9 +448,9 @@ class UNIXAccessEndpoint:
 
 
 @frozen
-class ControlSpec:
+class EndpointSpec:
     """
-    A checked control endpoint description.
+    A checked listening endpoint description.
 
     @ivar kind: C{unix}, C{ssl} or C{tcp}.
     @ivar args: positional parts (the path, or the port).
@@ -489,15 +490,17 @@ def _isLoopback(interface: str) -> bool:
         return interface == "localhost"
 
 
-def parseControl(description: str, insecure: bool = False) -> ControlSpec:
+def parseListening(description: str, insecure: bool = False, what: str = "control endpoint") -> EndpointSpec:
     """
-    Check a control endpoint description against the daemon's policy.
+    Check a listening endpoint description (the control endpoint, or
+    another one an operator names) against the daemon's policy.
 
     @param description: C{unix:PATH[:mode=OCTAL][:group=NAME][:lockfile=1]},
         C{ssl:PORT:privateKey=KEY:certKey=CERT:caCerts=CA[:interface=ADDR]},
         or C{tcp:PORT:interface=LOOPBACK} with C{insecure}.
     @param insecure: plaintext TCP on a loopback interface was explicitly
         allowed (C{--insecure-control}).
+    @param what: what the endpoint is, for messages.
     @return: the checked description.
     @raise AccessError: the description is not allowed, saying why and
         what to use instead.
@@ -505,37 +508,37 @@ def parseControl(description: str, insecure: bool = False) -> ControlSpec:
     kind, args, options = _splitDescription(description)
     if kind == "unix":
         if not args and "address" not in options:
-            raise AccessError(f"control endpoint {description!r}: no socket path")
+            raise AccessError(f"{what} {description!r}: no socket path")
         if "mode" in options:
             _mode(options["mode"])
         if "group" in options:
             parseGroup(options["group"])
         for number in ("backlog", "lockfile"):
             if not options.get(number, "0").isdigit():
-                raise AccessError(f"control endpoint {description!r}: {number} must be a number")
-        return ControlSpec(kind, tuple(args), options, description)
+                raise AccessError(f"{what} {description!r}: {number} must be a number")
+        return EndpointSpec(kind, tuple(args), options, description)
     if kind == "ssl":
         if not options.get("caCerts"):
             raise AccessError(
-                f"control endpoint {description!r}: ssl: control needs caCerts=CA.pem, the CA "
+                f"{what} {description!r}: ssl: control needs caCerts=CA.pem, the CA "
                 "whose certificates clients must present (nothing off-host is accepted "
                 "without client authentication)")
-        return ControlSpec(kind, tuple(args), options, description)
+        return EndpointSpec(kind, tuple(args), options, description)
     if kind in ("tcp", "tcp6"):
         interface = options.get("interface", "")
         if not insecure:
             raise AccessError(
-                f"control endpoint {description!r}: plaintext TCP control is refused (anyone who "
+                f"{what} {description!r}: plaintext TCP control is refused (anyone who "
                 "can connect controls the daemon); use unix:PATH, or ssl:PORT:privateKey=KEY:"
                 "certKey=CERT:caCerts=CA for remote control with client certificates, or "
                 "--insecure-control with interface=127.0.0.1 for a loopback-only test setup")
         if not _isLoopback(interface):
             raise AccessError(
-                f"control endpoint {description!r}: --insecure-control allows plaintext TCP only "
+                f"{what} {description!r}: --insecure-control allows plaintext TCP only "
                 f"on a loopback interface (interface=127.0.0.1 or ::1), not "
                 f"{interface or 'every interface'}; use ssl: with caCerts= for remote control")
-        return ControlSpec(kind, tuple(args), options, description)
-    raise AccessError(f"control endpoint {description!r}: type {kind or '(none)'} is not allowed; "
+        return EndpointSpec(kind, tuple(args), options, description)
+    raise AccessError(f"{what} {description!r}: type {kind or '(none)'} is not allowed; "
                       "use unix:PATH, ssl:...:caCerts=CA, or tcp: on loopback with "
                       "--insecure-control")
 
@@ -571,7 +574,7 @@ def unixPolicy(options: dict[str, str], what: str) -> SocketPolicy:
     return SocketPolicy(mode, gid, ownerPolicy(() if gid is None else (gid,)), what)
 
 
-def _sslEndpoint(reactor: Any, spec: ControlSpec) -> Any:
+def _sslEndpoint(reactor: Any, spec: EndpointSpec) -> Any:
     """
     An SSL server endpoint requiring a client certificate from C{caCerts}.
 
@@ -597,19 +600,20 @@ def _sslEndpoint(reactor: Any, spec: ControlSpec) -> Any:
             authority = Certificate.loadPEM(f.read())
         server = PrivateCertificate.loadPEM(certificate + b"\n" + privateKey)
     except Exception as error:
-        raise AccessError(f"control endpoint {spec.description!r}: {error}") from None
+        raise AccessError(f"{spec.description!r}: {error}") from None
     context = CertificateOptions(privateKey=server.privateKey.original, certificate=server.original,
                                  verify=True, caCerts=[authority.original], requireCertificate=True)
     return SSL4ServerEndpoint(reactor, port, context, int(options.get("backlog", 50)),
                               options.get("interface", ""))
 
 
-def controlEndpoint(reactor: Any, description: str, insecure: bool = False,
-                    what: str = "control socket") -> Any:
+def listeningEndpoint(reactor: Any, description: str, insecure: bool = False,
+                      what: str = "control endpoint") -> Any:
     """
-    The server endpoint of a control description, checked by
-    L{parseControl}; every other listening endpoint an operator names (a
-    QMP endpoint) goes through here too, so the same rules apply to it.
+    The server endpoint of a listening endpoint description an operator
+    gave (the control endpoint, and every other one: a QMP or metrics
+    endpoint), checked by L{parseListening}, so the same rules apply to
+    all of them.
 
     @param reactor: the reactor.
     @param description: the endpoint description.
@@ -619,7 +623,7 @@ def controlEndpoint(reactor: Any, description: str, insecure: bool = False,
     @return: an C{IStreamServerEndpoint}.
     @raise AccessError: the description is refused.
     """
-    spec = parseControl(description, insecure)
+    spec = parseListening(description, insecure, what)
     if spec.kind == "unix":
         path = spec.args[0] if spec.args else spec.options["address"]
         return UNIXAccessEndpoint(reactor, path, unixPolicy(spec.options, what),
@@ -630,6 +634,6 @@ def controlEndpoint(reactor: Any, description: str, insecure: bool = False,
     from twisted.internet.endpoints import serverFromString
 
     _log.warn("{what} {description}: plaintext TCP allowed by --insecure-control: any local "
-              "user can control this daemon", what=what, description=description)
+              "user can connect to it", what=what, description=description)
     return serverFromString(reactor, description)
 

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_postcopy.access import controlEndpoint
+from twisted_postcopy.access import listeningEndpoint
 from twisted_postcopy.control.server import ControlFactory
 from twisted_postcopy.errors import GuestError, MigrationError
 from twisted_postcopy.guests.guest import MACHINE, Guest, GuestSpec, IncomingGuest
@@ -72,7 +72,7 @@ class MigrationService(MultiService):
         @param snapshotRoot: the directory the C{snapshot-*} commands
             cannot leave (C{--snapshot-root}), or L{None}.
         @raise twisted_postcopy.errors.AccessError: the control endpoint
-            is refused by the access policy (see L{controlEndpoint}).
+            is refused by the access policy (see L{listeningEndpoint}).
         """
         super().__init__()
         self.capabilities = dict(capabilities or {})
@@ -84,7 +84,7 @@ class MigrationService(MultiService):
         if guest is not None:
             guest.setServiceParent(self)
         self.snapshots = SnapshotJobs(reactor, root=snapshotRoot)
-        endpoint = controlEndpoint(reactor, control, insecureControl)
+        endpoint = listeningEndpoint(reactor, control, insecureControl)
         factory = ControlFactory(manager, guest, self.snapshots)
         self.controlService = StreamServerEndpointService(endpoint, factory)
         # Fail twistd's start-up, rather than log, when the endpoint is busy.

@@ -183,11 +183,11 @@ class Options(usage.Options):
             raise usage.UsageError("--incoming is only for --role destination")
         if self["role"] == "snapshot":
             self["guest"] = "none"
-        from twisted_postcopy.access import parseControl, parseGroup
+        from twisted_postcopy.access import parseListening, parseGroup
         from twisted_postcopy.errors import AccessError
 
         try:
-            parseControl(self["control"], self["insecure-control"])
+            parseListening(self["control"], self["insecure-control"])
             if self["attach-group"] is not None:
                 parseGroup(self["attach-group"])
             if self["snapshot-root"] is not None and not os.path.isdir(self["snapshot-root"]):
