@@ -769,3 +769,40 @@ class OnePlaceTests(SynchronousTestCase):
                                       for number, line in enumerate(f, 1) if pattern.search(line)]
         self.assertEqual(offenders, [], "listen through twisted_postcopy.access.listeningEndpoint "
                                         "(an operator's endpoint description) or access.listenUNIX")
+
+
+class RealDaemonTests(TestCase):
+    """
+    A real C{twistd postcopy} source daemon with a running stress guest,
+    against C{nobody}: the production path (options, service, guest, host).
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_nobodyLockedOut(self) -> Any:
+        """
+        The daemon's spawned workers attach and run through the peer check;
+        its control and attach sockets are 0600 and C{nobody} can connect to
+        neither (in a directory it may traverse).
+        """
+        from pathlib import Path
+
+        from twisted_postcopy.control.daemon import startDaemon
+        from twisted_postcopy.demo import waitForGuest
+
+        nobody()
+        workdir = Path(openDirectory(self))
+        daemon = yield Deferred.fromCoroutine(startDaemon(
+            reactor, "source", workdir, ["--role", "source", "--guest", "stress", "--ram", "8M",
+                                         "--workers", "2"]))
+        self.addCleanup(lambda: Deferred.fromCoroutine(daemon.stop(reactor)))
+        yield Deferred.fromCoroutine(waitForGuest(reactor, daemon, reactor.seconds() + 60))
+        control = str(workdir / "source.sock")
+        attachPath = control + ".attach"
+        for path in (control, attachPath):
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600, path)
+        self.assertEqual((yield asNobody(tryControl(control))), ["connect", 13])
+        self.assertEqual((yield asNobody(tryAttach(attachPath, "stress-0"))), ["connect", 13])
+        info = yield Deferred.fromCoroutine(daemon.client.queryGuest())
+        self.assertTrue(info["running"])
