@@ -17,7 +17,7 @@ import os
 from contextlib import nullcontext
 from typing import BinaryIO
 
-from twisted_postcopy.snapshot.store import dataRuns
+from twisted_postcopy.snapshot.sparse import dataRuns
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
