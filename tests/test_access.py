@@ -231,6 +231,23 @@ class ListenUNIXTests(TestCase):
         self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), DEFAULT_MODE)
 
+    def test_worldWritableDirectoryRefused(self) -> None:
+        """
+        A socket directory every user may write, without the sticky bit, is
+        refused (another user could swap the socket for a link); a sticky
+        one (like C{/tmp}) is accepted.
+        """
+        directory = openDirectory(self)
+        os.chmod(directory, 0o777)
+        path = os.path.join(directory, "s.sock")
+        error = self.assertRaises(AccessError, listenUNIX, reactor, path, Factory.forProtocol(_Echo))
+        self.assertIn("writable by every user", str(error))
+        self.assertFalse(os.path.exists(path))
+        os.chmod(directory, 0o1777)
+        port = listenUNIX(reactor, path, Factory.forProtocol(_Echo))
+        self.addCleanup(port.stopListening)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+
     def test_group(self) -> None:
         """
         A group and mode asked for are applied to the socket file.

@@ -340,19 +340,25 @@ class _PeerCheckingFactory(Factory):
 
 def _checkDirectory(path: str, what: str) -> None:
     """
-    Warn when a socket's directory can be written by other users without
-    the sticky bit (another user could then replace the socket).
+    Refuse a socket directory every user can write without the sticky bit
+    (anyone could then replace the socket, or a link put in its place
+    could redirect the mode change); warn when only its group can.
 
     @param path: the socket path.
     @param what: what it is.
+    @raise AccessError: the directory is world-writable and not sticky.
     """
     directory = os.path.dirname(os.path.abspath(path))
     try:
         info = os.stat(directory)
     except OSError:
         return
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX:
-        _log.warn("{what} {path}: its directory {directory} is writable by other users; "
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise AccessError(f"{what} {path}: its directory {directory} is writable by every user "
+                          "(and not sticky); put daemon sockets in a directory only the daemon's "
+                          "user can write")
+    if info.st_mode & stat.S_IWGRP and not info.st_mode & stat.S_ISVTX:
+        _log.warn("{what} {path}: its directory {directory} is writable by its group; "
                   "put daemon sockets in a directory only the daemon's user can write",
                   what=what, path=path, directory=directory)
 
@@ -396,6 +402,8 @@ def listenUNIX(reactor: Any, path: str, factory: Any, policy: SocketPolicy | Non
     @param lockfile: use a C{PATH.lock} lock file, so a stale socket left
         by a dead daemon is replaced (Twisted's C{lockfile=1}).
     @return: the listening port.
+    @raise AccessError: the socket's directory is world-writable without
+        the sticky bit.
     """
     policy = SocketPolicy() if policy is None else policy
     inFilesystem = not path.startswith("\0")
