@@ -43,7 +43,7 @@ from tests.enginevm import IncomingTestVM, OutgoingTestVM  # noqa: E402
 from tests.uffdguest import FaultService, spawnGuest  # noqa: E402
 from twisted_postcopy.manager import MigrationManager  # noqa: E402
 from twisted_postcopy.testing.qemubaseline import UNLIMITED, qemuToQemuPostcopy  # noqa: E402
-from twisted_postcopy.testing.qemuhost import qemuSkipReason  # noqa: E402
+from twisted_postcopy.testing.qemuhost import qemuMissing  # noqa: E402
 
 
 def stressVM(mib: int) -> OutgoingTestVM:
@@ -224,7 +224,7 @@ def qemuBaseline(mib: int, ours: dict[str, Any]) -> dict[str, Any]:
     @param ours: our figures (see L{main}).
     @return: the QEMU figures and ratios (ours / QEMU's), or a skip reason.
     """
-    reason = qemuSkipReason()
+    reason = qemuMissing()
     if reason:
         return {"qemu_skipped": reason}
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as scratch:

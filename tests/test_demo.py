@@ -6,7 +6,6 @@ it derives, failure reporting, and a whole C{postcopy demo --json} run.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -20,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_postcopy import demo
 from twisted_postcopy.cli import buildParser
+from twisted_postcopy.testing.real import requireUserfaultfd
 
 
 class ArgumentTests(SynchronousTestCase):
@@ -96,8 +96,11 @@ class EndToEndTests(SynchronousTestCase):
     userfaultfd, loopback TCP.
     """
 
-    if importlib.util.find_spec("twisted_postcopy.guests.stress") is None:
-        skip = "the built-in stress guest (twisted_postcopy.guests.stress) is not there yet"
+    def setUp(self) -> None:
+        """
+        The daemons' destination needs userfaultfd (L{requireUserfaultfd}).
+        """
+        requireUserfaultfd()
 
     def test_demoJSON(self) -> None:
         """

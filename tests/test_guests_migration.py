@@ -17,12 +17,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from twisted_postcopy.errors import DirtyTrackingUnavailableError, GuestError, MigrationError
+from twisted_postcopy.errors import GuestError, MigrationError
 from twisted_postcopy.guests.guest import Guest, GuestSpec, IncomingGuest, decodeDeviceState, encodeDeviceState
 from twisted_postcopy.manager import MigrationManager
-from twisted_postcopy.ram.dirty import checkWriteTracking
+from twisted_postcopy.testing.real import requireWriteTracking
 from twisted_postcopy.wire import decodeAll
 
 MiB = 1 << 20
@@ -71,12 +71,9 @@ class MigrationTests(TestCase):
 
     def setUp(self) -> None:
         """
-        @raise SkipTest: no WP_ASYNC dirty tracking here.
+        Give up (L{missingReal}) without WP_ASYNC dirty tracking here.
         """
-        try:
-            checkWriteTracking()
-        except DirtyTrackingUnavailableError as error:
-            raise SkipTest(str(error))
+        requireWriteTracking()
 
     def guests(self, spec: GuestSpec, postcopy: bool) -> tuple[Guest, IncomingGuest]:
         """

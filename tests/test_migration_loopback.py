@@ -20,13 +20,14 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.protocols.basic import LineReceiver
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
-from tests.uffdguest import FaultService, spawnGuest, uffdOpen
+from tests.uffdguest import FaultService, spawnGuest
 from twisted_postcopy.interfaces import IOutgoingVM
 from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.testing.real import requireUserfaultfd, requireWriteTracking
 from tests import wirebytes as c
 
 MiB = 1 << 20
@@ -57,12 +58,10 @@ def fill(vm: OutgoingTestVM, seed: int) -> None:
 
 def skipWithoutUserfaultfd() -> None:
     """
-    @raise SkipTest: when this kernel or process cannot open a userfaultfd.
+    Give up (L{missingReal}: a skip by hand, a failure in strict mode) when
+    this kernel or process cannot use userfaultfd for postcopy.
     """
-    try:
-        os.close(uffdOpen())
-    except OSError as error:
-        raise SkipTest(f"userfaultfd unavailable: {error}")
+    requireUserfaultfd()
 
 
 @inlineCallbacks
@@ -449,13 +448,7 @@ class DirtyingGuestTests(TestCase):
         """
         Prepare the VMs and managers for one test.
         """
-        from twisted_postcopy.errors import DirtyTrackingUnavailableError
-        from twisted_postcopy.ram.dirty import checkWriteTracking
-
-        try:
-            checkWriteTracking()
-        except DirtyTrackingUnavailableError as error:
-            raise SkipTest(str(error))
+        requireWriteTracking()
 
     @inlineCallbacks
     def migrate(self, postcopy: bool):
@@ -562,14 +555,8 @@ class StressGuestTests(TestCase):
         """
         Skip without write tracking or userfaultfd.
         """
-        from twisted_postcopy.errors import DirtyTrackingUnavailableError
-        from twisted_postcopy.ram.dirty import checkWriteTracking
-
-        try:
-            checkWriteTracking()
-            os.close(uffdOpen())
-        except (DirtyTrackingUnavailableError, OSError) as error:
-            raise SkipTest(str(error))
+        requireWriteTracking()
+        requireUserfaultfd()
         self.directory = tempfile.mkdtemp(prefix="tps")
         self.addCleanup(shutil.rmtree, self.directory, True)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import errno
 import os
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.errors import UffdError
 from twisted_postcopy.ram import uffd
 from twisted_postcopy.ram._uffd import lib
 from twisted_postcopy.ram.block import RAMBlock
-from twisted_postcopy.ram.support import checkUserfaultfd
+from twisted_postcopy.testing.real import missingReal, requireUserfaultfd
 
 PAGE = 4096
 
@@ -30,10 +30,7 @@ class UffdTests(SynchronousTestCase):
         """
         An 8-page block and a handshaken userfaultfd.
         """
-        try:
-            checkUserfaultfd()
-        except Exception as error:
-            raise SkipTest(str(error))
+        requireUserfaultfd()
         self.block = RAMBlock("pc.ram", 8 * PAGE)
         self.addCleanup(self.block.close)
         self.fd = uffd.openWithFeatures(uffd.UFFD_FEATURE_THREAD_ID)
@@ -71,7 +68,7 @@ class UffdTests(SynchronousTestCase):
         """
         fd = lib.tp_uffd_dev_open(uffd.DEFAULT_FLAGS)
         if fd in (-errno.ENOENT, -errno.EACCES):
-            raise SkipTest(f"/dev/userfaultfd unavailable: {os.strerror(-fd)}")
+            missingReal(f"/dev/userfaultfd unavailable: {os.strerror(-fd)}")
         self.addCleanup(os.close, uffd.check(fd, "USERFAULTFD_IOC_NEW"))
         self.assertTrue(uffd.api(fd, uffd.UFFD_FEATURE_THREAD_ID)[0] & uffd.UFFD_FEATURE_THREAD_ID)
 

@@ -19,12 +19,13 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from tests import test_migration_loopback as loopback
 from tests.enginevm import OutgoingTestVM
-from tests.uffdguest import FaultService, uffdOpen
+from tests.uffdguest import FaultService
 from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.testing.real import requireUserfaultfd
 from twisted_postcopy.testing.relay import RecordingRelay
 
 MiB = 1 << 20
@@ -110,10 +111,7 @@ class RecoveryLoopbackTests(TestCase):
         Two managers with postcopy on; the destination's fault service is
         the real-kernel test service.
         """
-        try:
-            os.close(uffdOpen())
-        except OSError as error:
-            raise SkipTest(f"userfaultfd unavailable: {error}")
+        requireUserfaultfd()
         self.source = OutgoingTestVM({"pc.ram": 8 * MiB, "pc.rom": 128 * 1024},
                                      device=loopback.ownDevice(b"cpu state"))
         loopback.fill(self.source, 5)
@@ -326,10 +324,7 @@ class ProductionFaultServiceTests(TestCase):
         """
         Skip without userfaultfd.
         """
-        try:
-            os.close(uffdOpen())
-        except OSError as error:
-            raise SkipTest(f"userfaultfd unavailable: {error}")
+        requireUserfaultfd()
 
     @inlineCallbacks
     def test_workerWaitsThroughRecovery(self) -> None:
