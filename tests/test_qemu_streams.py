@@ -163,12 +163,15 @@ class RecordedMigrationTests(SynchronousTestCase):
 
     def test_oneConnection(self) -> None:
         """
-        Without preempt, QEMU 7.2 uses one connection: the main stream goes
-        forward and the return path comes back on it.
+        Without preempt, QEMU 7.2 uses one connection: the relay accepted
+        exactly one, the main stream went forward on it and the return path
+        (PONGs, page requests) came back on it.
         """
         result = recordings().postcopy
+        self.assertEqual(result.connections, 1)
         self.assertTrue(result.main.startswith(b"QEVM\x00\x00\x00\x03"))
-        self.assertTrue(result.returnPath)
+        self.assertEqual(len(named(decodeReturnPath(result.returnPath), "PagesRequested")),
+                         result.source["ram"]["postcopy-requests"])
 
 
 class StreamDecodeMixin:
