@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 
 import hashlib
 
@@ -957,3 +958,68 @@ class KVGuestTests(TestCase):
         results = yield reader.finished
         self.assertEqual([answer for _, answer in results],
                          [request.split()[2] for request in acknowledged])
+
+
+class PostcopyBandwidthTests(TestCase):
+    """
+    C{max-postcopy-bandwidth} measured on a real loopback socket.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        Give up without userfaultfd (the destination's fault service).
+        """
+        skipWithoutUserfaultfd()
+
+    @inlineCallbacks
+    def test_backgroundPagesAtTheLimit(self) -> None:
+        """
+        With postcopy started at once and no guest faulting, 4 MiB of
+        incompressible RAM goes as background pages at
+        C{max-postcopy-bandwidth} (2 MiB/s): the bytes that crossed the
+        relayed socket between C{postcopy-active} and C{completed}, per
+        second, are within 25% below and 10% above the limit, and match the
+        source's C{postcopy-bytes}.
+        """
+        limit = 2 * MiB
+        source = OutgoingTestVM({"pc.ram": 4 * MiB}, device=ownDevice(b"dev"))
+        source.write(0, 0, os.urandom(4 * MiB))
+        destination = RAMIncomingVM()
+        src = MigrationManager(reactor, source)
+        dst = MigrationManager(reactor, destination)
+        for manager in (src, dst):
+            manager.setCapabilities({"postcopy-ram": True})
+        src.setParameters({"max-bandwidth": 256 * 1024, "max-postcopy-bandwidth": limit})
+        port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        relay = RecordingRelay(("127.0.0.1", port.getHost().port))
+        self.addCleanup(relay.close)
+        marks: dict[str, tuple[float, int]] = {}
+
+        def mark(event: dict) -> None:
+            """
+            Note when each status began and how many bytes had crossed.
+            """
+            status = event["data"]["status"]
+            if status in ("postcopy-active", "completed"):
+                crossed = len(relay.connections[0].forward) if relay.connections else 0
+                marks[status] = (time.monotonic(), crossed)
+
+        src.subscribe(mark)
+        src.migrate(relay.uri)
+        src.startPostcopy()
+        status = yield src.whenStatus("completed", "failed")
+        self.assertEqual(status, "completed", src.queryMigrate())
+        yield dst.whenStatus("completed", "failed")
+        self.assertEqual(destination.contents(), source.contents())
+        (began, before), (ended, after) = marks["postcopy-active"], marks["completed"]
+        sent = after - before
+        rate = sent / (ended - began)
+        self.assertGreater(sent, 3 * MiB, marks)
+        self.assertGreaterEqual(rate, 0.75 * limit, (rate, marks))
+        self.assertLessEqual(rate, 1.1 * limit, (rate, marks))
+        info = src.queryMigrate()
+        ratio = info["ram"]["postcopy-bytes"] / sent
+        self.assertTrue(0.95 <= ratio <= 1.0, (info["ram"]["postcopy-bytes"], sent))
