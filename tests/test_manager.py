@@ -159,6 +159,31 @@ class ScenarioTests(TestCase):
         yield deferLater(reactor, 0.2, lambda: None)
 
     @inlineCallbacks
+    def test_incomingOnPortZero(self) -> None:
+        """
+        C{migrate-incoming tcp:127.0.0.1:0} listens on a port the kernel
+        picks; C{query-migrate} reports it in C{socket-address} (as QEMU
+        does) and a migration to it completes.
+        """
+        self.source = OutgoingTestVM({"pc.ram": 1 * MiB})
+        self.source.write(0, 0, b"port zero")
+        self.destination = IncomingTestVM()
+        self.src = MigrationManager(reactor, self.source)
+        self.dst = MigrationManager(reactor, self.destination)
+        self.assertEqual(self.dst.queryMigrate(), {})
+        port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        info = self.dst.queryMigrate()
+        self.assertEqual(info, {"status": "setup", "socket-address": [
+            {"type": "inet", "host": "127.0.0.1", "port": str(port.getHost().port)}]})
+        (address,) = info["socket-address"]
+        self.assertNotEqual(address["port"], "0")
+        self.src.migrate(f"tcp:{address['host']}:{address['port']}")
+        self.assertEqual((yield self.src.whenStatus("completed", "failed")), "completed")
+        self.assertEqual((yield self.dst.whenStatus("completed", "failed")), "completed")
+        self.assertEqual(self.destination.contents(), self.source.contents())
+
+    @inlineCallbacks
     def test_destinationCapabilityAfterIncoming(self) -> None:
         """
         Postcopy enabled on the destination only after C{migrate-incoming}
