@@ -27,6 +27,7 @@ from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.ram.faults import FaultService
 from twisted_postcopy.ram.guestworker import MemoryPageSource
 from twisted_postcopy.testing.real import requireUserfaultfd, requireWriteTracking
+from twisted_postcopy.testing.waiting import waitUntil
 
 PAGE = 4096
 STRESS = "twisted_postcopy.guests.stress"
@@ -343,10 +344,9 @@ class TrackAttachTests(TestCase):
         yield host.whenAttached()
         self.assertEqual(sorted(p.pid for p in tracker.processes), sorted(w.pid for w in host.workers.values()))
         yield host.run()
-        yield deferLater(reactor, 0.1, lambda: None)
         tracker.start()
         before = os.pread(block.fd, block.length, 0)
-        yield deferLater(reactor, 0.2, lambda: None)
+        yield waitUntil(reactor, lambda: os.pread(block.fd, block.length, 0) != before)
         yield host.stop()
         after = os.pread(block.fd, block.length, 0)
         dirty = {offset // PAGE + k for offset, length in tracker.sync()["ram"] for k in range(length // PAGE)}

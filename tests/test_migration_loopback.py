@@ -30,6 +30,7 @@ from tests.uffdguest import FaultService, spawnGuest
 from twisted_postcopy.interfaces import IOutgoingVM
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.relay import RecordingRelay
+from twisted_postcopy.testing.waiting import waitUntil
 from twisted_postcopy.wire import decodeAll
 from twisted_postcopy.testing.real import requireUserfaultfd, requireWriteTracking
 from tests import wirebytes as c
@@ -570,14 +571,14 @@ class DirtyingGuestTests(TestCase):
         src.migrate(relay.uri)
         # Even pages are data, odd ones zero: normal pages sent * 2 pages
         # are scanned at least.
-        yield waitUntil(lambda: src.queryMigrate()["ram"]["normal"] * 2 >= pages // 4)
+        yield waitUntil(reactor, lambda: src.queryMigrate()["ram"]["normal"] * 2 >= pages // 4)
         src.setParameters({"max-bandwidth": 64 * 1024})
         for first, count in rewritten:
             yield source.write(first, count)
         final = os.pread(blocks[0].fd, blocks[0].length, 0)
         src.startPostcopy()
         yield src.whenStatus("postcopy-active")
-        yield waitUntil(lambda: guests or None)
+        yield waitUntil(reactor, lambda: guests or None)
         guest = guests[0]
         self.addCleanup(guest.exit)
         yield guest.attached
@@ -613,27 +614,6 @@ class DirtyingGuestTests(TestCase):
                    [(unsent * PAGE, (pages - unsent) * PAGE)]
         self.assertEqual(sorted(ranges), expected)
         self.assertEqual(len(discarded), len(dirtied) + pages - unsent)
-
-
-@inlineCallbacks
-def waitUntil(condition: Any, timeout: float = 30.0, interval: float = 0.01) -> Any:
-    """
-    Wait (on the reactor) until C{condition()} is true.
-
-    @param condition: the check.
-    @param timeout: seconds before giving up.
-    @param interval: seconds between checks.
-    @return: a Deferred firing with the first true result.
-    @raise AssertionError: C{timeout} passed first.
-    """
-    deadline = reactor.seconds() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {condition!r}")
-        yield deferLater(reactor, interval, lambda: None)
 
 
 class _PlaceByPwrite:

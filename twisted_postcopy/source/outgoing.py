@@ -79,6 +79,10 @@ class OutgoingMigration:
         behind it).
     @ivar onDeviceReady: called once the stopped VM gave its device state,
         so the protocol steps at once instead of at the next poll.
+    @ivar onUrgent: called once a page request is queued, so the protocol
+        steps at once even while background pages wait for the rate limit
+        (QEMU's C{migration_make_urgent_request}): requested pages are
+        never held back by C{max-postcopy-bandwidth}.
     """
 
     vm: Any
@@ -103,6 +107,7 @@ class OutgoingMigration:
     onFinished: Callable[[], object] = lambda: None
     onPostcopy: Callable[[], object] = lambda: None
     onDeviceReady: Callable[[], object] = lambda: None
+    onUrgent: Callable[[], object] = lambda: None
     writeBuffers: Callable[[list[Any]], None] | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -359,6 +364,7 @@ class OutgoingMigration:
         """
         self.stats.postcopyRequests += 1
         self.scheduler.queueRequest(idstr, start, length)
+        self.onUrgent()
 
     def fail(self, reason: BaseException) -> None:
         """
