@@ -152,13 +152,19 @@ class RecordedMigrationTests(SynchronousTestCase):
     def test_postcopyCompleted(self) -> None:
         """
         The postcopy migration completed on both sides, the destination
-        faulted and requested pages, and its memory is consistent.
+        faulted and requested pages, its one vCPU was blocked for them
+        (QEMU's blocktime: more than 0, at most the migration's time, the
+        all-vCPUs figure equal to the vCPU's), and its memory is
+        consistent.
         """
         result = recordings().postcopy
         self.assertEqual(result.source["status"], "completed")
         self.assertEqual(result.destination["status"], "completed")
         self.assertGreater(result.source["ram"]["postcopy-requests"], 0)
-        self.assertIn("postcopy-blocktime", result.destination)
+        (vcpu,) = result.destination["postcopy-vcpu-blocktime"]
+        self.assertEqual(result.destination["postcopy-blocktime"], vcpu, result.destination)
+        self.assertGreater(vcpu, 0, result.destination)
+        self.assertLessEqual(vcpu, result.source["total-time"], (result.destination, result.source))
         self.assertIsInstance(result.snapshot, CounterSnapshot)
 
     def test_oneConnection(self) -> None:
