@@ -677,7 +677,7 @@ class StressGuestTests(TestCase):
         source, arriving, src, dst = yield startedGuestPair(self, spec, postcopy)
         dst.setCapabilities({"postcopy-blocktime": postcopy})
         if postcopy:
-            src.setParameters({"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 8 * MiB,
+            src.setParameters({"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 512 * 1024,
                                "downtime-limit": 50})
         else:
             src.setParameters({"max-bandwidth": 0, "downtime-limit": 300})
@@ -687,7 +687,11 @@ class StressGuestTests(TestCase):
         src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
         yield deferLater(reactor, 0.3, lambda: None)
         if postcopy:
+            # Background pages trickle until the destination's workers
+            # faulted (however slowly they start), then go at full speed.
             src.startPostcopy()
+            yield waitUntil(reactor, lambda: src.queryMigrate()["ram"]["postcopy-requests"] > 0)
+            src.setParameters({"max-postcopy-bandwidth": 0})
         status = yield src.whenStatus("completed", "failed")
         self.assertEqual(status, "completed", src.queryMigrate())
         yield dst.whenStatus("completed")

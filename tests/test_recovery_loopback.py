@@ -27,6 +27,7 @@ from tests.uffdguest import FaultService
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.real import requireUserfaultfd
 from twisted_postcopy.testing.relay import RecordingRelay
+from twisted_postcopy.testing.waiting import waitUntil
 
 MiB = 1 << 20
 #: The longest any single wait in these tests may take, in seconds.
@@ -352,7 +353,10 @@ class ProductionFaultServiceTests(TestCase):
         worker = spawnWorker(reactor, dst.incoming.faults, list(destination.blocks.values()))
         yield within(worker.attached)
         touching = worker.command(op="touch", block=0, first=0, count=2048, threads=2)
-        yield deferLater(reactor, 0.3, lambda: None)
+        # Cut while a fault in the first half is outstanding: its thread
+        # still has about a thousand pages to touch, so faults are pending
+        # at the pause whatever the machine's speed.
+        yield waitUntil(reactor, lambda: any(offset < 1024 * 4096 for _, offset in dst.incoming.waiting))
         relay.cut()
         yield within(src.whenStatus("postcopy-paused"))
         yield within(dst.whenStatus("postcopy-paused"))
