@@ -148,6 +148,7 @@ class LoopbackTests(TestCase):
 
         self.src.migrate(uri)
         dirty()
+        self.addCleanup(lambda: [call.cancel() for call in writes if call.active()])
         status = yield self.src.whenStatus("completed", "failed")
         yield self.dst.whenStatus("completed", "failed")
         self.assertEqual(status, "completed")
