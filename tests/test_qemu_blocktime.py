@@ -16,10 +16,10 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.test_migration_loopback import RAMIncomingVM
 from twisted_postcopy.blocktime import BlocktimeContext
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.ram.guestworker import spawnWorker
+from twisted_postcopy.testing.enginevm import IncomingTestVM
 from twisted_postcopy.testing.qemu import requireQEMU, startBootedQEMU
 from twisted_postcopy.testing.real import requireUserfaultfd
 from twisted_postcopy.testing.waiting import waitUntil
@@ -129,7 +129,7 @@ class QEMUSourceBlocktimeTests(TestCase):
         took.
         """
         qemu = startBootedQEMU(self, "source")
-        destination = RAMIncomingVM()
+        destination = IncomingTestVM()
         trace = FaultTrace()
         destination.vcpuThreads = trace.vcpus
         manager = MigrationManager(reactor, destination)

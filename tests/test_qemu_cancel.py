@@ -21,7 +21,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.enginevm import OutgoingTestVM, PAGE
+from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.qemu import requireQEMU, startBootedQEMU
 from twisted_postcopy.testing.qemubaseline import preparePostcopy

@@ -7,14 +7,13 @@ on QEMU, and QEMU's guest RAM equals ours byte for byte.
 
 from __future__ import annotations
 
-import socket
 import struct
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from tests.enginevm import OutgoingTestVM, PAGE
+from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
 from twisted_postcopy.testing.qemuguest import listenIncoming
@@ -23,16 +22,6 @@ MiB = 1 << 20
 #: Guest-physical ranges of pc.ram that read as RAM (below the VGA hole,
 #: and from 1 MiB up).
 RAM_RANGES = ((0, 0xA0000), (0x100000, 32 * MiB - 0x100000))
-
-
-def _freePort() -> int:
-    """
-    @return: a TCP port free on 127.0.0.1 now (and maybe taken by the time
-        it is used: prefer listening on port 0 and asking the listener).
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class QEMUDestinationTests(TestCase):
