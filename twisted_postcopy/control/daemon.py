@@ -9,7 +9,6 @@ C{WORKDIR/NAME.log} and listens for control on C{unix:WORKDIR/NAME.sock}.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 
+from twisted_postcopy.childprocess import IMPORT_ROOT, childEnvironment, pythonArguments
 from twisted_postcopy.control.client import ControlClient, connectControl
 from twisted_postcopy.errors import DaemonError
 
@@ -29,25 +29,24 @@ from twisted_postcopy.errors import DaemonError
 TWISTD = "from twisted.scripts.twistd import run; run()"
 
 #: The directory above the package, holding C{twisted/plugins/} in a checkout.
-CHECKOUT = Path(__file__).resolve().parent.parent.parent
+CHECKOUT = IMPORT_ROOT
 
 
 def pluginEnvironment(environ: dict[str, str] | None = None) -> dict[str, str]:
     """
-    The environment under which C{twistd} finds the C{postcopy} plugin.
+    The environment under which C{twistd} finds the C{postcopy} plugin and
+    imports the same C{twisted_postcopy} as this process.
 
     An editable install does not put the checkout on C{sys.path}, so the
-    plugin in its C{twisted/plugins/} would stay unseen; the checkout is
-    then put first on C{PYTHONPATH}.
+    plugin in its C{twisted/plugins/} would stay unseen; and a daemon
+    started from inside a checkout must not import that checkout instead
+    of the installed package.  See
+    L{twisted_postcopy.childprocess.childEnvironment}.
 
     @param environ: the base environment (default: C{os.environ}).
     @return: a new environment.
     """
-    env = dict(os.environ if environ is None else environ)
-    plugin = CHECKOUT / "twisted" / "plugins" / "twisted_postcopy_plugin.py"
-    if plugin.exists():
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
-    return env
+    return childEnvironment(environ)
 
 
 def logTail(path: Path, lines: int = 15) -> str:
@@ -190,7 +189,7 @@ async def startDaemon(
     """
     protocol = _DaemonProtocol()
     daemon = Daemon(name, workdir, None, protocol)
-    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={daemon.log}",
+    argv = [*pythonArguments("-c", TWISTD), "-n", "--pidfile=", f"--logfile={daemon.log}",
             "postcopy", "--control", daemon.control, *arguments]
     daemon.process = reactor.spawnProcess(
         protocol, sys.executable, argv, env=pluginEnvironment(), childFDs={0: "w", 1: "r", 2: "r"}
