@@ -23,7 +23,7 @@ from twisted_postcopy.protocols.recovery import RecoveryListener, migratePause, 
 from twisted_postcopy.protocols.factories import (
     DestinationFactory, SourceFactory, clientEndpoint, parseURI, serverEndpoint)
 from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
-from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
+from twisted_postcopy.source.machine import FINISHED, POSTCOPY, MigrationStatus as S
 from twisted_postcopy.source.outgoing import OutgoingMigration
 
 #: QEMU 7.2's capabilities, in enum order.
@@ -76,6 +76,7 @@ class MigrationManager:
         self.incoming: IncomingMigration | None = None
         self.blocktime: BlocktimeContext | None = None
         self._subscribers: list[Callable[[dict[str, Any]], object]] = []
+        self._passSubscribers: list[Callable[[dict[str, Any]], object]] = []
         self._waiters: list[tuple[frozenset[str], Deferred]] = []
         self._listening: Any = None
         self.destinationFactory: DestinationFactory | None = None
@@ -229,6 +230,7 @@ class MigrationManager:
         migration = OutgoingMigration(self.vm, None, self.reactor.seconds,
                                       dict(self.capabilities), self.parameters)
         migration.machine.observers.append(self._emit)
+        migration.onPass = self._emitPass
         self.outgoing = migration
         migration.begin()
         connecting = endpoint.connect(SourceFactory(migration, self.reactor))
@@ -371,3 +373,54 @@ class MigrationManager:
         if self.status == S.COMPLETED and self.blocktime is not None:
             answer.update(self.blocktime.query())
         return answer
+
+    def subscribePasses(self, callback: Callable[[dict[str, Any]], object]) -> Callable[[], None]:
+        """
+        Ask for QEMU's C{MIGRATION_PASS} events (one per dirty sync of an
+        outgoing migration), kept apart from L{subscribe}'s C{MIGRATION}
+        events.
+
+        @param callback: called with C{{"event": "MIGRATION_PASS", "data":
+            {"pass": N}}}.
+        @return: a callable that unsubscribes.
+        """
+        self._passSubscribers.append(callback)
+        return lambda: (self._passSubscribers.remove(callback)
+                        if callback in self._passSubscribers else None)
+
+    def _emitPass(self, count: int) -> None:
+        """
+        Publish a dirty sync.
+
+        @param count: the dirty sync count (QEMU's pass number).
+        """
+        event = {"event": "MIGRATION_PASS", "data": {"pass": count}}
+        for callback in list(self._passSubscribers):
+            callback(event)
+
+    def queryStatus(self) -> dict[str, Any]:
+        """
+        C{query-status}: the run state QEMU would report for this side's
+        VM.  A source runs until it stops for switchover
+        (C{finish-migrate}) and after a completed migration is
+        C{postmigrate}; a destination is C{inmigrate} until its guest runs
+        (from C{postcopy-active}, or on completion); a daemon without a
+        guest is C{prelaunch}.
+
+        @return: C{{"status", "singlestep", "running"}}, as QEMU 7.2.
+        """
+        status = self.status
+        if self.vm is None:
+            state = "prelaunch"
+        elif IOutgoingVM.providedBy(self.vm):
+            state = "running"
+            if self.outgoing is not None and self.outgoing.stopped:
+                if status == S.COMPLETED:
+                    state = "postmigrate"
+                elif status not in FINISHED:
+                    state = "finish-migrate"
+        elif status in POSTCOPY or status == S.COMPLETED:
+            state = "running"
+        else:
+            state = "inmigrate"
+        return {"status": state, "singlestep": False, "running": state == "running"}

@@ -99,6 +99,23 @@ class MigrationService(MultiService):
             self.incomingStarted = maybeDeferred(self.manager.migrateIncoming, self.incoming)
             self.incomingStarted.addErrback(self._incomingFailed)
 
+    def serveQMP(self, endpoint: str) -> None:
+        """
+        Also serve QMP on C{endpoint} (C{--qmp}), with the same manager and
+        guest as the control API; created as the control endpoint is, and
+        a Unix socket mode 0600.
+
+        @param endpoint: a C{unix:PATH} endpoint description.
+        """
+        from twisted_postcopy.control.qmp import QMPFactory
+
+        if endpoint.startswith("unix:") and ":mode=" not in endpoint:
+            endpoint += ":mode=600"
+        listening = serverFromString(self.reactor, endpoint)
+        self.qmpService = StreamServerEndpointService(listening, QMPFactory(self.manager, self.guest))
+        self.qmpService._raiseSynchronously = True
+        self.qmpService.setServiceParent(self)
+
     def _incomingFailed(self, failure: Any) -> None:
         """
         Log why C{migrate-incoming} failed at start-up; the daemon stays up

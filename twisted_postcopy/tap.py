@@ -105,6 +105,9 @@ class Options(usage.Options):
         ["workers", None, 2, "Number of guest worker processes.", int],
         ["attach", None, None,
          "Unix socket where guest workers attach (default: CONTROL_PATH.attach)."],
+        ["qmp", None, None,
+         "Also serve QMP (QEMU 7.2's monitor protocol) on this endpoint, "
+         "e.g. unix:/run/postcopy.qmp (see docs/qmp.md)."],
     ]
 
     def __init__(self) -> None:
@@ -157,6 +160,8 @@ class Options(usage.Options):
             raise usage.UsageError("--incoming is only for --role destination")
         if self["role"] == "snapshot":
             self["guest"] = "none"
+        if self["qmp"] and not self["qmp"].startswith("unix:"):
+            raise usage.UsageError("--qmp takes a unix:PATH endpoint")
 
 
 def _noIncomingVM() -> Any:
@@ -243,5 +248,8 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     from twisted_postcopy.service import MigrationService
 
     manager, guest = buildManager(reactor, options)
-    return MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
-                            guest=guest, capabilities=options["capabilities"])
+    service = MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
+                               guest=guest, capabilities=options["capabilities"])
+    if options["qmp"]:
+        service.serveQMP(options["qmp"])
+    return service

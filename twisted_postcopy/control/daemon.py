@@ -130,6 +130,13 @@ class Daemon:
         return f"unix:{self.workdir / (self.name + '.sock')}"
 
     @property
+    def qmp(self) -> str:
+        """
+        The QMP endpoint description (served when started with C{qmp}).
+        """
+        return f"unix:{self.workdir / (self.name + '.qmp')}"
+
+    @property
     def log(self) -> Path:
         """
         The daemon's log file.
@@ -174,7 +181,8 @@ class Daemon:
 
 
 async def startDaemon(
-    reactor: Any, name: str, workdir: Path, arguments: Sequence[str], timeout: float = 30.0
+    reactor: Any, name: str, workdir: Path, arguments: Sequence[str], timeout: float = 30.0,
+    qmp: bool = False,
 ) -> Daemon:
     """
     Spawn C{twistd -n postcopy} and connect to its control socket.
@@ -184,6 +192,7 @@ async def startDaemon(
     @param workdir: the directory for the socket and log.
     @param arguments: the plugin's options other than C{--control}.
     @param timeout: seconds to wait for the control socket.
+    @param qmp: also serve QMP on L{Daemon.qmp}.
     @return: the connected L{Daemon}.
     @raise DaemonError: the daemon exited or did not listen in time.
     """
@@ -191,6 +200,8 @@ async def startDaemon(
     daemon = Daemon(name, workdir, None, protocol)
     argv = [*pythonArguments("-c", TWISTD), "-n", "--pidfile=", f"--logfile={daemon.log}",
             "postcopy", "--control", daemon.control, *arguments]
+    if qmp:
+        argv += ["--qmp", daemon.qmp]
     daemon.process = reactor.spawnProcess(
         protocol, sys.executable, argv, env=pluginEnvironment(), childFDs={0: "w", 1: "r", 2: "r"}
     )
