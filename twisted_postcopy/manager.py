@@ -402,8 +402,9 @@ class MigrationManager:
         """
         C{query-status}: the run state QEMU would report for this side's
         VM.  A source runs until it stops for switchover
-        (C{finish-migrate}) and after a completed migration is
-        C{postmigrate}; a destination is C{inmigrate} until its guest runs
+        (C{finish-migrate}, also through postcopy), after a completed
+        migration is C{postmigrate}, and runs again after a failed or
+        cancelled one; a destination is C{inmigrate} until its guest runs
         (from C{postcopy-active}, or on completion); a daemon without a
         guest is C{prelaunch}.
 
@@ -414,11 +415,11 @@ class MigrationManager:
             state = "prelaunch"
         elif IOutgoingVM.providedBy(self.vm):
             state = "running"
-            if self.outgoing is not None and self.outgoing.stopped:
-                if status == S.COMPLETED:
-                    state = "postmigrate"
-                elif status not in FINISHED:
-                    state = "finish-migrate"
+            if self.outgoing is not None and status == S.COMPLETED:
+                state = "postmigrate"
+            elif self.outgoing is not None and (
+                    status in POSTCOPY or (self.outgoing.stopped and status not in FINISHED)):
+                state = "finish-migrate"
         elif status in POSTCOPY or status == S.COMPLETED:
             state = "running"
         else:
