@@ -503,3 +503,30 @@ class EventTests(QMPTestCase):
         self.protocol.connectionLost(None)
         self.assertEqual(self.manager._subscribers, [])
         self.assertEqual(self.manager._passSubscribers, [])
+
+
+class StatusTests(SynchronousTestCase):
+    """
+    C{query-status} (L{MigrationManager.queryStatus}) on each kind of
+    daemon.
+    """
+
+    def test_destination(self) -> None:
+        """
+        A destination is C{inmigrate} until its guest runs.
+        """
+        from tests.enginevm import IncomingTestVM
+
+        manager = MigrationManager(MemoryReactorClock(), IncomingTestVM())
+        self.assertEqual(manager.queryStatus(),
+                         {"status": "inmigrate", "singlestep": False, "running": False})
+        manager.migrateIncoming("tcp:127.0.0.1:0")
+        self.assertEqual(manager.queryStatus()["status"], "inmigrate")
+
+    def test_noGuest(self) -> None:
+        """
+        A daemon without a guest is C{prelaunch}.
+        """
+        manager = MigrationManager(MemoryReactorClock(), None)
+        self.assertEqual(manager.queryStatus(),
+                         {"status": "prelaunch", "singlestep": False, "running": False})
