@@ -163,7 +163,7 @@ class MigrationManager:
                 raise MigrationError(f"Parameter '{name}' expects a non-negative integer")
             if name == "downtime-limit" and value > 2000000:
                 raise MigrationError(
-                    "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 ms")
+                    "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
         self.parameters.update(parameters)
 
     def queryParameters(self) -> dict[str, int]:
