@@ -504,6 +504,17 @@ class EventTests(QMPTestCase):
         self.assertEqual(self.manager._subscribers, [])
         self.assertEqual(self.manager._passSubscribers, [])
 
+    def test_lostWhileRunning(self) -> None:
+        """
+        A command answering after its connection was lost writes nothing
+        and runs nothing more.
+        """
+        self.negotiate()
+        self.send({"execute": "x-query-guest"}, {"execute": "query-status"})
+        self.protocol.connectionLost(None)
+        self.guest.answer.callback({})
+        self.assertEqual(self.received(), [])
+
 
 class StatusTests(SynchronousTestCase):
     """

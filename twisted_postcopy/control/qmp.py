@@ -536,6 +536,7 @@ class QMPProtocol(Protocol):
 
         @param reason: why.
         """
+        self.connected = False
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe = []
