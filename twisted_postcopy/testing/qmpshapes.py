@@ -53,19 +53,21 @@ def shape(value: Any) -> Any:
     return "null"
 
 
-async def _call(client: Any, name: str, arguments: dict[str, Any] | None = None) -> Any:
+async def _call(client: Any, name: str, arguments: dict[str, Any] | None = None,
+                oob: bool = False) -> Any:
     """
     Run one command.
 
     @param client: a connected C{QMPClient}.
     @param name: the command.
     @param arguments: its arguments.
+    @param oob: send it with C{exec-oob}.
     @return: C{{"return": shape}} or C{{"error": {class, desc}}}.
     """
     from qemu.qmp import ExecuteError
 
     try:
-        return {"return": shape(await client.execute(name, arguments))}
+        return {"return": shape(await client.execute(name, arguments, oob=oob))}
     except ExecuteError as e:
         return {"error": {"class": e.error_class, "desc": str(e)}}
 
@@ -124,6 +126,8 @@ async def session(path: str, timeout: float = 60.0) -> dict[str, Any]:
     ]
     for label, name, arguments in probes:
         result[label] = await _call(client, name, arguments)
+    result["pause-out-of-band"] = await _call(client, "migrate-pause", oob=True)
+    result["status-out-of-band"] = await _call(client, "query-status", oob=True)
 
     await client.execute("migrate-set-capabilities",
                          {"capabilities": [{"capability": "events", "state": True}]})
