@@ -541,3 +541,34 @@ class StatusTests(SynchronousTestCase):
         manager = MigrationManager(MemoryReactorClock(), None)
         self.assertEqual(manager.queryStatus(),
                          {"status": "prelaunch", "singlestep": False, "running": False})
+
+
+class TapTests(SynchronousTestCase):
+    """
+    C{twistd postcopy --qmp}.
+    """
+
+    def test_serves(self) -> None:
+        """
+        C{--qmp unix:PATH} adds a listener, mode 0600, whose protocols act
+        on the daemon's manager.
+        """
+        from twisted.python import usage
+
+        from twisted_postcopy import tap
+
+        options = tap.Options()
+        options.parseOptions(["--control", "unix:/tmp/x.sock", "--guest", "none",
+                              "--qmp", "unix:/tmp/x.qmp"])
+        reactor = MemoryReactorClock()
+        service = tap.makeService(options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        paths = {port[0]: port for port in reactor.unixServers}
+        self.assertEqual(paths["/tmp/x.qmp"][3], 0o600)
+        protocol = paths["/tmp/x.qmp"][1].buildProtocol(None)
+        self.assertIsInstance(protocol, qmp.QMPProtocol)
+        self.assertIs(protocol.manager, service.manager)
+        bad = tap.Options()
+        self.assertRaises(usage.UsageError, bad.parseOptions,
+                          ["--control", "unix:/tmp/x.sock", "--qmp", "tcp:4444"])
