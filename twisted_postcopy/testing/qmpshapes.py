@@ -4,6 +4,7 @@ daemon's C{--qmp} socket, reduced to the shapes (keys and JSON types) of
 what came back, so a test can compare the two::
 
     python3 -m twisted_postcopy.testing.qmpshapes /path/to/qmp.sock
+    python3 -m twisted_postcopy.testing.qmpshapes --migrate SRC.sock DST.sock tcp:127.0.0.1:4444
 
 It uses the C{qemu.qmp} client library (C{QMPClient}, the asyncio one tools
 are written against) and prints one JSON object: for each probe, the shape
@@ -149,14 +150,72 @@ async def session(path: str, timeout: float = 60.0) -> dict[str, Any]:
     return result
 
 
+async def migration(sourcePath: str, destinationPath: str, uri: str,
+                    timeout: float = 120.0) -> dict[str, Any]:
+    """
+    One postcopy migration driven over QMP, as a QEMU user drives it:
+    C{postcopy-ram} and C{events} on both sides (and
+    C{postcopy-blocktime} on the destination), C{migrate-incoming},
+    C{max-bandwidth} 4 MiB/s so that precopy cannot finish first,
+    C{migrate}, C{migrate-start-postcopy} at once, then both sides'
+    C{MIGRATION} events until C{completed} or C{failed}.
+
+    @param sourcePath: the source's QMP socket.
+    @param destinationPath: the destination's QMP socket.
+    @param uri: where the destination listens.
+    @param timeout: seconds allowed for the migration.
+    @return: per side (C{source}, C{destination}): C{statuses} (from the
+        events), C{passes} (how many C{MIGRATION_PASS} events), and
+        C{query-migrate} (its shape at the end).
+    """
+    from qemu.qmp import QMPClient
+
+    clients = {"source": QMPClient("source"), "destination": QMPClient("destination")}
+    await clients["source"].connect(sourcePath)
+    await clients["destination"].connect(destinationPath)
+    result: dict[str, Any] = {side: {"statuses": [], "passes": 0} for side in clients}
+    capabilities = {"source": ["postcopy-ram", "events"],
+                    "destination": ["postcopy-ram", "events", "postcopy-blocktime"]}
+    for side, client in clients.items():
+        await client.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": name, "state": True} for name in capabilities[side]]})
+
+    async def follow(side: str, listener: Any) -> None:
+        async for event in listener:
+            if event["event"] == "MIGRATION_PASS":
+                result[side]["passes"] += 1
+            elif event["event"] == "MIGRATION":
+                result[side]["statuses"].append(event["data"]["status"])
+                if event["data"]["status"] in ("completed", "failed"):
+                    return
+
+    with clients["source"].listener() as sourceEvents, \
+            clients["destination"].listener() as destinationEvents:
+        await clients["destination"].execute("migrate-incoming", {"uri": uri})
+        await clients["source"].execute("migrate-set-parameters", {"max-bandwidth": 4 << 20})
+        await clients["source"].execute("migrate", {"uri": uri})
+        await clients["source"].execute("migrate-start-postcopy")
+        await asyncio.wait_for(asyncio.gather(follow("source", sourceEvents),
+                                              follow("destination", destinationEvents)), timeout)
+    for side, client in clients.items():
+        result[side]["query-migrate"] = shape(await client.execute("query-migrate"))
+        await client.disconnect()
+    return result
+
+
 def main(argv: list[str]) -> int:
     """
-    Print the session's shapes as one JSON object.
+    Print the session's shapes as one JSON object: C{SOCKET} runs
+    L{session}, C{--migrate SOURCE DESTINATION URI} runs L{migration}.
 
-    @param argv: C{[SOCKET]}.
+    @param argv: the arguments.
     @return: 0.
     """
-    print(json.dumps(asyncio.run(session(argv[0])), sort_keys=True))
+    if argv[0] == "--migrate":
+        result = asyncio.run(migration(*argv[1:4]))
+    else:
+        result = asyncio.run(session(argv[0]))
+    print(json.dumps(result, sort_keys=True))
     return 0
 
 
