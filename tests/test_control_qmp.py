@@ -572,3 +572,37 @@ class TapTests(SynchronousTestCase):
         bad = tap.Options()
         self.assertRaises(usage.UsageError, bad.parseOptions,
                           ["--control", "unix:/tmp/x.sock", "--qmp", "tcp:4444"])
+
+
+class SplitterPropertyTests(SynchronousTestCase):
+    """
+    L{qmp.JSONSplitter} over any chunking of any sequence of JSON values.
+    """
+
+    def test_anyChunking(self) -> None:
+        """
+        Values (objects, arrays, strings and other scalars) written one
+        after another, blank-separated, cut anywhere, come out whole and in
+        order, each parsing back to what was written.
+        """
+        from hypothesis import given, settings, strategies as st
+
+        scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8))
+        values = st.recursive(scalars, lambda inner: st.one_of(
+            st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+            max_leaves=12)
+
+        @settings(max_examples=200, deadline=None)
+        @given(st.lists(values, min_size=1, max_size=5), st.lists(st.integers(0, 400)))
+        def check(written: list[Any], cuts: list[int]) -> None:
+            stream = b"".join(json.dumps(value).encode() + b" \r\n" for value in written)
+            splitter = qmp.JSONSplitter()
+            out: list[tuple[str, Any]] = []
+            start = 0
+            for cut in sorted(set(cut for cut in cuts if cut < len(stream))) + [len(stream)]:
+                out += splitter.feed(stream[start:cut])
+                start = cut
+            self.assertEqual([json.loads(text) for kind, text in out if kind == "value"], written)
+            self.assertEqual([kind for kind, _ in out], ["value"] * len(written))
+
+        check()
