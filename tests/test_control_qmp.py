@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.enginevm import OutgoingTestVM, PAGE
+from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from twisted_postcopy.control import qmp
 from twisted_postcopy.manager import CAPABILITIES, PARAMETERS, MigrationManager
 
@@ -526,7 +526,7 @@ class StatusTests(SynchronousTestCase):
         """
         A destination is C{inmigrate} until its guest runs.
         """
-        from tests.enginevm import IncomingTestVM
+        from twisted_postcopy.testing.enginevm import IncomingTestVM
 
         manager = MigrationManager(MemoryReactorClock(), IncomingTestVM())
         self.assertEqual(manager.queryStatus(),
