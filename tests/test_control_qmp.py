@@ -550,8 +550,8 @@ class TapTests(SynchronousTestCase):
 
     def test_serves(self) -> None:
         """
-        C{--qmp unix:PATH} adds a listener, mode 0600, whose protocols act
-        on the daemon's manager.
+        C{--qmp unix:PATH} adds a listener, mode 0600 and peer-checked like
+        the control socket, whose protocols act on the daemon's manager.
         """
         from twisted.python import usage
 
@@ -566,7 +566,9 @@ class TapTests(SynchronousTestCase):
         self.addCleanup(service.stopService)
         paths = {port[0]: port for port in reactor.unixServers}
         self.assertEqual(paths["/tmp/x.qmp"][3], 0o600)
-        protocol = paths["/tmp/x.qmp"][1].buildProtocol(None)
+        checking = paths["/tmp/x.qmp"][1]
+        self.assertIsInstance(checking, type(paths["/tmp/x.sock"][1]))
+        protocol = checking.wrapped.buildProtocol(None)
         self.assertIsInstance(protocol, qmp.QMPProtocol)
         self.assertIs(protocol.manager, service.manager)
         bad = tap.Options()

@@ -26,7 +26,6 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from twisted_postcopy.control.daemon import startDaemon
-from twisted_postcopy.demo import freePort
 from twisted_postcopy.testing.qemuhost import qemuBinary, qemuSkipReason
 from twisted_postcopy.testing.real import missingReal
 
@@ -227,12 +226,10 @@ class MigrationShapesTests(DaemonTestCase):
         source = yield defer.Deferred.fromCoroutine(self.start("source", "--role", "source", *guest))
         while not (yield source.client.queryGuest()).get("running"):
             yield deferLater(self.reactor, 0.05, lambda: None)
-        ours = yield deferToThread(migrationShapes, source.qmp[5:], destination.qmp[5:],
-                                   f"tcp:127.0.0.1:{freePort()}")
+        ours = yield deferToThread(migrationShapes, source.qmp[5:], destination.qmp[5:])
         while not (os.path.exists(qemuSource) and os.path.exists(qemuDestination)):
             yield deferLater(self.reactor, 0.05, lambda: None)
-        theirs = yield deferToThread(migrationShapes, qemuSource, qemuDestination,
-                                     f"tcp:127.0.0.1:{freePort()}")
+        theirs = yield deferToThread(migrationShapes, qemuSource, qemuDestination)
         # Our vCPUs are the worker threads that reported themselves, which
         # they do once they run; a migration that completes first lists
         # none (docs/qmp.md, differences).  QEMU's vCPUs exist from the start.
@@ -246,19 +243,20 @@ class MigrationShapesTests(DaemonTestCase):
         self.assertGreater(ours["source"]["passes"], 0)
         self.assertGreater(theirs["source"]["passes"], 0)
         self.assertIn("postcopy-blocktime", ours["destination"]["query-migrate"])
+        self.assertEqual(ours["listening"], theirs["listening"])
 
 
-def migrationShapes(source: str, destination: str, uri: str) -> dict[str, Any]:
+def migrationShapes(source: str, destination: str) -> dict[str, Any]:
     """
-    Run C{qmpshapes --migrate} (blocking: call in a thread).
+    Run C{qmpshapes --migrate} (blocking: call in a thread), the
+    destination listening on a free port.
 
     @param source: the source's QMP socket.
     @param destination: the destination's QMP socket.
-    @param uri: the migration URI.
     @return: its JSON output.
     """
     result = subprocess.run([sys.executable, "-m", "twisted_postcopy.testing.qmpshapes",
-                             "--migrate", source, destination, uri],
+                             "--migrate", source, destination, "tcp:127.0.0.1:0"],
                             capture_output=True, text=True, timeout=180)
     if result.returncode:
         raise AssertionError(f"qmpshapes --migrate failed:\n{result.stderr}")
@@ -291,15 +289,17 @@ class ShellMigrationTests(DaemonTestCase):
             self.start("destination", "--role", "destination", *guest))
         source = yield defer.Deferred.fromCoroutine(self.start("source", "--role", "source", *guest))
         home = str(self.workdir)
-        uri = f"tcp:127.0.0.1:{freePort()}"
         capabilities = ('capabilities=[{"capability":"postcopy-ram","state":true},'
                         '{"capability":"events","state":true}]')
         while not (yield source.client.queryGuest()).get("running"):
             yield deferLater(self.reactor, 0.05, lambda: None)
 
         replies = yield deferToThread(qmpShell, destination.qmp[5:], [
-            f"migrate-set-capabilities {capabilities}", f"migrate-incoming uri={uri}"], home)
-        self.assertEqual(replies, ["Connected to QEMU 7.2.0", {"return": {}}, {"return": {}}])
+            f"migrate-set-capabilities {capabilities}", "migrate-incoming uri=tcp:127.0.0.1:0",
+            "query-migrate"], home)
+        self.assertEqual(replies[:3], ["Connected to QEMU 7.2.0", {"return": {}}, {"return": {}}])
+        [address] = replies[3]["return"]["socket-address"]
+        uri = f"tcp:{address['host']}:{address['port']}"
 
         shell = subprocess.Popen([sys.executable, "-m", "qemu.qmp.qmp_shell", source.qmp[5:]],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -172,8 +172,8 @@ class ScenarioTests(TestCase):
         port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(port.stopListening)
         info = self.dst.queryMigrate()
-        self.assertEqual(info, {"status": "setup", "socket-address": [
-            {"type": "inet", "host": "127.0.0.1", "port": str(port.getHost().port)}]})
+        self.assertEqual(info, {"socket-address": [
+            {"type": "inet", "host": "127.0.0.1", "port": str(port.getHost().port), "ipv4": True}]})
         (address,) = info["socket-address"]
         self.assertNotEqual(address["port"], "0")
         self.src.migrate(f"tcp:{address['host']}:{address['port']}")

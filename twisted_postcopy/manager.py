@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred, succeed
 
 from twisted_postcopy.blocktime import BlocktimeContext
@@ -295,8 +296,10 @@ class MigrationManager:
 
     def _incomingAddress(self) -> dict[str, Any]:
         """
-        QEMU's answer while an incoming migration listens: C{setup} and the
-        C{socket-address} list, with the real port when listening on port 0.
+        QEMU 7.2's answer while an incoming migration listens: only the
+        C{socket-address} list (no C{status} yet), with the real port when
+        listening on port 0 and, for TCP, C{ipv4} or C{ipv6} as QEMU sets
+        them.
 
         @return: the C{query-migrate} answer, C{{}} before the listener is up.
         """
@@ -304,10 +307,11 @@ class MigrationManager:
             return {}
         host = self._listening.getHost()
         if hasattr(host, "port"):
-            address = {"type": "inet", "host": host.host, "port": str(host.port)}
+            family = "ipv6" if isinstance(host, IPv6Address) else "ipv4"
+            address = {"type": "inet", "host": host.host, "port": str(host.port), family: True}
         else:
             address = {"type": "unix", "path": host.name.decode() if isinstance(host.name, bytes) else host.name}
-        return {"status": S.SETUP.value, "socket-address": [address]}
+        return {"socket-address": [address]}
 
     def _stopListening(self, status: S) -> None:
         """

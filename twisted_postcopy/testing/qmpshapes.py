@@ -4,7 +4,7 @@ daemon's C{--qmp} socket, reduced to the shapes (keys and JSON types) of
 what came back, so a test can compare the two::
 
     python3 -m twisted_postcopy.testing.qmpshapes /path/to/qmp.sock
-    python3 -m twisted_postcopy.testing.qmpshapes --migrate SRC.sock DST.sock tcp:127.0.0.1:4444
+    python3 -m twisted_postcopy.testing.qmpshapes --migrate SRC.sock DST.sock tcp:127.0.0.1:0
 
 It uses the C{qemu.qmp} client library (C{QMPClient}, the asyncio one tools
 are written against) and prints one JSON object: for each probe, the shape
@@ -150,7 +150,7 @@ async def session(path: str, timeout: float = 60.0) -> dict[str, Any]:
     return result
 
 
-async def migration(sourcePath: str, destinationPath: str, uri: str,
+async def migration(sourcePath: str, destinationPath: str, uri: str = "tcp:127.0.0.1:0",
                     timeout: float = 120.0) -> dict[str, Any]:
     """
     One postcopy migration driven over QMP, as a QEMU user drives it:
@@ -162,11 +162,14 @@ async def migration(sourcePath: str, destinationPath: str, uri: str,
 
     @param sourcePath: the source's QMP socket.
     @param destinationPath: the destination's QMP socket.
-    @param uri: where the destination listens.
+    @param uri: where the destination listens (port 0: a free port,
+        which the source learns from the destination's C{query-migrate}
+        C{socket-address}, as with QEMU).
     @param timeout: seconds allowed for the migration.
     @return: per side (C{source}, C{destination}): C{statuses} (from the
         events), C{passes} (how many C{MIGRATION_PASS} events), and
-        C{query-migrate} (its shape at the end).
+        C{query-migrate} (its shape at the end); C{listening}: the shape of
+        the destination's C{query-migrate} while it listens.
     """
     from qemu.qmp import QMPClient
 
@@ -192,8 +195,12 @@ async def migration(sourcePath: str, destinationPath: str, uri: str,
     with clients["source"].listener() as sourceEvents, \
             clients["destination"].listener() as destinationEvents:
         await clients["destination"].execute("migrate-incoming", {"uri": uri})
+        listening = await clients["destination"].execute("query-migrate")
+        result["listening"] = shape(listening)
+        address = listening["socket-address"][0]
+        target = f"tcp:{address['host']}:{address['port']}"
         await clients["source"].execute("migrate-set-parameters", {"max-bandwidth": 4 << 20})
-        await clients["source"].execute("migrate", {"uri": uri})
+        await clients["source"].execute("migrate", {"uri": target})
         await clients["source"].execute("migrate-start-postcopy")
         await asyncio.wait_for(asyncio.gather(follow("source", sourceEvents),
                                               follow("destination", destinationEvents)), timeout)
