@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import RemoteProtocolError
+from twisted_postcopy.protocols.deadlink import stopWatching, watchIncoming
 from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, RAMSectionEOS, ZeroPageReceived
 from twisted_postcopy.wire.preempt import PreemptDecoder, PreemptEncoder
 
@@ -141,6 +142,13 @@ class PreemptDestinationProtocol(Protocol):
         self.held: list[bytes] = []
         self.recordsReceived = 0
         self.ended: Deferred = Deferred()
+        self.watchdog: Any = None
+
+    def connectionMade(self) -> None:
+        """
+        Watch the channel for a dead link (L{twisted_postcopy.protocols.deadlink}).
+        """
+        self.watchdog = watchIncoming(self.incoming, self.transport)
 
     def _decoder(self) -> PreemptDecoder | None:
         """
@@ -208,6 +216,7 @@ class PreemptDestinationProtocol(Protocol):
 
         @param reason: why.
         """
+        stopWatching(self.watchdog)
         if not self.ended.called:
             self.ended.errback(RemoteProtocolError("preempt channel closed before its EOS record"))
 

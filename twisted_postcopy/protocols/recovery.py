@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from twisted_postcopy.destination.recovery import DestinationResume, checkRecover
 from twisted_postcopy.errors import MigrationError, PostcopyError
+from twisted_postcopy.protocols.deadlink import watchIncoming
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.factories import SourceFactory, clientEndpoint, serverEndpoint
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
@@ -198,6 +199,7 @@ class RecoveryDestinationProtocol(DestinationProtocol):
         Protocol.__init__(self)
         self.incoming = incoming
         self.driver: Any = None
+        self.watchdog: Any = None
 
     def connectionMade(self) -> None:
         """
@@ -210,6 +212,7 @@ class RecoveryDestinationProtocol(DestinationProtocol):
             return
         resume = DestinationResume(self.incoming, ReturnPathWriter(self.transport))
         self.driver = RecoveryStreamReader(self.incoming, resume)
+        self.watchdog = watchIncoming(self.incoming, self.transport)
         self._statusChanged(S.POSTCOPY_ACTIVE)
         resume.start()
 
@@ -319,6 +322,16 @@ class RecoveryListener:
         self.close()
         self.emit(S.SETUP)
         return self._listen(endpoint)
+
+    def listenAgain(self, uri: str) -> Deferred:
+        """
+        Automatic recovery (L{twisted_postcopy.autorecover}): listen on
+        C{uri}, with no C{setup} event.
+
+        @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
+        @return: a Deferred firing with the listening port.
+        """
+        return self._listen(serverEndpoint(self.reactor, uri))
 
     def close(self) -> None:
         """

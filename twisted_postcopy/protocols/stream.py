@@ -21,6 +21,8 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from twisted_postcopy.destination.recovery import channelLost as incomingChannelLost
+from twisted_postcopy.protocols.deadlink import (
+    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, stopWatching, watchIncoming, watchLink)
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
@@ -56,6 +58,7 @@ class SourceProtocol(Protocol):
         self.paused = False
         self.pending: Any = None
         self.returnPath = ReturnPathReader(migration)
+        self.watchdog: Any = None
 
     def connectionMade(self) -> None:
         """
@@ -80,7 +83,14 @@ class SourceProtocol(Protocol):
             self.transport.abortConnection()
             return False
         self.transport.registerProducer(self, True)
+        self.watchdog = watchLink(self.reactor, self.transport, self._linkTimeout)
         return True
+
+    def _linkTimeout(self) -> int:
+        """
+        @return: the migration's C{x-link-timeout-ms} (read live).
+        """
+        return self.migration.parameters.get(LINK_TIMEOUT, DEFAULT_LINK_TIMEOUT_MS)
 
     def _start(self) -> None:
         """
@@ -218,6 +228,7 @@ class SourceProtocol(Protocol):
         @param reason: why.
         """
         self.pauseProducing()
+        stopWatching(self.watchdog)
         if outgoingChannelLost(self.migration, self.transport, reason.getErrorMessage()):
             return
         self.migration.fail(MigrationFailed(f"migration connection lost: {reason.getErrorMessage()}"))
@@ -237,6 +248,7 @@ class DestinationProtocol(Protocol):
         """
         self.incoming = incoming
         self.driver = IncomingStreamReader(incoming)
+        self.watchdog: Any = None
 
     def connectionMade(self) -> None:
         """
@@ -244,6 +256,7 @@ class DestinationProtocol(Protocol):
         """
         self.incoming.returnPath = ReturnPathWriter(self.transport)
         self.incoming.machine.status.observers.append(self._statusChanged)
+        self.watchdog = watchIncoming(self.incoming, self.transport)
         self.incoming.connected()
 
     def _statusChanged(self, status: Any) -> None:
@@ -281,6 +294,7 @@ class DestinationProtocol(Protocol):
 
         @param reason: why.
         """
+        stopWatching(getattr(self, "watchdog", None))
         if incomingChannelLost(self.incoming, self, reason.getErrorMessage()):
             return
         self.incoming.failed(MigrationFailed(f"migration connection lost: {reason.getErrorMessage()}"))
