@@ -175,7 +175,8 @@ class Daemon:
 
 
 async def startDaemon(
-    reactor: Any, name: str, workdir: Path, arguments: Sequence[str], timeout: float = 30.0
+    reactor: Any, name: str, workdir: Path, arguments: Sequence[str], timeout: float = 30.0,
+    wrapper: Sequence[str] = (),
 ) -> Daemon:
     """
     Spawn C{twistd -n postcopy} and connect to its control socket.
@@ -185,15 +186,17 @@ async def startDaemon(
     @param workdir: the directory for the socket and log.
     @param arguments: the plugin's options other than C{--control}.
     @param timeout: seconds to wait for the control socket.
+    @param wrapper: a command that runs the daemon (for example
+        C{ip netns exec NAME}, which execs it: the process is the daemon).
     @return: the connected L{Daemon}.
     @raise DaemonError: the daemon exited or did not listen in time.
     """
     protocol = _DaemonProtocol()
     daemon = Daemon(name, workdir, None, protocol)
-    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={daemon.log}",
+    argv = [*wrapper, sys.executable, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={daemon.log}",
             "postcopy", "--control", daemon.control, *arguments]
     daemon.process = reactor.spawnProcess(
-        protocol, sys.executable, argv, env=pluginEnvironment(), childFDs={0: "w", 1: "r", 2: "r"}
+        protocol, argv[0], argv, env=pluginEnvironment(), childFDs={0: "w", 1: "r", 2: "r"}
     )
     deadline = reactor.seconds() + timeout
     while daemon.client is None:
