@@ -65,9 +65,9 @@ class SourceTests(SynchronousTestCase):
 
     def test_backoff(self) -> None:
         """
-        Doubling from 0.1 s, capped at 1 s, scaled into [0.5, 1).
+        Doubling from 0.1 s, capped at 0.5 s, scaled into [0.5, 1).
         """
-        self.assertEqual([backoff(n, 0.0) for n in (1, 2, 3, 4, 5, 6)], [0.05, 0.1, 0.2, 0.4, 0.5, 0.5])
+        self.assertEqual([backoff(n, 0.0) for n in (1, 2, 3, 4, 5)], [0.05, 0.1, 0.2, 0.25, 0.25])
         self.assertAlmostEqual(backoff(1, 0.999), 0.09995)
         self.assertEqual(backoff(30, 0.0), BACKOFF_MAX / 2)
 
@@ -108,12 +108,14 @@ class SourceTests(SynchronousTestCase):
 
     def test_connectTimeout(self) -> None:
         """
-        A connect still pending after max(1 s, half the link timeout) is
-        cancelled, and the next attempt follows.
+        A connect still pending after max(0.5 s, a quarter of the link
+        timeout) is cancelled, and the next attempt follows.
         """
         self.auto.statusChanged(S.POSTCOPY_PAUSED)
         self.clock.advance(0)
-        self.clock.advance(1.0)
+        self.clock.advance(0.49)
+        self.assertFalse(self.connects[0].called)
+        self.clock.advance(0.01)
         self.assertTrue(self.connects[0].called)
         self.clock.advance(0.05)
         self.assertEqual(len(self.connects), 2)

@@ -14,8 +14,8 @@ source).  With the capability on, each side does its part by itself:
  - L{SourceAutoRecovery}: once paused, the source tries C{migrate} with
    C{resume} to the URI it migrated to, at once and then with exponential
    backoff (L{BACKOFF_INITIAL} doubling up to L{BACKOFF_MAX}, each delay
-   scaled by a random factor in [0.5, 1)), each connect bounded by half
-   the link timeout (at least 1 s), until the migration is
+   scaled by a random factor in [0.5, 1)), each connect bounded by a
+   quarter of the link timeout (at least L{CONNECT_TIMEOUT_MIN}), until the migration is
    C{postcopy-active} again or C{x-recover-deadline-ms} passed since it
    paused; it then stays paused for an operator.
 
@@ -46,9 +46,11 @@ DEFAULT_RECOVER_DEADLINE_MS = 600000
 #: Seconds before the second attempt; doubled for each later one.
 BACKOFF_INITIAL = 0.1
 #: The longest wait between attempts, in seconds.
-BACKOFF_MAX = 1.0
-#: The shortest connect timeout of one attempt, in seconds.
-CONNECT_TIMEOUT_MIN = 1.0
+BACKOFF_MAX = 0.5
+#: The shortest connect timeout of one attempt, in seconds.  A connect
+#: whose SYN was lost is retransmitted by the kernel only after 1 s, so a
+#: fresh attempt every half second notices a link that came back sooner.
+CONNECT_TIMEOUT_MIN = 0.5
 #: Seconds between binds of the destination's recovery listener while the
 #: address is still in use.
 REBIND_DELAY = 0.05
@@ -203,7 +205,7 @@ class SourceAutoRecovery:
         except MigrationError as error:
             log.warn("postcopy recovery: {error}", error=error)
             return
-        timeout = max(CONNECT_TIMEOUT_MIN, self.timeoutMs() / 2000.0)
+        timeout = max(CONNECT_TIMEOUT_MIN, self.timeoutMs() / 4000.0)
         timer = self.reactor.callLater(timeout, connecting.cancel)
 
         def connected(protocol: Any) -> None:

@@ -17,6 +17,7 @@ import socket
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -160,7 +161,9 @@ def resumeOutgoing(reactor: Any, migration: Any, uri: str) -> Deferred:
         """
         @param reason: the connect failure.
         """
-        migration.stats.error = f"Failed to connect to '{uri}': {reason.getErrorMessage()}"
+        cancelled = reason.check(ConnectingCancelledError) is not None
+        message = "timed out (cancelled)" if cancelled else reason.getErrorMessage()
+        migration.stats.error = f"Failed to connect to '{uri}': {message}"
         log.error("{error}", error=migration.stats.error)
 
     return endpoint.connect(RecoverySourceFactory(migration, reactor)).addErrback(failed)
