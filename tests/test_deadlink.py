@@ -159,23 +159,23 @@ class WatchdogTests(SynchronousTestCase):
     def test_alive(self) -> None:
         """
         While something arrives, the check only reschedules, at the
-        moment the timeout would expire.
+        moment the deadline (the timeout less 100 ms) would expire.
         """
         self.silent = 500
-        self.clock.advance(2.0)
+        self.clock.advance(1.9)
         self.assertFalse(self.transport.aborted)
-        self.assertAlmostEqual(self.watchdog.call.getTime(), 3.5)
+        self.assertAlmostEqual(self.watchdog.call.getTime(), 3.3)
 
     def test_dead(self) -> None:
         """
-        Nothing received for the timeout: C{onDead}, then the abort.
+        Nothing received for the deadline: C{onDead}, then the abort.
         """
         self.silent = 1000
-        self.clock.advance(2.0)
-        self.silent = 2000
-        self.clock.advance(1.0)
+        self.clock.advance(1.9)
+        self.silent = 1900
+        self.clock.advance(0.9)
         self.assertTrue(self.transport.aborted)
-        self.assertEqual(self.dead, [2000])
+        self.assertEqual(self.dead, [1900])
         self.assertIsNone(self.watchdog.call)
 
     def test_live(self) -> None:

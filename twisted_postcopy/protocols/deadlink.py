@@ -44,6 +44,10 @@ DEFAULT_LINK_TIMEOUT_MS = 2000
 MIN_LINK_TIMEOUT_MS = 1500
 #: The largest timeout (one hour).
 MAX_LINK_TIMEOUT_MS = 3600000
+#: The check acts this fraction of the timeout early (at most 100 ms), so
+#: that the pause itself, which follows the abort on the next reactor
+#: turns, still lands within the timeout of a cut.
+LEAD = 0.05
 #: C{struct tcp_info}'s head: eight bytes, then 32-bit fields up to
 #: C{tcpi_last_ack_recv}.
 _TCP_INFO = struct.Struct("=8B13I")
@@ -66,6 +70,15 @@ def checkLinkTimeout(value: int) -> None:
         raise ValueError(
             f"Parameter '{LINK_TIMEOUT}' expects 0 (off) or an integer in the range of "
             f"{MIN_LINK_TIMEOUT_MS} to {MAX_LINK_TIMEOUT_MS} ms")
+
+
+def deadlineMs(timeoutMs: int) -> float:
+    """
+    @param timeoutMs: C{x-link-timeout-ms}.
+    @return: the silence after which the watchdog drops a connection: the
+        timeout less L{LEAD} of it (at most 100 ms).
+    """
+    return timeoutMs - min(100.0, timeoutMs * LEAD)
 
 
 def _tcpSocket(transport: Any) -> socket.socket | None:
@@ -152,10 +165,11 @@ class LinkWatchdog:
     nothing arrived from the peer for the timeout, the connection is
     aborted (and C{onDead}, if given, is told first).
 
-    The check runs at the moment the timeout would expire, given the
-    silence measured at the last check, so a cut is noticed at most the
-    timeout after the last byte arrived, with a handful of timer calls per
-    timeout on a busy link.
+    The check runs at the moment the deadline (L{deadlineMs}: the timeout
+    less a small lead) would expire, given the silence measured at the
+    last check, so a cut is noticed within the timeout after the last
+    byte arrived, with a handful of timer calls per timeout on a busy
+    link.
 
     @ivar reactor: an L{IReactorTime}.
     @ivar transport: the watched connection.
@@ -190,7 +204,7 @@ class LinkWatchdog:
         """
         Schedule the first check.
         """
-        self._schedule(self.timeoutMs() or DEFAULT_LINK_TIMEOUT_MS)
+        self._schedule(deadlineMs(self.timeoutMs() or DEFAULT_LINK_TIMEOUT_MS))
 
     def _schedule(self, delayMs: float) -> None:
         """
@@ -210,8 +224,9 @@ class LinkWatchdog:
         silent = self.silence(self.transport)
         if silent is None:
             return
-        if silent < timeout:
-            self._schedule(timeout - silent)
+        deadline = deadlineMs(timeout)
+        if silent < deadline:
+            self._schedule(deadline - silent)
             return
         self.detected = silent
         log.warn("migration link silent for {silent} ms (x-link-timeout-ms {timeout}): "
