@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from attrs import define, field
 from twisted.internet.task import deferLater
@@ -132,7 +132,7 @@ async def sleep(reactor: Any, seconds: float) -> None:
 
 
 async def startPair(reactor: Any, path: NetnsPath, workdir: Path, ram: int, seed: int,
-                    guest: str = "stress") -> dict[str, Daemon]:
+                    guest: str = "stress", extra: Sequence[str] = ()) -> dict[str, Daemon]:
     """
     Start a destination daemon in the path's B namespace and a source in A.
 
@@ -142,11 +142,12 @@ async def startPair(reactor: Any, path: NetnsPath, workdir: Path, ram: int, seed
     @param ram: guest RAM bytes.
     @param seed: the guest's seed.
     @param guest: the built-in guest.
+    @param extra: more daemon options (both sides).
     @return: side -> daemon (stop them with C{Daemon.stop}).
     """
     daemons: dict[str, Daemon] = {}
     for side, namespace in (("destination", path.destination), ("source", path.source)):
-        arguments = ["--role", side, "--guest", guest, "--ram", f"{ram}B", "--seed", str(seed)]
+        arguments = ["--role", side, "--guest", guest, "--ram", f"{ram}B", "--seed", str(seed), *extra]
         daemons[side] = await startDaemon(reactor, side, workdir, arguments, wrapper=path.execIn(namespace))
     return daemons
 
@@ -170,7 +171,8 @@ async def status(daemon: Daemon) -> str:
 
 async def migrateWithCuts(reactor: Any, path: NetnsPath, daemons: dict[str, Daemon], cuts: Sequence[Cut],
                           postcopyBandwidth: int, rng: random.Random, precopyBandwidth: int = 4 << 20,
-                          timeout: float = 120.0) -> dict[str, Any]:
+                          timeout: float = 120.0,
+                          inPostcopy: Callable[[], object] = lambda: None) -> dict[str, Any]:
     """
     Migrate with the given cuts, each at a random moment (0.1 to 0.6 s
     into the phase, or after the previous recovery), then wait for the
@@ -191,6 +193,8 @@ async def migrateWithCuts(reactor: Any, path: NetnsPath, daemons: dict[str, Daem
     @param precopyBandwidth: C{max-bandwidth} (slow enough that precopy
         does not converge before C{migrate-start-postcopy}).
     @param timeout: seconds for any one wait.
+    @param inPostcopy: called once both sides are in postcopy, before the
+        first cut.
     @return: C{events} (L{Events}), C{final} (side -> C{query-migrate}),
         C{guest} (the destination's, or the source's after a failed
         precopy, C{query-guest}).
@@ -215,6 +219,7 @@ async def migrateWithCuts(reactor: Any, path: NetnsPath, daemons: dict[str, Daem
             if await events.wait(side, ["postcopy-active", "completed", "failed"], began, timeout) is None \
                     or events.first(side, ["postcopy-active"], began) is None:
                 raise PostcopyError(f"{side} never reached postcopy-active: {events.statuses(side)}")
+        inPostcopy()
     for cut in cuts:
         await sleep(reactor, rng.uniform(0.1, 0.6))
         if any(s in ("completed", "failed") for s in [await status(source), await status(destination)]):
