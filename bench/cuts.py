@@ -25,7 +25,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
