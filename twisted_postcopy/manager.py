@@ -314,7 +314,7 @@ class MigrationManager:
         self._incomingURI = uri
         self.autoRecovery = DestinationAutoRecovery(
             self.reactor, self.recovery, lambda: self.capabilities[AUTO_RECOVER],
-            self._recoveryURI, self._publish)
+            self.recoveryURI, self._publish)
         incoming.machine.status.observers.append(self.autoRecovery.statusChanged)
         listening = serverEndpoint(self.reactor, uri).listen(self.destinationFactory)
 
@@ -346,7 +346,7 @@ class MigrationManager:
                 return
             listening.stopListening()
 
-    def _recoveryURI(self) -> str | None:
+    def recoveryURI(self) -> str | None:
         """
         The destination's automatic recovery URI: the C{migrate-incoming}
         URI with the port actually bound.
