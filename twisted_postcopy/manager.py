@@ -311,6 +311,8 @@ class MigrationManager:
         self.destinationFactory.recovery = self.recovery.factory
         self._acceptPreempt()
         configureIncoming(incoming, self.reactor, lambda: self.parameters[LINK_TIMEOUT])
+        self.recovery.factory.preempt = lambda: self.capabilities["postcopy-preempt"]
+        incoming.machine.status.observers.append(self._closePreempt)
         self._incomingURI = uri
         self.autoRecovery = DestinationAutoRecovery(
             self.reactor, self.recovery, lambda: self.capabilities[AUTO_RECOVER],
@@ -345,6 +347,19 @@ class MigrationManager:
                 preempt.accepted.addCallback(lambda _: listening.stopListening())
                 return
             listening.stopListening()
+
+    def _closePreempt(self, status: S) -> None:
+        """
+        A paused destination drops its preempt channels (a new one comes
+        after the new main connection).
+
+        @param status: the incoming migration's new status.
+        """
+        if status != S.POSTCOPY_PAUSED or self.recovery is None:
+            return
+        factory = self.destinationFactory.preempt if self.destinationFactory is not None else None
+        original = [factory.preempt] if factory is not None and factory.preempt is not None else []
+        self.recovery.factory.closePreempt(original)
 
     def recoveryURI(self) -> str | None:
         """

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted_postcopy.destination.recovery import DestinationResume, checkRecover
 from twisted_postcopy.errors import MigrationError, PostcopyError
 from twisted_postcopy.protocols.deadlink import watchIncoming
+from twisted_postcopy.protocols.preempt import PreemptDestinationProtocol
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.factories import SourceFactory, clientEndpoint, serverEndpoint
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
@@ -216,6 +217,9 @@ class RecoveryDestinationProtocol(DestinationProtocol):
         resume = DestinationResume(self.incoming, ReturnPathWriter(self.transport))
         self.driver = RecoveryStreamReader(self.incoming, resume)
         self.watchdog = watchIncoming(self.incoming, self.transport)
+        factory = getattr(self, "factory", None)
+        if factory is not None and factory.preempt():
+            factory.awaitingPreempt = True
         self._statusChanged(S.POSTCOPY_ACTIVE)
         resume.start()
 
@@ -240,9 +244,16 @@ class RecoveryDestinationProtocol(DestinationProtocol):
 
 class RecoveryDestinationFactory(Factory):
     """
-    Builds a L{RecoveryDestinationProtocol} per connection.
+    Builds a L{RecoveryDestinationProtocol} per connection; with
+    C{postcopy-preempt}, the connection after a new main one is the new
+    preempt channel (return-path-preempt-recovery.md section 4.7: a 7.2
+    source connects main, then preempt, and waits for both).
 
     @ivar incoming: the incoming migration.
+    @ivar preempt: returns whether the C{postcopy-preempt} capability is on.
+    @ivar awaitingPreempt: a new main connection took over and its preempt
+        channel has not come yet.
+    @ivar preemptChannels: the preempt channels accepted here.
     """
 
     def __init__(self, incoming: Any) -> None:
@@ -250,13 +261,39 @@ class RecoveryDestinationFactory(Factory):
         @param incoming: the incoming migration.
         """
         self.incoming = incoming
+        self.preempt: Callable[[], bool] = lambda: False
+        self.awaitingPreempt = False
+        self.preemptChannels: list[PreemptDestinationProtocol] = []
 
     def buildProtocol(self, addr: Any) -> Protocol:
         """
         @param addr: the peer.
-        @return: a recovery protocol (it drops itself unless paused).
+        @return: the new preempt channel, or a recovery protocol (it drops
+            itself unless paused).
         """
-        return RecoveryDestinationProtocol(self.incoming)
+        if self.awaitingPreempt:
+            self.awaitingPreempt = False
+            channel = PreemptDestinationProtocol(self.incoming)
+            self.preemptChannels.append(channel)
+            return channel
+        protocol = RecoveryDestinationProtocol(self.incoming)
+        protocol.factory = self
+        return protocol
+
+    def closePreempt(self, others: list[Any]) -> None:
+        """
+        The migration paused: drop every preempt channel (the source opens
+        a new one after its new main connection), without reporting their
+        missing EOS.
+
+        @param others: preempt channels accepted elsewhere (the original).
+        """
+        self.awaitingPreempt = False
+        for channel in [*others, *self.preemptChannels]:
+            channel.ended.addErrback(lambda failure: None)
+            transport = channel.transport
+            if transport is not None and getattr(transport, "connected", False):
+                transport.abortConnection()
 
 
 class RecoveryListener:
