@@ -124,7 +124,9 @@ def qemuCuts(count: int, mib: int, workdir: Path) -> dict[str, Any]:
             path.remove()
     return {"qemu_cuts": count,
             "qemu_noticed_src": sum(n["source"] for n in noticed),
-            "qemu_noticed_dst": sum(n["destination"] for n in noticed)}
+            "qemu_noticed_dst": sum(n["destination"] for n in noticed),
+            "qemu_active_after_hold": sum(n["source_status"] == n["destination_status"] == "postcopy-active"
+                                          for n in noticed)}
 
 
 def main(reactor: Any, options: argparse.Namespace) -> Deferred:
