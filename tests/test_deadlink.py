@@ -196,3 +196,20 @@ class WatchdogTests(SynchronousTestCase):
         """
         self.watchdog.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lostReason(self) -> None:
+        """
+        After the watchdog dropped the connection, the reason names the
+        silence; otherwise it is the connection's own.
+        """
+        from twisted.python.failure import Failure
+
+        from twisted_postcopy.protocols.deadlink import lostReason
+
+        reason = Failure(ConnectionError("reset"))
+        self.assertEqual(lostReason(self.watchdog, reason), "reset")
+        self.assertEqual(lostReason(None, reason), "reset")
+        self.silent = 1950
+        self.clock.advance(1.9)
+        self.assertEqual(lostReason(self.watchdog, reason),
+                         "nothing received from the peer for 1950 ms (dead link)")

@@ -263,6 +263,18 @@ def watchLink(reactor: Any, transport: Any, timeoutMs: Callable[[], int],
     return watchdog
 
 
+def lostReason(watchdog: LinkWatchdog | None, reason: Any) -> str:
+    """
+    @param watchdog: a connection's watchdog, or L{None}.
+    @param reason: the connection's C{connectionLost} Failure.
+    @return: why the connection was lost: the watchdog's finding when it
+        dropped the connection, else the Failure's message.
+    """
+    if watchdog is not None and watchdog.detected is not None:
+        return f"nothing received from the peer for {watchdog.detected} ms (dead link)"
+    return reason.getErrorMessage()
+
+
 def stopWatching(watchdog: LinkWatchdog | None) -> None:
     """
     @param watchdog: a watchdog from L{watchLink}, or L{None}.

@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IPushProducer
 
 from twisted_postcopy.destination.recovery import channelLost as incomingChannelLost
 from twisted_postcopy.protocols.deadlink import (
-    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, stopWatching, watchIncoming, watchLink)
+    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, stopWatching, watchIncoming, watchLink)
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
@@ -229,9 +229,10 @@ class SourceProtocol(Protocol):
         """
         self.pauseProducing()
         stopWatching(self.watchdog)
-        if outgoingChannelLost(self.migration, self.transport, reason.getErrorMessage()):
+        why = lostReason(self.watchdog, reason)
+        if outgoingChannelLost(self.migration, self.transport, why):
             return
-        self.migration.fail(MigrationFailed(f"migration connection lost: {reason.getErrorMessage()}"))
+        self.migration.fail(MigrationFailed(f"migration connection lost: {why}"))
 
 
 class DestinationProtocol(Protocol):
@@ -294,7 +295,9 @@ class DestinationProtocol(Protocol):
 
         @param reason: why.
         """
-        stopWatching(getattr(self, "watchdog", None))
-        if incomingChannelLost(self.incoming, self, reason.getErrorMessage()):
+        watchdog = getattr(self, "watchdog", None)
+        stopWatching(watchdog)
+        why = lostReason(watchdog, reason)
+        if incomingChannelLost(self.incoming, self, why):
             return
-        self.incoming.failed(MigrationFailed(f"migration connection lost: {reason.getErrorMessage()}"))
+        self.incoming.failed(MigrationFailed(f"migration connection lost: {why}"))
