@@ -213,3 +213,30 @@ class WatchdogTests(SynchronousTestCase):
         self.clock.advance(1.9)
         self.assertEqual(lostReason(self.watchdog, reason),
                          "nothing received from the peer for 1950 ms (dead link)")
+
+
+class LateReactorTests(SynchronousTestCase):
+    """
+    A reactor that runs late (a loaded machine) must not take a live link
+    for a dead one.
+    """
+
+    def test_unreadBytesCount(self) -> None:
+        """
+        The peer keeps sending while the application reads nothing for
+        longer than the timeout (its reactor was busy): the kernel received
+        the bytes, so the late check finds a short silence and the link is
+        kept.
+        """
+        client, server = _pair(self)
+        transport = _SocketTransport(server)
+        clock = Clock()
+        watchdog = LinkWatchdog(clock, transport, lambda: 1500)
+        watchdog.start()
+        for _ in range(9):
+            client.sendall(b"x" * 100)
+            time.sleep(0.2)
+        clock.advance(1.8)
+        self.assertFalse(transport.aborted)
+        self.assertIsNotNone(watchdog.call)
+        watchdog.stop()

@@ -83,7 +83,7 @@ class QEMUPreemptRecoveryTests(TestCase):
         capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
         self.qemu.setCapabilities(**capabilities)
         self.manager.setCapabilities(capabilities)
-        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 1000000})
+        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 50000})
         listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(listening.stopListening)
         first = self.relay(listening.getHost().port)
@@ -92,9 +92,11 @@ class QEMUPreemptRecoveryTests(TestCase):
         self.qemu.qmp("migrate-start-postcopy")
         yield within(self.manager.whenStatus("postcopy-active"))
         original = yield within(self.manager.destinationFactory.preempt.accepted)
-        yield deferLater(reactor, 0.3, lambda: None)
+        yield deferLater(reactor, 0.1, lambda: None)
         first.cut()
-        yield within(self.manager.whenStatus("postcopy-paused"))
+        paused = yield within(self.manager.whenStatus("postcopy-paused", "failed", "completed"))
+        self.assertEqual(paused, "postcopy-paused", (self.manager.queryMigrate(), str(self.vm.failure),
+                                                     self.manager.incoming.machine.postcopy))
         yield qemuStatus(self.qemu, {"postcopy-paused"})
         for _ in range(1000):
             if self.manager.incoming.waiting or self.vm.guest.done.called:
@@ -105,15 +107,24 @@ class QEMUPreemptRecoveryTests(TestCase):
         second = self.relay(port.getHost().port)
         self.qemu.qmp("migrate", uri=second.uri, resume=True)
         yield within(self.manager.whenStatus("postcopy-active"), 30)
+        channels = self.manager.recovery.factory.preemptChannels
+        for _ in range(1000):
+            if channels:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        (channel,) = channels
+        self.assertIsNot(channel, original)
+        for _ in range(2000):
+            if channel.recordsReceived or self.vm.guest.done.called:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertGreater(channel.recordsReceived, 0, "no page on the new preempt channel")
         self.qemu.setParameters(**{"max-postcopy-bandwidth": 0})
         ours = yield within(self.manager.whenStatus("completed", "failed"), 60)
         self.assertEqual(ours, "completed", str(self.vm.failure))
         info = yield qemuStatus(self.qemu, {"completed"})
         self.assertEqual(info["status"], "completed", self.qemu.stderrTail())
-        (channel,) = self.manager.recovery.factory.preemptChannels
-        self.assertIsNot(channel, original)
         yield within(channel.ended)
-        self.assertGreater(channel.recordsReceived, 0)
         second.waitClosed(30)
         self.assertEqual(len(second.connections), 2)
         backward = bytes(second.connections[0].backward)

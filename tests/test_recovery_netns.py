@@ -113,6 +113,36 @@ class NetnsCutTests(TestCase):
 
         return Deferred.fromCoroutine(check())
 
+    def test_busyLinkLoadedMachine(self) -> Deferred:
+        """
+        No cut, a saturated link (no bandwidth limit) and both cores kept
+        busy by other processes: neither side pauses, both complete.
+        """
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+
+        def stopHogs() -> None:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+
+        self.addCleanup(stopHogs)
+
+        async def check() -> None:
+            daemons = await startPair(reactor, self.path, self.workdir, RAM, 9)
+            try:
+                result = await migrateWithCuts(reactor, self.path, daemons, [], 0, random.Random(9),
+                                               precopyBandwidth=32 << 20)
+            finally:
+                await stopPair(reactor, daemons)
+            for side in ("source", "destination"):
+                statuses = result["events"].statuses(side)
+                self.assertIn("postcopy-active", statuses)
+                self.assertNotIn("postcopy-paused", statuses)
+                self.assertEqual(result["final"][side]["status"], "completed")
+            self.assertTrue(result["guest"]["verified"], result["guest"])
+
+        return Deferred.fromCoroutine(check())
+
     def test_precopyCut(self) -> Deferred:
         """
         A cut in precopy fails both sides within the timeout (no pause:

@@ -196,6 +196,7 @@ class PreemptDestinationProtocol(Protocol):
             self.recordsReceived += 1
         self.incoming.flush()
         if decoder.complete and not self.ended.called:
+            stopWatching(self.watchdog)
             self.ended.callback(None)
 
     def _fail(self, reason: RemoteProtocolError) -> None:

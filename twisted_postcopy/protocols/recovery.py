@@ -217,6 +217,7 @@ class RecoveryDestinationProtocol(DestinationProtocol):
         resume = DestinationResume(self.incoming, ReturnPathWriter(self.transport))
         self.driver = RecoveryStreamReader(self.incoming, resume)
         self.watchdog = watchIncoming(self.incoming, self.transport)
+        self.incoming.machine.status.observers.append(self._endWatch)
         factory = getattr(self, "factory", None)
         if factory is not None and factory.preempt():
             factory.awaitingPreempt = True

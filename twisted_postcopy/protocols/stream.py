@@ -26,6 +26,7 @@ from twisted_postcopy.protocols.deadlink import (
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
+from twisted_postcopy.source.machine import FINISHED
 from twisted_postcopy.source.outgoing import DONE
 from twisted_postcopy.source.recovery import channelLost as outgoingChannelLost
 
@@ -215,6 +216,7 @@ class SourceProtocol(Protocol):
         """
         The migration reached a final status: close.
         """
+        stopWatching(self.watchdog)
         self.pauseProducing()
         if self.migration.machine.status.value == "completed":
             self.transport.loseConnection()
@@ -258,7 +260,18 @@ class DestinationProtocol(Protocol):
         self.incoming.returnPath = ReturnPathWriter(self.transport)
         self.incoming.machine.status.observers.append(self._statusChanged)
         self.watchdog = watchIncoming(self.incoming, self.transport)
+        self.incoming.machine.status.observers.append(self._endWatch)
         self.incoming.connected()
+
+    def _endWatch(self, status: Any) -> None:
+        """
+        A finished migration needs no dead-link check while its connection
+        closes.
+
+        @param status: the incoming migration's new status.
+        """
+        if status in FINISHED:
+            stopWatching(self.watchdog)
 
     def _statusChanged(self, status: Any) -> None:
         """
