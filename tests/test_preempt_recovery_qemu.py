@@ -12,7 +12,7 @@ preempt channel, and both sides complete with our RAM equal to the source's.
 
 from __future__ import annotations
 
-import os
+import hashlib
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -20,14 +20,13 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.test_destination_qemu import qemuStatus
-from tests.test_migration_loopback import IncomingGuestVM
+from tests.test_migration_loopback import skipWithoutUserfaultfd
 from tests.test_recovery_loopback import within
 from tests.test_source_qemu import RAM_RANGES
-from tests.uffdguest import FaultService, uffdOpen
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
-from twisted_postcopy.testing.real import missingReal
 from twisted_postcopy.testing.relay import RecordingRelay
+from twisted_postcopy.testing.workerguest import WorkerGuestVM
 
 #: RP RESUME_ACK(1).
 RESUME_ACK = bytes.fromhex("0006 0004 00000001")
@@ -46,23 +45,10 @@ class QEMUPreemptRecoveryTests(TestCase):
         """
         Start QEMU and our destination manager.
         """
-        try:
-            os.close(uffdOpen())
-        except OSError as error:
-            missingReal(f"userfaultfd unavailable: {error}")
+        skipWithoutUserfaultfd()
         self.qemu = startBootedQEMU(self, "source")
-        self.vm = IncomingGuestVM()
-        self.manager = MigrationManager(reactor, self.vm, self._faults)
-
-    def _faults(self, blocks, pageSource):
-        """
-        The destination's fault service factory (the test's real-kernel one).
-
-        @return: the service.
-        """
-        service = FaultService(reactor, blocks, pageSource)
-        self.vm.service = service
-        return service
+        self.vm = WorkerGuestVM(reactor)
+        self.manager = MigrationManager(reactor, self.vm, self.vm.faultServiceFactory)
 
     def relay(self, port: int) -> RecordingRelay:
         """
@@ -89,6 +75,7 @@ class QEMUPreemptRecoveryTests(TestCase):
         first = self.relay(listening.getHost().port)
         self.qemu.migrate(first.uri)
         yield qemuStatus(self.qemu, {"active"})
+        yield self.vm.ready
         self.qemu.qmp("migrate-start-postcopy")
         yield within(self.manager.whenStatus("postcopy-active"))
         original = yield within(self.manager.destinationFactory.preempt.accepted)
@@ -99,10 +86,10 @@ class QEMUPreemptRecoveryTests(TestCase):
                                                      self.manager.incoming.machine.postcopy))
         yield qemuStatus(self.qemu, {"postcopy-paused"})
         for _ in range(1000):
-            if self.manager.incoming.waiting or self.vm.guest.done.called:
+            if len(self.manager.incoming.faults.pending) or self.vm.done.called:
                 break
             yield deferLater(reactor, 0.01, lambda: None)
-        self.assertTrue(self.manager.incoming.waiting, "the paused guest has no fault waiting")
+        self.assertTrue(len(self.manager.incoming.faults.pending), "the paused guest has no fault waiting")
         port = yield self.manager.migrateRecover("tcp:127.0.0.1:0")
         second = self.relay(port.getHost().port)
         self.qemu.qmp("migrate", uri=second.uri, resume=True)
@@ -115,7 +102,7 @@ class QEMUPreemptRecoveryTests(TestCase):
         (channel,) = channels
         self.assertIsNot(channel, original)
         for _ in range(2000):
-            if channel.recordsReceived or self.vm.guest.done.called:
+            if channel.recordsReceived or self.vm.done.called:
                 break
             yield deferLater(reactor, 0.01, lambda: None)
         self.assertGreater(channel.recordsReceived, 0, "no page on the new preempt channel")
@@ -130,7 +117,8 @@ class QEMUPreemptRecoveryTests(TestCase):
         backward = bytes(second.connections[0].backward)
         after = backward[backward.index(RESUME_ACK) + len(RESUME_ACK):]
         self.assertEqual(after[:2], bytes.fromhex("0003"), "REQ_PAGES_ID after RESUME_ACK")
-        yield self.vm.guest.done
+        digests = yield self.vm.done
+        self.assertEqual(digests, [hashlib.sha256(data).hexdigest() for data in self.vm.contents().values()])
         ram = self.vm.contents()["pc.ram"]
         for start, length in RAM_RANGES:
             self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
