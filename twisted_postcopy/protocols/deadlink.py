@@ -171,7 +171,7 @@ class LinkWatchdog:
     byte arrived, with a handful of timer calls per timeout on a busy
     link.
 
-    @ivar reactor: an L{IReactorTime}.
+    @ivar reactor: an L{IReactorTime<twisted.internet.interfaces.IReactorTime>}.
     @ivar transport: the watched connection.
     @ivar timeoutMs: returns the current C{x-link-timeout-ms} (read at
         each check, so C{migrate-set-parameters} applies at once).
@@ -186,7 +186,7 @@ class LinkWatchdog:
                  onDead: Callable[[int], object] | None = None,
                  silence: Callable[[Any], int | None] = silenceMs) -> None:
         """
-        @param reactor: an L{IReactorTime}.
+        @param reactor: an L{IReactorTime<twisted.internet.interfaces.IReactorTime>}.
         @param transport: the connection's transport.
         @param timeoutMs: returns the timeout.
         @param onDead: told before the abort.
@@ -249,7 +249,7 @@ def watchLink(reactor: Any, transport: Any, timeoutMs: Callable[[], int],
     """
     Configure a migration socket and start its watchdog.
 
-    @param reactor: an L{IReactorTime}.
+    @param reactor: an L{IReactorTime<twisted.internet.interfaces.IReactorTime>}.
     @param transport: the connection's transport.
     @param timeoutMs: returns C{x-link-timeout-ms}.
     @param onDead: told before a dead connection is aborted.
@@ -296,7 +296,7 @@ def configureIncoming(incoming: Any, reactor: Any, timeoutMs: Callable[[], int])
     their dead-link settings.
 
     @param incoming: the incoming migration.
-    @param reactor: an L{IReactorTime}.
+    @param reactor: an L{IReactorTime<twisted.internet.interfaces.IReactorTime>}.
     @param timeoutMs: returns C{x-link-timeout-ms}.
     """
     from twisted_postcopy.source.machine import FINISHED

@@ -1,6 +1,6 @@
 """
 Real network failures for tests and benches: two network namespaces
-joined through a third, the router, by two veth pairs.
+joined through a third, the router, by two veth pairs::
 
     A (10.231.1.1) -- veth -- R (10.231.1.2 | 10.231.2.2) -- veth -- B (10.231.2.1)
 
