@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.trial.unittest import TestCase
 
@@ -105,6 +105,22 @@ def pattern(index: int) -> bytes:
     return bytes([index % 251 + 1]) * PAGE
 
 
+def whenLost(protocol: Any) -> Deferred:
+    """
+    @param protocol: a connected protocol.
+    @return: a Deferred firing once its C{connectionLost} ran.
+    """
+    lost: Deferred = Deferred()
+    original = protocol.connectionLost
+
+    def connectionLost(reason: Any) -> None:
+        original(reason)
+        lost.callback(None)
+
+    protocol.connectionLost = connectionLost
+    return lost
+
+
 class PreemptChannelTests(TestCase):
     """
     A source preempt protocol talks to a destination one over loopback TCP.
@@ -126,10 +142,27 @@ class PreemptChannelTests(TestCase):
         source = PreemptSourceFactory()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
         protocol = yield endpoint.connect(source)
-        self.addCleanup(protocol.transport.loseConnection)
+        sourceLost = whenLost(protocol)
         connected = yield source.connected
         self.assertIs(connected, protocol)
-        yield destination.accepted
+        accepted = yield destination.accepted
+        destinationLost = whenLost(accepted)
+
+        def close() -> Deferred:
+            """
+            Close both ends and wait until both saw it, so that nothing
+            of this test (such as C{ended} failing when a channel that
+            never sent its EOS closes) happens during a later one.  A
+            test that did not wait for C{ended} does not care how it ended.
+
+            @return: a Deferred firing once both ends are closed.
+            """
+            protocol.transport.loseConnection()
+            accepted.transport.loseConnection()
+            accepted.ended.addErrback(lambda failure: failure.trap(RemoteProtocolError))
+            return gatherResults([sourceLost, destinationLost, accepted.ended])
+
+        self.addCleanup(close)
         return protocol, destination
 
     @inlineCallbacks
