@@ -98,3 +98,30 @@ class QEMUPreemptSourceTests(TestCase):
         ram = self.vm.contents()["pc.ram"]
         for start, length in RAM_RANGES:
             self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
+
+    @inlineCallbacks
+    def test_precopyOnlyPreemptEndsCleanly(self) -> None:
+        """
+        With C{postcopy-preempt} on but no switch to postcopy, QEMU 7.2
+        opens the preempt channel at the start and closes it without a byte
+        once precopy completed: our end of it ends without an error (no
+        failure is left for nobody to observe), and our RAM is QEMU's.
+        """
+        capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
+        self.qemu.setCapabilities(**capabilities)
+        self.manager.setCapabilities(capabilities)
+        listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(listening.stopListening)
+        self.qemu.migrate(f"tcp:127.0.0.1:{listening.getHost().port}")
+        preempt = yield self.manager.destinationFactory.preempt.accepted
+        ours = yield self.manager.whenStatus("completed", "failed")
+        self.assertEqual(ours, "completed", str(self.vm.failure))
+        info = yield qemuStatus(self.qemu, {"completed"})
+        self.assertEqual(info["status"], "completed", self.qemu.stderrTail())
+        yield preempt.ended
+        self.assertEqual((preempt.bytesReceived, preempt.recordsReceived), (0, 0))
+        digests = yield self.vm.done
+        self.assertEqual(digests, [hashlib.sha256(data).hexdigest() for data in self.vm.contents().values()])
+        ram = self.vm.contents()["pc.ram"]
+        for start, length in RAM_RANGES:
+            self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])

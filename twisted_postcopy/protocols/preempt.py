@@ -129,8 +129,12 @@ class PreemptDestinationProtocol(Protocol):
     @ivar decoder: the channel decoder, once the blocks are known.
     @ivar held: bytes received before the decoder existed.
     @ivar recordsReceived: RAM records received.
+    @ivar bytesReceived: bytes received.
     @ivar ended: fires with None at EOS, or fails if the channel breaks
-        before its EOS.
+        before its EOS.  A channel closed without a byte while the incoming
+        migration (its C{machine}) never entered postcopy is how a QEMU 7.2
+        source ends it after a migration that completed in precopy: that
+        fires C{ended} with None too.
     """
 
     def __init__(self, incoming: Any) -> None:
@@ -141,6 +145,7 @@ class PreemptDestinationProtocol(Protocol):
         self.decoder: PreemptDecoder | None = None
         self.held: list[bytes] = []
         self.recordsReceived = 0
+        self.bytesReceived = 0
         self.ended: Deferred = Deferred()
 
     def _decoder(self) -> PreemptDecoder | None:
@@ -161,6 +166,7 @@ class PreemptDestinationProtocol(Protocol):
 
         @param data: bytes from the source.
         """
+        self.bytesReceived += len(data)
         decoder = self._decoder()
         if decoder is None:
             self.held.append(data)
@@ -205,12 +211,19 @@ class PreemptDestinationProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         """
-        The channel closed: without its EOS that is an error for C{ended}.
+        The channel closed: without its EOS that is an error for C{ended},
+        unless it was never used (see L{ended}).
 
         @param reason: why.
         """
-        if not self.ended.called:
-            self.ended.errback(RemoteProtocolError("preempt channel closed before its EOS record"))
+        if self.ended.called:
+            return
+        machine = getattr(self.incoming, "machine", None)
+        if not self.bytesReceived and machine is not None and not machine.inPostcopy:
+            _log.info("preempt channel closed unused: the migration did not enter postcopy")
+            self.ended.callback(None)
+            return
+        self.ended.errback(RemoteProtocolError("preempt channel closed before its EOS record"))
 
 
 class PreemptDestinationFactory(Factory):
