@@ -131,6 +131,17 @@ class WorkerGuestVM(IncomingTestVM):
             self.worker.transport.signalProcess("KILL")
         if not self.done.called:
             self.done.errback(RuntimeError(f"incoming migration failed: {reason}"))
+        self._touchFailed(RuntimeError(f"incoming migration failed: {reason}"))
+
+    def _touchFailed(self, error: BaseException) -> None:
+        """
+        Fail L{touchedFirst} if it is awaited (L{touchFirst} given) and
+        pending.
+
+        @param error: why.
+        """
+        if self.touchFirst is not None and not self.touchedFirst.called:
+            self.touchedFirst.errback(error)
 
     def _stopWorker(self) -> Deferred:
         """
@@ -156,13 +167,17 @@ class WorkerGuestVM(IncomingTestVM):
         yield worker.attached
         try:
             if self.touchFirst is not None:
-                index = max(range(len(blocks)), key=lambda i: blocks[i].length)
-                pages = blocks[index].length // blocks[index].pageSize
-                answers = []
-                for page in self.touchFirst:
-                    answer = yield worker.command(op="touch", block=index, first=page % pages, count=1,
-                                                  threads=self.threads)
-                    answers.append(answer)
+                try:
+                    index = max(range(len(blocks)), key=lambda i: blocks[i].length)
+                    pages = blocks[index].length // blocks[index].pageSize
+                    answers = []
+                    for page in self.touchFirst:
+                        answer = yield worker.command(op="touch", block=index, first=page % pages, count=1,
+                                                      threads=self.threads)
+                        answers.append(answer)
+                except BaseException as error:
+                    self._touchFailed(error)
+                    raise
                 self.touchedFirst.callback(answers)
             for index, block in enumerate(blocks):
                 yield worker.command(op="touch", block=index, first=0, count=block.length // block.pageSize,
