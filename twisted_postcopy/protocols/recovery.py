@@ -82,7 +82,7 @@ class RecoverySourceProtocol(SourceProtocol):
     def __init__(self, migration: Any, reactor: Any) -> None:
         """
         @param migration: the paused outgoing migration.
-        @param reactor: an L{IReactorTime}.
+        @param reactor: an L{twisted.internet.interfaces.IReactorTime}.
         """
         super().__init__(migration, reactor)
         self.resume = SourceResume(migration, lambda data: self.transport.write(data))

@@ -52,7 +52,7 @@ class SourceProtocol(Protocol):
     def __init__(self, migration: Any, reactor: Any) -> None:
         """
         @param migration: the outgoing migration.
-        @param reactor: an L{IReactorTime}.
+        @param reactor: an L{twisted.internet.interfaces.IReactorTime}.
         """
         self.migration = migration
         self.reactor = reactor
