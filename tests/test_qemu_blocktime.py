@@ -19,6 +19,7 @@ from twisted.trial.unittest import TestCase
 from twisted_postcopy.blocktime import BlocktimeContext
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.ram.guestworker import spawnWorker
+from twisted_postcopy.testing.bootsector import GuestLayout
 from twisted_postcopy.testing.enginevm import IncomingTestVM
 from twisted_postcopy.testing.qemu import requireQEMU, startBootedQEMU
 from twisted_postcopy.testing.real import requireUserfaultfd
@@ -27,8 +28,16 @@ from twisted_postcopy.testing.waiting import waitUntil
 PAGE = 4096
 TIMEOUT = 60
 #: The guest pages the destination's guest reads: the boot-sector guest's
-#: counted pages (1 MiB up, 256 pages, not zero pages).
-FIRST, COUNT = 256, 256
+#: counted pages (24 MiB up, 64 pages, not zero pages once it counted).
+#: QEMU serves at most one page request per rate-limit window (below), so
+#: each read waits about 100 ms.
+FIRST, COUNT = 6144, 64
+LAYOUT = GuestLayout(start=FIRST * PAGE, end=(FIRST + COUNT) * PAGE)
+#: QEMU's slowest rate limit: C{max-bandwidth} / 10 bytes per 100 ms
+#: window, one byte here, so its precopy and postcopy background streams
+#: each send one page per window, in ascending order from page 0: 10 pages
+#: a second, over 600 seconds before they could reach L{FIRST}.
+CRAWL = 10
 
 
 class FaultTrace:
@@ -118,24 +127,27 @@ class QEMUSourceBlocktimeTests(TestCase):
     @inlineCallbacks
     def test_blocktimeOnTheFaultTrace(self):
         """
-        QEMU 7.2 migrates its running guest to our destination in
-        postcopy (background pages throttled to 32 KiB/s until our guest
-        is done, so it surely faults however slowly it starts); our guest
-        process reads the 256 pages QEMU's guest counts in, from one
-        thread.  The blocktime
+        QEMU 7.2 migrates its running guest, once it counted, to our
+        destination in postcopy; our guest process reads the 64 pages
+        QEMU's guest counts in, from one thread.  Those pages lie 24 MiB up
+        and QEMU's precopy and background streams crawl from page 0 at 10
+        pages a second until our guest is done, so neither can have sent
+        them before the read however loaded the machine: the read faults
+        and requests them.  The blocktime
         our destination reports equals QEMU's algorithm replayed on the
         recorded fault trace; that thread is the only vCPU, so the total
         equals its figure, which is positive and at most the time its reads
         took.
         """
-        qemu = startBootedQEMU(self, "source")
+        qemu = startBootedQEMU(self, "source", layout=LAYOUT)
+        yield deferToThread(qemu.waitSerial, 1, TIMEOUT)
         destination = IncomingTestVM()
         trace = FaultTrace()
         destination.vcpuThreads = trace.vcpus
         manager = MigrationManager(reactor, destination)
         manager.setCapabilities({"postcopy-ram": True, "postcopy-blocktime": True})
         qemu.setCapabilities(**{"postcopy-ram": True})
-        qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 32 * 1024})
+        qemu.setParameters(**{"max-bandwidth": CRAWL, "max-postcopy-bandwidth": CRAWL})
         guests: list[Any] = []
         run = destination.run
 

@@ -386,7 +386,7 @@ class QEMUInstance:
 
 
 def startBootedQEMU(case: SynchronousTestCase, name: str, extraArguments: Iterable[str] = (),
-                    memoryMiB: int = 32) -> QEMUInstance:
+                    memoryMiB: int = 32, layout: Any = None) -> QEMUInstance:
     """
     Start QEMU booting the boot-sector guest in a temporary directory, both
     removed after the test.
@@ -396,14 +396,17 @@ def startBootedQEMU(case: SynchronousTestCase, name: str, extraArguments: Iterab
     @param extraArguments: arguments after the machine ones, such as
         C{-S -incoming defer}.
     @param memoryMiB: guest RAM size in MiB.
+    @param layout: the boot-sector guest's
+        L{twisted_postcopy.testing.bootsector.GuestLayout}, or C{None} for
+        the default one.
     @return: the running instance.
     """
-    from twisted_postcopy.testing.bootsector import writeBootImage
+    from twisted_postcopy.testing.bootsector import GuestLayout, writeBootImage
 
     requireQEMU()
     directory = tempfile.mkdtemp(prefix="tpq")
     case.addCleanup(shutil.rmtree, directory, True)
-    image = writeBootImage(os.path.join(directory, "boot.img"))
+    image = writeBootImage(os.path.join(directory, "boot.img"), layout or GuestLayout())
     qemu = QEMUInstance.start(directory, [*machineArguments(image, memoryMiB), *extraArguments], name)
     case.addCleanup(qemu.kill)
     return qemu
