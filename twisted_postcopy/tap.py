@@ -105,6 +105,14 @@ class Options(usage.Options):
         ["workers", None, 2, "Number of guest worker processes.", int],
         ["attach", None, None,
          "Unix socket where guest workers attach (default: CONTROL_PATH.attach)."],
+        ["metrics", None, None,
+         "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
+         "tcp:9100:interface=127.0.0.1 (needs the 'metrics' extra; loopback only "
+         "unless --metrics-allow-remote)."],
+    ]
+    optFlags = [
+        ["metrics-allow-remote", None,
+         "Let --metrics listen off loopback (it has no TLS or authentication)."],
     ]
 
     def __init__(self) -> None:
@@ -157,6 +165,14 @@ class Options(usage.Options):
             raise usage.UsageError("--incoming is only for --role destination")
         if self["role"] == "snapshot":
             self["guest"] = "none"
+        if self["metrics"]:
+            from twisted_postcopy.observe.metrics import MetricsError, metricsEndpoint, requirePrometheus
+
+            try:
+                requirePrometheus()
+                metricsEndpoint(None, self["metrics"], bool(self["metrics-allow-remote"]))
+            except MetricsError as e:
+                raise usage.UsageError(str(e)) from None
 
 
 def _noIncomingVM() -> Any:
@@ -242,6 +258,10 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         from twisted.internet import reactor
     from twisted_postcopy.service import MigrationService
 
+    from twisted_postcopy.observe.service import addObservability
+
     manager, guest = buildManager(reactor, options)
-    return MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
-                            guest=guest, capabilities=options["capabilities"])
+    service = MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
+                               guest=guest, capabilities=options["capabilities"])
+    addObservability(service, options["metrics"], bool(options["metrics-allow-remote"]))
+    return service
