@@ -338,15 +338,17 @@ async def watchControl(reactor: Any, args: argparse.Namespace, out: TextIO) -> i
         control.transport.loseConnection()
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """
     Run C{postcopy watch}.
 
     @param args: the parsed arguments.
-    @param out: standard output.
-    @param err: standard error.
+    @param out: standard output (default: C{sys.stdout}).
+    @param err: standard error (default: C{sys.stderr}).
     @return: the exit status.
     """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     try:
         if args.qmp:
             try:
