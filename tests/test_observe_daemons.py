@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, utils
+from twisted.internet import defer
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -163,11 +164,12 @@ class MetricsDuringMigrationTests(TestCase):
         await destination.client.setCapabilities({"postcopy-ram": True, "postcopy-blocktime": True})
         await destination.client.migrateIncoming(uri)
         await source.client.setParameters({"max-bandwidth": BANDWIDTH})
-        watch = utils.getProcessOutputAndValue(
-            sys.executable, ["-m", "twisted_postcopy.cli", "watch", "--control", source.control,
-                             "--interval", "0.1"],
-            env=pluginEnvironment(), reactor=self.reactor)
-        await deferLater(self.reactor, 0.5, lambda: None)
+        watcher = _Watcher()
+        self.reactor.spawnProcess(
+            watcher, sys.executable, [sys.executable, "-m", "twisted_postcopy.cli", "watch",
+                                      "--control", source.control, "--interval", "0.1"],
+            env=pluginEnvironment())
+        await watcher.waiting
         await source.client.migrate(uri)
 
         await self._waitFor(source, {"active"})
@@ -184,7 +186,8 @@ class MetricsDuringMigrationTests(TestCase):
         sourceInfo = await self._waitFor(source, {"completed", "failed"})
         destinationInfo = await self._waitFor(destination, {"completed", "failed"})
         self.assertEqual((sourceInfo["status"], destinationInfo["status"]), ("completed", "completed"))
-        out, err, code = await watch
+        code = await watcher.ended
+        out, err = watcher.out, watcher.err
         self.assertEqual(code, 0, err.decode())
 
         sent = await scrape(self.reactor, sourceURL)
@@ -247,6 +250,49 @@ class MetricsDuringMigrationTests(TestCase):
         self.assertIn(f"{ram['postcopy-requests']} postcopy requests", out.decode())
         self.assertIn("statuses: setup -> active -> postcopy-active -> completed", out.decode())
         self.assertNotIn("\r", out.decode())
+
+
+class _Watcher(ProcessProtocol):
+    """
+    Runs C{postcopy watch}: L{waiting} fires once it said it waits for a
+    migration, L{ended} with its exit code.
+    """
+
+    def __init__(self) -> None:
+        """
+        Nothing read yet.
+        """
+        self.out = self.err = b""
+        self.waiting: defer.Deferred = defer.Deferred()
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        """
+        Collect standard output; notice the waiting line.
+
+        @param data: the bytes.
+        """
+        self.out += data
+        if b"waiting for a migration" in self.out and not self.waiting.called:
+            self.waiting.callback(None)
+
+    def errReceived(self, data: bytes) -> None:
+        """
+        Collect standard error.
+
+        @param data: the bytes.
+        """
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        """
+        Fire L{ended} (and L{waiting}, failing, if it never waited).
+
+        @param reason: why.
+        """
+        if not self.waiting.called:
+            self.waiting.errback(RuntimeError(f"watch ended first: {self.err.decode()}"))
+        self.ended.callback(reason.value.exitCode)
 
 
 def _freePort() -> int:

@@ -96,6 +96,15 @@ class PlainDisplay:
         """
         self.progress.finish()
 
+    def note(self, text: str) -> None:
+        """
+        Write a line of its own.
+
+        @param text: the line.
+        """
+        self.progress.stream.write(text + "\n")
+        self.progress.stream.flush()
+
 
 class RichDisplay:
     """
@@ -143,6 +152,14 @@ class RichDisplay:
         """
         self.progress.stop()
 
+    def note(self, text: str) -> None:
+        """
+        Print a line above the bar.
+
+        @param text: the line.
+        """
+        self.progress.console.print(text)
+
 
 async def watchMigration(client: Any, sleep: Callable[[float], Awaitable[Any]], display: Any,
                          interval: float, out: TextIO, endpoint: str) -> int:
@@ -171,12 +188,16 @@ async def watchMigration(client: Any, sleep: Callable[[float], Awaitable[Any]], 
             statuses.append(status)
 
     await client.subscribe(onStatus)
+    waiting = False
     try:
         while True:
             info = await client.queryMigrate()
             status = info.get("status")
             if status is not None:
                 onStatus(status)
+            if status in (None, "none") and not waiting:
+                display.note(f"postcopy watch: waiting for a migration on {endpoint}")
+                waiting = True
             display.update(info)
             if status in FINAL:
                 break
@@ -305,10 +326,17 @@ async def watchQMP(args: argparse.Namespace, out: TextIO) -> int:
     @param out: standard output.
     @return: the exit status.
     """
-    from qemu.qmp import QMPClient
+    import logging
 
+    from qemu.qmp import ConnectError, QMPClient
+
+    # The error is reported once, below, not also by the library's logger.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     qmp = QMPClient("postcopy-watch")
-    await qmp.connect(qmpAddress(args.qmp))
+    try:
+        await qmp.connect(qmpAddress(args.qmp))
+    except ConnectError as e:
+        raise OSError(str(e)) from None
     client = QMPWatchClient(qmp)
     try:
         return await watchMigration(client, asyncio.sleep, makeDisplay(args, out), args.interval,
