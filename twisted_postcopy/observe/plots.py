@@ -109,6 +109,8 @@ def _markStatuses(axes: Any, timelines: dict[str, dict[str, Any]], origin: float
             if status not in MARKS:
                 continue
             colour, label = MARKS[status]
+            if status == "postcopy-active" and index and statuses[index - 1][1] == "postcopy-recover":
+                colour, label = "tab:olive", "resumed after recovery"
             text = label if label not in labelled else None
             labelled.add(label)
             if status == "postcopy-paused":
@@ -116,6 +118,50 @@ def _markStatuses(axes: Any, timelines: dict[str, dict[str, Any]], origin: float
                 axes.axvspan(offset + t, offset + end, color=colour, alpha=0.15, label=text)
             else:
                 axes.axvline(offset + t, color=colour, linestyle="--", linewidth=1.2, label=text)
+
+
+def _finishTimeAxes(axes: Any, timelines: dict[str, dict[str, Any]], origin: float, title: str,
+                    ylabel: str, empty: str | None, twin: Any = None) -> None:
+    """
+    Mark the statuses, label a plot over time and put its legend below it.
+
+    @param axes: the axes.
+    @param timelines: side -> timeline.
+    @param origin: time 0.
+    @param title: the title.
+    @param ylabel: the y axis label, with its unit.
+    @param empty: a note written across an empty plot, or L{None}.
+    @param twin: a second y axis whose legend entries join, or L{None}.
+    """
+    _markStatuses(axes, timelines, origin)
+    axes.set_title(title)
+    axes.set_xlabel("time since the migration started (s)")
+    axes.set_ylabel(ylabel)
+    axes.set_ylim(bottom=0)
+    axes.grid(True, alpha=0.3)
+    if empty is not None:
+        axes.text(0.5, 0.5, empty, transform=axes.transAxes, ha="center", va="center")
+    handles, labels = axes.get_legend_handles_labels()
+    if twin is not None:
+        axes.set_zorder(twin.get_zorder() + 1)
+        axes.patch.set_visible(False)
+        more, moreLabels = twin.get_legend_handles_labels()
+        handles, labels = handles + more, labels + moreLabels
+    axes.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3,
+                fontsize="small", frameon=False)
+
+
+def _save(plt: Any, figure: Any, path: Path) -> None:
+    """
+    Lay out, write and close a figure.
+
+    @param plt: pyplot.
+    @param figure: the figure.
+    @param path: the PNG to write.
+    """
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
 
 
 def plotThroughput(plt: Any, timelines: dict[str, dict[str, Any]], path: Path) -> None:
@@ -149,26 +195,9 @@ def plotThroughput(plt: Any, timelines: dict[str, dict[str, Any]], path: Path) -
                      alpha=0.35, label="page requests sent (destination, per window)")
             twin.set_ylabel("page requests per window")
         drawn = True
-    _markStatuses(axes, timelines, origin)
-    axes.set_title("Migration throughput")
-    axes.set_xlabel("time since the migration started (s)")
-    axes.set_ylabel("throughput (MB/s)")
-    axes.set_ylim(bottom=0)
-    axes.grid(True, alpha=0.3)
-    if not drawn:
-        axes.text(0.5, 0.5, "no throughput windows recorded", transform=axes.transAxes,
-                  ha="center", va="center")
-    handles, labels = axes.get_legend_handles_labels()
-    if twin is not None:
-        axes.set_zorder(twin.get_zorder() + 1)
-        axes.patch.set_visible(False)
-        more, moreLabels = twin.get_legend_handles_labels()
-        handles, labels = handles + more, labels + moreLabels
-    axes.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3,
-                fontsize="small", frameon=False)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _finishTimeAxes(axes, timelines, origin, "Migration throughput", "throughput (MB/s)",
+                    None if drawn else "no throughput windows recorded", twin)
+    _save(plt, figure, path)
 
 
 def _latencySamples(timelines: dict[str, dict[str, Any]]) -> tuple[list[float], dict[str, Any] | None]:
@@ -226,9 +255,7 @@ def plotLatency(plt: Any, timelines: dict[str, dict[str, Any]], path: Path) -> N
     cdf.set_ylim(0, 1.05)
     for axes in (histogram, cdf):
         axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def plotBlocktime(plt: Any, timelines: dict[str, dict[str, Any]], path: Path) -> None:
@@ -265,20 +292,10 @@ def plotBlocktime(plt: Any, timelines: dict[str, dict[str, Any]], path: Path) ->
         axes.plot(times, totals, color="black", linewidth=2, linestyle=":",
                   label="all vCPUs blocked at once (postcopy-blocktime)")
         drawn = True
-    _markStatuses(axes, timelines, origin)
-    axes.set_title("Postcopy blocktime per vCPU (cumulative)")
-    axes.set_xlabel("time since the migration started (s)")
-    axes.set_ylabel("blocked time (ms)")
-    axes.set_ylim(bottom=0)
-    axes.grid(True, alpha=0.3)
-    if not drawn:
-        axes.text(0.5, 0.5, "no blocktime recorded (postcopy-blocktime capability off?)",
-                  transform=axes.transAxes, ha="center", va="center")
-    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize="small",
-                frameon=False)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _finishTimeAxes(axes, timelines, origin, "Postcopy blocktime per vCPU (cumulative)",
+                    "blocked time (ms)",
+                    None if drawn else "no blocktime recorded (postcopy-blocktime capability off?)")
+    _save(plt, figure, path)
 
 
 def writeReport(document: dict[str, Any], directory: Path) -> list[Path]:
