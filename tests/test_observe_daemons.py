@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet import defer, utils
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -42,7 +42,7 @@ def _requireReal() -> None:
         checkUserfaultfd()
     except UffdUnavailableError as e:
         missingReal(f"userfaultfd: {e}")
-    for module, extra in (("prometheus_client", "metrics"), ("rich", "watch")):
+    for module, extra in (("prometheus_client", "metrics"), ("rich", "watch"), ("matplotlib", "report")):
         try:
             __import__(module)
         except ImportError:
@@ -70,17 +70,51 @@ async def scrape(reactor: Any, url: bytes) -> dict[str, float]:
     @return: C{name{label="value",...}} -> value, labels sorted.
     """
     from prometheus_client.parser import text_string_to_metric_families
-    from twisted.web.client import Agent, readBody
+    from twisted.web.client import Agent
 
     response = await Agent(reactor).request(b"GET", url)
     assert response.code == 200, response.code
-    body = (await readBody(response)).decode()
+    collector = _Body()
+    response.deliverBody(collector)
+    body = (await collector.done).decode()
     samples = {}
     for family in text_string_to_metric_families(body):
         for sample in family.samples:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}"] = sample.value
     return samples
+
+
+class _Body(Protocol):
+    """
+    Collects a response body; L{done} fires with it.
+    """
+
+    def __init__(self) -> None:
+        """
+        Nothing yet.
+        """
+        self.data = b""
+        self.done: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        @param data: more of the body.
+        """
+        self.data += data
+
+    def connectionLost(self, reason: Any) -> None:
+        """
+        The body is complete (C{ResponseDone}) or cut short.
+
+        @param reason: why.
+        """
+        from twisted.web.client import ResponseDone
+
+        if reason.check(ResponseDone):
+            self.done.callback(self.data)
+        else:
+            self.done.errback(reason)
 
 
 class MetricsDuringMigrationTests(TestCase):
@@ -135,6 +169,29 @@ class MetricsDuringMigrationTests(TestCase):
             if self.reactor.seconds() > deadline:
                 self.fail(f"{daemon.name} still {info.get('status')!r}")
             await deferLater(self.reactor, 0.05, lambda: None)
+
+    async def _timelineCommand(self, daemon: Daemon, expected: dict[str, Any]) -> None:
+        """
+        C{postcopy x-query-migrate-timeline} prints the timeline the AMP
+        command answered; C{postcopy report} draws it.
+
+        @param daemon: the daemon.
+        @param expected: its timeline, as the AMP client got it.
+        """
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "twisted_postcopy.cli", "x-query-migrate-timeline", "--control",
+                             daemon.control], env=pluginEnvironment(), reactor=self.reactor)
+        self.assertEqual(code, 0, err.decode())
+        printed = json.loads(out)
+        self.assertEqual((printed["role"], printed["statuses"], printed["latency"]),
+                         (expected["role"], expected["statuses"], expected["latency"]))
+        path = self.workdir / "timeline.json"
+        path.write_bytes(out)
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "twisted_postcopy.cli", "report", str(path), "-o",
+                             str(self.workdir / "plots")], env=pluginEnvironment(), reactor=self.reactor)
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual(len(out.split()), 3)
 
     @defer.inlineCallbacks
     def test_scrapeWatchTimeline(self) -> Any:
@@ -241,7 +298,7 @@ class MetricsDuringMigrationTests(TestCase):
         # Every page arrived; pages discarded at the switch arrived twice.
         self.assertGreaterEqual(received, RAM)
         self.assertLessEqual(received, (ram["normal"] + ram["duplicate"]) * 4096)
-        (self.workdir / "source-timeline.json").write_text(json.dumps(sourceTimeline))
+        await self._timelineCommand(destination, destinationTimeline)
 
         lines = out.decode().splitlines()
         self.assertTrue(any(line.startswith("source") and "active" in line for line in lines), lines)
