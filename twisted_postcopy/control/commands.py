@@ -325,8 +325,9 @@ class QuerySnapshot(Command):
 class ChunkedJSON(Argument):
     """
     A JSON value that may exceed AMP's 64 KiB value limit: its text is
-    split over keys C{NAME.0}, C{NAME.1}, ... of at most L{CHUNK} bytes,
-    and C{NAME} holds the chunk count (at most L{MAX_CHUNKS}).
+    split over keys C{NAME.0}, C{NAME.1}, ... of at most
+    L{ChunkedJSON.CHUNK} bytes, and C{NAME} holds the chunk count (at most
+    L{ChunkedJSON.MAX_CHUNKS}).
     """
 
     #: Bytes per chunk (below AMP's 65535-byte value limit).

@@ -126,7 +126,7 @@ class MigrationCollector:
         """
         Read everything a scrape shows (call on the reactor thread).
 
-        @return: C{counters}, C{latency} (L{RequestLatencies} figures or
+        @return: C{counters}, C{latency} (L{twisted_postcopy.observe.timeline.RequestLatencies} figures or
             L{None}), C{entered} (status -> count), C{throughput} (bytes/s
             of the last full window) and C{snapshots} (kind, status pairs).
         """
@@ -152,9 +152,9 @@ class MigrationCollector:
 
     def _readOnReactor(self) -> dict[str, Any]:
         """
-        L{read} on the reactor thread, waiting for it from a worker thread.
+        L{MigrationCollector.read} on the reactor thread, waiting for it from a worker thread.
 
-        @return: what L{read} returns.
+        @return: what L{MigrationCollector.read} returns.
         """
         from twisted.internet.threads import blockingCallFromThread
         from twisted.python.threadable import isInIOThread

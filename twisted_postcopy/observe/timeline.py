@@ -10,7 +10,7 @@ histogram buckets plus a uniform reservoir of L{MAX_LATENCY_SAMPLES},
 statuses stop at L{MAX_STATUSES}.  The answer stays far below the control
 API's box size (see L{twisted_postcopy.control.commands.ChunkedJSON}).
 
-The timeline reads the engine's counters (L{counters.readCounters}) once
+The timeline reads the engine's counters (L{twisted_postcopy.observe.counters.readCounters}) once
 per window and observes the fault service (an
 L{twisted_postcopy.interfaces.IFaultObserver}) for latencies: a fault on
 a missing page starts a clock for that page, its placement stops it.
