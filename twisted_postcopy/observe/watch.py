@@ -139,12 +139,16 @@ class RichDisplay:
         @param info: the answer.
         """
         ram = info.get("ram") or {}
+        # A destination's query-migrate has no RAM figures: the bar pulses
+        # until the end.
+        known = bool(ram) or info.get("status") in FINAL
         self.progress.update(
-            self.task, completed=fractionDone(info, ram.get("total") or 0),
+            self.task, total=1.0 if known else None,
+            completed=fractionDone(info, ram.get("total") or 0) if known else 0,
             side="source" if ram else "destination" if info else "migration",
             status=info.get("status", "none"),
             rate=f"{ram.get('mbps', 0):.0f} Mbps, sent {_mib(ram.get('transferred'))}" if ram else "",
-            requests=ram.get("postcopy-requests", 0), stall=stallText(info))
+            requests=ram.get("postcopy-requests", 0) if ram else "-", stall=stallText(info))
 
     def finish(self) -> None:
         """
