@@ -7,10 +7,13 @@ Tests for L{twisted_postcopy.observe.metrics} and the C{--metrics} option
 from __future__ import annotations
 
 import sys
+import threading
+from typing import Any
 
+from twisted.internet import defer, threads as threads_
 from twisted.internet.task import Clock
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.test_observe_timeline import StandInManager, _Outgoing
 from twisted_postcopy import tap
@@ -215,3 +218,63 @@ class CollectorTests(SynchronousTestCase):
         samples = self._scrape(metrics.MigrationCollector(StandInManager(clock), None, Jobs(), clock))
         self.assertEqual(samples['postcopy_snapshot_jobs{kind="capture",status="active"}'], 1)
         self.assertEqual(samples['postcopy_snapshot_jobs{kind="restore",status="completed"}'], 2)
+
+
+class ThreadTests(TestCase):
+    """
+    A scrape runs in the web server's worker thread; the counters are read
+    on the reactor thread.
+    """
+
+    def setUp(self) -> None:
+        """
+        Need prometheus-client.
+        """
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            missingReal("prometheus-client (the 'metrics' extra) is not installed")
+
+    @defer.inlineCallbacks
+    def test_readOnReactorThread(self) -> Any:
+        """
+        Collecting from a worker thread reads on the reactor thread.
+        """
+        from twisted.internet import reactor
+
+        clock = Clock()
+        collector = metrics.MigrationCollector(StandInManager(clock), None, None, reactor)
+        threads = []
+        read = collector.read
+        self.patch(collector, "read", lambda: threads.append(threading.current_thread()) or read())
+        families = yield threads_.deferToThread(lambda: list(collector.collect()))
+        self.assertEqual(threads, [threading.main_thread()])
+        self.assertIn("postcopy_migration_status", [f.name for f in families])
+
+    def test_reactorSilent(self) -> None:
+        """
+        A reactor that never runs the read (shutting down) fails the scrape
+        after L{metrics.READ_TIMEOUT} instead of holding the thread.
+        """
+
+        class Silent:
+            running = True
+
+            def callFromThread(self, f: Any, *a: Any) -> None:
+                pass
+
+        self.patch(metrics, "READ_TIMEOUT", 0.05)
+        collector = metrics.MigrationCollector(StandInManager(Clock()), None, None, Silent())
+        result: list = []
+
+        def scrape() -> None:
+            try:
+                list(collector.collect())
+            except metrics.MetricsError as e:
+                result.append(e)
+
+        worker = threading.Thread(target=scrape)
+        worker.start()
+        worker.join(5)
+        self.assertEqual(len(result), 1)
+        self.assertIn("did not answer", str(result[0]))

@@ -17,6 +17,7 @@ operator passes C{--metrics-allow-remote}.
 from __future__ import annotations
 
 import ipaddress
+import queue
 from typing import Any, Iterator
 
 from twisted.internet.endpoints import serverFromString
@@ -28,6 +29,8 @@ from twisted_postcopy.observe.timeline import LATENCY_BUCKETS
 #: The extra that brings C{prometheus-client}.
 EXTRA = "metrics"
 
+#: Seconds a scrape waits for the reactor thread to read the counters.
+READ_TIMEOUT = 5.0
 #: Every status name of QEMU 7.2's C{MigrationStatus} that our engines use.
 STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
             "postcopy-paused", "postcopy-recover", "completed", "failed")
@@ -152,16 +155,37 @@ class MigrationCollector:
 
     def _readOnReactor(self) -> dict[str, Any]:
         """
-        L{MigrationCollector.read} on the reactor thread, waiting for it from a worker thread.
+        L{MigrationCollector.read} on the reactor thread, waited for from
+        the worker thread for at most L{READ_TIMEOUT} seconds (so a scrape
+        during shutdown cannot hold the thread pool's join forever).
 
         @return: what L{MigrationCollector.read} returns.
+        @raise MetricsError: the reactor did not answer in time.
         """
-        from twisted.internet.threads import blockingCallFromThread
+        from twisted.python.failure import Failure
         from twisted.python.threadable import isInIOThread
 
         if isInIOThread() or not getattr(self.reactor, "running", False):
             return self.read()
-        return blockingCallFromThread(self.reactor, self.read)
+        answer: queue.Queue = queue.Queue(1)
+
+        def read() -> None:
+            """
+            Read on the reactor thread and hand the result over.
+            """
+            try:
+                answer.put(self.read())
+            except Exception:
+                answer.put(Failure())
+
+        self.reactor.callFromThread(read)
+        try:
+            result = answer.get(timeout=READ_TIMEOUT)
+        except queue.Empty:
+            raise MetricsError(f"the reactor did not answer within {READ_TIMEOUT} s") from None
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
 
     def collect(self) -> Iterator[Any]:
         """
