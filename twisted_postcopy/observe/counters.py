@@ -18,7 +18,8 @@ TARGET_PAGE = 4096
 def _receivedPages(incoming: Any) -> tuple[int, int]:
     """
     Pages the destination holds, from its received bitmaps (one byte per
-    host page, nonzero once received), else its fault service's blocks.
+    host page, nonzero once received), else its fault service's blocks'
+    received maps, else the placer's count of pages placed.
 
     @param incoming: an L{twisted_postcopy.destination.incoming.IncomingMigration}.
     @return: (host pages received, bytes they cover).
@@ -39,6 +40,9 @@ def _receivedPages(incoming: Any) -> tuple[int, int]:
         count = block.receivedMap.count()
         pages += count
         size += count * block.pageSize
+    if not blocks and placer is not None:
+        pages = getattr(placer, "pagesPlaced", 0)
+        size = pages * TARGET_PAGE
     return pages, size
 
 
