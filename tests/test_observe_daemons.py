@@ -42,7 +42,7 @@ def _requireReal() -> None:
         checkUserfaultfd()
     except UffdUnavailableError as e:
         missingReal(f"userfaultfd: {e}")
-    for module, extra in (("prometheus_client", "metrics"), ("rich", "watch"), ("matplotlib", "report")):
+    for module, extra in (("prometheus_client", "metrics"), ("matplotlib", "report")):
         try:
             __import__(module)
         except ImportError:
