@@ -221,11 +221,14 @@ class MetricsDuringMigrationTests(TestCase):
         await destination.client.setCapabilities({"postcopy-ram": True, "postcopy-blocktime": True})
         await destination.client.migrateIncoming(uri)
         await source.client.setParameters({"max-bandwidth": BANDWIDTH})
-        watcher = _Watcher()
-        self.reactor.spawnProcess(
-            watcher, sys.executable, [sys.executable, "-m", "twisted_postcopy.cli", "watch",
-                                      "--control", source.control, "--interval", "0.1"],
-            env=pluginEnvironment())
+        watcher, destinationWatcher = _Watcher(), _Watcher()
+        for each, daemon in ((watcher, source), (destinationWatcher, destination)):
+            self.reactor.spawnProcess(
+                each, sys.executable, [sys.executable, "-m", "twisted_postcopy.cli", "watch",
+                                       "--control", daemon.control, "--interval", "0.1"],
+                env=pluginEnvironment())
+        # The destination listens already (status setup): its watch does not wait.
+        destinationWatcher.waiting.addErrback(lambda _: None)
         await watcher.waiting
         await source.client.migrate(uri)
 
@@ -246,6 +249,10 @@ class MetricsDuringMigrationTests(TestCase):
         code = await watcher.ended
         out, err = watcher.out, watcher.err
         self.assertEqual(code, 0, err.decode())
+        self.assertEqual(await destinationWatcher.ended, 0, destinationWatcher.err.decode())
+        vcpu = ", ".join(map(str, destinationInfo["postcopy-vcpu-blocktime"]))
+        self.assertIn(f"destination  completed: postcopy blocktime {destinationInfo['postcopy-blocktime']} ms, "
+                      f"per vCPU {vcpu} ms\n", destinationWatcher.out.decode())
 
         sent = await scrape(self.reactor, sourceURL)
         ram = sourceInfo["ram"]
