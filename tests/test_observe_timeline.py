@@ -70,22 +70,28 @@ class StandInManager:
 
 class _FaultService:
     """
-    Stand-in for a fault service (unit tests only): keeps its observer.
+    Stand-in for a fault service (unit tests only): keeps its
+    address-keyed observers.
     """
 
     def __init__(self) -> None:
         """
         No observer yet.
         """
-        self.observers: list = []
+        self.onFault: list = []
+        self.onPlaced: list = []
 
-    def subscribe(self, observer: Any) -> Any:
+    def addFaultObserver(self, callback: Any) -> None:
         """
-        @param observer: an L{IFaultObserver}.
-        @return: an unsubscriber.
+        @param callback: gets (thread id, address, received).
         """
-        self.observers.append(observer)
-        return lambda: None
+        self.onFault.append(callback)
+
+    def addPlacementObserver(self, callback: Any) -> None:
+        """
+        @param callback: gets the address.
+        """
+        self.onPlaced.append(callback)
 
 
 class TimelineTests(SynchronousTestCase):
@@ -184,7 +190,8 @@ class TimelineTests(SynchronousTestCase):
         service = _FaultService()
         for hook in self.manager.faultServiceHooks:
             hook(service)
-        self.assertEqual(service.observers, [self.timeline.latencies])
+        self.assertEqual((service.onFault, service.onPlaced),
+                         ([self.timeline.latencies.faultBegan], [self.timeline.latencies.pagePlaced]))
 
     def test_detach(self) -> None:
         """
@@ -206,13 +213,20 @@ class LatencyTests(SynchronousTestCase):
         """
         A page's latency runs from its first fault to its placement; a
         second fault on it does not restart the clock; a placement nobody
-        waited for is not counted.
+        waited for, and a fault on a page already received, are not
+        counted.
         """
-        latencies = T.RequestLatencies()
-        latencies.faultBegan(1, "ram", 4096, 1_000_000)
-        latencies.faultBegan(2, "ram", 4096, 2_000_000)
-        latencies.pagePlaced("ram", 4096, 4_000_000)
-        latencies.pagePlaced("ram", 8192, 5_000_000)
+        now = [0]
+        latencies = T.RequestLatencies(clock=lambda: now[0])
+        now[0] = 1_000_000
+        latencies.faultBegan(1, 0x1000)
+        now[0] = 2_000_000
+        latencies.faultBegan(2, 0x1000)
+        latencies.faultBegan(2, 0x3000, True)
+        now[0] = 4_000_000
+        latencies.pagePlaced(0x1000)
+        latencies.pagePlaced(0x2000)
+        latencies.pagePlaced(0x3000)
         answer = latencies.query()
         self.assertEqual(answer["count"], 1)
         self.assertEqual(answer["samples-us"], [3000])

@@ -10,10 +10,11 @@ histogram buckets plus a uniform reservoir of L{MAX_LATENCY_SAMPLES},
 statuses stop at L{MAX_STATUSES}.  The answer stays far below the control
 API's box size (see L{twisted_postcopy.control.commands.ChunkedJSON}).
 
-The timeline reads the engine's counters (L{twisted_postcopy.observe.counters.readCounters}) once
-per window and observes the fault service (an
-L{twisted_postcopy.interfaces.IFaultObserver}) for latencies: a fault on
-a missing page starts a clock for that page, its placement stops it.
+The timeline reads the engine's counters
+(L{twisted_postcopy.observe.counters.readCounters}) once per window and
+observes the fault service (its address-keyed observers, as blocktime
+does) for latencies: a fault on a missing page starts a clock for that
+page, its placement stops it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from __future__ import annotations
 import bisect
 import random
 import time
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.task import LoopingCall
-from zope.interface import implementer
-
-from twisted_postcopy.interfaces import IFaultObserver
+from twisted.logger import Logger
 from twisted_postcopy.observe.counters import movedBytes, readCounters
+
+_log = Logger()
 
 #: Seconds per throughput window (QEMU's rate-limit window).
 WINDOW = 0.1
@@ -46,11 +47,12 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 FINAL = frozenset({"completed", "failed", "cancelled"})
 
 
-@implementer(IFaultObserver)
 class RequestLatencies:
     """
     Times each page a guest thread waited for, from its first fault to its
-    placement (C{CLOCK_MONOTONIC} ns from the fault service).
+    placement.  It is fed by the fault service's address-keyed observers
+    (the ones blocktime uses: C{addFaultObserver}, C{addPlacementObserver}),
+    with C{CLOCK_MONOTONIC} read when each is called.
 
     @ivar count: pages timed.
     @ivar total: sum of their latencies (seconds).
@@ -60,10 +62,12 @@ class RequestLatencies:
     @ivar samples: a uniform reservoir of latencies (seconds).
     """
 
-    def __init__(self, seed: int = 0, maxSamples: int = MAX_LATENCY_SAMPLES) -> None:
+    def __init__(self, seed: int = 0, maxSamples: int = MAX_LATENCY_SAMPLES,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
         """
         @param seed: seeds the reservoir's choices.
         @param maxSamples: the reservoir's size.
+        @param clock: monotonic nanoseconds.
         """
         self.count = 0
         self.total = 0.0
@@ -71,33 +75,45 @@ class RequestLatencies:
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.samples: list[float] = []
         self.maxSamples = maxSamples
+        self.clock = clock
         self._random = random.Random(seed)
-        self._started: dict[tuple[str, int], int] = {}
+        self._started: dict[int, int] = {}
 
-    def faultBegan(self, threadId: int, block: str, offset: int, t: int) -> None:
+    def attach(self, service: Any) -> bool:
         """
-        A thread faulted on a missing page: start its clock (the first
+        Observe a fault service.
+
+        @param service: it (with C{addFaultObserver} and
+            C{addPlacementObserver}).
+        @return: whether it could be observed.
+        """
+        if not (hasattr(service, "addFaultObserver") and hasattr(service, "addPlacementObserver")):
+            return False
+        service.addFaultObserver(self.faultBegan)
+        service.addPlacementObserver(self.pagePlaced)
+        return True
+
+    def faultBegan(self, threadId: int, address: int, received: bool = False) -> None:
+        """
+        A thread faulted: start the clock of a missing page (the first
         fault on a page counts).
 
         @param threadId: the thread.
-        @param block: the RAMBlock idstr.
-        @param offset: the page offset.
-        @param t: monotonic ns.
+        @param address: the page's address in the daemon's mapping.
+        @param received: whether the page was already there (no wait).
         """
-        if len(self._started) < MAX_OUTSTANDING:
-            self._started.setdefault((block, offset), t)
+        if not received and len(self._started) < MAX_OUTSTANDING:
+            self._started.setdefault(address, self.clock())
 
-    def pagePlaced(self, block: str, offset: int, t: int) -> None:
+    def pagePlaced(self, address: int) -> None:
         """
         A waited-for page was placed: record its latency.
 
-        @param block: the RAMBlock idstr.
-        @param offset: the page offset.
-        @param t: monotonic ns.
+        @param address: the page's address in the daemon's mapping.
         """
-        began = self._started.pop((block, offset), None)
+        began = self._started.pop(address, None)
         if began is not None:
-            self.record(max(0, t - began) / 1e9)
+            self.record(max(0, self.clock() - began) / 1e9)
 
     def record(self, latency: float) -> None:
         """
@@ -216,9 +232,9 @@ class MigrationTimeline:
 
         @param service: the fault service.
         """
-        subscribe = getattr(service, "subscribe", None)
-        if subscribe is not None:
-            subscribe(self.latencies)
+        if not self.latencies.attach(service):
+            _log.warn("timeline: fault service {service!r} cannot be observed: no request latencies",
+                      service=service)
 
     def _event(self, event: dict[str, Any]) -> None:
         """
