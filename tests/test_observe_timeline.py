@@ -311,3 +311,34 @@ class CountersTests(SynchronousTestCase):
         self.assertEqual(counters["postcopy-requests"], 7)
         self.assertEqual(counters["vcpu-blocktime-ms"], [0, 40])
         self.assertEqual(counters["vcpu-threads"], [11, 12])
+
+
+class ReceivedMapTests(SynchronousTestCase):
+    """
+    L{readCounters} on a destination whose placer keeps no received table:
+    the RAMBlocks' received bitmaps count.
+    """
+
+    def test_blocksReceivedMap(self) -> None:
+        """
+        Real L{twisted_postcopy.ram.block.RAMBlock}s with pages written.
+        """
+        from twisted_postcopy.ram.block import RAMBlock
+
+        block = RAMBlock("ram", 16 * 4096)
+        self.addCleanup(block.close)
+        block.receivedMap.set(2, 3)
+
+        class Placer:
+            blocks = {"ram": block}
+
+        class Incoming:
+            placer = Placer()
+            faults = None
+            returnPath = None
+
+        manager = StandInManager(Clock())
+        manager.incoming = Incoming()
+        counters = readCounters(manager)
+        self.assertEqual(counters["pages"]["received"]["all"], 3)
+        self.assertEqual(counters["bytes"]["received"]["all"], 3 * 4096)

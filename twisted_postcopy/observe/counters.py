@@ -17,32 +17,29 @@ TARGET_PAGE = 4096
 
 def _receivedPages(incoming: Any) -> tuple[int, int]:
     """
-    Pages the destination holds, from its received bitmaps (one byte per
-    host page, nonzero once received), else its fault service's blocks'
-    received maps, else the placer's count of pages placed.
+    Pages the destination holds: from the placer's received table when it
+    keeps one (one byte per host page, nonzero once received), else from
+    its RAMBlocks' received bitmaps (QEMU's C{receivedmap}).
 
     @param incoming: an L{twisted_postcopy.destination.incoming.IncomingMigration}.
     @return: (host pages received, bytes they cover).
     """
     placer = getattr(incoming, "placer", None)
     received = getattr(placer, "received", None)
+    pages = size = 0
     if received is not None:
-        pages = size = 0
         for idstr, bits in list(received.items()):
             count = len(bits) - bits.count(0)
             pages += count
             size += count * placer.blocks[idstr].pageSize
         return pages, size
-    faults = getattr(incoming, "faults", None)
-    blocks = getattr(faults, "blocks", None) or {}
-    pages = size = 0
+    blocks = getattr(placer, "blocks", None) or getattr(getattr(incoming, "faults", None), "blocks", None) or {}
     for block in list(blocks.values()):
-        count = block.receivedMap.count()
-        pages += count
-        size += count * block.pageSize
-    if not blocks and placer is not None:
-        pages = getattr(placer, "pagesPlaced", 0)
-        size = pages * TARGET_PAGE
+        receivedMap = getattr(block, "receivedMap", None)
+        if receivedMap is not None:
+            count = receivedMap.count()
+            pages += count
+            size += count * block.pageSize
     return pages, size
 
 
