@@ -342,3 +342,38 @@ class ReceivedMapTests(SynchronousTestCase):
         counters = readCounters(manager)
         self.assertEqual(counters["pages"]["received"]["all"], 3)
         self.assertEqual(counters["bytes"]["received"]["all"], 3 * 4096)
+
+
+class ChunkedJSONTests(SynchronousTestCase):
+    """
+    Tests for L{twisted_postcopy.control.commands.ChunkedJSON}: the
+    timeline crosses AMP's 64 KiB value limit in chunks.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        A 300 KB answer is serialised in several values, none over AMP's
+        limit, and parsed back equal.
+        """
+        from twisted.protocols import amp
+
+        from twisted_postcopy.control.commands import ChunkedJSON, QueryMigrateTimeline
+
+        big = {"bytes": list(range(60000)), "name": "x" * 1000}
+        box = QueryMigrateTimeline.makeResponse({"timeline": big}, None)
+        wire = box.serialize()
+        [parsed] = amp.parseString(wire)
+        self.assertGreater(int(parsed[b"timeline"]), 3)
+        self.assertTrue(all(len(v) <= ChunkedJSON.CHUNK for v in parsed.values()))
+        self.assertEqual(QueryMigrateTimeline.parseResponse(parsed, None)["timeline"], big)
+
+    def test_tooManyChunks(self) -> None:
+        """
+        A peer announcing more than C{MAX_CHUNKS} chunks is refused before
+        anything is joined.
+        """
+        from twisted_postcopy.control.commands import ChunkedJSON
+
+        self.assertRaises(ValueError, ChunkedJSON().fromBox, b"timeline",
+                          {b"timeline": str(ChunkedJSON.MAX_CHUNKS + 1).encode()}, {}, None)
+        self.assertRaises(ValueError, ChunkedJSON().fromBox, b"timeline", {b"timeline": b"0"}, {}, None)
