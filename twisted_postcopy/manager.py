@@ -23,7 +23,7 @@ from twisted_postcopy.protocols.recovery import RecoveryListener, migratePause, 
 from twisted_postcopy.protocols.factories import (
     DestinationFactory, SourceFactory, clientEndpoint, parseURI, serverEndpoint)
 from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
-from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
+from twisted_postcopy.state import FINISHED, MigrationStatus as S
 from twisted_postcopy.source.outgoing import OutgoingMigration
 
 #: QEMU 7.2's capabilities, in enum order.
