@@ -19,7 +19,7 @@ from tests.test_observe_timeline import StandInManager, _Outgoing
 from twisted_postcopy import tap
 from twisted_postcopy.observe import metrics
 from twisted_postcopy.observe.timeline import MigrationTimeline
-from twisted_postcopy.source.machine import MigrationStatus as S
+from twisted_postcopy.state import MigrationStatus as S
 from twisted_postcopy.testing.real import missingReal
 
 

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted_postcopy.blocktime import BlocktimeContext
 from twisted_postcopy.observe import timeline as T
 from twisted_postcopy.observe.counters import readCounters
-from twisted_postcopy.source.machine import MigrationStatus as S
+from twisted_postcopy.state import MigrationStatus as S
 from twisted_postcopy.source.stats import TransferStats
 
 

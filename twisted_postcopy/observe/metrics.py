@@ -25,6 +25,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted_postcopy.errors import PostcopyError
 from twisted_postcopy.observe.counters import readCounters
 from twisted_postcopy.observe.timeline import LATENCY_BUCKETS
+from twisted_postcopy.state import MigrationStatus
 
 #: The extra that brings C{prometheus-client}.
 EXTRA = "metrics"
@@ -32,8 +33,7 @@ EXTRA = "metrics"
 #: Seconds a scrape waits for the reactor thread to read the counters.
 READ_TIMEOUT = 5.0
 #: Every status name of QEMU 7.2's C{MigrationStatus} that our engines use.
-STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
-            "postcopy-paused", "postcopy-recover", "completed", "failed")
+STATUSES = tuple(status.value for status in MigrationStatus)
 
 
 class MetricsError(PostcopyError):

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted_postcopy.observe.counters import movedBytes, readCounters
+from twisted_postcopy.state import FINISHED, MigrationStatus
 
 _log = Logger()
 
@@ -43,8 +44,8 @@ MAX_OUTSTANDING = 65536
 #: Upper bounds (seconds) of the latency histogram buckets.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-#: Statuses after which nothing moves.
-FINAL = frozenset({"completed", "failed", "cancelled"})
+#: Statuses after which a migration does not move (QMP names).
+FINAL = frozenset(status.value for status in FINISHED if status is not MigrationStatus.NONE)
 
 
 class RequestLatencies:

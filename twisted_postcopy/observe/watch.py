@@ -25,9 +25,7 @@ from typing import Any, Awaitable, Callable, TextIO
 
 from twisted_postcopy.control.progress import (
     Progress, _mib, destinationReportLines, fractionDone, sourceReportLines)
-
-#: Statuses after which a migration does not move.
-FINAL = frozenset({"completed", "failed", "cancelled"})
+from twisted_postcopy.observe.timeline import FINAL
 
 
 class WatchError(Exception):
