@@ -48,7 +48,8 @@ def _restoreModule(name: str, module: object) -> None:
 
 class EndpointTests(SynchronousTestCase):
     """
-    Tests for L{metrics.metricsEndpoint}: loopback only unless allowed.
+    Tests for L{metrics.metricsEndpoint}: the daemon's access policy, with
+    plaintext TCP accepted on loopback (the page only reads).
     """
 
     def test_loopback(self) -> None:
@@ -62,38 +63,45 @@ class EndpointTests(SynchronousTestCase):
     def test_offHostRefused(self) -> None:
         """
         No interface (every interface) or a non-loopback one is refused
-        with a message naming the fix and the flag.
+        with a message naming the fix and the secure alternative.
         """
         for description in ("tcp:9100", "tcp:9100:interface=0.0.0.0", "tcp:9100:interface=10.1.2.3"):
-            error = self.assertRaises(metrics.MetricsError, metrics.metricsEndpoint, Clock(), description)
+            error = self.assertRaises(metrics.MetricsError, metrics.checkMetricsEndpoint, description)
             self.assertIn("interface=127.0.0.1", str(error))
-            self.assertIn("--metrics-allow-remote", str(error))
+            self.assertIn("caCerts=", str(error))
 
-    def test_allowRemote(self) -> None:
+    def test_sslNeedsClientCertificates(self) -> None:
         """
-        With C{allowRemote} any interface is accepted.
+        C{ssl:} without C{caCerts=} is refused, as for the control endpoint.
         """
-        endpoint = metrics.metricsEndpoint(Clock(), "tcp:9100:interface=0.0.0.0", allowRemote=True)
-        self.assertEqual(endpoint._interface, "0.0.0.0")
+        error = self.assertRaises(metrics.MetricsError, metrics.checkMetricsEndpoint,
+                                  "ssl:9100:privateKey=k.pem:certKey=c.pem")
+        self.assertIn("caCerts", str(error))
 
     def test_unixPrivate(self) -> None:
         """
-        A Unix socket is 0600 unless a mode is given.
+        A Unix socket goes through the access policy: 0600 unless a mode is
+        given.
         """
-        self.assertEqual(metrics.metricsEndpoint(Clock(), "unix:/tmp/observe-m.sock")._mode, 0o600)
-        self.assertEqual(metrics.metricsEndpoint(Clock(), "unix:/tmp/observe-m.sock:mode=640")._mode,
+        from twisted_postcopy.access import UNIXAccessEndpoint
+
+        endpoint = metrics.metricsEndpoint(Clock(), "unix:/tmp/observe-m.sock")
+        self.assertIsInstance(endpoint, UNIXAccessEndpoint)
+        self.assertEqual(endpoint.policy.mode, 0o600)
+        self.assertEqual(metrics.metricsEndpoint(Clock(), "unix:/tmp/observe-m.sock:mode=640").policy.mode,
                          0o640)
 
     def test_garbage(self) -> None:
         """
-        An unparsable description is a L{metrics.MetricsError}.
+        A bad port or an unknown kind is a L{metrics.MetricsError}.
         """
-        self.assertRaises(metrics.MetricsError, metrics.metricsEndpoint, Clock(), "tcp:notaport")
+        for description in ("tcp:notaport:interface=127.0.0.1", "foo:1"):
+            self.assertRaises(metrics.MetricsError, metrics.checkMetricsEndpoint, description)
 
 
 class OptionTests(SynchronousTestCase):
     """
-    The plugin's C{--metrics} options.
+    The plugin's C{--metrics} option.
     """
 
     def test_refusedOffHost(self) -> None:
@@ -103,12 +111,12 @@ class OptionTests(SynchronousTestCase):
         error = self.assertRaises(usage.UsageError, _options, "--metrics", "tcp:9100")
         self.assertIn("loopback", str(error))
 
-    def test_allowRemoteFlag(self) -> None:
+    def test_accepted(self) -> None:
         """
-        C{--metrics-allow-remote} lets it through.
+        C{--metrics tcp:0:interface=127.0.0.1} is accepted.
         """
-        options = _options("--metrics", "tcp:9100", "--metrics-allow-remote")
-        self.assertEqual((options["metrics"], options["metrics-allow-remote"]), ("tcp:9100", True))
+        self.assertEqual(_options("--metrics", "tcp:0:interface=127.0.0.1")["metrics"],
+                         "tcp:0:interface=127.0.0.1")
 
     def test_missingExtra(self) -> None:
         """

@@ -9,18 +9,15 @@ A scrape reads the engine's existing counters once (on the reactor thread:
 the WSGI resource runs in a worker thread, which must not read state the
 reactor is changing); nothing is counted per page for the metrics.
 
-The metrics endpoint has no TLS and no authentication, so it listens on
-loopback (or a Unix socket, 0600 unless a C{mode} is given) unless the
-operator passes C{--metrics-allow-remote}.
+The endpoint goes through the daemon's access policy
+(L{twisted_postcopy.access}): a Unix socket (0600, peers checked), plaintext
+TCP on loopback only, or C{ssl:} with client certificates off this host.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import queue
 from typing import Any, Iterator
-
-from twisted.internet.endpoints import serverFromString
 
 from twisted_postcopy.errors import PostcopyError
 from twisted_postcopy.observe.counters import readCounters
@@ -57,49 +54,52 @@ def requirePrometheus() -> Any:
     return prometheus_client
 
 
-def _isLoopback(interface: str) -> bool:
+def checkMetricsEndpoint(description: str) -> None:
     """
-    @param interface: an address or host name to listen on.
-    @return: whether it is a loopback address (or C{localhost}).
+    Check a C{--metrics} endpoint description against the daemon's access
+    policy (L{twisted_postcopy.access.parseListening}).  The page only
+    reads, so plaintext TCP is accepted on a loopback interface; off this
+    host it must be C{ssl:} with C{caCerts=} (clients present
+    certificates), as for every endpoint of the daemon.
+
+    @param description: e.g. C{tcp:9100:interface=127.0.0.1}.
+    @raise MetricsError: the endpoint is refused, saying what to use.
     """
-    if interface.lower() == "localhost":
-        return True
+    from twisted_postcopy.access import _isLoopback, _splitDescription, parseListening
+    from twisted_postcopy.errors import AccessError
+
     try:
-        return ipaddress.ip_address(interface.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        kind, args, options = _splitDescription(description)
+    except (ValueError, KeyError) as e:
+        raise MetricsError(f"--metrics {description!r}: {e}") from None
+    interface = options.get("interface", "")
+    if kind in ("tcp", "tcp6") and not (args and args[0].isdigit()):
+        raise MetricsError(f"--metrics {description!r}: expected tcp:PORT:interface=127.0.0.1")
+    if kind in ("tcp", "tcp6") and not _isLoopback(interface):
+        raise MetricsError(
+            f"--metrics {description!r} would listen on {interface or 'every interface'}: "
+            "plaintext metrics are served on loopback only (add interface=127.0.0.1); off this "
+            "host use ssl:PORT:privateKey=KEY:certKey=CERT:caCerts=CA (scrapers present "
+            "client certificates)")
+    try:
+        parseListening(description, True, "metrics endpoint")
+    except AccessError as e:
+        raise MetricsError(str(e)) from None
 
 
-def metricsEndpoint(reactor: Any, description: str, allowRemote: bool = False) -> Any:
+def metricsEndpoint(reactor: Any, description: str) -> Any:
     """
-    Parse and check a C{--metrics} endpoint description.
+    The server endpoint of a checked C{--metrics} description.
 
     @param reactor: the reactor.
-    @param description: e.g. C{tcp:9100:interface=127.0.0.1} or
-        C{unix:/run/postcopy-metrics.sock}.
-    @param allowRemote: accept an interface that is not loopback.
-    @return: the server endpoint.
-    @raise MetricsError: the endpoint would listen off this host and
-        C{allowRemote} is false, or it cannot be parsed.
+    @param description: see L{checkMetricsEndpoint}.
+    @return: the server endpoint (through L{twisted_postcopy.access}).
+    @raise MetricsError: the endpoint is refused.
     """
-    if description.startswith("unix:") and ":mode=" not in description:
-        description += ":mode=600"
-    try:
-        endpoint = serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
-        raise MetricsError(f"--metrics {description!r}: {e}") from None
-    if hasattr(endpoint, "_interface"):
-        interface = endpoint._interface
-        if not allowRemote and not _isLoopback(interface):
-            where = interface or "every interface"
-            raise MetricsError(
-                f"--metrics {description!r} would listen on {where}: the metrics endpoint has "
-                "no TLS or authentication, so it listens on loopback only (add "
-                "interface=127.0.0.1), unless --metrics-allow-remote is given")
-    elif not description.startswith("unix:") and not allowRemote:
-        raise MetricsError(f"--metrics {description!r}: only tcp (on loopback) and unix endpoints "
-                           "are accepted without --metrics-allow-remote")
-    return endpoint
+    from twisted_postcopy.access import listeningEndpoint
+
+    checkMetricsEndpoint(description)
+    return listeningEndpoint(reactor, description, True, "metrics endpoint")
 
 
 class MigrationCollector:

@@ -75,14 +75,13 @@ class MetricsListener(StreamServerEndpointService):
         return port
 
 
-def addObservability(service: Any, metrics: str | None = None, allowRemote: bool = False) -> None:
+def addObservability(service: Any, metrics: str | None = None) -> None:
     """
     Give a L{twisted_postcopy.service.MigrationService} its timeline and,
     with C{metrics}, a Prometheus endpoint.
 
     @param service: the daemon's service.
     @param metrics: a server endpoint description, or L{None}.
-    @param allowRemote: accept a metrics endpoint off loopback.
     @raise twisted_postcopy.observe.metrics.MetricsError: the extra is
         missing or the endpoint is refused.
     """
@@ -92,7 +91,7 @@ def addObservability(service: Any, metrics: str | None = None, allowRemote: bool
         return
     from twisted_postcopy.observe.metrics import metricsEndpoint, metricsSite
 
-    endpoint = metricsEndpoint(service.reactor, metrics, allowRemote)
+    endpoint = metricsEndpoint(service.reactor, metrics)
     site = metricsSite(service.manager, timeline.timeline, getattr(service, "snapshots", None),
                        service.reactor)
     listener = MetricsListener(endpoint, site)

@@ -74,6 +74,7 @@ class SourceProtocol(Protocol):
         self.migration.onFinished = self._finished
         self.migration.onPostcopy = self._postcopyStarted
         self.migration.onDeviceReady = self._wake
+        self.migration.onUrgent = self._wake
         if hasattr(self.transport, "socket") and hasattr(self.transport, "_tempDataLen"):
             self.migration.writeBuffers = self._writeBuffers
         if not self.migration.machine.inProgress:
