@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -34,6 +35,8 @@ IOV_MAX = 1024
 #: destination socket during postcopy.
 POSTCOPY_SNDBUF = 1 << 17
 
+_log = Logger()
+
 
 @implementer(IPushProducer)
 class SourceProtocol(Protocol):
@@ -49,7 +52,7 @@ class SourceProtocol(Protocol):
     def __init__(self, migration: Any, reactor: Any) -> None:
         """
         @param migration: the outgoing migration.
-        @param reactor: an L{IReactorTime}.
+        @param reactor: an L{twisted.internet.interfaces.IReactorTime}.
         """
         self.migration = migration
         self.reactor = reactor
@@ -268,6 +271,7 @@ class DestinationProtocol(Protocol):
             self.driver.receiveData(data)
             self.incoming.flush()
         except (PostcopyError, OSError) as error:
+            _log.warn("incoming migration stream: {error}", error=error)
             if not incomingChannelLost(self.incoming, self, error):
                 self.incoming.failed(error)
             self.transport.abortConnection()
