@@ -44,7 +44,7 @@ def _requireReal() -> None:
         checkUserfaultfd()
     except UffdUnavailableError as e:
         missingReal(f"userfaultfd: {e}")
-    for module, extra in (("prometheus_client", "metrics"), ("matplotlib", "report")):
+    for module, extra in (("prometheus_client", "metrics"), ("matplotlib", "report"), ("qemu.qmp", "watch")):
         try:
             __import__(module)
         except ImportError:
@@ -149,7 +149,7 @@ class MetricsDuringMigrationTests(TestCase):
         """
         daemon = await startDaemon(self.reactor, role, self.workdir, [
             "--role", role, "--guest", "stress", "--ram", f"{RAM}B",
-            "--metrics", "tcp:0:interface=127.0.0.1"])
+            "--metrics", "tcp:0:interface=127.0.0.1", "--qmp", f"unix:{self.workdir / role}.qmp"])
         self.daemons.append(daemon)
         self.addCleanup(lambda: defer.Deferred.fromCoroutine(daemon.stop(self.reactor)))
         return daemon
@@ -195,6 +195,27 @@ class MetricsDuringMigrationTests(TestCase):
         self.assertEqual(code, 0, err.decode())
         self.assertEqual(len(out.split()), 3)
 
+    async def _qmpTimeline(self, path: Path) -> dict[str, Any]:
+        """
+        C{x-query-migrate-timeline} over a daemon's QMP endpoint, with the
+        C{qemu.qmp} client in a child process.
+
+        @param path: the QMP socket.
+        @return: the timeline.
+        """
+        script = ("import asyncio, json, sys\n"
+                  "from qemu.qmp import QMPClient\n"
+                  "async def main():\n"
+                  "    qmp = QMPClient('test')\n"
+                  "    await qmp.connect(sys.argv[1])\n"
+                  "    print(json.dumps(await qmp.execute('x-query-migrate-timeline')))\n"
+                  "    await qmp.disconnect()\n"
+                  "asyncio.run(main())\n")
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-c", script, str(path)], env=pluginEnvironment(), reactor=self.reactor)
+        self.assertEqual(code, 0, err.decode())
+        return json.loads(out)
+
     @defer.inlineCallbacks
     def test_scrapeWatchTimeline(self) -> Any:
         """
@@ -226,10 +247,12 @@ class MetricsDuringMigrationTests(TestCase):
         await source.client.setParameters({"max-bandwidth": BANDWIDTH,
                                            "max-postcopy-bandwidth": POSTCOPY_BANDWIDTH})
         watcher, destinationWatcher = _Watcher(), _Watcher()
-        for each, daemon in ((watcher, source), (destinationWatcher, destination)):
+        # The source is watched over AMP, the destination over its QMP endpoint.
+        for each, where in ((watcher, ["--control", source.control]),
+                            (destinationWatcher, ["--qmp", f"unix:{self.workdir / 'destination'}.qmp"])):
             self.reactor.spawnProcess(
                 each, sys.executable, [sys.executable, "-m", "twisted_postcopy.cli", "watch",
-                                       "--control", daemon.control, "--interval", "0.1"],
+                                       *where, "--interval", "0.1"],
                 env=pluginEnvironment())
         # The destination listens already (status setup): its watch does not wait.
         destinationWatcher.waiting.addErrback(lambda _: None)
@@ -313,6 +336,9 @@ class MetricsDuringMigrationTests(TestCase):
         self.assertGreaterEqual(received, RAM)
         self.assertLessEqual(received, (ram["normal"] + ram["duplicate"]) * 4096)
         await self._timelineCommand(destination, destinationTimeline)
+        overQMP = await self._qmpTimeline(self.workdir / "destination.qmp")
+        self.assertEqual((overQMP["role"], overQMP["statuses"], overQMP["latency"]),
+                         ("destination", destinationTimeline["statuses"], destinationTimeline["latency"]))
 
         lines = out.decode().splitlines()
         self.assertTrue(any(line.startswith("source") and "active" in line for line in lines), lines)
