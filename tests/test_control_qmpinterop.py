@@ -169,7 +169,7 @@ class ShapesTests(DaemonTestCase):
         self.assertEqual(ours, theirs)
         self.assertEqual(ourValues["capabilities"], theirValues["capabilities"])
         self.assertEqual(set(ourValues["commands"]) - set(theirValues["commands"]),
-                         {"x-query-guest"})
+                         {"x-query-guest", "x-query-migrate-timeline"})
         self.assertEqual(ours["event-statuses"], ["setup", "failed"])
 
 
