@@ -20,6 +20,8 @@ SUBCOMMAND_MODULES = (
     "twisted_postcopy.control.cli",
     "twisted_postcopy.snapshot.cli",
     "twisted_postcopy.inspect",
+    "twisted_postcopy.observe.watch",
+    "twisted_postcopy.observe.plots",
 )
 
 

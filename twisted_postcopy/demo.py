@@ -235,6 +235,14 @@ async def runDemo(reactor: Any, args: argparse.Namespace, out: TextIO, err: Text
     @param err: where progress and errors go.
     @return: 0 if both sides completed and the guest verified its memory.
     """
+    if getattr(args, "report", None):
+        from twisted_postcopy.observe.plots import ReportError, requireMatplotlib
+
+        try:
+            requireMatplotlib()
+        except ReportError as e:
+            print(f"error: {e}", file=err)
+            return 2
     workdir = Path(tempfile.mkdtemp(prefix="postcopy-demo-"))
     daemons: list[Daemon] = []
     progress = Progress(err, args.ram)
@@ -244,6 +252,10 @@ async def runDemo(reactor: Any, args: argparse.Namespace, out: TextIO, err: Text
         for role in ("destination", "source"):
             daemons.append(await startDaemon(reactor, role, workdir, daemonArguments(args, role)))
         result = await migrate(reactor, daemons[1], daemons[0], args, progress)
+        if getattr(args, "report", None):
+            from twisted_postcopy.observe.plots import saveDemoReport
+
+            result["report"] = await saveDemoReport(daemons[1], daemons[0], args.report)
     except PostcopyError as e:
         progress.finish()
         print(f"error: {e}\n(daemon logs kept in {workdir})", file=err)
@@ -255,6 +267,9 @@ async def runDemo(reactor: Any, args: argparse.Namespace, out: TextIO, err: Text
     progress.finish()
     result.update({"guest-name": args.guest, "ram-bytes": args.ram, "uri": args.uri})
     print(json.dumps(result, sort_keys=True) if args.json else formatReport(result), file=out)
+    if result.get("report") and not args.json:
+        print(f"timeline and plots written to {args.report}: "
+              f"{', '.join(Path(p).name for p in result['report'])}", file=out)
     shutil.rmtree(workdir, ignore_errors=True)
     completed = all(result[side]["status"] == "completed" for side in ("source", "destination"))
     return 0 if completed and result["verified"] else 1
@@ -283,6 +298,9 @@ def register(subparsers: Any) -> None:
                         help="give up after this long (default: 120)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: both sides' query-migrate and the check")
+    parser.add_argument("--report", metavar="DIR",
+                        help="write both daemons' timelines (timeline.json) and PNG plots "
+                        "of throughput, request latency and blocktime to DIR (the 'report' extra)")
     parser.set_defaults(
         func=lambda args: runMain(lambda reactor: runDemo(reactor, args, sys.stdout, sys.stderr))
     )

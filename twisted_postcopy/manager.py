@@ -66,6 +66,12 @@ class MigrationManager:
         connection(s).
     @ivar recovery: the destination's recovery connections
         (C{migrate-recover}).
+    @ivar faultServiceHooks: callables given each fault service the
+        destination starts (observers attach there, e.g. the timeline's
+        request latencies).
+    @ivar timeline: the daemon's
+        L{twisted_postcopy.observe.timeline.MigrationTimeline}, if it keeps
+        one (C{x-query-migrate-timeline}).
     """
 
     def __init__(self, reactor: Any, vm: Any, faultServiceFactory: Callable[..., Any] | None = None) -> None:
@@ -89,6 +95,8 @@ class MigrationManager:
         self._listening: Any = None
         self.destinationFactory: DestinationFactory | None = None
         self.recovery: RecoveryListener | None = None
+        self.faultServiceHooks: list[Callable[[Any], object]] = []
+        self.timeline: Any = None
         self.autoRecovery: SourceAutoRecovery | DestinationAutoRecovery | None = None
         self._incomingURI: str | None = None
 
@@ -409,6 +417,8 @@ class MigrationManager:
             self.blocktime = BlocktimeContext(threads, self.reactor.seconds)
             service.addFaultObserver(self.blocktime.faultBegan)
             service.addPlacementObserver(self.blocktime.pagePlaced)
+        for hook in list(self.faultServiceHooks):
+            hook(service)
         return service
 
     def _ramFaultService(self, blocks: dict[str, Any], pageSource: Any) -> Any:
@@ -463,6 +473,18 @@ class MigrationManager:
         if self.status == S.COMPLETED and self.blocktime is not None:
             answer.update(self.blocktime.query())
         return answer
+
+    def queryMigrateTimeline(self) -> dict[str, Any]:
+        """
+        C{x-query-migrate-timeline} (ours): the bounded timeline of the
+        current or latest migration (docs/observability.md).
+
+        @return: the timeline.
+        @raise MigrationError: this daemon keeps no timeline.
+        """
+        if self.timeline is None:
+            raise MigrationError("This daemon keeps no migration timeline")
+        return self.timeline.query()
 
     def subscribePasses(self, callback: Callable[[dict[str, Any]], object]) -> Callable[[], None]:
         """

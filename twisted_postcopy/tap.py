@@ -116,6 +116,10 @@ class Options(usage.Options):
         ["attach-group", None, None,
          "Give the attach socket this group and mode 0660 (external guests of --attach-allow "
          "need it to reach the socket)."],
+        ["metrics", None, None,
+         "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
+         "tcp:9100:interface=127.0.0.1 (needs the 'metrics' extra; plaintext TCP on "
+         "loopback only, ssl: with caCerts= off this host)."],
     ]
 
     optFlags = [
@@ -201,6 +205,14 @@ class Options(usage.Options):
                 raise AccessError(f"--snapshot-root {self['snapshot-root']}: not a directory")
         except AccessError as e:
             raise usage.UsageError(str(e)) from None
+        if self["metrics"]:
+            from twisted_postcopy.observe.metrics import MetricsError, checkMetricsEndpoint, requirePrometheus
+
+            try:
+                requirePrometheus()
+                checkMetricsEndpoint(self["metrics"])
+            except MetricsError as e:
+                raise usage.UsageError(str(e)) from None
 
 
 def _noIncomingVM() -> Any:
@@ -307,11 +319,14 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         from twisted.internet import reactor
     from twisted_postcopy.service import MigrationService
 
+    from twisted_postcopy.observe.service import addObservability
+
     manager, guest = buildManager(reactor, options)
     service = MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
                                guest=guest, capabilities=options["capabilities"],
                                insecureControl=options["insecure-control"],
                                snapshotRoot=options["snapshot-root"] and os.path.abspath(options["snapshot-root"]))
+    addObservability(service, options["metrics"])
     if options["qmp"]:
         service.serveQMP(options["qmp"], options["insecure-control"])
     return service

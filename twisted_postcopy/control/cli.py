@@ -125,6 +125,19 @@ async def queryGuest(client: ControlClient, args: argparse.Namespace, out: TextI
     return _show(await client.queryGuest(), args, out)
 
 
+async def queryMigrateTimeline(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    """
+    C{x-query-migrate-timeline}: always JSON (C{postcopy report} reads it).
+
+    @param client: the connection.
+    @param args: the arguments.
+    @param out: the output.
+    @return: the exit status.
+    """
+    print(json.dumps(await client.queryMigrateTimeline(), sort_keys=True), file=out)
+    return 0
+
+
 async def events(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     """
     Print events as JSON lines as they come; with C{--until}, stop after a
@@ -254,6 +267,8 @@ _COMMANDS: list[tuple[str, str, Handler, list[tuple[tuple[str, ...], dict]]]] = 
     ("events", "print events (JSON lines) as they come", events,
      [(("--until",), {"action": "append", "metavar": "STATUS",
                       "help": "exit 0 after a MIGRATION event with this status"})]),
+    ("x-query-migrate-timeline", "print the migration's timeline as JSON (for postcopy report)",
+     queryMigrateTimeline, []),
 ]
 
 

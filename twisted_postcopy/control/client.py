@@ -263,6 +263,14 @@ class ControlClient(AMP):
         """
         return (await self.callRemote(commands.QuerySnapshot))["info"]
 
+    async def queryMigrateTimeline(self) -> dict[str, Any]:
+        """
+        C{x-query-migrate-timeline}.
+
+        @return: the daemon's migration timeline.
+        """
+        return (await self.callRemote(commands.QueryMigrateTimeline))["timeline"]
+
 
 def runMain(main: Callable[[Any], Awaitable[int]]) -> int:
     """

@@ -322,3 +322,63 @@ class QuerySnapshot(Command):
     arguments: list = []
     response = [(b"info", JSON())]
     errors = SNAPSHOT_ERRORS
+
+
+class ChunkedJSON(Argument):
+    """
+    A JSON value that may exceed AMP's 64 KiB value limit: its text is
+    split over keys C{NAME.0}, C{NAME.1}, ... of at most
+    L{ChunkedJSON.CHUNK} bytes, and C{NAME} holds the chunk count (at most
+    L{ChunkedJSON.MAX_CHUNKS}).
+    """
+
+    #: Bytes per chunk (below AMP's 65535-byte value limit).
+    CHUNK = 60000
+    #: Chunks accepted from a peer (so 3.6 MB of JSON at most).
+    MAX_CHUNKS = 60
+
+    def toBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        """
+        Encode the value into chunks.
+
+        @param name: the argument's wire name.
+        @param strings: the box being built.
+        @param objects: the Python values by identifier.
+        @param proto: the protocol.
+        """
+        value = self.retrieve(objects, name.decode("ascii").replace("-", "_"), proto)
+        text = json.dumps(value, separators=(",", ":")).encode("utf-8")
+        chunks = [text[i:i + self.CHUNK] for i in range(0, len(text), self.CHUNK)]
+        strings[name] = str(len(chunks)).encode("ascii")
+        for index, chunk in enumerate(chunks):
+            strings[name + b".%d" % (index,)] = chunk
+
+    def fromBox(self, name: bytes, strings: Any, objects: Any, proto: Any) -> None:
+        """
+        Join and decode the chunks.
+
+        @param name: the argument's wire name.
+        @param strings: the received box.
+        @param objects: where the decoded value goes.
+        @param proto: the protocol.
+        @raise ValueError: a bad or too large chunk count, or a chunk missing.
+        """
+        count = int(strings[name])
+        if not 0 < count <= self.MAX_CHUNKS:
+            raise ValueError(f"{name.decode()}: {count} chunks (at most {self.MAX_CHUNKS})")
+        text = b"".join(strings[name + b".%d" % (index,)] for index in range(count))
+        objects[name.decode("ascii").replace("-", "_")] = json.loads(text.decode("utf-8"))
+
+
+class QueryMigrateTimeline(Command):
+    """
+    C{x-query-migrate-timeline} (ours, experimental as the C{x-} says): the
+    bounded timeline of the daemon's current or latest migration
+    (throughput per window, request latencies, blocktime per vCPU, status
+    changes), shaped as C{docs/observability.md} describes.
+    """
+
+    commandName = b"x-query-migrate-timeline"
+    arguments: list = []
+    response = [(b"timeline", ChunkedJSON())]
+    errors = MIGRATION_ERRORS

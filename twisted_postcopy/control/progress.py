@@ -115,6 +115,40 @@ class Progress:
             self._drawn = False
 
 
+def sourceReportLines(source: dict[str, Any], statuses: list[str] | None) -> list[str]:
+    """
+    The source's lines of the final report.
+
+    @param source: its C{query-migrate} answer.
+    @param statuses: the statuses it went through (from events).
+    @return: the lines.
+    """
+    ram = source.get("ram") or {}
+    return [
+        f"source       {source.get('status')}: total {source.get('total-time', '-')} ms, "
+        f"setup {source.get('setup-time', '-')} ms, downtime {source.get('downtime', '-')} ms",
+        f"             sent {_mib(ram.get('transferred'))} at {ram.get('mbps', 0):.0f} Mbps: "
+        f"{ram.get('normal', '-')} pages, {ram.get('duplicate', '-')} zero pages, "
+        f"{ram.get('postcopy-requests', '-')} postcopy requests",
+        f"             statuses: {' -> '.join(statuses or ['-'])}",
+    ]
+
+
+def destinationReportLines(destination: dict[str, Any]) -> list[str]:
+    """
+    The destination's line of the final report.
+
+    @param destination: its C{query-migrate} answer.
+    @return: the lines.
+    """
+    vcpu = destination.get("postcopy-vcpu-blocktime")
+    return [
+        f"destination  {destination.get('status')}: postcopy blocktime "
+        f"{destination.get('postcopy-blocktime', '-')} ms"
+        + (f", per vCPU {', '.join(map(str, vcpu))} ms" if vcpu else ""),
+    ]
+
+
 def formatReport(result: dict[str, Any]) -> str:
     """
     The human-readable final report of C{postcopy demo}.
@@ -124,21 +158,11 @@ def formatReport(result: dict[str, Any]) -> str:
         C{ram-bytes} and C{uri}.
     @return: the report text.
     """
-    source, destination = result["source"], result["destination"]
-    ram = source.get("ram") or {}
-    vcpu = destination.get("postcopy-vcpu-blocktime")
     lines = [
         f"postcopy demo: {result.get('guest-name')} guest, {_mib(result.get('ram-bytes'))}, "
         f"migrated over {result.get('uri')}",
-        f"source       {source.get('status')}: total {source.get('total-time', '-')} ms, "
-        f"setup {source.get('setup-time', '-')} ms, downtime {source.get('downtime', '-')} ms",
-        f"             sent {_mib(ram.get('transferred'))} at {ram.get('mbps', 0):.0f} Mbps: "
-        f"{ram.get('normal', '-')} pages, {ram.get('duplicate', '-')} zero pages, "
-        f"{ram.get('postcopy-requests', '-')} postcopy requests",
-        f"             statuses: {' -> '.join(result.get('source-statuses') or ['-'])}",
-        f"destination  {destination.get('status')}: postcopy blocktime "
-        f"{destination.get('postcopy-blocktime', '-')} ms"
-        + (f", per vCPU {', '.join(map(str, vcpu))} ms" if vcpu else ""),
+        *sourceReportLines(result["source"], result.get("source-statuses")),
+        *destinationReportLines(result["destination"]),
         f"guest memory verified: {'yes' if result.get('verified') else 'NO'}",
     ]
     if "kv" in result:

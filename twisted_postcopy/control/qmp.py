@@ -452,6 +452,7 @@ def _commands() -> dict[str, QMPCommand]:
         QMPCommand("query-commands", none,
                    lambda p, a: [{"name": name} for name in COMMANDS]),
         QMPCommand("x-query-guest", none, _queryGuest),
+        QMPCommand("x-query-migrate-timeline", none, lambda p, a: p.manager.queryMigrateTimeline()),
     ]
     return {command.name: command for command in table}
 

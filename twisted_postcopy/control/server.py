@@ -300,6 +300,16 @@ class ControlAMP(AMP):
         return maybeDeferred(lambda: self._snapshots().query()).addCallback(
             lambda info: {"info": info})
 
+    @commands.QueryMigrateTimeline.responder
+    def queryMigrateTimeline(self) -> Deferred:
+        """
+        C{x-query-migrate-timeline}.
+
+        @return: a Deferred firing with C{{"timeline": <timeline>}}.
+        """
+        return maybeDeferred(self.manager.queryMigrateTimeline).addCallback(
+            lambda timeline: {"timeline": timeline})
+
     @commands.Subscribe.responder
     def subscribe(self) -> dict:
         """
@@ -425,3 +435,4 @@ class ControlFactory(ServerFactory):
         protocol = ControlAMP(self.manager, self.guest, self.snapshots)
         protocol.factory = self
         return protocol
+

@@ -93,6 +93,7 @@ class RecordWriter:
             if page is not None:
                 size = scheduler.blocks[scheduler.position[0]].pageSize
                 budget -= self.write(page.block, page.offset, 1, size, out)
+                self.stats.urgent += 1
                 continue
             if budget <= 0:
                 break

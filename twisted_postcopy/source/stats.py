@@ -34,6 +34,8 @@ class TransferStats:
     @ivar downtimeBytes: bytes written while stopped outside postcopy.
     @ivar postcopyBytes: bytes written in postcopy.
     @ivar postcopyRequests: page requests received.
+    @ivar urgent: pages sent in answer to page requests (ahead of the
+        background scan).
     @ivar dirtySyncCount: dirty syncs done.
     @ivar error: the failure text, if any.
     """
@@ -52,6 +54,7 @@ class TransferStats:
     downtimeBytes: int = 0
     postcopyBytes: int = 0
     postcopyRequests: int = 0
+    urgent: int = 0
     dirtySyncCount: int = 0
     error: str | None = None
 
