@@ -179,7 +179,7 @@ class ControlClient(AMP):
         return (await self.callRemote(commands.QueryGuest))["info"]
 
     async def snapshotCapture(self, uri: str, path: str, postcopy: bool = True,
-                              machine: str | None = None) -> str:
+                              machine: str | None = None, qmp: str | None = None) -> str:
         """
         C{snapshot-capture}.
 
@@ -188,15 +188,19 @@ class ControlClient(AMP):
             directory is not the caller's).
         @param postcopy: accept postcopy.
         @param machine: the machine type recorded, or L{None} for QEMU 7.2's.
+        @param qmp: the QEMU source's QMP socket, to recover it after a cut.
         @return: the URI listened on.
         """
-        options = {"machine": machine} if machine else {}
+        options: dict[str, Any] = {"machine": machine} if machine else {}
+        if qmp:
+            options["qmp"] = qmp
         answer = await self.callRemote(commands.SnapshotCapture, uri=uri, dir=path,
                                        postcopy=postcopy, **options)
         return answer["uri"]
 
     async def snapshotRestore(self, path: str, uris: list[str], postcopy: bool = True,
-                              bandwidth: int = 0, verify: bool = True) -> None:
+                              bandwidth: int = 0, verify: bool = True,
+                              qmp: list[str] | None = None) -> None:
         """
         C{snapshot-restore}.
 
@@ -205,9 +209,12 @@ class ControlClient(AMP):
         @param postcopy: restore by postcopy.
         @param bandwidth: bytes/s per destination, 0 for unlimited.
         @param verify: check the hashes first.
+        @param qmp: per destination, its QEMU's QMP socket (C{""}: none),
+            to recover it after a cut.
         """
+        options = {"qmp": list(qmp)} if qmp else {}
         await self.callRemote(commands.SnapshotRestore, dir=path, uris=list(uris),
-                              postcopy=postcopy, max_bandwidth=bandwidth, verify=verify)
+                              postcopy=postcopy, max_bandwidth=bandwidth, verify=verify, **options)
 
     async def snapshotVerify(self, path: str) -> dict[str, Any]:
         """

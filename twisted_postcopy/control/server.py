@@ -217,7 +217,7 @@ class ControlAMP(AMP):
 
     @commands.SnapshotCapture.responder
     def snapshotCapture(self, uri: str, dir: str, postcopy: bool | None = None,
-                        machine: str | None = None) -> Deferred:
+                        machine: str | None = None, qmp: str | None = None) -> Deferred:
         """
         C{snapshot-capture}.
 
@@ -225,16 +225,20 @@ class ControlAMP(AMP):
         @param dir: the snapshot directory.
         @param postcopy: accept postcopy (default: yes).
         @param machine: the machine type recorded (default: QEMU 7.2's pc).
+        @param qmp: the QEMU source's QMP socket, to recover it after a cut.
         @return: a Deferred firing with C{{"uri": <listened on>}}.
         """
-        options = {"machine": machine} if machine else {}
+        options: dict[str, Any] = {"machine": machine} if machine else {}
+        if qmp:
+            options["qmp"] = qmp
         d = maybeDeferred(lambda: self._snapshots().startCapture(
             uri, dir, postcopy is not False, **options))
         return d.addCallback(lambda listened: {"uri": listened})
 
     @commands.SnapshotRestore.responder
     def snapshotRestore(self, dir: str, uris: list[str], postcopy: bool | None = None,
-                        max_bandwidth: int | None = None, verify: bool | None = None) -> Deferred:
+                        max_bandwidth: int | None = None, verify: bool | None = None,
+                        qmp: list[str] | None = None) -> Deferred:
         """
         C{snapshot-restore}.
 
@@ -243,10 +247,12 @@ class ControlAMP(AMP):
         @param postcopy: restore by postcopy (default: yes).
         @param max_bandwidth: bytes/s per destination (default: unlimited).
         @param verify: check the hashes first (default: yes).
+        @param qmp: per destination, its QEMU's QMP socket (C{""}: none).
         @return: a Deferred firing with the empty response once started.
         """
+        options = {"qmp": qmp} if qmp else {}
         return _call(lambda: self._snapshots().startRestore(
-            dir, uris, postcopy is not False, max_bandwidth or 0, verify is not False))
+            dir, uris, postcopy is not False, max_bandwidth or 0, verify is not False, **options))
 
     @commands.SnapshotVerify.responder
     def snapshotVerify(self, dir: str) -> Deferred:

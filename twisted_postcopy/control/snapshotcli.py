@@ -54,7 +54,7 @@ async def snapshotCapture(client: ControlClient, args: argparse.Namespace, out: 
     @return: 0.
     """
     uri = await client.snapshotCapture(args.uri, _path(args.dir), not args.no_postcopy,
-                                       args.machine)
+                                       args.machine, getattr(args, "qmp", None))
     print(f"listening on {uri}", file=out)
     return 0
 
@@ -69,7 +69,7 @@ async def snapshotRestore(client: ControlClient, args: argparse.Namespace, out: 
     @return: 0 once every connection started.
     """
     await client.snapshotRestore(_path(args.dir), args.to, args.postcopy, args.max_bandwidth,
-                                 not args.no_verify)
+                                 not args.no_verify, getattr(args, "qmp", None))
     return 0
 
 
@@ -146,14 +146,18 @@ SNAPSHOT_COMMANDS: list[tuple[str, str, Any, list[tuple[tuple[str, ...], dict]]]
      snapshotCapture,
      [(("uri",), {}), (("dir",), {}),
       (("--no-postcopy",), {"action": "store_true", "help": "refuse postcopy"}),
-      (("--machine",), {"default": None, "help": "machine type recorded"})]),
+      (("--machine",), {"default": None, "help": "machine type recorded"}),
+      (("--qmp",), {"default": None, "metavar": "PATH",
+                    "help": "a QMP socket of the QEMU source: resume it after a cut"})]),
     ("snapshot-restore", "make the daemon migrate snapshot DIR to QEMU destination(s)",
      snapshotRestore,
      [(("dir",), {}), (("--to",), {"action": "append", "required": True, "metavar": "URI"}),
       (("--postcopy",), {"action": "store_true", "help": "run before RAM arrives"}),
       (("--no-verify",), {"action": "store_true", "help": "skip the sha256 check"}),
       (("--max-bandwidth",), {"type": int, "default": 0, "metavar": "BYTES",
-                              "help": "bytes/s per destination, 0 for unlimited"})]),
+                              "help": "bytes/s per destination, 0 for unlimited"}),
+      (("--qmp",), {"action": "append", "default": None, "metavar": "PATH",
+                    "help": "per --to, a QMP socket of that QEMU ('' for none): recover it after a cut"})]),
     ("snapshot-verify", "make the daemon check sizes and sha256 of DIR", snapshotVerify,
      [(("dir",), {})]),
     ("snapshot-info", "describe snapshot DIR", snapshotInfo, [(("dir",), {}), _JSON]),

@@ -232,7 +232,7 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
 
     vm = CaptureVM(path, machine)
     manager = MigrationManager(reactor, vm, _faultServiceFactory(reactor))
-    manager.setCapabilities({"postcopy-ram": postcopy})
+    manager.setCapabilities({"postcopy-ram": postcopy, "x-postcopy-auto-recover": True})
     vm.inPostcopy = lambda: bool(manager.incoming is not None and manager.incoming.faults is not None)
     listening = manager.migrateIncoming(uri)
     vm.faults = lambda: manager.incoming.faults if manager.incoming is not None else None

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from twisted_postcopy.errors import SnapshotBusyError, SnapshotError, SnapshotReadTooLargeError
 from twisted_postcopy.snapshot.capture import CaptureVM, captureSnapshot
+from twisted_postcopy.snapshot.qmprecovery import recoverCapture, recoverRestore
 from twisted_postcopy.snapshot.restore import restoreSnapshot, verifyInThread
 from twisted_postcopy.snapshot.store import insideRoot, openSnapshot, prepareDirectory
 
@@ -251,7 +252,7 @@ class SnapshotJobs:
         return insideRoot(self.root, path)
 
     def startCapture(self, uri: str, path: str, postcopy: bool = True,
-                     machine: str = "pc-i440fx-7.2") -> Deferred:
+                     machine: str = "pc-i440fx-7.2", qmp: str | None = None) -> Deferred:
         """
         C{snapshot-capture}: listen for one incoming migration and store
         it in C{path}.
@@ -260,6 +261,8 @@ class SnapshotJobs:
         @param path: the snapshot directory to create.
         @param postcopy: accept postcopy.
         @param machine: the machine type recorded.
+        @param qmp: the QEMU source's QMP socket: after a cut, the job
+            resumes QEMU through it.
         @return: a Deferred firing with the URI listened on.
         @raise SnapshotBusyError: a capture is still running.
         """
@@ -269,6 +272,8 @@ class SnapshotJobs:
         prepareDirectory(path, self.root)
         listening, vm = captureSnapshot(self.reactor, uri, path, postcopy, machine)
         vm.root = self.root
+        if qmp:
+            recoverCapture(self.reactor, vm.migration, qmp)
         job = CaptureJob(uri, path, postcopy, vm)
         vm.stored.addBoth(lambda result: job.ended(result))
         self.capture = job
@@ -292,7 +297,8 @@ class SnapshotJobs:
         return listening.addCallbacks(listened, refused)
 
     def startRestore(self, path: str, uris: Sequence[str], postcopy: bool = True,
-                     bandwidth: int = 0, verify: bool = True) -> Deferred:
+                     bandwidth: int = 0, verify: bool = True,
+                     qmp: Sequence[str] | None = None) -> Deferred:
         """
         C{snapshot-restore}: feed a snapshot to every destination at once.
 
@@ -301,6 +307,8 @@ class SnapshotJobs:
         @param postcopy: restore by postcopy.
         @param bandwidth: bytes/s per destination, 0 for unlimited.
         @param verify: check every sha256 first (in a thread).
+        @param qmp: per destination, its QEMU's QMP socket (C{""}: none):
+            after a cut, the job recovers that QEMU through it.
         @return: a Deferred firing with L{None} once every connection is
             started (after verifying), failing with L{SnapshotError}.
         @raise SnapshotError: no destination given.
@@ -320,6 +328,9 @@ class SnapshotJobs:
             managers, done = restoreSnapshot(self.reactor, job.path, job.uris, postcopy, False,
                                              bandwidth, root=self.root)
             job.managers = managers
+            for manager, uri, monitor in zip(managers, job.uris, qmp or ()):
+                if monitor:
+                    recoverRestore(self.reactor, manager, monitor, uri)
             done.addBoth(job.ended)
 
         def refused(failure: Any) -> Any:

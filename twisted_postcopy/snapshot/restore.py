@@ -124,7 +124,7 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
     from twisted_postcopy.manager import MigrationManager
 
     manager = MigrationManager(reactor, vm)
-    manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True})
+    manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True, "x-postcopy-auto-recover": True})
     manager.setParameters({"max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth})
     done = manager.whenStatus("completed", "failed", "cancelled")
     manager.migrate(uri)
