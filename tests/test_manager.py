@@ -58,7 +58,8 @@ class SurfaceTests(SynchronousTestCase):
         """
         self.assertEqual(self.manager.queryParameters(),
                          {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0,
-                          "downtime-limit": 300})
+                          "downtime-limit": 300,
+                          "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
         self.manager.setParameters({"max-bandwidth": 0})
         self.assertEqual(self.manager.queryParameters()["max-bandwidth"], 0)
         error = self.assertRaises(MigrationError, self.manager.setParameters, {"downtime-limit": 2000001})

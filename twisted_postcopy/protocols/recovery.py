@@ -24,6 +24,8 @@ from twisted_postcopy.destination.recovery import DestinationResume, checkRecove
 from twisted_postcopy.errors import MigrationError, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.factories import SourceFactory, clientEndpoint, serverEndpoint
+from twisted_postcopy.protocols.sockets import transportSocket
+from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
@@ -141,7 +143,7 @@ class RecoverySourceFactory(SourceFactory):
     protocol = RecoverySourceProtocol
 
 
-def resumeOutgoing(reactor: Any, migration: Any, uri: str) -> Deferred:
+def resumeOutgoing(reactor: Any, migration: Any, uri: str, tls: Any = None) -> Deferred:
     """
     C{migrate} with C{resume}: connect; a failed connect leaves the
     migration paused (retry later), as in QEMU.
@@ -149,6 +151,8 @@ def resumeOutgoing(reactor: Any, migration: Any, uri: str) -> Deferred:
     @param reactor: the reactor.
     @param migration: the outgoing migration, or L{None}.
     @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
+    @param tls: the source's L{twisted_postcopy.tlscreds.TLSPolicy}, or
+        None for plaintext.
     @return: the connect Deferred (never fails).
     @raise MigrationError: no paused migration, bad URI.
     """
@@ -162,7 +166,7 @@ def resumeOutgoing(reactor: Any, migration: Any, uri: str) -> Deferred:
         migration.stats.error = f"Failed to connect to '{uri}': {reason.getErrorMessage()}"
         log.error("{error}", error=migration.stats.error)
 
-    return endpoint.connect(RecoverySourceFactory(migration, reactor)).addErrback(failed)
+    return connectMaybeTLS(endpoint, tls, RecoverySourceFactory(migration, reactor)).addErrback(failed)
 
 
 class RecoveryStreamReader(IncomingStreamReader):
@@ -266,6 +270,9 @@ class RecoveryListener:
         C{setup} without changing the status).
     @ivar port: the current recovery listening port, if any.
     @ivar factory: builds the recovery protocols.
+    @ivar tls: the destination's L{twisted_postcopy.tlscreds.TLSPolicy}
+        for recovery connections, or None for plaintext.
+    @ivar refused: reports a refused TLS handshake, if set.
     """
 
     def __init__(self, reactor: Any, incoming: Any, emit: Callable[[S], object]) -> None:
@@ -279,6 +286,8 @@ class RecoveryListener:
         self.emit = emit
         self.port: Any = None
         self.factory = RecoveryDestinationFactory(incoming)
+        self.tls: Any = None
+        self.refused: Callable[[Any], object] | None = None
         incoming.machine.status.observers.append(self._statusChanged)
 
     def _statusChanged(self, status: S) -> None:
@@ -304,7 +313,7 @@ class RecoveryListener:
             self.port = port
             return port
 
-        return endpoint.listen(self.factory).addCallback(listened)
+        return endpoint.listen(wrapServer(self.tls, self.factory, self.refused)).addCallback(listened)
 
     def recover(self, uri: str) -> Deferred:
         """
@@ -344,4 +353,4 @@ def migratePause(migration: Any) -> None:
         raise MigrationError("migrate-pause is currently only supported during postcopy-active state")
     transport = getattr(migration, "returnPath", None)
     transport = currentTransport(migration) if transport is None else transport.transport
-    transport.getHandle().shutdown(socket.SHUT_RDWR)
+    transportSocket(transport).shutdown(socket.SHUT_RDWR)
