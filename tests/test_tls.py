@@ -244,7 +244,7 @@ class TLSLoopbackTests(TestCase):
         self.assertEqual(self.destination.devices, [loopback.ownDevice(b"cpu state")])
         transport = self.dst.destinationFactory.main.transport
         self.assertIsInstance(transport, MigrationTLSProtocol)
-        self.assertEqual(transport.peerIdentity, "CN=migration-client,O=twisted-postcopy tests")
+        self.assertEqual(transport.peerIdentity, "O=twisted-postcopy tests,CN=migration-client")
         self.assertEqual(self.dst.tlsRefused, [])
 
     @inlineCallbacks
@@ -379,7 +379,7 @@ class TLSLoopbackTests(TestCase):
         useTLS(self.dst, self.directory, "server", tls_authz="auth0")
         self.dst.objectAdd("authz-simple", "auth0", identity="CN=somebody-else")
         d = self.assertRefused(
-            "", "TLS x509 authz check for CN=migration-client,O=twisted-postcopy tests is denied",
+            "", "TLS x509 authz check for O=twisted-postcopy tests,CN=migration-client is denied",
             thenGood=False)
         return d
 

@@ -11,7 +11,8 @@ The checks follow QEMU's C{crypto/tlssession.c}: with C{verify-peer} on
 checks the server certificate against the hostname (C{tls-hostname}, else
 the host of the migration URI); a server asks for a client certificate and
 requires one; C{tls-authz} compares the client certificate's subject
-(RFC 4514, most specific first) with the C{authz-simple} identity.  With
+(as GnuTLS prints it: RDNs in certificate order, e.g.
+C{O=Example,CN=client}) with the C{authz-simple} identity.  With
 C{verify-peer} off nothing about the peer is checked, not even
 C{tls-authz} (as in QEMU).
 
@@ -85,8 +86,8 @@ class AuthzSimple:
 
     @ivar id: the object id.
     @ivar identity: the allowed identity (for TLS: the client
-        certificate's distinguished name, e.g.
-        C{CN=client,O=Example,C=GB}).
+        certificate's distinguished name as GnuTLS prints it, e.g.
+        C{C=GB,O=Example,CN=client}; see L{distinguishedName}).
     """
 
     id: str
@@ -382,8 +383,8 @@ class TLSPolicy:
             return None
         if certificate is None:
             raise TLSError("No certificate peers")
-        peer = certificate.to_cryptography()
-        name = peer.subject.rfc4514_string()
+        peer = certificate.to_cryptography() if hasattr(certificate, "to_cryptography") else certificate
+        name = distinguishedName(peer)
         if self.isClient:
             if not self.hostname:
                 raise TLSError("No hostname for certificate validation")
@@ -392,6 +393,19 @@ class TLSPolicy:
         elif self.authz is not None and not self.authz.isAllowed(name):
             raise TLSError(f"TLS x509 authz check for {name} is denied")
         return name
+
+
+def distinguishedName(certificate: Any) -> str:
+    """
+    The subject of a certificate as QEMU 7.2 compares it with an
+    C{authz-simple} identity: GnuTLS's C{gnutls_x509_crt_get_dn} text, the
+    RDNs in the certificate's order (most general first, e.g.
+    C{C=GB,O=Example,CN=client}), each escaped as RFC 4514 says.
+
+    @param certificate: a C{cryptography} certificate.
+    @return: its distinguished name.
+    """
+    return ",".join(rdn.rfc4514_string() for rdn in certificate.subject.rdns)
 
 
 def _isAddress(hostname: str) -> bool:

@@ -119,6 +119,32 @@ class ControlClient(AMP):
         """
         return (await self.callRemote(commands.QueryParameters))["parameters"]
 
+    async def objectAdd(self, qomType: str, id: str, props: dict[str, Any] | None = None) -> None:
+        """
+        C{object-add} (docs/tls.md).
+
+        @param qomType: C{tls-creds-x509} or C{authz-simple}.
+        @param id: the new object's id.
+        @param props: its properties, QEMU's names.
+        """
+        await self.callRemote(commands.ObjectAdd, qom_type=qomType, id=id, props=props or {})
+
+    async def objectDel(self, id: str) -> None:
+        """
+        C{object-del}.
+
+        @param id: the object's id.
+        """
+        await self.callRemote(commands.ObjectDel, id=id)
+
+    async def queryObjects(self) -> list[dict[str, Any]]:
+        """
+        C{query-objects}, with each object's properties.
+
+        @return: the objects.
+        """
+        return (await self.callRemote(commands.QueryObjects))["objects"]
+
     async def migrate(self, uri: str, resume: bool = False) -> None:
         """
         C{migrate}.

@@ -320,3 +320,36 @@ class QuerySnapshot(Command):
     arguments: list = []
     response = [(b"info", JSON())]
     errors = SNAPSHOT_ERRORS
+
+
+class ObjectAdd(Command):
+    """
+    C{object-add}: create a C{tls-creds-x509} object (C{dir},
+    C{endpoint}, C{verify-peer}) or an C{authz-simple} one (C{identity});
+    see docs/tls.md.  The properties travel as one JSON object.
+    """
+
+    arguments = [(b"qom-type", Unicode()), (b"id", Unicode()), (b"props", JSON(optional=True))]
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class ObjectDel(Command):
+    """
+    C{object-del}: remove an object created by C{object-add}.
+    """
+
+    arguments = [(b"id", Unicode())]
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class QueryObjects(Command):
+    """
+    C{query-objects} (ours: with each object's properties, as a JSON list
+    of C{{qom-type, id, ...}}).
+    """
+
+    arguments: list = []
+    response = [(b"objects", JSON())]
+    errors = MIGRATION_ERRORS

@@ -311,6 +311,37 @@ class ControlAMP(AMP):
             commands.MigrationEvent, event=event["event"], data=event.get("data", {})
         )
 
+    @commands.ObjectAdd.responder
+    def objectAdd(self, qom_type: str, id: str, props: dict[str, Any] | None = None) -> Deferred:
+        """
+        C{object-add} (docs/tls.md).
+
+        @param qom_type: C{tls-creds-x509} or C{authz-simple}.
+        @param id: the new object's id.
+        @param props: its properties, QEMU's names.
+        @return: a Deferred firing with the empty response.
+        """
+        return _call(self.manager.objectAdd, qom_type, id, **(props or {}))
+
+    @commands.ObjectDel.responder
+    def objectDel(self, id: str) -> Deferred:
+        """
+        C{object-del}.
+
+        @param id: the object's id.
+        @return: a Deferred firing with the empty response.
+        """
+        return _call(self.manager.objectDel, id)
+
+    @commands.QueryObjects.responder
+    def queryObjects(self) -> dict[str, Any]:
+        """
+        C{query-objects}, with each object's properties.
+
+        @return: C{{"objects": [...]}}.
+        """
+        return {"objects": self.manager.objects.describe()}
+
     def connectionLost(self, reason: Any) -> None:
         """
         Stop forwarding events once the client is gone.

@@ -196,8 +196,10 @@ def writeCredentials(directory: str, authority: Authority | None = None,
 def distinguishedName(certificatePath: str) -> str:
     """
     @param certificatePath: a PEM certificate.
-    @return: its subject as QEMU's C{tls-authz} compares it (RFC 4514,
-        most specific first, e.g. C{CN=migration-client,O=...}).
+    @return: its subject as QEMU's C{tls-authz} compares it (GnuTLS's
+        text: certificate order, e.g. C{O=...,CN=migration-client}).
     """
+    from twisted_postcopy.tlscreds import distinguishedName as name
+
     with open(certificatePath, "rb") as f:
-        return x509.load_pem_x509_certificate(f.read()).subject.rfc4514_string()
+        return name(x509.load_pem_x509_certificate(f.read()))

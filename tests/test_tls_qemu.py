@@ -1,0 +1,252 @@
+# -*- test-case-name: tests.test_tls_qemu -*-
+"""
+TLS migrations with a REAL QEMU 7.2 (TCG) in both directions
+(docs/tls.md), certificates generated per test: QEMU's C{tls-creds-x509}
+objects and ours read the same directory.
+
+- A QEMU source with TLS, postcopy and C{postcopy-preempt} migrates into
+  our destination (main stream, return path and preempt channel all over
+  TLS; our C{tls-authz} checks QEMU's client certificate); our RAM equals
+  the stopped source's.
+- Our source with TLS migrates into a QEMU destination whose C{tls-authz}
+  names our client certificate's distinguished name (so GnuTLS and we
+  agree on its text), by precopy with the return path and by postcopy;
+  QEMU's RAM equals ours.
+- A peer whose certificates come from another CA is refused, in both
+  directions, and the other side reports why.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests.enginevm import OutgoingTestVM, PAGE
+from tests.test_destination_qemu import qemuStatus
+from tests.test_migration_loopback import IncomingGuestVM, skipWithoutUserfaultfd
+from tests.test_source_qemu import RAM_RANGES, _freePort
+from tests.test_tls import credentials, useTLS
+from tests.uffdguest import FaultService
+from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.testing import pki
+from twisted_postcopy.testing.qemu import QEMUInstance, qemuSkipReason, startBootedQEMU
+from twisted_postcopy.testing.real import missingReal
+
+MiB = 1 << 20
+
+
+def qemuTLS(qemu: QEMUInstance, directory: str, endpoint: str, authz: str | None = None) -> None:
+    """
+    Give QEMU a C{tls-creds-x509} object C{tls0} and set C{tls-creds}
+    (and C{tls-authz} with an C{authz-simple} C{auth0} allowing C{authz}).
+
+    @param qemu: the instance.
+    @param directory: the credentials directory.
+    @param endpoint: C{server} or C{client}.
+    @param authz: the identity allowed, if any.
+    """
+    qemu.qmp("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": directory,
+                              "endpoint": endpoint})
+    parameters = {"tls-creds": "tls0"}
+    if authz is not None:
+        qemu.qmp("object-add", **{"qom-type": "authz-simple", "id": "auth0", "identity": authz})
+        parameters["tls-authz"] = "auth0"
+    qemu.qmp("migrate-set-parameters", **parameters)
+
+
+def requireQEMU() -> None:
+    """
+    Give up (strict mode: fail) without QEMU 7.2.
+    """
+    reason = qemuSkipReason()
+    if reason:
+        missingReal(reason)
+
+
+class QEMUSourceTLSTests(TestCase):
+    """
+    Source: C{qemu-system-x86_64} with TLS.  Destination: ours.
+    """
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        """
+        QEMU, credentials, our destination with a faulting guest.
+        """
+        requireQEMU()
+        skipWithoutUserfaultfd()
+        self.directory = credentials(self)
+        self.qemu = startBootedQEMU(self, "source")
+        self.vm = IncomingGuestVM()
+        self.manager = MigrationManager(reactor, self.vm, self._faults)
+
+    def _faults(self, blocks, pageSource):
+        """
+        The destination's fault service factory (the real-kernel one).
+
+        @return: the service.
+        """
+        service = FaultService(reactor, blocks, pageSource)
+        self.vm.service = service
+        self.addCleanup(lambda: service.reader is not None and service.stop())
+        return service
+
+    @inlineCallbacks
+    def test_postcopyPreemptFromQEMU(self) -> None:
+        """
+        Postcopy with preempt from a QEMU source over TLS: both
+        connections pass our checks (QEMU's client certificate, our
+        C{tls-authz}), the preempt channel ends with its EOS, the return
+        path answers over the main TLS session, QEMU completes after
+        sending postcopy pages, and our RAM equals the stopped source's.
+        """
+        qemuTLS(self.qemu, self.directory, "client")
+        useTLS(self.manager, self.directory, "server", tls_authz="auth0")
+        self.manager.objectAdd("authz-simple", "auth0", identity=pki.distinguishedName(
+            os.path.join(self.directory, "client-cert.pem")))
+        port = _freePort()
+        capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
+        self.qemu.setCapabilities(**capabilities)
+        self.manager.setCapabilities(capabilities)
+        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 4000000})
+        listening = yield self.manager.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        self.addCleanup(listening.stopListening)
+        self.qemu.migrate(f"tcp:127.0.0.1:{port}")
+        # QEMU 7.2 runs an outgoing TLS handshake with blocking reads on
+        # its main loop, and our QMP calls block this reactor: query QEMU
+        # only once both of its connections were accepted here.
+        yield self.manager.destinationFactory.accepted
+        yield self.manager.destinationFactory.preempt.accepted
+        yield qemuStatus(self.qemu, {"active"})
+        self.qemu.qmp("migrate-start-postcopy")
+        ours = yield self.manager.whenStatus("completed", "failed")
+        self.assertEqual(ours, "completed", str(self.vm.failure))
+        info = yield qemuStatus(self.qemu, {"completed"})
+        self.assertEqual(info["status"], "completed", self.qemu.stderrTail())
+        factory = self.manager.destinationFactory
+        preempt = factory.preempt.preempt
+        yield preempt.ended
+        yield self.vm.guest.done
+        self.assertEqual(self.manager.tlsRefused, [])
+        identity = "O=twisted-postcopy tests,CN=migration-client"
+        self.assertEqual((factory.main.transport.peerIdentity, preempt.transport.peerIdentity),
+                         (identity, identity))
+        # (The booted guest's RAM is mostly zero pages, which postcopy
+        # sends at once: whether our guest faults before they arrive is up
+        # to timing, so page requests are not asserted here.)
+        self.assertGreater(info["ram"]["postcopy-bytes"], 0)
+        self.assertTrue(preempt.decoder.complete)
+        ram = self.vm.contents()["pc.ram"]
+        for start, length in RAM_RANGES:
+            self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
+
+    @inlineCallbacks
+    def test_foreignCA(self) -> None:
+        """
+        A QEMU source whose credentials come from another CA is refused:
+        QEMU's migration fails naming our certificate's issuer, we log the
+        refused handshake and stay in C{setup}.
+        """
+        qemuTLS(self.qemu, credentials(self, "other"), "client")
+        useTLS(self.manager, self.directory, "server")
+        port = _freePort()
+        listening = yield self.manager.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        self.addCleanup(listening.stopListening)
+        self.qemu.migrate(f"tcp:127.0.0.1:{port}")
+        # (No QMP call before our side answered the handshake: see above.)
+        while not self.manager.tlsRefused:
+            yield deferLater(reactor, 0.01, lambda: None)
+        info = yield qemuStatus(self.qemu, {"completed"})
+        self.assertEqual(info["status"], "failed")
+        self.assertIn("The certificate hasn't got a known issuer", info.get("error-desc", ""))
+        self.assertIn("TLS handshake failed (server)", self.manager.tlsRefused[0])
+        self.assertEqual(self.manager.status.value, "setup")
+
+
+class QEMUDestinationTLSTests(TestCase):
+    """
+    Source: ours with TLS.  Destination: C{qemu-system-x86_64 -incoming
+    defer -S} with TLS.
+    """
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        """
+        QEMU, credentials, our source VM with a pattern.
+        """
+        requireQEMU()
+        self.directory = credentials(self)
+        self.qemu = startBootedQEMU(self, "destination", ["-S", "-incoming", "defer"])
+        self.vm = OutgoingTestVM({"pc.ram": 32 * MiB})
+        for offset in range(0, 32 * MiB, 3 * PAGE):
+            self.vm.write(0, offset, struct.pack(">Q", offset) * 64)
+        self.manager = MigrationManager(reactor, self.vm)
+        self.manager.setParameters({"max-bandwidth": 0})
+
+    @inlineCallbacks
+    def migrate(self, postcopy: bool):
+        """
+        Migrate to QEMU over TLS (QEMU's C{tls-authz} allows our client
+        certificate's name) and compare RAM.
+
+        @param postcopy: switch to postcopy at once.
+        """
+        qemuTLS(self.qemu, self.directory, "server",
+                authz=pki.distinguishedName(os.path.join(self.directory, "client-cert.pem")))
+        useTLS(self.manager, self.directory, "client")
+        port = _freePort()
+        if postcopy:
+            self.qemu.setCapabilities(**{"postcopy-ram": True})
+            self.manager.setCapabilities({"postcopy-ram": True})
+        else:
+            self.manager.setCapabilities({"return-path": True})
+        self.qemu.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        self.manager.migrate(f"tcp:127.0.0.1:{port}")
+        if postcopy:
+            self.manager.startPostcopy()
+        status = yield self.manager.whenStatus("completed", "failed")
+        self.assertEqual(status, "completed",
+                         f"{self.manager.queryMigrate().get('error-desc')} {self.qemu.stderrTail()}")
+        info = self.qemu.waitMigration(["completed"], timeout=30)
+        self.assertEqual(info["status"], "completed")
+        ram = self.vm.blocks[0].map
+        for start, length in RAM_RANGES:
+            self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
+
+    def test_precopyToQEMU(self) -> None:
+        """
+        Precopy with the return path (PING/SHUT over the same TLS session).
+        """
+        return self.migrate(False)
+
+    def test_postcopyToQEMU(self) -> None:
+        """
+        Immediate postcopy: page requests come back over TLS.
+        """
+        return self.migrate(True)
+
+    @inlineCallbacks
+    def test_foreignCA(self) -> None:
+        """
+        Our source, trusting another CA, refuses QEMU's server certificate
+        with QEMU's text; QEMU reports the failed handshake.
+        """
+        qemuTLS(self.qemu, self.directory, "server")
+        useTLS(self.manager, credentials(self, "other"), "client")
+        port = _freePort()
+        self.qemu.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        self.manager.migrate(f"tcp:127.0.0.1:{port}")
+        status = yield self.manager.whenStatus("completed", "failed")
+        self.assertEqual(status, "failed")
+        self.assertIn("The certificate hasn't got a known issuer",
+                      self.manager.queryMigrate()["error-desc"])
+        while "TLS" not in self.qemu.stderrTail(20) and "tls" not in self.qemu.stderrTail(20):
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(self.qemu.status(), "inmigrate")
