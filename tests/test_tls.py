@@ -19,6 +19,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import tests.test_migration_loopback as loopback
+import tests.test_recovery_loopback as recovery
 from tests.enginevm import IncomingTestVM, OutgoingTestVM
 from twisted_postcopy.errors import MigrationError
 from twisted_postcopy.manager import MigrationManager
@@ -275,6 +276,34 @@ class TLSLoopbackTests(TestCase):
             self.assertNotIn(secret, forward)
         self.assertNotIn(b"\x00\x01\x00\x04\x00\x00\x00\x00", backward)  # SHUT(0)
 
+    @inlineCallbacks
+    def test_unixNeedsHostname(self) -> None:
+        """
+        Over a C{unix:} URI there is no host to check the certificate
+        against: without C{tls-hostname} the source refuses with QEMU's
+        text; with it the migration completes.
+        """
+        import tempfile
+
+        directory = tempfile.mkdtemp(prefix="tpc-tls")
+        self.addCleanup(__import__("shutil").rmtree, directory)
+        uri = f"unix:{directory}/migration.sock"
+        useTLS(self.dst, self.directory, "server")
+        port = yield self.dst.migrateIncoming(uri)
+        self.addCleanup(port.stopListening)
+        useTLS(self.src, self.directory, "client")
+        self.src.migrate(uri)
+        status = yield self.src.whenStatus("completed", "failed")
+        self.assertEqual(status, "failed")
+        self.assertIn("No hostname for certificate validation", self.src.queryMigrate()["error-desc"])
+        good = MigrationManager(reactor, self.source)
+        useTLS(good, self.directory, "client", tls_hostname="localhost")
+        good.migrate(uri)
+        status = yield good.whenStatus("completed", "failed")
+        self.assertEqual(status, "completed", good.queryMigrate().get("error-desc"))
+        yield self.dst.whenStatus("completed")
+        self.assertEqual(self.destination.contents(), self.source.contents())
+
     def test_socketUnderTLS(self) -> None:
         """
         L{transportSocket} finds the socket under a TLS layer.
@@ -420,3 +449,49 @@ class TLSPostcopyLoopbackTests(loopback.PostcopyLoopbackTests):
         directory = credentials(self)
         useTLS(self.src, directory, "client")
         useTLS(self.dst, directory, "server")
+
+
+class TLSRecoveryTests(TestCase):
+    """
+    Postcopy pause and recovery over TLS: the tests of
+    L{tests.test_recovery_loopback.RecoveryLoopbackTests} that cut the
+    link, or shut the socket under the TLS layer with C{migrate-pause},
+    with TLS on both managers, so the recovery connection
+    (C{migrate-recover} / C{migrate} with C{resume}) is TLS too.
+    """
+
+    timeout = 60
+    _base = recovery.RecoveryLoopbackTests
+    faultService = _base.faultService
+    relay = _base.relay
+    startPostcopy = _base.startPostcopy
+    recoverAndComplete = _base.recoverAndComplete
+    test_migratePauseAndRecover = _base.test_migratePauseAndRecover
+    test_destinationPauseAndTwoRecoveries = _base.test_destinationPauseAndTwoRecoveries
+
+    def setUp(self) -> None:
+        """
+        The base setup, then TLS credentials on both sides.
+        """
+        self._base.setUp(self)
+        directory = credentials(self)
+        useTLS(self.src, directory, "client")
+        useTLS(self.dst, directory, "server")
+
+    @inlineCallbacks
+    def test_cutAndRecover(self) -> None:
+        """
+        A cut during postcopy pauses both sides; the recovery connection
+        is TLS from its first byte (a handshake record, no RECV_BITMAP in
+        the clear) and the migration completes with the guest's memory
+        identical to the source's.
+        """
+        relay = yield self.startPostcopy()
+        relay.cut()
+        recovered = yield self.recoverAndComplete()
+        forward = bytes(recovered.connections[0].forward)
+        self.assertEqual(forward[:1], b"\x16")
+        self.assertNotIn(b"pc.ram", forward)
+        self.assertEqual(self.events["src"], [
+            "setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
+            "postcopy-active", "completed"])

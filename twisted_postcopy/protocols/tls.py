@@ -23,7 +23,7 @@ from twisted.internet.interfaces import (
     IHandshakeListener, IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -66,10 +66,16 @@ class _ConnectionCreator:
     serverConnectionForTLS = _connection
 
 
-class MigrationTLSProtocol(BufferingTLSTransport):
+class MigrationTLSProtocol(TLSMemoryBIOProtocol):
     """
     The TLS layer of one migration connection: reports TLS failures as a
     L{TLSError} naming the reason rather than OpenSSL's error list.
+
+    Writes are not aggregated (unlike Twisted's default
+    C{BufferingTLSTransport}): a return-path page request leaves at once,
+    the source's writes are large already, and C{transport.write} stays a
+    method of the transport (the recovery code identifies a migration's
+    current connection by it).
 
     @ivar verifyError: why the peer's chain was refused, if it was.
     @ivar peerIdentity: the verified peer certificate's distinguished
