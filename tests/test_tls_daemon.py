@@ -137,3 +137,37 @@ class DaemonTLSTests(TestCase):
         out, _, _ = yield self.postcopy(control, "query-objects")
         self.assertEqual(out, f"tls-creds-x509,id=tls0,dir={self.pki},endpoint=client,"
                               "verify-peer=on\n")
+
+    @defer.inlineCallbacks
+    def test_snapshotCaptureTLS(self) -> None:
+        """
+        C{snapshot-capture --tls-creds} uses the daemon's objects: a
+        missing id is refused with QEMU's text; server credentials make it
+        listen, and a TLS client completes the handshake with it (the
+        capture then waits for the stream).
+        """
+        snapd = yield self.start("snapshot", ["--role", "snapshot"], ram=4 << 20)
+        _, err, status = yield self.postcopy(
+            snapd.control, "snapshot-capture", "tcp:127.0.0.1:0", str(self.workdir / "s1"),
+            "--tls-creds", "nothing")
+        self.assertEqual((err, status), ("error: No TLS credentials with id 'nothing'\n", 1))
+        yield self.postcopy(snapd.control, "object-add",
+                            f"tls-creds-x509,id=tls0,dir={self.pki},endpoint=server")
+        out, err, status = yield self.postcopy(
+            snapd.control, "snapshot-capture", "tcp:127.0.0.1:0", str(self.workdir / "s2"),
+            "--tls-creds", "tls0")
+        self.assertEqual(status, 0, err)
+        uri = out.split()[-1]
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted_postcopy.protocols.tls import connectMaybeTLS
+        from twisted_postcopy.tlscreds import ObjectRegistry
+
+        objects = ObjectRegistry()
+        objects.add("tls-creds-x509", "c", dir=self.pki, endpoint="client")
+        policy = objects.clientPolicy({"tls-creds": "c"}, "127.0.0.1")
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", int(uri.rpartition(":")[2]))
+        protocol = yield connectMaybeTLS(endpoint, policy, Factory.forProtocol(Protocol))
+        self.assertEqual(protocol.transport.peerIdentity,
+                         "O=twisted-postcopy tests,CN=migration-server")
+        protocol.transport.abortConnection()

@@ -251,7 +251,9 @@ class SnapshotCapture(Command):
     """
 
     arguments = [(b"uri", Unicode()), (b"dir", Unicode()), (b"postcopy", Boolean(optional=True)),
-                 (b"machine", Unicode(optional=True))]
+                 (b"machine", Unicode(optional=True)),
+                 # docs/tls.md: server credentials and authz of the daemon's objects
+                 (b"tls-creds", Unicode(optional=True)), (b"tls-authz", Unicode(optional=True))]
     response = [(b"uri", Unicode())]
     errors = SNAPSHOT_ERRORS
 
@@ -268,7 +270,9 @@ class SnapshotRestore(Command):
 
     arguments = [(b"dir", Unicode()), (b"uris", ListOf(Unicode())),
                  (b"postcopy", Boolean(optional=True)), (b"max-bandwidth", Integer(optional=True)),
-                 (b"verify", Boolean(optional=True))]
+                 (b"verify", Boolean(optional=True)),
+                 # docs/tls.md: client credentials of the daemon's objects
+                 (b"tls-creds", Unicode(optional=True)), (b"tls-hostname", Unicode(optional=True))]
     response: list = []
     errors = SNAPSHOT_ERRORS
 

@@ -212,7 +212,8 @@ class ControlAMP(AMP):
 
     @commands.SnapshotCapture.responder
     def snapshotCapture(self, uri: str, dir: str, postcopy: bool | None = None,
-                        machine: str | None = None) -> Deferred:
+                        machine: str | None = None, tls_creds: str | None = None,
+                        tls_authz: str | None = None) -> Deferred:
         """
         C{snapshot-capture}.
 
@@ -220,16 +221,21 @@ class ControlAMP(AMP):
         @param dir: the snapshot directory.
         @param postcopy: accept postcopy (default: yes).
         @param machine: the machine type recorded (default: QEMU 7.2's pc).
+        @param tls_creds: accept the source over TLS with these server
+            credentials (an C{object-add} object).
+        @param tls_authz: and only the client this C{authz-simple} allows.
         @return: a Deferred firing with C{{"uri": <listened on>}}.
         """
-        options = {"machine": machine} if machine else {}
+        options: dict[str, Any] = {"machine": machine} if machine else {}
+        options.update(self._tls({"tls-creds": tls_creds, "tls-authz": tls_authz}))
         d = maybeDeferred(lambda: self._snapshots().startCapture(
             uri, dir, postcopy is not False, **options))
         return d.addCallback(lambda listened: {"uri": listened})
 
     @commands.SnapshotRestore.responder
     def snapshotRestore(self, dir: str, uris: list[str], postcopy: bool | None = None,
-                        max_bandwidth: int | None = None, verify: bool | None = None) -> Deferred:
+                        max_bandwidth: int | None = None, verify: bool | None = None,
+                        tls_creds: str | None = None, tls_hostname: str | None = None) -> Deferred:
         """
         C{snapshot-restore}.
 
@@ -238,10 +244,25 @@ class ControlAMP(AMP):
         @param postcopy: restore by postcopy (default: yes).
         @param max_bandwidth: bytes/s per destination (default: unlimited).
         @param verify: check the hashes first (default: yes).
+        @param tls_creds: migrate over TLS with these client credentials
+            (an C{object-add} object).
+        @param tls_hostname: the name the destinations' certificates carry.
         @return: a Deferred firing with the empty response once started.
         """
+        tls = self._tls({"tls-creds": tls_creds, "tls-hostname": tls_hostname})
         return _call(lambda: self._snapshots().startRestore(
-            dir, uris, postcopy is not False, max_bandwidth or 0, verify is not False))
+            dir, uris, postcopy is not False, max_bandwidth or 0, verify is not False, **tls))
+
+    def _tls(self, parameters: dict[str, str | None]) -> dict[str, Any]:
+        """
+        @param parameters: the TLS parameters a snapshot command was given.
+        @return: C{{}} without C{tls-creds}, else the keyword arguments
+            giving the job the daemon's objects and the parameters.
+        """
+        given = {name: value for name, value in parameters.items() if value}
+        if not given.get("tls-creds"):
+            return {}
+        return {"objects": self.manager.objects, "tls": given}
 
     @commands.SnapshotVerify.responder
     def snapshotVerify(self, dir: str) -> Deferred:

@@ -45,6 +45,16 @@ def _show(value: dict[str, Any], args: argparse.Namespace, out: TextIO) -> int:
     return show(value, args, out)
 
 
+def _tlsArguments(args: argparse.Namespace, other: str) -> dict[str, str]:
+    """
+    @param args: the arguments.
+    @param other: the second TLS option of the command.
+    @return: the TLS parameters given (docs/tls.md).
+    """
+    names = ("tls_creds", other)
+    return {name.replace("_", "-"): getattr(args, name) for name in names if getattr(args, name, None)}
+
+
 async def snapshotCapture(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     """
     C{snapshot-capture}: print C{listening on URI}.
@@ -55,7 +65,7 @@ async def snapshotCapture(client: ControlClient, args: argparse.Namespace, out: 
     @return: 0.
     """
     uri = await client.snapshotCapture(args.uri, _path(args.dir), not args.no_postcopy,
-                                       args.machine)
+                                       args.machine, _tlsArguments(args, "tls_authz"))
     print(f"listening on {uri}", file=out)
     return 0
 
@@ -70,7 +80,7 @@ async def snapshotRestore(client: ControlClient, args: argparse.Namespace, out: 
     @return: 0 once every connection started.
     """
     await client.snapshotRestore(_path(args.dir), args.to, args.postcopy, args.max_bandwidth,
-                                 not args.no_verify)
+                                 not args.no_verify, _tlsArguments(args, "tls_hostname"))
     return 0
 
 
@@ -147,14 +157,21 @@ SNAPSHOT_COMMANDS: list[tuple[str, str, Any, list[tuple[tuple[str, ...], dict]]]
      snapshotCapture,
      [(("uri",), {}), (("dir",), {}),
       (("--no-postcopy",), {"action": "store_true", "help": "refuse postcopy"}),
-      (("--machine",), {"default": None, "help": "machine type recorded"})]),
+      (("--machine",), {"default": None, "help": "machine type recorded"}),
+      (("--tls-creds",), {"metavar": "ID", "help": "accept QEMU over TLS with these server "
+                                                  "credentials (object-add; docs/tls.md)"}),
+      (("--tls-authz",), {"metavar": "ID", "help": "only the client this authz-simple allows"})]),
     ("snapshot-restore", "make the daemon migrate snapshot DIR to QEMU destination(s)",
      snapshotRestore,
      [(("dir",), {}), (("--to",), {"action": "append", "required": True, "metavar": "URI"}),
       (("--postcopy",), {"action": "store_true", "help": "run before RAM arrives"}),
       (("--no-verify",), {"action": "store_true", "help": "skip the sha256 check"}),
       (("--max-bandwidth",), {"type": int, "default": 0, "metavar": "BYTES",
-                              "help": "bytes/s per destination, 0 for unlimited"})]),
+                              "help": "bytes/s per destination, 0 for unlimited"}),
+      (("--tls-creds",), {"metavar": "ID", "help": "migrate over TLS with these client "
+                                                  "credentials (object-add; docs/tls.md)"}),
+      (("--tls-hostname",), {"metavar": "NAME",
+                             "help": "the name the destinations' certificates carry"})]),
     ("snapshot-verify", "make the daemon check sizes and sha256 of DIR", snapshotVerify,
      [(("dir",), {})]),
     ("snapshot-info", "describe snapshot DIR", snapshotInfo, [(("dir",), {}), _JSON]),

@@ -128,20 +128,25 @@ class MigrationTLSFactory(TLSMemoryBIOFactory):
     @ivar policy: the side's policy.
     @ivar refused: called with a L{TLSError} for each connection refused
         before its protocol was built.
+    @ivar connected: called with each migration protocol once it is
+        connected (after the verified handshake).
     """
 
     protocol = MigrationTLSProtocol
 
     def __init__(self, policy: TLSPolicy, wrappedFactory: Any,
                  refused: Callable[[TLSError], object] | None = None,
-                 clock: Any = None) -> None:
+                 clock: Any = None,
+                 connected: Callable[[Any], object] | None = None) -> None:
         """
         @param policy: the side's policy.
         @param wrappedFactory: the migration factory.
         @param refused: reports refused handshakes (default: log them).
-        @param clock: for the write aggregation (default: the reactor).
+        @param clock: the reactor's clock (default: the reactor).
+        @param connected: told of each connected migration protocol.
         """
         self.policy = policy
+        self.connected = connected
         self._isClient = policy.isClient
         self.migrationFactory = wrappedFactory
         self.refused = refused or (lambda error: log.warn(
@@ -210,6 +215,8 @@ class _PendingTLS(Protocol):
             return
         transport.wrappedProtocol = protocol
         protocol.makeConnection(transport)
+        if self.tls.connected is not None:
+            self.tls.connected(protocol)
         if self._early:
             protocol.dataReceived(b"".join(self._early))
 
@@ -273,20 +280,12 @@ def connectMaybeTLS(endpoint: Any, policy: TLSPolicy | None, factory: Any) -> An
         return endpoint.connect(factory)
     ready: Deferred = Deferred()
 
-    class _Announcing(Factory):
+    def connected(protocol: Any) -> None:
         """
-        Builds the migration protocol and fires C{ready} with it.
+        @param protocol: the connected migration protocol.
         """
-
-        def buildProtocol(self, addr: Any) -> Protocol | None:
-            """
-            @param addr: the peer.
-            @return: the migration protocol.
-            """
-            protocol = factory.buildProtocol(addr)
-            if not ready.called:
-                ready.callback(protocol)
-            return protocol
+        if not ready.called:
+            ready.callback(protocol)
 
     def refused(error: TLSError) -> None:
         """
@@ -302,5 +301,6 @@ def connectMaybeTLS(endpoint: Any, policy: TLSPolicy | None, factory: Any) -> An
         if not ready.called:
             ready.errback(reason)
 
-    endpoint.connect(MigrationTLSFactory(policy, _Announcing(), refused)).addErrback(failed)
+    endpoint.connect(MigrationTLSFactory(policy, factory, refused, connected=connected)
+                     ).addErrback(failed)
     return ready

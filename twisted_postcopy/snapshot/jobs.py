@@ -233,7 +233,8 @@ class SnapshotJobs:
     restores: list[RestoreJob] = field(factory=list)
 
     def startCapture(self, uri: str, path: str, postcopy: bool = True,
-                     machine: str = "pc-i440fx-7.2") -> Deferred:
+                     machine: str = "pc-i440fx-7.2", objects: Any = None,
+                     tls: dict[str, str] | None = None) -> Deferred:
         """
         C{snapshot-capture}: listen for one incoming migration and store
         it in C{path}.
@@ -242,13 +243,15 @@ class SnapshotJobs:
         @param path: the snapshot directory to create.
         @param postcopy: accept postcopy.
         @param machine: the machine type recorded.
+        @param objects: TLS objects (see L{captureSnapshot}).
+        @param tls: TLS parameters (see L{captureSnapshot}).
         @return: a Deferred firing with the URI listened on.
         @raise SnapshotBusyError: a capture is still running.
         """
         if self.capture is not None and self.capture.outcome is None:
             raise SnapshotBusyError(f"a capture into {self.capture.path} is still running")
         path = os.path.abspath(path)
-        listening, vm = captureSnapshot(self.reactor, uri, path, postcopy, machine)
+        listening, vm = captureSnapshot(self.reactor, uri, path, postcopy, machine, objects, tls)
         job = CaptureJob(uri, path, postcopy, vm)
         vm.stored.addBoth(lambda result: job.ended(result))
         self.capture = job
@@ -272,7 +275,8 @@ class SnapshotJobs:
         return listening.addCallbacks(listened, refused)
 
     def startRestore(self, path: str, uris: Sequence[str], postcopy: bool = True,
-                     bandwidth: int = 0, verify: bool = True) -> Deferred:
+                     bandwidth: int = 0, verify: bool = True, objects: Any = None,
+                     tls: dict[str, str] | None = None) -> Deferred:
         """
         C{snapshot-restore}: feed a snapshot to every destination at once.
 
@@ -281,6 +285,8 @@ class SnapshotJobs:
         @param postcopy: restore by postcopy.
         @param bandwidth: bytes/s per destination, 0 for unlimited.
         @param verify: check every sha256 first (in a thread).
+        @param objects: TLS objects (see L{restoreSnapshot}).
+        @param tls: TLS parameters (see L{restoreSnapshot}).
         @return: a Deferred firing with L{None} once every connection is
             started (after verifying), failing with L{SnapshotError}.
         @raise SnapshotError: no destination given.
@@ -298,7 +304,7 @@ class SnapshotJobs:
             @param _: ignored.
             """
             managers, done = restoreSnapshot(self.reactor, job.path, job.uris, postcopy, False,
-                                             bandwidth)
+                                             bandwidth, objects, tls)
             job.managers = managers
             done.addBoth(job.ended)
 
