@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -319,3 +320,134 @@ class QEMUSnapshotTLSTests(TestCase):
         qemu.waitMigration(["completed"], TIMEOUT)
         qemu.waitSerial(len(qemu.serialOutput()) + 2, TIMEOUT)
         stopAndCheck(qemu, LAYOUT)
+
+
+class QEMURecoveryTLSTests(TestCase):
+    """
+    Postcopy recovery over TLS with a real QEMU 7.2 peer, both ways: the
+    first connection goes through a relay that is cut during postcopy;
+    the recovery connection (C{migrate-recover}, C{migrate} with
+    C{resume}) is TLS too.
+    """
+
+    timeout = 90
+
+    def setUp(self) -> None:
+        """
+        Credentials; QEMU comes per test.
+        """
+        requireQEMU()
+        self.directory = credentials(self)
+
+    def relay(self, target: tuple[str, int]) -> Any:
+        """
+        @param target: where to relay to.
+        @return: a relay, closed at cleanup.
+        """
+        from twisted_postcopy.testing.relay import RecordingRelay
+
+        relay = RecordingRelay(target)
+        self.addCleanup(relay.close)
+        return relay
+
+    @inlineCallbacks
+    def test_recoverIntoQEMU(self) -> None:
+        """
+        Ours to a QEMU destination over TLS: cut, QEMU's C{migrate-recover},
+        our C{migrate} resume over TLS; QEMU completes with our RAM.
+        """
+        from tests.test_recovery_loopback import within
+        from tests.test_recovery_qemu import qemuStatus as qemuReached
+        from twisted_postcopy.testing.qemuguest import incomingAddress
+
+        qemu = startBootedQEMU(self, "destination", ["-S", "-incoming", "defer"])
+        vm = OutgoingTestVM({"pc.ram": 32 * MiB})
+        for offset in range(0, 32 * MiB, 3 * PAGE):
+            vm.write(0, offset, struct.pack(">Q", offset) * 64)
+        manager = MigrationManager(reactor, vm)
+        manager.setCapabilities({"postcopy-ram": True})
+        manager.setParameters({"max-bandwidth": 0, "max-postcopy-bandwidth": 4 * MiB})
+        useTLS(manager, self.directory, "client")
+        qemu.setCapabilities(**{"postcopy-ram": True})
+        qemuTLS(qemu, self.directory, "server")
+        port = _freePort()
+        qemu.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        first = self.relay(("127.0.0.1", port))
+        manager.migrate(first.uri)
+        manager.startPostcopy()
+        yield within(manager.whenStatus("postcopy-active"))
+        yield deferLater(reactor, 1.0, lambda: None)
+        first.cut()
+        yield within(manager.whenStatus("postcopy-paused"))
+        yield qemuReached(qemu, "postcopy-paused")
+        qemu.qmp("migrate-recover", uri="tcp:127.0.0.1:0")
+        second = self.relay(incomingAddress(qemu))
+        manager.migrate(second.uri, resume=True)
+        status = yield within(manager.whenStatus("completed", "failed"))
+        self.assertEqual(status, "completed",
+                         f"{manager.queryMigrate().get('error-desc')} {qemu.stderrTail()}")
+        info = qemu.waitMigration(["completed"], timeout=30)
+        self.assertEqual(info["status"], "completed")
+        ram = vm.blocks[0].map
+        for start, length in RAM_RANGES:
+            self.assertEqual(qemu.pmemsave(start, length), ram[start : start + length])
+        forward = bytes(second.connections[0].forward)
+        self.assertEqual(forward[:1], b"\x16")
+        self.assertNotIn(b"pc.ram", forward)
+
+    @inlineCallbacks
+    def test_recoverFromQEMU(self) -> None:
+        """
+        A QEMU source over TLS into ours: cut, our C{migrate-recover},
+        QEMU's C{migrate} resume over TLS; both complete and our RAM
+        equals the stopped source's.
+        """
+        from tests.enginevm import IncomingTestVM
+        from tests.test_recovery_loopback import within
+        from tests.test_recovery_qemu import qemuStatus as qemuReached
+
+        skipWithoutUserfaultfd()
+        qemu = startBootedQEMU(self, "source")
+        vm = IncomingTestVM()
+        services = []
+
+        def faults(blocks, source):
+            service = FaultService(reactor, blocks, source)
+            services.append(service)
+            return service
+
+        manager = MigrationManager(reactor, vm, faults)
+        self.addCleanup(lambda: [s.stop() for s in services if s.reader is not None])
+        manager.setCapabilities({"postcopy-ram": True})
+        useTLS(manager, self.directory, "server")
+        qemu.setCapabilities(**{"postcopy-ram": True})
+        qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 40000})
+        qemuTLS(qemu, self.directory, "client")
+        listening = yield manager.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(listening.stopListening)
+        first = self.relay(("127.0.0.1", listening.getHost().port))
+        qemu.migrate(first.uri)
+        yield manager.destinationFactory.accepted
+        yield qemuReached(qemu, "active")
+        qemu.qmp("migrate-start-postcopy")
+        yield within(manager.whenStatus("postcopy-active"))
+        yield deferLater(reactor, 0.5, lambda: None)
+        first.cut()
+        yield within(manager.whenStatus("postcopy-paused"))
+        yield qemuReached(qemu, "postcopy-paused")
+        port = yield manager.migrateRecover("tcp:127.0.0.1:0")
+        second = self.relay(("127.0.0.1", port.getHost().port))
+        qemu.setParameters(**{"max-postcopy-bandwidth": 0})
+        qemu.qmp("migrate", uri=second.uri, resume=True)
+        # (QEMU's handshake blocks its monitor until we answered it.)
+        yield within(manager.whenStatus("postcopy-recover", "postcopy-active", "completed"))
+        ours = yield within(manager.whenStatus("completed", "failed"))
+        self.assertEqual(ours, "completed", str(vm.failure))
+        info = yield qemuReached(qemu, "completed")
+        self.assertGreater(info["ram"]["postcopy-bytes"], 0)
+        ram = vm.contents()["pc.ram"]
+        for start, length in RAM_RANGES:
+            self.assertEqual(qemu.pmemsave(start, length), ram[start : start + length])
+        forward = bytes(second.connections[0].forward)
+        self.assertEqual(forward[:1], b"\x16")
+        self.assertEqual(manager.tlsRefused, [])
