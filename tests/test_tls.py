@@ -495,3 +495,39 @@ class TLSRecoveryTests(TestCase):
         self.assertEqual(self.events["src"], [
             "setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
             "postcopy-active", "completed"])
+
+
+class HandshakeTimeoutTests(SynchronousTestCase):
+    """
+    A peer that connects and never completes the handshake is dropped.
+    """
+
+    def test_silentPeerDropped(self) -> None:
+        """
+        After L{HANDSHAKE_TIMEOUT} seconds without a completed handshake
+        the connection is aborted and reported refused; the migration
+        factory never builds a protocol.
+        """
+        from twisted.internet.protocol import Factory
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from twisted_postcopy.protocols.tls import HANDSHAKE_TIMEOUT, MigrationTLSFactory
+
+        objects = ObjectRegistry()
+        objects.add("tls-creds-x509", "s", dir=credentials(self), endpoint="server")
+        built, refused = [], []
+        migration = Factory()
+        migration.buildProtocol = lambda addr: built.append(addr)
+        clock = Clock()
+        factory = MigrationTLSFactory(objects.serverPolicy({"tls-creds": "s"}), migration,
+                                      refused.append, clock)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        clock.advance(HANDSHAKE_TIMEOUT - 1)
+        self.assertEqual((refused, transport.disconnecting), ([], False))
+        clock.advance(1)
+        self.assertEqual([str(e) for e in refused], ["TLS handshake timed out after 30 s"])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(built, [])

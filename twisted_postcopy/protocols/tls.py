@@ -31,6 +31,11 @@ from twisted_postcopy.tlscreds import TLSError, TLSPolicy, sslErrorText
 
 log = Logger()
 
+#: Seconds a connection may take to complete its TLS handshake and checks
+#: before it is dropped (a peer that connects and says nothing must not
+#: hold a connection for ever).
+HANDSHAKE_TIMEOUT = 30.0
+
 
 @implementer(IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
 class _ConnectionCreator:
@@ -130,7 +135,10 @@ class MigrationTLSFactory(TLSMemoryBIOFactory):
         before its protocol was built.
     @ivar connected: called with each migration protocol once it is
         connected (after the verified handshake).
+    @ivar handshakeTimeout: seconds allowed for the handshake.
     """
+
+    handshakeTimeout = HANDSHAKE_TIMEOUT
 
     protocol = MigrationTLSProtocol
 
@@ -196,11 +204,35 @@ class _PendingTLS(Protocol):
         self.addr = addr
         self.finished = False
         self._early: list[bytes] = []
+        self._timeout: Any = None
+
+    def connectionMade(self) -> None:
+        """
+        Start the handshake timer.
+        """
+        self._timeout = self.tls._clock.callLater(self.tls.handshakeTimeout, self._timedOut)
+
+    def _timedOut(self) -> None:
+        """
+        The handshake took too long: drop the connection.
+        """
+        self._timeout = None
+        self._refuse(TLSError(f"TLS handshake timed out after {self.tls.handshakeTimeout:g} s"))
+        self.transport.abortConnection()
+
+    def _stopTimer(self) -> None:
+        """
+        Cancel the handshake timer, if running.
+        """
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
 
     def handshakeCompleted(self) -> None:
         """
         Check the peer; build and connect the migration protocol.
         """
+        self._stopTimer()
         transport = self.transport
         try:
             transport.peerIdentity = self.tls.policy.checkPeer(transport.getPeerCertificate())
@@ -234,6 +266,7 @@ class _PendingTLS(Protocol):
 
         @param reason: why.
         """
+        self._stopTimer()
         if not self.finished:
             value = reason.value
             if not isinstance(value, TLSError):
