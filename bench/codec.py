@@ -1,4 +1,3 @@
-# -*- test-case-name: tests.test_wire_stream -*-
 """
 Benchmark of the wire codec's hot path: decoding a stream of non-zero
 pages (and encoding it).

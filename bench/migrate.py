@@ -5,10 +5,11 @@ and the destination daemon in a child process (one core each).
 Runs two migrations of a guest whose RAM holds incompressible data:
   1. Precopy with no bandwidth limit. Reports throughput, total time and
      the switchover downtime.
-  2. Postcopy from the first iteration. A real guest process reads its RAM
-     in a scattered order through its own userfaultfd. Reports the page
-     request latency from fault read to placement and wake (p50/p99), the
-     downtime (stop until the package is sent) and the total time.
+  2. Postcopy from the first iteration. A real guest process (the guest
+     worker, one thread) reads all of its RAM through its own userfaultfd,
+     served by the production fault service. Reports the page request
+     latency from fault read to placement and wake (p50/p99), the downtime
+     (stop until the package is sent) and the total time.
 
 Beside them, in the same run, a QEMU 7.2 to QEMU 7.2 postcopy migration of
 a guest with the same RAM size (the project's boot-sector counter guest
@@ -39,11 +40,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.enginevm import IncomingTestVM, OutgoingTestVM  # noqa: E402
-from tests.uffdguest import FaultService, spawnGuest  # noqa: E402
 from twisted_postcopy.manager import MigrationManager  # noqa: E402
+from twisted_postcopy.testing.enginevm import OutgoingTestVM  # noqa: E402
 from twisted_postcopy.testing.qemubaseline import UNLIMITED, qemuToQemuPostcopy  # noqa: E402
 from twisted_postcopy.testing.qemuhost import qemuSkipReason  # noqa: E402
+from twisted_postcopy.testing.workerguest import WorkerGuestVM  # noqa: E402
 
 
 def stressVM(mib: int) -> OutgoingTestVM:
@@ -59,54 +60,48 @@ def stressVM(mib: int) -> OutgoingTestVM:
     return vm
 
 
-class GuestVM(IncomingTestVM):
+class TimedGuestVM(WorkerGuestVM):
     """
-    The incoming VM: its guest process starts at POSTCOPY_RUN.
-    """
+    The incoming VM: production RAMBlocks and fault service, a guest worker
+    process reading all of its RAM from POSTCOPY_RUN; each fault on a
+    missing page is timed from the moment the fault service read it to
+    the placement that woke it (the fault service's own observers, the
+    ones blocktime uses).
 
-    service: Any = None
-    guest: Any = None
-
-    def run(self) -> None:
-        """
-        Start the guest process.
-        """
-        super().run()
-        if self.service is not None:
-            self.guest = spawnGuest(reactor, self.service, self.blocks)
-
-
-class TimedFaults(FaultService):
-    """
-    The test fault service, timing each fault until its wake.
+    @ivar latencies: seconds, one per fault on a missing page.
     """
 
-    def __init__(self, *args: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         """
-        Set up the instance.
+        Nothing timed yet.
         """
-        super().__init__(*args)
+        super().__init__(*args, **kwargs)
         self.started: dict[int, float] = {}
         self.latencies: list[float] = []
 
-    def faulted(self, address: int, tid: int) -> None:
+    def faultServiceFactory(self, blocks: Any, pageSource: Any) -> Any:
         """
-        Remember when the fault was read.
+        The production fault service, observed.
         """
-        self.started.setdefault(address & ~4095, time.perf_counter())
-        super().faulted(address, tid)
+        service = super().faultServiceFactory(blocks, pageSource)
+        service.addFaultObserver(self._faulted)
+        service.addPlacementObserver(self._placed)
+        return service
 
-    def _wake(self, name: str, offset: int, length: int) -> None:
+    def _faulted(self, threadId: int, address: int, received: bool) -> None:
         """
-        Record the latency of every fault this placement answers.
+        A fault was read: remember when, if the page is missing.
         """
-        if self.guest:
-            base = self._guestAddress(name, offset)
-            for page in range(base, base + length, 4096):
-                began = self.started.pop(page, None)
-                if began is not None:
-                    self.latencies.append(time.perf_counter() - began)
-        super()._wake(name, offset, length)
+        if not received:
+            self.started.setdefault(address, time.perf_counter())
+
+    def _placed(self, address: int) -> None:
+        """
+        A faulted page was placed and its waiters woken.
+        """
+        began = self.started.pop(address, None)
+        if began is not None:
+            self.latencies.append(time.perf_counter() - began)
 
 
 @inlineCallbacks
@@ -117,27 +112,14 @@ def destinationRole(postcopy: bool) -> Any:
 
     @param postcopy: enable C{postcopy-ram}.
     """
-    destination = GuestVM()
-    services: list[TimedFaults] = []
-
-    def faults(blocks: Any, pageSource: Any) -> TimedFaults:
-        """
-        The fault service factory, keeping the timed service.
-        """
-        service = TimedFaults(reactor, blocks, pageSource)
-        destination.service = service
-        services.append(service)
-        return service
-
-    dst = MigrationManager(reactor, destination, faults)
+    destination = TimedGuestVM(reactor)
+    dst = MigrationManager(reactor, destination, destination.faultServiceFactory)
     dst.setCapabilities({"postcopy-ram": postcopy})
     port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
     print(port.getHost().port, flush=True)
     status = yield dst.whenStatus("completed", "failed")
-    if destination.guest is not None:
-        yield destination.guest.done
-    latencies = services[0].latencies if services else []
-    print(json.dumps({"status": status, "latencies": latencies}), flush=True)
+    yield destination.done
+    print(json.dumps({"status": status, "latencies": destination.latencies}), flush=True)
 
 
 class DestinationProcess(protocol.ProcessProtocol):

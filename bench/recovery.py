@@ -2,8 +2,9 @@
 Postcopy recovery figures: how fast both sides pause after a real relay
 cut, how long the recovery handshake takes (C{migrate resume} to the
 source's C{postcopy-active}) and the rest of the migration, with a guest
-process faulting through its own userfaultfd; plus the received-bitmap
-encode and reload cost for a 1 GiB block.
+worker process faulting through its own userfaultfd on the production
+fault service; plus the received-bitmap encode and reload cost for a
+1 GiB block.
 
 Usage: C{python bench/recovery.py [--mib 64] [--json]}
 """
@@ -15,7 +16,6 @@ import json
 import os
 import sys
 import time
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -23,33 +23,14 @@ from twisted.internet.task import deferLater, react
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE  # noqa: E402
-from tests.uffdguest import FaultService, spawnGuest  # noqa: E402
-from twisted_postcopy.destination.recovery import receivedBitmap  # noqa: E402
 from twisted_postcopy.manager import MigrationManager  # noqa: E402
-from twisted_postcopy.source.recovery import dirtyFromReceived  # noqa: E402
+from twisted_postcopy.ram.bitmap import dirtyFromReceived  # noqa: E402
+from twisted_postcopy.ram.block import RAMBlock  # noqa: E402
+from twisted_postcopy.testing.enginevm import PAGE, OutgoingTestVM  # noqa: E402
 from twisted_postcopy.testing.relay import RecordingRelay  # noqa: E402
+from twisted_postcopy.testing.workerguest import WorkerGuestVM  # noqa: E402
 
 MiB = 1 << 20
-
-
-class GuestVM(IncomingTestVM):
-    """
-    A destination whose guest process reads all of its RAM.
-
-    @ivar service: the fault service.
-    @ivar guest: the guest process.
-    """
-
-    service: Any = None
-    guest: Any = None
-
-    def run(self) -> None:
-        """
-        Start the guest.
-        """
-        super().run()
-        self.guest = spawnGuest(reactor, self.service, self.blocks)
 
 
 def bitmapFigures() -> dict[str, float]:
@@ -57,13 +38,15 @@ def bitmapFigures() -> dict[str, float]:
     @return: milliseconds to encode (destination) and reload (source) the
         received bitmap of a half-received 1 GiB block.
     """
-    pages = (1 << 30) // PAGE
-    received = bytearray(b"\x01\x00") * (pages // 2)
+    block = RAMBlock("bench", 1 << 30)
+    for page in range(0, block.pages, 2):
+        block.receivedMap.set(page)
     start = time.perf_counter()
-    bitmap = receivedBitmap(received, 1 << 30, PAGE)
+    bitmap = block.receivedBitmap()
     encoded = time.perf_counter()
     dirtyFromReceived(bitmap, 1 << 30, PAGE)
     reloaded = time.perf_counter()
+    block.close()
     return {"bitmap_encode_1gib_ms": (encoded - start) * 1e3,
             "bitmap_reload_1gib_ms": (reloaded - encoded) * 1e3}
 
@@ -99,16 +82,9 @@ def migrateWithRecovery(mib: int):
     source = OutgoingTestVM({"pc.ram": mib * MiB})
     for offset in range(0, mib * MiB, PAGE):
         source.write(0, offset, offset.to_bytes(8, "big") * 4)
-    destination = GuestVM()
-
-    def faults(blocks: Any, pageSource: Any) -> FaultService:
-        """
-        @return: the test fault service, given to the guest at RUN.
-        """
-        destination.service = FaultService(reactor, blocks, pageSource)
-        return destination.service
-
-    src, dst = MigrationManager(reactor, source), MigrationManager(reactor, destination, faults)
+    destination = WorkerGuestVM(reactor)
+    src = MigrationManager(reactor, source)
+    dst = MigrationManager(reactor, destination, destination.faultServiceFactory)
     for manager in (src, dst):
         manager.setCapabilities({"postcopy-ram": True})
     src.setParameters({"max-bandwidth": 0, "max-postcopy-bandwidth": 16 * MiB})
@@ -127,7 +103,7 @@ def migrateWithRecovery(mib: int):
     resumed = time.perf_counter()
     src.migrate(f"tcp:127.0.0.1:{recoverPort.getHost().port}", resume=True)
     yield src.whenStatus("completed")
-    yield destination.guest.done
+    yield destination.done
     port.stopListening()
     relay.close()
     return {"pause_source_ms": since(srcSeen, "postcopy-paused", cut),

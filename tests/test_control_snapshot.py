@@ -58,7 +58,8 @@ class _ImmediatePool:
 
 class _SilentSource:
     """
-    Page requests to a QEMU source that never answers.
+    A unit-test stand-in for the capture's fault service whose QEMU source
+    never answers: the daemon's own page requests never complete.
     """
 
     def requestPage(self, block: str, offset: int) -> Deferred:
@@ -273,7 +274,7 @@ class SnapshotCommandTests(SynchronousTestCase):
         vm = self.jobs.capture.vm
         vm.ramBlocksListed([("pc.ram", 4 * PAGE, None)])
         vm.inPostcopy = lambda: True
-        vm.pageSource = _SilentSource()
+        vm.faults = _SilentSource
         d = self.call(self.client.snapshotRead("", "pc.ram", 0, 10))
         self.assertNoResult(d)
         self.reactor.advance(LIVE_READ_TIMEOUT)

@@ -11,19 +11,20 @@ import errno
 import os
 
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
+from twisted_postcopy.testing.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
 from tests.test_protocols_stream import HEADER, RP_PING_ADVISE
 from twisted_postcopy.destination.incoming import IncomingMigration
-from twisted_postcopy.destination.placer import HOLE, PagePlacer
+from twisted_postcopy.destination.placer import PagePlacer
 from twisted_postcopy.errors import RemoteProtocolError, UffdError
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.ram import support
 from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.ram.support import unavailableError
 from twisted_postcopy.source.outgoing import OutgoingMigration
+from twisted_postcopy.testing.real import missingReal
 from twisted_postcopy.wire import decodeAll
 from twisted_postcopy.wire import events as e
 
@@ -81,7 +82,7 @@ class QEMUCaptureTests(SynchronousTestCase):
 
 class _Faults:
     """
-    Records placements.
+    A unit-test stand-in for the fault service: records placements.
     """
 
     def __init__(self) -> None:
@@ -92,7 +93,7 @@ class _Faults:
 
     def placePages(self, block, offset, data):
         """
-        Place pages (UFFDIO_COPY here, or a stand-in).
+        Record a page run.
         """
         self.calls.append(("copy", block, offset, len(data)))
 
@@ -103,35 +104,17 @@ class _Faults:
         self.calls.append(("zero", block, offset, length))
 
 
-class _Block:
-    """
-    A block that records discards.
-    """
-
-    def __init__(self, length: int) -> None:
-        """
-        Set up the instance.
-        """
-        self.length, self.pageSize, self.fd = length, PAGE, -1
-        self.discards: list[tuple[int, int]] = []
-
-    def discard(self, offset: int, length: int) -> None:
-        """
-        Record a discard.
-        """
-        self.discards.append((offset, length))
-
-
 class PlacerTests(SynchronousTestCase):
     """
-    Postcopy placement: runs, holes, never twice.
+    Placement: runs before and after LISTEN, precopy holes, bad offsets.
     """
 
     def setUp(self) -> None:
         """
-        Prepare the VMs and managers for one test.
+        A placer over one real 8-page block.
         """
-        self.block = _Block(8 * PAGE)
+        self.block = RAMBlock("pc.ram", 8 * PAGE)
+        self.addCleanup(self.block.close)
         self.placer = PagePlacer({"pc.ram": self.block})
 
     def test_runs(self) -> None:
@@ -145,47 +128,43 @@ class PlacerTests(SynchronousTestCase):
         self.placer.flush()
         self.assertEqual(faults.calls, [("copy", "pc.ram", 0, 3 * PAGE), ("copy", "pc.ram", 5 * PAGE, PAGE)])
 
-    def test_neverTwice(self) -> None:
+    def test_precopyRuns(self) -> None:
         """
-        A page sent twice after LISTEN is refused before the kernel's EEXIST.
+        Before LISTEN a run is one C{pwrite}; the block marks it received.
         """
-        self.placer.faults = _Faults()
-        self.placer.page("pc.ram", 0, bytes(PAGE))
-        self.assertRaises(RemoteProtocolError, self.placer.page, "pc.ram", 0, bytes(PAGE))
+        self.placer.page("pc.ram", PAGE, b"a" * PAGE)
+        self.placer.page("pc.ram", 2 * PAGE, b"b" * PAGE)
+        self.placer.flush()
+        self.assertEqual(os.pread(self.block.fd, 2 * PAGE, PAGE), b"a" * PAGE + b"b" * PAGE)
+        self.assertEqual([self.block.receivedMap.test(page) for page in range(4)], [False, True, True, False])
 
-    def test_discardAllowsResend(self) -> None:
+    def test_precopyZeroIsHole(self) -> None:
         """
-        A precopy zero page is a hole; discarding it lets it come again in
-        postcopy; an undiscarded hole is filled with a zero page on fault.
+        A ZERO record before LISTEN punches a hole marked received and a
+        hole in the block (the fault service owns it from LISTEN on); a
+        discard makes it missing again; after LISTEN a ZERO record goes to
+        the fault service.
         """
+        self.placer.page("pc.ram", 0, b"x" * PAGE)
         self.placer.zero("pc.ram", 0, 0, PAGE)
         self.placer.zero("pc.ram", PAGE, 0, PAGE)
-        self.assertEqual(self.placer.received["pc.ram"][:2], bytes([HOLE, HOLE]))
+        self.assertEqual(os.pread(self.block.fd, PAGE, 0), bytes(PAGE))
+        self.assertEqual([self.block.holeMap.test(page) for page in range(3)], [True, True, False])
+        self.assertEqual(self.block.receivedMap.count(), 2)
         self.placer.discard("pc.ram", 0, PAGE)
+        self.assertEqual((self.block.holeMap.test(0), self.block.receivedMap.test(0)), (False, False))
         faults = self.placer.faults = _Faults()
-        self.placer.page("pc.ram", 0, bytes(PAGE))
-        self.assertTrue(self.placer.fillHole("pc.ram", PAGE))
-        self.assertFalse(self.placer.fillHole("pc.ram", PAGE))
-        self.assertEqual(faults.calls, [("zero", "pc.ram", PAGE, PAGE)])
+        self.placer.zero("pc.ram", 0, 0, PAGE)
+        self.assertEqual(faults.calls, [("zero", "pc.ram", 0, PAGE)])
 
     def test_badOffsets(self) -> None:
         """
-        Unknown blocks and offsets past the end are load errors.
+        Unknown blocks and offsets past the end are protocol errors.
         """
         self.assertRaises(RemoteProtocolError, self.placer.page, "nope", 0, bytes(PAGE))
         self.assertRaises(RemoteProtocolError, self.placer.page, "pc.ram", 8 * PAGE, bytes(PAGE))
-
-
-class _StoppingFaults(_Faults):
-    """
-    Records placements and C{stop}.
-    """
-
-    def stop(self) -> None:
-        """
-        Record the stop.
-        """
-        self.calls.append(("stop",))
+        self.assertRaises(RemoteProtocolError, self.placer.page, "pc.ram", 100, bytes(PAGE))
+        self.assertRaises(RemoteProtocolError, self.placer.zero, "pc.ram", 8 * PAGE, 0, PAGE)
 
 
 class _RAMBlockVM(IncomingTestVM):
@@ -271,9 +250,9 @@ class RAMSupportTests(SynchronousTestCase):
 
     def test_precopyMarksReceived(self) -> None:
         """
-        Precopy pages go through L{RAMBlock.write}: the block's received
-        bitmap holds exactly the pages sent with data (ZERO pages stay
-        holes), and the memfd holds them.
+        Precopy pages go through L{RAMBlock.write}: every page is received,
+        the ZERO pages are holes (exactly those not sent with data), and
+        the memfd holds the data.
         """
         source = OutgoingTestVM({"pc.ram": 16 * PAGE})
         for page in (1, 2, 3, 9):
@@ -292,42 +271,56 @@ class RAMSupportTests(SynchronousTestCase):
         protocol.dataReceived(sending.value())
         self.assertEqual(vm.events, ["run", "completed"])
         block = vm.blocks["pc.ram"]
-        self.assertEqual([page for page in range(16) if block.receivedMap.test(page)], [1, 2, 3, 9])
+        self.assertEqual(block.receivedMap.count(), 16)
+        self.assertEqual([page for page in range(16) if not block.holeMap.test(page)], [1, 2, 3, 9])
         self.assertEqual(os.pread(block.fd, block.length, 0), source.contents()["pc.ram"])
 
     def test_stopOnlyWhenAllPlaced(self) -> None:
         """
-        The fault service stops after every page is placed (holes get zero
-        pages first); a postcopy stream that ends with a page never sent
-        fails with L{RemoteProtocolError} before the service is stopped
-        (the failure stops it).
+        With the production fault service: it stops after every page is
+        placed (precopy holes get zero pages first); a postcopy stream
+        that ends with a page never sent fails with L{RemoteProtocolError}
+        before the service is stopped (the failure stops it).
         """
+        from twisted_postcopy.ram.faults import FaultService
+
+        try:
+            support.checkUserfaultfd()
+        except Exception as error:
+            missingReal(f"userfaultfd: {error}")
         for sent, expected in ((4, "completed"), (3, "failed")):
-            faults = _StoppingFaults()
+            services: list[FaultService] = []
+
+            def factory(blocks, source):
+                services.append(FaultService(MemoryReactor(), source, blocks))
+                return services[-1]
+
             vm = IncomingTestVM()
-            incoming = IncomingMigration(vm, _NullReturnPath(), True, lambda blocks, source: faults)
-            incoming.checkUserfaultfd = incoming.tuneGarbageCollector = lambda: None
+            incoming = IncomingMigration(vm, _NullReturnPath(), True, factory)
+            incoming.tuneGarbageCollector = lambda: None
             incoming.machine.setup()
             incoming.connected()
             incoming.advise(PAGE, PAGE)
             incoming.ramBlocksListed([("pc.ram", 5 * PAGE, None)])
+            self.addCleanup(vm.blocks["pc.ram"].close)
             incoming.zero("pc.ram", 4 * PAGE, 0)
             incoming.listen()
             incoming.run()
             for page in range(sent):
-                incoming.page("pc.ram", page * PAGE, bytes(PAGE))
+                incoming.page("pc.ram", page * PAGE, b"%d" % page * PAGE)
             incoming.flush()
+            block = vm.blocks["pc.ram"]
             if sent == 4:
                 incoming.eof()
+                self.assertEqual(block.holeMap.count(), 0)
+                self.assertEqual(vm.contents()["pc.ram"][: 4 * PAGE], b"".join(b"%d" % page * PAGE for page in range(4)))
             else:
                 error = self.assertRaises(RemoteProtocolError, incoming.eof)
                 self.assertIn("1 page(s) never sent", str(error))
-                self.assertNotIn(("stop",), faults.calls)
+                self.assertGreaterEqual(services[0].uffd, 0)
                 incoming.failed(error)
             self.assertEqual(incoming.machine.status.status.value, expected)
-            self.assertEqual(faults.calls[0], ("copy", "pc.ram", 0, sent * PAGE))
-            self.assertEqual(faults.calls[1], ("zero", "pc.ram", 4 * PAGE, PAGE))
-            self.assertEqual(faults.calls[2:], [("stop",)])
+            self.assertEqual(services[0].uffd, -1)
 
 
 class _NullReturnPath:

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.destination.machine import IncomingMachine, PostcopyState as P
 from twisted_postcopy.errors import RemoteProtocolError
-from twisted_postcopy.source.machine import MigrationStatus as S
+from twisted_postcopy.state import MigrationStatus as S
 
 
 def _active() -> IncomingMachine:

@@ -2,22 +2,24 @@
 """
 A REAL QEMU 7.2 source (TCG, running the boot-sector guest that keeps
 writing its RAM) migrating to our destination: precopy, and postcopy with
-pages placed through a real userfaultfd.  After completion our RAM equals
-the stopped source's RAM byte for byte.
+pages placed by the production fault service while a guest worker process
+reads all of its RAM through its own userfaultfd.  After completion our
+RAM equals the stopped source's RAM byte for byte, and so does what the
+guest read.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from tests.enginevm import IncomingTestVM
+from tests.test_migration_loopback import skipWithoutUserfaultfd
 from tests.test_source_qemu import RAM_RANGES, _freePort
-from tests.uffdguest import FaultService, uffdOpen
 from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.testing.qemu import QEMUInstance, qemuSkipReason, startBootedQEMU
 
 
@@ -57,17 +59,8 @@ class QEMUSourceTests(TestCase):
         Prepare the VMs and managers for one test.
         """
         self.qemu = startBootedQEMU(self, "source")
-        self.vm = IncomingTestVM()
-        self.services: list[FaultService] = []
-        self.manager = MigrationManager(reactor, self.vm, self._faults)
-
-    def _faults(self, blocks, pageSource):
-        """
-        The destination's fault service factory (the test's real-kernel one).
-        """
-        service = FaultService(reactor, blocks, pageSource)
-        self.services.append(service)
-        return service
+        self.vm = WorkerGuestVM(reactor)
+        self.manager = MigrationManager(reactor, self.vm, self.vm.faultServiceFactory)
 
     @inlineCallbacks
     def _migrate(self, postcopy: bool):
@@ -76,18 +69,16 @@ class QEMUSourceTests(TestCase):
         """
         port = _freePort()
         if postcopy:
-            try:
-                os.close(uffdOpen())
-            except OSError as error:
-                raise SkipTest(f"userfaultfd unavailable: {error}")
+            skipWithoutUserfaultfd()
             self.qemu.setCapabilities(**{"postcopy-ram": True})
             self.manager.setCapabilities({"postcopy-ram": True})
-            self.qemu.setParameters(**{"max-bandwidth": 100000})
+            self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 4000000})
         listening = yield self.manager.migrateIncoming(f"tcp:127.0.0.1:{port}")
         self.addCleanup(listening.stopListening)
         self.qemu.migrate(f"tcp:127.0.0.1:{port}")
         if postcopy:
             yield qemuStatus(self.qemu, {"active"})
+            yield self.vm.ready
             self.qemu.qmp("migrate-start-postcopy")
         ours = yield self.manager.whenStatus("completed", "failed")
         self.assertEqual(ours, "completed", str(self.vm.failure))
@@ -97,6 +88,8 @@ class QEMUSourceTests(TestCase):
         for start, length in RAM_RANGES:
             self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
         self.assertEqual(len(self.vm.devices), 1)
+        digests = yield self.vm.done
+        self.assertEqual(digests, [hashlib.sha256(data).hexdigest() for data in self.vm.contents().values()])
         return info
 
     @inlineCallbacks
@@ -114,5 +107,8 @@ class QEMUSourceTests(TestCase):
         pages through UFFDIO_COPY; QEMU completes on our SHUT(0).
         """
         info = yield self._migrate(True)
-        self.assertEqual(self.services[0].uffd is not None, True)
+        service = self.vm.service
+        self.assertEqual(service.missingPages(), 0)
+        self.assertEqual(service.uffd, -1, "the fault service stops once every page is placed")
+        self.assertGreater(service.faultCount, 0, "the guest worker read its RAM through its userfaultfd")
         self.assertGreater(info["ram"]["postcopy-bytes"], 0)

@@ -16,7 +16,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
+from twisted_postcopy.testing.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
 from twisted_postcopy.errors import MigrationError
 from twisted_postcopy.manager import CAPABILITIES, MigrationManager
 
@@ -173,7 +173,6 @@ class ScenarioTests(TestCase):
         port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(port.stopListening)
         self.dst.setCapabilities({"postcopy-ram": True})
-        self.dst.faultServiceFactory = lambda blocks, source: _PlacingFaults(blocks)
         self.src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
         self.src.startPostcopy()
         self.assertEqual((yield self.src.whenStatus("completed", "failed")), "completed")
@@ -217,7 +216,6 @@ class ScenarioTests(TestCase):
         """
         yield self.setUpPair(postcopy=True, bandwidth=1 * MiB)
         self.src.setParameters({"max-postcopy-bandwidth": 1 * MiB})
-        self.dst.faultServiceFactory = lambda blocks, source: _NullFaults()
         self.src.startPostcopy()
         yield self.src.whenStatus("postcopy-active")
         self.src.cancel()
@@ -237,64 +235,11 @@ class ScenarioTests(TestCase):
         self.assertEqual(self.destination.contents(), self.source.contents())
 
 
-class _NullFaults:
-    """
-    A fault service for a destination whose guest never faults: pages are
-    written with pwrite (test only).
-    """
-
-    def placePages(self, block, offset, data):
-        """
-        Place pages (UFFDIO_COPY here, or a stand-in).
-        """
-        pass
-
-    def placeZero(self, block, offset, length):
-        """
-        Place zero pages.
-        """
-        pass
-
-    def stop(self):
-        """
-        Stop (no further effect on pages already placed).
-        """
-        pass
-
-
-class _PlacingFaults(_NullFaults):
-    """
-    A stand-in fault service for L{IncomingTestVM}'s blocks (no guest
-    faults there): placed pages are written with C{pwrite}, zero pages
-    punched (test only).
-
-    @ivar blocks: idstr -> block.
-    """
-
-    def __init__(self, blocks) -> None:
-        """
-        @param blocks: idstr -> block, as given at LISTEN.
-        """
-        self.blocks = blocks
-
-    def placePages(self, block, offset, data):
-        """
-        Write the pages.
-        """
-        self.blocks[block].write(offset, data)
-
-    def placeZero(self, block, offset, length):
-        """
-        Punch the pages.
-        """
-        self.blocks[block].discard(offset, length)
-
-
 DESTINATION = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 from twisted.internet import reactor
-from tests.enginevm import IncomingTestVM
+from twisted_postcopy.testing.enginevm import IncomingTestVM
 from twisted_postcopy.manager import MigrationManager
 
 manager = MigrationManager(reactor, IncomingTestVM())

@@ -23,10 +23,11 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
-from tests.uffdguest import FaultService, spawnGuest, uffdOpen
+from twisted_postcopy.testing.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
+from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.interfaces import IOutgoingVM
 from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.testing.real import missingReal
 from tests import wirebytes as c
 
 MiB = 1 << 20
@@ -57,12 +58,15 @@ def fill(vm: OutgoingTestVM, seed: int) -> None:
 
 def skipWithoutUserfaultfd() -> None:
     """
-    @raise SkipTest: when this kernel or process cannot open a userfaultfd.
+    Give up (L{missingReal}) when this kernel or process cannot use
+    userfaultfd.
     """
+    from twisted_postcopy.ram.support import checkUserfaultfd
+
     try:
-        os.close(uffdOpen())
-    except OSError as error:
-        raise SkipTest(f"userfaultfd unavailable: {error}")
+        checkUserfaultfd()
+    except Exception as error:
+        missingReal(f"userfaultfd unavailable: {error}")
 
 
 @inlineCallbacks
@@ -132,6 +136,7 @@ class LoopbackTests(TestCase):
         self.src.setParameters({"max-bandwidth": 40 * MiB, "downtime-limit": 50})
         uri = yield self.listen()
         writes = []
+        self.addCleanup(lambda: [write.cancel() for write in writes if write.active()])
 
         def dirty(n=[0]):
             """
@@ -173,36 +178,6 @@ class LoopbackTests(TestCase):
         self.assertEqual(self.destination.contents(), self.source.contents())
 
 
-class IncomingGuestVM(IncomingTestVM):
-    """
-    An incoming VM whose guest is a real process that faults on missing
-    pages through its own userfaultfd.
-    """
-
-    def __init__(self) -> None:
-        """
-        Set up the instance.
-        """
-        super().__init__()
-        self.service = None
-        self.guest = None
-        self.vcpuThreads: list[int] = []
-
-    def run(self) -> None:
-        """
-        The guest starts here.
-        """
-        super().run()
-        self.guest = spawnGuest(reactor, self.service, self.blocks)
-        self.guest.done.addCallback(self._exited)
-
-    def _exited(self, digests):
-        """
-        @return: the guest's digests.
-        """
-        return digests
-
-
 class PostcopyLoopbackTests(TestCase):
     """
     Postcopy with the real kernel: the destination guest runs before all
@@ -219,9 +194,9 @@ class PostcopyLoopbackTests(TestCase):
         self.source = OutgoingTestVM({"pc.ram": 8 * MiB, "pc.rom": 128 * 1024},
                                      device=ownDevice(b"cpu state"))
         fill(self.source, 2)
-        self.destination = IncomingGuestVM()
+        self.destination = WorkerGuestVM(reactor)
         self.src = MigrationManager(reactor, self.source)
-        self.dst = MigrationManager(reactor, self.destination, self.faultService)
+        self.dst = MigrationManager(reactor, self.destination, self.destination.faultServiceFactory)
         for manager in (self.src, self.dst):
             manager.setCapabilities({"postcopy-ram": True})
         self.dst.setCapabilities({"postcopy-blocktime": True})
@@ -229,24 +204,6 @@ class PostcopyLoopbackTests(TestCase):
         self.dstEvents: list[str] = []
         self.src.subscribe(lambda e: self.srcEvents.append(e["data"]["status"]))
         self.dst.subscribe(lambda e: self.dstEvents.append(e["data"]["status"]))
-
-    def faultService(self, blocks, pageSource):
-        """
-        The destination's fault service factory: the real-kernel test service, which also records the guest's thread for blocktime.
-        """
-        service = FaultService(reactor, blocks, pageSource)
-        self.destination.service = service
-        original = service.attach
-
-        def attach(uffd, bases, names):
-            """
-            Attach the guest and register its thread as a vCPU.
-            """
-            original(uffd, bases, names)
-            self.destination.vcpuThreads.append(self.destination.guest.lines[0]["tid"])
-
-        service.attach = attach
-        return service
 
     @inlineCallbacks
     def test_postcopyWithFaults(self) -> None:
@@ -267,7 +224,7 @@ class PostcopyLoopbackTests(TestCase):
         self.src.startPostcopy()
         status = yield self.src.whenStatus("completed", "failed")
         dstStatus = yield self.dst.whenStatus("completed", "failed")
-        digests = yield self.destination.guest.done
+        digests = yield self.destination.done
         self.assertEqual((status, dstStatus), ("completed", "completed"))
         expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
         self.assertEqual(digests, expected)
@@ -280,31 +237,6 @@ class PostcopyLoopbackTests(TestCase):
         dstInfo = self.dst.queryMigrate()
         self.assertEqual(len(dstInfo["postcopy-vcpu-blocktime"]), 1)
         self.assertGreater(dstInfo["postcopy-vcpu-blocktime"][0], 0)
-
-
-class RAMIncomingVM(IncomingTestVM):
-    """
-    An incoming VM over L{twisted_postcopy.ram.block.RAMBlock}s, filled
-    through the production fault service (the manager's default).
-    """
-
-    def ramBlocksListed(self, blocks):
-        """
-        Create one memfd block per listed block.
-
-        @param blocks: (idstr, length, pageSize) each.
-        @return: idstr -> block.
-        """
-        from twisted_postcopy.ram.block import RAMBlock
-
-        self.blocks = {name: RAMBlock(name, length) for name, length, _ in blocks}
-        return self.blocks
-
-    def contents(self):
-        """
-        @return: idstr -> the block's bytes (read with pread).
-        """
-        return {name: os.pread(block.fd, block.length, 0) for name, block in self.blocks.items()}
 
 
 class RAMFaultServiceTests(TestCase):
@@ -331,7 +263,7 @@ class RAMFaultServiceTests(TestCase):
 
         source = OutgoingTestVM({"pc.ram": 8 * MiB}, device=ownDevice(b"dev"))
         fill(source, 3)
-        destination = RAMIncomingVM()
+        destination = IncomingTestVM()
         src = MigrationManager(reactor, source)
         dst = MigrationManager(reactor, destination)
         for manager in (src, dst):
@@ -470,9 +402,9 @@ class DirtyingGuestTests(TestCase):
         source = DirtyingGuestSource(blocks)
         yield source.boot()
         self.addCleanup(source.worker.exit)
-        destination = RAMIncomingVM()
+        destination = IncomingTestVM()
         src = MigrationManager(reactor, source)
-        dst = MigrationManager(reactor, destination, lambda b, s: _PlaceByPwrite(b))
+        dst = MigrationManager(reactor, destination)
         if postcopy:
             for manager in (src, dst):
                 manager.setCapabilities({"postcopy-ram": True})
@@ -519,37 +451,6 @@ class DirtyingGuestTests(TestCase):
         return self.migrate(True)
 
 
-class _PlaceByPwrite:
-    """
-    A fault service for a destination without guest (pages land with
-    pwrite; the test only reads the result after completion).
-    """
-
-    def __init__(self, blocks) -> None:
-        """
-        Set up the instance.
-        """
-        self.blocks = blocks
-
-    def placePages(self, block, offset, data):
-        """
-        Place pages (UFFDIO_COPY here, or a stand-in).
-        """
-        os.pwrite(self.blocks[block].fd, data, offset)
-
-    def placeZero(self, block, offset, length):
-        """
-        Place zero pages.
-        """
-        os.pwrite(self.blocks[block].fd, bytes(length), offset)
-
-    def stop(self):
-        """
-        Stop (no further effect on pages already placed).
-        """
-        pass
-
-
 class StressGuestTests(TestCase):
     """
     The built-in C{stress} guest (two self-verifying worker processes
@@ -567,9 +468,9 @@ class StressGuestTests(TestCase):
 
         try:
             checkWriteTracking()
-            os.close(uffdOpen())
         except (DirtyTrackingUnavailableError, OSError) as error:
             raise SkipTest(str(error))
+        skipWithoutUserfaultfd()
         self.directory = tempfile.mkdtemp(prefix="tps")
         self.addCleanup(shutil.rmtree, self.directory, True)
 

@@ -2,23 +2,24 @@
 """
 A REAL QEMU 7.2 source with C{postcopy-preempt} migrating to our
 destination: the second connection is accepted as the preempt channel, a
-faulting guest process on our side makes QEMU send requested pages on it,
+faulting guest process on our side (a guest worker on the production fault
+service) makes QEMU send requested pages on it,
 and after completion our RAM equals the stopped source's RAM.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from tests.test_destination_qemu import qemuStatus
-from tests.test_migration_loopback import IncomingGuestVM
+from tests.test_migration_loopback import skipWithoutUserfaultfd
 from tests.test_source_qemu import RAM_RANGES, _freePort
-from tests.uffdguest import FaultService, uffdOpen
 from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
 
 
@@ -35,23 +36,10 @@ class QEMUPreemptSourceTests(TestCase):
         """
         Start QEMU and our destination manager.
         """
-        try:
-            os.close(uffdOpen())
-        except OSError as error:
-            raise SkipTest(f"userfaultfd unavailable: {error}")
+        skipWithoutUserfaultfd()
         self.qemu = startBootedQEMU(self, "source")
-        self.vm = IncomingGuestVM()
-        self.manager = MigrationManager(reactor, self.vm, self._faults)
-
-    def _faults(self, blocks, pageSource):
-        """
-        The destination's fault service factory (the test's real-kernel one).
-
-        @return: the service.
-        """
-        service = FaultService(reactor, blocks, pageSource)
-        self.vm.service = service
-        return service
+        self.vm = WorkerGuestVM(reactor)
+        self.manager = MigrationManager(reactor, self.vm, self.vm.faultServiceFactory)
 
     @inlineCallbacks
     def test_postcopyPreemptFromQEMU(self) -> None:
@@ -70,6 +58,7 @@ class QEMUPreemptSourceTests(TestCase):
         self.addCleanup(listening.stopListening)
         self.qemu.migrate(f"tcp:127.0.0.1:{port}")
         yield qemuStatus(self.qemu, {"active"})
+        yield self.vm.ready
         self.qemu.qmp("migrate-start-postcopy")
         ours = yield self.manager.whenStatus("completed", "failed")
         self.assertEqual(ours, "completed", str(self.vm.failure))
@@ -78,7 +67,8 @@ class QEMUPreemptSourceTests(TestCase):
         preempt = self.manager.destinationFactory.preempt.preempt
         self.assertIsNotNone(preempt)
         yield preempt.ended
-        yield self.vm.guest.done
+        digests = yield self.vm.done
+        self.assertEqual(digests, [hashlib.sha256(data).hexdigest() for data in self.vm.contents().values()])
         self.assertGreater(info["ram"]["postcopy-requests"], 0)
         self.assertGreater(preempt.recordsReceived, 0)
         ram = self.vm.contents()["pc.ram"]

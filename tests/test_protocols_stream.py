@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
+from twisted_postcopy.testing.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
 from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.errors import RemoteProtocolError
 from tests import wirebytes as c

@@ -95,3 +95,18 @@ class PageBitmapTests(SynchronousTestCase):
         self.assertEqual(bitmap.count(), sum(bits))
         self.assertEqual(bitmap.all(), all(bits))
         self.assertEqual(PageBitmap.fromBytes(len(bits), bitmap.toBytes()), bitmap)
+
+    @given(st.lists(st.booleans(), min_size=1, max_size=100), st.data())
+    def test_anySetMatchesNaive(self, bits, data):
+        """
+        C{anySet} over any range agrees with a naive model; a range past
+        the end raises L{IndexError}.
+        """
+        bitmap = PageBitmap(len(bits))
+        for page, bit in enumerate(bits):
+            if bit:
+                bitmap.set(page)
+        first = data.draw(st.integers(0, len(bits)))
+        count = data.draw(st.integers(0, len(bits) - first))
+        self.assertEqual(bitmap.anySet(first, count), any(bits[first : first + count]))
+        self.assertRaises(IndexError, bitmap.anySet, first, len(bits) - first + 1)

@@ -83,6 +83,26 @@ class RAMBlockTests(SynchronousTestCase):
         self.assertEqual(os.fstat(block.fd).st_size, 8 * PAGE)
         self.assertEqual(list(block.receivedMap.runs()), [(0, 2), (5, 3)])
 
+    def test_writeZeroIsHole(self):
+        """
+        A precopy ZERO page punches a hole that counts as received and is
+        marked in C{holeMap}; a later write or discard clears the hole bit;
+        once registered the block refuses it.
+        """
+        block = self.block("pc.ram", 8 * PAGE)
+        block.write(0, b"\7" * (4 * PAGE))
+        block.writeZero(PAGE, 3 * PAGE)
+        self.assertEqual(os.pread(block.fd, 4 * PAGE, 0), b"\7" * PAGE + bytes(3 * PAGE))
+        self.assertEqual(list(block.receivedMap.runs()), [(0, 4)])
+        self.assertEqual(list(block.holeMap.runs()), [(1, 3)])
+        block.write(2 * PAGE, b"\1" * PAGE)
+        block.discard(3 * PAGE, PAGE)
+        self.assertEqual(list(block.holeMap.runs()), [(1, 1)])
+        self.assertEqual(list(block.receivedMap.runs()), [(0, 3)])
+        self.assertEqual(block.receivedBitmap(), bytes.fromhex("0700000000000000"))
+        block.registered = True
+        self.assertRaises(RAMBlockError, block.writeZero, 4 * PAGE, PAGE)
+
     def test_anonymous(self):
         """
         An anonymous block has no fd (no C{write}); a discard drops pages.

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from twisted_postcopy.errors import MappingTableError, PostcopyPaused, RAMBlockError, UffdError
+from twisted_postcopy.errors import RemoteProtocolError, MappingTableError, PostcopyPaused, RAMBlockError, UffdError
 from twisted_postcopy.ram.block import HUGE_PAGE_SIZE, RAMBlock
 from twisted_postcopy.ram.faults import ClientMapping, FaultService
 from twisted_postcopy.ram.guestworker import MemoryPageSource, spawnWorker
@@ -55,35 +55,33 @@ def firstBytes(data: bytes, pageSize: int, first: int, count: int) -> int:
 
 class _Observer:
     """
-    An IFaultObserver recording calls; C{faulted} fires at the first fault.
+    Address-keyed fault and placement observers recording calls (what
+    blocktime uses); C{faulted} fires at the first fault.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, service: FaultService) -> None:
         """
-        Nothing observed yet.
+        Observe C{service}.
         """
-        self.began: list[tuple] = []
-        self.placed: list[tuple] = []
+        self.began: list[tuple[int, int, bool]] = []
+        self.placed: list[int] = []
         self.faulted: Deferred = Deferred()
+        service.addFaultObserver(self.faultBegan)
+        service.addPlacementObserver(self.placed.append)
 
-    def faultBegan(self, threadId: int, block: str, offset: int, t: int) -> None:
+    def faultBegan(self, threadId: int, address: int, received: bool) -> None:
         """
         Record a fault.
         """
-        self.began.append((threadId, block, offset, t))
+        self.began.append((threadId, address, received))
         if not self.faulted.called:
             self.faulted.callback(None)
-
-    def pagePlaced(self, block: str, offset: int, t: int) -> None:
-        """
-        Record a placement.
-        """
-        self.placed.append((block, offset, t))
 
 
 class _NeverSource:
     """
-    A page source that never answers (its Deferreds stay pending).
+    A unit-test stand-in for the return path (the production fault service
+    is tested against it): records requests and never answers.
     """
 
     def __init__(self) -> None:
@@ -92,14 +90,11 @@ class _NeverSource:
         """
         self.requests: list[tuple[str, int]] = []
 
-    def requestPage(self, block: str, offset: int) -> Deferred:
+    def requestPage(self, block: str, offset: int) -> None:
         """
-        Record the request.
-
-        @return: a Deferred that never fires.
+        Record the request (fire-and-forget).
         """
         self.requests.append((block, offset))
-        return Deferred()
 
 
 class FaultServiceProcessTests(TestCase):
@@ -161,22 +156,17 @@ class FaultServiceProcessTests(TestCase):
         """
         data = pageContents(4, seed=2)
         service, source, blocks = self.makeService({"pc.ram": data})
-        observer = _Observer()
-        service.subscribe(observer)
-        faulted, placed = [], []
-        service.addFaultObserver(lambda tid, address, received: faulted.append((tid, address, received)))
-        service.addPlacementObserver(placed.append)
+        observer = _Observer(service)
         worker = self.spawn(service, blocks)
         yield worker.attached
         answer = yield worker.command(op="touch", block=0, first=0, count=4, threads=8, shared=True)
         self.assertEqual(answer["checksum"], 8 * firstBytes(data, PAGE, 0, 4))
         self.assertEqual(len(source.requests), 4)
         self.assertTrue({began[0] for began in observer.began} <= set(answer["tids"]))
-        self.assertEqual(sorted({placed[1] for placed in observer.placed}), [0, PAGE, 2 * PAGE, 3 * PAGE])
         pages = [blocks[0].address + i * PAGE for i in range(4)]
-        self.assertEqual(sorted(placed), pages)
-        self.assertTrue({address for _, address, _ in faulted} <= set(pages))
-        self.assertEqual([f[:2] for f in faulted if not f[2]], [b[0:1] + (pages[b[2] // PAGE],) for b in observer.began])
+        self.assertEqual(sorted(observer.placed), pages)
+        self.assertTrue({address for _, address, _ in observer.began} <= set(pages))
+        self.assertEqual({address for _, address, received in observer.began if not received}, set(pages))
 
     @inlineCallbacks
     def test_brokenObserver(self):
@@ -273,8 +263,7 @@ class FaultServiceProcessTests(TestCase):
         never = _NeverSource()
         service = FaultService(reactor, never, blocks)
         self.addCleanup(service.stop)
-        observer = _Observer()
-        service.subscribe(observer)
+        observer = _Observer(service)
         doomed = spawnWorker(reactor, service, blocks)
         yield doomed.attached
         doomed.command(op="touch", block=0, first=1, count=1).addErrback(lambda f: None)
@@ -350,6 +339,18 @@ class FaultServiceUnitTests(SynchronousTestCase):
         self.service = FaultService(MemoryReactor(), self.source, {"pc.ram": self.block})
         self.addCleanup(self.service.stop)
 
+    def test_interface(self):
+        """
+        The fault service provides L{IFaultService}; its guest worker's
+        in-process page source provides L{IPageSource}.
+        """
+        from zope.interface.verify import verifyObject
+
+        from twisted_postcopy.interfaces import IFaultService, IPageSource
+
+        self.assertTrue(verifyObject(IFaultService, self.service))
+        self.assertTrue(verifyObject(IPageSource, MemoryPageSource({})))
+
     def test_requestPageShared(self):
         """
         Two waiters of one page make one request; placing it fires both.
@@ -373,13 +374,53 @@ class FaultServiceUnitTests(SynchronousTestCase):
         self.assertEqual(self.service.rerequestPending(), 1)
         self.assertEqual(self.source.requests, [("pc.ram", 0), ("pc.ram", 0)])
 
-    def test_placeTwiceCountsAsPlaced(self):
+    def test_neverTwice(self):
         """
-        Placing a page that exists already (EEXIST) is not an error.
+        A page arrives at most once after LISTEN: placing a range with a
+        received page raises L{RemoteProtocolError} and places nothing.
         """
         self.service.placeZero("pc.ram", 0, 4 * PAGE)
-        self.service.placePages("pc.ram", 0, os.urandom(8 * PAGE))
+        error = self.assertRaises(RemoteProtocolError, self.service.placePages, "pc.ram", 0, os.urandom(8 * PAGE))
+        self.assertIn("page pc.ram:0 sent twice after LISTEN", str(error))
+        self.assertRaises(RemoteProtocolError, self.service.placeZero, "pc.ram", 3 * PAGE, PAGE)
+        self.assertEqual(self.service.missingPages(), 12)
+        self.service.placePages("pc.ram", 4 * PAGE, os.urandom(4 * PAGE))
         self.assertEqual(self.service.missingPages(), 8)
+
+    def test_rerequestEveryWantedPage(self):
+        """
+        Requests are fire-and-forget; after recovery C{rerequestPending}
+        asks again for every page still wanted (and only those).
+        """
+        self.service.requestPage("pc.ram", 0)
+        wanted = self.service.requestPage("pc.ram", 5 * PAGE)
+        self.addCleanup(wanted.addErrback, lambda failure: None)
+        self.service.placePages("pc.ram", 0, os.urandom(PAGE))
+        self.assertEqual(self.service.rerequestPending(), 1)
+        self.assertEqual(self.source.requests, [("pc.ram", 0), ("pc.ram", 5 * PAGE), ("pc.ram", 5 * PAGE)])
+
+    def test_holes(self):
+        """
+        Pages received as ZERO before LISTEN are holes: received (no
+        request, counted in the received bitmap), given a zero page when
+        wanted, and filled by C{fillHoles}; a PAGE may still fill one.
+        """
+        block = RAMBlock("pc.rom", 8 * PAGE)
+        self.addCleanup(block.close)
+        block.write(0, os.urandom(PAGE))
+        block.writeZero(PAGE, 4 * PAGE)
+        service = FaultService(MemoryReactor(), self.source, [block])
+        self.addCleanup(service.stop)
+        self.assertEqual(service.receivedBitmap("pc.rom"), bytes.fromhex("1f00000000000000"))
+        self.assertIsNone(self.successResultOf(service.requestPage("pc.rom", 2 * PAGE)))
+        self.assertEqual([block.holeMap.test(page) for page in range(1, 5)], [True, False, True, True])
+        service.placePages("pc.rom", 3 * PAGE, os.urandom(PAGE))
+        self.assertRaises(RemoteProtocolError, service.placePages, "pc.rom", 3 * PAGE, os.urandom(PAGE))
+        service.fillHoles()
+        self.assertEqual(block.holeMap.count(), 0)
+        self.assertEqual(service.missingPages(), 3)
+        self.assertEqual(self.source.requests, [])
+        self.assertEqual(service.receivedBitmap("pc.rom"), bytes.fromhex("1f00000000000000"))
 
     def test_badPlacement(self):
         """

@@ -14,42 +14,54 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.destination.machine import IncomingMachine, PostcopyState
-from twisted_postcopy.destination.placer import HOLE
-from twisted_postcopy.destination.recovery import (
-    DestinationResume, HeldReturnPath, channelLost, checkRecover, receivedBitmap)
+from twisted_postcopy.destination.recovery import DestinationResume, HeldReturnPath, channelLost, checkRecover
+from twisted_postcopy.ram.bitmap import PageBitmap
+from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.errors import MigrationError, RemoteProtocolError
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
-from twisted_postcopy.source.machine import MigrationStatus as S
+from twisted_postcopy.state import MigrationStatus as S
 
 PAGE = 4096
 
 
-@define
-class _Block:
+class _Faults:
     """
-    A block as the placer knows it.
+    A unit-test stand-in for the fault service (the production one needs
+    a userfaultfd): a real 64-page RAMBlock C{pc.ram} with pages 0-2
+    received and page 3 a precopy hole, and one wanted page.
 
-    @ivar length: bytes.
-    @ivar pageSize: host page size.
-    """
-
-    length: int
-    pageSize: int = PAGE
-
-
-@define
-class _Placer:
-    """
-    The placer's received bytes of a 64-page C{pc.ram} (pages 0-2 received,
-    page 3 a precopy hole).
-
-    @ivar blocks: idstr -> block.
-    @ivar received: idstr -> one byte per page.
+    @ivar blocks: idstr -> RAMBlock.
+    @ivar wanted: (idstr, offset) of pages faulted on and not placed.
+    @ivar pageSource: where L{rerequestPending} asks.
     """
 
-    blocks: dict[str, _Block] = field(factory=lambda: {"pc.ram": _Block(64 * PAGE)})
-    received: dict[str, bytearray] = field(
-        factory=lambda: {"pc.ram": bytearray(b"\x01\x01\x01" + bytes([HOLE])) + bytearray(60)})
+    def __init__(self) -> None:
+        """
+        Fill the block.
+        """
+        block = RAMBlock("pc.ram", 64 * PAGE)
+        block.write(0, bytes(3 * PAGE))
+        block.writeZero(3 * PAGE, PAGE)
+        self.blocks = {"pc.ram": block}
+        self.wanted: list[tuple[str, int]] = []
+        self.pageSource: Any = None
+
+    def receivedBitmap(self, idstr: str) -> bytes:
+        """
+        @param idstr: the block.
+        @return: its received bitmap (the production code path).
+        """
+        return self.blocks[idstr].receivedBitmap()
+
+    def rerequestPending(self) -> int:
+        """
+        Ask the page source again for every wanted page.
+
+        @return: how many.
+        """
+        for idstr, offset in self.wanted:
+            self.pageSource.requestPage(idstr, offset)
+        return len(self.wanted)
 
 
 @define
@@ -58,15 +70,22 @@ class _Incoming:
     The parts of an incoming migration recovery uses.
 
     @ivar machine: the state machines, postcopy RUNNING.
-    @ivar placer: the placer.
+    @ivar faults: the fault service.
     @ivar returnPath: the return path.
-    @ivar waiting: pages awaited by faulting guest threads.
     """
 
     machine: IncomingMachine = field(factory=IncomingMachine)
-    placer: _Placer = field(factory=_Placer)
+    faults: _Faults = field(factory=_Faults)
     returnPath: Any = None
-    waiting: dict[tuple[str, int], list[Any]] = field(factory=dict)
+
+    def requestPage(self, idstr: str, offset: int) -> None:
+        """
+        As L{IncomingMigration.requestPage}: a REQ_PAGES.
+
+        @param idstr: the block.
+        @param offset: the page.
+        """
+        self.returnPath.requestPages(idstr, offset, PAGE)
 
 
 class _Protocol:
@@ -106,7 +125,7 @@ def runningIncoming() -> tuple[_Incoming, _Protocol]:
 
 class BitmapTests(SynchronousTestCase):
     """
-    L{receivedBitmap}: QEMU's layout (spec 4.5).
+    The received bitmap the destination sends: QEMU's layout (spec 4.5).
     """
 
     def test_vectors(self) -> None:
@@ -114,27 +133,43 @@ class BitmapTests(SynchronousTestCase):
         A 1-page block gives C{01} padded to 8 bytes; 32 received pages of a
         32-page block give C{ffffffff00000000}.
         """
-        self.assertEqual(receivedBitmap(b"\x01", PAGE, PAGE), bytes.fromhex("0100000000000000"))
-        self.assertEqual(receivedBitmap(b"\x01" * 32, 32 * PAGE, PAGE), bytes.fromhex("ffffffff00000000"))
+        block = RAMBlock("one", PAGE)
+        self.addCleanup(block.close)
+        block.write(0, bytes(PAGE))
+        self.assertEqual(block.receivedBitmap(), bytes.fromhex("0100000000000000"))
+        block = RAMBlock("many", 32 * PAGE)
+        self.addCleanup(block.close)
+        block.write(0, bytes(32 * PAGE))
+        self.assertEqual(block.receivedBitmap(), bytes.fromhex("ffffffff00000000"))
 
     def test_holesAreReceived(self) -> None:
         """
         A precopy zero page (a hole) counts as received, so the source does
-        not send it again.
+        not send it again; a discarded page does not.
         """
-        self.assertEqual(receivedBitmap(bytes([0, HOLE, 1]), 3 * PAGE, PAGE), bytes.fromhex("0600000000000000"))
+        block = RAMBlock("pc.ram", 3 * PAGE)
+        self.addCleanup(block.close)
+        block.writeZero(PAGE, PAGE)
+        block.write(2 * PAGE, b"x" * PAGE)
+        self.assertEqual(block.receivedBitmap(), bytes.fromhex("0600000000000000"))
+        block.discard(PAGE, PAGE)
+        self.assertEqual(block.receivedBitmap(), bytes.fromhex("0400000000000000"))
 
     def test_hugePages(self) -> None:
         """
         A received host page sets all of its target pages.
         """
-        self.assertEqual(receivedBitmap(b"\x00\x01", 8 * PAGE, 4 * PAGE), bytes.fromhex("f000000000000000"))
+        bitmap = PageBitmap(2)
+        bitmap.set(1)
+        self.assertEqual(bitmap.scaled(4).toBytes(), bytes.fromhex("f000000000000000"))
 
     def test_empty(self) -> None:
         """
         Nothing received: all zero.
         """
-        self.assertEqual(receivedBitmap(bytes(65), 65 * PAGE, PAGE), bytes(16))
+        block = RAMBlock("pc.ram", 65 * PAGE)
+        self.addCleanup(block.close)
+        self.assertEqual(block.receivedBitmap(), bytes(16))
 
 
 class PauseTests(SynchronousTestCase):
@@ -192,7 +227,8 @@ class HandshakeTests(SynchronousTestCase):
         A paused migration, with one page awaited, and a new connection.
         """
         self.incoming, old = runningIncoming()
-        self.incoming.waiting[("pc.ram", 5 * PAGE)] = []
+        self.incoming.faults.wanted.append(("pc.ram", 5 * PAGE))
+        self.incoming.faults.pageSource = self.incoming
         channelLost(self.incoming, old, "cut")
         self.transport = StringTransport()
         self.resume = DestinationResume(self.incoming, ReturnPathWriter(self.transport))

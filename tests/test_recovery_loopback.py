@@ -22,8 +22,9 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests import test_migration_loopback as loopback
-from tests.enginevm import OutgoingTestVM
-from tests.uffdguest import FaultService, uffdOpen
+from twisted_postcopy.testing.enginevm import OutgoingTestVM
+from twisted_postcopy.testing.enginevm import IncomingTestVM
+from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.relay import RecordingRelay
 
@@ -50,10 +51,10 @@ def recvBitmapCommand(name: str) -> bytes:
     return struct.pack(">BHHB", 8, 10, 1 + len(raw), len(raw)) + raw
 
 
-class GuestVM(loopback.IncomingGuestVM):
+class GuestVM(WorkerGuestVM):
     """
-    The destination VM: a guest process reading all of its RAM in a
-    scattered order, faulting on every missing page.
+    The destination VM: a guest worker process on the production fault
+    service reading all of its RAM, faulting on every missing page.
     """
 
 
@@ -108,34 +109,21 @@ class RecoveryLoopbackTests(TestCase):
     def setUp(self) -> None:
         """
         Two managers with postcopy on; the destination's fault service is
-        the real-kernel test service.
+        the production one, its guest a worker process.
         """
-        try:
-            os.close(uffdOpen())
-        except OSError as error:
-            raise SkipTest(f"userfaultfd unavailable: {error}")
+        loopback.skipWithoutUserfaultfd()
         self.source = OutgoingTestVM({"pc.ram": 8 * MiB, "pc.rom": 128 * 1024},
                                      device=loopback.ownDevice(b"cpu state"))
         loopback.fill(self.source, 5)
-        self.destination = GuestVM()
+        self.destination = GuestVM(reactor)
         self.src = MigrationManager(reactor, self.source)
-        self.dst = MigrationManager(reactor, self.destination, self.faultService)
+        self.dst = MigrationManager(reactor, self.destination, self.destination.faultServiceFactory)
         for manager in (self.src, self.dst):
             manager.setCapabilities({"postcopy-ram": True})
         self.src.setParameters({"max-bandwidth": 4 * MiB, "max-postcopy-bandwidth": 2 * MiB})
         self.events: dict[str, list[str]] = {"src": [], "dst": []}
         self.src.subscribe(lambda e: self.events["src"].append(e["data"]["status"]))
         self.dst.subscribe(lambda e: self.events["dst"].append(e["data"]["status"]))
-
-    def faultService(self, blocks: dict[str, Any], pageSource: Any) -> FaultService:
-        """
-        @param blocks: the destination's blocks.
-        @param pageSource: the incoming migration.
-        @return: the test fault service (the guest attaches to it at RUN).
-        """
-        service = FaultService(reactor, blocks, pageSource)
-        self.destination.service = service
-        return service
 
     def relay(self, port: Any) -> RecordingRelay:
         """
@@ -179,13 +167,13 @@ class RecoveryLoopbackTests(TestCase):
         self.assertEqual(self.dst.queryMigrate()["status"], "postcopy-paused")
         self.assertEqual(self.src.queryMigrate()["status"], "postcopy-paused")
         self.assertFalse(self.source.running)
-        self.assertFalse(self.destination.guest.done.called)
+        self.assertFalse(self.destination.done.called)
         recoverPort = yield self.dst.migrateRecover("tcp:127.0.0.1:0")
         relay = self.relay(recoverPort)
         self.src.migrate(relay.uri, resume=True)
         status = yield within(self.src.whenStatus("completed", "failed"))
         dstStatus = yield within(self.dst.whenStatus("completed", "failed"))
-        digests = yield within(self.destination.guest.done)
+        digests = yield within(self.destination.done)
         self.assertEqual((status, dstStatus), ("completed", "completed"))
         expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
         self.assertEqual(digests, expected)
@@ -308,7 +296,7 @@ class RecoveryLoopbackTests(TestCase):
         self.src.migrate(f"tcp:127.0.0.1:{recoverPort.getHost().port}", resume=True)
         status = yield within(self.src.whenStatus("completed", "failed"))
         self.assertEqual(status, "completed")
-        digests = yield within(self.destination.guest.done)
+        digests = yield within(self.destination.done)
         expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
         self.assertEqual(digests, expected)
 
@@ -326,10 +314,7 @@ class ProductionFaultServiceTests(TestCase):
         """
         Skip without userfaultfd.
         """
-        try:
-            os.close(uffdOpen())
-        except OSError as error:
-            raise SkipTest(f"userfaultfd unavailable: {error}")
+        loopback.skipWithoutUserfaultfd()
 
     @inlineCallbacks
     def test_workerWaitsThroughRecovery(self) -> None:
@@ -342,7 +327,7 @@ class ProductionFaultServiceTests(TestCase):
 
         source = OutgoingTestVM({"pc.ram": 8 * MiB}, device=loopback.ownDevice(b"dev"))
         loopback.fill(source, 7)
-        destination = loopback.RAMIncomingVM()
+        destination = IncomingTestVM()
         src, dst = MigrationManager(reactor, source), MigrationManager(reactor, destination)
         for manager in (src, dst):
             manager.setCapabilities({"postcopy-ram": True})
@@ -362,7 +347,7 @@ class ProductionFaultServiceTests(TestCase):
         yield within(src.whenStatus("postcopy-paused"))
         yield within(dst.whenStatus("postcopy-paused"))
         self.assertFalse(touching.called)
-        self.assertGreater(len(dst.incoming.waiting), 0)
+        self.assertGreater(len(dst.incoming.faults.pending), 0)
         recoverPort = yield dst.migrateRecover("tcp:127.0.0.1:0")
         src.migrate(f"tcp:127.0.0.1:{recoverPort.getHost().port}", resume=True)
         answer = yield within(touching)

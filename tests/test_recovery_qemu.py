@@ -9,6 +9,8 @@ for byte.
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import struct
 
@@ -17,10 +19,11 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
+from twisted_postcopy.testing.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
 from tests.test_recovery_loopback import WAIT, recvBitmapCommand, within
 from tests.test_source_qemu import RAM_RANGES, _freePort
-from tests.uffdguest import FaultService, uffdOpen
+from tests.test_migration_loopback import skipWithoutUserfaultfd
+from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
 from twisted_postcopy.testing.qemuguest import incomingAddress
@@ -123,7 +126,8 @@ class QEMUDestinationRecoveryTests(TestCase):
 class QEMUSourceRecoveryTests(TestCase):
     """
     Source: C{qemu-system-x86_64} running the boot-sector guest.
-    Destination: ours, pages placed through a real userfaultfd.
+    Destination: ours, pages placed by the production fault service while
+    a guest worker process reads all of its RAM through its userfaultfd.
     """
 
     skip = qemuSkipReason()
@@ -133,14 +137,10 @@ class QEMUSourceRecoveryTests(TestCase):
         """
         A QEMU source, and our destination with postcopy on.
         """
-        try:
-            os.close(uffdOpen())
-        except OSError as error:
-            raise SkipTest(f"userfaultfd unavailable: {error}")
+        skipWithoutUserfaultfd()
         self.qemu = startBootedQEMU(self, "source")
-        self.vm = IncomingTestVM()
-        self.manager = MigrationManager(reactor, self.vm, lambda blocks, source: FaultService(
-            reactor, blocks, source))
+        self.vm = WorkerGuestVM(reactor)
+        self.manager = MigrationManager(reactor, self.vm, self.vm.faultServiceFactory)
         self.manager.setCapabilities({"postcopy-ram": True})
         self.qemu.setCapabilities(**{"postcopy-ram": True})
         self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 40000})
@@ -148,9 +148,10 @@ class QEMUSourceRecoveryTests(TestCase):
     @inlineCallbacks
     def test_cutAndRecoverFromQEMU(self) -> None:
         """
-        A cut during postcopy pauses QEMU and us; after our
-        C{migrate-recover} and QEMU's C{migrate resume} both complete and
-        our RAM equals the stopped source's.
+        A cut during postcopy pauses QEMU and us while our guest worker
+        waits on faults; after our C{migrate-recover} and QEMU's C{migrate
+        resume} both complete, our RAM equals the stopped source's and the
+        guest read exactly that.
         """
         listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(listening.stopListening)
@@ -173,6 +174,8 @@ class QEMUSourceRecoveryTests(TestCase):
         self.assertEqual(ours, "completed", str(self.vm.failure))
         info = yield qemuStatus(self.qemu, "completed")
         self.assertGreater(info["ram"]["postcopy-bytes"], 0)
+        digests = yield within(self.vm.done)
+        self.assertEqual(digests, [hashlib.sha256(data).hexdigest() for data in self.vm.contents().values()])
         ram = self.vm.contents()["pc.ram"]
         for start, length in RAM_RANGES:
             self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])

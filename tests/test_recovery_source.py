@@ -11,11 +11,11 @@ from hypothesis import given, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.enginevm import PAGE, OutgoingTestVM
-from twisted_postcopy.destination.recovery import receivedBitmap
+from twisted_postcopy.testing.enginevm import PAGE, OutgoingTestVM
+from twisted_postcopy.ram.bitmap import PageBitmap
 from twisted_postcopy.errors import BitmapError, MigrationError, RemoteProtocolError
 from twisted_postcopy.manager import MigrationManager
-from twisted_postcopy.source.machine import MigrationStatus as S
+from twisted_postcopy.state import MigrationStatus as S
 from twisted_postcopy.source.outgoing import OutgoingMigration
 from twisted_postcopy.source.recovery import (
     SourceResume, bitmapSize, channelLost, checkResume, dirtyFromReceived)
@@ -55,6 +55,23 @@ def pausableMigration() -> tuple[OutgoingMigration, _Transport]:
         migration.machine.moveTo(status)
     migration.pong(3)
     return migration, transport
+
+
+def receivedBitmap(received: bytes, length: int, pageSize: int) -> bytes:
+    """
+    What the destination's fault service encodes (a RAMBlock's
+    C{receivedBitmap}: its C{receivedMap} scaled to target pages).
+
+    @param received: one byte per host page (non-zero = received).
+    @param length: the block's length.
+    @param pageSize: its host page size.
+    @return: the RECV_BITMAP payload.
+    """
+    bitmap = PageBitmap(length // pageSize)
+    for page, byte in enumerate(received):
+        if byte:
+            bitmap.set(page)
+    return bitmap.scaled(pageSize // PAGE).toBytes()
 
 
 class BitmapTests(SynchronousTestCase):

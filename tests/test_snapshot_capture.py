@@ -16,7 +16,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from tests.enginevm import OutgoingTestVM
+from twisted_postcopy.testing.enginevm import OutgoingTestVM
 from twisted_postcopy.errors import MigrationError, SnapshotError
 from twisted_postcopy.interfaces import IIncomingVM
 from twisted_postcopy.manager import MigrationManager

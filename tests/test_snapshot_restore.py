@@ -16,7 +16,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from tests.enginevm import IncomingTestVM
+from twisted_postcopy.testing.enginevm import IncomingTestVM
 from twisted_postcopy.errors import MigrationFailed, SnapshotError
 from twisted_postcopy.interfaces import IOutgoingVM
 from twisted_postcopy.manager import MigrationManager

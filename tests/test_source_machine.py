@@ -8,7 +8,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.errors import IllegalTransitionError
-from twisted_postcopy.source.machine import (
+from twisted_postcopy.state import (
     MigrationStatus as S,
     incomingMachine,
     outgoingMachine,

@@ -12,7 +12,7 @@ import struct
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.enginevm import OutgoingTestVM, PAGE
+from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from tests import wirebytes as c
 from twisted_postcopy.source.outgoing import DONE, OutgoingMigration
 from twisted_postcopy.wire import decodeAll

@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
-from tests.enginevm import OutgoingTestVM, PAGE
+from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
 

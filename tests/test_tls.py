@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import tests.test_migration_loopback as loopback
 import tests.test_recovery_loopback as recovery
-from tests.enginevm import IncomingTestVM, OutgoingTestVM
+from twisted_postcopy.testing.enginevm import IncomingTestVM, OutgoingTestVM
 from twisted_postcopy.errors import MigrationError
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.protocols.sockets import transportSocket
@@ -462,7 +462,6 @@ class TLSRecoveryTests(TestCase):
 
     timeout = 60
     _base = recovery.RecoveryLoopbackTests
-    faultService = _base.faultService
     relay = _base.relay
     startPostcopy = _base.startPostcopy
     recoverAndComplete = _base.recoverAndComplete

@@ -27,12 +27,14 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from tests.enginevm import OutgoingTestVM, PAGE
+import hashlib
+
 from tests.test_destination_qemu import qemuStatus
-from tests.test_migration_loopback import IncomingGuestVM, skipWithoutUserfaultfd
+from tests.test_migration_loopback import skipWithoutUserfaultfd
 from tests.test_source_qemu import RAM_RANGES, _freePort
 from tests.test_tls import credentials, useTLS
-from tests.uffdguest import FaultService
+from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
+from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing import pki
 from twisted_postcopy.testing.qemu import QEMUInstance, qemuSkipReason, startBootedQEMU
@@ -84,28 +86,18 @@ class QEMUSourceTLSTests(TestCase):
         skipWithoutUserfaultfd()
         self.directory = credentials(self)
         self.qemu = startBootedQEMU(self, "source")
-        self.vm = IncomingGuestVM()
-        self.manager = MigrationManager(reactor, self.vm, self._faults)
-
-    def _faults(self, blocks, pageSource):
-        """
-        The destination's fault service factory (the real-kernel one).
-
-        @return: the service.
-        """
-        service = FaultService(reactor, blocks, pageSource)
-        self.vm.service = service
-        self.addCleanup(lambda: service.reader is not None and service.stop())
-        return service
+        self.vm = WorkerGuestVM(reactor)
+        self.manager = MigrationManager(reactor, self.vm, self.vm.faultServiceFactory)
 
     @inlineCallbacks
     def test_postcopyPreemptFromQEMU(self) -> None:
         """
         Postcopy with preempt from a QEMU source over TLS: both
         connections pass our checks (QEMU's client certificate, our
-        C{tls-authz}), the preempt channel ends with its EOS, the return
-        path answers over the main TLS session, QEMU completes after
-        sending postcopy pages, and our RAM equals the stopped source's.
+        C{tls-authz}), our guest worker's faults become page requests on
+        the return path (the main TLS session) whose pages arrive on the
+        preempt channel (TLS), which ends with its EOS; QEMU completes, the
+        worker read exactly our RAM, which equals the stopped source's.
         """
         qemuTLS(self.qemu, self.directory, "client")
         useTLS(self.manager, self.directory, "server", tls_authz="auth0")
@@ -125,6 +117,7 @@ class QEMUSourceTLSTests(TestCase):
         yield self.manager.destinationFactory.accepted
         yield self.manager.destinationFactory.preempt.accepted
         yield qemuStatus(self.qemu, {"active"})
+        yield self.vm.ready
         self.qemu.qmp("migrate-start-postcopy")
         ours = yield self.manager.whenStatus("completed", "failed")
         self.assertEqual(ours, "completed", str(self.vm.failure))
@@ -133,15 +126,15 @@ class QEMUSourceTLSTests(TestCase):
         factory = self.manager.destinationFactory
         preempt = factory.preempt.preempt
         yield preempt.ended
-        yield self.vm.guest.done
+        digests = yield self.vm.done
+        self.assertEqual(digests, [hashlib.sha256(data).hexdigest()
+                                   for data in self.vm.contents().values()])
         self.assertEqual(self.manager.tlsRefused, [])
         identity = "O=twisted-postcopy tests,CN=migration-client"
         self.assertEqual((factory.main.transport.peerIdentity, preempt.transport.peerIdentity),
                          (identity, identity))
-        # (The booted guest's RAM is mostly zero pages, which postcopy
-        # sends at once: whether our guest faults before they arrive is up
-        # to timing, so page requests are not asserted here.)
-        self.assertGreater(info["ram"]["postcopy-bytes"], 0)
+        self.assertGreater(info["ram"]["postcopy-requests"], 0)
+        self.assertGreater(preempt.recordsReceived, 0)
         self.assertTrue(preempt.decoder.complete)
         ram = self.vm.contents()["pc.ram"]
         for start, length in RAM_RANGES:
@@ -402,22 +395,13 @@ class QEMURecoveryTLSTests(TestCase):
         QEMU's C{migrate} resume over TLS; both complete and our RAM
         equals the stopped source's.
         """
-        from tests.enginevm import IncomingTestVM
         from tests.test_recovery_loopback import within
         from tests.test_recovery_qemu import qemuStatus as qemuReached
 
         skipWithoutUserfaultfd()
         qemu = startBootedQEMU(self, "source")
-        vm = IncomingTestVM()
-        services = []
-
-        def faults(blocks, source):
-            service = FaultService(reactor, blocks, source)
-            services.append(service)
-            return service
-
-        manager = MigrationManager(reactor, vm, faults)
-        self.addCleanup(lambda: [s.stop() for s in services if s.reader is not None])
+        vm = WorkerGuestVM(reactor)
+        manager = MigrationManager(reactor, vm, vm.faultServiceFactory)
         manager.setCapabilities({"postcopy-ram": True})
         useTLS(manager, self.directory, "server")
         qemu.setCapabilities(**{"postcopy-ram": True})
@@ -445,6 +429,9 @@ class QEMURecoveryTLSTests(TestCase):
         self.assertEqual(ours, "completed", str(vm.failure))
         info = yield qemuReached(qemu, "completed")
         self.assertGreater(info["ram"]["postcopy-bytes"], 0)
+        digests = yield within(vm.done)
+        self.assertEqual(digests, [hashlib.sha256(data).hexdigest()
+                                   for data in vm.contents().values()])
         ram = vm.contents()["pc.ram"]
         for start, length in RAM_RANGES:
             self.assertEqual(qemu.pmemsave(start, length), ram[start : start + length])

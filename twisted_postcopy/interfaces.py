@@ -16,20 +16,95 @@ from zope.interface import Attribute, Interface
 class IPageSource(Interface):
     """
     Something that can fetch a missing page for the destination: in a
-    migration, the return path to the source.
+    migration, the return path to the source (QEMU's REQ_PAGES).
     """
 
     def requestPage(block, offset):
         """
-        Ask for the host page of C{block} at C{offset}.
+        Ask for the host page of C{block} at C{offset}: fire-and-forget.
+        The answer is the page arriving (L{IFaultService.placePages} or
+        C{placeZero}); a request made while the migration is paused may be
+        dropped, and is made again by L{IFaultService.rerequestPending}.
 
         @param block: the RAMBlock's idstr.
         @type block: L{str}
         @param offset: byte offset of the page in the block, page aligned.
         @type offset: L{int}
-        @return: a Deferred that fires (with L{None}) once the page has been
-            placed, or fails with L{twisted_postcopy.errors.PostcopyPaused}
-            or L{twisted_postcopy.errors.MigrationFailed}.
+        @return: L{None}.
+        """
+
+
+class IFaultService(Interface):
+    """
+    The destination's one owner of page state from POSTCOPY_LISTEN on:
+    which host pages are received, which are holes left by precopy ZERO
+    records, which are requested and who waits for them (QEMU's
+    C{receivedmap}, its page request tree and its fault thread).  The
+    incoming migration tells it that pages arrived and asks it nothing
+    twice; it requests missing pages from an L{IPageSource} and wakes
+    faulting guest threads once their page is placed.
+    Implemented by L{twisted_postcopy.ram.faults.FaultService}.
+    """
+
+    blocks = Attribute("idstr -> the RAMBlocks it serves (L{dict}).")
+
+    def placePages(block, offset, data):
+        """
+        Pages arrived: place them (C{UFFDIO_COPY}), mark them received and
+        wake the threads waiting on them.
+
+        @param block: the RAMBlock's idstr.
+        @param offset: page-aligned byte offset.
+        @param data: one or more contiguous whole pages.
+        @raise twisted_postcopy.errors.RemoteProtocolError: a page of the
+            range was already received.
+        """
+
+    def placeZero(block, offset, length):
+        """
+        Zero pages arrived: as L{placePages} with C{UFFDIO_ZEROPAGE}.
+
+        @param block: the RAMBlock's idstr.
+        @param offset: page-aligned byte offset.
+        @param length: whole pages.
+        """
+
+    def requestPage(block, offset):
+        """
+        The daemon itself wants a page (e.g. to read it during a capture);
+        shares the request with any fault on it.
+
+        @return: a Deferred firing with L{None} once the page is placed.
+        """
+
+    def rerequestPending():
+        """
+        After recovery: request every page still wanted again.
+
+        @return: how many requests were made.
+        """
+
+    def missingPages():
+        """
+        @return: how many pages of its blocks have not been received.
+        """
+
+    def fillHoles():
+        """
+        Place zero pages over the holes left by precopy ZERO records (at
+        completion, before L{stop}).
+        """
+
+    def receivedBitmap(block):
+        """
+        @param block: the RAMBlock's idstr.
+        @return: QEMU's received bitmap of the block (RECV_BITMAP payload).
+        """
+
+    def stop(reason=None):
+        """
+        Detach every guest and close the userfaultfds.  Only once every
+        page is placed, or when the guests are finished anyway.
         """
 
 
@@ -146,37 +221,4 @@ class IIncomingVM(Interface):
         The incoming migration failed.
 
         @param reason: a L{twisted.python.failure.Failure} or exception.
-        """
-
-
-class IFaultObserver(Interface):
-    """
-    Observes the destination's fault service (for postcopy blocktime).
-    Times are C{CLOCK_MONOTONIC} nanoseconds.
-    """
-
-    def faultBegan(threadId, block, offset, t):
-        """
-        A guest thread faulted on a page that has not been received.
-
-        @param threadId: the faulting thread's id (C{uffd_msg} C{ptid}).
-        @type threadId: L{int}
-        @param block: the RAMBlock's idstr.
-        @type block: L{str}
-        @param offset: the page's byte offset in the block.
-        @type offset: L{int}
-        @param t: when the fault was read.
-        @type t: L{int}
-        """
-
-    def pagePlaced(block, offset, t):
-        """
-        A page that some thread faulted on was placed and its waiters woken.
-
-        @param block: the RAMBlock's idstr.
-        @type block: L{str}
-        @param offset: the page's byte offset in the block.
-        @type offset: L{int}
-        @param t: when the waiters were woken.
-        @type t: L{int}
         """

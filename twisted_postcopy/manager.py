@@ -25,7 +25,7 @@ from twisted_postcopy.protocols.factories import (
 from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
-from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
+from twisted_postcopy.state import FINISHED, MigrationStatus as S
 from twisted_postcopy.source.outgoing import OutgoingMigration
 
 #: QEMU 7.2's capabilities, in enum order.

@@ -28,11 +28,13 @@ from typing import Any
 
 from twisted.python import usage
 
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
+
 #: Multipliers of the size suffixes (QEMU's C{-m}: a bare number is MiB).
 _SIZE_UNITS = {"": 1 << 20, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 #: The guests' page size.
-PAGE_SIZE = 4096
+PAGE_SIZE = TARGET_PAGE_SIZE
 
 ROLES = ("source", "destination", "snapshot")
 GUESTS = ("stress", "kv", "none")

@@ -17,16 +17,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Awaitable, Callable, TextIO
+from typing import Any, Callable, TextIO
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectError
 
-from twisted_postcopy.control.client import ControlClient, connectControl, runMain
-from twisted_postcopy.errors import PostcopyError
+from twisted_postcopy.control.client import ControlClient, runMain
+from twisted_postcopy.control.runner import Handler, formatInfo, runHandler as _run, showResult as _show
 
-#: The type of a subcommand body: (client, arguments, output) -> exit status.
-Handler = Callable[[ControlClient, argparse.Namespace, TextIO], Awaitable[int]]
+__all__ = ["Handler", "formatInfo", "parseAssignments", "parseParameter", "parseState", "register"]
 
 _BOOLEANS = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
@@ -74,41 +72,6 @@ def parseParameter(text: str) -> int | str:
         return int(text, 0)
     except ValueError:
         return text
-
-
-def formatInfo(info: dict[str, Any], prefix: str = "") -> list[str]:
-    """
-    Render a QMP object as C{name: value} lines, nested objects prefixed
-    with their name (as HMP's C{info migrate} does with C{ram}).
-
-    @param info: the object.
-    @param prefix: the prefix of nested names.
-    @return: the lines.
-    """
-    lines = []
-    for name, value in info.items():
-        if isinstance(value, dict):
-            lines.extend(formatInfo(value, f"{prefix}{name} "))
-        else:
-            lines.append(f"{prefix}{name}: {value}")
-    return lines
-
-
-def _show(value: dict[str, Any], args: argparse.Namespace, out: TextIO) -> int:
-    """
-    Print a query result, as JSON with C{--json}.
-
-    @param value: the result.
-    @param args: the arguments.
-    @param out: the output.
-    @return: 0.
-    """
-    if args.json:
-        print(json.dumps(value, sort_keys=True), file=out)
-    else:
-        for line in formatInfo(value):
-            print(line, file=out)
-    return 0
 
 
 async def queryMigrate(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
@@ -223,33 +186,6 @@ def _simple(method: str, *argNames: str) -> Handler:
 
     return handler
 
-
-async def _run(reactor: Any, handler: Handler, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    """
-    Connect, run one handler, report errors as QEMU's text.
-
-    @param reactor: the reactor.
-    @param handler: the subcommand body.
-    @param args: the arguments.
-    @param out: standard output.
-    @param err: standard error.
-    @return: the exit status.
-    """
-    if not args.control:
-        print("error: no control endpoint (--control or POSTCOPY_CONTROL)", file=err)
-        return 2
-    try:
-        client = await connectControl(reactor, args.control)
-    except ConnectError as e:
-        print(f"error: cannot connect to {args.control}: {e}", file=err)
-        return 1
-    try:
-        return await handler(client, args, out)
-    except PostcopyError as e:
-        print(f"error: {e}", file=err)
-        return 1
-    finally:
-        client.transport.loseConnection()
 
 
 def runHandler(reactor: Any, handler: Handler, args: argparse.Namespace, out: TextIO, err: TextIO) -> Deferred:

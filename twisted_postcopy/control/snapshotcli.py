@@ -21,6 +21,7 @@ import sys
 from typing import Any, TextIO
 
 from twisted_postcopy.control.client import ControlClient
+from twisted_postcopy.control.runner import runHandler, showResult
 
 
 def _path(text: str) -> str:
@@ -40,9 +41,7 @@ def _show(value: dict[str, Any], args: argparse.Namespace, out: TextIO) -> int:
     @param out: the output.
     @return: 0.
     """
-    from twisted_postcopy.control.cli import _show as show
-
-    return show(value, args, out)
+    return showResult(value, args, out)
 
 
 def _tlsArguments(args: argparse.Namespace, other: str) -> dict[str, str]:
@@ -190,7 +189,6 @@ def readThroughDaemon(args: argparse.Namespace) -> int:
     @param args: C{control}, C{dir}, C{block}, C{offset}, C{length}.
     @return: the exit status.
     """
-    from twisted_postcopy.control.cli import _run
     from twisted_postcopy.control.client import runMain
 
-    return runMain(lambda reactor: _run(reactor, snapshotRead, args, sys.stdout, sys.stderr))
+    return runMain(lambda reactor: runHandler(reactor, snapshotRead, args, sys.stdout, sys.stderr))

@@ -6,9 +6,11 @@ of the main stream (migration-stream.md section 6), without sockets.
 L{IncomingMigration} is driven by the stream protocol, one method per
 decoded element, and answers through a return-path object
 (L{IReturnPathSender}: C{pong}, C{shut}, C{requestPages}).  Pages go
-through a L{PagePlacer}; at LISTEN a fault service is started over the
-blocks (its page source is this object: a fault becomes a REQ_PAGES on the
-return path) and placement switches to it.
+through a L{PagePlacer}; at LISTEN a fault service
+(L{twisted_postcopy.interfaces.IFaultService}) is started over the blocks
+and placement switches to it.  From then on the fault service owns every
+page's state; this object only tells it that pages arrived, and is its
+page source: a fault becomes a REQ_PAGES on the return path.
 """
 
 from __future__ import annotations
@@ -17,19 +19,19 @@ import struct
 from typing import Any, Callable, Sequence
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from twisted_postcopy.destination.machine import IncomingMachine
 from twisted_postcopy.destination.placer import PagePlacer
-from twisted_postcopy.errors import MigrationFailed, RemoteProtocolError
-from twisted_postcopy.interfaces import IPageSource
+from twisted_postcopy.errors import RemoteProtocolError
+from twisted_postcopy.interfaces import IFaultService, IPageSource
 from twisted_postcopy.ram import support
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
 from twisted_postcopy.wire.strings import encodeName
 
-#: The only page size pair this destination accepts in ADVISE.
-TARGET_PAGE_SIZE = 4096
+_log = Logger()
 
 
 @implementer(IPageSource)
@@ -43,18 +45,12 @@ class IncomingMigration:
         C{requestPages(idstr, start, length)}; C{reset()} forgets the
         previous request's block.
     @ivar postcopyEnabled: the destination's C{postcopy-ram} capability.
-    @ivar faultServiceFactory: C{(blocks, pageSource) -> fault service},
-        called at LISTEN; the service has C{placePages}, C{placeZero} and
-        C{stop()}.
+    @ivar faultServiceFactory: C{(blocks, pageSource) -> }
+        L{IFaultService}, called at LISTEN.
     @ivar machine: the destination's state machines.
     @ivar placer: the page placer, once RAM START listed the blocks.
-    @ivar faults: the fault service while postcopy listens.
-    @ivar waiting: (idstr, offset) -> Deferreds of faults waiting for that
-        page.
+    @ivar faults: the L{IFaultService} from LISTEN on.
     @ivar sawEOF: whether the stream's EOF arrived.
-    @ivar observers: called with C{(idstr, offset, length)} per placement
-        after LISTEN (blocktime hooks in here).
-    @ivar pendingPlaced: pages handed to the placer since the last flush.
     @ivar checkUserfaultfd: called at POSTCOPY_ADVISE (QEMU's
         C{postcopy_ram_supported_by_host}); raises
         L{twisted_postcopy.errors.UffdUnavailableError} when postcopy
@@ -66,14 +62,11 @@ class IncomingMigration:
     vm: Any
     returnPath: Any
     postcopyEnabled: bool = False
-    faultServiceFactory: Callable[[dict[str, Any], IPageSource], Any] | None = None
+    faultServiceFactory: Callable[[dict[str, Any], IPageSource], IFaultService] | None = None
     machine: IncomingMachine = field(factory=IncomingMachine)
     placer: PagePlacer | None = None
-    faults: Any = None
-    waiting: dict[tuple[str, int], list[Deferred]] = field(factory=dict)
+    faults: IFaultService | None = None
     sawEOF: bool = False
-    observers: list[Callable[[str, int, int], object]] = field(factory=list)
-    pendingPlaced: list[tuple[str, int, int]] = field(factory=list)
     checkUserfaultfd: Callable[[], object] = support.checkUserfaultfd
     tuneGarbageCollector: Callable[[], object] = support.tuneGarbageCollector
 
@@ -160,8 +153,6 @@ class IncomingMigration:
         if placer is None:
             raise RemoteProtocolError("RAM page before the RAM block list")
         placer.page(idstr, offset, data)
-        if self.faults is not None:
-            self.pendingPlaced.append((idstr, offset, len(data)))
 
     def zero(self, idstr: str, offset: int, fill: int) -> None:
         """
@@ -174,33 +165,14 @@ class IncomingMigration:
         placer = self._placer()
         size = placer.blocks[idstr].pageSize if idstr in placer.blocks else TARGET_PAGE_SIZE
         placer.zero(idstr, offset, fill, size)
-        self._placed(idstr, offset, size)
-
-    def _placed(self, idstr: str, offset: int, length: int) -> None:
-        """
-        Note a page handed to the placer after LISTEN.
-
-        @param idstr: the block.
-        @param offset: byte offset.
-        @param length: byte length.
-        """
-        if self.faults is None:
-            return
-        self.pendingPlaced.append((idstr, offset, length))
 
     def flush(self) -> None:
         """
-        Place the pending run and wake the faults it answers.  Called by
-        the protocol after each chunk of received data.
+        Place the pending run (the fault service wakes the faults it
+        answers).  Called by the protocol after each chunk of received data.
         """
         if self.placer is not None:
             self.placer.flush()
-        placed, self.pendingPlaced = self.pendingPlaced, []
-        for idstr, offset, length in placed:
-            for observer in self.observers:
-                observer(idstr, offset, length)
-            for waiter in self.waiting.pop((idstr, offset), []):
-                waiter.callback(None)
 
     def discard(self, idstr: str, ranges: Sequence[tuple[int, int]]) -> None:
         """
@@ -242,26 +214,19 @@ class IncomingMigration:
         self.machine.run()
         self.vm.run()
 
-    def requestPage(self, block: str, offset: int) -> Deferred:
+    def requestPage(self, block: str, offset: int) -> None:
         """
-        A guest faulted on a missing page: ask the source for it.
+        The fault service wants a missing page: a REQ_PAGES on the return
+        path (held while paused; see L{IFaultService.rerequestPending}).
 
         @param block: the block idstr.
         @param offset: page-aligned byte offset.
-        @return: a Deferred firing once the page was placed.
         """
-        placer = self._placer()
-        blockObject = placer.blocks[block]
-        if placer.fillHole(block, offset) or placer.received[block][offset // blockObject.pageSize]:
-            return succeed(None)
         if not self.machine.status.inProgress:
-            return fail(MigrationFailed("the incoming migration is over"))
-        waiter: Deferred = Deferred()
-        first = (block, offset) not in self.waiting
-        self.waiting.setdefault((block, offset), []).append(waiter)
-        if first:
-            self.returnPath.requestPages(block, offset, blockObject.pageSize)
-        return waiter
+            _log.warn("page {block}:{offset:#x} wanted after the incoming migration ended",
+                      block=block, offset=offset)
+            return
+        self.returnPath.requestPages(block, offset, self._placer().blocks[block].pageSize)
 
     def eof(self) -> None:
         """
@@ -282,9 +247,9 @@ class IncomingMigration:
         @raise RemoteProtocolError: the stream ended with pages never sent.
         """
         if self.faults is not None:
-            placer = self._placer()
-            placer.fillAllHoles()
-            missing = placer.missingPages()
+            self.flush()
+            self.faults.fillHoles()
+            missing = self.faults.missingPages()
             if missing:
                 raise RemoteProtocolError(f"postcopy stream ended with {missing} page(s) never sent")
             self.faults.stop()
@@ -295,17 +260,14 @@ class IncomingMigration:
 
     def failed(self, reason: BaseException | Failure) -> None:
         """
-        Loading failed: status C{failed}, waiting faults fail, the VM told.
+        Loading failed: status C{failed}, the fault service stopped, the VM
+        told.
 
         @param reason: what went wrong.
         """
         if not self.machine.status.inProgress:
             return
         self.machine.fail()
-        waiting, self.waiting = self.waiting, {}
-        for waiters in waiting.values():
-            for waiter in waiters:
-                waiter.errback(MigrationFailed(f"incoming migration failed: {reason}"))
         if self.faults is not None:
             self.faults.stop()
         self.vm.failed(reason)

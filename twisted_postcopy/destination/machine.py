@@ -16,7 +16,7 @@ from enum import Enum
 from attrs import Factory, define
 
 from twisted_postcopy.errors import RemoteProtocolError
-from twisted_postcopy.source.machine import MigrationStatus, StatusMachine, incomingMachine
+from twisted_postcopy.state import MigrationStatus, StatusMachine, incomingMachine
 
 
 class PostcopyState(Enum):

@@ -10,7 +10,9 @@ migration: faulting guest threads keep waiting, the userfaultfds stay open,
 page requests are held.  On a new connection the status is
 C{postcopy-recover}; each RECV_BITMAP command is answered with the block's
 received bitmap and POSTCOPY_RESUME with RESUME_ACK(1), after which every
-page still awaited is requested again (REQ_PAGES_ID first).
+page still awaited is requested again (REQ_PAGES_ID first) by the fault
+service (L{twisted_postcopy.interfaces.IFaultService.rerequestPending}),
+which owns the received and wanted pages.
 """
 
 from __future__ import annotations
@@ -22,13 +24,7 @@ from twisted.logger import Logger
 
 from twisted_postcopy.destination.machine import PostcopyState
 from twisted_postcopy.errors import MigrationError, RemoteProtocolError
-from twisted_postcopy.source.machine import MigrationStatus as S
-from twisted_postcopy.source.recovery import PAUSED_MESSAGE, TARGET_PAGE_SIZE, bitmapSize
-
-#: Statuses in which a lost connection pauses instead of failing.
-PAUSABLE = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER})
-#: C{bytes.translate} table: a placer's received byte (0, 1, hole) to a digit.
-_DIGITS = bytes.maketrans(bytes(range(256)), b"0" + b"1" * 255)
+from twisted_postcopy.state import PAUSABLE, PAUSED_MESSAGE, MigrationStatus as S
 
 log = Logger()
 
@@ -81,25 +77,6 @@ class HeldReturnPath:
         """
         Nothing to forget.
         """
-
-
-def receivedBitmap(received: bytes | bytearray, length: int, pageSize: int) -> bytes:
-    """
-    QEMU's received bitmap of one block (C{ramblock_recv_bitmap_send}).
-
-    @param received: the placer's bytes for the block, one per host page
-        (0 = missing; 1 or a precopy hole = received).
-    @param length: the block's length.
-    @param pageSize: its host page size.
-    @return: one bit per target page, little-endian 64-bit words, padded
-        with zero bits to a whole word.
-    """
-    digits = bytes(received).translate(_DIGITS)
-    ratio = pageSize // TARGET_PAGE_SIZE
-    if ratio > 1:
-        digits = b"".join(digit * ratio for digit in (digits[i:i + 1] for i in range(len(digits))))
-    value = int(digits[::-1] or b"0", 2)
-    return value.to_bytes(bitmapSize(length), "little")
 
 
 def pauseIncoming(incoming: Any, protocol: Any, reason: object) -> None:
@@ -183,11 +160,10 @@ class DestinationResume:
         if self.incoming.machine.status.status != S.POSTCOPY_RECOVER:
             log.warn("MSG_RP_RECV_BITMAP only used for recovery")
             return
-        placer = self.incoming.placer
-        block = placer.blocks.get(idstr)
-        if block is None:
+        faults = self.incoming.faults
+        if idstr not in faults.blocks:
             raise RemoteProtocolError(f"RECV_BITMAP: block '{idstr}' not found")
-        bitmap = receivedBitmap(placer.received[idstr], block.length, block.pageSize)
+        bitmap = faults.receivedBitmap(idstr)
         self.writer.transport.write(self.writer.encoder.recvBitmap(idstr, bitmap))
 
     def resume(self) -> None:
@@ -204,5 +180,4 @@ class DestinationResume:
         writer.transport.write(writer.encoder.resumeAck())
         incoming.returnPath = writer
         incoming.machine.status.moveTo(S.POSTCOPY_ACTIVE)
-        for idstr, offset in list(incoming.waiting):
-            writer.requestPages(idstr, offset, incoming.placer.blocks[idstr].pageSize)
+        incoming.faults.rerequestPending()

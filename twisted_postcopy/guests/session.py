@@ -11,7 +11,7 @@ the host drops the worker without harming the others.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, Protocol
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
@@ -22,9 +22,6 @@ from zope.interface import implementer
 from twisted_postcopy.errors import AttachProtocolError, GuestError, MappingTableError
 from twisted_postcopy.guests.attach import MessageReader, encodeMessage
 from twisted_postcopy.ram.clients import validateMappings
-
-if TYPE_CHECKING:
-    from twisted_postcopy.guests.host import GuestHost
 
 _log = Logger()
 
@@ -50,12 +47,40 @@ def clientTable(mappings: Any) -> list[dict[str, Any]]:
         raise MappingTableError(f"bad mapping table entry: {error!r}") from None
 
 
+class AttachHost(Protocol):
+    """
+    What a connection needs from the daemon side that accepted it
+    (L{twisted_postcopy.guests.host.GuestHost}, which imports this module).
+    """
+
+    workers: dict[str, Any]
+    blocks: Any
+    mode: str
+    faultService: Any
+    dirtyTracker: Any
+
+    def workerAttached(self, worker: AttachProtocol) -> None:
+        """
+        @param worker: a connection whose attachment completed.
+        """
+
+    def workerThreads(self, worker: AttachProtocol) -> None:
+        """
+        @param worker: a connection that reported its thread ids.
+        """
+
+    def workerLost(self, worker: AttachProtocol) -> None:
+        """
+        @param worker: a connection that closed.
+        """
+
+
 @implementer(IFileDescriptorReceiver)
 class AttachProtocol(protocol.Protocol):
     """
     One attached guest process.
 
-    @ivar host: the L{GuestHost}.
+    @ivar host: the L{AttachHost} (a L{twisted_postcopy.guests.host.GuestHost}).
     @ivar guest: the guest name from C{hello}.
     @ivar worker: the worker name from C{hello}.
     @ivar pid: the process id from C{hello}.
@@ -65,7 +90,7 @@ class AttachProtocol(protocol.Protocol):
     @ivar threads: the native thread ids of the last C{threads} message.
     """
 
-    def __init__(self, host: GuestHost) -> None:
+    def __init__(self, host: AttachHost) -> None:
         """
         @param host: the host.
         """

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import RemoteProtocolError
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
 from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, RAMSectionEOS, ZeroPageReceived
 from twisted_postcopy.wire.preempt import PreemptDecoder, PreemptEncoder
 
@@ -55,7 +56,7 @@ class PreemptSourceProtocol(Protocol):
             factory.connected.callback(self)
 
     def sendHostPage(self, block: str, offset: int, data: bytes | memoryview,
-                     targetPageSize: int = 4096) -> None:
+                     targetPageSize: int = TARGET_PAGE_SIZE) -> None:
         """
         Write one host page as target-page records, flushed at once.
 

@@ -28,15 +28,12 @@ from twisted_postcopy.protocols.sockets import transportSocket
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
-from twisted_postcopy.source.machine import FINISHED, MigrationStatus as S
+from twisted_postcopy.state import FINISHED, MigrationStatus as S
 from twisted_postcopy.source.recovery import SourceResume, checkResume, currentTransport
 from twisted_postcopy.wire import StreamDecoder
 from twisted_postcopy.wire import events as e
+from twisted_postcopy.wire.constants import RAM_SECTION_ID
 
-#: The RAM section id of 7.2's stream (and ours): SECTION_PARTs after a
-#: recovery carry it without a new SECTION_START.  (The first connection's
-#: decoder knows the real one but does not expose it.)
-RAM_SECTION_ID = 2
 
 log = Logger()
 
@@ -182,6 +179,8 @@ class RecoveryStreamReader(IncomingStreamReader):
         """
         super().__init__(incoming)
         blocks = [e.RAMBlockInfo(idstr, block.length) for idstr, block in incoming.placer.blocks.items()]
+        # SECTION_PARTs after a recovery carry 7.2's RAM section id without
+        # a new SECTION_START.
         self.decoder = StreamDecoder(header=False, blocks=blocks, ramSectionId=RAM_SECTION_ID)
         self._calls[e.RecvBitmapRequested] = lambda ev: resume.recvBitmap(ev.block)
         self._calls[e.ResumeReceived] = lambda ev: resume.resume()

@@ -13,9 +13,42 @@ from __future__ import annotations
 from typing import Iterator
 
 from twisted_postcopy.errors import BitmapError
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
 
 #: For each byte value, its 8 bits as 8 bytes of 0/1 (bit 0 first).
 _EXPAND = [bytes((value >> bit) & 1 for bit in range(8)) for value in range(256)]
+#: C{str.translate} table from a bitmap's C{"0"}/C{"1"} digits to dirty flags.
+_NOT_RECEIVED = bytes.maketrans(b"01", b"\x01\x00")
+
+
+def bitmapSize(length: int) -> int:
+    """
+    @param length: a block's used length in bytes.
+    @return: QEMU's received-bitmap size for it: one bit per target page,
+        rounded up to whole 64-bit words.
+    """
+    pages = -(-length // TARGET_PAGE_SIZE)
+    return -(-pages // 64) * 8
+
+
+def dirtyFromReceived(bitmap: bytes, length: int, pageSize: int) -> bytearray:
+    """
+    QEMU's C{ram_dirty_bitmap_reload} for one block: dirty := NOT received.
+
+    @param bitmap: the received bitmap (little-endian 64-bit words, one bit
+        per target page).
+    @param length: the block's used length.
+    @param pageSize: the block's host page size (a host page is dirty if
+        any of its target pages is missing).
+    @return: one byte per host page, 1 = to send.
+    """
+    pages = length // TARGET_PAGE_SIZE
+    digits = format(int.from_bytes(bitmap, "little"), f"0{len(bitmap) * 8}b")[::-1][:pages]
+    dirty = digits.encode("ascii").translate(_NOT_RECEIVED)
+    ratio = pageSize // TARGET_PAGE_SIZE
+    if ratio <= 1:
+        return bytearray(dirty)
+    return bytearray(int(1 in dirty[page:page + ratio]) for page in range(0, pages, ratio))
 
 
 class PageBitmap:
@@ -101,6 +134,32 @@ class PageBitmap:
         @raise IndexError: outside the bitmap.
         """
         self._assign(page, count, False)
+
+    def anySet(self, page: int, count: int) -> bool:
+        """
+        @param page: first page.
+        @param count: number of pages.
+        @return: whether any bit of the range is set (whole bytes at a time
+            in the middle).
+        @raise IndexError: outside the bitmap.
+        """
+        self._checkRange(page, count)
+        end = page + count
+        while page < end and page & 7:
+            if self.test(page):
+                return True
+            page += 1
+        wholeEnd = end & ~7
+        if page < wholeEnd:
+            chunk = self._bits[page >> 3 : wholeEnd >> 3]
+            if chunk.count(0) != len(chunk):
+                return True
+            page = wholeEnd
+        while page < end:
+            if self.test(page):
+                return True
+            page += 1
+        return False
 
     def setAll(self) -> None:
         """

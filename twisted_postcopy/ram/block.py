@@ -52,7 +52,10 @@ class RAMBlock:
     @ivar backing: C{"memfd"}, C{"anon"} or C{"hugetlbfs"}.
     @ivar fd: the memfd, or -1 for C{"anon"}.
     @ivar address: the daemon mapping's start address.
-    @ivar receivedMap: QEMU's C{receivedmap}: pages written or placed.
+    @ivar receivedMap: QEMU's C{receivedmap}: pages written, placed, or
+        received as ZERO before LISTEN.
+    @ivar holeMap: pages received as ZERO before LISTEN and still holes in
+        the memfd (a MISSING fault there needs a zero page).
     @ivar registered: set by the fault service once a userfaultfd
         registration covers the block; L{write} is refused from then on.
     """
@@ -64,6 +67,7 @@ class RAMBlock:
     fd: int = field(init=False, default=-1)
     address: int = field(init=False, default=0)
     receivedMap: PageBitmap = field(init=False)
+    holeMap: PageBitmap = field(init=False)
     registered: bool = field(init=False, default=False)
     _discarded: bool = field(init=False, default=False)
 
@@ -77,6 +81,7 @@ class RAMBlock:
         """
         self._validate()
         self.receivedMap = PageBitmap(self.length // self.pageSize)
+        self.holeMap = PageBitmap(self.length // self.pageSize)
         flags = lib.MAP_SHARED
         if self.backing == "anon":
             flags = lib.MAP_PRIVATE | lib.MAP_ANONYMOUS
@@ -138,7 +143,8 @@ class RAMBlock:
         @param targetPageSize: the target page size (4096 on x86).
         @return: the bitmap bytes.
         """
-        return self.receivedMap.scaled(self.pageSize // targetPageSize).toBytes()
+        factor = self.pageSize // targetPageSize
+        return (self.receivedMap if factor == 1 else self.receivedMap.scaled(factor)).toBytes()
 
     def view(self) -> memoryview:
         """
@@ -172,12 +178,32 @@ class RAMBlock:
             view, offset = view[written:], offset + written
         start = (offset - len(data)) // self.pageSize
         self.receivedMap.set(start, len(data) // self.pageSize)
+        self.holeMap.clear(start, len(data) // self.pageSize)
+
+    def writeZero(self, offset: int, length: int) -> None:
+        """
+        Zero pages received before LISTEN (QEMU's ZERO record): punch a
+        hole (so they read as zeros without using memory) and mark them
+        received and in L{holeMap}.
+
+        @param offset: page-aligned byte offset.
+        @param length: whole pages.
+        @raise RAMBlockError: bad range, or the block is already registered
+            with userfaultfd.
+        @raise OSError: the kernel refused the hole punch.
+        """
+        if self.registered:
+            raise RAMBlockError(f"RAMBlock {self.idstr}: zero page written after userfaultfd registration; "
+                                "place pages through the fault service")
+        self.discard(offset, length)
+        self.receivedMap.set(offset // self.pageSize, length // self.pageSize)
+        self.holeMap.set(offset // self.pageSize, length // self.pageSize)
 
     def discard(self, offset: int, length: int) -> None:
         """
         Drop a range so it is missing again (QEMU's C{ram_discard_range}):
         a hole punch on a memfd, C{MADV_DONTNEED} on anonymous memory.
-        Clears the received bits.
+        Clears the received and hole bits.
 
         @param offset: page-aligned byte offset.
         @param length: whole pages.
@@ -193,6 +219,7 @@ class RAMBlock:
         else:
             check(lib.tp_madvise(self.address + offset, length, lib.MADV_DONTNEED), "madvise(MADV_DONTNEED)")
         self.receivedMap.clear(offset // self.pageSize, length // self.pageSize)
+        self.holeMap.clear(offset // self.pageSize, length // self.pageSize)
 
     def close(self) -> None:
         """

@@ -11,10 +11,19 @@ mapping it.  Guest processes map the same memfd, register their mappings
 on their own userfaultfds and hand those over (with a mapping table); this
 service reads them on the reactor.  A fault on a page:
 
-  - already received: the client is woken at once (C{UFFDIO_WAKE});
+  - already received: the client is woken at once (C{UFFDIO_WAKE}); a
+    page received as ZERO before LISTEN (a hole in the memfd) first gets
+    a zero page;
   - otherwise: the page is requested from the L{IPageSource} (one request
-    per page, however many threads or clients fault on it), and every
-    waiting client is woken right after the page is placed.
+    per page, however many threads or clients fault on it; fire-and-forget,
+    the answer is the page arriving), and every waiting client is woken
+    right after the page is placed.
+
+This service is the one owner of the destination's page state
+(L{twisted_postcopy.interfaces.IFaultService}): received and hole bits
+(kept in each RAMBlock's C{receivedMap} and C{holeMap}, changed only here
+from LISTEN on), requested and waiting pages (L{PendingPages}).  The
+incoming migration only tells it that pages arrived.
 
 Nothing here touches guest memory from Python.  See C{docs/userfaultfd.md}.
 """
@@ -28,8 +37,10 @@ from typing import Any, Callable, Iterable, Mapping
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from twisted_postcopy.errors import MappingTableError, MigrationFailed, UffdError
+from twisted_postcopy.errors import MappingTableError, MigrationFailed, RemoteProtocolError, UffdError
+from twisted_postcopy.interfaces import IFaultService
 from twisted_postcopy.ram import uffd
 from twisted_postcopy.ram.clients import ClientMapping, FaultClient, Readable, validateMappings
 from twisted_postcopy.ram.observers import FaultObservers
@@ -42,6 +53,7 @@ __all__ = ["ClientMapping", "FaultClient", "FaultService"]
 _log = Logger()
 
 
+@implementer(IFaultService)
 class FaultService:
     """
     Serves userfaults of guest processes from an L{IPageSource}.
@@ -211,9 +223,22 @@ class FaultService:
         received = block.receivedMap.test(offset // size)
         self.observers.faultBegan(threadId, block, offset, now, received)
         if received:
+            self._fillHole(block, offset)
             self._wake(client, pageAddress, size)
             return
         self.pending.addWaiter((block.idstr, offset), client, pageAddress)
+
+    def _fillHole(self, ram: Any, offset: int) -> None:
+        """
+        A received page is wanted: if it was received as ZERO before LISTEN
+        (a hole in the memfd), place a zero page now, as nothing else will
+        come for it.
+
+        @param ram: the RAMBlock.
+        @param offset: the page's byte offset.
+        """
+        if ram.holeMap.test(offset // ram.pageSize):
+            self.placeZero(ram.idstr, offset, ram.pageSize)
 
     def _wake(self, client: FaultClient, address: int, length: int) -> None:
         """
@@ -243,12 +268,13 @@ class FaultService:
         ram = self.placer.find(block, offset)
         offset -= offset % ram.pageSize
         if ram.receivedMap.test(offset // ram.pageSize):
+            self._fillHole(ram, offset)
             return succeed(None)
         return self.pending.addDeferred((block, offset))
 
     def rerequestPending(self) -> int:
         """
-        After recovery: request again every page whose request failed.
+        After recovery: request again every page still wanted.
 
         @return: how many requests were sent.
         """
@@ -256,7 +282,7 @@ class FaultService:
 
     def failAll(self, reason: BaseException | Failure) -> None:
         """
-        Fail every outstanding request's Deferreds (pause or failure); the
+        Fail the Deferreds of L{requestPage}; the pages stay wanted and the
         faulting threads stay blocked until their pages are placed.
 
         @param reason: e.g. L{twisted_postcopy.errors.PostcopyPaused}.
@@ -275,10 +301,13 @@ class FaultService:
         @param offset: page-aligned byte offset.
         @param data: one or more contiguous whole pages.
         @raise RAMBlockError: unknown block or misaligned range.
+        @raise RemoteProtocolError: a page of the range was already
+            received (pages arrive at most once after LISTEN).
         @raise UffdError: the kernel refused (pages before the failure are
             placed and woken).
         """
         ram = self.placer.block(block, offset, len(data))
+        self._checkNew(ram, offset, len(data))
         self._finish(ram, offset, *self.placer.place(ram, offset, memoryview(data).cast("B"), len(data)))
 
     def placeZero(self, block: str, offset: int, length: int) -> None:
@@ -290,11 +319,29 @@ class FaultService:
         @param offset: page-aligned byte offset.
         @param length: whole pages.
         @raise RAMBlockError: unknown block or misaligned range.
+        @raise RemoteProtocolError: a page of the range was already received.
         @raise UffdError: the kernel refused.
         """
         ram = self.placer.block(block, offset, length)
+        self._checkNew(ram, offset, length)
         zeros = memoryview(bytes(length)) if ram.backing == "hugetlbfs" else None
         self._finish(ram, offset, *self.placer.place(ram, offset, zeros, length))
+
+    def _checkNew(self, ram: Any, offset: int, length: int) -> None:
+        """
+        @param ram: the RAMBlock.
+        @param offset: page-aligned byte offset.
+        @param length: whole pages.
+        @raise RemoteProtocolError: a page of the range was received already
+            (a hole left by a precopy ZERO may still be filled).
+        """
+        size = ram.pageSize
+        first, count = offset // size, length // size
+        if not ram.receivedMap.anySet(first, count):
+            return
+        for page in range(first, first + count):
+            if ram.receivedMap.test(page) and not ram.holeMap.test(page):
+                raise RemoteProtocolError(f"page {ram.idstr}:{page * size:x} sent twice after LISTEN")
 
     def _finish(self, ram: Any, offset: int, done: int, error: UffdError | None) -> None:
         """
@@ -322,6 +369,7 @@ class FaultService:
         """
         size = ram.pageSize
         ram.receivedMap.set(offset // size, length // size)
+        ram.holeMap.clear(offset // size, length // size)
         if len(self.pending):
             for page, pending in self.pending.take(ram.idstr, offset, length, size):
                 self._release(ram, page, pending)
@@ -348,17 +396,27 @@ class FaultService:
         """
         return sum(block.pages - block.receivedMap.count() for block in self.blocks.values())
 
+    def fillHoles(self) -> None:
+        """
+        Place zero pages over every hole left by precopy ZERO records (one
+        call per run), so that clients never fault once this service stops.
+        """
+        for ram in self.blocks.values():
+            for first, count in list(ram.holeMap.runs()):
+                self.placeZero(ram.idstr, first * ram.pageSize, count * ram.pageSize)
+
+    def receivedBitmap(self, block: str) -> bytes:
+        """
+        QEMU's received bitmap of a block for C{MIG_RP_MSG_RECV_BITMAP}
+        (recovery): one bit per target page, holes counted as received.
+
+        @param block: the RAMBlock idstr.
+        @return: little-endian u64 words.
+        @raise KeyError: unknown block.
+        """
+        return self.blocks[block].receivedBitmap()
+
     # -- observers and lifetime --------------------------------------------
-
-    def subscribe(self, observer: Any) -> Callable[[], None]:
-        """
-        Add an L{twisted_postcopy.interfaces.IFaultObserver}.
-
-        @param observer: gets C{faultBegan} for faults on missing pages and
-            C{pagePlaced} when such a page is placed.
-        @return: a callable that unsubscribes it.
-        """
-        return self.observers.subscribe(observer)
 
     def addFaultObserver(self, callback: Callable[[int, int, bool], None]) -> None:
         """
@@ -384,8 +442,8 @@ class FaultService:
         placed, or when the guests are finished anyway: closing the last
         reference to a userfaultfd turns its missing pages into zero pages.
 
-        @param reason: the failure for outstanding Deferreds (default: a
-            L{twisted_postcopy.errors.MigrationFailed}).
+        @param reason: the failure for L{requestPage}'s outstanding
+            Deferreds (default: a L{twisted_postcopy.errors.MigrationFailed}).
         """
         self.failAll(reason if reason is not None else MigrationFailed("fault service stopped"))
         self.pending.clear()

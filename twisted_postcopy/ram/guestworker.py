@@ -11,8 +11,9 @@ line on stdin, answering one JSON line each on stdout:
   - C{{"op": "touch", "block": i, "first": page, "count": n, "threads": t,
     "write": false, "shared": false}}: C{t} threads touch pages
     C{first..first+n} (thread C{k} takes every C{t}-th page, or all of
-    them when C{shared}) through C{lib.tp_touch_pages}, in C with the GIL
-    released; answers C{checksum} (sum of the bytes read), C{latencies}
+    them when C{shared}; C{t = 0}: the worker's main thread, whose id the
+    ready line carries, touches them all) through C{lib.tp_touch_pages},
+    in C with the GIL released; answers C{checksum} (sum of the bytes read), C{latencies}
     (ns per touch, from C{CLOCK_MONOTONIC}), C{tids} and C{elapsed} (ns
     for the whole command);
   - C{{"op": "digest", "block": i}}: SHA-256 of the whole mapping (only
@@ -34,8 +35,7 @@ import threading
 from typing import Any
 
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from twisted_postcopy.interfaces import IPageSource
@@ -58,6 +58,8 @@ def _touch(base: int, pageSize: int, pages: list[int], write: bool, threads: int
     @return: the command's answer.
     """
     first, count = pages
+    inline = threads == 0
+    threads = max(threads, 1)
     step = 1 if shared else threads
     results: list[Any] = [None] * threads
 
@@ -73,6 +75,9 @@ def _touch(base: int, pageSize: int, pages: list[int], write: bool, threads: int
 
     workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
     began = lib.tp_monotonic_ns()
+    if inline:
+        run(0)
+        workers = []
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -104,7 +109,7 @@ def main(spec: dict[str, Any]) -> None:
     sock = socket.socket(fileno=spec["sock"])
     socket.send_fds(sock, [json.dumps(mappings).encode()], [fd])
     os.close(fd)
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, "tid": threading.get_native_id()}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "exit":
@@ -126,17 +131,24 @@ class WorkerProcess(protocol.ProcessProtocol):
     @ivar service: the fault service (or dirty tracker) to attach the
         worker to.
     @ivar client: the L{FaultClient} once attached.
+    @ivar tid: the worker's main thread id once attached (it touches
+        pages for C{threads=0}).
+    @ivar ready: fires with the worker's main thread id once it mapped its
+        blocks and sent its userfaultfd.
     @ivar attached: fires with the client once the worker is attached.
     @ivar ended: fires with the exit reason when the process ends.
     """
 
     def __init__(self, service: Any, sock: socket.socket) -> None:
         """
-        @param service: a L{FaultService}.
+        @param service: a L{FaultService}, or L{None} until L{attachTo}.
         @param sock: the parent's end of the Unix socket.
         """
         self.service, self.sock = service, sock
         self.client: Any = None
+        self.tid = 0
+        self._ready: tuple[int, Any] | None = None
+        self.ready: Deferred = Deferred()
         self.attached: Deferred = Deferred()
         self.ended: Deferred = Deferred()
         self._answers: list[Deferred] = []
@@ -155,11 +167,34 @@ class WorkerProcess(protocol.ProcessProtocol):
             answer = json.loads(line)
             if answer.get("ready"):
                 table, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, 1)
-                attach = getattr(self.service, "addClient", None) or self.service.addProcess
-                self.client = attach(fds[0], json.loads(table), pid=self.transport.pid)
-                self.attached.callback(self.client)
+                self.tid = answer.get("tid", 0)
+                self._ready = (fds[0], json.loads(table))
+                self.ready.callback(self.tid)
+                self._attach()
             else:
                 self._answers.pop(0).callback(answer)
+
+    def attachTo(self, service: Any) -> None:
+        """
+        Attach the worker to C{service} (a worker spawned with no service
+        yet, e.g. before LISTEN, is attached as soon as it is ready).
+
+        @param service: a L{FaultService}.
+        """
+        self.service = service
+        self._attach()
+
+    def _attach(self) -> None:
+        """
+        Hand the worker's userfaultfd and mapping table to the service once
+        both are there.
+        """
+        if self.service is None or self._ready is None:
+            return
+        (fd, table), self._ready = self._ready, None
+        attach = getattr(self.service, "addClient", None) or self.service.addProcess
+        self.client = attach(fd, table, pid=self.transport.pid)
+        self.attached.callback(self.client)
 
     def errReceived(self, data: bytes) -> None:
         """
@@ -187,8 +222,14 @@ class WorkerProcess(protocol.ProcessProtocol):
         for answer in self._answers:
             answer.errback(RuntimeError(f"worker ended: {self.errors.decode(errors='replace')}"))
         self._answers = []
+        if self._ready is not None:
+            os.close(self._ready[0])
+            self._ready = None
+        failure = RuntimeError(f"worker failed ({reason.value}): {self.errors.decode(errors='replace')}")
+        if not self.ready.called:
+            self.ready.errback(failure)
         if not self.attached.called:
-            self.attached.errback(RuntimeError(f"worker failed: {self.errors.decode(errors='replace')}"))
+            self.attached.errback(failure)
         self.ended.callback(reason.value)
 
     def exit(self) -> Deferred:
@@ -208,7 +249,8 @@ def spawnWorker(reactor: Any, service: Any, blocks: list[Any], mode: str = "faul
 
     @param reactor: an C{IReactorProcess}.
     @param service: the L{FaultService}, or a
-        L{twisted_postcopy.ram.dirty.DirtyTracker} in C{"track"} mode.
+        L{twisted_postcopy.ram.dirty.DirtyTracker} in C{"track"} mode, or
+        L{None} to attach later (L{WorkerProcess.attachTo}).
     @param blocks: the RAMBlocks (memfd-backed) to map, in order.
     @param mode: C{"fault"} or C{"track"}.
     @return: the worker; wait on its C{attached}.
@@ -251,17 +293,18 @@ class MemoryPageSource:
         self.requests: list[tuple[str, int]] = []
         self.clock, self.delay = clock, delay
 
-    def requestPage(self, block: str, offset: int) -> Deferred:
+    def requestPage(self, block: str, offset: int) -> None:
         """
+        Place the page now, or after C{delay} on C{clock} (fire-and-forget).
+
         @param block: the idstr.
         @param offset: the page offset.
-        @return: a Deferred firing once the page is placed.
         """
         self.requests.append((block, offset))
         if self.clock is None:
             self.place(block, offset)
-            return succeed(None)
-        return deferLater(self.clock, self.delay, self.place, block, offset)
+        else:
+            self.clock.callLater(self.delay, self.place, block, offset)
 
     def place(self, block: str, offset: int) -> None:
         """

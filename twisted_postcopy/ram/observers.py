@@ -1,9 +1,8 @@
 # -*- test-case-name: tests.test_ram_faults -*-
 """
-Observers of the fault service (for postcopy blocktime): the
-L{twisted_postcopy.interfaces.IFaultObserver} kind, keyed by (block,
-offset), and QEMU's address-keyed callbacks used by C{blocktime.py}.  An
-observer that raises is logged and never stops the fault service.
+Observers of the fault service (for postcopy blocktime): QEMU's
+address-keyed callbacks used by C{blocktime.py}.  An observer that raises
+is logged and never stops the fault service.
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ def notify(callbacks: list[Callable[..., None]], *args: Any) -> None:
             callback(*args)
         except Exception:
             _log.failure("fault service: observer {callback!r} failed", callback=callback)
-
-
 
 
 class FaultObservers:
@@ -70,39 +67,6 @@ class FaultObservers:
         @param t: monotonic ns.
         """
         notify(self.onPlaced, ram, offset, t)
-
-    def subscribe(self, observer: Any) -> Callable[[], None]:
-        """
-        Add an L{twisted_postcopy.interfaces.IFaultObserver}.
-
-        @param observer: gets C{faultBegan} for faults on missing pages and
-            C{pagePlaced} when such a page is placed.
-        @return: a callable that unsubscribes it.
-        """
-        def began(threadId: int, ram: Any, offset: int, t: int, received: bool) -> None:
-            """
-            Forward a fault on a missing page.
-            """
-            if not received:
-                observer.faultBegan(threadId, ram.idstr, offset, t)
-
-        def placed(ram: Any, offset: int, t: int) -> None:
-            """
-            Forward a placement.
-            """
-            observer.pagePlaced(ram.idstr, offset, t)
-
-        self.onFault.append(began)
-        self.onPlaced.append(placed)
-
-        def unsubscribe() -> None:
-            """
-            Remove both forwarders.
-            """
-            self.onFault.remove(began)
-            self.onPlaced.remove(placed)
-
-        return unsubscribe
 
     def addFaultObserver(self, callback: Callable[[int, int, bool], None]) -> None:
         """

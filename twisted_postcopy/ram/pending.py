@@ -2,6 +2,12 @@
 """
 Pages that are missing and wanted: one request to the page source per
 page, however many threads, clients or daemon callers wait for it.
+
+Requests are fire-and-forget: the page source (the return path) answers
+by the page arriving, never by a result.  While the migration is paused
+the page source drops requests; after recovery L{PendingPages.rerequest}
+sends every wanted page's request again (QEMU's
+C{migrate_send_rp_req_pages_pending}).
 """
 
 from __future__ import annotations
@@ -22,13 +28,12 @@ class PendingPage:
     A page that is missing and wanted.
 
     @ivar waiters: (client, address in the client) of each fault.
-    @ivar deferreds: Deferreds to fire once the page is placed.
-    @ivar requested: whether a page source request is outstanding.
+    @ivar deferreds: the daemon's own waits (L{FaultService.requestPage}),
+        fired once the page is placed.
     """
 
     waiters: list[tuple[Any, int]] = field(factory=list)
     deferreds: list[Deferred] = field(factory=list)
-    requested: bool = False
 
 
 class PendingPages:
@@ -56,18 +61,19 @@ class PendingPages:
     def addWaiter(self, key: tuple[str, int], client: Any, address: int) -> None:
         """
         A client faulted on a missing page: remember it and request the
-        page unless a request is already out.
+        page if nobody waited for it yet.
 
         @param key: (block idstr, page offset).
         @param client: the faulting client.
         @param address: the page's address in the client.
         """
         pending = self._pages.get(key)
-        if pending is None:
+        first = pending is None
+        if first:
             pending = self._pages[key] = PendingPage()
         pending.waiters.append((client, address))
-        if not pending.requested:
-            self._request(key, pending)
+        if first:
+            self._request(key)
 
     def addDeferred(self, key: tuple[str, int]) -> Deferred:
         """
@@ -77,47 +83,28 @@ class PendingPages:
         @return: a Deferred fired once it is placed (cancellable).
         """
         pending = self._pages.get(key)
-        if pending is None:
+        first = pending is None
+        if first:
             pending = self._pages[key] = PendingPage()
         waiting: Deferred = Deferred(lambda d: pending.deferreds.remove(d) if d in pending.deferreds else None)
         pending.deferreds.append(waiting)
-        if not pending.requested:
-            self._request(key, pending)
+        if first:
+            self._request(key)
         return waiting
 
-    def _request(self, key: tuple[str, int], pending: PendingPage) -> None:
+    def _request(self, key: tuple[str, int]) -> None:
         """
-        Ask the page source for a page.
+        Ask the page source for a page (fire-and-forget).  A page source
+        that raises is logged; the page stays wanted, and is asked for
+        again by L{rerequest}.
 
         @param key: (block idstr, page offset).
-        @param pending: the page's waiting state.
         """
-        pending.requested = True
         self.requestCount += 1
         try:
-            requested = self.pageSource.requestPage(*key)
+            self.pageSource.requestPage(*key)
         except Exception:
-            self._requestFailed(Failure(), key, pending)
-            return
-        if isinstance(requested, Deferred):
-            requested.addErrback(self._requestFailed, key, pending)
-
-    def _requestFailed(self, reason: Failure, key: tuple[str, int], pending: PendingPage) -> None:
-        """
-        The page source could not deliver: fail the page's Deferreds; its
-        faulting threads stay blocked until L{rerequest}.
-
-        @param reason: the failure (e.g. L{PostcopyPaused}).
-        @param key: (block idstr, page offset).
-        @param pending: the page's waiting state.
-        """
-        if self._pages.get(key) is not pending:
-            return
-        pending.requested = False
-        deferreds, pending.deferreds = pending.deferreds, []
-        _log.info("fault service: request for {key} failed: {reason}", key=key, reason=reason.getErrorMessage())
-        for waiting in deferreds:
-            waiting.errback(reason)
+            _log.failure("fault service: requesting {key} failed", key=key)
 
     def take(self, idstr: str, offset: int, length: int, pageSize: int) -> list[tuple[int, PendingPage]]:
         """
@@ -146,24 +133,26 @@ class PendingPages:
 
     def rerequest(self) -> int:
         """
-        Request again every page whose request failed.
+        Request every wanted page again (after recovery).
 
         @return: how many requests were sent.
         """
-        again = [(key, pending) for key, pending in self._pages.items() if not pending.requested]
-        for key, pending in again:
-            self._request(key, pending)
+        again = list(self._pages)
+        for key in again:
+            self._request(key)
         return len(again)
 
     def failAll(self, reason: BaseException | Failure) -> None:
         """
-        Fail every wanted page's Deferreds.
+        Fail every daemon wait (L{addDeferred}); the pages stay wanted.
 
         @param reason: the exception or failure.
         """
         failure = reason if isinstance(reason, Failure) else Failure(reason)
-        for key, pending in list(self._pages.items()):
-            self._requestFailed(failure, key, pending)
+        for pending in list(self._pages.values()):
+            deferreds, pending.deferreds = pending.deferreds, []
+            for waiting in deferreds:
+                waiting.errback(failure)
 
     def clear(self) -> None:
         """

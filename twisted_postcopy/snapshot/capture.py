@@ -42,8 +42,9 @@ class CaptureVM:
     @ivar devices: the device section bytes received.
     @ivar inPostcopy: tells whether the migration went through LISTEN
         (set by whoever drives the capture).
-    @ivar pageSource: the incoming migration as an L{IPageSource}, for
-        L{readLive} (set by whoever drives the capture).
+    @ivar faults: returns the incoming migration's
+        L{twisted_postcopy.interfaces.IFaultService} once it listens, else
+        L{None}, for L{readLive} (set by whoever drives the capture).
     @ivar running: the VM was started (RUN or end of precopy).
     @ivar runWriter: C{(function, *args) -> Deferred} running the store
         (default: at once; L{captureSnapshot} uses the reactor's thread
@@ -65,7 +66,7 @@ class CaptureVM:
         self.blocks: dict[str, RAMBlock] = {}
         self.devices: list[bytes] = []
         self.inPostcopy: Callable[[], bool] = lambda: False
-        self.pageSource: Any = None
+        self.faults: Callable[[], Any] = lambda: None
         self.runWriter: Callable[..., Deferred] = execute
         self.running = False
         self.stored: Deferred = Deferred()
@@ -147,11 +148,12 @@ class CaptureVM:
         @raise SnapshotError: as L{read}.
         """
         self.read(idstr, offset, 0)
-        if self.pageSource is None or not self.inPostcopy():
+        faults = self.faults()
+        if faults is None or not self.inPostcopy():
             return succeed(self.read(idstr, offset, length))
         pageSize = self.blocks[idstr].pageSize
         first = offset - offset % pageSize
-        waits = [self.pageSource.requestPage(idstr, page)
+        waits = [faults.requestPage(idstr, page)
                  for page in range(first, offset + length, pageSize)]
         return gatherResults(waits, consumeErrors=True).addCallback(
             lambda _: self.read(idstr, offset, length))
@@ -236,7 +238,7 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
     _useTLS(manager, objects, tls)
     vm.inPostcopy = lambda: bool(manager.incoming is not None and manager.incoming.faults is not None)
     listening = manager.migrateIncoming(uri)
-    vm.pageSource = manager.incoming
+    vm.faults = lambda: manager.incoming.faults if manager.incoming is not None else None
     vm.migration = manager
     vm.runWriter = lambda function, *args: deferToThreadPool(
         reactor, reactor.getThreadPool(), function, *args)

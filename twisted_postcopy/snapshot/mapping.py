@@ -15,7 +15,7 @@ import ctypes
 import mmap
 import os
 
-from twisted_postcopy.snapshot.store import dataRuns
+from twisted_postcopy.snapshot.sparse import dataRuns
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p

@@ -20,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 from attrs import frozen
 
 from twisted_postcopy.errors import SnapshotError
+from twisted_postcopy.snapshot.sparse import dataRuns
 
 if TYPE_CHECKING:
     from twisted_postcopy.snapshot.mapping import BlockMapping
@@ -55,27 +56,6 @@ class BlockInfo:
     length: int
     pageSize: int
     file: str
-
-
-def dataRuns(fd: int, length: int) -> Iterator[tuple[int, int]]:
-    """
-    The data (non-hole) runs of a file, by C{SEEK_DATA}/C{SEEK_HOLE}.
-
-    @param fd: an open file or memfd.
-    @param length: how far to look.
-    @return: (offset, length) runs, ascending.
-    """
-    offset = 0
-    while offset < length:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:
-            return
-        if start >= length:
-            return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), length)
-        yield start, end - start
-        offset = end
 
 
 def hashFile(fd: int, length: int) -> str:

@@ -23,13 +23,12 @@ from twisted.internet.defer import maybeDeferred
 from twisted_postcopy.errors import MigrationFailed
 from twisted_postcopy.wire import StreamEncoder
 from twisted_postcopy.wire.events import RAMBlockInfo
-from twisted_postcopy.wire.constants import SectionType
-from twisted_postcopy.source.machine import MigrationStatus as S, StatusMachine, outgoingMachine
+from twisted_postcopy.wire.constants import RAM_SECTION_ID, SectionType
+from twisted_postcopy.state import MigrationStatus as S, StatusMachine, outgoingMachine
 from twisted_postcopy.source.records import RecordWriter
 from twisted_postcopy.source.sender import PageScheduler, RateLimiter, converged
 from twisted_postcopy.source.stats import TransferStats
 
-RAM_SECTION_ID = 2
 #: Target bytes of page data per PART written in one step.
 BATCH = 1 << 20
 #: The same in postcopy: smaller, so a page request waits behind less data.

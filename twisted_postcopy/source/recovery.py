@@ -21,51 +21,17 @@ from attrs import define, field
 from twisted.logger import Logger
 
 from twisted_postcopy.errors import BitmapError, MigrationError, RemoteProtocolError
+from twisted_postcopy.ram.bitmap import bitmapSize, dirtyFromReceived
+from twisted_postcopy.state import PAUSABLE, PAUSED_MESSAGE, MigrationStatus as S
 from twisted_postcopy.wire import StreamEncoder
-from twisted_postcopy.source.machine import MigrationStatus as S
+
+__all__ = ["PAUSABLE", "PAUSED_MESSAGE", "SourceResume", "bitmapSize", "channelLost", "checkResume",
+           "dirtyFromReceived", "pauseOutgoing"]
 
 #: Command encoder (RECV_BITMAP, POSTCOPY_RESUME).
 _wire = StreamEncoder()
-#: The target page size received bitmaps count in.
-TARGET_PAGE_SIZE = 4096
-#: Statuses in which a lost connection pauses instead of failing.
-PAUSABLE = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER})
-#: QEMU's log line when a postcopy migration pauses.
-PAUSED_MESSAGE = "Detected IO failure for postcopy. Migration paused."
-#: C{str.translate} table from a bitmap's C{"0"}/C{"1"} digits to dirty flags.
-_NOT_RECEIVED = bytes.maketrans(b"01", b"\x01\x00")
 
 log = Logger()
-
-
-def bitmapSize(length: int) -> int:
-    """
-    @param length: a block's used length in bytes.
-    @return: QEMU's received-bitmap size for it: one bit per target page,
-        rounded up to whole 64-bit words.
-    """
-    pages = -(-length // TARGET_PAGE_SIZE)
-    return -(-pages // 64) * 8
-
-
-def dirtyFromReceived(bitmap: bytes, length: int, pageSize: int) -> bytearray:
-    """
-    QEMU's C{ram_dirty_bitmap_reload} for one block: dirty := NOT received.
-
-    @param bitmap: the received bitmap (little-endian 64-bit words, one bit
-        per target page).
-    @param length: the block's used length.
-    @param pageSize: the block's host page size (a host page is dirty if
-        any of its target pages is missing).
-    @return: one byte per host page, 1 = to send.
-    """
-    pages = length // TARGET_PAGE_SIZE
-    digits = format(int.from_bytes(bitmap, "little"), f"0{len(bitmap) * 8}b")[::-1][:pages]
-    dirty = digits.encode("ascii").translate(_NOT_RECEIVED)
-    ratio = pageSize // TARGET_PAGE_SIZE
-    if ratio <= 1:
-        return bytearray(dirty)
-    return bytearray(int(1 in dirty[page:page + ratio]) for page in range(0, pages, ratio))
 
 
 def currentTransport(migration: Any) -> Any:

@@ -22,12 +22,10 @@ from typing import Callable, Iterable, Iterator
 from attrs import define, field, frozen
 
 from twisted_postcopy.errors import MigrationError
+from twisted_postcopy.wire.constants import MAX_DISCARDS_PER_COMMAND
 
 #: QEMU's C{BUFFER_DELAY}: the rate limiting window, in seconds.
 WINDOW = 0.1
-
-#: QEMU's C{MAX_DISCARDS_PER_COMMAND}.
-MAX_DISCARDS_PER_COMMAND = 12
 
 
 @frozen

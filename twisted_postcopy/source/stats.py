@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 from attrs import define
 
-from twisted_postcopy.source.machine import MigrationStatus as S, POSTCOPY
+from twisted_postcopy.state import MigrationStatus as S, POSTCOPY
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE as PAGE_SIZE
 
-PAGE_SIZE = 4096
 
 
 @define

@@ -140,6 +140,9 @@ RAM_EOS_WORD: Final = int(RAMFlag.EOS)
 #: The RAM section's idstr, instance and version.
 RAM_IDSTR: Final = "ram"
 RAM_SECTION_VERSION: Final = 4
+#: The section id QEMU 7.2 gives the RAM section on C{pc} machines (what our
+#: source sends, and what a recovery main channel carries).
+RAM_SECTION_ID: Final = 2
 
 #: Longest id string (C{str8}); an empty one is a read failure in QEMU.
 MAX_IDSTR_LENGTH: Final = 255

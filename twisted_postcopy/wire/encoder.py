@@ -27,6 +27,7 @@ from twisted_postcopy.wire.commands import (
 from twisted_postcopy.wire.config import encodeConfigurationEvent, encodeHeader, encodeHeaderEvent
 from twisted_postcopy.wire.constants import (
     FULL_HEADER_KINDS,
+    MAX_DISCARDS_PER_COMMAND,
     OWN_SECTION_PREFIX,
     RAM_IDSTR,
     RAM_SECTION_VERSION,
@@ -131,7 +132,8 @@ class StreamEncoder(RAMChannelEncoder):
         """
         return encodeCommand(Command.POSTCOPY_RUN)
 
-    def discard(self, block: str, ranges: Iterable[tuple[int, int]], perCommand: int = 12) -> bytes:
+    def discard(self, block: str, ranges: Iterable[tuple[int, int]],
+                perCommand: int = MAX_DISCARDS_PER_COMMAND) -> bytes:
         """
         @param block: the RAMBlock idstr.
         @param ranges: C{(start, length)} byte ranges, at least one.

@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_migration_loopback -*-
 """
-Small VMs for the engine's tests: memfd-backed RAM blocks, an outgoing VM
-the test fills before (and writes during) migration, and an incoming VM
-whose blocks the test reads with C{pread} only after completion.
+Small VMs for the engine's tests and benchmarks: an outgoing VM over
+memfd-backed blocks that the test fills before (and writes during)
+migration, and an incoming VM over production
+L{twisted_postcopy.ram.block.RAMBlock}s whose blocks the test reads with
+C{pread} only after completion.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ from typing import Any
 from zope.interface import implementer
 
 from twisted_postcopy.interfaces import IDirtyTracker, IIncomingVM, IOutgoingVM
+from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-PAGE = 4096
+PAGE = TARGET_PAGE_SIZE
 
 
 class MemBlock:
     """
-    A RAMBlock over a memfd with the test's own shared mapping.
+    A source-side block over a memfd with the test's own shared mapping
+    (the test writes the guest's RAM through C{map}).
 
     @ivar idstr: the block name.
     @ivar length: bytes.
@@ -175,26 +180,26 @@ class OutgoingTestVM:
 @implementer(IIncomingVM)
 class IncomingTestVM:
     """
-    An incoming VM that creates a L{MemBlock} per listed block.
+    An incoming VM that creates a production L{RAMBlock} per listed block.
     """
 
     def __init__(self) -> None:
         """
         Set up the instance.
         """
-        self.blocks: dict[str, MemBlock] = {}
+        self.blocks: dict[str, RAMBlock] = {}
         self.devices: list[bytes] = []
         self.events: list[str] = []
         self.failure: Any = None
 
-    def ramBlocksListed(self, blocks: Any) -> dict[str, MemBlock]:
+    def ramBlocksListed(self, blocks: Any) -> dict[str, RAMBlock]:
         """
-        Create one memfd block per listed block.
+        Create one memfd RAMBlock per listed block.
 
         @param blocks: (idstr, length, pageSize) each.
         @return: idstr -> block.
         """
-        self.blocks = {name: MemBlock(name, length) for name, length, _ in blocks}
+        self.blocks = {name: RAMBlock(name, length) for name, length, _ in blocks}
         return self.blocks
 
     def deviceStateReceived(self, raw: bytes) -> None:
@@ -230,4 +235,4 @@ class IncomingTestVM:
         """
         @return: idstr -> the block's bytes (read with pread).
         """
-        return {name: block.read() for name, block in self.blocks.items()}
+        return {name: os.pread(block.fd, block.length, 0) for name, block in self.blocks.items()}
