@@ -314,6 +314,22 @@ class QEMUSnapshotTLSTests(TestCase):
         qemu.waitSerial(len(qemu.serialOutput()) + 2, TIMEOUT)
         stopAndCheck(qemu, LAYOUT)
 
+        # The standalone command line, into another QEMU.
+        from tests.snapshotqemu import finish, snapshotCommand, summaries
+
+        clone, uri = restoreTarget(directory, "clone", image, True)
+        self.addCleanup(clone.kill)
+        qemuTLS(clone, credentialsDir, "server")
+        code, out, err = finish(snapshotCommand(
+            "restore", target, "--to", uri, "--postcopy",
+            "--object", f"tls-creds-x509,id=c,dir={credentialsDir},endpoint=client",
+            "--tls-creds", "c", "--tls-hostname", "localhost"))
+        self.assertEqual(code, 0, err.decode())
+        self.assertEqual([s["status"] for s in summaries(out)], ["completed"])
+        clone.waitMigration(["completed"], TIMEOUT)
+        clone.waitSerial(len(clone.serialOutput()) + 2, TIMEOUT)
+        stopAndCheck(clone, LAYOUT)
+
 
 class QEMURecoveryTLSTests(TestCase):
     """
