@@ -62,6 +62,28 @@ def qemuTLS(qemu: QEMUInstance, directory: str, endpoint: str, authz: str | None
     qemu.qmp("migrate-set-parameters", **parameters)
 
 
+def step(case: Any, waiting: Any, what: str, seconds: float = 30.0) -> Any:
+    """
+    Bound one wait of a test and say which one failed.
+
+    @param case: the test case (with C{qemu} and C{manager}).
+    @param waiting: a Deferred.
+    @param what: what is awaited.
+    @param seconds: the bound.
+    @return: C{waiting}, failing with an assertion naming C{what} (and
+        both sides' state) after C{seconds}.
+    """
+    from twisted.internet.defer import TimeoutError as DeferredTimeout
+
+    def timedOut(failure: Any) -> Any:
+        failure.trap(DeferredTimeout)
+        raise AssertionError(
+            f"{what}: not within {seconds} s; ours: {case.manager.status.value} "
+            f"{case.manager.tlsRefused}; QEMU: {case.qemu.stderrTail()}")
+
+    return waiting.addTimeout(seconds, reactor).addErrback(timedOut)
+
+
 def requireQEMU() -> None:
     """
     Give up (strict mode: fail) without QEMU 7.2.
@@ -107,26 +129,29 @@ class QEMUSourceTLSTests(TestCase):
         capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
         self.qemu.setCapabilities(**capabilities)
         self.manager.setCapabilities(capabilities)
-        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 4000000})
+        # (Precopy at 4 KiB/s: most pages, even zero ones, are still missing
+        # when postcopy starts, so the guest worker faults for sure.)
+        self.qemu.setParameters(**{"max-bandwidth": 4096, "max-postcopy-bandwidth": 4000000})
         listening = yield self.manager.migrateIncoming(f"tcp:127.0.0.1:{port}")
         self.addCleanup(listening.stopListening)
         self.qemu.migrate(f"tcp:127.0.0.1:{port}")
         # QEMU 7.2 runs an outgoing TLS handshake with blocking reads on
         # its main loop, and our QMP calls block this reactor: query QEMU
         # only once both of its connections were accepted here.
-        yield self.manager.destinationFactory.accepted
-        yield self.manager.destinationFactory.preempt.accepted
-        yield qemuStatus(self.qemu, {"active"})
-        yield self.vm.ready
+        yield step(self, self.manager.destinationFactory.accepted, "main channel accepted")
+        yield step(self, self.manager.destinationFactory.preempt.accepted,
+                   "preempt channel accepted")
+        yield step(self, qemuStatus(self.qemu, {"active"}), "QEMU active")
+        yield step(self, self.vm.ready, "guest worker ready")
         self.qemu.qmp("migrate-start-postcopy")
-        ours = yield self.manager.whenStatus("completed", "failed")
+        ours = yield step(self, self.manager.whenStatus("completed", "failed"), "our end")
         self.assertEqual(ours, "completed", str(self.vm.failure))
-        info = yield qemuStatus(self.qemu, {"completed"})
+        info = yield step(self, qemuStatus(self.qemu, {"completed"}), "QEMU completed")
         self.assertEqual(info["status"], "completed", self.qemu.stderrTail())
         factory = self.manager.destinationFactory
         preempt = factory.preempt.preempt
-        yield preempt.ended
-        digests = yield self.vm.done
+        yield step(self, preempt.ended, "preempt EOS")
+        digests = yield step(self, self.vm.done, "guest worker done")
         self.assertEqual(digests, [hashlib.sha256(data).hexdigest()
                                    for data in self.vm.contents().values()])
         self.assertEqual(self.manager.tlsRefused, [])
