@@ -129,9 +129,10 @@ class QEMUSourceTLSTests(TestCase):
         capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
         self.qemu.setCapabilities(**capabilities)
         self.manager.setCapabilities(capabilities)
-        # (Precopy at 4 KiB/s: most pages, even zero ones, are still missing
-        # when postcopy starts, so the guest worker faults for sure.)
-        self.qemu.setParameters(**{"max-bandwidth": 4096, "max-postcopy-bandwidth": 4000000})
+        # (Slow background sending, 4 KiB/s of precopy and 40 kB/s of
+        # postcopy: pages, even zero ones, are still missing when the guest
+        # worker starts reading at RUN, so it faults for sure.)
+        self.qemu.setParameters(**{"max-bandwidth": 4096, "max-postcopy-bandwidth": 40000})
         listening = yield self.manager.migrateIncoming(f"tcp:127.0.0.1:{port}")
         self.addCleanup(listening.stopListening)
         self.qemu.migrate(f"tcp:127.0.0.1:{port}")

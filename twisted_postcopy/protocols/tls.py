@@ -89,8 +89,9 @@ class MigrationTLSProtocol(TLSMemoryBIOProtocol):
 
     @ivar verifyError: why the peer's chain was refused, if it was.
     @ivar peerIdentity: the verified peer certificate's distinguished
-        name (RFC 4514), once the handshake passed; None without
-        C{verify-peer}.
+        name (as C{tls-authz} compares it: see
+        L{twisted_postcopy.tlscreds.distinguishedName}), once the handshake
+        passed; None without C{verify-peer}.
     """
 
     verifyError: str | None = None
@@ -152,7 +153,7 @@ class MigrationTLSProtocol(TLSMemoryBIOProtocol):
             self._tlsShutdownFinished(None)
         elif ended is not None:
             self._tlsShutdownFinished(ended)
-        self._flushSendBIO()
+        self._drainSendBIO()
 
     def _drainSendBIO(self) -> None:
         """
@@ -180,7 +181,7 @@ class MigrationTLSProtocol(TLSMemoryBIOProtocol):
             self._tlsConnection.shutdown()
         except SSL.Error:
             pass
-        self._flushSendBIO()
+        self._drainSendBIO()
         self.transport.loseConnection()
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
