@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from twisted_postcopy.manager import MigrationManager  # noqa: E402
 from twisted_postcopy.testing.enginevm import OutgoingTestVM  # noqa: E402
 from twisted_postcopy.testing.qemubaseline import UNLIMITED, qemuToQemuPostcopy  # noqa: E402
-from twisted_postcopy.testing.qemuhost import qemuSkipReason  # noqa: E402
+from twisted_postcopy.testing.qemuhost import qemuMissing  # noqa: E402
 from twisted_postcopy.testing.workerguest import WorkerGuestVM  # noqa: E402
 
 
@@ -206,7 +206,7 @@ def qemuBaseline(mib: int, ours: dict[str, Any]) -> dict[str, Any]:
     @param ours: our figures (see L{main}).
     @return: the QEMU figures and ratios (ours / QEMU's), or a skip reason.
     """
-    reason = qemuSkipReason()
+    reason = qemuMissing()
     if reason:
         return {"qemu_skipped": reason}
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as scratch:

@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from twisted_postcopy.testing.qemu import qemuSkipReason  # noqa: E402
+from twisted_postcopy.testing.qemu import qemuMissing  # noqa: E402
 from twisted_postcopy.testing.qemubaseline import (  # noqa: E402
     qemuPrecopyLoad,
     UNLIMITED,
@@ -73,7 +73,7 @@ def main() -> int:
     parser.add_argument("--mib", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     options = parser.parse_args()
-    reason = qemuSkipReason()
+    reason = qemuMissing()
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 1

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 from typing import Any
 
-from twisted.trial.unittest import SkipTest
-
 from twisted_postcopy.testing.bootsector import GuestLayout, writeBootImage
-from twisted_postcopy.testing.qemu import QEMUInstance, qemuSkipReason
+from twisted_postcopy.testing import qemuhost
+from twisted_postcopy.testing.qemu import QEMUInstance
 from twisted_postcopy.testing.qemubaseline import layoutFor, listenIncoming, startGuest
+from twisted_postcopy.testing.real import requireUserfaultfd
 
 MEMORY_MIB = 32
 LAYOUT: GuestLayout = layoutFor(MEMORY_MIB, pages=1024)
@@ -27,11 +27,12 @@ TIMEOUT = 60.0
 
 def requireQEMU() -> None:
     """
-    @raise SkipTest: QEMU or userfaultfd is not usable here.
+    Give up (L{missingReal}: a skip by hand, a failure in strict mode) when
+    QEMU or userfaultfd (for QEMU's postcopy destinations) is not usable
+    here.
     """
-    reason = qemuSkipReason()
-    if reason:
-        raise SkipTest(reason)
+    qemuhost.requireQEMU()
+    requireUserfaultfd()
 
 
 def bootImage(directory: str) -> str:
@@ -40,15 +41,6 @@ def bootImage(directory: str) -> str:
     @return: the boot-sector image of L{LAYOUT}.
     """
     return writeBootImage(os.path.join(directory, "boot.img"), LAYOUT)
-
-
-def freePort() -> int:
-    """
-    @return: a loopback TCP port that was free a moment ago.
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def snapshotCommand(*arguments: str) -> subprocess.Popen[bytes]:
@@ -118,15 +110,15 @@ def startCapture(directory: str, target: str, postcopy: bool = True) -> tuple[su
     @param postcopy: accept postcopy.
     @return: (the process, the URI QEMU should migrate to).
     """
-    uri = f"tcp:127.0.0.1:{freePort()}"
-    process = snapshotCommand("capture", "--listen", uri, *([] if postcopy else ["--no-postcopy"]),
-                              target)
+    process = snapshotCommand("capture", "--listen", "tcp:127.0.0.1:0",
+                              *([] if postcopy else ["--no-postcopy"]), target)
     assert process.stdout is not None
     line = process.stdout.readline()
-    if not line.startswith(b"listening"):
+    port = re.search(rb"port=(\d+)", line)
+    if not line.startswith(b"listening") or port is None:
         process.kill()
         raise AssertionError(f"capture did not listen: {line!r} {process.stderr.read()!r}")
-    return process, uri
+    return process, f"tcp:127.0.0.1:{int(port.group(1))}"
 
 
 def runningSource(directory: str, image: str) -> QEMUInstance:

@@ -5,10 +5,18 @@ Tests for L{twisted_postcopy.blocktime}.
 
 from __future__ import annotations
 
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_postcopy.blocktime import BlocktimeContext
+from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.ram.faults import FaultService
+from twisted_postcopy.ram.guestworker import MemoryPageSource, spawnWorker
+from twisted_postcopy.testing.real import requireUserfaultfd
+
+PAGE = 4096
 
 
 def _context(threads: list[int]) -> tuple[Clock, BlocktimeContext]:
@@ -100,3 +108,63 @@ class BlocktimeTests(SynchronousTestCase):
         context.faultBegan(1, 0x1000, received=True)
         self.assertEqual((context.blockedCount, context.faultAddress, context.lastFaultStart),
                          (0, [0], 500))
+
+
+class DelayedPageSourceTests(TestCase):
+    """
+    Blocktime in a known scenario: a real guest process faulting through
+    the production fault service on a page source that answers each
+    request after a fixed delay.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        Give up without userfaultfd (L{requireUserfaultfd}).
+        """
+        requireUserfaultfd()
+
+    @inlineCallbacks
+    def test_blocktimeIsFaultsTimesDelay(self):
+        """
+        One guest thread reads 20 missing pages in turn; each request is
+        answered 50 ms later.  The thread (the only vCPU) is blocked about
+        20 x 50 ms: at least that (less a millisecond of rounding per
+        fault), at most the time its reads took; with one vCPU the overall
+        figure equals the vCPU's.
+        """
+        pages, delay = 20, 0.05
+        data = bytes(range(1, 256)) * (pages * PAGE // 255) + bytes(pages * PAGE % 255)
+        block = RAMBlock("pc.ram", pages * PAGE)
+        self.addCleanup(block.close)
+        source = MemoryPageSource({"pc.ram": data}, reactor, delay)
+        service = FaultService(reactor, source, [block])
+        source.service = service
+        self.addCleanup(service.stop)
+        vcpus: list[int] = []
+
+        def register(threadId: int, address: int, received: bool) -> None:
+            """
+            The guest's touch thread is its vCPU (known at its first fault,
+            before the blocktime context sees that fault).
+            """
+            if threadId not in vcpus:
+                vcpus.append(threadId)
+
+        service.addFaultObserver(register)
+        context = BlocktimeContext(vcpus, reactor.seconds)
+        service.addFaultObserver(context.faultBegan)
+        service.addPlacementObserver(context.pagePlaced)
+        worker = spawnWorker(reactor, service, [block])
+        self.addCleanup(lambda: worker.ended if worker.ended.called else worker.exit())
+        yield worker.attached
+        answer = yield worker.command(op="touch", block=0, first=0, count=pages)
+        self.assertEqual(answer["checksum"], sum(data[i * PAGE] for i in range(pages)))
+        self.assertEqual(sorted(source.requests), [("pc.ram", i * PAGE) for i in range(pages)])
+        self.assertEqual(vcpus, answer["tids"])
+        figures = context.query()
+        (vcpu,) = figures["postcopy-vcpu-blocktime"]
+        self.assertEqual(figures["postcopy-blocktime"], vcpu)
+        self.assertGreaterEqual(vcpu, pages * delay * 1000 - pages, figures)
+        self.assertLessEqual(vcpu, answer["elapsed"] / 1e6 + pages, (figures, answer["elapsed"]))

@@ -6,11 +6,9 @@ it derives, failure reporting, and a whole C{postcopy demo --json} run.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from typing import Any
@@ -20,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_postcopy import demo
 from twisted_postcopy.cli import buildParser
+from twisted_postcopy.testing.real import requireUserfaultfd
 
 
 class ArgumentTests(SynchronousTestCase):
@@ -54,12 +53,6 @@ class ArgumentTests(SynchronousTestCase):
                           "--seed", "7"])
         self.assertEqual(demo.daemonArguments(args, "destination")[:2], ["--role", "destination"])
 
-    def test_freePort(self) -> None:
-        """
-        L{demo.freePort} returns a loopback port that can be bound.
-        """
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", demo.freePort()))
 
 
 class FailureTests(TestCase):
@@ -96,8 +89,11 @@ class EndToEndTests(SynchronousTestCase):
     userfaultfd, loopback TCP.
     """
 
-    if importlib.util.find_spec("twisted_postcopy.guests.stress") is None:
-        skip = "the built-in stress guest (twisted_postcopy.guests.stress) is not there yet"
+    def setUp(self) -> None:
+        """
+        The daemons' destination needs userfaultfd (L{requireUserfaultfd}).
+        """
+        requireUserfaultfd()
 
     def test_demoJSON(self) -> None:
         """
@@ -116,6 +112,9 @@ class EndToEndTests(SynchronousTestCase):
         self.assertEqual(report["destination"]["status"], "completed")
         self.assertTrue(report["verified"], report["guest"])
         self.assertEqual(report["ram-bytes"], 64 << 20)
+        host, port = report["uri"].removeprefix("tcp:").rsplit(":", 1)
+        self.assertEqual(host, "127.0.0.1")
+        self.assertGreater(int(port), 0)
         self.assertGreater(report["source"]["ram"]["transferred"], 0)
         self.assertEqual(report["source-statuses"][-1], "completed")
         self.assertIn("postcopy-active", report["source-statuses"])

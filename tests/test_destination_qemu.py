@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from tests.test_migration_loopback import skipWithoutUserfaultfd
-from tests.test_source_qemu import RAM_RANGES, _freePort
+from tests.test_source_qemu import RAM_RANGES
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.testing.qemu import QEMUInstance, qemuSkipReason, startBootedQEMU
@@ -67,13 +67,13 @@ class QEMUSourceTests(TestCase):
         """
         Run one migration and check both ends; fires with QEMU's final query-migrate.
         """
-        port = _freePort()
         if postcopy:
             skipWithoutUserfaultfd()
             self.qemu.setCapabilities(**{"postcopy-ram": True})
             self.manager.setCapabilities({"postcopy-ram": True})
             self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 4000000})
-        listening = yield self.manager.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
+        port = listening.getHost().port
         self.addCleanup(listening.stopListening)
         self.qemu.migrate(f"tcp:127.0.0.1:{port}")
         if postcopy:

@@ -9,6 +9,7 @@ processes, real Unix sockets).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -18,15 +19,17 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from twisted_postcopy.errors import AttachProtocolError, GuestError, UffdError
+from twisted_postcopy.errors import AttachProtocolError, GuestError
 from twisted_postcopy.guests.attach import MAX_MESSAGE, MessageReader, attach, encodeMessage
-from twisted_postcopy.guests.host import GuestHost
+from twisted_postcopy.access import PeerPolicy
+from twisted_postcopy.guests.host import AttachAccess, GuestHost
 from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.ram.faults import FaultService
 from twisted_postcopy.ram.guestworker import MemoryPageSource
-from twisted_postcopy.ram.uffd import openWithFeatures
+from twisted_postcopy.testing.real import requireUserfaultfd, requireWriteTracking
+from twisted_postcopy.testing.waiting import waitUntil
 
 PAGE = 4096
 STRESS = "twisted_postcopy.guests.stress"
@@ -92,12 +95,9 @@ class MessageReaderTests(SynchronousTestCase):
 
 def _checkUffd() -> None:
     """
-    @raise SkipTest: no userfaultfd here.
+    Give up (L{missingReal}) without userfaultfd here.
     """
-    try:
-        os.close(openWithFeatures(0))
-    except UffdError as error:
-        raise SkipTest(f"userfaultfd unavailable: {error}")
+    requireUserfaultfd()
 
 
 class FaultAttachTests(TestCase):
@@ -123,12 +123,14 @@ class FaultAttachTests(TestCase):
     def makeHost(self, delay: float = 0.0) -> GuestHost:
         """
         @param delay: seconds before each requested page is placed.
-        @return: a host in C{fault} mode (killed at cleanup).
+        @return: a host in C{fault} mode (killed at cleanup); this test
+            process is on its allow list, so it can play a bad client.
         """
         self.source = MemoryPageSource({"pc.ram": self.contents}, reactor if delay else None, delay)
         self.service = FaultService(reactor, self.source, [self.block])
         self.source.service = self.service
-        host = GuestHost(reactor, self.mktemp() + ".sock", [self.block], "fault", faultService=self.service)
+        host = GuestHost(reactor, self.mktemp() + ".sock", [self.block], "fault", faultService=self.service,
+                         access=AttachAccess(PeerPolicy(pids={os.getpid()})))
         self.addCleanup(host.kill)
         return host
 
@@ -244,6 +246,85 @@ class FaultAttachTests(TestCase):
         self.assertEqual(message.kind, "error")
         self.assertIn("not JSON", message["message"])
 
+    def rawClient(self, host: GuestHost, body: bytes, fds: list[int] = ()) -> str:
+        """
+        Say hello, take the blocks, then send C{body} as one message with
+        C{fds} (run in a thread).
+
+        @param host: the host.
+        @param body: the JSON text of the message (not necessarily JSON).
+        @param fds: descriptors to send with it.
+        @return: the daemon's C{error} message, or C{accepted}.
+        """
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(host.socketPath)
+            sock.sendall(encodeMessage("hello", guest="bad", worker="bad-0", pid=os.getpid()))
+            reader = MessageReader()
+            while not list(reader.messages()):
+                data, received, _, _ = socket.recv_fds(sock, 65536, 8)
+                reader.feed(data, received)
+            reader.close()
+            socket.send_fds(sock, [struct.pack(">I", len(body)) + body], list(fds))
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        reader = MessageReader()
+        reader.feed(b"".join(chunks))
+        replies = list(reader.messages())
+        return replies[0]["message"] if replies and replies[0].kind == "error" else "accepted"
+
+    @inlineCallbacks
+    def test_pipeAsUffd(self) -> None:
+        """
+        A pipe sent as the userfaultfd is refused (nothing it carries can
+        become a page request); a real worker attached beside it reads its
+        memory intact.
+        """
+        host = self.makeHost()
+        host.spawn(STRESS, "stress", 1, IDLE)
+        yield host.whenAttached()
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        table = [{"base": 0x7F0000000000, "idstr": "pc.ram", "offset": 0, "length": PAGE, "page_size": PAGE}]
+        body = json.dumps({"type": "uffd", "fds": 1, "mappings": table}).encode()
+        message = yield deferToThread(self.rawClient, host, body, [r])
+        self.assertIn("pipe:", message)
+        self.assertIn("not a userfaultfd", message)
+        self.assertEqual(len(self.service.clients), 1)
+        digests = yield host.digest()
+        self.assertEqual(digests, {"stress-0": [hashlib.sha256(self.contents).hexdigest()]})
+
+    @inlineCallbacks
+    def test_malformedJSONValues(self) -> None:
+        """
+        C{Infinity}, C{NaN}, huge integers, floats and strings in a mapping
+        table each get a clear error to that client alone; the attached
+        worker keeps working.
+        """
+        host = self.makeHost()
+        host.spawn(STRESS, "stress", 1, IDLE)
+        yield host.whenAttached()
+        entry = '{"base": %s, "idstr": "pc.ram", "offset": 0, "length": 4096, "page_size": 4096}'
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        for value, text in [("Infinity", "Infinity is not a JSON value"), ("NaN", "NaN is not a JSON value"),
+                            ("-Infinity", "-Infinity is not a JSON value"), ("1" * 30, "is not an integer"),
+                            ("9" * 5000, "not JSON"), ("1.5e3", "is not an integer"), ('"0"', "is not an integer"),
+                            ("true", "is not an integer")]:
+            body = ('{"type": "uffd", "fds": 1, "mappings": [%s]}' % (entry % value)).encode()
+            message = yield deferToThread(self.rawClient, host, body, [r])
+            self.assertIn(text, message, value[:20])
+        message = yield deferToThread(self.rawClient, host, b'{"type": "uffd", "fds": 1, "mappings": {"a": 1}}',
+                                      [r])
+        self.assertIn("mapping table is not a list", message)
+        digests = yield host.digest()
+        self.assertEqual(digests, {"stress-0": [hashlib.sha256(self.contents).hexdigest()]})
+        self.assertEqual(sorted(host.workers), ["stress-0"])
+
     @inlineCallbacks
     def test_workerFailsToStart(self) -> None:
         """
@@ -334,25 +415,21 @@ class TrackAttachTests(TestCase):
         Every page whose bytes changed between C{start} and the C{sync}
         after C{stop} is reported dirty; the tracker holds both workers.
         """
-        from twisted_postcopy.errors import DirtyTrackingUnavailableError
         from twisted_postcopy.ram.dirty import DirtyTracker
 
-        try:
-            block = RAMBlock("ram", 1 << 20)
-            tracker = DirtyTracker([block])
-        except DirtyTrackingUnavailableError as error:
-            raise SkipTest(str(error))
+        requireWriteTracking()
+        block = RAMBlock("ram", 1 << 20)
         self.addCleanup(block.close)
+        tracker = DirtyTracker([block])
         host = GuestHost(reactor, self.mktemp() + ".sock", [block], "track", dirtyTracker=tracker)
         self.addCleanup(host.kill)
         host.spawn(STRESS, "stress", 2, ["--working-set", "100", "--rate", "300"])
         yield host.whenAttached()
         self.assertEqual(sorted(p.pid for p in tracker.processes), sorted(w.pid for w in host.workers.values()))
         yield host.run()
-        yield deferLater(reactor, 0.1, lambda: None)
         tracker.start()
         before = os.pread(block.fd, block.length, 0)
-        yield deferLater(reactor, 0.2, lambda: None)
+        yield waitUntil(reactor, lambda: os.pread(block.fd, block.length, 0) != before)
         yield host.stop()
         after = os.pread(block.fd, block.length, 0)
         dirty = {offset // PAGE + k for offset, length in tracker.sync()["ram"] for k in range(length // PAGE)}

@@ -22,6 +22,7 @@ from twisted_postcopy.errors import GuestError
 from twisted_postcopy.guests.host import GuestHost
 from twisted_postcopy.guests.stress import PAGE, StressState, pageContent, verifyMemory
 from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.testing.waiting import waitUntil
 
 STRESS = "twisted_postcopy.guests.stress"
 
@@ -106,8 +107,15 @@ class WorkerTests(TestCase):
         self.addCleanup(self.host.kill)
         self.host.spawn(STRESS, "stress", 2, ["--working-set", "64", "--rate", "5000", "--seed", "9"])
         yield self.host.whenAttached()
+        started = self.memory()
         yield self.host.run()
-        yield deferLater(reactor, 0.2, lambda: None)
+        yield waitUntil(reactor, lambda: self.memory() != started)
+
+    def memory(self) -> bytes:
+        """
+        @return: the block's bytes (read from the memfd).
+        """
+        return os.pread(self.block.fd, self.block.length, 0)
 
     @inlineCallbacks
     def test_stopSaveVerify(self) -> None:
@@ -153,8 +161,9 @@ class WorkerTests(TestCase):
         yield self.host.stop()
         states = yield self.host.save()
         yield self.host.load(states)
+        loaded = self.memory()
         yield self.host.run()
-        yield deferLater(reactor, 0.1, lambda: None)
+        yield waitUntil(reactor, lambda: self.memory() != loaded)
         yield self.host.stop()
         later = yield self.host.save()
         for name in states:

@@ -14,6 +14,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.wirehelpers import buildPostcopyStream
+from twisted_postcopy import wire
 from twisted_postcopy.cli import buildParser
 from twisted_postcopy.inspect import inspectCommand
 
@@ -24,6 +25,33 @@ PC_32M_BLOCKS = [
     {"id": "pc.ram", "length": 0x2000000}, {"id": "/rom@etc/acpi/tables", "length": 0x20000},
     {"id": "pc.bios", "length": 0x40000}, {"id": "pc.rom", "length": 0x20000},
     {"id": "/rom@etc/table-loader", "length": 0x1000}, {"id": "/rom@etc/acpi/rsdp", "length": 0x1000}]
+
+
+def streamCounts(data: bytes) -> tuple[dict[str, int], list[str]]:
+    """
+    Count what a main stream holds, straight from the wire decoder (not
+    from the inspector under test).
+
+    @param data: a recorded main stream.
+    @return: the page counts C{{"zero": n, "normal": n}} and the idstrs of
+        the device sections in its (only) package, in order.
+    """
+    events = wire.decodeAll(data)
+    kinds = [type(event).__name__ for event in events]
+    pages = {"zero": kinds.count("ZeroPageReceived"), "normal": kinds.count("PageReceived")}
+    packages = [event for event in events if type(event).__name__ == "PackageReceived"]
+    sections = [event.idstr for package in packages for event in wire.decodeAll(package.data, header=False)
+                if type(event).__name__ == "DeviceSectionReceived"]
+    return pages, sections
+
+
+def recording(path: str) -> bytes:
+    """
+    @param path: a recorded stream file.
+    @return: its bytes.
+    """
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def runInspect(*argv: str) -> tuple[int, str]:
@@ -54,7 +82,10 @@ class InspectTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         self.assertEqual((result["version"], result["machine"]), (3, "pc-i440fx-7.2"))
         self.assertEqual(result["ram_blocks"], PC_32M_BLOCKS)
-        self.assertEqual(result["pages"], {"zero": 8273, "normal": 49})
+        pages, _ = streamCounts(recording(PRECOPY))
+        self.assertEqual(result["pages"], pages)
+        self.assertGreater(pages["normal"], 0)
+        self.assertGreater(pages["zero"], 0)
         self.assertEqual(result["commands"], [])
         self.assertTrue(result["complete"])
         self.assertEqual(result["sections"][0], {
@@ -78,7 +109,8 @@ class InspectTests(SynchronousTestCase):
         package = result["package"]
         self.assertEqual(package["commands"], ["POSTCOPY_LISTEN", "PING", "POSTCOPY_RUN"])
         self.assertEqual(package["sections"][-1], "globalstate")
-        self.assertEqual(len(package["sections"]), 30)
+        _, sections = streamCounts(recording(POSTCOPY))
+        self.assertEqual(package["sections"], sections)
         self.assertTrue(result["postcopy"])
         self.assertTrue(result["complete"])
 
@@ -111,8 +143,11 @@ class InspectTests(SynchronousTestCase):
         Our own postcopy stream: our guest section shows in the package.
         """
         path = self.mktemp()
+        stream = buildPostcopyStream()[0]
         with open(path, "wb") as f:
-            f.write(buildPostcopyStream()[0])
+            f.write(stream)
         result = json.loads(runInspect("--json", path)[1])
+        pages, sections = streamCounts(stream)
         self.assertIn("twisted-postcopy/stress", result["package"]["sections"])
-        self.assertEqual(result["pages"], {"zero": 3, "normal": 8})
+        self.assertEqual(result["package"]["sections"], sections)
+        self.assertEqual(result["pages"], pages)

@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import tempfile
+import time
 
 import hashlib
 
@@ -20,14 +21,18 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.protocols.basic import LineReceiver
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from twisted_postcopy.testing.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
 from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.interfaces import IOutgoingVM
 from twisted_postcopy.manager import MigrationManager
-from twisted_postcopy.testing.real import missingReal
+from twisted_postcopy.testing.real import requireUserfaultfd, requireWriteTracking
+from twisted_postcopy.testing.relay import RecordingRelay
+from twisted_postcopy.testing.waiting import waitUntil
+from twisted_postcopy.wire import decodeAll
 from tests import wirebytes as c
 
 MiB = 1 << 20
@@ -58,15 +63,10 @@ def fill(vm: OutgoingTestVM, seed: int) -> None:
 
 def skipWithoutUserfaultfd() -> None:
     """
-    Give up (L{missingReal}) when this kernel or process cannot use
-    userfaultfd.
+    Give up (L{missingReal}: a skip by hand, a failure in strict mode) when
+    this kernel or process cannot use userfaultfd for postcopy.
     """
-    from twisted_postcopy.ram.support import checkUserfaultfd
-
-    try:
-        checkUserfaultfd()
-    except Exception as error:
-        missingReal(f"userfaultfd unavailable: {error}")
+    requireUserfaultfd()
 
 
 @inlineCallbacks
@@ -311,13 +311,18 @@ class DirtyingGuestSource:
 
     machine = "pc-i440fx-7.2"
 
-    def __init__(self, blocks) -> None:
+    def __init__(self, blocks, writeLoop: bool = True) -> None:
         """
         Set up the instance.
+
+        @param blocks: the RAMBlocks.
+        @param writeLoop: whether the guest writes in a loop while it runs
+            (otherwise it writes only when told, with L{write}).
         """
         from twisted_postcopy.ram.dirty import DirtyTracker
 
         self.blocks = blocks
+        self.writeLoop = writeLoop
         self.dirtyTracker = DirtyTracker(blocks)
         self.worker = None
         self.running = False
@@ -339,13 +344,22 @@ class DirtyingGuestSource:
         """
         Write 32 pages somewhere, again and again while running.
         """
-        if not self.running:
+        if not self.running or not self.writeLoop:
             self.current = None
             return
         first = (self.writes * 97) % (self.blocks[0].length // PAGE - 32)
         self.writes += 1
         self.current = self.worker.command(op="touch", block=0, first=first, count=32, write=True)
         self.current.addCallback(self._loop)
+
+    def write(self, first: int, count: int) -> Deferred:
+        """
+        Have the guest write pages C{first..first+count} of block 0 once
+        (their first byte becomes 1, 2, ...).
+
+        @return: a Deferred firing once written.
+        """
+        return self.worker.command(op="touch", block=0, first=first, count=count, write=True)
 
     def stop(self):
         """
@@ -381,13 +395,7 @@ class DirtyingGuestTests(TestCase):
         """
         Prepare the VMs and managers for one test.
         """
-        from twisted_postcopy.errors import DirtyTrackingUnavailableError
-        from twisted_postcopy.ram.dirty import checkWriteTracking
-
-        try:
-            checkWriteTracking()
-        except DirtyTrackingUnavailableError as error:
-            raise SkipTest(str(error))
+        requireWriteTracking()
 
     @inlineCallbacks
     def migrate(self, postcopy: bool):
@@ -442,13 +450,98 @@ class DirtyingGuestTests(TestCase):
         """
         self.assertGreaterEqual(info["ram"]["dirty-sync-count"], 2, info)
 
-    def test_postcopy(self) -> None:
+    @inlineCallbacks
+    def test_postcopy(self):
         """
-        Switching to postcopy while the guest process writes: pages dirtied
-        after being sent are discarded and re-sent; the destination ends
-        with the final state.
+        Pages the source guest re-dirtied after they were sent are
+        discarded on the destination and re-sent.  The first precopy pass
+        is held (C{max-bandwidth} cut to 64 KiB/s) once the first quarter of
+        RAM was sent; the guest then rewrites known runs there and postcopy
+        starts (background pages at 64 KiB/s until the destination guest
+        has read, so its reads fault).  The destination receives exactly those runs plus the
+        unsent tail as discards, nothing else; its guest (a real process
+        faulting through the production fault service) reads the rewritten
+        pages and gets the new bytes, its last page is requested, and its
+        whole RAM ends equal to the source's.
         """
-        return self.migrate(True)
+        from twisted_postcopy.ram.block import RAMBlock
+        from twisted_postcopy.ram.guestworker import spawnWorker
+
+        pages = 2048
+        rewritten = [(8, 4), (64, 1), (130, 16), (250, 32)]
+        blocks = [RAMBlock("pc.ram", pages * PAGE)]
+        for offset in range(0, pages * PAGE, 2 * PAGE):
+            blocks[0].write(offset, (b"initial %d" % offset).ljust(PAGE, b"."))
+        source = DirtyingGuestSource(blocks, writeLoop=False)
+        yield source.boot()
+        self.addCleanup(source.worker.exit)
+        destination = IncomingTestVM()
+        src = MigrationManager(reactor, source)
+        dst = MigrationManager(reactor, destination)
+        for manager in (src, dst):
+            manager.setCapabilities({"postcopy-ram": True})
+        src.setParameters({"max-bandwidth": 4 * MiB, "max-postcopy-bandwidth": 64 * 1024})
+        guests: list[Any] = []
+        run = destination.run
+
+        def runGuest() -> None:
+            """
+            The destination guest starts with the VM.
+            """
+            run()
+            guests.append(spawnWorker(reactor, dst.incoming.faults, list(destination.blocks.values())))
+
+        destination.run = runGuest
+        port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        relay = RecordingRelay(("127.0.0.1", port.getHost().port))
+        self.addCleanup(relay.close)
+        src.migrate(relay.uri)
+        # Even pages are data, odd ones zero: normal pages sent * 2 pages
+        # are scanned at least.
+        yield waitUntil(reactor, lambda: src.queryMigrate()["ram"]["normal"] * 2 >= pages // 4)
+        src.setParameters({"max-bandwidth": 64 * 1024})
+        for first, count in rewritten:
+            yield source.write(first, count)
+        final = os.pread(blocks[0].fd, blocks[0].length, 0)
+        src.startPostcopy()
+        yield src.whenStatus("postcopy-active")
+        yield waitUntil(reactor, lambda: guests or None)
+        guest = guests[0]
+        self.addCleanup(guest.exit)
+        yield guest.attached
+        for first, count in rewritten:
+            answer = yield guest.command(op="touch", block=0, first=first, count=count)
+            self.assertEqual(answer["checksum"], sum(final[(first + i) * PAGE] for i in range(count)))
+        last = yield guest.command(op="touch", block=0, first=pages - 1, count=1)
+        self.assertEqual(last["checksum"], final[(pages - 1) * PAGE])
+        src.setParameters({"max-postcopy-bandwidth": 0})
+        status = yield src.whenStatus("completed", "failed")
+        self.assertEqual(status, "completed", src.queryMigrate())
+        yield dst.whenStatus("completed", "failed")
+        digest = yield guest.command(op="digest", block=0)
+        self.assertEqual(digest["digest"], hashlib.sha256(final).hexdigest())
+        info = src.queryMigrate()
+        self.assertGreater(info["ram"]["postcopy-requests"], 0, info)
+
+        yield deferToThread(relay.waitClosed, 30)
+        (connection,) = relay.connections
+        discards = [event for event in decodeAll(bytes(connection.forward))
+                    if type(event).__name__ == "DiscardReceived"]
+        self.assertEqual({event.block for event in discards}, {"pc.ram"})
+        ranges = [tuple(r) for event in discards for r in event.ranges]
+        discarded = [page for start, length in ranges for page in range(start // PAGE, (start + length) // PAGE)]
+        self.assertEqual(len(discarded), len(set(discarded)), ranges)
+        dirtied = {first + i for first, count in rewritten for i in range(count)}
+        tail = sorted(set(discarded) - dirtied)
+        self.assertTrue(tail, ranges)
+        unsent = tail[0]
+        self.assertGreaterEqual(unsent, pages // 4, ranges)
+        self.assertEqual(tail, list(range(unsent, pages)), ranges)
+        expected = [(first * PAGE, count * PAGE) for first, count in rewritten] + \
+                   [(unsent * PAGE, (pages - unsent) * PAGE)]
+        self.assertEqual(sorted(ranges), expected)
+        self.assertEqual(len(discarded), len(dirtied) + pages - unsent)
 
 
 class StressGuestTests(TestCase):
@@ -463,14 +556,8 @@ class StressGuestTests(TestCase):
         """
         Skip without write tracking or userfaultfd.
         """
-        from twisted_postcopy.errors import DirtyTrackingUnavailableError
-        from twisted_postcopy.ram.dirty import checkWriteTracking
-
-        try:
-            checkWriteTracking()
-        except (DirtyTrackingUnavailableError, OSError) as error:
-            raise SkipTest(str(error))
-        skipWithoutUserfaultfd()
+        requireWriteTracking()
+        requireUserfaultfd()
         self.directory = tempfile.mkdtemp(prefix="tps")
         self.addCleanup(shutil.rmtree, self.directory, True)
 
@@ -487,19 +574,25 @@ class StressGuestTests(TestCase):
         source, arriving, src, dst = yield startedGuestPair(self, spec, postcopy)
         dst.setCapabilities({"postcopy-blocktime": postcopy})
         if postcopy:
-            src.setParameters({"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 8 * MiB,
+            src.setParameters({"max-bandwidth": 32 * MiB, "max-postcopy-bandwidth": 512 * 1024,
                                "downtime-limit": 50})
         else:
             src.setParameters({"max-bandwidth": 0, "downtime-limit": 300})
         port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(port.stopListening)
+        started = reactor.seconds()
         src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
         yield deferLater(reactor, 0.3, lambda: None)
         if postcopy:
+            # Background pages trickle until the destination's workers
+            # faulted (however slowly they start), then go at full speed.
             src.startPostcopy()
+            yield waitUntil(reactor, lambda: src.queryMigrate()["ram"]["postcopy-requests"] > 0)
+            src.setParameters({"max-postcopy-bandwidth": 0})
         status = yield src.whenStatus("completed", "failed")
         self.assertEqual(status, "completed", src.queryMigrate())
         yield dst.whenStatus("completed")
+        self.elapsedMs = (reactor.seconds() - started) * 1000
         yield arriving.running
         verdicts = yield arriving.host.verify()
         for name, verdict in verdicts.items():
@@ -522,7 +615,9 @@ class StressGuestTests(TestCase):
         arrived (their faults are requested) and every page verifies.  With
         C{postcopy-blocktime} on the destination, the workers' reported
         threads are its vCPUs: C{postcopy-vcpu-blocktime} has an entry per
-        thread and the writers' waits make at least one of them non-zero.
+        thread and the writers' waits make at least one of them non-zero;
+        no vCPU waited longer than the migration lasted, and the time all
+        of them were blocked at once is at most any one's.
         """
         info, incoming, arriving = yield self.migrate(True)
         self.assertGreater(info["ram"]["postcopy-requests"], 0)
@@ -531,7 +626,8 @@ class StressGuestTests(TestCase):
         self.assertEqual(len(vcpus), len(arriving.vcpuThreads))
         self.assertGreaterEqual(len(vcpus), 2)
         self.assertTrue(any(vcpus), incoming)
-        self.assertGreaterEqual(incoming["postcopy-blocktime"], 0)
+        self.assertLessEqual(incoming["postcopy-blocktime"], min(vcpus), incoming)
+        self.assertLessEqual(max(vcpus), self.elapsedMs, incoming)
 
 
     @inlineCallbacks
@@ -743,3 +839,68 @@ class KVGuestTests(TestCase):
         results = yield reader.finished
         self.assertEqual([answer for _, answer in results],
                          [request.split()[2] for request in acknowledged])
+
+
+class PostcopyBandwidthTests(TestCase):
+    """
+    C{max-postcopy-bandwidth} measured on a real loopback socket.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        """
+        Give up without userfaultfd (the destination's fault service).
+        """
+        skipWithoutUserfaultfd()
+
+    @inlineCallbacks
+    def test_backgroundPagesAtTheLimit(self) -> None:
+        """
+        With postcopy started at once and no guest faulting, 4 MiB of
+        incompressible RAM goes as background pages at
+        C{max-postcopy-bandwidth} (2 MiB/s): the bytes that crossed the
+        relayed socket between C{postcopy-active} and C{completed}, per
+        second, are within 25% below and 10% above the limit, and match the
+        source's C{postcopy-bytes}.
+        """
+        limit = 2 * MiB
+        source = OutgoingTestVM({"pc.ram": 4 * MiB}, device=ownDevice(b"dev"))
+        source.write(0, 0, os.urandom(4 * MiB))
+        destination = IncomingTestVM()
+        src = MigrationManager(reactor, source)
+        dst = MigrationManager(reactor, destination)
+        for manager in (src, dst):
+            manager.setCapabilities({"postcopy-ram": True})
+        src.setParameters({"max-bandwidth": 256 * 1024, "max-postcopy-bandwidth": limit})
+        port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        relay = RecordingRelay(("127.0.0.1", port.getHost().port))
+        self.addCleanup(relay.close)
+        marks: dict[str, tuple[float, int]] = {}
+
+        def mark(event: dict) -> None:
+            """
+            Note when each status began and how many bytes had crossed.
+            """
+            status = event["data"]["status"]
+            if status in ("postcopy-active", "completed"):
+                crossed = len(relay.connections[0].forward) if relay.connections else 0
+                marks[status] = (time.monotonic(), crossed)
+
+        src.subscribe(mark)
+        src.migrate(relay.uri)
+        src.startPostcopy()
+        status = yield src.whenStatus("completed", "failed")
+        self.assertEqual(status, "completed", src.queryMigrate())
+        yield dst.whenStatus("completed", "failed")
+        self.assertEqual(destination.contents(), source.contents())
+        (began, before), (ended, after) = marks["postcopy-active"], marks["completed"]
+        sent = after - before
+        rate = sent / (ended - began)
+        self.assertGreater(sent, 3 * MiB, marks)
+        self.assertGreaterEqual(rate, 0.75 * limit, (rate, marks))
+        self.assertLessEqual(rate, 1.1 * limit, (rate, marks))
+        info = src.queryMigrate()
+        ratio = info["ram"]["postcopy-bytes"] / sent
+        self.assertTrue(0.95 <= ratio <= 1.0, (info["ram"]["postcopy-bytes"], sent))

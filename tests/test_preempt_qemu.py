@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.test_destination_qemu import qemuStatus
 from tests.test_migration_loopback import skipWithoutUserfaultfd
-from tests.test_source_qemu import RAM_RANGES, _freePort
+from tests.test_source_qemu import RAM_RANGES
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
@@ -49,12 +49,12 @@ class QEMUPreemptSourceTests(TestCase):
         (QEMU counts postcopy requests), the channel ends with EOS, QEMU
         completes, and our RAM equals the stopped source's.
         """
-        port = _freePort()
         capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
         self.qemu.setCapabilities(**capabilities)
         self.manager.setCapabilities(capabilities)
         self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 4000000})
-        listening = yield self.manager.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
+        port = listening.getHost().port
         self.addCleanup(listening.stopListening)
         self.qemu.migrate(f"tcp:127.0.0.1:{port}")
         yield qemuStatus(self.qemu, {"active"})

@@ -109,6 +109,31 @@ class SourceBytesTests(SynchronousTestCase):
         self.assertEqual(migration.machine.status.value, "completed")
         self.assertFalse(vm.running)
 
+    def test_requestNotThrottled(self) -> None:
+        """
+        In postcopy, with background pages held by C{max-postcopy-bandwidth}
+        (the step waits for the next window), a page request is answered at
+        once: the requested page is written before the clock moves.
+        """
+        vm, migration, protocol, transport, clock = _source({"postcopy-ram": True},
+                                                            {"pc.ram": 64 * PAGE})
+        for page in range(64):
+            vm.write(0, page * PAGE, b"background %d" % page)
+        vm.write(0, 40 * PAGE, b"requested" * 400)
+        migration.parameters["max-postcopy-bandwidth"] = 20 * PAGE
+        migration.postcopyRequested = True
+        for _ in range(20):
+            clock.advance(0)
+        self.assertEqual(migration.machine.status.value, "postcopy-active")
+        self.assertTrue(migration.limiter.limited())
+        self.assertTrue(clock.getDelayedCalls())
+        self.assertNotIn(b"requested", transport.value())
+        sent = len(transport.value())
+        protocol.dataReceived(c.rpMessage(c.RP_REQ_PAGES_ID, struct.pack(">QI", 40 * PAGE, PAGE)
+                                          + c.str8("pc.ram")))
+        clock.advance(0)
+        self.assertIn(b"requested" * 400, transport.value()[sent:])
+
     def test_precopyEnd(self) -> None:
         """
         A precopy stream without a return path ends with END, EOF and a

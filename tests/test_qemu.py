@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import os
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import FailTest, SkipTest, SynchronousTestCase
 
 from twisted_postcopy.errors import QEMUError, QEMUTimeoutError
 from twisted_postcopy.testing import qemu as qemumodule
 from twisted_postcopy.testing.bootsector import writeBootImage
+from twisted_postcopy.testing.real import STRICT_ENVIRONMENT_VARIABLE
 from twisted_postcopy.testing.qemu import (
     MACHINE,
     QEMUInstance,
     machineArguments,
+    qemuMissing,
     qemuSkipReason,
+    requireQEMU,
     waitFor,
 )
 
@@ -42,8 +45,24 @@ class ArgumentsTests(SynchronousTestCase):
         Without the QEMU binary the skip reason says how to install it.
         """
         self.patch(qemumodule.shutil, "which", lambda name: None)
-        self.assertIn("tools/install-deps", qemuSkipReason())
+        self.patch(os, "environ", {**os.environ, STRICT_ENVIRONMENT_VARIABLE: ""})
+        self.assertIn("tools/install-deps", qemuMissing())
+        self.assertEqual(qemuSkipReason(), qemuMissing())
         self.assertFalse(qemumodule.qemuAvailable())
+        self.assertRaises(SkipTest, requireQEMU)
+
+    def test_strictWithoutQEMU(self) -> None:
+        """
+        In strict mode a missing QEMU skips nothing: C{qemuSkipReason} (the
+        class C{skip} attribute) is L{None}, and L{requireQEMU} fails the
+        test with the reason.
+        """
+        self.patch(qemumodule.shutil, "which", lambda name: None)
+        self.patch(os, "environ", {**os.environ, STRICT_ENVIRONMENT_VARIABLE: "1"})
+        self.assertIsNone(qemuSkipReason())
+        error = self.assertRaises(FailTest, requireQEMU)
+        self.assertIn("tools/install-deps", str(error))
+        self.assertIn(STRICT_ENVIRONMENT_VARIABLE, str(error))
 
     def test_waitForTimeout(self) -> None:
         """
@@ -61,7 +80,11 @@ class InstanceTests(SynchronousTestCase):
     Tests for L{QEMUInstance} against a real QEMU.
     """
 
-    skip = qemuSkipReason()
+    def setUp(self) -> None:
+        """
+        Give up without QEMU (L{requireQEMU}: a failure in strict mode).
+        """
+        requireQEMU()
 
     def directory(self) -> str:
         """

@@ -33,7 +33,7 @@ def migration() -> PostcopyResult:
     result (or raise the same error).
 
     @return: the recorded migration.
-    @raise SkipTest: when QEMU is not installed.
+    @raise SkipTest: when QEMU is not installed (a failure in strict mode).
     """
     return recordOnce("preempt", lambda: inTemporaryDirectory("qemu-preempt-", _migrate))
 

@@ -30,7 +30,7 @@ def recovery() -> RecoveryResult:
     same result (or raise the same error).
 
     @return: the recorded recovery.
-    @raise SkipTest: when QEMU is not installed.
+    @raise SkipTest: when QEMU is not installed (a failure in strict mode).
     """
     return recordOnce("recovery", lambda: inTemporaryDirectory("qemu-recovery-", migratePostcopyRecovered))
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from twisted_postcopy.errors import DirtyTrackingUnavailableError, MappingTableError
+from twisted_postcopy.errors import MappingTableError
 from twisted_postcopy.interfaces import IDirtyTracker
 from twisted_postcopy.ram.block import RAMBlock
-from twisted_postcopy.ram.dirty import DirtyTracker, checkWriteTracking
+from twisted_postcopy.ram.dirty import DirtyTracker
 from twisted_postcopy.ram.faults import ClientMapping
 from twisted_postcopy.ram.guestworker import spawnWorker
+from twisted_postcopy.testing.real import requireWriteTracking
 
 PAGE = 4096
 
@@ -32,10 +33,7 @@ class DirtyTrackerTests(TestCase):
         Two memfd blocks (one half written by the source beforehand) and a
         tracker; skip when the kernel cannot track.
         """
-        try:
-            checkWriteTracking()
-        except DirtyTrackingUnavailableError as error:
-            raise SkipTest(str(error))
+        requireWriteTracking()
         self.blocks = [RAMBlock("pc.ram", 1024 * PAGE), RAMBlock("vga.vram", 16 * PAGE)]
         self.blocks[0].write(0, b"\x01" * (512 * PAGE))
         for block in self.blocks:

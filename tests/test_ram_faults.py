@@ -13,25 +13,23 @@ import random
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.testing import MemoryReactor
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_postcopy.errors import RemoteProtocolError, MappingTableError, PostcopyPaused, RAMBlockError, UffdError
 from twisted_postcopy.ram.block import HUGE_PAGE_SIZE, RAMBlock
 from twisted_postcopy.ram.faults import ClientMapping, FaultService
 from twisted_postcopy.ram.guestworker import MemoryPageSource, spawnWorker
-from twisted_postcopy.ram.support import NR_HUGEPAGES, checkUserfaultfd
+from twisted_postcopy.testing.real import requireUserfaultfd, reserveHugePages
 
 PAGE = 4096
 
 
 def _skipUnlessUffd() -> None:
     """
-    @raise SkipTest: userfaultfd is unusable here (the reason says why).
+    Give up (L{missingReal}) when userfaultfd is unusable here (the reason
+    says why); any other error fails the test.
     """
-    try:
-        checkUserfaultfd()
-    except Exception as error:
-        raise SkipTest(str(error))
+    requireUserfaultfd()
 
 
 def pageContents(pages: int, pageSize: int = PAGE, seed: int = 1) -> bytes:
@@ -285,26 +283,8 @@ class FaultServiceProcessTests(TestCase):
         """
         2 MiB hugetlbfs pages are faulted in (zero pages by copy).
         """
-        try:
-            with open(NR_HUGEPAGES) as f:
-                saved = int(f.read())
-            with open(NR_HUGEPAGES, "w") as f:
-                f.write(str(saved + 4))
-        except OSError as error:
-            raise SkipTest(f"cannot reserve huge pages through {NR_HUGEPAGES}: {error}")
-
-        def restore() -> None:
-            """
-            Give the huge pages back.
-            """
-            with open(NR_HUGEPAGES, "w") as f:
-                f.write(str(saved))
-
-        self.addCleanup(restore)
-        try:
-            checkUserfaultfd(hugetlb=True, hugePages=4)
-        except Exception as error:
-            raise SkipTest(f"the kernel did not reserve huge pages: {error}")
+        reserveHugePages(self, 4)
+        requireUserfaultfd(hugetlb=True, hugePages=4)
         data = pageContents(2, HUGE_PAGE_SIZE, seed=9) + bytes(HUGE_PAGE_SIZE)
         service, source, blocks = self.makeService({"pc.ram": data}, HUGE_PAGE_SIZE, "hugetlbfs")
         worker = self.spawn(service, blocks)

@@ -8,10 +8,43 @@ from __future__ import annotations
 
 import os
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.errors import UffdUnavailableError
 from twisted_postcopy.ram import support, uffd
+from twisted_postcopy.testing.real import missingReal
+
+#: The sysctl that lets unprivileged processes open a userfaultfd.
+UNPRIVILEGED = "/proc/sys/vm/unprivileged_userfaultfd"
+
+
+def withoutUnprivilegedUserfaultfd(case: SynchronousTestCase) -> None:
+    """
+    Run the test as root with C{vm.unprivileged_userfaultfd=0} (set for the
+    test, the old value restored afterwards).
+
+    @param case: the test case (its C{addCleanup} is used).
+    """
+    if os.geteuid() != 0:
+        missingReal("needs root to drop to nobody")
+    try:
+        with open(UNPRIVILEGED) as f:
+            saved = f.read().strip()
+        if saved != "0":
+            with open(UNPRIVILEGED, "w") as f:
+                f.write("0")
+    except OSError as error:
+        missingReal(f"cannot set vm.unprivileged_userfaultfd=0 through {UNPRIVILEGED}: {error}")
+    if saved != "0":
+
+        def restore() -> None:
+            """
+            Put the sysctl back.
+            """
+            with open(UNPRIVILEGED, "w") as f:
+                f.write(saved)
+
+        case.addCleanup(restore)
 
 
 def inChildAs(uid: int, f) -> str:
@@ -48,7 +81,7 @@ class CheckTests(SynchronousTestCase):
         As root the check passes and returns the feature bits.
         """
         if os.geteuid() != 0:
-            raise SkipTest("needs root")
+            missingReal("needs root")
         features = support.checkUserfaultfd()
         self.assertTrue(features & uffd.UFFD_FEATURE_MISSING_SHMEM)
         self.assertIn("THREAD_ID", support.describeFeatures(features))
@@ -58,11 +91,7 @@ class CheckTests(SynchronousTestCase):
         As C{nobody} (with C{vm.unprivileged_userfaultfd=0}) the check names
         the fixes: root/CAP_SYS_PTRACE, the sysctl, /dev/userfaultfd.
         """
-        if os.geteuid() != 0:
-            raise SkipTest("needs root to drop to nobody")
-        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
-            if f.read().strip() != "0":
-                raise SkipTest("vm.unprivileged_userfaultfd is not 0")
+        withoutUnprivilegedUserfaultfd(self)
         message = inChildAs(65534, support.checkUserfaultfd)
         self.assertTrue(message.startswith("UffdUnavailableError: "), message)
         for fix in ("CAP_SYS_PTRACE", "sysctl vm.unprivileged_userfaultfd=1", "/dev/userfaultfd"):
@@ -81,11 +110,7 @@ class CheckTests(SynchronousTestCase):
         A fault service created without privilege fails with the same
         message naming the fixes.
         """
-        if os.geteuid() != 0:
-            raise SkipTest("needs root to drop to nobody")
-        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
-            if f.read().strip() != "0":
-                raise SkipTest("vm.unprivileged_userfaultfd is not 0")
+        withoutUnprivilegedUserfaultfd(self)
         from twisted.internet.testing import MemoryReactor
 
         from twisted_postcopy.ram.faults import FaultService

@@ -7,18 +7,49 @@ on the block's memfd.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import queue
+import select
+import threading
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.errors import UffdError
-from twisted_postcopy.ram import uffd
+from twisted_postcopy.ram import uffd, uffdmsg
 from twisted_postcopy.ram._uffd import lib
 from twisted_postcopy.ram.block import RAMBlock
-from twisted_postcopy.ram.support import checkUserfaultfd
+from twisted_postcopy.testing.real import missingReal, requireUserfaultfd
 
 PAGE = 4096
+
+
+class _Writer(threading.Thread):
+    """
+    Writes bytes to an address with C{ctypes.memmove}, a C call that
+    releases the GIL, so the thread may block in a userfault while the test
+    goes on.
+
+    @ivar threadId: receives the thread's kernel id once it runs.
+    """
+
+    def __init__(self, address: int, data: bytes) -> None:
+        """
+        @param address: where to write (in this process).
+        @param data: what to write.
+        """
+        super().__init__(daemon=True)
+        self.address = address
+        self.data = data
+        self.threadId: queue.Queue[int] = queue.Queue()
+
+    def run(self) -> None:
+        """
+        Report the thread id, then write.
+        """
+        self.threadId.put(threading.get_native_id())
+        ctypes.memmove(self.address, self.data, len(self.data))
 
 
 class UffdTests(SynchronousTestCase):
@@ -30,10 +61,7 @@ class UffdTests(SynchronousTestCase):
         """
         An 8-page block and a handshaken userfaultfd.
         """
-        try:
-            checkUserfaultfd()
-        except Exception as error:
-            raise SkipTest(str(error))
+        requireUserfaultfd()
         self.block = RAMBlock("pc.ram", 8 * PAGE)
         self.addCleanup(self.block.close)
         self.fd = uffd.openWithFeatures(uffd.UFFD_FEATURE_THREAD_ID)
@@ -71,7 +99,7 @@ class UffdTests(SynchronousTestCase):
         """
         fd = lib.tp_uffd_dev_open(uffd.DEFAULT_FLAGS)
         if fd in (-errno.ENOENT, -errno.EACCES):
-            raise SkipTest(f"/dev/userfaultfd unavailable: {os.strerror(-fd)}")
+            missingReal(f"/dev/userfaultfd unavailable: {os.strerror(-fd)}")
         self.addCleanup(os.close, uffd.check(fd, "USERFAULTFD_IOC_NEW"))
         self.assertTrue(uffd.api(fd, uffd.UFFD_FEATURE_THREAD_ID)[0] & uffd.UFFD_FEATURE_THREAD_ID)
 
@@ -141,13 +169,37 @@ class UffdTests(SynchronousTestCase):
 
     def test_writeProtect(self):
         """
-        WP registration on shmem allows protecting and unprotecting.
+        A write to a write-protected page of shmem faults: the writer (a C
+        memmove on another thread, without the GIL) blocks, a WP page fault
+        naming the page and the thread is queued, the page keeps its old
+        bytes; unprotecting with wake lets the write through.  Misaligned
+        ranges are EINVAL.
         """
-        ioctls = uffd.register(self.fd, self.block.address, self.block.length, uffd.UFFDIO_REGISTER_MODE_WP)
+        fd = uffd.openWithFeatures(uffd.UFFD_FEATURE_THREAD_ID | uffd.UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+        self.addCleanup(os.close, fd)
+        old = b"\3" * (2 * PAGE)
+        self.block.write(0, old)
+        ioctls = uffd.register(fd, self.block.address, self.block.length, uffd.UFFDIO_REGISTER_MODE_WP)
         self.assertTrue(ioctls & uffd.UFFDIO_WRITEPROTECT_BIT)
-        uffd.writeProtect(self.fd, self.block.address, self.block.length)
-        uffd.writeProtect(self.fd, self.block.address, self.block.length, protect=False, wakeWriters=False)
-        self.assertErrno(errno.EINVAL, uffd.writeProtect, self.fd, self.block.address + 1, PAGE)
+        self.assertErrno(errno.EINVAL, uffd.writeProtect, fd, self.block.address + 1, PAGE)
+        uffd.writeProtect(fd, self.block.address, 2 * PAGE)
+        target = self.block.address + PAGE + 64
+        writer = _Writer(target, b"new!" * 4)
+        writer.start()
+        self.assertTrue(select.select([fd], [], [], 30)[0], "no fault was queued")
+        (fault,) = uffdmsg.decodeMessages(uffd.MessageBuffer().read(fd))
+        self.assertIsInstance(fault, uffdmsg.PageFault)
+        self.assertTrue(fault.flags & uffdmsg.UFFD_PAGEFAULT_FLAG_WP, fault)
+        self.assertTrue(fault.write, fault)
+        self.assertEqual(fault.address & ~(PAGE - 1), self.block.address + PAGE)
+        self.assertEqual(fault.threadId, writer.threadId.get(timeout=30))
+        self.assertTrue(writer.is_alive())
+        self.assertEqual(os.pread(self.block.fd, 2 * PAGE, 0), old)
+        uffd.writeProtect(fd, self.block.address + PAGE, PAGE, protect=False, wakeWriters=True)
+        writer.join(30)
+        self.assertFalse(writer.is_alive(), "the writer was not woken")
+        self.assertEqual(os.pread(self.block.fd, 16, PAGE + 64), b"new!" * 4)
+        self.assertIsNone(uffd.MessageBuffer().read(fd))
 
     def test_unregisteredRange(self):
         """

@@ -19,14 +19,16 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from tests import test_migration_loopback as loopback
 from twisted_postcopy.testing.enginevm import OutgoingTestVM
 from twisted_postcopy.testing.enginevm import IncomingTestVM
 from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.testing.real import requireUserfaultfd
 from twisted_postcopy.testing.relay import RecordingRelay
+from twisted_postcopy.testing.waiting import waitUntil
 
 MiB = 1 << 20
 #: The longest any single wait in these tests may take, in seconds.
@@ -111,7 +113,7 @@ class RecoveryLoopbackTests(TestCase):
         Two managers with postcopy on; the destination's fault service is
         the production one, its guest a worker process.
         """
-        loopback.skipWithoutUserfaultfd()
+        requireUserfaultfd()
         self.source = OutgoingTestVM({"pc.ram": 8 * MiB, "pc.rom": 128 * 1024},
                                      device=loopback.ownDevice(b"cpu state"))
         loopback.fill(self.source, 5)
@@ -314,7 +316,7 @@ class ProductionFaultServiceTests(TestCase):
         """
         Skip without userfaultfd.
         """
-        loopback.skipWithoutUserfaultfd()
+        requireUserfaultfd()
 
     @inlineCallbacks
     def test_workerWaitsThroughRecovery(self) -> None:
@@ -342,7 +344,11 @@ class ProductionFaultServiceTests(TestCase):
         worker = spawnWorker(reactor, dst.incoming.faults, list(destination.blocks.values()))
         yield within(worker.attached)
         touching = worker.command(op="touch", block=0, first=0, count=2048, threads=2)
-        yield deferLater(reactor, 0.3, lambda: None)
+        # Cut while a fault is outstanding and over half the block is still
+        # missing: the touch cannot end before the pause, so faults are
+        # pending then whatever the machine's speed.
+        faults = dst.incoming.faults
+        yield waitUntil(reactor, lambda: len(faults.pending) > 0 and faults.missingPages() > 1024)
         relay.cut()
         yield within(src.whenStatus("postcopy-paused"))
         yield within(dst.whenStatus("postcopy-paused"))

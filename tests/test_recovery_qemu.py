@@ -17,16 +17,16 @@ import struct
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from twisted_postcopy.testing.enginevm import IncomingTestVM, OutgoingTestVM, PAGE
 from tests.test_recovery_loopback import WAIT, recvBitmapCommand, within
-from tests.test_source_qemu import RAM_RANGES, _freePort
+from tests.test_source_qemu import RAM_RANGES
 from tests.test_migration_loopback import skipWithoutUserfaultfd
 from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
-from twisted_postcopy.testing.qemuguest import incomingAddress
+from twisted_postcopy.testing.qemuguest import incomingAddress, listenIncoming
 from twisted_postcopy.testing.relay import RecordingRelay
 
 MiB = 1 << 20
@@ -90,9 +90,7 @@ class QEMUDestinationRecoveryTests(TestCase):
         and our C{migrate resume} QEMU answers the RECV_BITMAP with a
         partial bitmap and RESUME_ACK, and completes with our RAM.
         """
-        port = _freePort()
-        self.qemu.migrateIncoming(f"tcp:127.0.0.1:{port}")
-        first = self.relay(("127.0.0.1", port))
+        first = self.relay(listenIncoming(self.qemu))
         self.manager.migrate(first.uri)
         self.manager.startPostcopy()
         yield within(self.manager.whenStatus("postcopy-active"))

@@ -15,15 +15,14 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from twisted_postcopy import errors
 from twisted_postcopy.control.client import connectControl
-from twisted_postcopy.errors import DirtyTrackingUnavailableError
 from twisted_postcopy.guests.guest import GuestSpec
 from twisted_postcopy.interfaces import IOutgoingVM
-from twisted_postcopy.ram.dirty import checkWriteTracking
+from twisted_postcopy.testing.real import requireWriteTracking
 from twisted_postcopy.service import (
     START_TIMEOUT, IncomingGuestService, MigrationService, OutgoingGuestService)
 from tests.test_control_server import FakeManager
@@ -180,10 +179,7 @@ class GuestServiceTests(TestCase):
         VM refuses to be used; C{query-guest} reports it running; stopping
         the service kills the workers.
         """
-        try:
-            checkWriteTracking()
-        except DirtyTrackingUnavailableError as e:
-            raise SkipTest(str(e))
+        requireWriteTracking()
         service = OutgoingGuestService(self.reactor, self.spec, os.path.join(self.directory, "a.sock"))
         self.assertRaises(errors.MigrationError, service.stop)
         self.assertRaises(errors.MigrationError, getattr, service, "blocks")

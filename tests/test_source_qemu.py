@@ -7,7 +7,6 @@ on QEMU, and QEMU's guest RAM equals ours byte for byte.
 
 from __future__ import annotations
 
-import socket
 import struct
 
 from twisted.internet import reactor
@@ -17,20 +16,12 @@ from twisted.trial.unittest import TestCase
 from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
+from twisted_postcopy.testing.qemuguest import listenIncoming
 
 MiB = 1 << 20
 #: Guest-physical ranges of pc.ram that read as RAM (below the VGA hole,
 #: and from 1 MiB up).
 RAM_RANGES = ((0, 0xA0000), (0x100000, 32 * MiB - 0x100000))
-
-
-def _freePort() -> int:
-    """
-    @return: a TCP port free on 127.0.0.1 now.
-    """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class QEMUDestinationTests(TestCase):
@@ -57,14 +48,13 @@ class QEMUDestinationTests(TestCase):
         """
         Migrate to QEMU and wait for both ends.
         """
-        port = _freePort()
         if postcopy:
             self.qemu.setCapabilities(**{"postcopy-ram": True})
             self.manager.setCapabilities({"postcopy-ram": True})
         else:
             self.manager.setCapabilities({"return-path": True})
-        self.qemu.migrateIncoming(f"tcp:127.0.0.1:{port}")
-        self.manager.migrate(f"tcp:127.0.0.1:{port}")
+        host, port = listenIncoming(self.qemu)
+        self.manager.migrate(f"tcp:{host}:{port}")
         if postcopy:
             self.manager.startPostcopy()
         status = yield self.manager.whenStatus("completed", "failed")

@@ -40,17 +40,6 @@ SOURCE_PARAMETERS = {"max-bandwidth": 1 << 30}
 KV_ENTRIES = 500
 
 
-def freePort() -> int:
-    """
-    Find a free loopback TCP port for the migration.
-
-    @return: a port number nobody listened on a moment ago.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def daemonArguments(args: argparse.Namespace, role: str) -> list[str]:
     """
     The C{twistd postcopy} options of one side.  The destination is
@@ -130,7 +119,9 @@ async def migrate(reactor: Any, source: Daemon, destination: Daemon, args: argpa
     )
     await source.client.setCapabilities(SOURCE_CAPABILITIES)
     await destination.client.setCapabilities(DESTINATION_CAPABILITIES)
-    await destination.client.migrateIncoming(args.uri)
+    await destination.client.migrateIncoming("tcp:127.0.0.1:0")
+    (address,) = (await destination.client.queryMigrate())["socket-address"]
+    args.uri = f"tcp:{address['host']}:{address['port']}"
     await source.client.setParameters(SOURCE_PARAMETERS)
     await source.client.migrate(args.uri)
     info = await pollUntil(reactor, source, FINAL_STATUSES, progress,
@@ -244,7 +235,6 @@ async def runDemo(reactor: Any, args: argparse.Namespace, out: TextIO, err: Text
     @return: 0 if both sides completed and the guest verified its memory.
     """
     workdir = Path(tempfile.mkdtemp(prefix="postcopy-demo-"))
-    args.uri = f"tcp:127.0.0.1:{freePort()}"
     daemons: list[Daemon] = []
     progress = Progress(err, args.ram)
     # Ctrl-C stops the reactor without unwinding this coroutine.

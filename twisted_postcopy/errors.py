@@ -262,3 +262,11 @@ class SnapshotReadTooLargeError(SnapshotError):
     AMP value can carry (L{twisted_postcopy.snapshot.jobs.MAX_READ}); the
     client splits longer reads.
     """
+
+
+class AccessError(PostcopyError):
+    """
+    A listening endpoint or a peer is not allowed by the daemon's access
+    policy (see C{docs/security.md}): an off-host plaintext control
+    endpoint, an unknown group, a bad allow-list entry.
+    """

@@ -307,6 +307,22 @@ class MigrationManager:
 
         return listening.addCallback(listened)
 
+    def _incomingAddress(self) -> dict[str, Any]:
+        """
+        QEMU's answer while an incoming migration listens: C{setup} and the
+        C{socket-address} list, with the real port when listening on port 0.
+
+        @return: the C{query-migrate} answer, C{{}} before the listener is up.
+        """
+        if self._listening is None:
+            return {}
+        host = self._listening.getHost()
+        if hasattr(host, "port"):
+            address = {"type": "inet", "host": host.host, "port": str(host.port)}
+        else:
+            address = {"type": "unix", "path": host.name.decode() if isinstance(host.name, bytes) else host.name}
+        return {"status": S.SETUP.value, "socket-address": [address]}
+
     def _stopListening(self, status: S) -> None:
         """
         Stop accepting connections once the incoming migration started.
@@ -381,8 +397,10 @@ class MigrationManager:
             out = self.outgoing
             return out.stats.query(out.machine.status, out.scheduler.remainingBytes,
                                    self.parameters["downtime-limit"])
-        if self.incoming is None or self.status == S.SETUP:
+        if self.incoming is None:
             return {}
+        if self.status == S.SETUP:
+            return self._incomingAddress()
         answer: dict[str, Any] = {"status": self.status.value}
         if self.status == S.COMPLETED and self.blocktime is not None:
             answer.update(self.blocktime.query())

@@ -17,10 +17,10 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from twisted_postcopy.access import listeningEndpoint
 from twisted_postcopy.control.server import ControlFactory
 from twisted_postcopy.errors import GuestError, MigrationError
 from twisted_postcopy.guests.guest import MACHINE, Guest, GuestSpec, IncomingGuest
@@ -56,6 +56,8 @@ class MigrationService(MultiService):
         incoming: str | None = None,
         guest: IService | None = None,
         capabilities: dict[str, bool] | None = None,
+        insecureControl: bool = False,
+        snapshotRoot: str | None = None,
     ) -> None:
         """
         @param reactor: the reactor.
@@ -65,6 +67,12 @@ class MigrationService(MultiService):
         @param guest: the guest's service, if any.
         @param capabilities: capabilities to set at start, before
             C{incoming} is listened on.
+        @param insecureControl: allow plaintext C{tcp:} control on a
+            loopback interface (C{--insecure-control}).
+        @param snapshotRoot: the directory the C{snapshot-*} commands
+            cannot leave (C{--snapshot-root}), or L{None}.
+        @raise twisted_postcopy.errors.AccessError: the control endpoint
+            is refused by the access policy (see L{listeningEndpoint}).
         """
         super().__init__()
         self.capabilities = dict(capabilities or {})
@@ -75,8 +83,8 @@ class MigrationService(MultiService):
         self.guest = guest
         if guest is not None:
             guest.setServiceParent(self)
-        self.snapshots = SnapshotJobs(reactor)
-        endpoint = serverFromString(reactor, control)
+        self.snapshots = SnapshotJobs(reactor, root=snapshotRoot)
+        endpoint = listeningEndpoint(reactor, control, insecureControl)
         factory = ControlFactory(manager, guest, self.snapshots)
         self.controlService = StreamServerEndpointService(endpoint, factory)
         # Fail twistd's start-up, rather than log, when the endpoint is busy.
@@ -127,13 +135,16 @@ class OutgoingGuestService(Service):
     machine = MACHINE
     log = Logger()
 
-    def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str) -> None:
+    def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str, access: Any = None) -> None:
         """
         @param reactor: the reactor.
         @param spec: what guest to run.
         @param socketPath: where its workers attach.
+        @param access: the attach socket's
+            L{twisted_postcopy.guests.host.AttachAccess} (default: only
+            the spawned workers, mode 0600).
         """
-        self.reactor, self.spec, self.socketPath = reactor, spec, socketPath
+        self.reactor, self.spec, self.socketPath, self.access = reactor, spec, socketPath, access
         self.guest: Guest | None = None
         self.started: Deferred | None = None
 
@@ -142,7 +153,7 @@ class OutgoingGuestService(Service):
         Create the guest and run its workers.
         """
         super().startService()
-        self.guest = Guest(self.reactor, self.spec, self.socketPath)
+        self.guest = Guest(self.reactor, self.spec, self.socketPath, self.access)
         self.started = self.guest.start()
         self.started.addErrback(lambda f: self.log.failure("guest {name} did not start", f,
                                                            name=self.spec.name))
@@ -226,14 +237,16 @@ class IncomingGuestService(Service):
         then C{"running"} or why they failed.
     """
 
-    def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str) -> None:
+    def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str, access: Any = None) -> None:
         """
         @param reactor: the reactor.
         @param spec: what guest to expect.
         @param socketPath: where its workers will attach.
+        @param access: the attach socket's
+            L{twisted_postcopy.guests.host.AttachAccess}, or L{None}.
         """
         self.reactor, self.spec = reactor, spec
-        self.guest = IncomingGuest(reactor, spec, socketPath)
+        self.guest = IncomingGuest(reactor, spec, socketPath, access=access)
         self.outcome: str | None = None
         self.started: str | None = None
         self._startWaiters: list[Deferred] = []

@@ -107,6 +107,18 @@ class Options(usage.Options):
         ["workers", None, 2, "Number of guest worker processes.", int],
         ["attach", None, None,
          "Unix socket where guest workers attach (default: CONTROL_PATH.attach)."],
+        ["snapshot-root", None, None,
+         "The snapshot-* commands may only name directories under DIR (relative ones are "
+         "taken from it; no symbolic link is followed below it)."],
+        ["attach-group", None, None,
+         "Give the attach socket this group and mode 0660 (external guests of --attach-allow "
+         "need it to reach the socket)."],
+    ]
+
+    optFlags = [
+        ["insecure-control", None,
+         "Allow a plaintext tcp: control endpoint on a loopback interface (logs a warning; "
+         "any local user can then control the daemon)."],
     ]
 
     def __init__(self) -> None:
@@ -118,6 +130,7 @@ class Options(usage.Options):
         self["capabilities"] = {}
         self["objects"] = []
         self["parameters"] = {}
+        self["attach-allow"] = []
 
     def opt_capability(self, value: str) -> None:
         """
@@ -170,6 +183,19 @@ class Options(usage.Options):
             raise usage.UsageError(f"--guest-option expects KEY=VALUE, got {value!r}")
         self["guest-option"][key] = text
 
+    def opt_attach_allow(self, value: str) -> None:
+        """
+        Let an external guest attach: uid=N, user=NAME, gid=N, group=NAME or
+        pid=N (repeatable; the workers the daemon spawns always may).
+        """
+        from twisted_postcopy.access import parsePeer
+        from twisted_postcopy.errors import AccessError
+
+        try:
+            self["attach-allow"].append(parsePeer(value))
+        except AccessError as e:
+            raise usage.UsageError(f"--attach-allow: {e}") from None
+
     def postOptions(self) -> None:
         """
         Check the combination of options.
@@ -189,6 +215,17 @@ class Options(usage.Options):
             raise usage.UsageError("--incoming is only for --role destination")
         if self["role"] == "snapshot":
             self["guest"] = "none"
+        from twisted_postcopy.access import parseListening, parseGroup
+        from twisted_postcopy.errors import AccessError
+
+        try:
+            parseListening(self["control"], self["insecure-control"])
+            if self["attach-group"] is not None:
+                parseGroup(self["attach-group"])
+            if self["snapshot-root"] is not None and not os.path.isdir(self["snapshot-root"]):
+                raise AccessError(f"--snapshot-root {self['snapshot-root']}: not a directory")
+        except AccessError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 def _noIncomingVM() -> Any:
@@ -241,6 +278,25 @@ def attachPath(options: Options) -> str:
     return os.path.join(tempfile.mkdtemp(prefix="postcopy-"), "attach.sock")
 
 
+def attachAccess(options: Options) -> Any:
+    """
+    Who may attach besides the spawned workers (C{--attach-allow}), and
+    the attach socket's group (C{--attach-group}: mode 0660).
+
+    @param options: the parsed L{Options}.
+    @return: a L{twisted_postcopy.guests.host.AttachAccess}.
+    """
+    from twisted_postcopy.access import PeerPolicy, parseGroup
+    from twisted_postcopy.guests.host import AttachAccess
+
+    allow = PeerPolicy()
+    for entry in options["attach-allow"]:
+        allow = allow.union(entry)
+    if options["attach-group"] is None:
+        return AttachAccess(allow)
+    return AttachAccess(allow, parseGroup(options["attach-group"]), 0o660)
+
+
 def buildManager(reactor: Any, options: Options) -> tuple[Any, Any]:
     """
     Build the guest's service (if any) and the MigrationManager over it.
@@ -256,9 +312,11 @@ def buildManager(reactor: Any, options: Options) -> tuple[Any, Any]:
         vm = None if options["role"] == "source" else _noIncomingVM
         return MigrationManager(reactor, vm), None
     if options["role"] == "source":
-        outgoing = OutgoingGuestService(reactor, guestSpec(options), attachPath(options))
+        outgoing = OutgoingGuestService(reactor, guestSpec(options), attachPath(options),
+                                        attachAccess(options))
         return MigrationManager(reactor, outgoing), outgoing
-    incoming = IncomingGuestService(reactor, guestSpec(options), attachPath(options))
+    incoming = IncomingGuestService(reactor, guestSpec(options), attachPath(options),
+                                    attachAccess(options))
     return MigrationManager(reactor, incoming.guest, incoming.guest.faultServiceFactory), incoming
 
 
@@ -280,4 +338,6 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     if options["parameters"]:
         manager.setParameters(options["parameters"])
     return MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
-                            guest=guest, capabilities=options["capabilities"])
+                            guest=guest, capabilities=options["capabilities"],
+                            insecureControl=options["insecure-control"],
+                            snapshotRoot=options["snapshot-root"] and os.path.abspath(options["snapshot-root"]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import struct
 from collections import deque
 from typing import Any, Iterator
@@ -38,6 +39,63 @@ MAX_FDS = 64
 MODES = ("fault", "track", "plain")
 
 _LENGTH = struct.Struct(">I")
+
+#: What C{/proc/self/fd/N} reads for a userfaultfd.
+USERFAULTFD_LINK = "anon_inode:[userfaultfd]"
+
+#: The prefix of what C{/proc/self/fd/N} reads for a memfd.
+MEMFD_LINK = "/memfd:"
+
+
+def _rejectConstant(name: str) -> Any:
+    """
+    C{json.loads}'s C{parse_constant}: refuse C{Infinity}, C{-Infinity}
+    and C{NaN}, which are not JSON.
+
+    @param name: the constant.
+    @raise ValueError: always.
+    """
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def descriptorKind(fd: int) -> str:
+    """
+    What a descriptor is, as C{/proc/self/fd} names it.
+
+    @param fd: a descriptor of this process.
+    @return: the link text (C{anon_inode:[userfaultfd]}, C{/memfd:NAME
+        (deleted)}, C{pipe:[N]}, ...).
+    @raise AttachProtocolError: it is not open.
+    """
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as error:
+        raise AttachProtocolError(f"descriptor {fd} is not open: {error.strerror}") from None
+
+
+def checkUserfaultfd(fd: int) -> None:
+    """
+    @param fd: a descriptor a peer sent as its userfaultfd.
+    @raise AttachProtocolError: it is something else (a pipe, a file).
+    """
+    kind = descriptorKind(fd)
+    if kind != USERFAULTFD_LINK:
+        raise AttachProtocolError(f"the descriptor sent as a userfaultfd is {kind}, not a userfaultfd")
+
+
+def checkMemfd(fd: int, length: int) -> None:
+    """
+    @param fd: a descriptor a peer sent as a RAMBlock's memfd.
+    @param length: the block's length.
+    @raise AttachProtocolError: not a memfd (or a hugetlbfs file), or
+        shorter than the block.
+    """
+    kind = descriptorKind(fd)
+    info = os.fstat(fd)
+    if not (kind.startswith(MEMFD_LINK) or kind.startswith("/dev/hugepages")) or not stat.S_ISREG(info.st_mode):
+        raise AttachProtocolError(f"the descriptor sent as a RAMBlock is {kind}, not a memfd")
+    if info.st_size < length:
+        raise AttachProtocolError(f"the memfd sent for a {length}-byte RAMBlock has {info.st_size} bytes")
 
 
 def encodeMessage(kind: str, **fields: Any) -> bytes:
@@ -128,13 +186,13 @@ class MessageReader:
         body = bytes(self.buffer[4 : 4 + length])
         del self.buffer[: 4 + length]
         try:
-            fields = json.loads(body)
-        except ValueError as error:
+            fields = json.loads(body, parse_constant=_rejectConstant)
+        except (ValueError, RecursionError) as error:
             raise AttachProtocolError(f"message is not JSON: {error}") from None
         if not isinstance(fields, dict) or not isinstance(fields.get("type"), str):
             raise AttachProtocolError("message is not a JSON object with a string 'type'")
         count = fields.get("fds", 0)
-        if not isinstance(count, int) or not 0 <= count <= MAX_FDS or count > len(self.fds):
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_FDS or count > len(self.fds):
             raise AttachProtocolError(f"{fields['type']} message claims {count!r} fds, {len(self.fds)} arrived")
         return Message(fields["type"], fields, tuple(self.fds.popleft() for _ in range(count)))
 
@@ -262,6 +320,13 @@ def _mapBlocks(message: Message) -> list[MappedBlock]:
     table = message["blocks"]
     if not isinstance(table, list) or len(table) != len(message.fds):
         raise AttachProtocolError(f"blocks message lists {len(table)} blocks with {len(message.fds)} fds")
+    try:
+        for entry, memfd in zip(table, message.fds):
+            checkMemfd(memfd, entry["length"])
+    except BaseException:
+        for memfd in message.fds:
+            os.close(memfd)
+        raise
     mapped = []
     for entry, memfd in zip(table, message.fds):
         address = lib.tp_mmap(memfd, entry["length"], lib.MAP_SHARED)

@@ -151,13 +151,15 @@ class Guest:
 
     machine = MACHINE
 
-    def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str) -> None:
+    def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str, access: Any = None) -> None:
         """
         Create the blocks and spawn the workers (tracked).
 
         @param reactor: the reactor.
         @param spec: the guest.
         @param socketPath: the attach socket to listen on.
+        @param access: its L{twisted_postcopy.guests.host.AttachAccess},
+            or L{None} (spawned workers only).
         @raise DirtyTrackingUnavailableError: the kernel cannot track.
         """
         from twisted_postcopy.ram.dirty import DirtyTracker
@@ -166,7 +168,8 @@ class Guest:
         self.blocks = [RAMBlock(idstr, length) for idstr, length in spec.blocks]
         tracker = DirtyTracker(self.blocks)
         self.dirtyTracker = _SessionTracker(tracker)
-        self.host = GuestHost(reactor, socketPath, self.blocks, "track", dirtyTracker=tracker)
+        self.host = GuestHost(reactor, socketPath, self.blocks, "track", dirtyTracker=tracker,
+                              access=access)
         self.host.spawn(spec.workerModule(), spec.name, spec.workers, list(spec.arguments))
 
     def start(self) -> Deferred:
@@ -233,15 +236,19 @@ class IncomingGuest:
         they run; C{postcopy-blocktime} counts them as vCPUs).
     """
 
-    def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str, autoRun: bool = True) -> None:
+    def __init__(self, reactor: Any, spec: GuestSpec, socketPath: str, autoRun: bool = True,
+                 access: Any = None) -> None:
         """
         @param reactor: the reactor.
         @param spec: the guest expected.
         @param socketPath: the attach socket to listen on.
+        @param access: its L{twisted_postcopy.guests.host.AttachAccess},
+            or L{None} (spawned workers only).
         @param autoRun: run the workers at C{run}; when false they only
             load their state (and wait for C{host.run()}).
         """
         self.reactor, self.spec, self.socketPath, self.autoRun = reactor, spec, socketPath, autoRun
+        self.access = access
         self.blocks: dict[str, RAMBlock] = {}
         self.host: GuestHost | None = None
         self.states: dict[str, bytes] | None = None
@@ -268,7 +275,7 @@ class IncomingGuest:
         @param faultService: for C{fault}.
         """
         self.host = GuestHost(self.reactor, self.socketPath, list(self.blocks.values()), mode,
-                              faultService=faultService, threads=self.vcpuThreads)
+                              faultService=faultService, threads=self.vcpuThreads, access=self.access)
         self.host.spawn(self.spec.workerModule(), self.spec.name, self.spec.workers, list(self.spec.arguments))
 
     def faultServiceFactory(self, blocks: dict[str, Any], pageSource: Any) -> Any:

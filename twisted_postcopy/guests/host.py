@@ -15,14 +15,65 @@ import signal
 import sys
 from typing import Any
 
+from attrs import field, frozen
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 
-from twisted_postcopy.errors import GuestError
+from twisted_postcopy.access import PeerCredentials, PeerPolicy, SocketPolicy, listenUNIX
+from twisted_postcopy.errors import AttachProtocolError, GuestError
 from twisted_postcopy.guests.attach import MODES
 from twisted_postcopy.guests.session import AttachProtocol
 
-__all__ = ["AttachProtocol", "GuestHost", "WorkerProcess"]
+__all__ = ["AttachAccess", "AttachProtocol", "GuestHost", "WorkerProcess"]
+
+
+@frozen
+class AttachAccess:
+    """
+    Who may attach besides the worker processes the daemon spawned, and
+    the attach socket's file group and mode.
+
+    @ivar allow: the allow list of external guests (uids, gids, pids);
+        empty by default: only spawned workers attach.
+    @ivar group: the socket file's group, or L{None}.
+    @ivar mode: the socket file's mode (0600; 0660 is the usual choice
+        with a group).
+    """
+
+    allow: PeerPolicy = field(factory=PeerPolicy)
+    group: int | None = None
+    mode: int = 0o600
+
+
+class _AttachPeers:
+    """
+    The attach socket's peer policy: a spawned worker process (checked by
+    its pid, live) or a peer on the external allow list.
+
+    @ivar host: the L{GuestHost}.
+    @ivar allow: the external allow list.
+    """
+
+    def __init__(self, host: GuestHost, allow: PeerPolicy) -> None:
+        """
+        @param host: the host whose spawned workers may attach.
+        @param allow: who else may.
+        """
+        self.host, self.allow = host, allow
+
+    def allows(self, peer: PeerCredentials) -> bool:
+        """
+        @param peer: a connecting peer.
+        @return: whether it is a running spawned worker or allowed.
+        """
+        return peer.pid in self.host.spawnedPids() or self.allow.allows(peer)
+
+    def describe(self) -> str:
+        """
+        @return: who may attach.
+        """
+        pids = ", ".join(map(str, sorted(self.host.spawnedPids()))) or "none running"
+        return f"spawned workers (pid {pids}); external: {self.allow.describe()}"
 
 class WorkerProcess(protocol.ProcessProtocol):
     """
@@ -74,7 +125,7 @@ class GuestHost(protocol.Factory):
 
     def __init__(self, reactor: Any, socketPath: str, blocks: list[Any], mode: str = "plain",
                  faultService: Any = None, dirtyTracker: Any = None,
-                 threads: list[int] | None = None) -> None:
+                 threads: list[int] | None = None, access: AttachAccess | None = None) -> None:
         """
         @param reactor: an C{IReactorUNIX} and C{IReactorProcess}.
         @param socketPath: where to listen.
@@ -84,6 +135,8 @@ class GuestHost(protocol.Factory):
         @param dirtyTracker: a L{twisted_postcopy.ram.dirty.DirtyTracker}.
         @param threads: the list L{threads} appends to (a new one if
             L{None}), so a caller can hand out a live view.
+        @param access: who may attach besides the spawned workers, and the
+            socket's group and mode (default: spawned workers only, 0600).
         @raise GuestError: unknown mode.
         """
         if mode not in MODES:
@@ -95,7 +148,42 @@ class GuestHost(protocol.Factory):
         self.threads: list[int] = [] if threads is None else threads
         self._waiting: list[Deferred] = []
         self._killed: Deferred | None = None
-        self.port = reactor.listenUNIX(socketPath, self)
+        access = AttachAccess() if access is None else access
+        self.access = access
+        policy = SocketPolicy(access.mode, access.group, _AttachPeers(self, access.allow), "attach socket")
+        self.port = listenUNIX(reactor, socketPath, self, policy)
+
+    def spawnedPids(self) -> dict[int, str]:
+        """
+        @return: process id -> worker name of every spawned worker still
+            running.
+        """
+        return {process.transport.pid: name for name, process in self.processes.items()
+                if process.transport is not None and process.transport.pid is not None}
+
+    def checkHello(self, peer: PeerCredentials | None, worker: str, pid: int) -> None:
+        """
+        Check a C{hello} against the connection's peer: its pid must be
+        the peer's, a spawned worker may only use its own name, and no
+        other peer may use a spawned worker's name.
+
+        @param peer: the connection's peer (L{None}: not a Unix socket,
+            only in unit tests).
+        @param worker: the worker name claimed.
+        @param pid: the process id claimed.
+        @raise AttachProtocolError: it claims what it is not.
+        """
+        if worker in self.workers:
+            raise AttachProtocolError(f"worker {worker} is already attached")
+        if peer is None:
+            return
+        if pid != peer.pid:
+            raise AttachProtocolError(f"hello says pid {pid}, the connection is from pid {peer.pid}")
+        name = self.spawnedPids().get(peer.pid)
+        if name is not None and name != worker:
+            raise AttachProtocolError(f"pid {peer.pid} was spawned as worker {name}, not {worker}")
+        if name is None and worker in self.processes:
+            raise AttachProtocolError(f"worker name {worker} belongs to a worker process the daemon spawned")
 
     def buildProtocol(self, addr: Any) -> AttachProtocol:
         """

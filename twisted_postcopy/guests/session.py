@@ -20,10 +20,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_postcopy.errors import AttachProtocolError, GuestError, MappingTableError
-from twisted_postcopy.guests.attach import MessageReader, encodeMessage
+from twisted_postcopy.guests.attach import MessageReader, checkUserfaultfd, encodeMessage
 from twisted_postcopy.ram.clients import validateMappings
 
 _log = Logger()
+
+#: The most entries a client's mapping table may have.
+MAX_MAPPINGS = 4096
 
 #: Control requests and the reply each expects.
 REPLIES = {"run": "running", "stop": "stopped", "save": "state", "load": "loaded", "verify": "verified",
@@ -38,13 +41,22 @@ def clientTable(mappings: Any) -> list[dict[str, Any]]:
     @return: dicts with C{base}, C{block}, C{offset}, C{length}, C{pageSize}.
     @raise MappingTableError: not a list of objects with those fields.
     """
-    if not isinstance(mappings, list):
-        raise MappingTableError("mapping table is not a list")
+    if not isinstance(mappings, list) or len(mappings) > MAX_MAPPINGS:
+        raise MappingTableError(f"mapping table is not a list of at most {MAX_MAPPINGS} entries")
     try:
-        return [{"base": m["base"], "block": m["idstr"], "offset": m["offset"], "length": m["length"],
-                 "pageSize": m["page_size"]} for m in mappings]
+        table = [{"base": m["base"], "block": m["idstr"], "offset": m["offset"], "length": m["length"],
+                  "pageSize": m["page_size"]} for m in mappings]
     except (KeyError, TypeError) as error:
         raise MappingTableError(f"bad mapping table entry: {error!r}") from None
+    for entry in table:
+        for name in ("base", "offset", "length", "pageSize"):
+            value = entry[name]
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+                raise MappingTableError(f"bad mapping table entry: {name} {value!r:.40} is not an "
+                                        "integer in [0, 2**64)")
+        if not isinstance(entry["block"], str):
+            raise MappingTableError(f"bad mapping table entry: idstr {entry['block']!r:.40} is not a string")
+    return table
 
 
 class AttachHost(Protocol):
@@ -83,7 +95,9 @@ class AttachProtocol(protocol.Protocol):
     @ivar host: the L{AttachHost} (a L{twisted_postcopy.guests.host.GuestHost}).
     @ivar guest: the guest name from C{hello}.
     @ivar worker: the worker name from C{hello}.
-    @ivar pid: the process id from C{hello}.
+    @ivar pid: the process id from C{hello} (the peer's, checked).
+    @ivar peer: the peer's L{twisted_postcopy.access.PeerCredentials}
+        (set by the attach socket before the connection is made).
     @ivar client: the fault service client or tracked process.
     @ivar attached: whether the attachment completed.
     @ivar info: fields of the last C{info} message (e.g. a kv port).
@@ -98,6 +112,7 @@ class AttachProtocol(protocol.Protocol):
         self.reader = MessageReader()
         self.guest = self.worker = ""
         self.pid = 0
+        self.peer: Any = None
         self.client: Any = None
         self.attached = False
         self.info: dict[str, Any] = {}
@@ -122,6 +137,11 @@ class AttachProtocol(protocol.Protocol):
                 self._handle(message)
         except (AttachProtocolError, MappingTableError, OSError) as error:
             self.fail(str(error))
+        except Exception as error:
+            # A client must never reach past its own connection: whatever
+            # its message broke is its error, not the daemon's.
+            _log.failure("attach: unexpected error handling {worker}'s message", worker=self.worker)
+            self.fail(f"malformed message: {error.__class__.__name__}: {error}")
 
     def fail(self, reason: str) -> None:
         """
@@ -129,6 +149,7 @@ class AttachProtocol(protocol.Protocol):
 
         @param reason: the message.
         """
+        reason = reason[:2000]
         _log.warn("attach: dropping {worker} (pid {pid}): {reason}", worker=self.worker, pid=self.pid, reason=reason)
         self.transport.write(encodeMessage("error", message=reason))
         self.transport.loseConnection()
@@ -151,10 +172,13 @@ class AttachProtocol(protocol.Protocol):
         @param message: one received message.
         @raise AttachProtocolError: unexpected here.
         """
+        if message.kind not in ("uffd", "track", "mapped"):
+            for fd in message.fds:
+                os.close(fd)
         if message.kind == "hello" and not self.worker:
-            self.guest, self.worker, self.pid = _hello(message)
-            if self.worker in self.host.workers:
-                raise AttachProtocolError(f"worker {self.worker} is already attached")
+            guest, worker, pid = _hello(message)
+            self.host.checkHello(self.peer, worker, pid)
+            self.guest, self.worker, self.pid = guest, worker, pid
             blocks = self.host.blocks
             self.send("blocks", [b.fd for b in blocks], mode=self.host.mode,
                       blocks=[{"idstr": b.idstr, "length": b.length, "page_size": b.pageSize} for b in blocks])
@@ -171,8 +195,9 @@ class AttachProtocol(protocol.Protocol):
         elif self.attached and self._replies and message.kind == self._replies[0][0]:
             self._replies.pop(0)[1].callback(message.fields)
         else:
-            for fd in message.fds:
-                os.close(fd)
+            if message.kind in ("uffd", "track", "mapped"):
+                for fd in message.fds:
+                    os.close(fd)
             raise AttachProtocolError(f"unexpected {message.kind} message")
 
     def _attach(self, message: Any) -> None:
@@ -191,6 +216,8 @@ class AttachProtocol(protocol.Protocol):
             raise AttachProtocolError(f"{self.host.mode} mode wants one {expected} message, got {message.kind}")
         try:
             table = clientTable(message["mappings"])
+            if message.fds:
+                checkUserfaultfd(message.fds[0])
             if self.host.mode == "fault":
                 self.client = self.host.faultService.addClient(message.fds[0], table, self.pid)
             elif self.host.mode == "track":
@@ -238,8 +265,9 @@ def _hello(message: Any) -> tuple[str, str, int]:
     @raise AttachProtocolError: a field is missing or of the wrong type.
     """
     guest, worker, pid = message["guest"], message["worker"], message["pid"]
-    if not (isinstance(guest, str) and isinstance(worker, str) and worker and isinstance(pid, int) and pid > 0):
-        raise AttachProtocolError(f"bad hello: guest {guest!r}, worker {worker!r}, pid {pid!r}")
+    if not (isinstance(guest, str) and isinstance(worker, str) and worker and len(worker) <= 256
+            and isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 1 << 31):
+        raise AttachProtocolError(f"bad hello: guest {guest!r:.80}, worker {worker!r:.80}, pid {pid!r:.40}")
     return guest, worker, pid
 
 

@@ -14,7 +14,6 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
     UNIXClientEndpoint,
-    UNIXServerEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol
 
@@ -54,11 +53,15 @@ def serverEndpoint(reactor: Any, uri: str) -> Any:
     """
     @param reactor: the reactor.
     @param uri: a migration URI.
-    @return: a server endpoint for it.
+    @return: a server endpoint for it (a Unix socket is 0600 and takes
+        only root's and the daemon user's connections: see
+        L{twisted_postcopy.access}).
     """
     kind, where, port = parseURI(uri)
     if kind == "unix":
-        return UNIXServerEndpoint(reactor, where)
+        from twisted_postcopy.access import SocketPolicy, UNIXAccessEndpoint
+
+        return UNIXAccessEndpoint(reactor, where, SocketPolicy(what="migration socket"))
     return TCP4ServerEndpoint(reactor, port, interface=where)
 
 

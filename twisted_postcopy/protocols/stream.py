@@ -76,6 +76,7 @@ class SourceProtocol(Protocol):
         self.migration.onFinished = self._finished
         self.migration.onPostcopy = self._postcopyStarted
         self.migration.onDeviceReady = self._wake
+        self.migration.onUrgent = self._wake
         if (hasattr(self.transport, "socket") and hasattr(self.transport, "_tempDataLen")
                 and not isinstance(self.transport, ProtocolWrapper)):
             self.migration.writeBuffers = self._writeBuffers

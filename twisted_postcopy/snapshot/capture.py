@@ -53,6 +53,8 @@ class CaptureVM:
     @ivar migration: the MigrationManager receiving the capture (set by
         L{captureSnapshot}; its C{queryMigrate} reports progress), or
         L{None}.
+    @ivar root: the snapshot root C{path} must lie in (the daemon's
+        C{--snapshot-root}), or L{None}.
     """
 
     def __init__(self, path: str, machine: str = "pc-i440fx-7.2") -> None:
@@ -71,6 +73,7 @@ class CaptureVM:
         self.running = False
         self.stored: Deferred = Deferred()
         self.migration: Any = None
+        self.root: str | None = None
 
     def configurationReceived(self, raw: bytes, machine: str) -> None:
         """
@@ -167,7 +170,7 @@ class CaptureVM:
         form = "package" if self.inPostcopy() else "precopy"
         blocks = [(b.idstr, b.length, b.pageSize, b.fd) for b in self.blocks.values()]
         writing = self.runWriter(writeSnapshot, self.path, self.machine, self.configuration, form,
-                                 b"".join(self.devices), blocks, time.time())
+                                 b"".join(self.devices), blocks, time.time(), self.root)
         writing.addBoth(self._written)
 
     def _written(self, result: Any) -> None:

@@ -187,12 +187,13 @@ def _tlsOptions(parser: argparse.ArgumentParser, other: str, metavar: str, help:
     parser.add_argument(other, metavar=metavar, help=help)
 
 
-def _tls(args: argparse.Namespace, other: str) -> tuple[Any, dict[str, str] | None]:
+def _tls(args: argparse.Namespace, other: str) -> dict[str, Any]:
     """
     @param args: the parsed arguments.
     @param other: the attribute of the second TLS parameter.
-    @return: the objects made from C{--object} and the TLS parameters
-        given (None without C{--tls-creds}).
+    @return: the C{objects} made from C{--object} and the C{tls}
+        parameters given (None without C{--tls-creds}), as keyword
+        arguments of C{captureSnapshot}/C{restoreSnapshot}.
     @raise twisted_postcopy.tlscreds.TLSError: a bad object.
     """
     from twisted_postcopy.tlscreds import ObjectRegistry, parseObjectOption
@@ -202,11 +203,11 @@ def _tls(args: argparse.Namespace, other: str) -> tuple[Any, dict[str, str] | No
         qomType, id, properties = parseObjectOption(spec)
         objects.add(qomType, id, **properties)
     if not args.tls_creds:
-        return objects, None
+        return {"objects": objects, "tls": None}
     tls = {"tls-creds": args.tls_creds}
     if getattr(args, other):
         tls[other.replace("_", "-")] = getattr(args, other)
-    return objects, tls
+    return {"objects": objects, "tls": tls}
 
 
 def _drainThenStop(reactor: Any, patience: int = 100) -> None:
@@ -236,7 +237,7 @@ def _capture(args: argparse.Namespace) -> int:
         @return: a Deferred firing once the snapshot is stored.
         """
         listening, vm = captureSnapshot(reactor, args.listen, args.dir, not args.no_postcopy,
-                                        args.machine, *_tls(args, "tls_authz"))
+                                        args.machine, **_tls(args, "tls_authz"))
         listening.addCallback(lambda port: print(f"listening on {port.getHost()}", flush=True))
         return listening.addCallback(lambda _: vm.stored)
 
@@ -263,7 +264,7 @@ def _restore(args: argparse.Namespace) -> int:
         """
         started = time.time()
         managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy, False,
-                                         args.max_bandwidth, *_tls(args, "tls_hostname"))
+                                         args.max_bandwidth, **_tls(args, "tls_hostname"))
 
         def report(result: Any) -> Any:
             for uri, manager in zip(args.to, managers):

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted_postcopy.errors import SnapshotBusyError, SnapshotError, SnapshotReadTooLargeError
 from twisted_postcopy.snapshot.capture import CaptureVM, captureSnapshot
 from twisted_postcopy.snapshot.restore import restoreSnapshot, verifyInThread
-from twisted_postcopy.snapshot.store import openSnapshot
+from twisted_postcopy.snapshot.store import insideRoot, openSnapshot, prepareDirectory
 
 #: Seconds a live read waits for its pages from the QEMU source before
 #: failing with L{SnapshotError} (the source stopped serving them).
@@ -94,7 +94,8 @@ class CaptureJob:
         self._waiters.append(waiter)
         return waiter
 
-    def read(self, reactor: Any, idstr: str, offset: int, length: int) -> Deferred:
+    def read(self, reactor: Any, idstr: str, offset: int, length: int,
+             root: str | None = None) -> Deferred:
         """
         Read the capture's RAM: live while QEMU is sending, from the stored
         snapshot once its migration completed (waiting for the files to be
@@ -104,6 +105,7 @@ class CaptureJob:
         @param idstr: the RAM block.
         @param offset: byte offset.
         @param length: byte count.
+        @param root: the snapshot root of the stored snapshot, or L{None}.
         @return: a Deferred firing with the bytes, failing with
             L{SnapshotError} if the pages do not arrive in time.
         @raise SnapshotError: bad block or range.
@@ -113,7 +115,7 @@ class CaptureJob:
                 f"live read of {idstr} at {offset:#x}: the source sent no page "
                 f"within {LIVE_READ_TIMEOUT:g} s"))
         return self.whenEnded().addCallback(
-            lambda _: openSnapshot(self.path).read(idstr, offset, length))
+            lambda _: openSnapshot(self.path, root).read(idstr, offset, length))
 
     def query(self) -> dict[str, Any]:
         """
@@ -226,11 +228,27 @@ class SnapshotJobs:
     @ivar reactor: the reactor.
     @ivar capture: the latest L{CaptureJob}, or L{None}.
     @ivar restores: every L{RestoreJob} started, oldest first.
+    @ivar root: the daemon's C{--snapshot-root}: every directory the
+        commands name must lie in it (a relative one is taken from it) and
+        is reached without following links; L{None} for anywhere.
     """
 
     reactor: Any
     capture: CaptureJob | None = None
     restores: list[RestoreJob] = field(factory=list)
+    root: str | None = None
+
+    def resolve(self, path: str) -> str:
+        """
+        Where a directory named by a command is.
+
+        @param path: the directory as given.
+        @return: its absolute path.
+        @raise SnapshotError: it lies outside L{root}.
+        """
+        if self.root is None:
+            return os.path.abspath(path)
+        return insideRoot(self.root, path)
 
     def startCapture(self, uri: str, path: str, postcopy: bool = True,
                      machine: str = "pc-i440fx-7.2", objects: Any = None,
@@ -250,8 +268,11 @@ class SnapshotJobs:
         """
         if self.capture is not None and self.capture.outcome is None:
             raise SnapshotBusyError(f"a capture into {self.capture.path} is still running")
-        path = os.path.abspath(path)
-        listening, vm = captureSnapshot(self.reactor, uri, path, postcopy, machine, objects, tls)
+        path = self.resolve(path)
+        prepareDirectory(path, self.root)
+        listening, vm = captureSnapshot(self.reactor, uri, path, postcopy, machine,
+                                        objects=objects, tls=tls)
+        vm.root = self.root
         job = CaptureJob(uri, path, postcopy, vm)
         vm.stored.addBoth(lambda result: job.ended(result))
         self.capture = job
@@ -293,9 +314,9 @@ class SnapshotJobs:
         """
         if not uris:
             raise SnapshotError("snapshot-restore needs at least one destination URI")
-        job = RestoreJob(os.path.abspath(path), list(uris), postcopy)
+        job = RestoreJob(self.resolve(path), list(uris), postcopy)
         self.restores.append(job)
-        checked = verifyInThread(self.reactor, job.path) if verify else succeed(None)
+        checked = verifyInThread(self.reactor, job.path, self.root) if verify else succeed(None)
 
         def start(_: Any) -> None:
             """
@@ -304,7 +325,7 @@ class SnapshotJobs:
             @param _: ignored.
             """
             managers, done = restoreSnapshot(self.reactor, job.path, job.uris, postcopy, False,
-                                             bandwidth, objects, tls)
+                                             bandwidth, root=self.root, objects=objects, tls=tls)
             job.managers = managers
             done.addBoth(job.ended)
 
@@ -326,7 +347,8 @@ class SnapshotJobs:
         @return: a Deferred firing with the snapshot's info, or failing
             with L{SnapshotError}.
         """
-        return verifyInThread(self.reactor, path).addCallback(lambda snapshot: snapshot.info())
+        return verifyInThread(self.reactor, self.resolve(path), self.root).addCallback(
+            lambda snapshot: snapshot.info())
 
     def info(self, path: str) -> dict[str, Any]:
         """
@@ -336,7 +358,7 @@ class SnapshotJobs:
         @return: the snapshot's info (C{Snapshot.info}).
         @raise SnapshotError: not a snapshot.
         """
-        return openSnapshot(path).info()
+        return openSnapshot(self.resolve(path), self.root).info()
 
     def read(self, path: str, idstr: str, offset: int, length: int) -> Deferred:
         """
@@ -356,11 +378,11 @@ class SnapshotJobs:
             raise SnapshotReadTooLargeError(
                 f"snapshot-read of {length} bytes: at most {MAX_READ} per call")
         live = self.capture
-        if live is not None and (not path or os.path.abspath(path) == live.path):
-            return live.read(self.reactor, idstr, offset, length)
+        if live is not None and (not path or self.resolve(path) == live.path):
+            return live.read(self.reactor, idstr, offset, length, self.root)
         if not path:
             raise SnapshotError("no capture is running; name a snapshot directory")
-        return succeed(openSnapshot(path).read(idstr, offset, length))
+        return succeed(openSnapshot(self.resolve(path), self.root).read(idstr, offset, length))
 
     def query(self) -> dict[str, Any]:
         """

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from contextlib import nullcontext
+from typing import BinaryIO
 
 from twisted_postcopy.snapshot.sparse import dataRuns
 
@@ -51,14 +53,16 @@ class BlockMapping:
     @ivar dataBytes: bytes backed by the file (the rest reads as zeros).
     """
 
-    def __init__(self, path: str, length: int) -> None:
+    def __init__(self, path: str, length: int, opened: BinaryIO | None = None) -> None:
         """
         @param path: the block file.
         @param length: its length (a multiple of the page size).
+        @param opened: the file, already opened (then C{path} is only
+            its name; the caller closes it).
         @raise OSError: the file cannot be opened or mapped.
         """
         self.length, self.dataBytes = length, 0
-        with open(path, "rb") as f:
+        with (nullcontext(opened) if opened is not None else open(path, "rb")) as f:
             self.address = _mmap(None, length, mmap.MAP_SHARED, f.fileno())
             position = 0
             for start, size in dataRuns(f.fileno(), length):

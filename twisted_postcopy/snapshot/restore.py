@@ -141,7 +141,8 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
 
 
 def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool = True,
-                    verify: bool = True, bandwidth: int = 0, objects: Any = None,
+                    verify: bool = True, bandwidth: int = 0,
+                    root: str | None = None, objects: Any = None,
                     tls: dict[str, str] | None = None) -> tuple[list[Any], Deferred]:
     """
     Restore one snapshot into every destination at once.
@@ -152,13 +153,14 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
     @param postcopy: restore by postcopy (else plain precopy).
     @param verify: check every sha256 first.
     @param bandwidth: bytes/s per destination, 0 for unlimited.
+    @param root: the snapshot root C{path} must lie in, or L{None}.
     @param objects: the TLS objects named by C{tls} (see L{restoreOne}).
     @param tls: TLS parameters for every destination (see L{restoreOne}).
     @return: (the managers, a Deferred firing with the list of final
         statuses, failing with L{MigrationFailed} if any clone failed).
     @raise SnapshotError: the snapshot is missing, truncated or tampered.
     """
-    snapshot = openSnapshot(path)
+    snapshot = openSnapshot(path, root)
     if verify:
         snapshot.verify()
     vm = SnapshotVM(snapshot)
@@ -181,18 +183,19 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
     return managers, done.addCallback(gathered)
 
 
-def _openVerified(path: str) -> Snapshot:
+def _openVerified(path: str, root: str | None = None) -> Snapshot:
     """
     @param path: the snapshot directory.
+    @param root: the snapshot root it must lie in, or L{None}.
     @return: the snapshot, every sha256 checked.
     @raise SnapshotError: missing, truncated or tampered.
     """
-    snapshot = openSnapshot(path)
+    snapshot = openSnapshot(path, root)
     snapshot.verify()
     return snapshot
 
 
-def verifyInThread(reactor: Any, path: str) -> Deferred:
+def verifyInThread(reactor: Any, path: str, root: str | None = None) -> Deferred:
     """
     Open and verify a snapshot in the reactor's thread pool, so a daemon
     does not stop serving while gigabytes are hashed (only snapshot files
@@ -200,9 +203,10 @@ def verifyInThread(reactor: Any, path: str) -> Deferred:
 
     @param reactor: the reactor.
     @param path: the snapshot directory.
+    @param root: the snapshot root it must lie in, or L{None}.
     @return: a Deferred firing with the L{Snapshot}, or failing with
         L{SnapshotError}.
     """
     from twisted.internet.threads import deferToThreadPool
 
-    return deferToThreadPool(reactor, reactor.getThreadPool(), _openVerified, path)
+    return deferToThreadPool(reactor, reactor.getThreadPool(), _openVerified, path, root)

@@ -76,6 +76,10 @@ class OutgoingMigration:
     @ivar onPostcopy: called once the package is written, so the protocol
         can shrink what the connection queues (requested pages wait
         behind it).
+    @ivar onUrgent: called once a page request is queued, so the protocol
+        steps at once even while background pages wait for the rate limit
+        (QEMU's C{migration_make_urgent_request}): requested pages are
+        never held back by C{max-postcopy-bandwidth}.
     @ivar onDeviceReady: called once the stopped VM gave its device state,
         so the protocol steps at once instead of at the next poll.
     """
@@ -101,6 +105,7 @@ class OutgoingMigration:
     device: bytes | None = None
     onFinished: Callable[[], object] = lambda: None
     onPostcopy: Callable[[], object] = lambda: None
+    onUrgent: Callable[[], object] = lambda: None
     onDeviceReady: Callable[[], object] = lambda: None
     writeBuffers: Callable[[list[Any]], None] | None = None
 
@@ -358,6 +363,7 @@ class OutgoingMigration:
         """
         self.stats.postcopyRequests += 1
         self.scheduler.queueRequest(idstr, start, length)
+        self.onUrgent()
 
     def fail(self, reason: BaseException) -> None:
         """

@@ -33,7 +33,9 @@ from twisted_postcopy.testing.qemuhost import (
     machineArguments,
     qemuAvailable,
     qemuBinary,
+    qemuMissing,
     qemuSkipReason,
+    requireQEMU,
     waitFor,
 )
 
@@ -42,7 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TIMEOUT", "MACHINE", "QEMU_BINARY", "QEMUInstance", "machineArguments",
-    "qemuAvailable", "qemuBinary", "qemuSkipReason", "startBootedQEMU", "waitFor",
+    "qemuAvailable", "qemuBinary", "qemuMissing", "qemuSkipReason", "requireQEMU", "startBootedQEMU",
+    "waitFor",
 ]
 
 
@@ -394,6 +397,7 @@ def startBootedQEMU(case: SynchronousTestCase, name: str, extraArguments: Iterab
     """
     from twisted_postcopy.testing.bootsector import writeBootImage
 
+    requireQEMU()
     directory = tempfile.mkdtemp(prefix="tpq")
     case.addCleanup(shutil.rmtree, directory, True)
     image = writeBootImage(os.path.join(directory, "boot.img"))

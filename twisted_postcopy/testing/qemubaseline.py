@@ -92,6 +92,8 @@ class PostcopyResult:
     @ivar snapshot: the destination's verified counters after the run.
     @ivar preempt: the recorded preempt channel (empty without preempt or
         without a relay).
+    @ivar connections: how many connections the relay accepted (0 without
+        a relay).
     """
 
     source: dict[str, Any]
@@ -101,6 +103,7 @@ class PostcopyResult:
     returnPath: bytes
     snapshot: CounterSnapshot
     preempt: bytes = b""
+    connections: int = 0
 
 
 def migratePostcopy(
@@ -174,6 +177,7 @@ def _runPostcopy(
         returnPath=bytes(relay.connections[0].backward) if relay else b"",
         snapshot=stopAndCheck(destination, plan.layout),
         preempt=recorded[1] if len(recorded) > 1 else b"",
+        connections=len(recorded),
     )
 
 

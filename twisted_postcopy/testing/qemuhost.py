@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 from twisted_postcopy.errors import QEMUTimeoutError
+from twisted_postcopy.testing.real import requireReal, unlessStrict
 
 QEMU_BINARY = "qemu-system-x86_64"
 MACHINE = "pc-i440fx-7.2"
@@ -32,12 +33,12 @@ def qemuBinary() -> str | None:
     return shutil.which(QEMU_BINARY)
 
 
-def qemuSkipReason() -> str | None:
+def qemuMissing() -> str | None:
     """
     Explain why real-QEMU tests cannot run here.
 
-    @return: a reason suitable for a trial C{skip} attribute, or L{None}
-        when QEMU and the C{qemu.qmp} package are both available.
+    @return: what is missing and how to get it, or L{None} when QEMU and
+        the C{qemu.qmp} package are both available.
     """
     if qemuBinary() is None:
         return f"{QEMU_BINARY} not found (run tools/install-deps)"
@@ -48,11 +49,31 @@ def qemuSkipReason() -> str | None:
     return None
 
 
+def qemuSkipReason() -> str | None:
+    """
+    The C{skip} attribute of a real-QEMU test class.
+
+    @return: L{qemuMissing}'s reason outside strict mode; L{None} in strict
+        mode (C{POSTCOPY_REQUIRE_REAL=1}), where the tests run and
+        L{requireQEMU} (called by L{recordOnce}, C{startBootedQEMU} or the
+        test's C{setUp}) fails them with the reason instead.
+    """
+    return unlessStrict(qemuMissing())
+
+
+def requireQEMU() -> None:
+    """
+    Give up on the running test (L{missingReal}) when QEMU or C{qemu.qmp}
+    is missing: a skip by hand, a failure in strict mode.
+    """
+    requireReal(qemuMissing())
+
+
 def qemuAvailable() -> bool:
     """
     @return: whether real-QEMU tests can run here.
     """
-    return qemuSkipReason() is None
+    return qemuMissing() is None
 
 
 def machineArguments(image: str, memoryMiB: int = 32) -> list[str]:
@@ -106,13 +127,10 @@ def recordOnce(key: str, record: Callable[[], _T]) -> _T:
     @param key: names the recording (one per test module).
     @param record: makes the recording.
     @return: what C{record} returned.
-    @raise SkipTest: when QEMU cannot run here.
+    @raise SkipTest: when QEMU cannot run here (L{requireQEMU}: a
+        failure in strict mode).
     """
-    from twisted.trial.unittest import SkipTest
-
-    reason = qemuSkipReason()
-    if reason:
-        raise SkipTest(reason)
+    requireQEMU()
     if key not in _recordings:
         try:
             _recordings[key] = record()
