@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from twisted_postcopy.control.client import runMain  # noqa: E402
 from twisted_postcopy.control.daemon import startDaemon  # noqa: E402
-from twisted_postcopy.demo import Progress, daemonArguments, freePort, migrate  # noqa: E402
+from twisted_postcopy.demo import Progress, daemonArguments, migrate  # noqa: E402
 from twisted_postcopy.testing import pki  # noqa: E402
 
 
@@ -53,7 +53,7 @@ async def ours(reactor: Any, mib: int, useTLS: bool, postcopyAfter: float,
     """
     workdir = Path(tempfile.mkdtemp(prefix="bench-tls-"))
     options = argparse.Namespace(guest="stress", ram=mib << 20, seed=3, timeout=600,
-                                 postcopy_after=postcopyAfter, uri=f"tcp:127.0.0.1:{freePort()}")
+                                 postcopy_after=postcopyAfter)
     daemons = []
     try:
         for role in ("destination", "source"):

@@ -24,7 +24,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from twisted_postcopy.control import daemon
-from twisted_postcopy.demo import daemonArguments, freePort, migrate
+from twisted_postcopy.demo import daemonArguments, migrate
 from twisted_postcopy.testing import pki
 
 
@@ -94,7 +94,7 @@ class DaemonTLSTests(TestCase):
         parameters = yield defer.Deferred.fromCoroutine(source.client.queryParameters())
         self.assertEqual(parameters["tls-creds"], "tls0")
         args = argparse.Namespace(guest="stress", ram=16 << 20, seed=7, timeout=90,
-                                  postcopy_after=0.5, uri=f"tcp:127.0.0.1:{freePort()}")
+                                  postcopy_after=0.5)
         from twisted_postcopy.demo import Progress
 
         result = yield defer.Deferred.fromCoroutine(

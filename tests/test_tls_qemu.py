@@ -31,7 +31,8 @@ import hashlib
 
 from tests.test_destination_qemu import qemuStatus
 from tests.test_migration_loopback import skipWithoutUserfaultfd
-from tests.test_source_qemu import RAM_RANGES, _freePort
+from tests.test_source_qemu import RAM_RANGES
+from twisted_postcopy.testing.qemuguest import listenIncoming
 from tests.test_tls import credentials, useTLS
 from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from twisted_postcopy.testing.workerguest import WorkerGuestVM
@@ -125,7 +126,6 @@ class QEMUSourceTLSTests(TestCase):
         useTLS(self.manager, self.directory, "server", tls_authz="auth0")
         self.manager.objectAdd("authz-simple", "auth0", identity=pki.distinguishedName(
             os.path.join(self.directory, "client-cert.pem")))
-        port = _freePort()
         capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
         self.qemu.setCapabilities(**capabilities)
         self.manager.setCapabilities(capabilities)
@@ -133,9 +133,9 @@ class QEMUSourceTLSTests(TestCase):
         # postcopy: pages, even zero ones, are still missing when the guest
         # worker starts reading at RUN, so it faults for sure.)
         self.qemu.setParameters(**{"max-bandwidth": 4096, "max-postcopy-bandwidth": 40000})
-        listening = yield self.manager.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(listening.stopListening)
-        self.qemu.migrate(f"tcp:127.0.0.1:{port}")
+        self.qemu.migrate(f"tcp:127.0.0.1:{listening.getHost().port}")
         # QEMU 7.2 runs an outgoing TLS handshake with blocking reads on
         # its main loop, and our QMP calls block this reactor: query QEMU
         # only once both of its connections were accepted here.
@@ -175,10 +175,9 @@ class QEMUSourceTLSTests(TestCase):
         """
         qemuTLS(self.qemu, credentials(self, "other"), "client")
         useTLS(self.manager, self.directory, "server")
-        port = _freePort()
-        listening = yield self.manager.migrateIncoming(f"tcp:127.0.0.1:{port}")
+        listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(listening.stopListening)
-        self.qemu.migrate(f"tcp:127.0.0.1:{port}")
+        self.qemu.migrate(f"tcp:127.0.0.1:{listening.getHost().port}")
         # (No QMP call before our side answered the handshake: see above.)
         while not self.manager.tlsRefused:
             yield deferLater(reactor, 0.01, lambda: None)
@@ -221,14 +220,13 @@ class QEMUDestinationTLSTests(TestCase):
         qemuTLS(self.qemu, self.directory, "server",
                 authz=pki.distinguishedName(os.path.join(self.directory, "client-cert.pem")))
         useTLS(self.manager, self.directory, "client")
-        port = _freePort()
         if postcopy:
             self.qemu.setCapabilities(**{"postcopy-ram": True})
             self.manager.setCapabilities({"postcopy-ram": True})
         else:
             self.manager.setCapabilities({"return-path": True})
-        self.qemu.migrateIncoming(f"tcp:127.0.0.1:{port}")
-        self.manager.migrate(f"tcp:127.0.0.1:{port}")
+        host, port = listenIncoming(self.qemu)
+        self.manager.migrate(f"tcp:{host}:{port}")
         if postcopy:
             self.manager.startPostcopy()
         status = yield self.manager.whenStatus("completed", "failed")
@@ -260,9 +258,8 @@ class QEMUDestinationTLSTests(TestCase):
         """
         qemuTLS(self.qemu, self.directory, "server")
         useTLS(self.manager, credentials(self, "other"), "client")
-        port = _freePort()
-        self.qemu.migrateIncoming(f"tcp:127.0.0.1:{port}")
-        self.manager.migrate(f"tcp:127.0.0.1:{port}")
+        host, port = listenIncoming(self.qemu)
+        self.manager.migrate(f"tcp:{host}:{port}")
         status = yield self.manager.whenStatus("completed", "failed")
         self.assertEqual(status, "failed")
         self.assertIn("The certificate hasn't got a known issuer",
@@ -405,9 +402,7 @@ class QEMURecoveryTLSTests(TestCase):
         useTLS(manager, self.directory, "client")
         qemu.setCapabilities(**{"postcopy-ram": True})
         qemuTLS(qemu, self.directory, "server")
-        port = _freePort()
-        qemu.migrateIncoming(f"tcp:127.0.0.1:{port}")
-        first = self.relay(("127.0.0.1", port))
+        first = self.relay(listenIncoming(qemu))
         manager.migrate(first.uri)
         manager.startPostcopy()
         yield within(manager.whenStatus("postcopy-active"))
