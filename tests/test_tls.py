@@ -388,6 +388,21 @@ class TLSLoopbackTests(TestCase):
         useTLS(self.dst, self.directory, "server")
         return self.assertRefused("TLS", "The certificate hasn't got a known issuer")
 
+    def test_clientCertificateAsServer(self) -> None:
+        """
+        A destination presenting a certificate made for clients (extended
+        key usage clientAuth only) is refused by the source.
+        """
+        wrong = os.path.abspath(self.mktemp())
+        os.makedirs(wrong)
+        for source, name in (("ca-cert.pem", "ca-cert.pem"), ("client-cert.pem", "server-cert.pem"),
+                             ("client-key.pem", "server-key.pem")):
+            os.link(os.path.join(self.directory, source), os.path.join(wrong, name))
+        useTLS(self.src, self.directory, "client")
+        self.dst.objectAdd("tls-creds-x509", "tls0", dir=wrong, endpoint="server")
+        self.dst.setParameters({"tls-creds": "tls0"})
+        return self.assertRefused("unsuitable purpose", "TLS", thenGood=False)
+
     def test_wrongHostname(self) -> None:
         """
         A C{tls-hostname} the server certificate does not carry is refused
