@@ -34,6 +34,7 @@ import tempfile
 import time
 from typing import Any
 
+from twisted_postcopy.childprocess import childEnvironment, pythonArguments
 from twisted_postcopy.testing.bootsector import writeBootImage
 from twisted_postcopy.testing.qemubaseline import (
     eventTime, layoutFor, listenIncoming, qemuPrecopyLoad, qemuToQemuPostcopy, startGuest,
@@ -82,8 +83,8 @@ def command(*arguments: str) -> subprocess.CompletedProcess[bytes]:
     @return: the finished process.
     @raise RuntimeError: it failed.
     """
-    done = subprocess.run([sys.executable, "-m", "twisted_postcopy.cli", "snapshot", *arguments],
-                          capture_output=True, timeout=TIMEOUT)
+    done = subprocess.run(pythonArguments("-m", "twisted_postcopy.cli", "snapshot", *arguments),
+                          capture_output=True, timeout=TIMEOUT, env=childEnvironment())
     if done.returncode:
         raise RuntimeError(done.stderr.decode())
     return done

@@ -107,15 +107,33 @@ class WorkerTests(TestCase):
         self.addCleanup(self.host.kill)
         self.host.spawn(STRESS, "stress", 2, ["--working-set", "64", "--rate", "5000", "--seed", "9"])
         yield self.host.whenAttached()
-        started = self.memory()
         yield self.host.run()
-        yield waitUntil(reactor, lambda: self.memory() != started)
+        yield self.bothStepped()
 
     def memory(self) -> bytes:
         """
         @return: the block's bytes (read from the memfd).
         """
         return os.pread(self.block.fd, self.block.length, 0)
+
+    def bothStepped(self):
+        """
+        Wait until each running worker rewrote a page of its 64-page working
+        set (one step at least), however slowly the machine runs them.
+
+        @return: a Deferred.
+        """
+        size = 64 * PAGE
+        before = self.memory()
+
+        def stepped() -> bool:
+            """
+            @return: whether both working sets changed.
+            """
+            now = self.memory()
+            return all(now[k * size : (k + 1) * size] != before[k * size : (k + 1) * size] for k in (0, 1))
+
+        return waitUntil(reactor, stepped)
 
     @inlineCallbacks
     def test_stopSaveVerify(self) -> None:
@@ -161,9 +179,8 @@ class WorkerTests(TestCase):
         yield self.host.stop()
         states = yield self.host.save()
         yield self.host.load(states)
-        loaded = self.memory()
         yield self.host.run()
-        yield waitUntil(reactor, lambda: self.memory() != loaded)
+        yield self.bothStepped()
         yield self.host.stop()
         later = yield self.host.save()
         for name in states:

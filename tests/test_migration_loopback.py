@@ -213,7 +213,7 @@ class PostcopyLoopbackTests(TestCase):
         (postcopy-requests > 0), sees exactly the source's final RAM, and
         both sides complete; blocktime is reported after completion.
         """
-        self.src.setParameters({"max-bandwidth": 4 * MiB, "max-postcopy-bandwidth": 2 * MiB})
+        self.src.setParameters({"max-bandwidth": 4 * MiB, "max-postcopy-bandwidth": 256 * 1024})
         port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(port.stopListening)
         self.src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
@@ -222,6 +222,10 @@ class PostcopyLoopbackTests(TestCase):
         yield deferLater(reactor, 0.3, lambda: None)
         self.source.write(0, 0, b"first page rewritten")
         self.src.startPostcopy()
+        # Background pages trickle until the guest faulted, however slowly
+        # it starts; then they go at full speed.
+        yield waitUntil(reactor, lambda: self.src.queryMigrate()["ram"]["postcopy-requests"] > 0)
+        self.src.setParameters({"max-postcopy-bandwidth": 0})
         status = yield self.src.whenStatus("completed", "failed")
         dstStatus = yield self.dst.whenStatus("completed", "failed")
         digests = yield self.destination.done
@@ -268,7 +272,9 @@ class RAMFaultServiceTests(TestCase):
         dst = MigrationManager(reactor, destination)
         for manager in (src, dst):
             manager.setCapabilities({"postcopy-ram": True})
-        src.setParameters({"max-postcopy-bandwidth": 2 * MiB})
+        # Background pages trickle until the worker read everything, so
+        # its reads fault however slowly it starts.
+        src.setParameters({"max-postcopy-bandwidth": 128 * 1024})
         workers = []
         original = destination.run
 
@@ -286,12 +292,12 @@ class RAMFaultServiceTests(TestCase):
         src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
         src.startPostcopy()
         yield src.whenStatus("postcopy-active")
-        while not workers:
-            yield deferLater(reactor, 0.01, lambda: None)
+        yield waitUntil(reactor, lambda: workers)
         worker = workers[0]
         yield worker.attached
         answer = yield worker.command(op="touch", block=0, first=0, count=2048, threads=2)
         self.assertEqual(len(answer["latencies"]), 2048)
+        src.setParameters({"max-postcopy-bandwidth": 0})
         status = yield src.whenStatus("completed", "failed")
         self.assertEqual(status, "completed")
         yield dst.whenStatus("completed")

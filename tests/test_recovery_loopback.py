@@ -122,7 +122,10 @@ class RecoveryLoopbackTests(TestCase):
         self.dst = MigrationManager(reactor, self.destination, self.destination.faultServiceFactory)
         for manager in (self.src, self.dst):
             manager.setCapabilities({"postcopy-ram": True})
-        self.src.setParameters({"max-bandwidth": 4 * MiB, "max-postcopy-bandwidth": 2 * MiB})
+        # Background pages trickle (the guest's reads are requested and
+        # served at once) until the last recovery, so a cut always finds
+        # the guest waiting for pages, however slowly it starts.
+        self.src.setParameters({"max-bandwidth": 4 * MiB, "max-postcopy-bandwidth": 256 * 1024})
         self.events: dict[str, list[str]] = {"src": [], "dst": []}
         self.src.subscribe(lambda e: self.events["src"].append(e["data"]["status"]))
         self.dst.subscribe(lambda e: self.events["dst"].append(e["data"]["status"]))
@@ -151,8 +154,15 @@ class RecoveryLoopbackTests(TestCase):
         yield within(self.src.whenStatus("active"))
         self.src.startPostcopy()
         yield within(self.dst.whenStatus("postcopy-active"))
-        yield deferLater(reactor, 0.5, lambda: None)
+        yield self.guestWaiting()
         return relay
+
+    def guestWaiting(self) -> Deferred:
+        """
+        @return: a Deferred firing once the destination's guest waits for a
+            page (a fault is pending in the fault service).
+        """
+        return waitUntil(reactor, lambda: len(self.dst.incoming.faults.pending) > 0)
 
     @inlineCallbacks
     def recoverAndComplete(self):
@@ -172,6 +182,7 @@ class RecoveryLoopbackTests(TestCase):
         self.assertFalse(self.destination.done.called)
         recoverPort = yield self.dst.migrateRecover("tcp:127.0.0.1:0")
         relay = self.relay(recoverPort)
+        self.src.setParameters({"max-postcopy-bandwidth": 0})
         self.src.migrate(relay.uri, resume=True)
         status = yield within(self.src.whenStatus("completed", "failed"))
         dstStatus = yield within(self.dst.whenStatus("completed", "failed"))
@@ -250,7 +261,7 @@ class RecoveryLoopbackTests(TestCase):
         relay = self.relay(recoverPort)
         self.src.migrate(relay.uri, resume=True)
         yield within(self.dst.whenStatus("postcopy-active"))
-        yield deferLater(reactor, 0.3, lambda: None)
+        yield self.guestWaiting()
         relay.cut()
         yield self.recoverAndComplete()
         self.assertEqual(self.events["src"].count("postcopy-paused"), 2)
@@ -333,7 +344,7 @@ class ProductionFaultServiceTests(TestCase):
         src, dst = MigrationManager(reactor, source), MigrationManager(reactor, destination)
         for manager in (src, dst):
             manager.setCapabilities({"postcopy-ram": True})
-        src.setParameters({"max-postcopy-bandwidth": 1 * MiB})
+        src.setParameters({"max-postcopy-bandwidth": 128 * 1024})
         port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(port.stopListening)
         relay = RecordingRelay(("127.0.0.1", port.getHost().port))
@@ -355,6 +366,7 @@ class ProductionFaultServiceTests(TestCase):
         self.assertFalse(touching.called)
         self.assertGreater(len(dst.incoming.faults.pending), 0)
         recoverPort = yield dst.migrateRecover("tcp:127.0.0.1:0")
+        src.setParameters({"max-postcopy-bandwidth": 0})
         src.migrate(f"tcp:127.0.0.1:{recoverPort.getHost().port}", resume=True)
         answer = yield within(touching)
         self.assertEqual(len(answer["latencies"]), 2048)

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import struct
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_postcopy.errors import RemoteProtocolError, SnapshotError, UnsupportedFeatureError
+from twisted_postcopy.errors import (
+    BadRAMRecordError,
+    LimitExceededError,
+    RemoteProtocolError,
+    SnapshotError,
+    UnsupportedFeatureError,
+)
 from twisted_postcopy.snapshot.streamfile import findVMDescription, importStreamFile
+from twisted_postcopy.testing import fuzz
 
 PAGE = 4096
 DATA = os.path.join(os.path.dirname(__file__), "data", "qemu72-precopy-pc-32m.mig")
@@ -129,11 +138,14 @@ class ImportTests(SynchronousTestCase):
 
     def test_unsupportedFlags(self) -> None:
         """
-        XBZRLE, compressed and unknown record flags are refused by name.
+        XBZRLE and compressed records are refused by name, unknown record
+        flags as a bad record (the wire decoder's errors).
         """
-        for flags in (0x40, 0x100, 0x400 | 0x08):
+        for flags in (0x40, 0x100):
             pages = record(0, flags, b"pc.ram") + b"u" * PAGE
             self.assertRaises(UnsupportedFeatureError, self.importBytes, stream(pages))
+        pages = record(0, 0x400 | 0x08, b"pc.ram") + b"u" * PAGE
+        self.assertRaises(BadRAMRecordError, self.importBytes, stream(pages))
 
     def test_missingFile(self) -> None:
         """
@@ -157,3 +169,72 @@ class ImportTests(SynchronousTestCase):
         self.assertTrue(data[:end].endswith(devices))
         self.assertEqual(devices[0], 0x04)
         self.assertEqual(snapshot.machine, "pc-i440fx-7.2")
+
+
+class HostileFileTests(SynchronousTestCase):
+    """
+    Malformed and hostile files get the wire decoder's typed errors (with
+    the file offset), within a CPU bound: the old hand-written parser
+    raised UnicodeDecodeError, MemoryError and OSError on such input and
+    ran for seconds on one.
+    """
+
+    def importBytes(self, data: bytes):
+        """
+        @param data: a stream.
+        @return: the imported snapshot.
+        """
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(data)
+        return importStreamFile(path, self.mktemp())
+
+    def test_undecodableNames(self) -> None:
+        """
+        Block and machine names that are not UTF-8 do not raise
+        UnicodeDecodeError: names round-trip as bytes.
+        """
+        data = stream(record(0, 0x08, b"pc.ram") + b"a" * PAGE).replace(b"pc.rom", b"pc.r\xffm")
+        snapshot = self.importBytes(data)
+        self.assertEqual(snapshot.read("pc.ram", 0, PAGE), b"a" * PAGE)
+
+    def test_hugeBlock(self) -> None:
+        """
+        A block list claiming 2**62 bytes is refused at max-total-ram
+        before any memory is made (it was an OSError from the memfd).
+        """
+        data = stream()
+        total = struct.pack(">Q", 5 * PAGE | 0x04)
+        data = data.replace(total, struct.pack(">Q", (1 << 62) + 5 * PAGE | 0x04), 1)
+        data = data.replace(str8(b"pc.rom") + struct.pack(">Q", PAGE), str8(b"pc.rom") + struct.pack(">Q", (1 << 62) + PAGE))
+        error = self.assertRaises(LimitExceededError, self.importBytes, data)
+        self.assertEqual(error.limit, "max-total-ram")
+        self.assertEqual(error.offset, data.index(struct.pack(">Q", (1 << 62) + 5 * PAGE | 0x04)))
+
+    def test_misalignedBlock(self) -> None:
+        """
+        A block whose length is not whole pages is a bad record, not a
+        RAMBlockError from the memfd.
+        """
+        data = stream().replace(str8(b"pc.rom") + struct.pack(">Q", PAGE), str8(b"pc.rom") + struct.pack(">Q", 100))
+        data = data.replace(struct.pack(">Q", 5 * PAGE | 0x04), struct.pack(">Q", 4 * PAGE + 100 | 0x04))
+        self.assertRaises(RemoteProtocolError, self.importBytes, data)
+
+    def test_mutatedRecording(self) -> None:
+        """
+        Mutated copies of the real QEMU 7.2 recording import or fail with a
+        RemoteProtocolError carrying an offset inside the file, each under
+        a second of CPU.
+        """
+        with open(DATA, "rb") as f:
+            data = f.read()
+        for index in range(12):
+            rng = random.Random(index)
+            mutated = fuzz.mutate(data, rng, [data])
+            started = time.process_time()
+            try:
+                self.importBytes(mutated)
+            except RemoteProtocolError as error:
+                self.assertIsNotNone(error.offset)
+                self.assertTrue(0 <= error.offset <= len(mutated), error)
+            self.assertLess(time.process_time() - started, 1.0)

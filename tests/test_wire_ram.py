@@ -270,3 +270,67 @@ class RecordEncodingTests(SynchronousTestCase):
         self.assertRaises(LocalProtocolError, encoder.page, "pc.ram", 0, b"x")
         self.assertRaises(LocalProtocolError, encodeStr8, "")
         self.assertRaises(LocalProtocolError, encodeStr8, "x" * 256)
+
+
+class PageRunTests(SynchronousTestCase):
+    """
+    L{RAMRecordEncoder.pageRun}: the source's zero-copy encoding of a run
+    of pages straight from guest memory.
+    """
+
+    def setUp(self) -> None:
+        """
+        A 4-page block: pages 1 and 3 hold data, 0 and 2 are zero.
+        """
+        self.memory = bytearray(4 * 4096)
+        self.memory[4096:8192] = b"\x01" * 4096
+        self.memory[3 * 4096 + 100] = 7
+        self.view = memoryview(self.memory)
+
+    def decode(self, buffers: list) -> list:
+        """
+        @param buffers: the records.
+        @return: their events.
+        """
+        buffer = ReceiveBuffer()
+        buffer.feed(b"".join(bytes(piece) for piece in buffers) + unhex("00 00 00 00 00 00 00 10"))
+        decoder = RAMRecordDecoder({"pc.ram": len(self.memory)})
+        events = []
+        while (event := decoder.nextRecord(buffer)) != RAMSectionEOS():
+            events.append(event)
+        return events
+
+    def test_zeroCopyAndContinue(self) -> None:
+        """
+        Zero pages become ZERO records, the others PAGE records whose data
+        is the caller's memory itself; only the first record names the block.
+        """
+        encoder = RAMRecordEncoder()
+        out: list = []
+        self.assertEqual(encoder.pageRun("pc.ram", self.view, 0, 4 * 4096, out), 2)
+        pages = [piece for piece in out if isinstance(piece, memoryview)]
+        self.assertEqual(len(pages), 2)
+        self.assertIs(pages[0].obj, self.memory)
+        events = self.decode(out)
+        self.assertEqual([type(event) for event in events],
+                         [ZeroPageReceived, PageReceived, ZeroPageReceived, PageReceived])
+        self.assertEqual([event.continued for event in events], [False, True, True, True])
+        self.assertEqual(bytes(events[3].data), bytes(self.memory[3 * 4096:]))
+        self.assertEqual(encoder.lastBlock, "pc.ram")
+        out = []
+        encoder.pageRun("pc.ram", self.view, 4096, 2 * 4096, out)
+        self.assertEqual(bytes(out[0])[:8], (4096 | 0x08 | 0x20).to_bytes(8, "big"))
+
+    def test_alwaysNameBlock(self) -> None:
+        """
+        With C{alwaysNameBlock} every record names the block.
+        """
+        out: list = []
+        RAMRecordEncoder(alwaysNameBlock=True).pageRun("pc.ram", self.view, 0, 4 * 4096, out)
+        self.assertEqual([event.continued for event in self.decode(out)], [False] * 4)
+
+    def test_unaligned(self) -> None:
+        """
+        An unaligned run start is this side's error.
+        """
+        self.assertRaises(LocalProtocolError, RAMRecordEncoder().pageRun, "pc.ram", self.view, 100, 4096, [])

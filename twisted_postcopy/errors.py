@@ -58,9 +58,25 @@ class UnsupportedFeatureError(RemoteProtocolError):
 
 class LimitExceededError(RemoteProtocolError):
     """
-    An element is larger than a configured limit (package size, id string,
-    return-path message); nothing beyond the limit was buffered.
+    An element or a per-migration total is larger than a documented limit
+    (C{docs/wire-format.md}, "Limits"); nothing beyond the limit was
+    buffered.
+
+    @ivar limit: the limit's name (e.g. C{"max-ram-blocks"}), or L{None}.
+    @ivar reason: the message without the offset and the limit's name.
     """
+
+    def __init__(self, message: str, offset: int | None = None, limit: str | None = None) -> None:
+        """
+        @param message: what was too large.
+        @param offset: the stream offset of the offending element.
+        @param limit: the limit's name, put in the message too.
+        """
+        self.reason = message
+        if limit is not None:
+            message = f"{message} [{limit}]"
+        super().__init__(message, offset)
+        self.limit = limit
 
 
 class MigrationError(PostcopyError):
@@ -162,6 +178,13 @@ class BadRAMRecordError(RemoteProtocolError):
     """
     A RAM record is malformed: unknown flag combination, CONTINUE with no
     previous block, unknown RAMBlock, or an offset outside its block.
+    """
+
+
+class DuplicateRAMBlockError(RemoteProtocolError):
+    """
+    A RAM START list names a RAMBlock twice, or a stream has a second RAM
+    START (QEMU 7.2 sends exactly one).
     """
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred, succeed
 
 from twisted_postcopy.blocktime import BlocktimeContext
@@ -25,7 +26,7 @@ from twisted_postcopy.protocols.factories import (
 from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
-from twisted_postcopy.state import FINISHED, MigrationStatus as S
+from twisted_postcopy.state import FINISHED, POSTCOPY, MigrationStatus as S
 from twisted_postcopy.source.outgoing import OutgoingMigration
 
 #: QEMU 7.2's capabilities, in enum order.
@@ -85,6 +86,7 @@ class MigrationManager:
         self.incoming: IncomingMigration | None = None
         self.blocktime: BlocktimeContext | None = None
         self._subscribers: list[Callable[[dict[str, Any]], object]] = []
+        self._passSubscribers: list[Callable[[dict[str, Any]], object]] = []
         self._waiters: list[tuple[frozenset[str], Deferred]] = []
         self._listening: Any = None
         self.destinationFactory: DestinationFactory | None = None
@@ -174,7 +176,7 @@ class MigrationManager:
                 raise MigrationError(f"Parameter '{name}' expects a non-negative integer")
             if name == "downtime-limit" and value > 2000000:
                 raise MigrationError(
-                    "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 ms")
+                    "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
         self.parameters.update(parameters)
 
     def queryParameters(self) -> dict[str, Any]:
@@ -242,6 +244,7 @@ class MigrationManager:
         migration = OutgoingMigration(self.vm, None, self.reactor.seconds,
                                       dict(self.capabilities), self.parameters)
         migration.machine.observers.append(self._emit)
+        migration.onPass = self._emitPass
         self.outgoing = migration
         migration.begin()
         connecting = connectMaybeTLS(endpoint, tls, SourceFactory(migration, self.reactor))
@@ -309,8 +312,10 @@ class MigrationManager:
 
     def _incomingAddress(self) -> dict[str, Any]:
         """
-        QEMU's answer while an incoming migration listens: C{setup} and the
-        C{socket-address} list, with the real port when listening on port 0.
+        QEMU 7.2's answer while an incoming migration listens: only the
+        C{socket-address} list (no C{status} yet), with the real port when
+        listening on port 0 and, for TCP, C{ipv4} or C{ipv6} as QEMU sets
+        them.
 
         @return: the C{query-migrate} answer, C{{}} before the listener is up.
         """
@@ -318,10 +323,11 @@ class MigrationManager:
             return {}
         host = self._listening.getHost()
         if hasattr(host, "port"):
-            address = {"type": "inet", "host": host.host, "port": str(host.port)}
+            family = "ipv6" if isinstance(host, IPv6Address) else "ipv4"
+            address = {"type": "inet", "host": host.host, "port": str(host.port), family: True}
         else:
             address = {"type": "unix", "path": host.name.decode() if isinstance(host.name, bytes) else host.name}
-        return {"status": S.SETUP.value, "socket-address": [address]}
+        return {"socket-address": [address]}
 
     def _stopListening(self, status: S) -> None:
         """
@@ -405,6 +411,58 @@ class MigrationManager:
         if self.status == S.COMPLETED and self.blocktime is not None:
             answer.update(self.blocktime.query())
         return answer
+
+    def subscribePasses(self, callback: Callable[[dict[str, Any]], object]) -> Callable[[], None]:
+        """
+        Ask for QEMU's C{MIGRATION_PASS} events (one per dirty sync of an
+        outgoing migration), kept apart from L{subscribe}'s C{MIGRATION}
+        events.
+
+        @param callback: called with C{{"event": "MIGRATION_PASS", "data":
+            {"pass": N}}}.
+        @return: a callable that unsubscribes.
+        """
+        self._passSubscribers.append(callback)
+        return lambda: (self._passSubscribers.remove(callback)
+                        if callback in self._passSubscribers else None)
+
+    def _emitPass(self, count: int) -> None:
+        """
+        Publish a dirty sync.
+
+        @param count: the dirty sync count (QEMU's pass number).
+        """
+        event = {"event": "MIGRATION_PASS", "data": {"pass": count}}
+        for callback in list(self._passSubscribers):
+            callback(event)
+
+    def queryStatus(self) -> dict[str, Any]:
+        """
+        C{query-status}: the run state QEMU would report for this side's
+        VM.  A source runs until it stops for switchover
+        (C{finish-migrate}, also through postcopy), after a completed
+        migration is C{postmigrate}, and runs again after a failed or
+        cancelled one; a destination is C{inmigrate} until its guest runs
+        (from C{postcopy-active}, or on completion); a daemon without a
+        guest is C{prelaunch}.
+
+        @return: C{{"status", "singlestep", "running"}}, as QEMU 7.2.
+        """
+        status = self.status
+        if self.vm is None:
+            state = "prelaunch"
+        elif IOutgoingVM.providedBy(self.vm):
+            state = "running"
+            if self.outgoing is not None and status == S.COMPLETED:
+                state = "postmigrate"
+            elif self.outgoing is not None and (
+                    status in POSTCOPY or (self.outgoing.stopped and status not in FINISHED)):
+                state = "finish-migrate"
+        elif status in POSTCOPY or status == S.COMPLETED:
+            state = "running"
+        else:
+            state = "inmigrate"
+        return {"status": state, "singlestep": False, "running": state == "running"}
 
     def objectAdd(self, qomType: str, id: str, **properties: Any) -> None:
         """

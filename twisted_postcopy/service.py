@@ -107,6 +107,25 @@ class MigrationService(MultiService):
             self.incomingStarted = maybeDeferred(self.manager.migrateIncoming, self.incoming)
             self.incomingStarted.addErrback(self._incomingFailed)
 
+    def serveQMP(self, endpoint: str, insecure: bool = False) -> None:
+        """
+        Also serve QMP on C{endpoint} (C{--qmp}), with the same manager and
+        guest as the control API, through the same access policy as the
+        control endpoint (L{listeningEndpoint}: a Unix socket is 0600 with
+        its peers checked).
+
+        @param endpoint: the endpoint description (C{unix:PATH}).
+        @param insecure: C{--insecure-control} was given.
+        @raise twisted_postcopy.errors.AccessError: the endpoint is refused
+            by the access policy.
+        """
+        from twisted_postcopy.control.qmp import QMPFactory
+
+        listening = listeningEndpoint(self.reactor, endpoint, insecure, what="QMP socket")
+        self.qmpService = StreamServerEndpointService(listening, QMPFactory(self.manager, self.guest))
+        self.qmpService._raiseSynchronously = True
+        self.qmpService.setServiceParent(self)
+
     def _incomingFailed(self, failure: Any) -> None:
         """
         Log why C{migrate-incoming} failed at start-up; the daemon stays up

@@ -107,6 +107,9 @@ class Options(usage.Options):
         ["workers", None, 2, "Number of guest worker processes.", int],
         ["attach", None, None,
          "Unix socket where guest workers attach (default: CONTROL_PATH.attach)."],
+        ["qmp", None, None,
+         "Also serve QMP (QEMU 7.2's monitor protocol) on this endpoint, "
+         "e.g. unix:/run/postcopy.qmp (see docs/qmp.md)."],
         ["snapshot-root", None, None,
          "The snapshot-* commands may only name directories under DIR (relative ones are "
          "taken from it; no symbolic link is followed below it)."],
@@ -220,6 +223,8 @@ class Options(usage.Options):
 
         try:
             parseListening(self["control"], self["insecure-control"])
+            if self["qmp"]:
+                parseListening(self["qmp"], self["insecure-control"])
             if self["attach-group"] is not None:
                 parseGroup(self["attach-group"])
             if self["snapshot-root"] is not None and not os.path.isdir(self["snapshot-root"]):
@@ -337,7 +342,10 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         manager.objectAdd(qomType, id, **properties)
     if options["parameters"]:
         manager.setParameters(options["parameters"])
-    return MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
-                            guest=guest, capabilities=options["capabilities"],
-                            insecureControl=options["insecure-control"],
-                            snapshotRoot=options["snapshot-root"] and os.path.abspath(options["snapshot-root"]))
+    service = MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
+                               guest=guest, capabilities=options["capabilities"],
+                               insecureControl=options["insecure-control"],
+                               snapshotRoot=options["snapshot-root"] and os.path.abspath(options["snapshot-root"]))
+    if options["qmp"]:
+        service.serveQMP(options["qmp"], options["insecure-control"])
+    return service

@@ -9,7 +9,6 @@ C{WORKDIR/NAME.log} and listens for control on C{unix:WORKDIR/NAME.sock}.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from twisted.internet.error import ConnectError
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 
+from twisted_postcopy.childprocess import IMPORT_ROOT, childEnvironment, pythonArguments
 from twisted_postcopy.control.client import ControlClient, connectControl
 from twisted_postcopy.errors import DaemonError
 
@@ -29,25 +29,24 @@ from twisted_postcopy.errors import DaemonError
 TWISTD = "from twisted.scripts.twistd import run; run()"
 
 #: The directory above the package, holding C{twisted/plugins/} in a checkout.
-CHECKOUT = Path(__file__).resolve().parent.parent.parent
+CHECKOUT = IMPORT_ROOT
 
 
 def pluginEnvironment(environ: dict[str, str] | None = None) -> dict[str, str]:
     """
-    The environment under which C{twistd} finds the C{postcopy} plugin.
+    The environment under which C{twistd} finds the C{postcopy} plugin and
+    imports the same C{twisted_postcopy} as this process.
 
     An editable install does not put the checkout on C{sys.path}, so the
-    plugin in its C{twisted/plugins/} would stay unseen; the checkout is
-    then put first on C{PYTHONPATH}.
+    plugin in its C{twisted/plugins/} would stay unseen; and a daemon
+    started from inside a checkout must not import that checkout instead
+    of the installed package.  See
+    L{twisted_postcopy.childprocess.childEnvironment}.
 
     @param environ: the base environment (default: C{os.environ}).
     @return: a new environment.
     """
-    env = dict(os.environ if environ is None else environ)
-    plugin = CHECKOUT / "twisted" / "plugins" / "twisted_postcopy_plugin.py"
-    if plugin.exists():
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
-    return env
+    return childEnvironment(environ)
 
 
 def logTail(path: Path, lines: int = 15) -> str:
@@ -131,6 +130,13 @@ class Daemon:
         return f"unix:{self.workdir / (self.name + '.sock')}"
 
     @property
+    def qmp(self) -> str:
+        """
+        The QMP endpoint description (served when started with C{qmp}).
+        """
+        return f"unix:{self.workdir / (self.name + '.qmp')}"
+
+    @property
     def log(self) -> Path:
         """
         The daemon's log file.
@@ -175,7 +181,8 @@ class Daemon:
 
 
 async def startDaemon(
-    reactor: Any, name: str, workdir: Path, arguments: Sequence[str], timeout: float = 30.0
+    reactor: Any, name: str, workdir: Path, arguments: Sequence[str], timeout: float = 30.0,
+    qmp: bool = False,
 ) -> Daemon:
     """
     Spawn C{twistd -n postcopy} and connect to its control socket.
@@ -185,13 +192,16 @@ async def startDaemon(
     @param workdir: the directory for the socket and log.
     @param arguments: the plugin's options other than C{--control}.
     @param timeout: seconds to wait for the control socket.
+    @param qmp: also serve QMP on L{Daemon.qmp}.
     @return: the connected L{Daemon}.
     @raise DaemonError: the daemon exited or did not listen in time.
     """
     protocol = _DaemonProtocol()
     daemon = Daemon(name, workdir, None, protocol)
-    argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", f"--logfile={daemon.log}",
+    argv = [*pythonArguments("-c", TWISTD), "-n", "--pidfile=", f"--logfile={daemon.log}",
             "postcopy", "--control", daemon.control, *arguments]
+    if qmp:
+        argv += ["--qmp", daemon.qmp]
     daemon.process = reactor.spawnProcess(
         protocol, sys.executable, argv, env=pluginEnvironment(), childFDs={0: "w", 1: "r", 2: "r"}
     )

@@ -20,6 +20,11 @@ from twisted.protocols.amp import AMP
 
 from twisted_postcopy.control import commands
 from twisted_postcopy.errors import MigrationError, SnapshotError
+from twisted_postcopy.errors import LimitExceededError
+from twisted_postcopy.wire.constants import MAX_AMP_BOX_SIZE
+from twisted.logger import Logger
+
+_log = Logger()
 
 
 def _call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred:
@@ -331,6 +336,68 @@ class ControlAMP(AMP):
         self.callRemote(
             commands.MigrationEvent, event=event["event"], data=event.get("data", {})
         )
+
+    #: Bytes of keys and values in the box being received (see
+    #: L{twisted_postcopy.wire.constants.MAX_AMP_BOX_SIZE}).
+    _boxBytes = 0
+
+    def proto_init(self, string: bytes) -> str:
+        """
+        The first key of a box: start counting its bytes.
+
+        @param string: the key.
+        @return: the next state.
+        """
+        self._boxBytes = 0
+        return super().proto_init(string)
+
+    def proto_key(self, string: bytes) -> str:
+        """
+        A key (or the empty key ending the box), counted against
+        C{MAX_AMP_BOX_SIZE}.
+
+        @param string: the key.
+        @return: the next state; C{"done"} (the connection is closed) for a
+            box over the limit.
+        """
+        self._boxBytes += len(string) + 2
+        if self._boxBytes > MAX_AMP_BOX_SIZE:
+            return self._boxTooLarge()
+        return super().proto_key(string)
+
+    def proto_value(self, string: bytes) -> str:
+        """
+        A value, counted against C{MAX_AMP_BOX_SIZE}.
+
+        @param string: the value.
+        @return: the next state (C{"done"} for a box over the limit).
+        """
+        self._boxBytes += len(string) + 2
+        if self._boxBytes > MAX_AMP_BOX_SIZE:
+            return self._boxTooLarge()
+        return super().proto_value(string)
+
+    def proto_done(self, string: bytes) -> str:
+        """
+        Anything after an oversized box is ignored while the connection
+        closes.
+
+        @param string: ignored.
+        @return: C{"done"}.
+        """
+        return "done"
+
+    def _boxTooLarge(self) -> str:
+        """
+        An AMP box grew over the limit: drop it and the connection.
+
+        @return: C{"done"}.
+        """
+        self._currentBox = None
+        self.boxTooLarge = LimitExceededError(
+            f"AMP box of more than {MAX_AMP_BOX_SIZE} bytes", self._boxBytes, "max-amp-box")
+        _log.warn("control connection closed: {error}", error=self.boxTooLarge)
+        return "done"
 
     @commands.ObjectAdd.responder
     def objectAdd(self, qom_type: str, id: str, props: dict[str, Any] | None = None) -> Deferred:

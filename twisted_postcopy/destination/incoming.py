@@ -5,7 +5,8 @@ of the main stream (migration-stream.md section 6), without sockets.
 
 L{IncomingMigration} is driven by the stream protocol, one method per
 decoded element, and answers through a return-path object
-(L{IReturnPathSender}: C{pong}, C{shut}, C{requestPages}).  Pages go
+(C{pong}, C{shut}, C{requestPages}, as
+L{twisted_postcopy.protocols.returnpath.ReturnPathWriter} has them).  Pages go
 through a L{PagePlacer}; at LISTEN a fault service
 (L{twisted_postcopy.interfaces.IFaultService}) is started over the blocks
 and placement switches to it.  From then on the fault service owns every

@@ -10,7 +10,6 @@ C{load}).  See C{docs/attach.md}.
 from __future__ import annotations
 
 import base64
-import os
 import signal
 import sys
 from typing import Any
@@ -20,6 +19,7 @@ from twisted.internet import protocol
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 
 from twisted_postcopy.access import PeerCredentials, PeerPolicy, SocketPolicy, listenUNIX
+from twisted_postcopy.childprocess import childEnvironment, pythonArguments
 from twisted_postcopy.errors import AttachProtocolError, GuestError
 from twisted_postcopy.guests.attach import MODES
 from twisted_postcopy.guests.session import AttachProtocol
@@ -205,9 +205,9 @@ class GuestHost(protocol.Factory):
         for index in range(count):
             name = f"{guest}-{len(self.processes)}"
             process = WorkerProcess(name)
-            argv = [sys.executable, "-m", module, "--attach", self.socketPath, "--guest", guest,
+            argv = [*pythonArguments("-m", module), "--attach", self.socketPath, "--guest", guest,
                     "--worker", name, *arguments]
-            self.reactor.spawnProcess(process, sys.executable, argv, env=dict(os.environ),
+            self.reactor.spawnProcess(process, sys.executable, argv, env=childEnvironment(),
                                       childFDs={0: "w", 1: "r", 2: "r"})
             self.processes[name] = process
             process.ended.addCallback(self._processEnded, name)

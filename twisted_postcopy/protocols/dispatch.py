@@ -20,12 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted_postcopy.errors import LimitExceededError
 from twisted_postcopy.wire import NEED_DATA, ReturnPathDecoder, StreamDecoder
 from twisted_postcopy.wire import events as e
-
-#: The first and last bytes of every 7.2 package: LISTEN, and PING(3) RUN.
-PACKAGE_HEAD = bytes.fromhex("0800040000")
-PACKAGE_TAIL = bytes.fromhex("0800020004000000030800050000")
+from twisted_postcopy.wire.commands import PACKAGE_HEAD, PACKAGE_PING_VALUE, PACKAGE_TAIL
 
 
 class IncomingStreamReader:
@@ -35,6 +33,8 @@ class IncomingStreamReader:
     @ivar incoming: the incoming migration.
     @ivar decoder: the stream decoder.
     @ivar devices: device bytes not yet handed over.
+    @ivar heldDeviceBytes: the length of C{devices}, at most the
+        decoder's C{maxDeviceBytes}.
     @ivar finished: whether the stream ended (the migration completed).
     """
 
@@ -45,6 +45,7 @@ class IncomingStreamReader:
         self.incoming = incoming
         self.decoder = StreamDecoder()
         self.devices: list[bytes] = []
+        self.heldDeviceBytes = 0
         self.finished = False
         self._calls = {
             e.ConfigurationReceived: lambda ev: incoming.configurationReceived(ev.machine, ev.subsections),
@@ -58,7 +59,7 @@ class IncomingStreamReader:
             e.DiscardReceived: lambda ev: incoming.discard(ev.block, ev.ranges),
             e.ListenReceived: lambda ev: incoming.listen(),
             e.RunReceived: self._run,
-            e.DeviceSectionReceived: lambda ev: self.devices.append(ev.raw),
+            e.DeviceSectionReceived: lambda ev: self._hold(ev.raw),
             e.PackageReceived: lambda ev: self._package(ev.data),
             e.EOFReceived: self._eof,
             e.VMDescriptionReceived: lambda ev: self._end(),
@@ -93,11 +94,11 @@ class IncomingStreamReader:
             self.incoming.listen()
             body = data[len(PACKAGE_HEAD) : -len(PACKAGE_TAIL)]
             if body:
-                self.devices.append(body)
-            self.incoming.ping(3)
+                self._hold(body)
+            self.incoming.ping(PACKAGE_PING_VALUE)
             self._run(None)
             return
-        package = StreamDecoder(header=False)
+        package = self.decoder.packageDecoder(data, self.heldDeviceBytes)
         package.receiveData(data)
         package.receiveData(b"")
         for event in package.events():
@@ -107,12 +108,28 @@ class IncomingStreamReader:
             if event.__class__ is e.RunReceived:
                 return
 
+    def _hold(self, raw: bytes) -> None:
+        """
+        Keep device bytes until RUN or EOF.
+
+        @param raw: device sections.
+        @raise LimitExceededError: if more than the decoder's
+            C{maxDeviceBytes} would be held.
+        """
+        self.heldDeviceBytes += len(raw)
+        limit = self.decoder.maxDeviceBytes
+        if self.heldDeviceBytes > limit:
+            raise LimitExceededError(f"more than {limit} bytes of device state held",
+                                     self.decoder.position, "max-device-bytes")
+        self.devices.append(raw)
+
     def _handDevices(self) -> None:
         """
         Give the collected device bytes to the VM.
         """
         if self.devices:
             raw, self.devices = b"".join(self.devices), []
+            self.heldDeviceBytes = 0
             self.incoming.deviceState(raw)
 
     def _run(self, event: Any) -> None:
@@ -156,6 +173,11 @@ class ReturnPathReader:
         """
         self.outgoing = outgoing
         self.decoder = ReturnPathDecoder()
+        self._calls = {
+            e.PagesRequested: self._pagesRequested,
+            e.ShutReceived: lambda ev: outgoing.shut(ev.value),
+            e.PongReceived: lambda ev: outgoing.pong(ev.value),
+        }
 
     def receiveData(self, data: bytes) -> None:
         """
@@ -166,12 +188,23 @@ class ReturnPathReader:
             request the source refuses.
         """
         self.decoder.receiveData(data)
-        outgoing = self.outgoing
+        calls = self._calls
         for event in self.decoder.events():
-            kind = event.__class__
-            if kind is e.PagesRequested:
-                outgoing.pagesRequested(event.block, event.start, event.length)
-            elif kind is e.ShutReceived:
-                outgoing.shut(event.value)
-            elif kind is e.PongReceived:
-                outgoing.pong(event.value)
+            call = calls.get(event.__class__)
+            if call is not None:
+                call(event)
+
+    def _pagesRequested(self, event: e.PagesRequested) -> None:
+        """
+        A page request: queue it (de-duplicated and capped by the source).
+
+        @param event: the request.
+        @raise LimitExceededError: too many requests are queued (with the
+            stream offset after the request).
+        """
+        try:
+            self.outgoing.pagesRequested(event.block, event.start, event.length)
+        except LimitExceededError as error:
+            if error.offset is not None:
+                raise
+            raise LimitExceededError(error.reason, self.decoder.position, error.limit) from None

@@ -21,9 +21,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted_postcopy.errors import RemoteProtocolError
-from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
-from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, RAMSectionEOS, ZeroPageReceived
+from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
+from twisted_postcopy.wire.constants import DEFAULT_MAX_PREEMPT_HELD, TARGET_PAGE_SIZE
+from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, ZeroPageReceived
 from twisted_postcopy.wire.preempt import PreemptDecoder, PreemptEncoder
 
 _log = Logger()
@@ -128,6 +128,7 @@ class PreemptDestinationProtocol(Protocol):
         C{page}, C{zero}, C{flush}, C{failed}).
     @ivar decoder: the channel decoder, once the blocks are known.
     @ivar held: bytes received before the decoder existed.
+    @ivar heldBytes: their length, at most C{maxHeld} (max-preempt-held).
     @ivar recordsReceived: RAM records received.
     @ivar ended: fires with None at EOS, or fails if the channel breaks
         before its EOS.
@@ -140,6 +141,8 @@ class PreemptDestinationProtocol(Protocol):
         self.incoming = incoming
         self.decoder: PreemptDecoder | None = None
         self.held: list[bytes] = []
+        self.heldBytes = 0
+        self.maxHeld = DEFAULT_MAX_PREEMPT_HELD
         self.recordsReceived = 0
         self.ended: Deferred = Deferred()
 
@@ -163,9 +166,16 @@ class PreemptDestinationProtocol(Protocol):
         """
         decoder = self._decoder()
         if decoder is None:
+            if self.heldBytes + len(data) > self.maxHeld:
+                self.held = []
+                self._fail(LimitExceededError(
+                    f"more than {self.maxHeld} bytes on the preempt channel before the RAM block list",
+                    self.heldBytes, "max-preempt-held"))
+                return
+            self.heldBytes += len(data)
             self.held.append(data)
             return
-        held, self.held = self.held, []
+        held, self.held, self.heldBytes = self.held, [], 0
         try:
             for chunk in [*held, data]:
                 decoder.receiveData(chunk)
@@ -179,12 +189,14 @@ class PreemptDestinationProtocol(Protocol):
 
         @param decoder: the channel decoder.
         """
+        incoming = self.incoming
         for event in decoder.events():
-            if isinstance(event, PageReceived):
-                self.incoming.page(event.block, event.offset, event.data)
-            elif isinstance(event, ZeroPageReceived):
-                self.incoming.zero(event.block, event.offset, event.fill)
-            elif isinstance(event, RAMSectionEOS):
+            kind = event.__class__
+            if kind is PageReceived:
+                incoming.page(event.block, event.offset, event.data)
+            elif kind is ZeroPageReceived:
+                incoming.zero(event.block, event.offset, event.fill)
+            else:
                 continue
             self.recordsReceived += 1
         self.incoming.flush()

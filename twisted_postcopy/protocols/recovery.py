@@ -41,7 +41,8 @@ log = Logger()
 class RecoveryReturnPathReader(ReturnPathReader):
     """
     The source's return path on a recovery connection: RECV_BITMAP and
-    RESUME_ACK go to the handshake, everything else as usual.
+    RESUME_ACK go to the handshake, page requests and SHUT as usual (one
+    dispatch table, the base reader's with these entries).
 
     @ivar resume: the handshake.
     @ivar resumed: called once RESUME_ACK moved the migration back to
@@ -56,27 +57,20 @@ class RecoveryReturnPathReader(ReturnPathReader):
         super().__init__(outgoing)
         self.resume = resume
         self.resumed: Callable[[], object] = lambda: None
+        del self._calls[e.PongReceived]
+        self._calls.update({
+            e.RecvBitmapReceived: lambda ev: resume.bitmapReceived(ev.block, ev.bitmap),
+            e.ResumeAckReceived: self._resumeAcked,
+        })
 
-    def receiveData(self, data: bytes) -> None:
+    def _resumeAcked(self, event: e.ResumeAckReceived) -> None:
         """
-        Decode and act on return-path bytes.
+        RESUME_ACK: the handshake decides whether postcopy resumes.
 
-        @param data: the bytes.
-        @raise twisted_postcopy.errors.PostcopyError: bad input.
+        @param event: the message.
         """
-        self.decoder.receiveData(data)
-        outgoing = self.outgoing
-        for event in self.decoder.events():
-            kind = event.__class__
-            if kind is e.RecvBitmapReceived:
-                self.resume.bitmapReceived(event.block, event.bitmap)
-            elif kind is e.ResumeAckReceived:
-                if self.resume.resumeAcked():
-                    self.resumed()
-            elif kind is e.PagesRequested:
-                outgoing.pagesRequested(event.block, event.start, event.length)
-            elif kind is e.ShutReceived:
-                outgoing.shut(event.value)
+        if self.resume.resumeAcked():
+            self.resumed()
 
 
 class RecoverySourceProtocol(SourceProtocol):
@@ -90,7 +84,7 @@ class RecoverySourceProtocol(SourceProtocol):
     def __init__(self, migration: Any, reactor: Any) -> None:
         """
         @param migration: the paused outgoing migration.
-        @param reactor: an L{IReactorTime}.
+        @param reactor: an L{twisted.internet.interfaces.IReactorTime}.
         """
         super().__init__(migration, reactor)
         self.resume = SourceResume(migration, lambda data: self.transport.write(data))

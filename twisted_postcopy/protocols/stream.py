@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
@@ -36,6 +37,8 @@ IOV_MAX = 1024
 #: destination socket during postcopy.
 POSTCOPY_SNDBUF = 1 << 17
 
+_log = Logger()
+
 
 @implementer(IPushProducer)
 class SourceProtocol(Protocol):
@@ -51,7 +54,7 @@ class SourceProtocol(Protocol):
     def __init__(self, migration: Any, reactor: Any) -> None:
         """
         @param migration: the outgoing migration.
-        @param reactor: an L{IReactorTime}.
+        @param reactor: an L{twisted.internet.interfaces.IReactorTime}.
         """
         self.migration = migration
         self.reactor = reactor
@@ -271,6 +274,7 @@ class DestinationProtocol(Protocol):
             self.driver.receiveData(data)
             self.incoming.flush()
         except (PostcopyError, OSError) as error:
+            _log.warn("incoming migration stream: {error}", error=error)
             if not incomingChannelLost(self.incoming, self, error):
                 self.incoming.failed(error)
             self.transport.abortConnection()

@@ -38,6 +38,7 @@ from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from twisted_postcopy.childprocess import childEnvironment, pythonArguments
 from twisted_postcopy.interfaces import IPageSource
 from twisted_postcopy.ram import uffd
 from twisted_postcopy.ram._uffd import ffi, lib
@@ -263,8 +264,8 @@ def spawnWorker(reactor: Any, service: Any, blocks: list[Any], mode: str = "faul
         spec["blocks"].append([block.fd, block.length, block.pageSize, block.idstr])
     worker = WorkerProcess(service, ours)
     reactor.spawnProcess(worker, sys.executable,
-                         [sys.executable, "-m", "twisted_postcopy.ram.guestworker", json.dumps(spec)],
-                         env=dict(os.environ), childFDs=fds)
+                         pythonArguments("-m", "twisted_postcopy.ram.guestworker", json.dumps(spec)),
+                         env=childEnvironment(), childFDs=fds)
     theirs.close()
     return worker
 

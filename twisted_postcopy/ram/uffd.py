@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_ram_uffd -*-
 """
-Thin wrappers over the userfaultfd C shims of L{twisted_postcopy.ram._uffd}.
+Thin wrappers over the userfaultfd C shims of C{twisted_postcopy.ram._uffd}.
 
 Every function takes a file descriptor and plain integers, returns plain
 integers and raises L{UffdError} (an L{OSError} with the kernel's errno)

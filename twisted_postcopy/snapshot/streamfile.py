@@ -3,28 +3,174 @@
 Offline import of a recorded QEMU 7.2 precopy stream (C{migrate
 "exec:cat > FILE"}) into a snapshot.
 
-QEMU's own device sections carry no length, so a live decoder cannot find
-where one ends.  A whole file can be cut anyway: it ends with C{QEMU_VM_EOF},
-C{QEMU_VM_VMDESCRIPTION}, a be32 length and that many bytes of JSON; the
-device tail is everything between the first non-RAM FULL section and that
-EOF byte.  RAM records before it are decoded and written into memfd blocks.
+The file is walked by the L{twisted_postcopy.wire.StreamDecoder} in 1 MiB
+chunks, so a malformed or hostile file gets the decoder's typed
+L{twisted_postcopy.errors.RemoteProtocolError}s (with the file offset),
+within its limits, in time linear in the file.  L{StreamImporter} applies
+the events: the block list creates the blocks, RAM records are written into
+them, device sections (byte-exact, as the decoder delimits them) form the
+device tail, and the stream must end with C{QEMU_VM_EOF} and a
+VMDESCRIPTION.
 """
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
-import struct
+from typing import Any, Callable, Iterable
 
-from twisted_postcopy.errors import RemoteProtocolError, SnapshotError, UnsupportedFeatureError
+from attrs import define, field
+
+from twisted_postcopy.errors import BadRAMRecordError, RemoteProtocolError, SnapshotError, TruncatedStreamError
 from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.snapshot.store import Snapshot, writeSnapshot
-from twisted_postcopy.wire.constants import QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, RAMFlag
-from twisted_postcopy.wire.constants import SectionType as T
+from twisted_postcopy.wire import events as e
+from twisted_postcopy.wire.config import encodeConfigurationEvent
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
+from twisted_postcopy.wire.stream import StreamDecoder
 
-_RAM_FLAGS = int(RAMFlag.ZERO | RAMFlag.PAGE | RAMFlag.CONTINUE)
-_PAGE_MASK = ~0xFFF
+#: Bytes read from the file at a time.
+CHUNK = 1 << 20
+
+
+def _memfdBlock(idstr: str, length: int) -> RAMBlock:
+    """
+    @param idstr: a block name.
+    @param length: its used length (page aligned).
+    @return: a memfd-backed L{RAMBlock}.
+    """
+    return RAMBlock(idstr, length)
+
+
+@define
+class StreamImporter:
+    """
+    Applies the events of a recorded precopy stream.
+
+    @ivar newBlock: makes a block from (idstr, length); it has C{write(offset,
+        data)}, C{close()} and, for L{importStreamFile}, C{fd}/C{pageSize}.
+    @ivar decoder: the stream decoder.
+    @ivar machine: the machine type name, once decoded.
+    @ivar configuration: the configuration element after its type byte.
+    @ivar blocks: idstr -> block, in list order.
+    @ivar devices: device sections, byte-exact, in order.
+    @ivar ended: whether the VMDESCRIPTION (the file's end) was decoded.
+    """
+
+    newBlock: Callable[[str, int], Any] = _memfdBlock
+    decoder: StreamDecoder = field(factory=StreamDecoder)
+    machine: str | None = None
+    configuration: bytes = b""
+    blocks: dict[str, Any] = field(factory=dict)
+    devices: list[bytes] = field(factory=list)
+    ended: bool = False
+    _calls: dict[type, Callable[[Any], None]] = field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        """
+        The one event-dispatch table; other events (header, section
+        boundaries, EOS, commands, EOF) need nothing.
+        """
+        self._calls.update({
+            e.ConfigurationReceived: self._configurationReceived,
+            e.RAMBlocksListed: self._blocksListed,
+            e.PageReceived: lambda ev: self.blocks[ev.block].write(ev.offset, ev.data),
+            e.ZeroPageReceived: self._zero,
+            e.DeviceSectionReceived: lambda ev: self.devices.append(ev.raw),
+            e.VMDescriptionReceived: self._ended,
+        })
+
+    def receiveData(self, data: bytes) -> None:
+        """
+        Decode and apply bytes of the file.
+
+        @param data: the next bytes; C{b""} at the end of the file.
+        @raise RemoteProtocolError: malformed input.
+        """
+        decoder, calls = self.decoder, self._calls
+        decoder.receiveData(data)
+        for event in decoder.events():
+            call = calls.get(event.__class__)
+            if call is not None:
+                call(event)
+
+    def finish(self) -> None:
+        """
+        The file ended.
+
+        @raise TruncatedStreamError: it did not end with EOF and a
+            VMDESCRIPTION.
+        """
+        self.receiveData(b"")
+        if not self.ended:
+            raise TruncatedStreamError("stream does not end with EOF and a VM description",
+                                       self.decoder.position)
+
+    def close(self) -> None:
+        """
+        Release the blocks.
+        """
+        for block in self.blocks.values():
+            block.close()
+        self.blocks.clear()
+
+    def _configurationReceived(self, event: e.ConfigurationReceived) -> None:
+        """
+        @param event: the configuration.
+        """
+        self.machine = event.machine
+        self.configuration = encodeConfigurationEvent(event)[1:]
+
+    def _blocksListed(self, event: e.RAMBlocksListed) -> None:
+        """
+        Create the blocks (the decoder checked counts, total and names).
+
+        @param event: the RAM START list.
+        @raise BadRAMRecordError: a length that is not whole pages.
+        """
+        for info in event.blocks:
+            if info.length <= 0 or info.length % TARGET_PAGE_SIZE:
+                raise BadRAMRecordError(
+                    f"RAMBlock {info.idstr!r} length 0x{info.length:x} is not a whole number of pages",
+                    self.decoder.position)
+        for info in event.blocks:
+            self.blocks[info.idstr] = self.newBlock(info.idstr, info.length)
+
+    def _zero(self, event: e.ZeroPageReceived) -> None:
+        """
+        A ZERO record: a fresh block is zero already; another fill byte
+        is written out.
+
+        @param event: the record.
+        """
+        if event.fill:
+            self.blocks[event.block].write(event.offset, bytes((event.fill,)) * TARGET_PAGE_SIZE)
+
+    def _ended(self, event: e.VMDescriptionReceived) -> None:
+        """
+        @param event: the VMDESCRIPTION, the last element of a file.
+        """
+        self.ended = True
+
+
+def importChunks(chunks: Iterable[bytes], newBlock: Callable[[str, int], Any] = _memfdBlock) -> StreamImporter:
+    """
+    Walk a whole recorded stream.
+
+    @param chunks: its bytes, in order.
+    @param newBlock: the block factory.
+    @return: the importer, complete (the caller closes it).
+    @raise RemoteProtocolError: malformed input (the blocks are closed).
+    """
+    importer = StreamImporter(newBlock)
+    try:
+        for chunk in chunks:
+            importer.receiveData(chunk)
+        importer.finish()
+    except BaseException:
+        importer.close()
+        raise
+    return importer
 
 
 def findVMDescription(data: bytes | mmap.mmap) -> int:
@@ -33,160 +179,19 @@ def findVMDescription(data: bytes | mmap.mmap) -> int:
 
     @param data: the whole stream.
     @return: the offset of the EOF byte that precedes the vmdesc.
-    @raise RemoteProtocolError: the stream does not end with a vmdesc.
+    @raise RemoteProtocolError: the stream is malformed or does not end
+        with a vmdesc.
     """
-    end = len(data)
-    closing = data.rfind(b"}")
-    marker = bytes([T.EOF, T.VMDESCRIPTION])
-    position = data.rfind(marker, 0, end)
-    while position >= 0:
-        size = struct.unpack(">I", data[position + 2 : position + 6])[0]
-        if position + 6 + size == end and closing == end - 1:
-            try:
-                json.loads(bytes(data[position + 6 : end]))
-            except ValueError:
-                pass
-            else:
-                return position
-        position = data.rfind(marker, 0, position)
-    raise RemoteProtocolError("stream does not end with EOF and a VM description")
-
-
-class _Walker:
-    """
-    Walks a recorded stream up to its device tail.
-
-    @ivar data: the stream.
-    @ivar at: the read position.
-    @ivar blocks: idstr -> L{RAMBlock}.
-    @ivar order: block names in list order.
-    @ivar last: the CONTINUE block.
-    """
-
-    def __init__(self, data: bytes | mmap.mmap) -> None:
-        """
-        @param data: the whole stream.
-        """
-        self.data, self.at = data, 0
-        self.blocks: dict[str, RAMBlock] = {}
-        self.order: list[str] = []
-        self.last: str | None = None
-
-    def take(self, count: int) -> bytes:
-        """
-        @param count: bytes wanted.
-        @return: them.
-        @raise RemoteProtocolError: the stream ends first.
-        """
-        if self.at + count > len(self.data):
-            raise RemoteProtocolError(f"stream truncated at offset {self.at}")
-        chunk = self.data[self.at : self.at + count]
-        self.at += count
-        return bytes(chunk)
-
-    def u(self, fmt: str) -> int:
-        """
-        @param fmt: a one-field struct format.
-        @return: the value read.
-        """
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def str8(self) -> str:
-        """
-        @return: a C{str8}.
-        """
-        return self.take(self.u(">B")).decode()
-
-    def header(self) -> tuple[str, bytes]:
-        """
-        @return: machine name and configuration bytes (after the type byte).
-        @raise UnsupportedFeatureError: the configuration has subsections.
-        """
-        magic, version, kind = struct.unpack(">IIB", self.take(9))
-        if magic != QEMU_VM_FILE_MAGIC or version != QEMU_VM_FILE_VERSION or kind != T.CONFIGURATION:
-            raise RemoteProtocolError("bad stream header")
-        begin = self.at
-        machine = self.take(self.u(">I")).decode()
-        if self.data[self.at] == T.SUBSECTION:
-            raise UnsupportedFeatureError("configuration subsections are not supported")
-        return machine, bytes(self.data[begin : self.at])
-
-    def walk(self) -> int:
-        """
-        Decode commands and RAM sections up to the first device section.
-
-        @return: the offset where the device tail begins.
-        """
-        while True:
-            kind = self.data[self.at]
-            if kind == T.COMMAND:
-                self.at += 1
-                self.take(struct.unpack(">HH", self.take(4))[1])
-            elif kind in (T.SECTION_START, T.SECTION_FULL) and self._idstrAt() != "ram":
-                return self.at
-            elif kind in (T.SECTION_START, T.SECTION_PART, T.SECTION_END):
-                self.at += 1
-                self._ramSection(kind)
-            else:
-                raise RemoteProtocolError(f"unexpected element {kind} at offset {self.at}")
-
-    def _idstrAt(self) -> str:
-        """
-        @return: the idstr of the START/FULL section at the position.
-        """
-        size = self.data[self.at + 5]
-        return bytes(self.data[self.at + 6 : self.at + 6 + size]).decode()
-
-    def _ramSection(self, kind: int) -> None:
-        """
-        One RAM section after its type byte, footer included.
-
-        @param kind: START, PART or END.
-        """
-        sectionId = self.u(">I")
-        if kind == T.SECTION_START:
-            self.str8()
-            self.take(8)
-            self._ramList()
-        else:
-            self._records()
-        if self.take(1)[0] != T.SECTION_FOOTER or self.u(">I") != sectionId:
-            raise RemoteProtocolError(f"bad section footer before offset {self.at}")
-
-    def _ramList(self) -> None:
-        """
-        The RAM START block list: creates the memfd blocks.
-        """
-        word = self.u(">Q")
-        total, seen = word & _PAGE_MASK, 0
-        while seen < total:
-            name, length = self.str8(), self.u(">Q")
-            self.blocks[name] = RAMBlock(name, length)
-            self.order.append(name)
-            seen += length
-        if self.u(">Q") != RAMFlag.EOS:
-            raise RemoteProtocolError("RAM START not ended by EOS")
-
-    def _records(self) -> None:
-        """
-        RAM records up to EOS: pages are written with C{pwrite}.
-        """
-        while True:
-            word = self.u(">Q")
-            flags, offset = word & ~_PAGE_MASK, word & _PAGE_MASK
-            if flags == RAMFlag.EOS:
-                return
-            if flags & ~_RAM_FLAGS:
-                raise UnsupportedFeatureError(f"RAM record flags {flags:#x}")
-            if not flags & RAMFlag.CONTINUE:
-                self.last = self.str8()
-            block = self.blocks.get(self.last or "")
-            if block is None:
-                raise RemoteProtocolError(f"Can't find block {self.last}")
-            if flags & RAMFlag.PAGE:
-                block.write(offset, self.take(4096))
-            elif self.take(1) != b"\x00":
-                block.write(offset, self.data[self.at - 1 : self.at] * 4096)
+    decoder = StreamDecoder()
+    decoder.receiveData(data)
+    decoder.receiveData(b"")
+    end = None
+    for event in decoder.events():
+        if event.__class__ is e.EOFReceived:
+            end = decoder.position - 1
+        elif event.__class__ is e.VMDescriptionReceived and end is not None:
+            return end
+    raise RemoteProtocolError("stream does not end with EOF and a VM description", decoder.position)
 
 
 def importStreamFile(streamPath: str, snapshotPath: str) -> Snapshot:
@@ -201,18 +206,16 @@ def importStreamFile(streamPath: str, snapshotPath: str) -> Snapshot:
     """
     try:
         f = open(streamPath, "rb")
-    except OSError as e:
-        raise SnapshotError(f"{streamPath}: {e.strerror}") from e
-    with f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        walker = _Walker(data)
-        machine, configuration = walker.header()
-        tail = walker.walk()
-        devices = bytes(data[tail : findVMDescription(data)])
+    except OSError as error:
+        raise SnapshotError(f"{streamPath}: {error.strerror}") from error
+    with f:
+        importer = importChunks(iter(lambda: f.read(CHUNK), b""))
     try:
-        blocks = [walker.blocks[name] for name in walker.order]
-        return writeSnapshot(snapshotPath, machine, configuration, "precopy", devices,
+        blocks = list(importer.blocks.values())
+        assert importer.machine is not None
+        return writeSnapshot(snapshotPath, importer.machine, importer.configuration, "precopy",
+                             b"".join(importer.devices),
                              [(b.idstr, b.length, b.pageSize, b.fd) for b in blocks],
                              os.stat(streamPath).st_mtime)
     finally:
-        for block in walker.blocks.values():
-            block.close()
+        importer.close()

@@ -82,6 +82,8 @@ class OutgoingMigration:
         never held back by C{max-postcopy-bandwidth}.
     @ivar onDeviceReady: called once the stopped VM gave its device state,
         so the protocol steps at once instead of at the next poll.
+    @ivar onPass: called with the dirty sync count after each dirty sync
+        (QEMU's C{MIGRATION_PASS} event).
     """
 
     vm: Any
@@ -107,6 +109,7 @@ class OutgoingMigration:
     onPostcopy: Callable[[], object] = lambda: None
     onUrgent: Callable[[], object] = lambda: None
     onDeviceReady: Callable[[], object] = lambda: None
+    onPass: Callable[[int], object] = lambda count: None
     writeBuffers: Callable[[list[Any]], None] | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -225,6 +228,7 @@ class OutgoingMigration:
         A dirty sync: pages written since the last one become dirty again.
         """
         self.stats.dirtySyncCount += 1
+        self.onPass(self.stats.dirtySyncCount)
         tracker = self.vm.dirtyTracker
         if tracker is None:
             return

@@ -3,53 +3,61 @@
 RAM records from guest memory: the source's hot loop.
 
 L{RecordWriter} turns runs of pages into QEMU 7.2 RAM records
-(migration-stream.md 3.1-3.2): a PAGE record with the page as a memoryview
-of the block (gathered, not copied, until the step joins its buffers), or
-a ZERO record when the page is all zero; the block name only when the
-block differs from the previous record's (CONTINUE otherwise).
+(migration-stream.md 3.1-3.2) with the wire's encoder
+(L{twisted_postcopy.wire.ram.RAMRecordEncoder.pageRun}): a PAGE record
+with the page as a memoryview of the block (gathered, not copied, until
+the step joins its buffers), or a ZERO record when the page is all zero;
+the block name only when the block differs from the previous record's
+(CONTINUE otherwise).  It chooses the pages (urgent first) and counts.
 """
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 
-from twisted_postcopy.wire.constants import RAMFlag
-from twisted_postcopy.wire.strings import encodeStr8
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
+from twisted_postcopy.wire.ram import RAMRecordEncoder
 
 #: The target page: one RAM record each.
-TARGET_PAGE = 4096
+TARGET_PAGE = TARGET_PAGE_SIZE
 #: Batch cost of a page whose content is unknown in advance.
 PAGE_COST = 4096
 #: What a record costs at least against a step's batch, so a step of ZERO
 #: records stays short and page requests are read between steps.
 MIN_RECORD_COST = 128
-#: A zero page; a page is compared with it only when its first byte is 0,
-#: and as bytes (a memoryview comparison is element by element).
-_ZERO = bytes(TARGET_PAGE)
-_WORD = struct.Struct(">Q")
-_ZERO_CONTINUE = int(RAMFlag.ZERO | RAMFlag.CONTINUE)
-_PAGE_CONTINUE = int(RAMFlag.PAGE | RAMFlag.CONTINUE)
-_ZERO_FLAG, _PAGE_FLAG = int(RAMFlag.ZERO), int(RAMFlag.PAGE)
 
 
 @define
 class RecordWriter:
     """
-    Encodes RAM records of one outgoing stream.
+    Gathers RAM records of one outgoing stream, encoded by the wire's
+    L{RAMRecordEncoder.pageRun} (zero copy, CONTINUE tracking), and counts
+    them.
 
     @ivar views: idstr -> memoryview of the block's RAM (the source reads
         its own guest RAM; nothing here runs on a destination).
     @ivar stats: counts C{normal} and C{duplicate} pages.
-    @ivar lastBlock: the block of the previous record (QEMU's
-        C{last_sent_block}); L{None} makes the next record name its block.
+    @ivar encoder: the channel's RAM record encoder (its C{lastBlock} is
+        QEMU's C{last_sent_block}).
     """
 
     views: dict[str, memoryview]
     stats: Any
-    lastBlock: str | None = None
+    encoder: RAMRecordEncoder = field(factory=RAMRecordEncoder)
+
+    @property
+    def lastBlock(self) -> str | None:
+        """
+        The block of the previous record; set to L{None} to make the next
+        record name its block (after the switch to postcopy, recovery).
+        """
+        return self.encoder.lastBlock
+
+    @lastBlock.setter
+    def lastBlock(self, block: str | None) -> None:
+        self.encoder.lastBlock = block
 
     def write(self, idstr: str, offset: int, count: int, size: int, out: list[Any]) -> int:
         """
@@ -63,30 +71,9 @@ class RecordWriter:
         @param out: the buffers being gathered.
         @return: the run's cost against the batch (see L{MIN_RECORD_COST}).
         """
-        view = self.views[idstr]
-        append = out.append
-        pack = _WORD.pack
         end = offset + count * size
         pages = (end - offset) // TARGET_PAGE
-        normal = 0
-        if idstr != self.lastBlock:
-            self.lastBlock = idstr
-            data = view[offset : offset + TARGET_PAGE]
-            if not data[0] and data.tobytes() == _ZERO:
-                append(pack(offset | _ZERO_FLAG) + encodeStr8(idstr) + b"\x00")
-            else:
-                append(pack(offset | _PAGE_FLAG) + encodeStr8(idstr))
-                append(data)
-                normal += 1
-            offset += TARGET_PAGE
-        for offset in range(offset, end, TARGET_PAGE):
-            data = view[offset : offset + TARGET_PAGE]
-            if not data[0] and data.tobytes() == _ZERO:
-                append(pack(offset | _ZERO_CONTINUE) + b"\x00")
-            else:
-                append(pack(offset | _PAGE_CONTINUE))
-                append(data)
-                normal += 1
+        normal = self.encoder.pageRun(idstr, self.views[idstr], offset, end, out)
         self.stats.normal += normal
         self.stats.duplicate += pages - normal
         return normal * TARGET_PAGE + (pages - normal) * MIN_RECORD_COST

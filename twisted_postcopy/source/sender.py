@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Iterator
 
 from attrs import define, field, frozen
 
-from twisted_postcopy.errors import MigrationError
-from twisted_postcopy.wire.constants import MAX_DISCARDS_PER_COMMAND
+from twisted_postcopy.errors import LimitExceededError, MigrationError
+from twisted_postcopy.wire.constants import DEFAULT_MAX_QUEUED_REQUESTS, MAX_DISCARDS_PER_COMMAND
 
 #: QEMU's C{BUFFER_DELAY}: the rate limiting window, in seconds.
 WINDOW = 0.1
@@ -64,12 +64,15 @@ class _BlockMap:
     length: int
     pageSize: int
     dirty: bytearray = field(init=False)
+    queued: bytearray = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         """
-        Every page starts dirty (QEMU's first bitmap is all ones).
+        Every page starts dirty (QEMU's first bitmap is all ones) and
+        unrequested.
         """
         self.dirty = bytearray(b"\x01") * (self.length // self.pageSize)
+        self.queued = bytearray(len(self.dirty))
 
     def runs(self) -> Iterator[tuple[int, int]]:
         """
@@ -87,27 +90,101 @@ class _BlockMap:
 
 
 @define
+class RequestQueue:
+    """
+    Page requests not yet answered, as ranges of pages, de-duplicated and
+    capped: a range is queued only if one of its pages is still dirty and
+    not already queued, so a burst of requests for the same pages costs a
+    C{bytearray.find} each (in C), not a queue entry per page.
+
+    @ivar blocks: the block maps (whose C{queued} bytes this keeps).
+    @ivar limit: the most ranges queued at once (max-queued-requests).
+    @ivar ranges: (block index, first page, end page) in arrival order.
+    """
+
+    blocks: list[_BlockMap]
+    limit: int = DEFAULT_MAX_QUEUED_REQUESTS
+    ranges: deque[tuple[int, int, int]] = field(factory=deque)
+
+    def __len__(self) -> int:
+        """
+        @return: the number of queued ranges.
+        """
+        return len(self.ranges)
+
+    def add(self, index: int, first: int, end: int) -> None:
+        """
+        Queue the pages C{first} to C{end} (excluded) of a block.
+
+        @param index: the block index.
+        @param first: the first page.
+        @param end: the page after the last.
+        @raise LimitExceededError: if C{limit} ranges are already queued.
+        """
+        block = self.blocks[index]
+        if block.queued.find(0, first, end) < 0 or block.dirty.find(1, first, end) < 0:
+            return
+        if len(self.ranges) >= self.limit:
+            raise LimitExceededError(
+                f"more than {self.limit} page requests queued on the source", limit="max-queued-requests")
+        block.queued[first:end] = b"\x01" * (end - first)
+        self.ranges.append((index, first, end))
+
+    def pop(self) -> tuple[int, int] | None:
+        """
+        @return: the first queued page still dirty, as (block index, page),
+            or L{None}; pages sent meanwhile are skipped.
+        """
+        ranges = self.ranges
+        while ranges:
+            index, first, end = ranges[0]
+            block = self.blocks[index]
+            page = block.dirty.find(1, first, end)
+            if page < 0:
+                ranges.popleft()
+                block.queued[first:end] = bytes(end - first)
+                continue
+            block.queued[first:page + 1] = bytes(page + 1 - first)
+            if page + 1 < end:
+                ranges[0] = (index, page + 1, end)
+            else:
+                ranges.popleft()
+            return index, page
+        return None
+
+    def clear(self) -> None:
+        """
+        Forget every request (the destination asks again after recovery).
+        """
+        for index, first, end in self.ranges:
+            self.blocks[index].queued[first:end] = bytes(end - first)
+        self.ranges.clear()
+
+
+@define
 class PageScheduler:
     """
     The source's dirty maps, request queue and scan position.
 
     @ivar blocks: the block maps, in list order.
-    @ivar queue: pending requests, (block index, page index) per page.
+    @ivar queue: pending requests (a L{RequestQueue}).
     @ivar position: the background scan's (block index, page index).
     @ivar lastRequestBlock: the block of the previous REQ_PAGES_ID.
     @ivar dirtyBytes: bytes of the pages still dirty.
     """
 
     blocks: list[_BlockMap]
-    queue: deque[tuple[int, int]] = field(factory=deque)
+    queue: RequestQueue = field(default=None)
     position: tuple[int, int] = (0, 0)
     lastRequestBlock: int | None = None
     dirtyBytes: int = 0
 
     def __attrs_post_init__(self) -> None:
         """
-        Count the dirty bytes.
+        Count the dirty bytes; make the request queue.
         """
+        if self.queue is None:
+            self.queue = RequestQueue(self.blocks)
         self.dirtyBytes = sum(len(b.dirty) * b.pageSize for b in self.blocks)
 
     @classmethod
@@ -185,7 +262,7 @@ class PageScheduler:
                 f"len={length:x} blocklen={block.length:x}"
             )
         first = start // block.pageSize
-        self.queue.extend((index, page) for page in range(first, first + length // block.pageSize))
+        self.queue.add(index, first, first + length // block.pageSize)
 
     def _take(self, index: int, page: int, urgent: bool) -> ScheduledPage:
         """
@@ -207,11 +284,8 @@ class PageScheduler:
         @return: the first queued page still dirty, or L{None}; requested
             pages already sent are dropped silently.
         """
-        while self.queue:
-            index, page = self.queue.popleft()
-            if self.blocks[index].dirty[page]:
-                return self._take(index, page, True)
-        return None
+        queued = self.queue.pop()
+        return None if queued is None else self._take(*queued, True)
 
     def nextBackground(self) -> ScheduledPage | None:
         """

@@ -26,7 +26,7 @@ def waitUntil(reactor: Any, condition: Callable[[], Any], timeout: float = 30.0,
     @param condition: the check, called at once and every C{interval}.
     @param timeout: seconds (of C{reactor.seconds}) before giving up.
     @param interval: seconds between checks.
-    @return: a L{Deferred} firing with the first true result.
+    @return: a L{Deferred<twisted.internet.defer.Deferred>} firing with the first true result.
     @raise TimeoutError: C{timeout} passed first (naming the condition).
     """
     deadline = reactor.seconds() + timeout

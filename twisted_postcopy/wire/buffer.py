@@ -8,7 +8,11 @@ of one growing C{bytearray}: an element that lies inside one chunk is
 parsed in place, so a page's memoryview is a zero-copy slice of the chunk
 that stays valid however long it is held (a C{bytearray} with exported
 views could not be resized).  Only an element that straddles two chunks is
-copied, and only its own bytes are.
+copied, once it is complete: its own bytes and at most as many again (a
+join takes at least as many of the pending bytes as are already joined, so
+an element a parser asks for in growing steps is joined O(log n) times).
+Parsers of elements made of many entries consume each entry as they read
+it, so no element grows while its bytes trickle in.
 
 L{BufferedDecoder} is the feeding and pulling API every decoder shares.
 """
@@ -89,8 +93,12 @@ class ReceiveBuffer:
                 self._pendingLength -= len(chunk) - start
                 self._replace(chunk, start)
                 return True
+        # Join at least as many new bytes as are already here (or all
+        # pending ones): a caller whose element grows step by step then
+        # causes O(log n) joins, not one per step, so the copying stays
+        # linear in the bytes received.
         pieces = [memoryview(self.data)[self.offset:]]
-        pieces.extend(self._take(count - here))
+        pieces.extend(self._take(min(self._pendingLength, max(count - here, here))))
         self._replace(b"".join(pieces), 0)
         return True
 
@@ -184,6 +192,13 @@ class BufferedDecoder(Generic[_EventT]):
     __slots__ = ()
     _buffer: ReceiveBuffer
     _error: RemoteProtocolError | None
+
+    @property
+    def position(self) -> int:
+        """
+        @return: the stream offset of the next byte to decode.
+        """
+        return self._buffer.position
 
     def receiveData(self, data: bytes | bytearray | memoryview) -> None:
         """

@@ -11,7 +11,7 @@ handled by the stream decoder.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Union
+from typing import Callable, Final, Union
 
 from twisted_postcopy.errors import (
     BadLengthError,
@@ -105,7 +105,10 @@ def _discard(payload: bytes, where: int) -> DiscardReceived:
             f"POSTCOPY_RAM_DISCARD version {payload[0]} (expected 0)", where + 5)
     length = payload[1]
     checkStr8Length(length, "RAMBlock", where + 6)
-    if len(payload) < 3 + length or payload[2 + length] != 0:
+    if len(payload) < 3 + length:
+        raise BadLengthError(
+            f"POSTCOPY_RAM_DISCARD idstr of {length} bytes overruns its {len(payload)}-byte payload", where + 6)
+    if payload[2 + length] != 0:
         raise BadLengthError("POSTCOPY_RAM_DISCARD idstr is not followed by a NUL", where + 7 + length)
     body = len(payload) - 3 - length
     if body <= 0 or body % 16:
@@ -278,3 +281,22 @@ _EMPTY: dict[type, Command] = {
     RunReceived: Command.POSTCOPY_RUN,
     ResumeReceived: Command.POSTCOPY_RESUME,
 }
+
+
+#: The PING value QEMU 7.2 sends inside a package, between the device state
+#: and POSTCOPY_RUN.
+PACKAGE_PING_VALUE: Final = 3
+#: The first bytes of every 7.2 package: POSTCOPY_LISTEN.
+PACKAGE_HEAD: Final = encodeCommand(Command.POSTCOPY_LISTEN)
+#: The last bytes of every 7.2 package: PING(3), POSTCOPY_RUN.
+PACKAGE_TAIL: Final = (encodeCommand(Command.PING, struct.pack(">I", PACKAGE_PING_VALUE))
+                       + encodeCommand(Command.POSTCOPY_RUN))
+
+
+def encodePackageBody(devices: bytes) -> bytes:
+    """
+    @param devices: the device sections (FULL) to load at RUN.
+    @return: a package as QEMU 7.2 lays it out: LISTEN, the device
+        sections, PING(3), RUN (to wrap in L{encodePackaged}).
+    """
+    return PACKAGE_HEAD + devices + PACKAGE_TAIL

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import struct
 
-from twisted_postcopy.errors import BadHeaderError
+from attrs import define, field
+
+from twisted_postcopy.errors import BadHeaderError, LimitExceededError
 from twisted_postcopy.wire.buffer import ReceiveBuffer
 from twisted_postcopy.wire.constants import (
     CONFIG_CAPABILITIES,
     CONFIG_TARGET_PAGE_BITS,
     CONFIG_UUID,
+    MAX_CAPABILITIES,
+    MAX_CONFIGURATION_SIZE,
     MAX_IDSTR_LENGTH,
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
@@ -51,76 +55,126 @@ def parseHeader(buffer: ReceiveBuffer) -> HeaderReceived | NeedData:
     return HeaderReceived(version)
 
 
-def parseConfiguration(buffer: ReceiveBuffer, limit: int) -> ConfigurationReceived | NeedData:
+@define
+class ConfigurationReader:
     """
-    Decode the configuration element at the buffer's position.
+    Reads the configuration element at the buffer's position, one piece
+    (name, subsection head, capability) at a time: each piece is consumed
+    as it is read, so however the element arrives it is scanned once.
 
-    @param buffer: the receive buffer.
-    @param limit: the most bytes the element may have.
-    @return: the event, or L{NEED_DATA} (also while the byte after it is
-        not there yet).
-    @raise BadHeaderError: if the element is missing or malformed.
+    @ivar limit: the most bytes the element may have (max-configuration-size).
+    @ivar maxCapabilities: the largest capability count (max-capabilities).
     """
-    where = buffer.position
-    if not buffer.ensure(5):
-        return NEED_DATA
-    if buffer.data[buffer.offset] != SectionType.CONFIGURATION:
-        raise BadHeaderError("Configuration section missing (expected 0x07 after the version)", where)
-    length = struct.unpack_from(">I", buffer.data, buffer.offset + 1)[0]
-    if not 0 < length <= MAX_IDSTR_LENGTH:
-        raise BadHeaderError(f"machine type name of {length} bytes (expected 1..255)", where + 1)
-    used = 5 + length
-    while True:
-        if used > limit:
-            raise BadHeaderError(f"configuration longer than {limit} bytes", where)
-        if not buffer.ensure(used + 1):
-            if buffer.closed and len(buffer) == used:
+
+    limit: int = MAX_CONFIGURATION_SIZE
+    maxCapabilities: int = MAX_CAPABILITIES
+    _where: int = field(init=False, default=-1)
+    _machine: str | None = field(init=False, default=None)
+    _size: int = field(init=False, default=0)
+    _subsections: bytearray = field(init=False, factory=bytearray)
+    _capabilities: int = field(init=False, default=0)
+
+    def step(self, buffer: ReceiveBuffer) -> ConfigurationReceived | NeedData:
+        """
+        Read on.
+
+        @param buffer: the receive buffer.
+        @return: the event, or L{NEED_DATA} (also while the byte after the
+            element is not there yet: the subsection peek).
+        @raise BadHeaderError: if the element is missing or malformed.
+        @raise LimitExceededError: for an element over a limit.
+        """
+        if self._machine is None and self._name(buffer) is NEED_DATA:
+            return NEED_DATA
+        while True:
+            if self._capabilities:
+                if not buffer.ensure(1) or not buffer.ensure(1 + buffer.data[buffer.offset]):
+                    return NEED_DATA
+                self._take(buffer, 1 + buffer.data[buffer.offset])
+                self._capabilities -= 1
+                continue
+            if not buffer.ensure(1):
+                if buffer.closed and not len(buffer):
+                    break
+                return NEED_DATA
+            if buffer.data[buffer.offset] != SectionType.SUBSECTION:
                 break
-            return NEED_DATA
-        if buffer.data[buffer.offset + used] != SectionType.SUBSECTION:
-            break
-        size = _subsectionSize(buffer, used, where)
-        if size is NEED_DATA:
-            return NEED_DATA
-        used += size
-    at = buffer.offset
-    event = ConfigurationReceived(
-        decodeName(buffer.data[at + 5:at + 5 + length]), bytes(buffer.data[at + 5 + length:at + used]))
-    buffer.advance(used)
-    return event
+            if self._subsection(buffer) is NEED_DATA:
+                return NEED_DATA
+        assert self._machine is not None
+        return ConfigurationReceived(self._machine, bytes(self._subsections))
 
+    def _name(self, buffer: ReceiveBuffer) -> None | NeedData:
+        """
+        Read the type byte and the machine type name.
 
-def _subsectionSize(buffer: ReceiveBuffer, used: int, where: int) -> int | NeedData:
-    """
-    Measure the configuration subsection at C{used} bytes into the element.
-
-    @param buffer: the receive buffer (element at its position).
-    @param used: the subsection's index in the element.
-    @param where: the element's stream offset.
-    @return: its size, or L{NEED_DATA}.
-    @raise BadHeaderError: for an unknown subsection.
-    """
-    if not buffer.ensure(used + 2):
-        return NEED_DATA
-    nameLength = buffer.data[buffer.offset + used + 1]
-    head = 2 + nameLength + 4
-    if not buffer.ensure(used + head):
-        return NEED_DATA
-    at = buffer.offset + used
-    name = decodeName(buffer.data[at + 2:at + 2 + nameLength])
-    if name in _FIXED_BODIES:
-        return head + _FIXED_BODIES[name]
-    if name != CONFIG_CAPABILITIES:
-        raise BadHeaderError(f"unknown configuration subsection {name!r}", where + used)
-    if not buffer.ensure(used + head + 4):
-        return NEED_DATA
-    count = struct.unpack_from(">I", buffer.data, buffer.offset + used + head)[0]
-    size = head + 4
-    for _ in range(count):
-        if not buffer.ensure(used + size + 1):
+        @param buffer: the receive buffer, at the element.
+        @return: L{None}, or L{NEED_DATA}.
+        """
+        self._where = where = buffer.position
+        if not buffer.ensure(5):
             return NEED_DATA
-        size += 1 + buffer.data[buffer.offset + used + size]
-    return size
+        if buffer.data[buffer.offset] != SectionType.CONFIGURATION:
+            raise BadHeaderError("Configuration section missing (expected 0x07 after the version)", where)
+        length = struct.unpack_from(">I", buffer.data, buffer.offset + 1)[0]
+        if not 0 < length <= MAX_IDSTR_LENGTH:
+            raise BadHeaderError(f"machine type name of {length} bytes (expected 1..255)", where + 1)
+        if not buffer.ensure(5 + length):
+            return NEED_DATA
+        self._machine = decodeName(buffer.data[buffer.offset + 5:buffer.offset + 5 + length])
+        self._size = 5 + length
+        buffer.advance(5 + length)
+        return None
+
+    def _take(self, buffer: ReceiveBuffer, count: int) -> None:
+        """
+        Consume C{count} available bytes of subsections.
+
+        @param buffer: the receive buffer.
+        @param count: how many.
+        @raise LimitExceededError: if the element grows over the limit.
+        """
+        self._size += count
+        if self._size > self.limit:
+            raise LimitExceededError(
+                f"configuration of more than {self.limit} bytes", self._where, "max-configuration-size")
+        self._subsections += buffer.view[buffer.offset:buffer.offset + count]
+        buffer.advance(count)
+
+    def _subsection(self, buffer: ReceiveBuffer) -> None | NeedData:
+        """
+        Read a subsection's head, and its body unless it is the capability
+        list (whose entries are read one by one).
+
+        @param buffer: the receive buffer, at the subsection.
+        @return: L{None}, or L{NEED_DATA}.
+        @raise BadHeaderError: for an unknown subsection.
+        """
+        where = buffer.position
+        if not buffer.ensure(2):
+            return NEED_DATA
+        nameLength = buffer.data[buffer.offset + 1]
+        head = 2 + nameLength + 4
+        if not buffer.ensure(head):
+            return NEED_DATA
+        name = decodeName(buffer.data[buffer.offset + 2:buffer.offset + 2 + nameLength])
+        if name in _FIXED_BODIES:
+            if not buffer.ensure(head + _FIXED_BODIES[name]):
+                return NEED_DATA
+            self._take(buffer, head + _FIXED_BODIES[name])
+            return None
+        if name != CONFIG_CAPABILITIES:
+            raise BadHeaderError(f"unknown configuration subsection {name!r}", where)
+        if not buffer.ensure(head + 4):
+            return NEED_DATA
+        count = struct.unpack_from(">I", buffer.data, buffer.offset + head)[0]
+        if count > self.maxCapabilities:
+            raise LimitExceededError(
+                f"configuration lists {count} capabilities (at most {self.maxCapabilities})",
+                where + head, "max-capabilities")
+        self._take(buffer, head + 4)
+        self._capabilities = count
+        return None
 
 
 def encodeHeader(machine: str, subsections: bytes = b"", configuration: bytes | None = None) -> bytes:

@@ -163,8 +163,33 @@ DEFAULT_MAX_PACKAGE_SIZE: Final = 256 * 1024 * 1024
 DEFAULT_MAX_DEVICE_SECTION_SIZE: Final = 16 * 1024 * 1024
 #: Default limit of the VMDESCRIPTION JSON.
 DEFAULT_MAX_VMDESC_SIZE: Final = 16 * 1024 * 1024
-#: Default limit of a RAM START block list and of the configuration.
+#: Default limit of a RAM START block list (max-block-list-size).
 DEFAULT_MAX_BLOCK_LIST_SIZE: Final = 1024 * 1024
+#: Limit of the configuration element (max-configuration-size; QEMU 7.2
+#: sends about 100 bytes).
+MAX_CONFIGURATION_SIZE: Final = 64 * 1024
+#: Limit of the capability count of C{configuration/capabilities}
+#: (max-capabilities; 7.2 knows one, C{x-ignore-shared}).
+MAX_CAPABILITIES: Final = 64
+#: Default limit of the RAMBlocks a START lists (max-ram-blocks).
+DEFAULT_MAX_RAM_BLOCKS: Final = 512
+#: Default limit of the RAM a START lists, in bytes (max-total-ram).
+DEFAULT_MAX_TOTAL_RAM: Final = 1 << 40
+#: Default limit of the device-section bytes one stream holds (device
+#: state is kept until RUN or EOF; max-device-bytes).
+DEFAULT_MAX_DEVICE_BYTES: Final = 256 * 1024 * 1024
+#: Default limit of distinct section ids one stream announces (max-sections).
+DEFAULT_MAX_SECTIONS: Final = 4096
+#: Default limit of page-request ranges queued on a source (de-duplicated
+#: first; max-queued-requests).
+DEFAULT_MAX_QUEUED_REQUESTS: Final = 65536
+#: Default limit of preempt-channel bytes held before the RAM block list is
+#: known (a 7.2 source writes there only in postcopy; max-preempt-held).
+DEFAULT_MAX_PREEMPT_HELD: Final = 4 * 1024 * 1024
+#: Limit of one AMP box on the control socket (keys and values; max-amp-box).
+MAX_AMP_BOX_SIZE: Final = 4 * 1024 * 1024
+#: Largest host page size a block list may carry (1 GiB huge pages).
+MAX_PAGE_SIZE: Final = 1 << 30
 #: Default limit of a return-path RECV_BITMAP body (covers 2 TiB of RAM).
 DEFAULT_MAX_RECV_BITMAP_SIZE: Final = 64 * 1024 * 1024
 

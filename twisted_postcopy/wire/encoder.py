@@ -22,6 +22,7 @@ from twisted_postcopy.wire.commands import (
     encodeCommand,
     encodeCommandEvent,
     encodeDiscard,
+    encodePackageBody,
     encodePackaged,
 )
 from twisted_postcopy.wire.config import encodeConfigurationEvent, encodeHeader, encodeHeaderEvent
@@ -145,6 +146,14 @@ class StreamEncoder(RAMChannelEncoder):
             raise LocalProtocolError("POSTCOPY_RAM_DISCARD needs at least one range")
         return b"".join(encodeDiscard(block, ranges[i:i + perCommand])
                         for i in range(0, len(ranges), perCommand))
+
+    def package(self, devices: bytes) -> bytes:
+        """
+        @param devices: the device sections to load at RUN.
+        @return: the PACKAGED command carrying QEMU 7.2's package layout
+            (LISTEN, the sections, PING(3), RUN).
+        """
+        return encodePackaged(encodePackageBody(devices))
 
     def packaged(self, package: bytes) -> bytes:
         """

@@ -4,7 +4,7 @@ The events of the migration-stream, return-path and preempt decoders.
 
 Every event is a frozen attrs value named in the past tense.  Together the
 events of a stream carry everything needed to re-encode it byte for byte
-(L{twisted_postcopy.wire.stream.encodeEvents}): CONTINUE bits, the ZERO fill
+(L{twisted_postcopy.wire.encoder.encodeEvents}): CONTINUE bits, the ZERO fill
 byte, raw configuration subsections and raw device sections.
 
 Id strings (machine type, section idstr, RAMBlock idstr) are L{str} decoded

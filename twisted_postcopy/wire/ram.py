@@ -11,12 +11,13 @@ side keeps a "last block" for CONTINUE that persists across sections.
 from __future__ import annotations
 
 import struct
-from typing import Container, Iterable, Union
+from typing import Any, Container, Iterable, Union
 
 from attrs import Factory, define, field
 
 from twisted_postcopy.errors import (
     BadRAMRecordError,
+    DuplicateRAMBlockError,
     LimitExceededError,
     LocalProtocolError,
     UnsupportedFeatureError,
@@ -24,6 +25,9 @@ from twisted_postcopy.errors import (
 from twisted_postcopy.wire.buffer import ReceiveBuffer
 from twisted_postcopy.wire.constants import (
     DEFAULT_MAX_BLOCK_LIST_SIZE,
+    DEFAULT_MAX_RAM_BLOCKS,
+    DEFAULT_MAX_TOTAL_RAM,
+    MAX_PAGE_SIZE,
     RAM_EOS_WORD,
     RAM_FLAGS_MASK,
     TARGET_PAGE_SIZE,
@@ -45,6 +49,10 @@ _unpackWord = struct.Struct(">Q").unpack_from
 _packWord = struct.Struct(">Q").pack
 _PAGE, _ZERO, _CONTINUE = int(RAMFlag.PAGE), int(RAMFlag.ZERO), int(RAMFlag.CONTINUE)
 _PAGE_CONTINUE = _PAGE | _CONTINUE
+_ZERO_CONTINUE = _ZERO | _CONTINUE
+#: A zero page: a page is compared with it only when its first byte is 0,
+#: and as bytes (a memoryview comparison is element by element).
+_ZERO_PAGE = bytes(TARGET_PAGE_SIZE)
 _PAGE_RECORD = 8 + TARGET_PAGE_SIZE
 _UNSUPPORTED_MASK = sum(int(flag) for flag in UNSUPPORTED_RAM_FLAGS)
 
@@ -76,10 +84,13 @@ class RAMRecordDecoder:
     @ivar lengths: used length of each known RAMBlock, by idstr (from the
         START block list, or given for a recovery or preempt channel).
     @ivar lastBlock: the block of the previous record (CONTINUE).
+    @ivar listed: whether a block list was decoded (there is one only).
     """
 
     lengths: dict[str, int] = Factory(dict)
     lastBlock: str | None = None
+    listed: bool = False
+    _list: _BlockListReader | None = None
 
     def nextRecord(self, buffer: ReceiveBuffer) -> RAMEvent | NeedData:
         """
@@ -175,55 +186,131 @@ class RAMRecordDecoder:
     def nextBlockList(
         self, buffer: ReceiveBuffer, pageSizeBlocks: Container[str] = (),
         ignoreShared: bool = False, limit: int = DEFAULT_MAX_BLOCK_LIST_SIZE,
+        maxBlocks: int = DEFAULT_MAX_RAM_BLOCKS, maxTotalRAM: int = DEFAULT_MAX_TOTAL_RAM,
     ) -> RAMBlocksListed | NeedData:
         """
-        Decode the MEM_SIZE record that opens a RAM START payload.
+        Decode the MEM_SIZE record that opens a RAM START payload, entry by
+        entry (each is consumed as it is read, so the list is scanned once
+        however it arrives).
 
-        @param buffer: the receive buffer, at the record.
+        @param buffer: the receive buffer, at the record (or where the
+            previous call stopped).
         @param pageSizeBlocks: blocks whose entry carries C{be64 page_size}.
         @param ignoreShared: whether entries carry C{be64 mr_addr}.
-        @param limit: the most bytes the record may have.
+        @param limit: the most bytes the record may have (max-block-list-size).
+        @param maxBlocks: the most entries (max-ram-blocks).
+        @param maxTotalRAM: the largest MEM_SIZE total (max-total-ram).
         @return: the event, or C{NEED_DATA}.
         @raise BadRAMRecordError: if the record is not MEM_SIZE or its
             lengths do not add up.
-        @raise LimitExceededError: if the list is longer than C{limit}.
+        @raise DuplicateRAMBlockError: if a block is listed twice, or a
+            list was already decoded (a second RAM START).
+        @raise LimitExceededError: if the list is over a limit.
+        """
+        if self._list is None:
+            if self.listed:
+                raise DuplicateRAMBlockError(
+                    "second RAM block list (QEMU 7.2 sends one RAM START)", buffer.position)
+            self._list = _BlockListReader(pageSizeBlocks, ignoreShared, limit, maxBlocks, maxTotalRAM)
+        event = self._list.step(buffer)
+        if event is NEED_DATA:
+            return NEED_DATA
+        self._list = None
+        self.listed = True
+        self.lengths.update((block.idstr, block.length) for block in event.blocks)
+        return event
+
+
+@define
+class _BlockListReader:
+    """
+    The state of a RAM block list being read (see
+    L{RAMRecordDecoder.nextBlockList}).
+    """
+
+    pageSizeBlocks: Container[str]
+    ignoreShared: bool
+    limit: int
+    maxBlocks: int
+    maxTotalRAM: int
+    _where: int = -1
+    _total: int = -1
+    _remaining: int = 0
+    _size: int = 0
+    _blocks: list[RAMBlockInfo] = Factory(list)
+    _names: set[str] = Factory(set)
+
+    def step(self, buffer: ReceiveBuffer) -> RAMBlocksListed | NeedData:
+        """
+        Read on.
+
+        @param buffer: the receive buffer.
+        @return: the event once the list is complete, or C{NEED_DATA}.
+        """
+        if self._total < 0:
+            self._where = where = buffer.position
+            if not buffer.ensure(8):
+                return NEED_DATA
+            word = _unpackWord(buffer.data, buffer.offset)[0]
+            if word & RAM_FLAGS_MASK != RAMFlag.MEM_SIZE:
+                raise BadRAMRecordError(
+                    f"RAM START payload begins with flags 0x{word & RAM_FLAGS_MASK:x} (expected MEM_SIZE)", where)
+            self._total = self._remaining = word & ~RAM_FLAGS_MASK
+            if self._total > self.maxTotalRAM:
+                raise LimitExceededError(
+                    f"RAM START lists 0x{self._total:x} bytes of RAM (at most 0x{self.maxTotalRAM:x})",
+                    where, "max-total-ram")
+            self._size = 8
+            buffer.advance(8)
+        while self._remaining > 0:
+            event = self._entry(buffer)
+            if event is NEED_DATA:
+                return NEED_DATA
+        return RAMBlocksListed(self._blocks)
+
+    def _entry(self, buffer: ReceiveBuffer) -> None | NeedData:
+        """
+        Read one entry.
+
+        @param buffer: the receive buffer, at the entry.
+        @return: L{None}, or C{NEED_DATA}.
         """
         where = buffer.position
-        if not buffer.ensure(8):
+        if not buffer.ensure(1):
             return NEED_DATA
-        word = _unpackWord(buffer.data, buffer.offset)[0]
-        if word & RAM_FLAGS_MASK != RAMFlag.MEM_SIZE:
+        length = buffer.data[buffer.offset]
+        checkStr8Length(length, "RAMBlock", where)
+        if not buffer.ensure(1 + length):
+            return NEED_DATA
+        idstr = decodeName(buffer.data[buffer.offset + 1:buffer.offset + 1 + length])
+        hasPageSize = idstr in self.pageSizeBlocks
+        extra = hasPageSize + self.ignoreShared
+        entry = 1 + length + 8 * (1 + extra)
+        if self._size + entry > self.limit:
+            raise LimitExceededError(f"RAM block list longer than {self.limit} bytes", self._where,
+                                     "max-block-list-size")
+        if not buffer.ensure(entry):
+            return NEED_DATA
+        if idstr in self._names:
+            raise DuplicateRAMBlockError(f"RAMBlock {idstr!r} listed twice in the RAM START", where)
+        if len(self._blocks) >= self.maxBlocks:
+            raise LimitExceededError(f"RAM START lists more than {self.maxBlocks} RAMBlocks", where,
+                                     "max-ram-blocks")
+        fields = struct.unpack_from(f">{1 + extra}Q", buffer.data, buffer.offset + 1 + length)
+        pageSize = fields[1] if hasPageSize else None
+        if pageSize is not None and (pageSize < TARGET_PAGE_SIZE or pageSize > MAX_PAGE_SIZE
+                                     or pageSize & (pageSize - 1)):
+            raise BadRAMRecordError(f"RAMBlock {idstr!r} page size 0x{pageSize:x} (expected a power of two "
+                                    f"from 0x{TARGET_PAGE_SIZE:x} to 0x{MAX_PAGE_SIZE:x})", where)
+        self._blocks.append(RAMBlockInfo(idstr, fields[0], pageSize, fields[-1] if self.ignoreShared else None))
+        self._names.add(idstr)
+        self._remaining -= fields[0]
+        if self._remaining < 0:
             raise BadRAMRecordError(
-                f"RAM START payload begins with flags 0x{word & RAM_FLAGS_MASK:x} (expected MEM_SIZE)", where)
-        remaining, used, blocks = word & ~RAM_FLAGS_MASK, 8, []
-        while remaining > 0:
-            if used > limit:
-                raise LimitExceededError(f"RAM block list longer than {limit} bytes", where)
-            if not buffer.ensure(used + 1):
-                return NEED_DATA
-            length = buffer.data[buffer.offset + used]
-            checkStr8Length(length, "RAMBlock", where + used)
-            if not buffer.ensure(used + 1 + length):
-                return NEED_DATA
-            name = buffer.offset + used + 1
-            idstr = decodeName(buffer.data[name:name + length])
-            hasPageSize = idstr in pageSizeBlocks
-            entry = used + 1 + length + 8 * (1 + hasPageSize + ignoreShared)
-            if not buffer.ensure(entry):
-                return NEED_DATA
-            fields = struct.unpack_from(
-                f">{1 + hasPageSize + ignoreShared}Q", buffer.data, buffer.offset + used + 1 + length)
-            blocks.append(RAMBlockInfo(
-                idstr, fields[0], fields[1] if hasPageSize else None,
-                fields[-1] if ignoreShared else None))
-            remaining -= fields[0]
-            if remaining < 0:
-                raise BadRAMRecordError(
-                    f"RAM block lengths exceed the MEM_SIZE total 0x{word & ~RAM_FLAGS_MASK:x}", where)
-            used = entry
-        buffer.advance(used)
-        self.lengths.update((block.idstr, block.length) for block in blocks)
-        return RAMBlocksListed(blocks)
+                f"RAM block lengths exceed the MEM_SIZE total 0x{self._total:x}", self._where)
+        self._size += entry
+        buffer.advance(entry)
+        return None
 
 
 @define
@@ -282,6 +369,52 @@ class RAMRecordEncoder:
         if len(data) != TARGET_PAGE_SIZE:
             raise LocalProtocolError(f"a page is {TARGET_PAGE_SIZE} bytes, not {len(data)}")
         return [self._header(block, offset, _PAGE, continued), data]
+
+    def pageRun(self, block: str, view: memoryview, start: int, end: int, out: list[Any]) -> int:
+        """
+        Encode the target pages C{start} to C{end} (byte offsets) of a
+        block from its memory, zero copy: a ZERO record for an all-zero
+        page, else a PAGE record whose data is a view of C{view} (not
+        copied until the caller joins or sends its buffers); the block is
+        named in the first record only if it differs from the last one
+        (CONTINUE after).  This is the source's hot loop.
+
+        @param block: the RAMBlock idstr.
+        @param view: the whole block's memory.
+        @param start: the first page's offset (target-page aligned).
+        @param end: the offset after the last page.
+        @param out: the buffers to append to (for C{socket.sendmsg}).
+        @return: how many PAGE (not ZERO) records were appended.
+        @raise LocalProtocolError: for an unaligned C{start}.
+        """
+        if start & RAM_FLAGS_MASK or start < 0:
+            raise LocalProtocolError(f"page offset 0x{start:x} is not page aligned")
+        if start >= end:
+            return 0
+        append = out.append
+        pack = _packWord
+        normal = 0
+        offset = start
+        if block != self.lastBlock or self.alwaysNameBlock:
+            stop = end if self.alwaysNameBlock else start + TARGET_PAGE_SIZE
+            for offset in range(start, stop, TARGET_PAGE_SIZE):
+                data = view[offset:offset + TARGET_PAGE_SIZE]
+                if not data[0] and data.tobytes() == _ZERO_PAGE:
+                    append(self._header(block, offset, _ZERO, False) + b"\x00")
+                else:
+                    append(self._header(block, offset, _PAGE, False))
+                    append(data)
+                    normal += 1
+            offset = stop
+        for offset in range(offset, end, TARGET_PAGE_SIZE):
+            data = view[offset:offset + TARGET_PAGE_SIZE]
+            if not data[0] and data.tobytes() == _ZERO_PAGE:
+                append(pack(offset | _ZERO_CONTINUE) + b"\x00")
+            else:
+                append(pack(offset | _PAGE_CONTINUE))
+                append(data)
+                normal += 1
+        return normal
 
     def zeroPage(self, block: str, offset: int, fill: int = 0, continued: bool | None = None) -> bytes:
         """

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 from attrs import define, field
 
 from twisted_postcopy.errors import (
+    DuplicateRAMBlockError,
     LimitExceededError,
     RemoteProtocolError,
     SectionMismatchError,
@@ -25,11 +26,14 @@ from twisted_postcopy.errors import (
 )
 from twisted_postcopy.wire.buffer import BufferedDecoder, ReceiveBuffer
 from twisted_postcopy.wire.commands import checkDiscardRanges, readCommand
-from twisted_postcopy.wire.config import parseConfiguration, parseHeader
+from twisted_postcopy.wire.config import ConfigurationReader, parseHeader
 from twisted_postcopy.wire.constants import (
-    DEFAULT_MAX_BLOCK_LIST_SIZE,
+    DEFAULT_MAX_DEVICE_BYTES,
     DEFAULT_MAX_DEVICE_SECTION_SIZE,
     DEFAULT_MAX_PACKAGE_SIZE,
+    DEFAULT_MAX_RAM_BLOCKS,
+    DEFAULT_MAX_SECTIONS,
+    DEFAULT_MAX_TOTAL_RAM,
     DEFAULT_MAX_VMDESC_SIZE,
     RAM_IDSTR,
     RAM_SECTION_VERSION,
@@ -74,6 +78,11 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
     @ivar maxPackageSize: the largest PACKAGED body accepted.
     @ivar maxDeviceSectionSize: the largest device section accepted.
     @ivar maxVMDescriptionSize: the largest VMDESCRIPTION accepted.
+    @ivar maxDeviceBytes: the most device-section bytes in all (held until
+        RUN or EOF by a destination).
+    @ivar maxRAMBlocks: the most RAMBlocks the RAM START may list.
+    @ivar maxTotalRAM: the most RAM (bytes) the RAM START may list.
+    @ivar maxSections: the most distinct section ids.
     @ivar pageSizeBlocks: RAMBlocks whose START entry carries C{be64
         page_size} once POSTCOPY_ADVISE was seen (huge page blocks of a
         postcopy destination).
@@ -81,17 +90,24 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
     @ivar blocks: RAMBlocks known before the stream (recovery, package).
     @ivar ramSectionId: the RAM section id known before the stream.
     @ivar offset: the stream offset of the first byte fed (for errors).
+    @ivar inPackage: whether this decodes a package (see
+        L{packageDecoder}): a RAM START there is a second one.
     """
 
     header: bool = True
     maxPackageSize: int = DEFAULT_MAX_PACKAGE_SIZE
     maxDeviceSectionSize: int = DEFAULT_MAX_DEVICE_SECTION_SIZE
     maxVMDescriptionSize: int = DEFAULT_MAX_VMDESC_SIZE
+    maxDeviceBytes: int = DEFAULT_MAX_DEVICE_BYTES
+    maxRAMBlocks: int = DEFAULT_MAX_RAM_BLOCKS
+    maxTotalRAM: int = DEFAULT_MAX_TOTAL_RAM
+    maxSections: int = DEFAULT_MAX_SECTIONS
     pageSizeBlocks: frozenset[str] = field(default=frozenset(), converter=frozenset)
     ignoreShared: bool = False
     blocks: tuple[RAMBlockInfo, ...] = field(default=(), converter=tuple)
     ramSectionId: int | None = None
     offset: int = 0
+    inPackage: bool = False
     _buffer: ReceiveBuffer = field(init=False)
     _ram: RAMRecordDecoder = field(init=False, factory=RAMRecordDecoder)
     _state: str = field(init=False, default=_HEADER)
@@ -99,6 +115,8 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
     _current: tuple[SectionType, int] = field(init=False, default=(SectionType.EOF, 0))
     _device: DeviceSectionReader | None = field(init=False, default=None)
     _advised: bool = field(init=False, default=False)
+    _configuration: ConfigurationReader = field(init=False, factory=ConfigurationReader)
+    _deviceBytes: int = field(init=False, default=0)
     _error: RemoteProtocolError | None = field(init=False, default=None)
     _handlers: dict[str, Callable[[], StreamEvent | NeedData]] = field(init=False, factory=dict)
 
@@ -108,12 +126,13 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         """
         self._buffer = ReceiveBuffer(self.offset)
         self._ram.lengths.update((block.idstr, block.length) for block in self.blocks)
+        self._ram.listed = bool(self.blocks)
         if self.ramSectionId is not None:
             self._sections[self.ramSectionId] = SectionInfo(RAM_IDSTR, 0, RAM_SECTION_VERSION, True)
         if not self.header:
             self._state = _TOP
         self._handlers.update({
-            _HEADER: self._header, _CONFIGURATION: self._configuration, _TOP: self._top,
+            _HEADER: self._header, _CONFIGURATION: self._configurationStep, _TOP: self._top,
             _BLOCK_LIST: self._blockList, _FOOTER: self._footer, _DEVICE: self._deviceStep,
             _AFTER_EOF: self._afterEOF, _DONE: self._done,
         })
@@ -131,6 +150,24 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         @return: used length of each known RAMBlock, by idstr.
         """
         return dict(self._ram.lengths)
+
+    def packageDecoder(self, data: bytes, heldDeviceBytes: int = 0) -> StreamDecoder:
+        """
+        A decoder for the body of the L{PackageReceived} just decoded.
+
+        @param data: the package's bytes.
+        @param heldDeviceBytes: device bytes already held from this stream
+            (they count against C{maxDeviceBytes}).
+        @return: a header-less decoder whose offsets count in this stream,
+            with this decoder's limits and RAM blocks, refusing a RAM START.
+        """
+        return StreamDecoder(
+            header=False, maxPackageSize=self.maxPackageSize, maxDeviceSectionSize=self.maxDeviceSectionSize,
+            maxVMDescriptionSize=self.maxVMDescriptionSize,
+            maxDeviceBytes=max(0, self.maxDeviceBytes - heldDeviceBytes), maxRAMBlocks=self.maxRAMBlocks,
+            maxTotalRAM=self.maxTotalRAM, maxSections=self.maxSections,
+            blocks=[RAMBlockInfo(name, length) for name, length in self._ram.lengths.items()],
+            offset=self.position - len(data), inPackage=True)
 
     def _next(self) -> StreamEvent | NeedData:
         """
@@ -168,12 +205,12 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         self._state = _CONFIGURATION
         return event
 
-    def _configuration(self) -> StreamEvent | NeedData:
+    def _configurationStep(self) -> StreamEvent | NeedData:
         """
         @return: L{ConfigurationReceived} once the element and the byte
             after it are in (the subsection peek).
         """
-        event = parseConfiguration(self._buffer, DEFAULT_MAX_BLOCK_LIST_SIZE)
+        event = self._configuration.step(self._buffer)
         if event is NEED_DATA:
             return self._needData()
         self._state = _TOP
@@ -217,6 +254,13 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         idstr = decodeName(buffer.data[at + 6:at + 6 + length])
         instanceId, versionId = _fullHeaderTail(buffer.data, at + 6 + length)
         isRAM = kind == SectionType.SECTION_START and idstr == RAM_IDSTR
+        if isRAM and (self._ram.listed or self.inPackage or any(
+                known.isRAM for known in self._sections.values())):
+            where = "inside a package" if self.inPackage else "after the first"
+            raise DuplicateRAMBlockError(f"second RAM START, {where} (QEMU 7.2 sends one)", buffer.position)
+        if sectionId not in self._sections and len(self._sections) >= self.maxSections:
+            raise LimitExceededError(f"more than {self.maxSections} section ids", buffer.position,
+                                     "max-sections")
         section = self._sections[sectionId] = SectionInfo(idstr, instanceId, versionId, isRAM)
         if isRAM:
             buffer.advance(14 + length)
@@ -251,7 +295,8 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         @return: L{RAMBlocksListed} (the first record of a RAM START).
         """
         event = self._ram.nextBlockList(
-            self._buffer, self.pageSizeBlocks if self._advised else (), self.ignoreShared)
+            self._buffer, self.pageSizeBlocks if self._advised else (), self.ignoreShared,
+            maxBlocks=self.maxRAMBlocks, maxTotalRAM=self.maxTotalRAM)
         if event is NEED_DATA:
             return self._needData()
         self._state = _RAM
@@ -302,6 +347,11 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         event = self._device.step(self._buffer, self._sections)
         if event is NEED_DATA:
             return self._needData()
+        self._deviceBytes += len(event.raw)
+        if self._deviceBytes > self.maxDeviceBytes:
+            raise LimitExceededError(
+                f"device sections of more than {self.maxDeviceBytes} bytes in all",
+                self._device.where, "max-device-bytes")
         self._device = None
         self._state = _TOP
         return event
