@@ -63,7 +63,7 @@ def qemuTLS(qemu: QEMUInstance, directory: str, endpoint: str, authz: str | None
     qemu.qmp("migrate-set-parameters", **parameters)
 
 
-def step(case: Any, waiting: Any, what: str, seconds: float = 30.0) -> Any:
+def step(case: Any, waiting: Any, what: str, seconds: float = 60.0) -> Any:
     """
     Bound one wait of a test and say which one failed.
 
@@ -78,9 +78,11 @@ def step(case: Any, waiting: Any, what: str, seconds: float = 30.0) -> Any:
 
     def timedOut(failure: Any) -> Any:
         failure.trap(DeferredTimeout)
+        worker = getattr(getattr(case, "vm", None), "worker", None)
         raise AssertionError(
             f"{what}: not within {seconds} s; ours: {case.manager.status.value} "
-            f"{case.manager.tlsRefused}; QEMU: {case.qemu.stderrTail()}")
+            f"{case.manager.tlsRefused}; worker: {worker and worker.transport and worker.transport.pid} "
+            f"{worker and getattr(worker, '_buffer', None)!r}; QEMU: {case.qemu.stderrTail()}")
 
     return waiting.addTimeout(seconds, reactor).addErrback(timedOut)
 
@@ -99,7 +101,7 @@ class QEMUSourceTLSTests(TestCase):
     Source: C{qemu-system-x86_64} with TLS.  Destination: ours.
     """
 
-    timeout = 90
+    timeout = 150
 
     def setUp(self) -> None:
         """
@@ -129,10 +131,10 @@ class QEMUSourceTLSTests(TestCase):
         capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
         self.qemu.setCapabilities(**capabilities)
         self.manager.setCapabilities(capabilities)
-        # (Slow background sending, 4 KiB/s of precopy and 40 kB/s of
-        # postcopy: pages, even zero ones, are still missing when the guest
-        # worker starts reading at RUN, so it faults for sure.)
-        self.qemu.setParameters(**{"max-bandwidth": 4096, "max-postcopy-bandwidth": 40000})
+        # (Slow background sending, 100 kB/s of precopy and of postcopy:
+        # most of the guest's counted pages are still missing when the
+        # guest worker starts reading at RUN, so it faults for sure.)
+        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 100000})
         listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(listening.stopListening)
         self.qemu.migrate(f"tcp:127.0.0.1:{listening.getHost().port}")
