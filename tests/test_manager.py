@@ -55,12 +55,20 @@ class SurfaceTests(SynchronousTestCase):
 
     def test_parameters(self) -> None:
         """
-        Defaults are QEMU's; downtime-limit is bounded.
+        Defaults are QEMU's (and ours for the x- ones); downtime-limit and
+        x-link-timeout-ms are bounded.
         """
         self.assertEqual(self.manager.queryParameters(),
                          {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0,
-                          "downtime-limit": 300,
+                          "downtime-limit": 300, "x-link-timeout-ms": 2000,
+                          "x-recover-deadline-ms": 600000,
                           "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
+        self.manager.setParameters({"x-link-timeout-ms": 0})
+        self.manager.setParameters({"x-link-timeout-ms": 5000})
+        self.assertEqual(self.manager.queryParameters()["x-link-timeout-ms"], 5000)
+        error = self.assertRaises(MigrationError, self.manager.setParameters, {"x-link-timeout-ms": 100})
+        self.assertEqual(str(error), "Parameter 'x-link-timeout-ms' expects 0 (off) or an integer "
+                         "in the range of 1500 to 3600000 ms")
         self.manager.setParameters({"max-bandwidth": 0})
         self.assertEqual(self.manager.queryParameters()["max-bandwidth"], 0)
         error = self.assertRaises(MigrationError, self.manager.setParameters, {"downtime-limit": 2000001})

@@ -30,9 +30,10 @@ from twisted_postcopy.control.progress import Progress, formatReport
 from twisted_postcopy.errors import PostcopyError
 from twisted_postcopy.tap import GUESTS, parseSize
 
-#: Capabilities set on both sides (QEMU requires postcopy-ram on both).
-SOURCE_CAPABILITIES = {"postcopy-ram": True}
-DESTINATION_CAPABILITIES = {"postcopy-ram": True, "postcopy-blocktime": True}
+#: Capabilities set on both sides (QEMU requires postcopy-ram on both;
+#: x-postcopy-auto-recover lets a cut link recover with no command).
+SOURCE_CAPABILITIES = {"postcopy-ram": True, "x-postcopy-auto-recover": True}
+DESTINATION_CAPABILITIES = {"postcopy-ram": True, "postcopy-blocktime": True, "x-postcopy-auto-recover": True}
 #: Loopback is fast: precopy at up to 1 GiB/s (QEMU's default is 128 MiB/s).
 SOURCE_PARAMETERS = {"max-bandwidth": 1 << 30}
 #: Entries the demo stores in each kv worker before migrating, then reads

@@ -16,6 +16,9 @@ from typing import Any, Callable
 from twisted.internet.address import IPv6Address
 from twisted.internet.defer import Deferred, succeed
 
+from twisted_postcopy.autorecover import (
+    AUTO_RECOVER, DEFAULT_RECOVER_DEADLINE_MS, RECOVER_DEADLINE, DestinationAutoRecovery,
+    SourceAutoRecovery)
 from twisted_postcopy.blocktime import BlocktimeContext
 from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.errors import MigrationError
@@ -23,6 +26,8 @@ from twisted_postcopy.interfaces import IIncomingVM, IOutgoingVM
 from twisted_postcopy.protocols.recovery import RecoveryListener, migratePause, resumeOutgoing
 from twisted_postcopy.protocols.factories import (
     DestinationFactory, SourceFactory, clientEndpoint, parseURI, serverEndpoint)
+from twisted_postcopy.protocols.deadlink import (
+    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, checkLinkTimeout, configureIncoming)
 from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
@@ -35,11 +40,13 @@ CAPABILITIES = (
     "release-ram block return-path pause-before-switchover multifd dirty-bitmaps "
     "postcopy-blocktime late-block-activate x-ignore-shared validate-uuid "
     "background-snapshot zero-copy-send postcopy-preempt"
-).split()
+).split() + [AUTO_RECOVER]
 #: The capabilities this engine implements.
-SUPPORTED = frozenset({"events", "postcopy-ram", "return-path", "postcopy-blocktime", "postcopy-preempt"})
-#: Parameters and their QEMU defaults.
-PARAMETERS = {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0, "downtime-limit": 300}
+SUPPORTED = frozenset({"events", "postcopy-ram", "return-path", "postcopy-blocktime", "postcopy-preempt",
+                       AUTO_RECOVER})
+#: Parameters and their QEMU defaults (and this engine's C{x-} ones).
+PARAMETERS = {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0, "downtime-limit": 300,
+              LINK_TIMEOUT: DEFAULT_LINK_TIMEOUT_MS, RECOVER_DEADLINE: DEFAULT_RECOVER_DEADLINE_MS}
 #: The TLS parameters (strings, QEMU's defaults; docs/tls.md).
 TLS_PARAMETERS = {"tls-creds": "", "tls-hostname": "", "tls-authz": ""}
 _IN_PROGRESS = "There's a migration process in progress"
@@ -91,6 +98,8 @@ class MigrationManager:
         self._listening: Any = None
         self.destinationFactory: DestinationFactory | None = None
         self.recovery: RecoveryListener | None = None
+        self.autoRecovery: SourceAutoRecovery | DestinationAutoRecovery | None = None
+        self._incomingURI: str | None = None
 
     @property
     def status(self) -> S:
@@ -177,6 +186,11 @@ class MigrationManager:
             if name == "downtime-limit" and value > 2000000:
                 raise MigrationError(
                     "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
+            if name == LINK_TIMEOUT:
+                try:
+                    checkLinkTimeout(value)
+                except ValueError as error:
+                    raise MigrationError(str(error))
         self.parameters.update(parameters)
 
     def queryParameters(self) -> dict[str, Any]:
@@ -220,6 +234,18 @@ class MigrationManager:
         for _, waiter in ready:
             self.reactor.callLater(0, waiter.callback, status.value)
 
+    def _publish(self, data: dict[str, Any]) -> None:
+        """
+        Publish a C{MIGRATION} event that is not a status change (an
+        automatic recovery attempt): subscribers see it, status waiters
+        do not.
+
+        @param data: the event's data (with the current C{status}).
+        """
+        event = {"event": "MIGRATION", "data": data}
+        for callback in list(self._subscribers):
+            callback(event)
+
     def migrate(self, uri: str, resume: bool = False) -> None:
         """
         C{migrate}: connect and start; returns at once.
@@ -232,6 +258,9 @@ class MigrationManager:
         """
         if resume:
             resumeOutgoing(self.reactor, self.outgoing, uri, self._tlsClient(uri))
+            if isinstance(self.autoRecovery, SourceAutoRecovery):
+                self.autoRecovery.uri = uri
+                self.autoRecovery.unsuspend()
             return
         if self._busy():
             raise MigrationError(_IN_PROGRESS)
@@ -245,6 +274,11 @@ class MigrationManager:
                                       dict(self.capabilities), self.parameters)
         migration.machine.observers.append(self._emit)
         migration.onPass = self._emitPass
+        self.autoRecovery = SourceAutoRecovery(
+            self.reactor, migration, uri, lambda: self.capabilities[AUTO_RECOVER],
+            lambda: self.parameters[RECOVER_DEADLINE], lambda: self.parameters[LINK_TIMEOUT],
+            self._publish, resumeOutgoing)
+        migration.machine.observers.append(self.autoRecovery.statusChanged)
         self.outgoing = migration
         migration.begin()
         connecting = connectMaybeTLS(endpoint, tls, SourceFactory(migration, self.reactor))
@@ -294,6 +328,14 @@ class MigrationManager:
         self.destinationFactory.recovery = self.recovery.factory
         self.recovery.tls, self.recovery.refused = tls, self._refusedTLS
         self._acceptPreempt()
+        configureIncoming(incoming, self.reactor, lambda: self.parameters[LINK_TIMEOUT])
+        self.recovery.factory.preempt = lambda: self.capabilities["postcopy-preempt"]
+        incoming.machine.status.observers.append(self._closePreempt)
+        self._incomingURI = uri
+        self.autoRecovery = DestinationAutoRecovery(
+            self.reactor, self.recovery, lambda: self.capabilities[AUTO_RECOVER],
+            self.recoveryURI, self._publish)
+        incoming.machine.status.observers.append(self.autoRecovery.statusChanged)
         listening = serverEndpoint(self.reactor, uri).listen(
             wrapServer(tls, self.destinationFactory, self._refusedTLS))
 
@@ -305,6 +347,7 @@ class MigrationManager:
             @return: C{port}.
             """
             self._listening = port
+            self._incomingURI = _boundURI(uri, port)
             incoming.machine.status.observers.append(self._stopListening)
             return port
 
@@ -342,6 +385,29 @@ class MigrationManager:
                 preempt.accepted.addCallback(lambda _: listening.stopListening())
                 return
             listening.stopListening()
+
+    def _closePreempt(self, status: S) -> None:
+        """
+        A paused destination drops its preempt channels (a new one comes
+        after the new main connection).
+
+        @param status: the incoming migration's new status.
+        """
+        if status != S.POSTCOPY_PAUSED or self.recovery is None:
+            return
+        factory = self.destinationFactory.preempt if self.destinationFactory is not None else None
+        original = [factory.preempt] if factory is not None and factory.preempt is not None else []
+        self.recovery.factory.closePreempt(original)
+
+    def recoveryURI(self) -> str | None:
+        """
+        The destination's automatic recovery URI: the C{migrate-incoming}
+        URI with the port actually bound.
+
+        @return: it, or L{None} while the original listener is still up
+            (it hands later connections to recovery).
+        """
+        return None if self._listening is not None else self._incomingURI
 
     def _faultService(self, blocks: dict[str, Any], pageSource: Any) -> Any:
         """
@@ -381,6 +447,8 @@ class MigrationManager:
         @raise MigrationError: not in C{postcopy-active} (QEMU's text).
         """
         migratePause(self.outgoing or self.incoming)
+        if self.autoRecovery is not None:
+            self.autoRecovery.suspend()
 
     def migrateRecover(self, uri: str) -> Deferred:
         """
@@ -533,3 +601,16 @@ def _tlsParameters(parameters: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(checked[name], str):
                 raise MigrationError(f"Invalid parameter type for '{name}', expected: string")
     return checked
+
+
+def _boundURI(uri: str, port: Any) -> str:
+    """
+    @param uri: a C{migrate-incoming} URI (its port may be 0).
+    @param port: the listening port made for it.
+    @return: the URI with the port actually bound (C{unix:} URIs as given).
+    """
+    kind, host, _ = parseURI(uri)
+    if kind != "tcp":
+        return uri
+    host = f"[{host}]" if ":" in host else host
+    return f"tcp:{host}:{port.getHost().port}"

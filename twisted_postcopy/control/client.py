@@ -205,7 +205,8 @@ class ControlClient(AMP):
         return (await self.callRemote(commands.QueryGuest))["info"]
 
     async def snapshotCapture(self, uri: str, path: str, postcopy: bool = True,
-                              machine: str | None = None, tls: dict[str, str] | None = None) -> str:
+                              machine: str | None = None, qmp: str | None = None,
+                              tls: dict[str, str] | None = None) -> str:
         """
         C{snapshot-capture}.
 
@@ -214,11 +215,14 @@ class ControlClient(AMP):
             directory is not the caller's).
         @param postcopy: accept postcopy.
         @param machine: the machine type recorded, or L{None} for QEMU 7.2's.
+        @param qmp: the QEMU source's QMP socket, to recover it after a cut.
         @param tls: C{tls-creds} (and C{tls-authz}) naming the daemon's
             objects, to accept the source over TLS.
         @return: the URI listened on.
         """
         options: dict[str, Any] = {"machine": machine} if machine else {}
+        if qmp:
+            options["qmp"] = qmp
         options.update({name.replace("-", "_"): value for name, value in (tls or {}).items()})
         answer = await self.callRemote(commands.SnapshotCapture, uri=uri, dir=path,
                                        postcopy=postcopy, **options)
@@ -226,6 +230,7 @@ class ControlClient(AMP):
 
     async def snapshotRestore(self, path: str, uris: list[str], postcopy: bool = True,
                               bandwidth: int = 0, verify: bool = True,
+                              qmp: list[str] | None = None,
                               tls: dict[str, str] | None = None) -> None:
         """
         C{snapshot-restore}.
@@ -235,13 +240,15 @@ class ControlClient(AMP):
         @param postcopy: restore by postcopy.
         @param bandwidth: bytes/s per destination, 0 for unlimited.
         @param verify: check the hashes first.
+        @param qmp: per destination, its QEMU's QMP socket (C{""}: none),
+            to recover it after a cut.
         @param tls: C{tls-creds} (and C{tls-hostname}) naming the daemon's
             objects, to migrate over TLS.
         """
-        options = {name.replace("-", "_"): value for name, value in (tls or {}).items()}
+        options: dict[str, Any] = {"qmp": list(qmp)} if qmp else {}
+        options.update({name.replace("-", "_"): value for name, value in (tls or {}).items()})
         await self.callRemote(commands.SnapshotRestore, dir=path, uris=list(uris),
-                              postcopy=postcopy, max_bandwidth=bandwidth, verify=verify,
-                              **options)
+                              postcopy=postcopy, max_bandwidth=bandwidth, verify=verify, **options)
 
     async def snapshotVerify(self, path: str) -> dict[str, Any]:
         """

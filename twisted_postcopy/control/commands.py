@@ -247,11 +247,12 @@ class SnapshotCapture(Command):
     migration (as QEMU's C{migrate-incoming} does) and store it as a
     snapshot in C{dir}.  Answers with the URI listened on (the real port
     when C{uri} asked for port 0) once listening; progress with
-    L{QuerySnapshot}.
+    L{QuerySnapshot}.  With C{qmp} (the QEMU source's QMP socket path), a
+    paused capture resumes QEMU through it.
     """
 
     arguments = [(b"uri", Unicode()), (b"dir", Unicode()), (b"postcopy", Boolean(optional=True)),
-                 (b"machine", Unicode(optional=True)),
+                 (b"machine", Unicode(optional=True)), (b"qmp", Unicode(optional=True)),
                  # docs/tls.md: server credentials and authz of the daemon's objects
                  (b"tls-creds", Unicode(optional=True)), (b"tls-authz", Unicode(optional=True))]
     response = [(b"uri", Unicode())]
@@ -265,12 +266,13 @@ class SnapshotRestore(Command):
     C{postcopy} is false, each limited to C{max-bandwidth} bytes/s (0:
     unlimited).  Answers once the hashes are checked (unless C{verify} is
     false) and every connection is started; progress with
-    L{QuerySnapshot}.
+    L{QuerySnapshot}.  With C{qmp} (one QMP socket path per destination,
+    C{""} for none), a paused clone's QEMU is recovered through it.
     """
 
     arguments = [(b"dir", Unicode()), (b"uris", ListOf(Unicode())),
                  (b"postcopy", Boolean(optional=True)), (b"max-bandwidth", Integer(optional=True)),
-                 (b"verify", Boolean(optional=True)),
+                 (b"verify", Boolean(optional=True)), (b"qmp", ListOf(Unicode(), optional=True)),
                  # docs/tls.md: client credentials of the daemon's objects
                  (b"tls-creds", Unicode(optional=True)), (b"tls-hostname", Unicode(optional=True))]
     response: list = []

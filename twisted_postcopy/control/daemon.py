@@ -183,6 +183,7 @@ class Daemon:
 async def startDaemon(
     reactor: Any, name: str, workdir: Path, arguments: Sequence[str], timeout: float = 30.0,
     qmp: bool = False,
+    wrapper: Sequence[str] = (),
 ) -> Daemon:
     """
     Spawn C{twistd -n postcopy} and connect to its control socket.
@@ -193,17 +194,19 @@ async def startDaemon(
     @param arguments: the plugin's options other than C{--control}.
     @param timeout: seconds to wait for the control socket.
     @param qmp: also serve QMP on L{Daemon.qmp}.
+    @param wrapper: a command that runs the daemon (for example
+        C{ip netns exec NAME}, which execs it: the process is the daemon).
     @return: the connected L{Daemon}.
     @raise DaemonError: the daemon exited or did not listen in time.
     """
     protocol = _DaemonProtocol()
     daemon = Daemon(name, workdir, None, protocol)
-    argv = [*pythonArguments("-c", TWISTD), "-n", "--pidfile=", f"--logfile={daemon.log}",
+    argv = [*wrapper, *pythonArguments("-c", TWISTD), "-n", "--pidfile=", f"--logfile={daemon.log}",
             "postcopy", "--control", daemon.control, *arguments]
     if qmp:
         argv += ["--qmp", daemon.qmp]
     daemon.process = reactor.spawnProcess(
-        protocol, sys.executable, argv, env=pluginEnvironment(), childFDs={0: "w", 1: "r", 2: "r"}
+        protocol, argv[0], argv, env=pluginEnvironment(), childFDs={0: "w", 1: "r", 2: "r"}
     )
     deadline = reactor.seconds() + timeout
     while daemon.client is None:

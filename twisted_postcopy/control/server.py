@@ -217,8 +217,8 @@ class ControlAMP(AMP):
 
     @commands.SnapshotCapture.responder
     def snapshotCapture(self, uri: str, dir: str, postcopy: bool | None = None,
-                        machine: str | None = None, tls_creds: str | None = None,
-                        tls_authz: str | None = None) -> Deferred:
+                        machine: str | None = None, qmp: str | None = None,
+                        tls_creds: str | None = None, tls_authz: str | None = None) -> Deferred:
         """
         C{snapshot-capture}.
 
@@ -226,12 +226,15 @@ class ControlAMP(AMP):
         @param dir: the snapshot directory.
         @param postcopy: accept postcopy (default: yes).
         @param machine: the machine type recorded (default: QEMU 7.2's pc).
+        @param qmp: the QEMU source's QMP socket, to recover it after a cut.
         @param tls_creds: accept the source over TLS with these server
             credentials (an C{object-add} object).
         @param tls_authz: and only the client this C{authz-simple} allows.
         @return: a Deferred firing with C{{"uri": <listened on>}}.
         """
         options: dict[str, Any] = {"machine": machine} if machine else {}
+        if qmp:
+            options["qmp"] = qmp
         options.update(self._tls({"tls-creds": tls_creds, "tls-authz": tls_authz}))
         d = maybeDeferred(lambda: self._snapshots().startCapture(
             uri, dir, postcopy is not False, **options))
@@ -240,7 +243,8 @@ class ControlAMP(AMP):
     @commands.SnapshotRestore.responder
     def snapshotRestore(self, dir: str, uris: list[str], postcopy: bool | None = None,
                         max_bandwidth: int | None = None, verify: bool | None = None,
-                        tls_creds: str | None = None, tls_hostname: str | None = None) -> Deferred:
+                        qmp: list[str] | None = None, tls_creds: str | None = None,
+                        tls_hostname: str | None = None) -> Deferred:
         """
         C{snapshot-restore}.
 
@@ -249,14 +253,16 @@ class ControlAMP(AMP):
         @param postcopy: restore by postcopy (default: yes).
         @param max_bandwidth: bytes/s per destination (default: unlimited).
         @param verify: check the hashes first (default: yes).
+        @param qmp: per destination, its QEMU's QMP socket (C{""}: none).
         @param tls_creds: migrate over TLS with these client credentials
             (an C{object-add} object).
         @param tls_hostname: the name the destinations' certificates carry.
         @return: a Deferred firing with the empty response once started.
         """
-        tls = self._tls({"tls-creds": tls_creds, "tls-hostname": tls_hostname})
+        options: dict[str, Any] = {"qmp": qmp} if qmp else {}
+        options.update(self._tls({"tls-creds": tls_creds, "tls-hostname": tls_hostname}))
         return _call(lambda: self._snapshots().startRestore(
-            dir, uris, postcopy is not False, max_bandwidth or 0, verify is not False, **tls))
+            dir, uris, postcopy is not False, max_bandwidth or 0, verify is not False, **options))
 
     def _tls(self, parameters: dict[str, str | None]) -> dict[str, Any]:
         """

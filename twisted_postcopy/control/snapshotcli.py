@@ -64,7 +64,8 @@ async def snapshotCapture(client: ControlClient, args: argparse.Namespace, out: 
     @return: 0.
     """
     uri = await client.snapshotCapture(args.uri, _path(args.dir), not args.no_postcopy,
-                                       args.machine, _tlsArguments(args, "tls_authz"))
+                                       args.machine, getattr(args, "qmp", None),
+                                       _tlsArguments(args, "tls_authz"))
     print(f"listening on {uri}", file=out)
     return 0
 
@@ -79,7 +80,8 @@ async def snapshotRestore(client: ControlClient, args: argparse.Namespace, out: 
     @return: 0 once every connection started.
     """
     await client.snapshotRestore(_path(args.dir), args.to, args.postcopy, args.max_bandwidth,
-                                 not args.no_verify, _tlsArguments(args, "tls_hostname"))
+                                 not args.no_verify, getattr(args, "qmp", None),
+                                 _tlsArguments(args, "tls_hostname"))
     return 0
 
 
@@ -157,6 +159,8 @@ SNAPSHOT_COMMANDS: list[tuple[str, str, Any, list[tuple[tuple[str, ...], dict]]]
      [(("uri",), {}), (("dir",), {}),
       (("--no-postcopy",), {"action": "store_true", "help": "refuse postcopy"}),
       (("--machine",), {"default": None, "help": "machine type recorded"}),
+      (("--qmp",), {"default": None, "metavar": "PATH",
+                    "help": "a QMP socket of the QEMU source: resume it after a cut"}),
       (("--tls-creds",), {"metavar": "ID", "help": "accept QEMU over TLS with these server "
                                                   "credentials (object-add; docs/tls.md)"}),
       (("--tls-authz",), {"metavar": "ID", "help": "only the client this authz-simple allows"})]),
@@ -167,6 +171,8 @@ SNAPSHOT_COMMANDS: list[tuple[str, str, Any, list[tuple[tuple[str, ...], dict]]]
       (("--no-verify",), {"action": "store_true", "help": "skip the sha256 check"}),
       (("--max-bandwidth",), {"type": int, "default": 0, "metavar": "BYTES",
                               "help": "bytes/s per destination, 0 for unlimited"}),
+      (("--qmp",), {"action": "append", "default": None, "metavar": "PATH",
+                    "help": "per --to, a QMP socket of that QEMU ('' for none): recover it after a cut"}),
       (("--tls-creds",), {"metavar": "ID", "help": "migrate over TLS with these client "
                                                   "credentials (object-add; docs/tls.md)"}),
       (("--tls-hostname",), {"metavar": "NAME",

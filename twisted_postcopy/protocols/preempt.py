@@ -22,8 +22,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
+from twisted_postcopy.protocols.deadlink import stopWatching, watchIncoming
 from twisted_postcopy.wire.constants import DEFAULT_MAX_PREEMPT_HELD, TARGET_PAGE_SIZE
-from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, ZeroPageReceived
+from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, RAMSectionEOS, ZeroPageReceived
 from twisted_postcopy.wire.preempt import PreemptDecoder, PreemptEncoder
 
 _log = Logger()
@@ -145,6 +146,13 @@ class PreemptDestinationProtocol(Protocol):
         self.maxHeld = DEFAULT_MAX_PREEMPT_HELD
         self.recordsReceived = 0
         self.ended: Deferred = Deferred()
+        self.watchdog: Any = None
+
+    def connectionMade(self) -> None:
+        """
+        Watch the channel for a dead link (L{twisted_postcopy.protocols.deadlink}).
+        """
+        self.watchdog = watchIncoming(self.incoming, self.transport)
 
     def _decoder(self) -> PreemptDecoder | None:
         """
@@ -201,6 +209,7 @@ class PreemptDestinationProtocol(Protocol):
             self.recordsReceived += 1
         self.incoming.flush()
         if decoder.complete and not self.ended.called:
+            stopWatching(self.watchdog)
             self.ended.callback(None)
 
     def _fail(self, reason: RemoteProtocolError) -> None:
@@ -221,6 +230,7 @@ class PreemptDestinationProtocol(Protocol):
 
         @param reason: why.
         """
+        stopWatching(self.watchdog)
         if not self.ended.called:
             self.ended.errback(RemoteProtocolError("preempt channel closed before its EOS record"))
 

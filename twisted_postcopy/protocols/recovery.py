@@ -17,11 +17,14 @@ import socket
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from twisted_postcopy.destination.recovery import DestinationResume, checkRecover
 from twisted_postcopy.errors import MigrationError, PostcopyError
+from twisted_postcopy.protocols.deadlink import watchIncoming
+from twisted_postcopy.protocols.preempt import PreemptDestinationProtocol
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.factories import SourceFactory, clientEndpoint, serverEndpoint
 from twisted_postcopy.protocols.sockets import transportSocket
@@ -154,7 +157,9 @@ def resumeOutgoing(reactor: Any, migration: Any, uri: str, tls: Any = None) -> D
         """
         @param reason: the connect failure.
         """
-        migration.stats.error = f"Failed to connect to '{uri}': {reason.getErrorMessage()}"
+        cancelled = reason.check(ConnectingCancelledError) is not None
+        message = "timed out (cancelled)" if cancelled else reason.getErrorMessage()
+        migration.stats.error = f"Failed to connect to '{uri}': {message}"
         log.error("{error}", error=migration.stats.error)
 
     return connectMaybeTLS(endpoint, tls, RecoverySourceFactory(migration, reactor)).addErrback(failed)
@@ -195,6 +200,7 @@ class RecoveryDestinationProtocol(DestinationProtocol):
         Protocol.__init__(self)
         self.incoming = incoming
         self.driver: Any = None
+        self.watchdog: Any = None
 
     def connectionMade(self) -> None:
         """
@@ -207,6 +213,11 @@ class RecoveryDestinationProtocol(DestinationProtocol):
             return
         resume = DestinationResume(self.incoming, ReturnPathWriter(self.transport))
         self.driver = RecoveryStreamReader(self.incoming, resume)
+        self.watchdog = watchIncoming(self.incoming, self.transport)
+        self.incoming.machine.status.observers.append(self._endWatch)
+        factory = getattr(self, "factory", None)
+        if factory is not None and factory.preempt():
+            factory.awaitingPreempt = True
         self._statusChanged(S.POSTCOPY_ACTIVE)
         resume.start()
 
@@ -231,9 +242,16 @@ class RecoveryDestinationProtocol(DestinationProtocol):
 
 class RecoveryDestinationFactory(Factory):
     """
-    Builds a L{RecoveryDestinationProtocol} per connection.
+    Builds a L{RecoveryDestinationProtocol} per connection; with
+    C{postcopy-preempt}, the connection after a new main one is the new
+    preempt channel (return-path-preempt-recovery.md section 4.7: a 7.2
+    source connects main, then preempt, and waits for both).
 
     @ivar incoming: the incoming migration.
+    @ivar preempt: returns whether the C{postcopy-preempt} capability is on.
+    @ivar awaitingPreempt: a new main connection took over and its preempt
+        channel has not come yet.
+    @ivar preemptChannels: the preempt channels accepted here.
     """
 
     def __init__(self, incoming: Any) -> None:
@@ -241,13 +259,39 @@ class RecoveryDestinationFactory(Factory):
         @param incoming: the incoming migration.
         """
         self.incoming = incoming
+        self.preempt: Callable[[], bool] = lambda: False
+        self.awaitingPreempt = False
+        self.preemptChannels: list[PreemptDestinationProtocol] = []
 
     def buildProtocol(self, addr: Any) -> Protocol:
         """
         @param addr: the peer.
-        @return: a recovery protocol (it drops itself unless paused).
+        @return: the new preempt channel, or a recovery protocol (it drops
+            itself unless paused).
         """
-        return RecoveryDestinationProtocol(self.incoming)
+        if self.awaitingPreempt:
+            self.awaitingPreempt = False
+            channel = PreemptDestinationProtocol(self.incoming)
+            self.preemptChannels.append(channel)
+            return channel
+        protocol = RecoveryDestinationProtocol(self.incoming)
+        protocol.factory = self
+        return protocol
+
+    def closePreempt(self, others: list[Any]) -> None:
+        """
+        The migration paused: drop every preempt channel (the source opens
+        a new one after its new main connection), without reporting their
+        missing EOS.
+
+        @param others: preempt channels accepted elsewhere (the original).
+        """
+        self.awaitingPreempt = False
+        for channel in [*others, *self.preemptChannels]:
+            channel.ended.addErrback(lambda failure: None)
+            transport = channel.transport
+            if transport is not None and getattr(transport, "connected", False):
+                transport.abortConnection()
 
 
 class RecoveryListener:
@@ -321,6 +365,16 @@ class RecoveryListener:
         self.close()
         self.emit(S.SETUP)
         return self._listen(endpoint)
+
+    def listenAgain(self, uri: str) -> Deferred:
+        """
+        Automatic recovery (L{twisted_postcopy.autorecover}): listen on
+        C{uri}, with no C{setup} event.
+
+        @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
+        @return: a Deferred firing with the listening port.
+        """
+        return self._listen(serverEndpoint(self.reactor, uri))
 
     def close(self) -> None:
         """

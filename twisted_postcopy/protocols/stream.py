@@ -23,10 +23,13 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from twisted_postcopy.destination.recovery import channelLost as incomingChannelLost
+from twisted_postcopy.protocols.deadlink import (
+    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, stopWatching, watchIncoming, watchLink)
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.sockets import transportSocket
+from twisted_postcopy.source.machine import FINISHED
 from twisted_postcopy.source.outgoing import DONE
 from twisted_postcopy.source.recovery import channelLost as outgoingChannelLost
 
@@ -61,6 +64,7 @@ class SourceProtocol(Protocol):
         self.paused = False
         self.pending: Any = None
         self.returnPath = ReturnPathReader(migration)
+        self.watchdog: Any = None
 
     def connectionMade(self) -> None:
         """
@@ -87,7 +91,14 @@ class SourceProtocol(Protocol):
             self.transport.abortConnection()
             return False
         self.transport.registerProducer(self, True)
+        self.watchdog = watchLink(self.reactor, self.transport, self._linkTimeout)
         return True
+
+    def _linkTimeout(self) -> int:
+        """
+        @return: the migration's C{x-link-timeout-ms} (read live).
+        """
+        return self.migration.parameters.get(LINK_TIMEOUT, DEFAULT_LINK_TIMEOUT_MS)
 
     def _start(self) -> None:
         """
@@ -212,6 +223,7 @@ class SourceProtocol(Protocol):
         """
         The migration reached a final status: close.
         """
+        stopWatching(self.watchdog)
         self.pauseProducing()
         if self.migration.machine.status.value == "completed":
             self.transport.loseConnection()
@@ -225,9 +237,11 @@ class SourceProtocol(Protocol):
         @param reason: why.
         """
         self.pauseProducing()
-        if outgoingChannelLost(self.migration, self.transport, reason.getErrorMessage()):
+        stopWatching(self.watchdog)
+        why = lostReason(self.watchdog, reason)
+        if outgoingChannelLost(self.migration, self.transport, why):
             return
-        self.migration.fail(MigrationFailed(f"migration connection lost: {reason.getErrorMessage()}"))
+        self.migration.fail(MigrationFailed(f"migration connection lost: {why}"))
 
 
 class DestinationProtocol(Protocol):
@@ -244,6 +258,7 @@ class DestinationProtocol(Protocol):
         """
         self.incoming = incoming
         self.driver = IncomingStreamReader(incoming)
+        self.watchdog: Any = None
 
     def connectionMade(self) -> None:
         """
@@ -251,7 +266,19 @@ class DestinationProtocol(Protocol):
         """
         self.incoming.returnPath = ReturnPathWriter(self.transport)
         self.incoming.machine.status.observers.append(self._statusChanged)
+        self.watchdog = watchIncoming(self.incoming, self.transport)
+        self.incoming.machine.status.observers.append(self._endWatch)
         self.incoming.connected()
+
+    def _endWatch(self, status: Any) -> None:
+        """
+        A finished migration needs no dead-link check while its connection
+        closes.
+
+        @param status: the incoming migration's new status.
+        """
+        if status in FINISHED:
+            stopWatching(self.watchdog)
 
     def _statusChanged(self, status: Any) -> None:
         """
@@ -289,6 +316,9 @@ class DestinationProtocol(Protocol):
 
         @param reason: why.
         """
-        if incomingChannelLost(self.incoming, self, reason.getErrorMessage()):
+        watchdog = getattr(self, "watchdog", None)
+        stopWatching(watchdog)
+        why = lostReason(watchdog, reason)
+        if incomingChannelLost(self.incoming, self, why):
             return
-        self.incoming.failed(MigrationFailed(f"migration connection lost: {reason.getErrorMessage()}"))
+        self.incoming.failed(MigrationFailed(f"migration connection lost: {why}"))

@@ -237,7 +237,7 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
 
     vm = CaptureVM(path, machine)
     manager = MigrationManager(reactor, vm, _faultServiceFactory(reactor))
-    manager.setCapabilities({"postcopy-ram": postcopy})
+    manager.setCapabilities({"postcopy-ram": postcopy, "x-postcopy-auto-recover": True})
     _useTLS(manager, objects, tls)
     vm.inPostcopy = lambda: bool(manager.incoming is not None and manager.incoming.faults is not None)
     listening = manager.migrateIncoming(uri)

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from twisted_postcopy.errors import SnapshotBusyError, SnapshotError, SnapshotReadTooLargeError
 from twisted_postcopy.snapshot.capture import CaptureVM, captureSnapshot
+from twisted_postcopy.snapshot.qmprecovery import recoverCapture, recoverRestore
 from twisted_postcopy.snapshot.restore import restoreSnapshot, verifyInThread
 from twisted_postcopy.snapshot.store import insideRoot, openSnapshot, prepareDirectory
 
@@ -251,8 +252,8 @@ class SnapshotJobs:
         return insideRoot(self.root, path)
 
     def startCapture(self, uri: str, path: str, postcopy: bool = True,
-                     machine: str = "pc-i440fx-7.2", objects: Any = None,
-                     tls: dict[str, str] | None = None) -> Deferred:
+                     machine: str = "pc-i440fx-7.2", qmp: str | None = None,
+                     objects: Any = None, tls: dict[str, str] | None = None) -> Deferred:
         """
         C{snapshot-capture}: listen for one incoming migration and store
         it in C{path}.
@@ -261,6 +262,8 @@ class SnapshotJobs:
         @param path: the snapshot directory to create.
         @param postcopy: accept postcopy.
         @param machine: the machine type recorded.
+        @param qmp: the QEMU source's QMP socket: after a cut, the job
+            resumes QEMU through it.
         @param objects: TLS objects (see L{captureSnapshot}).
         @param tls: TLS parameters (see L{captureSnapshot}).
         @return: a Deferred firing with the URI listened on.
@@ -273,6 +276,8 @@ class SnapshotJobs:
         listening, vm = captureSnapshot(self.reactor, uri, path, postcopy, machine,
                                         objects=objects, tls=tls)
         vm.root = self.root
+        if qmp:
+            recoverCapture(self.reactor, vm.migration, qmp)
         job = CaptureJob(uri, path, postcopy, vm)
         vm.stored.addBoth(lambda result: job.ended(result))
         self.capture = job
@@ -296,7 +301,8 @@ class SnapshotJobs:
         return listening.addCallbacks(listened, refused)
 
     def startRestore(self, path: str, uris: Sequence[str], postcopy: bool = True,
-                     bandwidth: int = 0, verify: bool = True, objects: Any = None,
+                     bandwidth: int = 0, verify: bool = True,
+                     qmp: Sequence[str] | None = None, objects: Any = None,
                      tls: dict[str, str] | None = None) -> Deferred:
         """
         C{snapshot-restore}: feed a snapshot to every destination at once.
@@ -306,6 +312,8 @@ class SnapshotJobs:
         @param postcopy: restore by postcopy.
         @param bandwidth: bytes/s per destination, 0 for unlimited.
         @param verify: check every sha256 first (in a thread).
+        @param qmp: per destination, its QEMU's QMP socket (C{""}: none):
+            after a cut, the job recovers that QEMU through it.
         @param objects: TLS objects (see L{restoreSnapshot}).
         @param tls: TLS parameters (see L{restoreSnapshot}).
         @return: a Deferred firing with L{None} once every connection is
@@ -327,6 +335,9 @@ class SnapshotJobs:
             managers, done = restoreSnapshot(self.reactor, job.path, job.uris, postcopy, False,
                                              bandwidth, root=self.root, objects=objects, tls=tls)
             job.managers = managers
+            for manager, uri, monitor in zip(managers, job.uris, qmp or ()):
+                if monitor:
+                    recoverRestore(self.reactor, manager, monitor, uri)
             done.addBoth(job.ended)
 
         def refused(failure: Any) -> Any:

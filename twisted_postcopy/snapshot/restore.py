@@ -130,7 +130,7 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
     from twisted_postcopy.snapshot.capture import _useTLS
 
     manager = MigrationManager(reactor, vm)
-    manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True})
+    manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True, "x-postcopy-auto-recover": True})
     manager.setParameters({"max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth})
     _useTLS(manager, objects, tls)
     done = manager.whenStatus("completed", "failed", "cancelled")

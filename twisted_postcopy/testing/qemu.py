@@ -76,6 +76,7 @@ class QEMUInstance:
         arguments: Iterable[str],
         name: str = "qemu",
         timeout: float = DEFAULT_TIMEOUT,
+        wrapper: Iterable[str] = (),
     ) -> QEMUInstance:
         """
         Start QEMU and connect to its QMP monitor.
@@ -85,6 +86,8 @@ class QEMUInstance:
             plus extra ones such as C{-incoming defer} or C{-S}.
         @param name: a label used in error messages.
         @param timeout: seconds allowed for QMP to come up.
+        @param wrapper: a command that runs QEMU (for example C{ip netns
+            exec NAME}, which execs it).
         @return: the running instance.
         @raise QEMUError: when QEMU exits or QMP does not come up; the
             process is killed and reaped first.
@@ -92,7 +95,7 @@ class QEMUInstance:
         socketDirectory = tempfile.mkdtemp(prefix="qmp-")
         socketPath = os.path.join(socketDirectory, "qmp.sock")
         command = [
-            qemuBinary() or QEMU_BINARY, *arguments,
+            *wrapper, qemuBinary() or QEMU_BINARY, *arguments,
             "-qmp", f"unix:{socketPath},server=on,wait=off",
             "-serial", f"file:{os.path.join(directory, 'serial.out')}",
         ]
