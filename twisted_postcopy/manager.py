@@ -277,7 +277,8 @@ class MigrationManager:
         self.autoRecovery = SourceAutoRecovery(
             self.reactor, migration, uri, lambda: self.capabilities[AUTO_RECOVER],
             lambda: self.parameters[RECOVER_DEADLINE], lambda: self.parameters[LINK_TIMEOUT],
-            self._publish, resumeOutgoing)
+            self._publish, lambda reactor, outgoing, where: resumeOutgoing(
+                reactor, outgoing, where, self._tlsClient(where)))
         migration.machine.observers.append(self.autoRecovery.statusChanged)
         self.outgoing = migration
         migration.begin()
