@@ -246,8 +246,9 @@ class MigrationShapesTests(DaemonTestCase):
         self.assertIn(vcpus, ([], ["integer"]))
         ours["destination"]["query-migrate"]["postcopy-vcpu-blocktime"] = ["integer"]
         for side in ("source", "destination"):
-            self.assertEqual(ours[side]["statuses"], theirs[side]["statuses"], side)
-            self.assertEqual(ours[side]["query-migrate"], theirs[side]["query-migrate"], side)
+            explained = f"{side}: ours {json.dumps(ours)} QEMU's {json.dumps(theirs)}"
+            self.assertEqual(ours[side]["statuses"], theirs[side]["statuses"], explained)
+            self.assertEqual(ours[side]["query-migrate"], theirs[side]["query-migrate"], explained)
         self.assertEqual(ours["source"]["statuses"][-1], "completed")
         self.assertGreater(ours["source"]["passes"], 0)
         self.assertGreater(theirs["source"]["passes"], 0)

@@ -9,10 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from twisted_postcopy.destination.machine import IncomingMachine
 from twisted_postcopy.destination.placer import PagePlacer
 from twisted_postcopy.errors import RemoteProtocolError
 from twisted_postcopy.protocols.preempt import (
@@ -63,10 +67,12 @@ class PlacingIncoming:
 
     @ivar placer: the placer, or None before the block list.
     @ivar failures: what C{failed} was given.
+    @ivar machine: its state machine, or None.
     """
 
     placer: PagePlacer | None = None
     failures: list[BaseException] = field(factory=list)
+    machine: IncomingMachine | None = None
 
     def page(self, idstr: str, offset: int, data: Any) -> None:
         """
@@ -105,6 +111,22 @@ def pattern(index: int) -> bytes:
     return bytes([index % 251 + 1]) * PAGE
 
 
+def whenLost(protocol: Any) -> Deferred:
+    """
+    @param protocol: a connected protocol.
+    @return: a Deferred firing once its C{connectionLost} ran.
+    """
+    lost: Deferred = Deferred()
+    original = protocol.connectionLost
+
+    def connectionLost(reason: Any) -> None:
+        original(reason)
+        lost.callback(None)
+
+    protocol.connectionLost = connectionLost
+    return lost
+
+
 class PreemptChannelTests(TestCase):
     """
     A source preempt protocol talks to a destination one over loopback TCP.
@@ -126,10 +148,27 @@ class PreemptChannelTests(TestCase):
         source = PreemptSourceFactory()
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
         protocol = yield endpoint.connect(source)
-        self.addCleanup(protocol.transport.loseConnection)
+        sourceLost = whenLost(protocol)
         connected = yield source.connected
         self.assertIs(connected, protocol)
-        yield destination.accepted
+        accepted = yield destination.accepted
+        destinationLost = whenLost(accepted)
+
+        def close() -> Deferred:
+            """
+            Close both ends and wait until both saw it, so that nothing
+            of this test (such as C{ended} failing when a channel that
+            never sent its EOS closes) happens during a later one.  A
+            test that did not wait for C{ended} does not care how it ended.
+
+            @return: a Deferred firing once both ends are closed.
+            """
+            protocol.transport.loseConnection()
+            accepted.transport.loseConnection()
+            accepted.ended.addErrback(lambda failure: failure.trap(RemoteProtocolError))
+            return gatherResults([sourceLost, destinationLost, accepted.ended])
+
+        self.addCleanup(close)
         return protocol, destination
 
     @inlineCallbacks
@@ -213,6 +252,43 @@ class PreemptChannelTests(TestCase):
         first = destination.preempt
         self.assertIsNone(destination.buildProtocol(None))
         self.assertIs(destination.preempt, first)
+
+
+class PreemptUnusedTests(TestCase):
+    """
+    A preempt channel closed without a byte.
+    """
+
+    def closedUnused(self, machine: IncomingMachine) -> Deferred:
+        """
+        @param machine: the incoming migration's state machine.
+        @return: C{ended} of a destination channel closed without a byte.
+        """
+        incoming = PlacingIncoming(PagePlacer({"pc.ram": MemoryBlock()}))
+        incoming.machine = machine
+        protocol = PreemptDestinationFactory(incoming).buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        protocol.connectionLost(Failure(ConnectionDone()))
+        return protocol.ended
+
+    def test_precopyOnly(self) -> None:
+        """
+        Before postcopy (QEMU 7.2 opens the channel at the start of every
+        migration and closes it empty when it completed in precopy),
+        C{ended} fires with None: nothing is left failing unobserved.
+        """
+        self.assertIsNone(self.successResultOf(self.closedUnused(IncomingMachine())))
+
+    def test_inPostcopy(self) -> None:
+        """
+        Once LISTEN was processed, an empty close is still an error.
+        """
+        machine = IncomingMachine()
+        machine.setup()
+        machine.loadingStarted()
+        machine.advise()
+        machine.listen()
+        self.failureResultOf(self.closedUnused(machine), RemoteProtocolError)
 
 
 class PreemptEncodingTests(TestCase):

@@ -131,8 +131,12 @@ class PreemptDestinationProtocol(Protocol):
     @ivar held: bytes received before the decoder existed.
     @ivar heldBytes: their length, at most C{maxHeld} (max-preempt-held).
     @ivar recordsReceived: RAM records received.
+    @ivar bytesReceived: bytes received.
     @ivar ended: fires with None at EOS, or fails if the channel breaks
-        before its EOS.
+        before its EOS.  A channel closed without a byte while the incoming
+        migration (its C{machine}) never entered postcopy is how a QEMU 7.2
+        source ends it after a migration that completed in precopy: that
+        fires C{ended} with None too.
     """
 
     def __init__(self, incoming: Any) -> None:
@@ -145,6 +149,7 @@ class PreemptDestinationProtocol(Protocol):
         self.heldBytes = 0
         self.maxHeld = DEFAULT_MAX_PREEMPT_HELD
         self.recordsReceived = 0
+        self.bytesReceived = 0
         self.ended: Deferred = Deferred()
         self.watchdog: Any = None
 
@@ -172,6 +177,7 @@ class PreemptDestinationProtocol(Protocol):
 
         @param data: bytes from the source.
         """
+        self.bytesReceived += len(data)
         decoder = self._decoder()
         if decoder is None:
             if self.heldBytes + len(data) > self.maxHeld:
@@ -226,13 +232,20 @@ class PreemptDestinationProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         """
-        The channel closed: without its EOS that is an error for C{ended}.
+        The channel closed: without its EOS that is an error for C{ended},
+        unless it was never used (see L{ended}).
 
         @param reason: why.
         """
         stopWatching(self.watchdog)
-        if not self.ended.called:
-            self.ended.errback(RemoteProtocolError("preempt channel closed before its EOS record"))
+        if self.ended.called:
+            return
+        machine = getattr(self.incoming, "machine", None)
+        if not self.bytesReceived and machine is not None and not machine.inPostcopy:
+            _log.info("preempt channel closed unused: the migration did not enter postcopy")
+            self.ended.callback(None)
+            return
+        self.ended.errback(RemoteProtocolError("preempt channel closed before its EOS record"))
 
 
 class PreemptDestinationFactory(Factory):

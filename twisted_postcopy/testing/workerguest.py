@@ -19,7 +19,7 @@ stand-in: what runs is what ships.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 
@@ -42,16 +42,26 @@ class WorkerGuestVM(IncomingTestVM):
         will touch its RAM as soon as it runs).
     @ivar done: fires with the per-block digests (list order) once the
         worker read everything (and exited), or fails with its error.
+    @ivar touchFirst: page indexes in the largest block (negative: from
+        its end) that the worker touches one by one, in this order, before
+        anything else; or L{None}.
+    @ivar touchedFirst: fires with the worker's answer once those pages
+        are in (a test that throttled the background stream so that it
+        cannot reach them knows each of them was requested and served,
+        and may then lift the throttle).
     """
 
-    def __init__(self, reactor: Any, threads: int = 0) -> None:
+    def __init__(self, reactor: Any, threads: int = 0, touchFirst: Sequence[int] | None = None) -> None:
         """
         @param reactor: an C{IReactorProcess} and C{IReactorFDSet}.
         @param threads: see L{threads}.
+        @param touchFirst: see L{touchFirst}.
         """
         super().__init__()
         self.reactor = reactor
         self.threads = threads
+        self.touchFirst = touchFirst
+        self.touchedFirst: Deferred = Deferred()
         self.service: Any = None
         self.worker: Any = None
         self.vcpuThreads: list[int] = []
@@ -121,6 +131,17 @@ class WorkerGuestVM(IncomingTestVM):
             self.worker.transport.signalProcess("KILL")
         if not self.done.called:
             self.done.errback(RuntimeError(f"incoming migration failed: {reason}"))
+        self._touchFailed(RuntimeError(f"incoming migration failed: {reason}"))
+
+    def _touchFailed(self, error: BaseException) -> None:
+        """
+        Fail L{touchedFirst} if it is awaited (L{touchFirst} given) and
+        pending.
+
+        @param error: why.
+        """
+        if self.touchFirst is not None and not self.touchedFirst.called:
+            self.touchedFirst.errback(error)
 
     def _stopWorker(self) -> Deferred:
         """
@@ -145,6 +166,19 @@ class WorkerGuestVM(IncomingTestVM):
         worker = self.worker
         yield worker.attached
         try:
+            if self.touchFirst is not None:
+                try:
+                    index = max(range(len(blocks)), key=lambda i: blocks[i].length)
+                    pages = blocks[index].length // blocks[index].pageSize
+                    answers = []
+                    for page in self.touchFirst:
+                        answer = yield worker.command(op="touch", block=index, first=page % pages, count=1,
+                                                      threads=self.threads)
+                        answers.append(answer)
+                except BaseException as error:
+                    self._touchFailed(error)
+                    raise
+                self.touchedFirst.callback(answers)
             for index, block in enumerate(blocks):
                 yield worker.command(op="touch", block=index, first=0, count=block.length // block.pageSize,
                                      threads=self.threads)
