@@ -68,7 +68,7 @@ class ErrorsMapTests(SynchronousTestCase):
             if isinstance(value, type) and issubclass(value, Command) and value is not Command
         ]
         snapshot = [c for c in found if "Snapshot" in c.__name__]
-        self.assertEqual((len(found), len(snapshot)), (21, 6))
+        self.assertEqual((len(found), len(snapshot)), (24, 6))
         for command in found:
             expected = commands.SNAPSHOT_ERRORS if command in snapshot else commands.MIGRATION_ERRORS
             self.assertEqual(dict(command.errors), expected, command)

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from twisted_postcopy.control import qmp
-from twisted_postcopy.manager import CAPABILITIES, PARAMETERS, MigrationManager
+from twisted_postcopy.manager import CAPABILITIES, PARAMETERS, TLS_PARAMETERS, MigrationManager
 
 
 class SlowGuest:
@@ -280,7 +280,30 @@ class CommandTests(QMPTestCase):
         self.assertEqual(self.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 20}),
                          {"return": {}})
         self.assertEqual(self.execute("query-migrate-parameters"),
-                         {"return": {**PARAMETERS, "max-bandwidth": 1 << 20}})
+                         {"return": {**PARAMETERS, **TLS_PARAMETERS, "max-bandwidth": 1 << 20}})
+
+    def test_objectsAndTLSParameters(self) -> None:
+        """
+        C{object-add} takes QEMU's flat arguments (a C{tls-creds-x509}
+        whose files are checked), C{migrate-set-parameters} the TLS
+        strings, C{object-del} removes the object; errors are QEMU's.
+        """
+        from twisted_postcopy.testing import pki
+
+        directory = self.mktemp()
+        pki.writeCredentials(directory)
+        reply = self.execute("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0",
+                                              "dir": directory, "endpoint": "client"})
+        self.assertEqual(reply, {"return": {}})
+        self.assertEqual(self.execute("migrate-set-parameters", **{"tls-creds": "tls0"}),
+                         {"return": {}})
+        self.assertEqual(self.execute("query-migrate-parameters")["return"]["tls-creds"], "tls0")
+        self.assertError(self.execute("object-add", **{"qom-type": "tls-creds-x509", "id": "bad",
+                                                       "dir": "/nonexistent"}),
+                         "Unable to access credentials /nonexistent/ca-cert.pem: "
+                         "No such file or directory")
+        self.assertEqual(self.execute("object-del", id="tls0"), {"return": {}})
+        self.assertError(self.execute("object-del", id="tls0"), "object 'tls0' not found")
 
     def test_migrateAndCancel(self) -> None:
         """

@@ -61,7 +61,8 @@ class SurfaceTests(SynchronousTestCase):
         self.assertEqual(self.manager.queryParameters(),
                          {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0,
                           "downtime-limit": 300, "x-link-timeout-ms": 2000,
-                          "x-recover-deadline-ms": 600000})
+                          "x-recover-deadline-ms": 600000,
+                          "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
         self.manager.setParameters({"x-link-timeout-ms": 0})
         self.manager.setParameters({"x-link-timeout-ms": 5000})
         self.assertEqual(self.manager.queryParameters()["x-link-timeout-ms"], 5000)

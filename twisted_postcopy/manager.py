@@ -29,6 +29,8 @@ from twisted_postcopy.protocols.factories import (
 from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, checkLinkTimeout, configureIncoming)
 from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
+from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
+from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
 from twisted_postcopy.state import FINISHED, POSTCOPY, MigrationStatus as S
 from twisted_postcopy.source.outgoing import OutgoingMigration
 
@@ -45,6 +47,8 @@ SUPPORTED = frozenset({"events", "postcopy-ram", "return-path", "postcopy-blockt
 #: Parameters and their QEMU defaults (and this engine's C{x-} ones).
 PARAMETERS = {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0, "downtime-limit": 300,
               LINK_TIMEOUT: DEFAULT_LINK_TIMEOUT_MS, RECOVER_DEADLINE: DEFAULT_RECOVER_DEADLINE_MS}
+#: The TLS parameters (strings, QEMU's defaults; docs/tls.md).
+TLS_PARAMETERS = {"tls-creds": "", "tls-hostname": "", "tls-authz": ""}
 _IN_PROGRESS = "There's a migration process in progress"
 
 
@@ -72,6 +76,8 @@ class MigrationManager:
     @ivar timeline: the daemon's
         L{twisted_postcopy.observe.timeline.MigrationTimeline}, if it keeps
         one (C{x-query-migrate-timeline}).
+    @ivar objects: the C{object-add} objects (TLS credentials, authz).
+    @ivar tlsRefused: the reasons of refused incoming TLS handshakes.
     """
 
     def __init__(self, reactor: Any, vm: Any, faultServiceFactory: Callable[..., Any] | None = None) -> None:
@@ -86,6 +92,9 @@ class MigrationManager:
         self.faultServiceFactory = faultServiceFactory
         self.capabilities = {name: False for name in CAPABILITIES}
         self.parameters = dict(PARAMETERS)
+        self.parameters.update(TLS_PARAMETERS)
+        self.objects = ObjectRegistry()
+        self.tlsRefused: list[str] = []
         self.outgoing: OutgoingMigration | None = None
         self.incoming: IncomingMigration | None = None
         self.blocktime: BlocktimeContext | None = None
@@ -174,7 +183,10 @@ class MigrationManager:
         @param parameters: name -> value.
         @raise MigrationError: unknown name or value out of range.
         """
+        parameters = _tlsParameters(parameters)
         for name, value in parameters.items():
+            if name in TLS_PARAMETERS:
+                continue
             if name not in PARAMETERS:
                 raise MigrationError(f"Parameter '{name}' is unexpected")
             if not isinstance(value, int) or value < 0:
@@ -189,7 +201,7 @@ class MigrationManager:
                     raise MigrationError(str(error))
         self.parameters.update(parameters)
 
-    def queryParameters(self) -> dict[str, int]:
+    def queryParameters(self) -> dict[str, Any]:
         """
         @return: C{query-migrate-parameters} (the relevant ones).
         """
@@ -253,7 +265,7 @@ class MigrationManager:
             nothing paused to resume.
         """
         if resume:
-            resumeOutgoing(self.reactor, self.outgoing, uri)
+            resumeOutgoing(self.reactor, self.outgoing, uri, self._tlsClient(uri))
             if isinstance(self.autoRecovery, SourceAutoRecovery):
                 self.autoRecovery.uri = uri
                 self.autoRecovery.unsuspend()
@@ -265,6 +277,7 @@ class MigrationManager:
         if self.capabilities["postcopy-preempt"]:
             raise MigrationError("postcopy-preempt is not yet supported by the twisted-postcopy source")
         endpoint = clientEndpoint(self.reactor, uri)
+        tls = self._tlsClient(uri)
         migration = OutgoingMigration(self.vm, None, self.reactor.seconds,
                                       dict(self.capabilities), self.parameters)
         migration.machine.observers.append(self._emit)
@@ -272,11 +285,12 @@ class MigrationManager:
         self.autoRecovery = SourceAutoRecovery(
             self.reactor, migration, uri, lambda: self.capabilities[AUTO_RECOVER],
             lambda: self.parameters[RECOVER_DEADLINE], lambda: self.parameters[LINK_TIMEOUT],
-            self._publish, resumeOutgoing)
+            self._publish, lambda reactor, outgoing, where: resumeOutgoing(
+                reactor, outgoing, where, self._tlsClient(where)))
         migration.machine.observers.append(self.autoRecovery.statusChanged)
         self.outgoing = migration
         migration.begin()
-        connecting = endpoint.connect(SourceFactory(migration, self.reactor))
+        connecting = connectMaybeTLS(endpoint, tls, SourceFactory(migration, self.reactor))
         connecting.addErrback(lambda f: migration.fail(MigrationError(
             f"Failed to connect to '{uri}': {f.getErrorMessage()}")))
 
@@ -311,6 +325,7 @@ class MigrationManager:
         if self.incoming is not None:
             raise MigrationError("The incoming migration has already been started")
         parseURI(uri)
+        tls = self._tlsServer()
         vm = self.vm if IIncomingVM.providedBy(self.vm) else self.vm()
         incoming = IncomingMigration(vm, None, self.capabilities["postcopy-ram"],
                                      self._faultService)
@@ -320,6 +335,7 @@ class MigrationManager:
         self.destinationFactory = DestinationFactory(incoming)
         self.recovery = RecoveryListener(self.reactor, incoming, self._emit)
         self.destinationFactory.recovery = self.recovery.factory
+        self.recovery.tls, self.recovery.refused = tls, self._refusedTLS
         self._acceptPreempt()
         configureIncoming(incoming, self.reactor, lambda: self.parameters[LINK_TIMEOUT])
         self.recovery.factory.preempt = lambda: self.capabilities["postcopy-preempt"]
@@ -329,7 +345,8 @@ class MigrationManager:
             self.reactor, self.recovery, lambda: self.capabilities[AUTO_RECOVER],
             self.recoveryURI, self._publish)
         incoming.machine.status.observers.append(self.autoRecovery.statusChanged)
-        listening = serverEndpoint(self.reactor, uri).listen(self.destinationFactory)
+        listening = serverEndpoint(self.reactor, uri).listen(
+            wrapServer(tls, self.destinationFactory, self._refusedTLS))
 
         def listened(port: Any) -> Any:
             """
@@ -537,6 +554,77 @@ class MigrationManager:
         else:
             state = "inmigrate"
         return {"status": state, "singlestep": False, "running": state == "running"}
+
+    def objectAdd(self, qomType: str, id: str, **properties: Any) -> None:
+        """
+        C{object-add}: create a C{tls-creds-x509} or C{authz-simple}
+        object (docs/tls.md).
+
+        @param qomType: the object type.
+        @param id: its id.
+        @param properties: its properties (QEMU's names).
+        @raise MigrationError: QEMU's texts for a bad object.
+        """
+        self.objects.add(qomType, id, **properties)
+
+    def objectDel(self, id: str) -> None:
+        """
+        C{object-del}.
+
+        @param id: the object's id.
+        @raise MigrationError: no such object.
+        """
+        self.objects.remove(id)
+
+    def _tlsClient(self, uri: str) -> Any:
+        """
+        @param uri: the migration URI (its host is the default
+            C{tls-hostname}, as in QEMU).
+        @return: the source's TLS policy, or None without C{tls-creds}.
+        @raise MigrationError: unusable credentials (QEMU's texts).
+        """
+        kind, where, _ = parseURI(uri)
+        return self.objects.clientPolicy(self.parameters, where if kind == "tcp" else None)
+
+    def _tlsServer(self) -> Any:
+        """
+        @return: the destination's TLS policy, or None without
+            C{tls-creds}.
+        @raise MigrationError: unusable credentials or authz object.
+        """
+        return self.objects.serverPolicy(self.parameters)
+
+    def _refusedTLS(self, error: TLSError) -> None:
+        """
+        An incoming connection failed TLS: log it (as QEMU reports it on
+        stderr); the destination keeps waiting for its source.
+
+        @param error: why.
+        """
+        from twisted.logger import Logger
+
+        self.tlsRefused.append(str(error))
+        Logger().error("incoming migration connection refused: {error}", error=str(error))
+
+
+def _tlsParameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """
+    Check the TLS parameters of a C{migrate-set-parameters} (strings; a
+    JSON null resets one to empty, as in QEMU).
+
+    @param parameters: name -> value.
+    @return: the parameters, nulls replaced by C{""}.
+    @raise MigrationError: a TLS parameter that is not a string.
+    """
+    checked = dict(parameters)
+    for name in TLS_PARAMETERS:
+        if name in checked:
+            if checked[name] is None:
+                checked[name] = ""
+            if not isinstance(checked[name], str):
+                raise MigrationError(f"Invalid parameter type for '{name}', expected: string")
+    return checked
+
 
 def _boundURI(uri: str, port: Any) -> str:
     """

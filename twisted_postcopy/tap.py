@@ -135,6 +135,8 @@ class Options(usage.Options):
         super().__init__()
         self["guest-option"] = {}
         self["capabilities"] = {}
+        self["objects"] = []
+        self["parameters"] = {}
         self["attach-allow"] = []
 
     def opt_capability(self, value: str) -> None:
@@ -150,6 +152,34 @@ class Options(usage.Options):
             self["capabilities"].update(parseAssignments([value], parseState))
         except ArgumentTypeError as e:
             raise usage.UsageError(f"--capability: {e}") from None
+
+    def opt_object(self, value: str) -> None:
+        """
+        Create an object at start, in QEMU's -object syntax (repeatable):
+        tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]
+        or authz-simple,id=ID,identity=DN (docs/tls.md).
+        """
+        from twisted_postcopy.tlscreds import TLSError, parseObjectOption
+
+        try:
+            self["objects"].append(parseObjectOption(value))
+        except TLSError as e:
+            raise usage.UsageError(f"--object: {e}") from None
+
+    def opt_parameter(self, value: str) -> None:
+        """
+        Set a migration parameter at start, NAME=VALUE (repeatable), e.g.
+        tls-creds=tls0 (before --incoming is listened on).
+        """
+        from argparse import ArgumentTypeError
+
+        from twisted_postcopy.control.cli import parseAssignments, parseParameter
+
+        parse = str if value.startswith("tls-") else parseParameter
+        try:
+            self["parameters"].update(parseAssignments([value], parse))
+        except ArgumentTypeError as e:
+            raise usage.UsageError(f"--parameter: {e}") from None
 
     def opt_guest_option(self, value: str) -> None:
         """
@@ -322,6 +352,10 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     from twisted_postcopy.observe.service import addObservability
 
     manager, guest = buildManager(reactor, options)
+    for qomType, id, properties in options["objects"]:
+        manager.objectAdd(qomType, id, **properties)
+    if options["parameters"]:
+        manager.setParameters(options["parameters"])
     service = MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
                                guest=guest, capabilities=options["capabilities"],
                                insecureControl=options["insecure-control"],

@@ -252,7 +252,8 @@ _COMMANDS: list[tuple[str, str, Handler, list[tuple[tuple[str, ...], dict]]]] = 
     ("migrate-set-parameters", "set parameters, e.g. max-bandwidth=134217728",
      _simple("setParameters", "parameters"),
      [(("parameters",), {"nargs": "+", "metavar": "PARAMETER=VALUE",
-                         "type": lambda s: parseAssignments([s], parseParameter)})]),
+                         "type": lambda s: parseAssignments(
+                             [s], str if s.startswith("tls-") else parseParameter)})]),
     ("migrate", "start migrating to URI (tcp:HOST:PORT or unix:PATH)",
      _simple("migrate", "uri", "resume"),
      [(("uri",), {}), (("--resume",), {"action": "store_true",
@@ -271,6 +272,53 @@ _COMMANDS: list[tuple[str, str, Handler, list[tuple[tuple[str, ...], dict]]]] = 
      queryMigrateTimeline, []),
 ]
 
+
+async def objectAdd(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    """
+    C{object-add}, given in QEMU's C{-object} syntax
+    (C{tls-creds-x509,id=tls0,dir=/etc/pki/qemu,endpoint=server}).
+
+    @param client: the connection.
+    @param args: the arguments.
+    @param out: the output (unused).
+    @return: the exit status.
+    """
+    from twisted_postcopy.tlscreds import parseObjectOption
+
+    qomType, id, properties = parseObjectOption(args.object)
+    await client.objectAdd(qomType, id, properties)
+    return 0
+
+
+async def queryObjects(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
+    """
+    C{query-objects}, one object per line (or a JSON list with C{--json}).
+
+    @param client: the connection.
+    @param args: the arguments.
+    @param out: the output.
+    @return: the exit status.
+    """
+    objects = await client.queryObjects()
+    if args.json:
+        print(json.dumps(objects, sort_keys=True), file=out)
+    for each in [] if args.json else objects:
+        rest = ",".join(f"{k}={('on' if v else 'off') if isinstance(v, bool) else v}"
+                        for k, v in each.items() if k not in ("qom-type", "id"))
+        print(f"{each['qom-type']},id={each['id']}" + (f",{rest}" if rest else ""), file=out)
+    return 0
+
+
+_COMMANDS.extend([
+    ("object-add", "create TLS credentials or an authz object, QEMU's -object syntax: "
+     "tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off] or "
+     "authz-simple,id=ID,identity=DN", objectAdd,
+     [(("object",), {"metavar": "TYPE,id=ID,PROP=VALUE..."})]),
+    ("object-del", "remove an object made by object-add", _simple("objectDel", "id"),
+     [(("id",), {})]),
+    ("query-objects", "list the objects made by object-add", queryObjects,
+     [(("--json",), {"action": "store_true", "help": "print JSON"})]),
+])
 
 def _merge(args: argparse.Namespace) -> argparse.Namespace:
     """

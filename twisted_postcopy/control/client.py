@@ -119,6 +119,32 @@ class ControlClient(AMP):
         """
         return (await self.callRemote(commands.QueryParameters))["parameters"]
 
+    async def objectAdd(self, qomType: str, id: str, props: dict[str, Any] | None = None) -> None:
+        """
+        C{object-add} (docs/tls.md).
+
+        @param qomType: C{tls-creds-x509} or C{authz-simple}.
+        @param id: the new object's id.
+        @param props: its properties, QEMU's names.
+        """
+        await self.callRemote(commands.ObjectAdd, qom_type=qomType, id=id, props=props or {})
+
+    async def objectDel(self, id: str) -> None:
+        """
+        C{object-del}.
+
+        @param id: the object's id.
+        """
+        await self.callRemote(commands.ObjectDel, id=id)
+
+    async def queryObjects(self) -> list[dict[str, Any]]:
+        """
+        C{query-objects}, with each object's properties.
+
+        @return: the objects.
+        """
+        return (await self.callRemote(commands.QueryObjects))["objects"]
+
     async def migrate(self, uri: str, resume: bool = False) -> None:
         """
         C{migrate}.
@@ -179,7 +205,8 @@ class ControlClient(AMP):
         return (await self.callRemote(commands.QueryGuest))["info"]
 
     async def snapshotCapture(self, uri: str, path: str, postcopy: bool = True,
-                              machine: str | None = None, qmp: str | None = None) -> str:
+                              machine: str | None = None, qmp: str | None = None,
+                              tls: dict[str, str] | None = None) -> str:
         """
         C{snapshot-capture}.
 
@@ -189,18 +216,22 @@ class ControlClient(AMP):
         @param postcopy: accept postcopy.
         @param machine: the machine type recorded, or L{None} for QEMU 7.2's.
         @param qmp: the QEMU source's QMP socket, to recover it after a cut.
+        @param tls: C{tls-creds} (and C{tls-authz}) naming the daemon's
+            objects, to accept the source over TLS.
         @return: the URI listened on.
         """
         options: dict[str, Any] = {"machine": machine} if machine else {}
         if qmp:
             options["qmp"] = qmp
+        options.update({name.replace("-", "_"): value for name, value in (tls or {}).items()})
         answer = await self.callRemote(commands.SnapshotCapture, uri=uri, dir=path,
                                        postcopy=postcopy, **options)
         return answer["uri"]
 
     async def snapshotRestore(self, path: str, uris: list[str], postcopy: bool = True,
                               bandwidth: int = 0, verify: bool = True,
-                              qmp: list[str] | None = None) -> None:
+                              qmp: list[str] | None = None,
+                              tls: dict[str, str] | None = None) -> None:
         """
         C{snapshot-restore}.
 
@@ -211,8 +242,11 @@ class ControlClient(AMP):
         @param verify: check the hashes first.
         @param qmp: per destination, its QEMU's QMP socket (C{""}: none),
             to recover it after a cut.
+        @param tls: C{tls-creds} (and C{tls-hostname}) naming the daemon's
+            objects, to migrate over TLS.
         """
-        options = {"qmp": list(qmp)} if qmp else {}
+        options: dict[str, Any] = {"qmp": list(qmp)} if qmp else {}
+        options.update({name.replace("-", "_"): value for name, value in (tls or {}).items()})
         await self.callRemote(commands.SnapshotRestore, dir=path, uris=list(uris),
                               postcopy=postcopy, max_bandwidth=bandwidth, verify=verify, **options)
 

@@ -252,7 +252,9 @@ class SnapshotCapture(Command):
     """
 
     arguments = [(b"uri", Unicode()), (b"dir", Unicode()), (b"postcopy", Boolean(optional=True)),
-                 (b"machine", Unicode(optional=True)), (b"qmp", Unicode(optional=True))]
+                 (b"machine", Unicode(optional=True)), (b"qmp", Unicode(optional=True)),
+                 # docs/tls.md: server credentials and authz of the daemon's objects
+                 (b"tls-creds", Unicode(optional=True)), (b"tls-authz", Unicode(optional=True))]
     response = [(b"uri", Unicode())]
     errors = SNAPSHOT_ERRORS
 
@@ -270,7 +272,9 @@ class SnapshotRestore(Command):
 
     arguments = [(b"dir", Unicode()), (b"uris", ListOf(Unicode())),
                  (b"postcopy", Boolean(optional=True)), (b"max-bandwidth", Integer(optional=True)),
-                 (b"verify", Boolean(optional=True)), (b"qmp", ListOf(Unicode(), optional=True))]
+                 (b"verify", Boolean(optional=True)), (b"qmp", ListOf(Unicode(), optional=True)),
+                 # docs/tls.md: client credentials of the daemon's objects
+                 (b"tls-creds", Unicode(optional=True)), (b"tls-hostname", Unicode(optional=True))]
     response: list = []
     errors = SNAPSHOT_ERRORS
 
@@ -381,4 +385,34 @@ class QueryMigrateTimeline(Command):
     commandName = b"x-query-migrate-timeline"
     arguments: list = []
     response = [(b"timeline", ChunkedJSON())]
+class ObjectAdd(Command):
+    """
+    C{object-add}: create a C{tls-creds-x509} object (C{dir},
+    C{endpoint}, C{verify-peer}) or an C{authz-simple} one (C{identity});
+    see docs/tls.md.  The properties travel as one JSON object.
+    """
+
+    arguments = [(b"qom-type", Unicode()), (b"id", Unicode()), (b"props", JSON(optional=True))]
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class ObjectDel(Command):
+    """
+    C{object-del}: remove an object created by C{object-add}.
+    """
+
+    arguments = [(b"id", Unicode())]
+    response: list = []
+    errors = MIGRATION_ERRORS
+
+
+class QueryObjects(Command):
+    """
+    C{query-objects} (ours: with each object's properties, as a JSON list
+    of C{{qom-type, id, ...}}).
+    """
+
+    arguments: list = []
+    response = [(b"objects", JSON())]
     errors = MIGRATION_ERRORS

@@ -391,6 +391,19 @@ def _migrate(protocol: QMPProtocol, arguments: dict[str, Any]) -> Any:
     return protocol.manager.migrate(arguments["uri"], resume=bool(arguments.get("resume")))
 
 
+def _objectAdd(protocol: QMPProtocol, arguments: dict[str, Any]) -> Any:
+    """
+    C{object-add}: QEMU's flat arguments, C{qom-type}, C{id} and the
+    type's properties (docs/tls.md: C{tls-creds-x509}, C{authz-simple}).
+
+    @param protocol: the connection.
+    @param arguments: the arguments.
+    @return: the manager's result.
+    """
+    properties = {k: v for k, v in arguments.items() if k not in ("qom-type", "id")}
+    return protocol.manager.objectAdd(arguments["qom-type"], arguments["id"], **properties)
+
+
 def _queryGuest(protocol: QMPProtocol, arguments: dict[str, Any]) -> Any:
     """
     C{x-query-guest}: AMP's C{query-guest} (not a QEMU command, hence the
@@ -453,6 +466,10 @@ def _commands() -> dict[str, QMPCommand]:
                    lambda p, a: [{"name": name} for name in COMMANDS]),
         QMPCommand("x-query-guest", none, _queryGuest),
         QMPCommand("x-query-migrate-timeline", none, lambda p, a: p.manager.queryMigrateTimeline()),
+        QMPCommand("object-add", Arguments({"qom-type": "string", "id": "string"}, open=True),
+                   lambda p, a: maybeDeferred(_objectAdd, p, a).addCallback(_empty)),
+        QMPCommand("object-del", Arguments({"id": "string"}),
+                   lambda p, a: maybeDeferred(p.manager.objectDel, a["id"]).addCallback(_empty)),
     ]
     return {command.name: command for command in table}
 

@@ -217,7 +217,8 @@ class ControlAMP(AMP):
 
     @commands.SnapshotCapture.responder
     def snapshotCapture(self, uri: str, dir: str, postcopy: bool | None = None,
-                        machine: str | None = None, qmp: str | None = None) -> Deferred:
+                        machine: str | None = None, qmp: str | None = None,
+                        tls_creds: str | None = None, tls_authz: str | None = None) -> Deferred:
         """
         C{snapshot-capture}.
 
@@ -226,11 +227,15 @@ class ControlAMP(AMP):
         @param postcopy: accept postcopy (default: yes).
         @param machine: the machine type recorded (default: QEMU 7.2's pc).
         @param qmp: the QEMU source's QMP socket, to recover it after a cut.
+        @param tls_creds: accept the source over TLS with these server
+            credentials (an C{object-add} object).
+        @param tls_authz: and only the client this C{authz-simple} allows.
         @return: a Deferred firing with C{{"uri": <listened on>}}.
         """
         options: dict[str, Any] = {"machine": machine} if machine else {}
         if qmp:
             options["qmp"] = qmp
+        options.update(self._tls({"tls-creds": tls_creds, "tls-authz": tls_authz}))
         d = maybeDeferred(lambda: self._snapshots().startCapture(
             uri, dir, postcopy is not False, **options))
         return d.addCallback(lambda listened: {"uri": listened})
@@ -238,7 +243,8 @@ class ControlAMP(AMP):
     @commands.SnapshotRestore.responder
     def snapshotRestore(self, dir: str, uris: list[str], postcopy: bool | None = None,
                         max_bandwidth: int | None = None, verify: bool | None = None,
-                        qmp: list[str] | None = None) -> Deferred:
+                        qmp: list[str] | None = None, tls_creds: str | None = None,
+                        tls_hostname: str | None = None) -> Deferred:
         """
         C{snapshot-restore}.
 
@@ -248,11 +254,26 @@ class ControlAMP(AMP):
         @param max_bandwidth: bytes/s per destination (default: unlimited).
         @param verify: check the hashes first (default: yes).
         @param qmp: per destination, its QEMU's QMP socket (C{""}: none).
+        @param tls_creds: migrate over TLS with these client credentials
+            (an C{object-add} object).
+        @param tls_hostname: the name the destinations' certificates carry.
         @return: a Deferred firing with the empty response once started.
         """
-        options = {"qmp": qmp} if qmp else {}
+        options: dict[str, Any] = {"qmp": qmp} if qmp else {}
+        options.update(self._tls({"tls-creds": tls_creds, "tls-hostname": tls_hostname}))
         return _call(lambda: self._snapshots().startRestore(
             dir, uris, postcopy is not False, max_bandwidth or 0, verify is not False, **options))
+
+    def _tls(self, parameters: dict[str, str | None]) -> dict[str, Any]:
+        """
+        @param parameters: the TLS parameters a snapshot command was given.
+        @return: C{{}} without C{tls-creds}, else the keyword arguments
+            giving the job the daemon's objects and the parameters.
+        """
+        given = {name: value for name, value in parameters.items() if value}
+        if not given.get("tls-creds"):
+            return {}
+        return {"objects": self.manager.objects, "tls": given}
 
     @commands.SnapshotVerify.responder
     def snapshotVerify(self, dir: str) -> Deferred:
@@ -393,6 +414,37 @@ class ControlAMP(AMP):
             f"AMP box of more than {MAX_AMP_BOX_SIZE} bytes", self._boxBytes, "max-amp-box")
         _log.warn("control connection closed: {error}", error=self.boxTooLarge)
         return "done"
+
+    @commands.ObjectAdd.responder
+    def objectAdd(self, qom_type: str, id: str, props: dict[str, Any] | None = None) -> Deferred:
+        """
+        C{object-add} (docs/tls.md).
+
+        @param qom_type: C{tls-creds-x509} or C{authz-simple}.
+        @param id: the new object's id.
+        @param props: its properties, QEMU's names.
+        @return: a Deferred firing with the empty response.
+        """
+        return _call(self.manager.objectAdd, qom_type, id, **(props or {}))
+
+    @commands.ObjectDel.responder
+    def objectDel(self, id: str) -> Deferred:
+        """
+        C{object-del}.
+
+        @param id: the object's id.
+        @return: a Deferred firing with the empty response.
+        """
+        return _call(self.manager.objectDel, id)
+
+    @commands.QueryObjects.responder
+    def queryObjects(self) -> dict[str, Any]:
+        """
+        C{query-objects}, with each object's properties.
+
+        @return: C{{"objects": [...]}}.
+        """
+        return {"objects": self.manager.objects.describe()}
 
     def connectionLost(self, reason: Any) -> None:
         """

@@ -44,6 +44,16 @@ def _show(value: dict[str, Any], args: argparse.Namespace, out: TextIO) -> int:
     return showResult(value, args, out)
 
 
+def _tlsArguments(args: argparse.Namespace, other: str) -> dict[str, str]:
+    """
+    @param args: the arguments.
+    @param other: the second TLS option of the command.
+    @return: the TLS parameters given (docs/tls.md).
+    """
+    names = ("tls_creds", other)
+    return {name.replace("_", "-"): getattr(args, name) for name in names if getattr(args, name, None)}
+
+
 async def snapshotCapture(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:
     """
     C{snapshot-capture}: print C{listening on URI}.
@@ -54,7 +64,8 @@ async def snapshotCapture(client: ControlClient, args: argparse.Namespace, out: 
     @return: 0.
     """
     uri = await client.snapshotCapture(args.uri, _path(args.dir), not args.no_postcopy,
-                                       args.machine, getattr(args, "qmp", None))
+                                       args.machine, getattr(args, "qmp", None),
+                                       _tlsArguments(args, "tls_authz"))
     print(f"listening on {uri}", file=out)
     return 0
 
@@ -69,7 +80,8 @@ async def snapshotRestore(client: ControlClient, args: argparse.Namespace, out: 
     @return: 0 once every connection started.
     """
     await client.snapshotRestore(_path(args.dir), args.to, args.postcopy, args.max_bandwidth,
-                                 not args.no_verify, getattr(args, "qmp", None))
+                                 not args.no_verify, getattr(args, "qmp", None),
+                                 _tlsArguments(args, "tls_hostname"))
     return 0
 
 
@@ -148,7 +160,10 @@ SNAPSHOT_COMMANDS: list[tuple[str, str, Any, list[tuple[tuple[str, ...], dict]]]
       (("--no-postcopy",), {"action": "store_true", "help": "refuse postcopy"}),
       (("--machine",), {"default": None, "help": "machine type recorded"}),
       (("--qmp",), {"default": None, "metavar": "PATH",
-                    "help": "a QMP socket of the QEMU source: resume it after a cut"})]),
+                    "help": "a QMP socket of the QEMU source: resume it after a cut"}),
+      (("--tls-creds",), {"metavar": "ID", "help": "accept QEMU over TLS with these server "
+                                                  "credentials (object-add; docs/tls.md)"}),
+      (("--tls-authz",), {"metavar": "ID", "help": "only the client this authz-simple allows"})]),
     ("snapshot-restore", "make the daemon migrate snapshot DIR to QEMU destination(s)",
      snapshotRestore,
      [(("dir",), {}), (("--to",), {"action": "append", "required": True, "metavar": "URI"}),
@@ -157,7 +172,11 @@ SNAPSHOT_COMMANDS: list[tuple[str, str, Any, list[tuple[tuple[str, ...], dict]]]
       (("--max-bandwidth",), {"type": int, "default": 0, "metavar": "BYTES",
                               "help": "bytes/s per destination, 0 for unlimited"}),
       (("--qmp",), {"action": "append", "default": None, "metavar": "PATH",
-                    "help": "per --to, a QMP socket of that QEMU ('' for none): recover it after a cut"})]),
+                    "help": "per --to, a QMP socket of that QEMU ('' for none): recover it after a cut"}),
+      (("--tls-creds",), {"metavar": "ID", "help": "migrate over TLS with these client "
+                                                  "credentials (object-add; docs/tls.md)"}),
+      (("--tls-hostname",), {"metavar": "NAME",
+                             "help": "the name the destinations' certificates carry"})]),
     ("snapshot-verify", "make the daemon check sizes and sha256 of DIR", snapshotVerify,
      [(("dir",), {})]),
     ("snapshot-info", "describe snapshot DIR", snapshotInfo, [(("dir",), {}), _JSON]),

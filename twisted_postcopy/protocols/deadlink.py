@@ -83,17 +83,13 @@ def deadlineMs(timeoutMs: int) -> float:
 
 def _tcpSocket(transport: Any) -> socket.socket | None:
     """
-    @param transport: a transport (TCP, or TLS over TCP: C{getHandle()}
-        gives the socket in both cases).
+    @param transport: a transport (TCP, or TLS over TCP: the socket is
+        found under the TLS layer).
     @return: its TCP socket, or L{None} (a UNIX socket, a test transport).
     """
-    getHandle = getattr(transport, "getHandle", None)
-    if getHandle is None:
-        return None
-    try:
-        handle = getHandle()
-    except Exception:
-        return None
+    from twisted_postcopy.protocols.sockets import transportSocket
+
+    handle = transportSocket(transport)  # under TLS, getHandle() is OpenSSL's
     if not isinstance(handle, socket.socket) or handle.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     if handle.type != socket.SOCK_STREAM or handle.fileno() < 0:

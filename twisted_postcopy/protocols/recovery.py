@@ -27,6 +27,8 @@ from twisted_postcopy.protocols.deadlink import watchIncoming
 from twisted_postcopy.protocols.preempt import PreemptDestinationProtocol
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.factories import SourceFactory, clientEndpoint, serverEndpoint
+from twisted_postcopy.protocols.sockets import transportSocket
+from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.state import FINISHED, MigrationStatus as S
@@ -135,7 +137,7 @@ class RecoverySourceFactory(SourceFactory):
     protocol = RecoverySourceProtocol
 
 
-def resumeOutgoing(reactor: Any, migration: Any, uri: str) -> Deferred:
+def resumeOutgoing(reactor: Any, migration: Any, uri: str, tls: Any = None) -> Deferred:
     """
     C{migrate} with C{resume}: connect; a failed connect leaves the
     migration paused (retry later), as in QEMU.
@@ -143,6 +145,8 @@ def resumeOutgoing(reactor: Any, migration: Any, uri: str) -> Deferred:
     @param reactor: the reactor.
     @param migration: the outgoing migration, or L{None}.
     @param uri: C{tcp:HOST:PORT} or C{unix:PATH}.
+    @param tls: the source's L{twisted_postcopy.tlscreds.TLSPolicy}, or
+        None for plaintext.
     @return: the connect Deferred (never fails).
     @raise MigrationError: no paused migration, bad URI.
     """
@@ -158,7 +162,7 @@ def resumeOutgoing(reactor: Any, migration: Any, uri: str) -> Deferred:
         migration.stats.error = f"Failed to connect to '{uri}': {message}"
         log.error("{error}", error=migration.stats.error)
 
-    return endpoint.connect(RecoverySourceFactory(migration, reactor)).addErrback(failed)
+    return connectMaybeTLS(endpoint, tls, RecoverySourceFactory(migration, reactor)).addErrback(failed)
 
 
 class RecoveryStreamReader(IncomingStreamReader):
@@ -303,6 +307,9 @@ class RecoveryListener:
         C{setup} without changing the status).
     @ivar port: the current recovery listening port, if any.
     @ivar factory: builds the recovery protocols.
+    @ivar tls: the destination's L{twisted_postcopy.tlscreds.TLSPolicy}
+        for recovery connections, or None for plaintext.
+    @ivar refused: reports a refused TLS handshake, if set.
     """
 
     def __init__(self, reactor: Any, incoming: Any, emit: Callable[[S], object]) -> None:
@@ -316,6 +323,8 @@ class RecoveryListener:
         self.emit = emit
         self.port: Any = None
         self.factory = RecoveryDestinationFactory(incoming)
+        self.tls: Any = None
+        self.refused: Callable[[Any], object] | None = None
         incoming.machine.status.observers.append(self._statusChanged)
 
     def _statusChanged(self, status: S) -> None:
@@ -341,7 +350,7 @@ class RecoveryListener:
             self.port = port
             return port
 
-        return endpoint.listen(self.factory).addCallback(listened)
+        return endpoint.listen(wrapServer(self.tls, self.factory, self.refused)).addCallback(listened)
 
     def recover(self, uri: str) -> Deferred:
         """
@@ -391,4 +400,4 @@ def migratePause(migration: Any) -> None:
         raise MigrationError("migrate-pause is currently only supported during postcopy-active state")
     transport = getattr(migration, "returnPath", None)
     transport = currentTransport(migration) if transport is None else transport.transport
-    transport.getHandle().shutdown(socket.SHUT_RDWR)
+    transportSocket(transport).shutdown(socket.SHUT_RDWR)

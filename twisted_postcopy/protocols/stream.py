@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
@@ -27,6 +28,7 @@ from twisted_postcopy.protocols.deadlink import (
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
+from twisted_postcopy.protocols.sockets import transportSocket
 from twisted_postcopy.source.machine import FINISHED
 from twisted_postcopy.source.outgoing import DONE
 from twisted_postcopy.source.recovery import channelLost as outgoingChannelLost
@@ -82,7 +84,8 @@ class SourceProtocol(Protocol):
         self.migration.onPostcopy = self._postcopyStarted
         self.migration.onDeviceReady = self._wake
         self.migration.onUrgent = self._wake
-        if hasattr(self.transport, "socket") and hasattr(self.transport, "_tempDataLen"):
+        if (hasattr(self.transport, "socket") and hasattr(self.transport, "_tempDataLen")
+                and not isinstance(self.transport, ProtocolWrapper)):
             self.migration.writeBuffers = self._writeBuffers
         if not self.migration.machine.inProgress:
             self.transport.abortConnection()
@@ -146,9 +149,9 @@ class SourceProtocol(Protocol):
         Postcopy began: keep the kernel's send queue short, so a requested
         page is not stuck behind megabytes of background pages.
         """
-        handle = getattr(self.transport, "getHandle", None)
-        if handle is not None:
-            handle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SNDBUF)
+        sock = transportSocket(self.transport)
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SNDBUF)
 
     def _schedule(self, delay: float) -> None:
         """
@@ -284,9 +287,9 @@ class DestinationProtocol(Protocol):
 
         @param status: the new status.
         """
-        handle = getattr(self.transport, "getHandle", None)
-        if status.value == "postcopy-active" and handle is not None:
-            handle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_SNDBUF)
+        sock = transportSocket(self.transport) if status.value == "postcopy-active" else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_SNDBUF)
 
     def dataReceived(self, data: bytes) -> None:
         """

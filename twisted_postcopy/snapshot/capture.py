@@ -214,7 +214,8 @@ def _configuration(machine: str) -> bytes:
 
 
 def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
-                    machine: str = "pc-i440fx-7.2") -> tuple[Deferred, CaptureVM]:
+                    machine: str = "pc-i440fx-7.2", objects: Any = None,
+                    tls: dict[str, str] | None = None) -> tuple[Deferred, CaptureVM]:
     """
     Listen for one incoming migration and store it.
 
@@ -223,6 +224,10 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
     @param path: the snapshot directory.
     @param postcopy: accept postcopy (C{postcopy-ram} on this side).
     @param machine: the machine name to record.
+    @param objects: the L{twisted_postcopy.tlscreds.ObjectRegistry}
+        holding the TLS objects named by C{tls}.
+    @param tls: TLS parameters (C{tls-creds} naming server credentials,
+        C{tls-authz}) to accept the source over TLS (docs/tls.md).
     @return: (a Deferred firing with the listening port, the
         L{CaptureVM}, whose C{stored} fires with the L{Snapshot} or fails).
     """
@@ -233,6 +238,7 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
     vm = CaptureVM(path, machine)
     manager = MigrationManager(reactor, vm, _faultServiceFactory(reactor))
     manager.setCapabilities({"postcopy-ram": postcopy, "x-postcopy-auto-recover": True})
+    _useTLS(manager, objects, tls)
     vm.inPostcopy = lambda: bool(manager.incoming is not None and manager.incoming.faults is not None)
     listening = manager.migrateIncoming(uri)
     vm.faults = lambda: manager.incoming.faults if manager.incoming is not None else None
@@ -265,3 +271,19 @@ def _faultServiceFactory(reactor: Any) -> Any:
     from twisted_postcopy.ram.faults import FaultService
 
     return lambda blocks, source: FaultService(reactor, source, blocks)
+
+
+def _useTLS(manager: Any, objects: Any, tls: dict[str, str] | None) -> None:
+    """
+    Give a snapshot job's manager the daemon's TLS objects and the job's
+    TLS parameters.
+
+    @param manager: the job's L{twisted_postcopy.manager.MigrationManager}.
+    @param objects: an L{twisted_postcopy.tlscreds.ObjectRegistry}, or
+        None to keep the manager's own (empty) one.
+    @param tls: TLS parameters, or None.
+    """
+    if objects is not None:
+        manager.objects = objects
+    if tls:
+        manager.setParameters(dict(tls))

@@ -32,12 +32,14 @@ def register(subparsers: Any) -> None:
     capture.add_argument("--no-postcopy", action="store_true", help="refuse postcopy")
     capture.add_argument("--machine", default="pc-i440fx-7.2", help="machine type recorded")
     capture.add_argument("dir")
+    _tlsOptions(capture, "--tls-authz", "ID", "only the client this authz-simple object allows")
     capture.set_defaults(func=_guard(_capture))
     restore = commands.add_parser("restore", help="feed DIR to QEMU destination(s)")
     restore.add_argument("dir")
     restore.add_argument("--to", action="append", required=True, metavar="URI")
     restore.add_argument("--postcopy", action="store_true", help="run before RAM arrives")
     restore.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    _tlsOptions(restore, "--tls-hostname", "NAME", "the name the destinations' certificates carry")
     restore.add_argument("--max-bandwidth", type=int, default=0, metavar="BYTES",
                          help="bytes/s per destination, 0 for unlimited")
     restore.set_defaults(func=_guard(_restore))
@@ -168,6 +170,46 @@ def _runUntil(start: Callable[[Any], Any]) -> int:
     return outcome[0] if outcome else 1
 
 
+def _tlsOptions(parser: argparse.ArgumentParser, other: str, metavar: str, help: str) -> None:
+    """
+    Add the TLS options (docs/tls.md) of a standalone snapshot command.
+
+    @param parser: the subcommand's parser.
+    @param other: its second TLS parameter (C{--tls-authz} or
+        C{--tls-hostname}).
+    @param metavar: that option's metavar.
+    @param help: that option's help.
+    """
+    parser.add_argument("--object", action="append", default=[], metavar="SPEC",
+                        help="create an object, QEMU's -object syntax, e.g. "
+                             "tls-creds-x509,id=tls0,dir=DIR,endpoint=server (repeatable)")
+    parser.add_argument("--tls-creds", metavar="ID", help="migrate over TLS with this object")
+    parser.add_argument(other, metavar=metavar, help=help)
+
+
+def _tls(args: argparse.Namespace, other: str) -> dict[str, Any]:
+    """
+    @param args: the parsed arguments.
+    @param other: the attribute of the second TLS parameter.
+    @return: the C{objects} made from C{--object} and the C{tls}
+        parameters given (None without C{--tls-creds}), as keyword
+        arguments of C{captureSnapshot}/C{restoreSnapshot}.
+    @raise twisted_postcopy.tlscreds.TLSError: a bad object.
+    """
+    from twisted_postcopy.tlscreds import ObjectRegistry, parseObjectOption
+
+    objects = ObjectRegistry()
+    for spec in args.object:
+        qomType, id, properties = parseObjectOption(spec)
+        objects.add(qomType, id, **properties)
+    if not args.tls_creds:
+        return {"objects": objects, "tls": None}
+    tls = {"tls-creds": args.tls_creds}
+    if getattr(args, other):
+        tls[other.replace("_", "-")] = getattr(args, other)
+    return {"objects": objects, "tls": tls}
+
+
 def _drainThenStop(reactor: Any, patience: int = 100) -> None:
     """
     Stop the reactor once no transport has bytes left to write (the last
@@ -195,7 +237,7 @@ def _capture(args: argparse.Namespace) -> int:
         @return: a Deferred firing once the snapshot is stored.
         """
         listening, vm = captureSnapshot(reactor, args.listen, args.dir, not args.no_postcopy,
-                                        args.machine)
+                                        args.machine, **_tls(args, "tls_authz"))
         listening.addCallback(lambda port: print(f"listening on {port.getHost()}", flush=True))
         return listening.addCallback(lambda _: vm.stored)
 
@@ -222,7 +264,7 @@ def _restore(args: argparse.Namespace) -> int:
         """
         started = time.time()
         managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy, False,
-                                         args.max_bandwidth)
+                                         args.max_bandwidth, **_tls(args, "tls_hostname"))
 
         def report(result: Any) -> Any:
             for uri, manager in zip(args.to, managers):

@@ -252,7 +252,8 @@ class SnapshotJobs:
         return insideRoot(self.root, path)
 
     def startCapture(self, uri: str, path: str, postcopy: bool = True,
-                     machine: str = "pc-i440fx-7.2", qmp: str | None = None) -> Deferred:
+                     machine: str = "pc-i440fx-7.2", qmp: str | None = None,
+                     objects: Any = None, tls: dict[str, str] | None = None) -> Deferred:
         """
         C{snapshot-capture}: listen for one incoming migration and store
         it in C{path}.
@@ -263,6 +264,8 @@ class SnapshotJobs:
         @param machine: the machine type recorded.
         @param qmp: the QEMU source's QMP socket: after a cut, the job
             resumes QEMU through it.
+        @param objects: TLS objects (see L{captureSnapshot}).
+        @param tls: TLS parameters (see L{captureSnapshot}).
         @return: a Deferred firing with the URI listened on.
         @raise SnapshotBusyError: a capture is still running.
         """
@@ -270,7 +273,8 @@ class SnapshotJobs:
             raise SnapshotBusyError(f"a capture into {self.capture.path} is still running")
         path = self.resolve(path)
         prepareDirectory(path, self.root)
-        listening, vm = captureSnapshot(self.reactor, uri, path, postcopy, machine)
+        listening, vm = captureSnapshot(self.reactor, uri, path, postcopy, machine,
+                                        objects=objects, tls=tls)
         vm.root = self.root
         if qmp:
             recoverCapture(self.reactor, vm.migration, qmp)
@@ -298,7 +302,8 @@ class SnapshotJobs:
 
     def startRestore(self, path: str, uris: Sequence[str], postcopy: bool = True,
                      bandwidth: int = 0, verify: bool = True,
-                     qmp: Sequence[str] | None = None) -> Deferred:
+                     qmp: Sequence[str] | None = None, objects: Any = None,
+                     tls: dict[str, str] | None = None) -> Deferred:
         """
         C{snapshot-restore}: feed a snapshot to every destination at once.
 
@@ -309,6 +314,8 @@ class SnapshotJobs:
         @param verify: check every sha256 first (in a thread).
         @param qmp: per destination, its QEMU's QMP socket (C{""}: none):
             after a cut, the job recovers that QEMU through it.
+        @param objects: TLS objects (see L{restoreSnapshot}).
+        @param tls: TLS parameters (see L{restoreSnapshot}).
         @return: a Deferred firing with L{None} once every connection is
             started (after verifying), failing with L{SnapshotError}.
         @raise SnapshotError: no destination given.
@@ -326,7 +333,7 @@ class SnapshotJobs:
             @param _: ignored.
             """
             managers, done = restoreSnapshot(self.reactor, job.path, job.uris, postcopy, False,
-                                             bandwidth, root=self.root)
+                                             bandwidth, root=self.root, objects=objects, tls=tls)
             job.managers = managers
             for manager, uri, monitor in zip(managers, job.uris, qmp or ()):
                 if monitor:

@@ -108,7 +108,8 @@ class SnapshotVM:
 
 
 def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
-               bandwidth: int = 0) -> tuple[Any, Deferred]:
+               bandwidth: int = 0, objects: Any = None,
+               tls: dict[str, str] | None = None) -> tuple[Any, Deferred]:
     """
     Start one restore.
 
@@ -118,14 +119,20 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
     @param postcopy: switch to postcopy at once (the destination runs
         before its RAM arrives).
     @param bandwidth: bytes/s (precopy and postcopy), 0 for unlimited.
+    @param objects: the L{twisted_postcopy.tlscreds.ObjectRegistry}
+        holding the TLS objects named by C{tls}.
+    @param tls: TLS parameters (C{tls-creds} naming client credentials,
+        C{tls-hostname}) to migrate over TLS (docs/tls.md).
     @return: (the L{MigrationManager}, a Deferred firing with the final
         status string, C{completed} or C{failed}).
     """
     from twisted_postcopy.manager import MigrationManager
+    from twisted_postcopy.snapshot.capture import _useTLS
 
     manager = MigrationManager(reactor, vm)
     manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True, "x-postcopy-auto-recover": True})
     manager.setParameters({"max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth})
+    _useTLS(manager, objects, tls)
     done = manager.whenStatus("completed", "failed", "cancelled")
     manager.migrate(uri)
     if postcopy:
@@ -135,7 +142,8 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
 
 def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool = True,
                     verify: bool = True, bandwidth: int = 0,
-                    root: str | None = None) -> tuple[list[Any], Deferred]:
+                    root: str | None = None, objects: Any = None,
+                    tls: dict[str, str] | None = None) -> tuple[list[Any], Deferred]:
     """
     Restore one snapshot into every destination at once.
 
@@ -146,6 +154,8 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
     @param verify: check every sha256 first.
     @param bandwidth: bytes/s per destination, 0 for unlimited.
     @param root: the snapshot root C{path} must lie in, or L{None}.
+    @param objects: the TLS objects named by C{tls} (see L{restoreOne}).
+    @param tls: TLS parameters for every destination (see L{restoreOne}).
     @return: (the managers, a Deferred firing with the list of final
         statuses, failing with L{MigrationFailed} if any clone failed).
     @raise SnapshotError: the snapshot is missing, truncated or tampered.
@@ -154,7 +164,7 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
     if verify:
         snapshot.verify()
     vm = SnapshotVM(snapshot)
-    started = [restoreOne(reactor, vm, uri, postcopy, bandwidth) for uri in uris]
+    started = [restoreOne(reactor, vm, uri, postcopy, bandwidth, objects, tls) for uri in uris]
     managers = [manager for manager, _ in started]
 
     def gathered(results: list[tuple[bool, Any]]) -> list[str]:
