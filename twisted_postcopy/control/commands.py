@@ -385,6 +385,9 @@ class QueryMigrateTimeline(Command):
     commandName = b"x-query-migrate-timeline"
     arguments: list = []
     response = [(b"timeline", ChunkedJSON())]
+    errors = MIGRATION_ERRORS
+
+
 class ObjectAdd(Command):
     """
     C{object-add}: create a C{tls-creds-x509} object (C{dir},
