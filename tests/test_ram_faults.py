@@ -483,6 +483,25 @@ class FaultServiceUnitTests(SynchronousTestCase):
         self.assertEqual(len(self.source.requests), 2)
         self.assertEqual((client.alive, client.faults, self.service.faultCount), (True, 4, 4))
 
+    def test_faultOnHole(self):
+        """
+        A client's fault on a page received as ZERO before LISTEN is
+        answered inside the service with a zero page: no request reaches
+        the page source (nothing re-enters the engine), the hole is gone.
+        """
+        from twisted_postcopy.ram import uffd
+
+        block = RAMBlock("pc.rom", 4 * PAGE)
+        self.addCleanup(block.close)
+        block.writeZero(PAGE, PAGE)
+        service = FaultService(MemoryReactor(), self.source, [block])
+        self.addCleanup(service.stop)
+        client = service.addClient(uffd.openWithFeatures(), [ClientMapping(0x7F0000000000, "pc.rom", 0, 4 * PAGE)])
+        service._fault(client, 0x7F0000000000 + PAGE + 8, 7)
+        self.assertEqual((self.source.requests, block.holeMap.count(), client.alive), ([], 0, True))
+        service._fault(client, 0x7F0000000000 + 2 * PAGE, 7)
+        self.assertEqual(self.source.requests, [("pc.rom", 2 * PAGE)])
+
     def test_duplicateBlock(self):
         """
         A block cannot be registered twice.
