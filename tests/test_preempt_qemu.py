@@ -39,6 +39,7 @@ class QEMUPreemptSourceTests(TestCase):
         skipWithoutUserfaultfd()
         self.qemu = startBootedQEMU(self, "source")
         self.vm = WorkerGuestVM(reactor)
+        self.addCleanup(self.vm.close)
         self.manager = MigrationManager(reactor, self.vm, self.vm.faultServiceFactory)
 
     @inlineCallbacks

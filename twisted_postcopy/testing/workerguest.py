@@ -122,6 +122,24 @@ class WorkerGuestVM(IncomingTestVM):
         if not self.done.called:
             self.done.errback(RuntimeError(f"incoming migration failed: {reason}"))
 
+    def close(self) -> Deferred:
+        """
+        Kill the worker if it still runs (a test's cleanup) and close the
+        blocks.
+
+        @return: a Deferred firing once the worker ended.
+        """
+        worker = self.worker
+        ended: Deferred = succeed(None)
+        if worker is not None and not worker.ended.called:
+            for waiting in (worker.ready, worker.attached, self.done):
+                if not waiting.called:
+                    waiting.addErrback(lambda failure: None)
+            worker.transport.signalProcess("KILL")
+            ended = Deferred()
+            worker.ended.addBoth(lambda _: ended.callback(None))
+        return ended.addCallback(lambda _: [block.close() for block in self.blocks.values()])
+
     def _stopWorker(self) -> Deferred:
         """
         Let a worker that is never attached exit.
