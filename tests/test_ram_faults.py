@@ -149,6 +149,25 @@ class FaultServiceProcessTests(TestCase):
         self.assertEqual(service.missingPages(), 0)
 
     @inlineCallbacks
+    def test_strideAndMainThread(self):
+        """
+        A touch with a stride reads exactly every C{stride}-th page from
+        C{first} (split between threads, or in the worker's main thread,
+        whose id the ready line gave, with C{threads=0}).
+        """
+        data = pageContents(32, seed=5)
+        service, source, blocks = self.makeService({"pc.ram": data})
+        worker = self.spawn(service, blocks)
+        yield worker.attached
+        pages = [1, 8, 15, 22, 29]
+        answer = yield worker.command(op="touch", block=0, first=1, count=5, stride=7, threads=2)
+        self.assertEqual(answer["checksum"], sum(data[page * PAGE] for page in pages))
+        self.assertEqual(sorted(source.requests), [("pc.ram", page * PAGE) for page in pages])
+        answer = yield worker.command(op="touch", block=0, first=2, count=3, stride=10, threads=0)
+        self.assertEqual(answer["tids"], [worker.tid])
+        self.assertEqual(answer["checksum"], sum(data[page * PAGE] for page in (2, 12, 22)))
+
+    @inlineCallbacks
     def test_samePageManyThreads(self):
         """
         Eight threads faulting on the same pages share one request per page

@@ -33,6 +33,9 @@ class WorkerGuestVM(IncomingTestVM):
     @ivar reactor: the reactor the worker and the fault service run on.
     @ivar threads: touching threads per block (0: the worker's main thread,
         registered in L{vcpuThreads} for C{postcopy-blocktime}).
+    @ivar passes: the guest reads each block in this many passes, pass
+        C{k} touching pages C{k, k + passes, ...} (1: in order; more
+        spreads the first faults over all of RAM).
     @ivar service: the fault service, once LISTEN created it.
     @ivar worker: the L{twisted_postcopy.ram.guestworker.WorkerProcess}
         once RAM START listed the blocks.
@@ -44,14 +47,16 @@ class WorkerGuestVM(IncomingTestVM):
         worker read everything (and exited), or fails with its error.
     """
 
-    def __init__(self, reactor: Any, threads: int = 0) -> None:
+    def __init__(self, reactor: Any, threads: int = 0, passes: int = 1) -> None:
         """
         @param reactor: an C{IReactorProcess} and C{IReactorFDSet}.
         @param threads: see L{threads}.
+        @param passes: see L{passes}.
         """
         super().__init__()
         self.reactor = reactor
         self.threads = threads
+        self.passes = passes
         self.service: Any = None
         self.worker: Any = None
         self.vcpuThreads: list[int] = []
@@ -164,8 +169,11 @@ class WorkerGuestVM(IncomingTestVM):
         yield worker.attached
         try:
             for index, block in enumerate(blocks):
-                yield worker.command(op="touch", block=index, first=0, count=block.length // block.pageSize,
-                                     threads=self.threads)
+                pages = block.length // block.pageSize
+                for first in range(min(self.passes, pages)):
+                    yield worker.command(op="touch", block=index, first=first,
+                                         count=len(range(first, pages, self.passes)), stride=self.passes,
+                                         threads=self.threads)
             digests = []
             for index in range(len(blocks)):
                 answer = yield worker.command(op="digest", block=index)
