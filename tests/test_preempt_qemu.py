@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from tests.test_destination_qemu import qemuStatus
@@ -54,9 +54,15 @@ class QEMUPreemptSourceTests(TestCase):
         capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
         self.qemu.setCapabilities(**capabilities)
         self.manager.setCapabilities(capabilities)
-        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 4000000})
+        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 1000000})
         listening = yield self.manager.migrateIncoming(f"tcp:127.0.0.1:{port}")
         self.addCleanup(listening.stopListening)
+        # The guest reads once QEMU's preempt channel is up, so that its
+        # requests can only be answered there.
+        preemptUp: Deferred = Deferred()
+        self.manager.destinationFactory.preempt.accepted.addCallback(
+            lambda protocol: (preemptUp.callback(None), protocol)[1])
+        self.vm.gate = preemptUp
         self.qemu.migrate(f"tcp:127.0.0.1:{port}")
         yield qemuStatus(self.qemu, {"active"})
         yield self.vm.ready

@@ -40,6 +40,8 @@ class WorkerGuestVM(IncomingTestVM):
     @ivar worker: the L{twisted_postcopy.ram.guestworker.WorkerProcess}
         once RAM START listed the blocks.
     @ivar vcpuThreads: thread ids that touch guest RAM (for blocktime).
+    @ivar gate: if set, a Deferred the guest waits for after POSTCOPY_RUN
+        before it reads (e.g. until a preempt channel is up).
     @ivar ready: fires once the worker mapped the blocks and registered
         its userfaultfd (so a test can switch to postcopy knowing the guest
         will touch its RAM as soon as it runs).
@@ -57,6 +59,7 @@ class WorkerGuestVM(IncomingTestVM):
         self.reactor = reactor
         self.threads = threads
         self.passes = passes
+        self.gate: Deferred | None = None
         self.service: Any = None
         self.worker: Any = None
         self.vcpuThreads: list[int] = []
@@ -167,6 +170,8 @@ class WorkerGuestVM(IncomingTestVM):
         blocks = list(self.blocks.values())
         worker = self.worker
         yield worker.attached
+        if self.gate is not None:
+            yield self.gate
         try:
             for index, block in enumerate(blocks):
                 pages = block.length // block.pageSize
