@@ -7,7 +7,10 @@ Runs two migrations of a guest whose RAM holds incompressible data:
      the switchover downtime.
   2. Postcopy from the first iteration. A real guest process (the guest
      worker, one thread) reads all of its RAM through its own userfaultfd,
-     served by the production fault service. Reports the page request
+     served by the production fault service, in 64 strided passes (pass k:
+     pages k, k+64, ...) so that its faults spread over all of RAM. Precopy
+     runs at 8 MiB/s until that guest is ready, then the switch; the total
+     time counts from migrate-start-postcopy. Reports the page request
      latency from fault read to placement and wake (p50/p99), the downtime
      (stop until the package is sent) and the total time.
 
@@ -45,6 +48,13 @@ from twisted_postcopy.testing.enginevm import OutgoingTestVM  # noqa: E402
 from twisted_postcopy.testing.qemubaseline import UNLIMITED, qemuToQemuPostcopy  # noqa: E402
 from twisted_postcopy.testing.qemuhost import qemuMissing  # noqa: E402
 from twisted_postcopy.testing.workerguest import WorkerGuestVM  # noqa: E402
+
+
+#: Strided passes of the destination guest over its RAM.
+PASSES = 64
+#: Precopy bandwidth (bytes/s) of the postcopy run until the destination's
+#: guest is ready: its faults then meet a RAM that is almost all missing.
+WAITING_BANDWIDTH = 8 << 20
 
 
 def stressVM(mib: int) -> OutgoingTestVM:
@@ -108,15 +118,18 @@ class TimedGuestVM(WorkerGuestVM):
 def destinationRole(postcopy: bool) -> Any:
     """
     The destination daemon (run in its own process by L{migrate}): prints
-    its port, then, once completed, one JSON line with the fault latencies.
+    its port, C{ready} once its guest worker mapped the blocks and
+    registered its userfaultfd, then, once completed, one JSON line with
+    the fault latencies.
 
     @param postcopy: enable C{postcopy-ram}.
     """
-    destination = TimedGuestVM(reactor)
+    destination = TimedGuestVM(reactor, passes=PASSES)
     dst = MigrationManager(reactor, destination, destination.faultServiceFactory)
     dst.setCapabilities({"postcopy-ram": postcopy})
     port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
     print(port.getHost().port, flush=True)
+    destination.ready.addCallback(lambda _: print("ready", flush=True))
     status = yield dst.whenStatus("completed", "failed")
     yield destination.done
     print(json.dumps({"status": status, "latencies": destination.latencies}), flush=True)
@@ -127,6 +140,7 @@ class DestinationProcess(protocol.ProcessProtocol):
     The parent's view of the destination process.
 
     @ivar port: fires with its listening port.
+    @ivar ready: fires once its guest worker is ready.
     @ivar result: fires with its final JSON line.
     """
 
@@ -135,19 +149,23 @@ class DestinationProcess(protocol.ProcessProtocol):
         Nothing received yet.
         """
         self.port: Deferred = Deferred()
+        self.ready: Deferred = Deferred()
         self.result: Deferred = Deferred()
         self.output = b""
 
     def outReceived(self, data: bytes) -> None:
         """
-        First line: the port; second line: the result.
+        Lines: the port, C{ready}, the result.
         """
         self.output += data
-        lines = self.output.split(b"\n")
-        if len(lines) > 1 and not self.port.called:
-            self.port.callback(int(lines[0]))
-        if len(lines) > 2 and not self.result.called:
-            self.result.callback(json.loads(lines[1]))
+        *lines, self.output = self.output.split(b"\n")
+        for line in lines:
+            if line == b"ready":
+                self.ready.callback(None)
+            elif not self.port.called:
+                self.port.callback(int(line))
+            else:
+                self.result.callback(json.loads(line))
 
     def errReceived(self, data: bytes) -> None:
         """
@@ -163,8 +181,10 @@ def migrate(mib: int, postcopy: bool) -> Any:
     has a core).
 
     @param mib: guest RAM in MiB.
-    @param postcopy: switch to postcopy at once.
-    @return: (source query-migrate, elapsed seconds, fault latencies).
+    @param postcopy: switch to postcopy as soon as the destination's guest
+        worker is ready (precopy runs at L{WAITING_BANDWIDTH} until then).
+    @return: (source query-migrate, elapsed seconds, fault latencies); in
+        postcopy the time counts from C{migrate-start-postcopy}.
     """
     source = stressVM(mib)
     destination = DestinationProcess()
@@ -174,11 +194,13 @@ def migrate(mib: int, postcopy: bool) -> Any:
     reactor.spawnProcess(destination, sys.executable, arguments, env=None)
     port = yield destination.port
     src = MigrationManager(reactor, source)
-    src.setParameters({"max-bandwidth": 0})
+    src.setParameters({"max-bandwidth": WAITING_BANDWIDTH if postcopy else 0, "max-postcopy-bandwidth": 0})
     src.setCapabilities({"postcopy-ram": postcopy})
     began = time.perf_counter()
     src.migrate(f"tcp:127.0.0.1:{port}")
     if postcopy:
+        yield destination.ready
+        began = time.perf_counter()
         src.startPostcopy()
     status = yield src.whenStatus("completed", "failed")
     elapsed = time.perf_counter() - began

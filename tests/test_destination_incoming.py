@@ -323,6 +323,32 @@ class RAMSupportTests(SynchronousTestCase):
             self.assertEqual(services[0].uffd, -1)
 
 
+class RequestTests(SynchronousTestCase):
+    """
+    L{IncomingMigration} as the fault service's page source.
+    """
+
+    def test_fireAndForget(self) -> None:
+        """
+        A request becomes one REQ_PAGES of the block's page size and returns
+        nothing; once the migration is over a request is only logged.
+        """
+        sent: list[tuple[str, int, int]] = []
+        returnPath = _NullReturnPath()
+        returnPath.requestPages = lambda *request: sent.append(request)  # type: ignore[method-assign]
+        vm = IncomingTestVM()
+        incoming = IncomingMigration(vm, returnPath)
+        incoming.machine.setup()
+        incoming.connected()
+        incoming.ramBlocksListed([("pc.ram", 4 * PAGE, None)])
+        self.addCleanup(vm.blocks["pc.ram"].close)
+        self.assertIsNone(incoming.requestPage("pc.ram", 2 * PAGE))
+        self.assertEqual(sent, [("pc.ram", 2 * PAGE, PAGE)])
+        incoming.failed(RemoteProtocolError("cut"))
+        self.assertIsNone(incoming.requestPage("pc.ram", 3 * PAGE))
+        self.assertEqual(len(sent), 1)
+
+
 class _NullReturnPath:
     """
     A return path that sends nothing.

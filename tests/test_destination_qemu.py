@@ -60,6 +60,7 @@ class QEMUSourceTests(TestCase):
         """
         self.qemu = startBootedQEMU(self, "source")
         self.vm = WorkerGuestVM(reactor)
+        self.addCleanup(self.vm.close)
         self.manager = MigrationManager(reactor, self.vm, self.vm.faultServiceFactory)
 
     @inlineCallbacks

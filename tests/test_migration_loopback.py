@@ -195,6 +195,7 @@ class PostcopyLoopbackTests(TestCase):
                                      device=ownDevice(b"cpu state"))
         fill(self.source, 2)
         self.destination = WorkerGuestVM(reactor)
+        self.addCleanup(self.destination.close)
         self.src = MigrationManager(reactor, self.source)
         self.dst = MigrationManager(reactor, self.destination, self.destination.faultServiceFactory)
         for manager in (self.src, self.dst):

@@ -147,6 +147,25 @@ class FaultServiceProcessTests(TestCase):
         self.assertEqual(service.missingPages(), 0)
 
     @inlineCallbacks
+    def test_strideAndMainThread(self):
+        """
+        A touch with a stride reads exactly every C{stride}-th page from
+        C{first} (split between threads, or in the worker's main thread,
+        whose id the ready line gave, with C{threads=0}).
+        """
+        data = pageContents(32, seed=5)
+        service, source, blocks = self.makeService({"pc.ram": data})
+        worker = self.spawn(service, blocks)
+        yield worker.attached
+        pages = [1, 8, 15, 22, 29]
+        answer = yield worker.command(op="touch", block=0, first=1, count=5, stride=7, threads=2)
+        self.assertEqual(answer["checksum"], sum(data[page * PAGE] for page in pages))
+        self.assertEqual(sorted(source.requests), [("pc.ram", page * PAGE) for page in pages])
+        answer = yield worker.command(op="touch", block=0, first=2, count=3, stride=10, threads=0)
+        self.assertEqual(answer["tids"], [worker.tid])
+        self.assertEqual(answer["checksum"], sum(data[page * PAGE] for page in (2, 12, 22)))
+
+    @inlineCallbacks
     def test_samePageManyThreads(self):
         """
         Eight threads faulting on the same pages share one request per page
@@ -462,6 +481,25 @@ class FaultServiceUnitTests(SynchronousTestCase):
         self.service._fault(client, 0x7F0000000000 + 2 * PAGE, 8)
         self.assertEqual(len(self.source.requests), 2)
         self.assertEqual((client.alive, client.faults, self.service.faultCount), (True, 4, 4))
+
+    def test_faultOnHole(self):
+        """
+        A client's fault on a page received as ZERO before LISTEN is
+        answered inside the service with a zero page: no request reaches
+        the page source (nothing re-enters the engine), the hole is gone.
+        """
+        from twisted_postcopy.ram import uffd
+
+        block = RAMBlock("pc.rom", 4 * PAGE)
+        self.addCleanup(block.close)
+        block.writeZero(PAGE, PAGE)
+        service = FaultService(MemoryReactor(), self.source, [block])
+        self.addCleanup(service.stop)
+        client = service.addClient(uffd.openWithFeatures(), [ClientMapping(0x7F0000000000, "pc.rom", 0, 4 * PAGE)])
+        service._fault(client, 0x7F0000000000 + PAGE + 8, 7)
+        self.assertEqual((self.source.requests, block.holeMap.count(), client.alive), ([], 0, True))
+        service._fault(client, 0x7F0000000000 + 2 * PAGE, 7)
+        self.assertEqual(self.source.requests, [("pc.rom", 2 * PAGE)])
 
     def test_duplicateBlock(self):
         """

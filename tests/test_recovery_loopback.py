@@ -118,6 +118,7 @@ class RecoveryLoopbackTests(TestCase):
                                      device=loopback.ownDevice(b"cpu state"))
         loopback.fill(self.source, 5)
         self.destination = GuestVM(reactor)
+        self.addCleanup(self.destination.close)
         self.src = MigrationManager(reactor, self.source)
         self.dst = MigrationManager(reactor, self.destination, self.destination.faultServiceFactory)
         for manager in (self.src, self.dst):

@@ -138,6 +138,7 @@ class QEMUSourceRecoveryTests(TestCase):
         skipWithoutUserfaultfd()
         self.qemu = startBootedQEMU(self, "source")
         self.vm = WorkerGuestVM(reactor)
+        self.addCleanup(self.vm.close)
         self.manager = MigrationManager(reactor, self.vm, self.vm.faultServiceFactory)
         self.manager.setCapabilities({"postcopy-ram": True})
         self.qemu.setCapabilities(**{"postcopy-ram": True})

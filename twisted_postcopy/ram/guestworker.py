@@ -9,8 +9,8 @@ an inherited Unix socket (SCM_RIGHTS), then obeys JSON commands, one per
 line on stdin, answering one JSON line each on stdout:
 
   - C{{"op": "touch", "block": i, "first": page, "count": n, "threads": t,
-    "write": false, "shared": false}}: C{t} threads touch pages
-    C{first..first+n} (thread C{k} takes every C{t}-th page, or all of
+    "write": false, "shared": false, "stride": 1}}: C{t} threads touch the
+    C{n} pages C{first, first+stride, ...} (default: C{first..first+n}) (thread C{k} takes every C{t}-th page, or all of
     them when C{shared}; C{t = 0}: the worker's main thread, whose id the
     ready line carries, touches them all) through C{lib.tp_touch_pages},
     in C with the GIL released; answers C{checksum} (sum of the bytes read), C{latencies}
@@ -45,7 +45,8 @@ from twisted_postcopy.ram._uffd import ffi, lib
 from twisted_postcopy.ram.dirty import registerWriteTracking
 
 
-def _touch(base: int, pageSize: int, pages: list[int], write: bool, threads: int, shared: bool) -> dict[str, Any]:
+def _touch(base: int, pageSize: int, pages: list[int], write: bool, threads: int, shared: bool,
+           stride: int = 1) -> dict[str, Any]:
     """
     Touch pages from C{threads} threads (worker side).
 
@@ -56,6 +57,7 @@ def _touch(base: int, pageSize: int, pages: list[int], write: bool, threads: int
     @param threads: number of threads.
     @param shared: every thread touches every page (instead of every
         C{threads}-th page).
+    @param stride: pages between two consecutive pages of the command.
     @return: the command's answer.
     """
     first, count = pages
@@ -71,7 +73,8 @@ def _touch(base: int, pageSize: int, pages: list[int], write: bool, threads: int
         start = 0 if shared else k
         n = len(range(start, count, step))
         began, ended, checksum = ffi.new("int64_t[]", n), ffi.new("int64_t[]", n), ffi.new("uint64_t *")
-        lib.tp_touch_pages(base + (first + start) * pageSize, step * pageSize, n, write, began, ended, checksum)
+        lib.tp_touch_pages(base + (first + start * stride) * pageSize, step * stride * pageSize, n, write,
+                           began, ended, checksum)
         results[k] = (threading.get_native_id(), checksum[0], [ended[i] - began[i] for i in range(n)])
 
     workers = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
@@ -118,7 +121,8 @@ def main(spec: dict[str, Any]) -> None:
         mapping = mappings[command["block"]]
         if command["op"] == "touch":
             answer = _touch(mapping["base"], mapping["pageSize"], [command["first"], command["count"]],
-                            command.get("write", False), command.get("threads", 1), command.get("shared", False))
+                            command.get("write", False), command.get("threads", 1), command.get("shared", False),
+                            command.get("stride", 1))
         else:
             view = ffi.buffer(ffi.cast("char *", mapping["base"]), mapping["length"])
             answer = {"digest": hashlib.sha256(view).hexdigest()}

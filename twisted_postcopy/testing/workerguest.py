@@ -33,10 +33,15 @@ class WorkerGuestVM(IncomingTestVM):
     @ivar reactor: the reactor the worker and the fault service run on.
     @ivar threads: touching threads per block (0: the worker's main thread,
         registered in L{vcpuThreads} for C{postcopy-blocktime}).
+    @ivar passes: the guest reads each block in this many passes, pass
+        C{k} touching pages C{k, k + passes, ...} (1: in order; more
+        spreads the first faults over all of RAM).
     @ivar service: the fault service, once LISTEN created it.
     @ivar worker: the L{twisted_postcopy.ram.guestworker.WorkerProcess}
         once RAM START listed the blocks.
     @ivar vcpuThreads: thread ids that touch guest RAM (for blocktime).
+    @ivar gate: if set, a Deferred the guest waits for after POSTCOPY_RUN
+        before it reads (e.g. until a preempt channel is up).
     @ivar ready: fires once the worker mapped the blocks and registered
         its userfaultfd (so a test can switch to postcopy knowing the guest
         will touch its RAM as soon as it runs).
@@ -51,17 +56,21 @@ class WorkerGuestVM(IncomingTestVM):
         and may then lift the throttle).
     """
 
-    def __init__(self, reactor: Any, threads: int = 0, touchFirst: Sequence[int] | None = None) -> None:
+    def __init__(self, reactor: Any, threads: int = 0, touchFirst: Sequence[int] | None = None,
+                 passes: int = 1) -> None:
         """
         @param reactor: an C{IReactorProcess} and C{IReactorFDSet}.
         @param threads: see L{threads}.
         @param touchFirst: see L{touchFirst}.
+        @param passes: see L{passes}.
         """
         super().__init__()
         self.reactor = reactor
         self.threads = threads
         self.touchFirst = touchFirst
         self.touchedFirst: Deferred = Deferred()
+        self.passes = passes
+        self.gate: Deferred | None = None
         self.service: Any = None
         self.worker: Any = None
         self.vcpuThreads: list[int] = []
@@ -143,6 +152,24 @@ class WorkerGuestVM(IncomingTestVM):
         if self.touchFirst is not None and not self.touchedFirst.called:
             self.touchedFirst.errback(error)
 
+    def close(self) -> Deferred:
+        """
+        Kill the worker if it still runs (a test's cleanup) and close the
+        blocks.
+
+        @return: a Deferred firing once the worker ended.
+        """
+        worker = self.worker
+        ended: Deferred = succeed(None)
+        if worker is not None and not worker.ended.called:
+            for waiting in (worker.ready, worker.attached, self.done):
+                if not waiting.called:
+                    waiting.addErrback(lambda failure: None)
+            worker.transport.signalProcess("KILL")
+            ended = Deferred()
+            worker.ended.addBoth(lambda _: ended.callback(None))
+        return ended.addCallback(lambda _: [block.close() for block in self.blocks.values()])
+
     def _stopWorker(self) -> Deferred:
         """
         Let a worker that is never attached exit.
@@ -165,6 +192,8 @@ class WorkerGuestVM(IncomingTestVM):
         blocks = list(self.blocks.values())
         worker = self.worker
         yield worker.attached
+        if self.gate is not None:
+            yield self.gate
         try:
             if self.touchFirst is not None:
                 try:
@@ -180,8 +209,11 @@ class WorkerGuestVM(IncomingTestVM):
                     raise
                 self.touchedFirst.callback(answers)
             for index, block in enumerate(blocks):
-                yield worker.command(op="touch", block=index, first=0, count=block.length // block.pageSize,
-                                     threads=self.threads)
+                pages = block.length // block.pageSize
+                for first in range(min(self.passes, pages)):
+                    yield worker.command(op="touch", block=index, first=first,
+                                         count=len(range(first, pages, self.passes)), stride=self.passes,
+                                         threads=self.threads)
             digests = []
             for index in range(len(blocks)):
                 answer = yield worker.command(op="digest", block=index)
