@@ -238,11 +238,12 @@ class MetricsDuringMigrationTests(TestCase):
 
         while not (await source.client.queryGuest()).get("running"):
             await deferLater(self.reactor, 0.05, lambda: None)
-        port = _freePort()
-        uri = f"tcp:127.0.0.1:{port}"
         await source.client.setCapabilities({"postcopy-ram": True})
         await destination.client.setCapabilities({"postcopy-ram": True, "postcopy-blocktime": True})
-        await destination.client.migrateIncoming(uri)
+        await destination.client.migrateIncoming("tcp:127.0.0.1:0")
+        # The port the destination bound, as QEMU's query-migrate reports it.
+        (address,) = (await destination.client.queryMigrate())["socket-address"]
+        uri = f"tcp:{address['host']}:{address['port']}"
         # Background pages trickle in postcopy, so the guest surely faults.
         await source.client.setParameters({"max-bandwidth": BANDWIDTH,
                                            "max-postcopy-bandwidth": POSTCOPY_BANDWIDTH})
@@ -391,15 +392,3 @@ class _Watcher(ProcessProtocol):
         if not self.waiting.called:
             self.waiting.errback(RuntimeError(f"watch ended first: {self.err.decode()}"))
         self.ended.callback(reason.value.exitCode)
-
-
-def _freePort() -> int:
-    """
-    @return: a loopback port free a moment ago (the migration URI must be
-        known to both daemons before the destination listens).
-    """
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
