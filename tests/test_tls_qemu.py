@@ -31,7 +31,7 @@ import hashlib
 
 from tests.test_destination_qemu import qemuStatus
 from tests.test_migration_loopback import skipWithoutUserfaultfd
-from tests.test_source_qemu import RAM_RANGES
+from tests.test_source_qemu import RAM_RANGES, OurSourceIntoQEMU
 from twisted_postcopy.testing.qemuguest import listenIncoming
 from tests.test_tls import credentials, useTLS
 from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
@@ -190,7 +190,7 @@ class QEMUSourceTLSTests(TestCase):
         self.assertEqual(self.manager.status.value, "setup")
 
 
-class QEMUDestinationTLSTests(TestCase):
+class QEMUDestinationTLSTests(OurSourceIntoQEMU, TestCase):
     """
     Source: ours with TLS.  Destination: C{qemu-system-x86_64 -incoming
     defer -S} with TLS.
@@ -204,53 +204,28 @@ class QEMUDestinationTLSTests(TestCase):
         """
         requireQEMU()
         self.directory = credentials(self)
-        self.qemu = startBootedQEMU(self, "destination", ["-S", "-incoming", "defer"])
-        self.vm = OutgoingTestVM({"pc.ram": 32 * MiB})
-        for offset in range(0, 32 * MiB, 3 * PAGE):
-            self.vm.write(0, offset, struct.pack(">Q", offset) * 64)
-        self.manager = MigrationManager(reactor, self.vm)
-        self.manager.setParameters({"max-bandwidth": 0})
+        self.startSourceAndQEMU()
 
-    @inlineCallbacks
-    def migrate(self, postcopy: bool):
+    def prepareMigration(self) -> None:
         """
-        Migrate to QEMU over TLS (QEMU's C{tls-authz} allows our client
-        certificate's name) and compare RAM.
-
-        @param postcopy: switch to postcopy at once.
+        TLS on both ends: QEMU's C{tls-authz} allows our client
+        certificate's name.
         """
         qemuTLS(self.qemu, self.directory, "server",
                 authz=pki.distinguishedName(os.path.join(self.directory, "client-cert.pem")))
         useTLS(self.manager, self.directory, "client")
-        if postcopy:
-            self.qemu.setCapabilities(**{"postcopy-ram": True})
-            self.manager.setCapabilities({"postcopy-ram": True})
-        else:
-            self.manager.setCapabilities({"return-path": True})
-        host, port = listenIncoming(self.qemu)
-        self.manager.migrate(f"tcp:{host}:{port}")
-        if postcopy:
-            self.manager.startPostcopy()
-        status = yield self.manager.whenStatus("completed", "failed")
-        self.assertEqual(status, "completed",
-                         f"{self.manager.queryMigrate().get('error-desc')} {self.qemu.stderrTail()}")
-        info = self.qemu.waitMigration(["completed"], timeout=30)
-        self.assertEqual(info["status"], "completed")
-        ram = self.vm.blocks[0].map
-        for start, length in RAM_RANGES:
-            self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
 
     def test_precopyToQEMU(self) -> None:
         """
         Precopy with the return path (PING/SHUT over the same TLS session).
         """
-        return self.migrate(False)
+        return self._migrate(False)
 
     def test_postcopyToQEMU(self) -> None:
         """
         Immediate postcopy: page requests come back over TLS.
         """
-        return self.migrate(True)
+        return self._migrate(True)
 
     @inlineCallbacks
     def test_foreignCA(self) -> None:
