@@ -28,6 +28,7 @@ from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
 from twisted_postcopy.testing.qemuguest import incomingAddress, listenIncoming
 from twisted_postcopy.testing.relay import RecordingRelay
+from twisted_postcopy.testing.waiting import waitUntil
 
 MiB = 1 << 20
 #: Seconds between two C{query-migrate} polls of QEMU.
@@ -119,6 +120,53 @@ class QEMUDestinationRecoveryTests(TestCase):
         self.assertTrue(0 < bitmap.bit_count() < 32 * MiB // 4096)
         ack = 19 + size + 8
         self.assertEqual(backward[ack:ack + 8], bytes.fromhex("0006 0004 00000001"))
+
+
+    @inlineCallbacks
+    def test_resumeAfterEverythingWritten(self) -> None:
+        """
+        The path goes silent towards QEMU while our source writes its last
+        pages, END and EOF (all lost, no SHUT comes); after the pause and
+        the recovery, the recovery connection carries every page QEMU's
+        received bitmap lacks and the END and EOF again, and the migration
+        completes with our RAM (the finding: after such a recovery our
+        source stayed C{postcopy-active} writing nothing, and a restored
+        QEMU guest waited for its pages forever).
+        """
+        first = self.relay(listenIncoming(self.qemu))
+        self.manager.migrate(first.uri)
+        self.manager.startPostcopy()
+        yield within(self.manager.whenStatus("postcopy-active"))
+        yield waitUntil(reactor, lambda: self.manager.outgoing.destinationRunning, WAIT)
+        (connection,) = first.waitConnections(1)
+        connection.blackhole()
+        self.manager.setParameters({"max-postcopy-bandwidth": 0})
+        yield waitUntil(reactor, lambda: self.manager.outgoing.written, WAIT)
+        self.assertEqual(self.manager.queryMigrate()["ram"]["remaining"], 0)
+        self.assertGreater(connection.dropped, 0)
+        self.manager.migratePause()
+        yield within(self.manager.whenStatus("postcopy-paused"))
+        if self.qemu.queryMigrate()["status"] == "postcopy-active":
+            self.qemu.qmp("migrate-pause")
+        yield qemuStatus(self.qemu, "postcopy-paused")
+        self.qemu.qmp("migrate-recover", uri="tcp:127.0.0.1:0")
+        second = self.relay(incomingAddress(self.qemu))
+        before = self.manager.queryMigrate()["ram"]
+        self.manager.migrate(second.uri, resume=True)
+        status = yield within(self.manager.whenStatus("completed", "failed"))
+        self.assertEqual(status, "completed", self.qemu.stderrTail())
+        self.assertEqual(self.qemu.waitMigration(["completed"], timeout=WAIT)["status"], "completed")
+        backward = bytes(second.connections[0].backward)
+        size = struct.unpack(">Q", backward[11:19])[0]
+        received = int.from_bytes(backward[19:19 + size], "little").bit_count()
+        missing = 32 * MiB // PAGE - received
+        self.assertGreater(missing, 0)
+        after = self.manager.queryMigrate()["ram"]
+        sent = (after["normal"] + after["duplicate"]) - (before["normal"] + before["duplicate"])
+        self.assertEqual(sent, missing)
+        ram = self.vm.blocks[0].map
+        for start, length in RAM_RANGES:
+            self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
 
 
 class QEMUSourceRecoveryTests(TestCase):

@@ -16,7 +16,9 @@ from twisted_postcopy.ram.bitmap import PageBitmap
 from twisted_postcopy.errors import BitmapError, MigrationError, RemoteProtocolError
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.state import MigrationStatus as S
-from twisted_postcopy.source.outgoing import OutgoingMigration
+from twisted_postcopy.wire import StreamEncoder
+from twisted_postcopy.wire.constants import RAM_SECTION_ID, SectionType
+from twisted_postcopy.source.outgoing import DONE, OutgoingMigration
 from twisted_postcopy.source.recovery import (
     SourceResume, bitmapSize, channelLost, checkResume, dirtyFromReceived)
 
@@ -223,6 +225,43 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(self.migration.scheduler.position, (0, 0))
         self.assertIsNone(self.migration.records.lastBlock)
         self.assertFalse(self.resume.resumeAcked())
+
+    def test_resumeAfterEverythingWritten(self) -> None:
+        """
+        A cut after the source wrote its last page and EOF (lost with the
+        connection, so no SHUT came) does not end the migration: after
+        RESUME_ACK the pages the destination lacks go out again on the new
+        connection, then END and EOF, and SHUT completes it (the finding:
+        the source stayed C{postcopy-active} sending nothing, and the
+        destination's guest waited for its pages forever).
+        """
+        migration, old = pausableMigration()
+        migration.returnPathOpen = True
+        while migration.step() != DONE:
+            pass
+        self.assertTrue(migration.written)
+        self.assertEqual(migration.scheduler.remainingBytes, 0)
+        channelLost(migration, old, "cut")
+        transport = _Transport()
+        resume = SourceResume(migration, transport.write)
+        resume.start()
+        resume.bitmapReceived("pc.ram", bytes.fromhex("ffffffff00000000"))
+        resume.bitmapReceived("pc.rom", bytes.fromhex("0300000000000000"))
+        self.assertTrue(resume.resumeAcked())
+        transport.written.clear()
+        migration.write = transport.write
+        normal = migration.stats.normal + migration.stats.duplicate
+        while migration.step() != DONE:
+            pass
+        self.assertEqual(migration.stats.normal + migration.stats.duplicate - normal, 32)
+        self.assertEqual(migration.scheduler.remainingBytes, 0)
+        wire = StreamEncoder()
+        end = (wire.sectionHeader(SectionType.SECTION_END, RAM_SECTION_ID) + wire.eos()
+               + wire.sectionFooter(RAM_SECTION_ID) + wire.eof())
+        self.assertTrue(bytes(transport.written).endswith(end))
+        self.assertEqual(migration.machine.status, S.POSTCOPY_ACTIVE)
+        migration.shut(0)
+        self.assertEqual(migration.machine.status, S.COMPLETED)
 
     def test_badSize(self) -> None:
         """

@@ -162,6 +162,12 @@ class SourceResume:
         start of RAM and every channel names its first block again.  An
         ack outside recovery is ignored, as in QEMU.
 
+        What was written before the cut may have been lost with the old
+        connection (the last pages, END and EOF when the stream had been
+        written out): the stream is written again from the reloaded dirty
+        maps, so a migration that was only waiting for SHUT sends what the
+        destination lacks and its END and EOF anew.
+
         @return: whether the migration resumed.
         """
         migration = self.migration
@@ -169,6 +175,7 @@ class SourceResume:
             return False
         migration.scheduler.restartScan()
         migration.scheduler.lastRequestBlock = None
+        migration.written = False
         migration.records.lastBlock = None
         migration.machine.moveTo(S.POSTCOPY_ACTIVE)
         return True

@@ -34,6 +34,8 @@ class RelayedConnection:
     @ivar forward: bytes sent by the connecting side (a migration source).
     @ivar backward: bytes sent back by the target (the return path).
     @ivar closed: set once both directions ended.
+    @ivar dropped: bytes from the connecting side dropped by
+        L{blackhole}.
     """
 
     index: int
@@ -42,6 +44,8 @@ class RelayedConnection:
     forward: bytearray = field(factory=bytearray)
     backward: bytearray = field(factory=bytearray)
     closed: threading.Event = field(factory=threading.Event)
+    dropped: int = 0
+    _dropping: threading.Event = field(factory=threading.Event)
     _lock: threading.Lock = field(factory=threading.Lock)
     _ended: int = 0
 
@@ -75,6 +79,9 @@ class RelayedConnection:
                 data = source.recv(_CHUNK)
                 if not data:
                     break
+                if record is self.forward and self._dropping.is_set():
+                    self.dropped += len(data)
+                    continue
                 record += data
                 sink.sendall(data)
         except OSError:
@@ -94,6 +101,14 @@ class RelayedConnection:
             _quietly(self._client.close)
             _quietly(self._server.close)
             self.closed.set()
+
+    def blackhole(self) -> None:
+        """
+        From now on, read what the connecting side sends and drop it
+        (counted in C{dropped}, not recorded): a path that went silent
+        towards the target while the sender's writes still succeed.
+        """
+        self._dropping.set()
 
     def cut(self) -> None:
         """
