@@ -63,7 +63,7 @@ class QEMUNetnsRecoveryTests(TestCase):
         self.image = bootImage(self.workdir)
         self.rng = random.Random(11)
         started = Deferred.fromCoroutine(startDaemon(
-            reactor, "snapd", Path(self.workdir), ["--role", "snapshot"],
+            reactor, "snapd", Path(self.workdir), ["--role", "snapshot", "--insecure-migration"],
             wrapper=self.path.execIn(self.path.destination)))
 
         def keep(daemon: Any) -> None:

@@ -37,7 +37,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from twisted_postcopy.errors import AccessError
+from twisted_postcopy.errors import AccessError, MigrationError
 
 __all__ = [
     "PeerCredentials", "PeerPolicy", "SocketPolicy", "EndpointSpec", "UNIXAccessEndpoint",
@@ -645,3 +645,75 @@ def listeningEndpoint(reactor: Any, description: str, insecure: bool = False,
               "user can connect to it", what=what, description=description)
     return serverFromString(reactor, description)
 
+
+
+#: The daemon option that allows plaintext migration listeners off the host.
+INSECURE_MIGRATION = "--insecure-migration"
+
+
+def _migrationHost(uri: str) -> str | None:
+    """
+    @param uri: a migration URI.
+    @return: the host of a C{tcp:} URI, L{None} for any other.
+    """
+    kind, _, rest = uri.partition(":")
+    if kind != "tcp":
+        return None
+    return rest.rpartition(":")[0].strip("[]")
+
+
+def checkMigrationListener(uri: str, tls: Any, insecure: bool, what: str = "migrate-incoming") -> None:
+    """
+    The rule for migration listeners (C{migrate-incoming},
+    C{migrate-recover}, C{snapshot-capture}): nothing accepts a migration
+    from off the host without TLS and authentication.  A C{tcp:} URI on a
+    non-loopback address (or every address) needs C{tls-creds} naming
+    server credentials with C{verify-peer} on (the client must present a
+    certificate from the credentials' CA; C{tls-authz} narrows it to one
+    name), unless the operator started the daemon with
+    C{--insecure-migration} (then a warning is logged).
+
+    @param uri: the URI to listen on.
+    @param tls: the destination's L{twisted_postcopy.tlscreds.TLSPolicy},
+        or L{None} for plaintext.
+    @param insecure: C{--insecure-migration} was given.
+    @param what: the command, for messages.
+    @raise MigrationError: the listener is refused.
+    """
+    host = _migrationHost(uri)
+    if host is None or _isLoopback(host):
+        return
+    if tls is not None and tls.creds.verifyPeer:
+        return
+    if insecure:
+        _log.warn("{what} {uri}: a migration from off this host is accepted without TLS "
+                  "authentication ({option})", what=what, uri=uri, option=INSECURE_MIGRATION)
+        return
+    if tls is None:
+        why = "in plaintext, from any host"
+    else:
+        why = f"over TLS without client authentication (tls-creds {tls.creds.id!r} has verify-peer=off)"
+    raise MigrationError(
+        f"{what}: {uri} would accept a migration {why}; set tls-creds to server credentials "
+        f"with verify-peer=on (and tls-authz), listen on a loopback address or unix:PATH, or "
+        f"start the daemon with {INSECURE_MIGRATION} (docs/security.md)")
+
+
+def warnPlaintextMigration(uri: str, tls: Any, what: str = "migrate") -> bool:
+    """
+    Log a warning when a migration goes to another host in plaintext (a
+    C{tcp:} URI on a non-loopback address without C{tls-creds}): the
+    guest's memory then crosses the network readable by anyone on the
+    path.
+
+    @param uri: the destination URI.
+    @param tls: the source's TLS policy, or L{None}.
+    @param what: the command, for the message.
+    @return: whether a warning was logged.
+    """
+    host = _migrationHost(uri)
+    if host is None or _isLoopback(host) or tls is not None:
+        return False
+    _log.warn("{what} {uri}: the guest's memory goes to another host in plaintext; set tls-creds "
+              "(docs/tls.md)", what=what, uri=uri)
+    return True

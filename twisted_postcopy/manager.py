@@ -30,6 +30,7 @@ from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, checkLinkTimeout, configureIncoming)
 from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
+from twisted_postcopy.access import checkMigrationListener, warnPlaintextMigration
 from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
 from twisted_postcopy.state import FINISHED, POSTCOPY, MigrationStatus as S
 from twisted_postcopy.source.outgoing import OutgoingMigration
@@ -78,6 +79,9 @@ class MigrationManager:
         one (C{x-query-migrate-timeline}).
     @ivar objects: the C{object-add} objects (TLS credentials, authz).
     @ivar tlsRefused: the reasons of refused incoming TLS handshakes.
+    @ivar insecureMigration: plaintext migration listeners off the host
+        are allowed (the daemon's C{--insecure-migration}); see
+        L{twisted_postcopy.access.checkMigrationListener}.
     """
 
     def __init__(self, reactor: Any, vm: Any, faultServiceFactory: Callable[..., Any] | None = None) -> None:
@@ -95,6 +99,7 @@ class MigrationManager:
         self.parameters.update(TLS_PARAMETERS)
         self.objects = ObjectRegistry()
         self.tlsRefused: list[str] = []
+        self.insecureMigration = False
         self.outgoing: OutgoingMigration | None = None
         self.incoming: IncomingMigration | None = None
         self.blocktime: BlocktimeContext | None = None
@@ -265,6 +270,7 @@ class MigrationManager:
             nothing paused to resume.
         """
         if resume:
+            warnPlaintextMigration(uri, self._tlsClient(uri), "migrate resume")
             resumeOutgoing(self.reactor, self.outgoing, uri, self._tlsClient(uri))
             if isinstance(self.autoRecovery, SourceAutoRecovery):
                 self.autoRecovery.uri = uri
@@ -278,6 +284,7 @@ class MigrationManager:
             raise MigrationError("postcopy-preempt is not yet supported by the twisted-postcopy source")
         endpoint = clientEndpoint(self.reactor, uri)
         tls = self._tlsClient(uri)
+        warnPlaintextMigration(uri, tls)
         migration = OutgoingMigration(self.vm, None, self.reactor.seconds,
                                       dict(self.capabilities), self.parameters)
         migration.machine.observers.append(self._emit)
@@ -326,6 +333,7 @@ class MigrationManager:
             raise MigrationError("The incoming migration has already been started")
         parseURI(uri)
         tls = self._tlsServer()
+        checkMigrationListener(uri, tls, self.insecureMigration)
         vm = self.vm if IIncomingVM.providedBy(self.vm) else self.vm()
         incoming = IncomingMigration(vm, None, self.capabilities["postcopy-ram"],
                                      self._faultService)
@@ -472,6 +480,7 @@ class MigrationManager:
         """
         if self.recovery is None:
             raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        checkMigrationListener(uri, self.recovery.tls, self.insecureMigration, "migrate-recover")
         return self.recovery.recover(uri)
 
     def queryMigrate(self) -> dict[str, Any]:

@@ -58,6 +58,7 @@ class MigrationService(MultiService):
         capabilities: dict[str, bool] | None = None,
         insecureControl: bool = False,
         snapshotRoot: str | None = None,
+        insecureMigration: bool = False,
     ) -> None:
         """
         @param reactor: the reactor.
@@ -71,6 +72,8 @@ class MigrationService(MultiService):
             loopback interface (C{--insecure-control}).
         @param snapshotRoot: the directory the C{snapshot-*} commands
             cannot leave (C{--snapshot-root}), or L{None}.
+        @param insecureMigration: allow migration listeners off the host
+            without TLS authentication (C{--insecure-migration}).
         @raise twisted_postcopy.errors.AccessError: the control endpoint
             is refused by the access policy (see L{listeningEndpoint}).
         """
@@ -83,7 +86,8 @@ class MigrationService(MultiService):
         self.guest = guest
         if guest is not None:
             guest.setServiceParent(self)
-        self.snapshots = SnapshotJobs(reactor, root=snapshotRoot)
+        self.snapshots = SnapshotJobs(reactor, root=snapshotRoot, insecureMigration=insecureMigration)
+        manager.insecureMigration = insecureMigration
         endpoint = listeningEndpoint(reactor, control, insecureControl)
         factory = ControlFactory(manager, guest, self.snapshots)
         self.controlService = StreamServerEndpointService(endpoint, factory)

@@ -126,6 +126,10 @@ class Options(usage.Options):
         ["insecure-control", None,
          "Allow a plaintext tcp: control endpoint on a loopback interface (logs a warning; "
          "any local user can then control the daemon)."],
+        ["insecure-migration", None,
+         "Allow migration listeners (--incoming, migrate-incoming, migrate-recover, "
+         "snapshot-capture) on a non-loopback tcp: address without TLS client authentication "
+         "(logs a warning; anyone who reaches the port can send a guest)."],
     ]
 
     def __init__(self) -> None:
@@ -138,6 +142,25 @@ class Options(usage.Options):
         self["objects"] = []
         self["parameters"] = {}
         self["attach-allow"] = []
+
+    def _checkIncoming(self) -> None:
+        """
+        An C{--incoming} address off the host needs TLS with client
+        authentication or C{--insecure-migration}; without C{tls-creds} the
+        refusal is a usage error here (with it, the credentials object is
+        checked when the daemon listens).
+
+        @raise usage.UsageError: refused.
+        """
+        from twisted_postcopy.access import checkMigrationListener
+        from twisted_postcopy.errors import MigrationError
+
+        if not self["incoming"] or self["parameters"].get("tls-creds"):
+            return
+        try:
+            checkMigrationListener(self["incoming"], None, self["insecure-migration"], "--incoming")
+        except MigrationError as e:
+            raise usage.UsageError(str(e)) from None
 
     def opt_capability(self, value: str) -> None:
         """
@@ -235,6 +258,7 @@ class Options(usage.Options):
                 raise AccessError(f"--snapshot-root {self['snapshot-root']}: not a directory")
         except AccessError as e:
             raise usage.UsageError(str(e)) from None
+        self._checkIncoming()
         if self["metrics"]:
             from twisted_postcopy.observe.metrics import MetricsError, checkMetricsEndpoint, requirePrometheus
 
@@ -359,7 +383,8 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     service = MigrationService(reactor, manager, options["control"], incoming=options["incoming"],
                                guest=guest, capabilities=options["capabilities"],
                                insecureControl=options["insecure-control"],
-                               snapshotRoot=options["snapshot-root"] and os.path.abspath(options["snapshot-root"]))
+                               snapshotRoot=options["snapshot-root"] and os.path.abspath(options["snapshot-root"]),
+                               insecureMigration=options["insecure-migration"])
     addObservability(service, options["metrics"])
     if options["qmp"]:
         service.serveQMP(options["qmp"], options["insecure-control"])

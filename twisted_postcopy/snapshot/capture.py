@@ -215,7 +215,8 @@ def _configuration(machine: str) -> bytes:
 
 def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
                     machine: str = "pc-i440fx-7.2", objects: Any = None,
-                    tls: dict[str, str] | None = None) -> tuple[Deferred, CaptureVM]:
+                    tls: dict[str, str] | None = None,
+                    insecure: bool = False) -> tuple[Deferred, CaptureVM]:
     """
     Listen for one incoming migration and store it.
 
@@ -228,6 +229,9 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
         holding the TLS objects named by C{tls}.
     @param tls: TLS parameters (C{tls-creds} naming server credentials,
         C{tls-authz}) to accept the source over TLS (docs/tls.md).
+    @param insecure: allow listening off the host without TLS
+        authentication (C{--insecure-migration}; see
+        L{twisted_postcopy.access.checkMigrationListener}).
     @return: (a Deferred firing with the listening port, the
         L{CaptureVM}, whose C{stored} fires with the L{Snapshot} or fails).
     """
@@ -239,6 +243,7 @@ def captureSnapshot(reactor: Any, uri: str, path: str, postcopy: bool = True,
     manager = MigrationManager(reactor, vm, _faultServiceFactory(reactor))
     manager.setCapabilities({"postcopy-ram": postcopy, "x-postcopy-auto-recover": True})
     _useTLS(manager, objects, tls)
+    manager.insecureMigration = insecure
     vm.inPostcopy = lambda: bool(manager.incoming is not None and manager.incoming.faults is not None)
     listening = manager.migrateIncoming(uri)
     vm.faults = lambda: manager.incoming.faults if manager.incoming is not None else None

@@ -31,6 +31,8 @@ def register(subparsers: Any) -> None:
     capture.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT or unix:PATH")
     capture.add_argument("--no-postcopy", action="store_true", help="refuse postcopy")
     capture.add_argument("--machine", default="pc-i440fx-7.2", help="machine type recorded")
+    capture.add_argument("--insecure-migration", action="store_true",
+                         help="allow a non-loopback tcp: URI without TLS client authentication")
     capture.add_argument("dir")
     _tlsOptions(capture, "--tls-authz", "ID", "only the client this authz-simple object allows")
     capture.set_defaults(func=_guard(_capture))
@@ -237,7 +239,8 @@ def _capture(args: argparse.Namespace) -> int:
         @return: a Deferred firing once the snapshot is stored.
         """
         listening, vm = captureSnapshot(reactor, args.listen, args.dir, not args.no_postcopy,
-                                        args.machine, **_tls(args, "tls_authz"))
+                                        args.machine, **_tls(args, "tls_authz"),
+                                        insecure=args.insecure_migration)
         listening.addCallback(lambda port: print(f"listening on {port.getHost()}", flush=True))
         return listening.addCallback(lambda _: vm.stored)
 

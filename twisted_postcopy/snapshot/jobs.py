@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted_postcopy.errors import SnapshotBusyError, SnapshotError, SnapshotReadTooLargeError
 from twisted_postcopy.snapshot.capture import CaptureVM, captureSnapshot
 from twisted_postcopy.snapshot.qmprecovery import recoverCapture, recoverRestore
+from twisted_postcopy.access import checkMigrationListener
 from twisted_postcopy.snapshot.restore import restoreSnapshot, verifyInThread
 from twisted_postcopy.snapshot.store import insideRoot, openSnapshot, prepareDirectory
 
@@ -232,12 +233,15 @@ class SnapshotJobs:
     @ivar root: the daemon's C{--snapshot-root}: every directory the
         commands name must lie in it (a relative one is taken from it) and
         is reached without following links; L{None} for anywhere.
+    @ivar insecureMigration: a capture may listen off the host without
+        TLS authentication (the daemon's C{--insecure-migration}).
     """
 
     reactor: Any
     capture: CaptureJob | None = None
     restores: list[RestoreJob] = field(factory=list)
     root: str | None = None
+    insecureMigration: bool = False
 
     def resolve(self, path: str) -> str:
         """
@@ -272,9 +276,11 @@ class SnapshotJobs:
         if self.capture is not None and self.capture.outcome is None:
             raise SnapshotBusyError(f"a capture into {self.capture.path} is still running")
         path = self.resolve(path)
+        if not (tls or {}).get("tls-creds"):
+            checkMigrationListener(uri, None, self.insecureMigration, "snapshot-capture")
         prepareDirectory(path, self.root)
         listening, vm = captureSnapshot(self.reactor, uri, path, postcopy, machine,
-                                        objects=objects, tls=tls)
+                                        objects=objects, tls=tls, insecure=self.insecureMigration)
         vm.root = self.root
         if qmp:
             recoverCapture(self.reactor, vm.migration, qmp)

@@ -135,6 +135,8 @@ async def startPair(reactor: Any, path: NetnsPath, workdir: Path, ram: int, seed
                     guest: str = "stress", extra: Sequence[str] = ()) -> dict[str, Daemon]:
     """
     Start a destination daemon in the path's B namespace and a source in A.
+    They migrate in plaintext across the namespaces' addresses, so both run
+    with C{--insecure-migration} (the test path is private to the test).
 
     @param reactor: the reactor.
     @param path: the namespaces.
@@ -147,7 +149,8 @@ async def startPair(reactor: Any, path: NetnsPath, workdir: Path, ram: int, seed
     """
     daemons: dict[str, Daemon] = {}
     for side, namespace in (("destination", path.destination), ("source", path.source)):
-        arguments = ["--role", side, "--guest", guest, "--ram", f"{ram}B", "--seed", str(seed), *extra]
+        arguments = ["--role", side, "--guest", guest, "--ram", f"{ram}B", "--seed", str(seed),
+                     "--insecure-migration", *extra]
         daemons[side] = await startDaemon(reactor, side, workdir, arguments, wrapper=path.execIn(namespace))
     return daemons
 
