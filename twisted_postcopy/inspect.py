@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, BinaryIO, Iterable, TextIO
+from typing import Any, BinaryIO, Callable, Iterable, TextIO
 
 from attrs import define, field
 
@@ -92,30 +92,66 @@ class StreamSummary:
 
     def observe(self, event: StreamEvent, package: dict[str, Any] | None = None) -> None:
         """
-        Account for one event.
+        Account for one event (one entry of L{_OBSERVERS} per event type;
+        events nothing is counted for are ignored).
 
         @param event: a decoded event.
         @param package: the package summary when the event is inside one.
         """
-        kind = type(event)
-        if kind is PageReceived:
-            self.normalPages += 1
-        elif kind is ZeroPageReceived:
-            self.zeroPages += 1
-        elif kind in _COMMAND_NAMES:
-            self._command(event, package)  # type: ignore[arg-type]
-        elif isinstance(event, (SectionStarted, DeviceSectionReceived)):
-            self._section(event, package)
-        elif isinstance(event, HeaderReceived):
-            self.version = event.version
-        elif isinstance(event, ConfigurationReceived):
-            self.machine = event.machine
-        elif isinstance(event, RAMBlocksListed):
-            self.ramBlocks = [{"id": block.idstr, "length": block.length} for block in event.blocks]
-        elif isinstance(event, EOFReceived) and package is None:
+        observer = _OBSERVERS.get(type(event))
+        if observer is not None:
+            observer(self, event, package)
+
+    def _page(self, event: PageReceived, package: dict[str, Any] | None) -> None:
+        """
+        @param event: a PAGE record.
+        @param package: unused.
+        """
+        self.normalPages += 1
+
+    def _zeroPage(self, event: ZeroPageReceived, package: dict[str, Any] | None) -> None:
+        """
+        @param event: a ZERO record.
+        @param package: unused.
+        """
+        self.zeroPages += 1
+
+    def _header(self, event: HeaderReceived, package: dict[str, Any] | None) -> None:
+        """
+        @param event: the file header.
+        @param package: unused.
+        """
+        self.version = event.version
+
+    def _configuration(self, event: ConfigurationReceived, package: dict[str, Any] | None) -> None:
+        """
+        @param event: the configuration section.
+        @param package: unused.
+        """
+        self.machine = event.machine
+
+    def _ramBlocks(self, event: RAMBlocksListed, package: dict[str, Any] | None) -> None:
+        """
+        @param event: the RAM START block list.
+        @param package: unused.
+        """
+        self.ramBlocks = [{"id": block.idstr, "length": block.length} for block in event.blocks]
+
+    def _eof(self, event: EOFReceived, package: dict[str, Any] | None) -> None:
+        """
+        @param event: QEMU_VM_EOF.
+        @param package: the enclosing package, if any (a package's own EOF
+            does not complete the stream).
+        """
+        if package is None:
             self.complete = True
-        elif isinstance(event, VMDescriptionReceived):
-            self.vmdescLength = len(event.json)
+
+    def _vmdesc(self, event: VMDescriptionReceived, package: dict[str, Any] | None) -> None:
+        """
+        @param event: the VMDESCRIPTION.
+        @param package: unused.
+        """
+        self.vmdescLength = len(event.json)
 
     def _command(self, event: CommandEvent, package: dict[str, Any] | None) -> None:
         """
@@ -126,12 +162,9 @@ class StreamSummary:
         self.commands.append(name)
         if package is not None:
             package["commands"].append(name)
-        if isinstance(event, PingReceived):
-            self.pings.append(event.value)
-        elif isinstance(event, DiscardReceived):
-            self.discards.append({"block": event.block, "ranges": [list(r) for r in event.ranges]})
-        elif isinstance(event, PackageReceived):
-            self._package(event.data)
+        detail = _COMMAND_DETAILS.get(type(event))
+        if detail is not None:
+            detail(self, event)
 
     def _package(self, data: bytes) -> None:
         """
@@ -192,6 +225,29 @@ class StreamSummary:
         if self.error:
             lines.append(f"error: {self.error}")
         return "\n".join(lines)
+
+
+#: What a command adds besides its name.
+_COMMAND_DETAILS: dict[type, Callable[[StreamSummary, Any], None]] = {
+    PingReceived: lambda summary, event: summary.pings.append(event.value),
+    DiscardReceived: lambda summary, event: summary.discards.append(
+        {"block": event.block, "ranges": [list(r) for r in event.ranges]}),
+    PackageReceived: lambda summary, event: summary._package(event.data),
+}
+
+#: The summary's observer of each event type.
+_OBSERVERS: dict[type, Callable[[StreamSummary, Any, dict[str, Any] | None], None]] = {
+    PageReceived: StreamSummary._page,
+    ZeroPageReceived: StreamSummary._zeroPage,
+    SectionStarted: StreamSummary._section,
+    DeviceSectionReceived: StreamSummary._section,
+    HeaderReceived: StreamSummary._header,
+    ConfigurationReceived: StreamSummary._configuration,
+    RAMBlocksListed: StreamSummary._ramBlocks,
+    EOFReceived: StreamSummary._eof,
+    VMDescriptionReceived: StreamSummary._vmdesc,
+    **{kind: StreamSummary._command for kind in _COMMAND_NAMES},
+}
 
 
 def summarize(chunks: Iterable[bytes], header: bool = True) -> StreamSummary:
