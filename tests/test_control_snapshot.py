@@ -20,6 +20,7 @@ from twisted.protocols.amp import UnknownRemoteError
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.test_control_server import ConnectedMixin
 from twisted_postcopy import errors
 from twisted_postcopy.control.client import ControlClient
 from twisted_postcopy.control.server import ControlAMP
@@ -129,16 +130,7 @@ class SnapshotCommandTests(SynchronousTestCase):
         self.client, _, self.pump = iosim.connectedServerAndClient(
             lambda: ControlAMP(None, None, self.jobs), ControlClient)
 
-    def call(self, coroutine: Any) -> Deferred:
-        """
-        Run a client coroutine and deliver the traffic.
-
-        @param coroutine: a L{ControlClient} coroutine.
-        @return: its Deferred, with the exchange done.
-        """
-        d = Deferred.fromCoroutine(coroutine)
-        self.pump.flush()
-        return d
+    call = ConnectedMixin.call
 
     def test_info(self) -> None:
         """

@@ -27,7 +27,7 @@ from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
 from twisted_postcopy.testing.qemuguest import incomingAddress, listenIncoming
-from twisted_postcopy.testing.relay import RecordingRelay
+from twisted_postcopy.testing.relay import relayFor
 from twisted_postcopy.testing.waiting import waitUntil
 
 MiB = 1 << 20
@@ -75,15 +75,6 @@ class QEMUDestinationRecoveryTests(TestCase):
         self.manager.setParameters({"max-bandwidth": 0, "max-postcopy-bandwidth": 4 * MiB})
         self.qemu.setCapabilities(**{"postcopy-ram": True})
 
-    def relay(self, target: tuple[str, int]) -> RecordingRelay:
-        """
-        @param target: where to relay to.
-        @return: a relay, closed at cleanup.
-        """
-        relay = RecordingRelay(target)
-        self.addCleanup(relay.close)
-        return relay
-
     @inlineCallbacks
     def test_cutAndRecoverIntoQEMU(self) -> None:
         """
@@ -91,7 +82,7 @@ class QEMUDestinationRecoveryTests(TestCase):
         and our C{migrate resume} QEMU answers the RECV_BITMAP with a
         partial bitmap and RESUME_ACK, and completes with our RAM.
         """
-        first = self.relay(listenIncoming(self.qemu))
+        first = relayFor(self, listenIncoming(self.qemu))
         self.manager.migrate(first.uri)
         self.manager.startPostcopy()
         yield within(self.manager.whenStatus("postcopy-active"))
@@ -100,7 +91,7 @@ class QEMUDestinationRecoveryTests(TestCase):
         yield within(self.manager.whenStatus("postcopy-paused"))
         yield qemuStatus(self.qemu, "postcopy-paused")
         self.qemu.qmp("migrate-recover", uri="tcp:127.0.0.1:0")
-        second = self.relay(incomingAddress(self.qemu))
+        second = relayFor(self, incomingAddress(self.qemu))
         self.manager.migrate(second.uri, resume=True)
         status = yield within(self.manager.whenStatus("completed", "failed"))
         self.assertEqual(status, "completed", self.qemu.stderrTail())
@@ -133,7 +124,7 @@ class QEMUDestinationRecoveryTests(TestCase):
         source stayed C{postcopy-active} writing nothing, and a restored
         QEMU guest waited for its pages forever).
         """
-        first = self.relay(listenIncoming(self.qemu))
+        first = relayFor(self, listenIncoming(self.qemu))
         self.manager.migrate(first.uri)
         self.manager.startPostcopy()
         yield within(self.manager.whenStatus("postcopy-active"))
@@ -150,7 +141,7 @@ class QEMUDestinationRecoveryTests(TestCase):
             self.qemu.qmp("migrate-pause")
         yield qemuStatus(self.qemu, "postcopy-paused")
         self.qemu.qmp("migrate-recover", uri="tcp:127.0.0.1:0")
-        second = self.relay(incomingAddress(self.qemu))
+        second = relayFor(self, incomingAddress(self.qemu))
         before = self.manager.queryMigrate()["ram"]
         self.manager.migrate(second.uri, resume=True)
         status = yield within(self.manager.whenStatus("completed", "failed"))
@@ -202,8 +193,7 @@ class QEMUSourceRecoveryTests(TestCase):
         """
         listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(listening.stopListening)
-        first = RecordingRelay(("127.0.0.1", listening.getHost().port))
-        self.addCleanup(first.close)
+        first = relayFor(self, ("127.0.0.1", listening.getHost().port))
         self.qemu.migrate(first.uri)
         yield qemuStatus(self.qemu, "active")
         self.qemu.qmp("migrate-start-postcopy")
@@ -213,8 +203,7 @@ class QEMUSourceRecoveryTests(TestCase):
         yield within(self.manager.whenStatus("postcopy-paused"))
         yield qemuStatus(self.qemu, "postcopy-paused")
         port = yield self.manager.migrateRecover("tcp:127.0.0.1:0")
-        second = RecordingRelay(("127.0.0.1", port.getHost().port))
-        self.addCleanup(second.close)
+        second = relayFor(self, ("127.0.0.1", port.getHost().port))
         self.qemu.setParameters(**{"max-postcopy-bandwidth": 0})
         self.qemu.qmp("migrate", uri=second.uri, resume=True)
         ours = yield within(self.manager.whenStatus("completed", "failed"))

@@ -179,15 +179,7 @@ class HostileFileTests(SynchronousTestCase):
     ran for seconds on one.
     """
 
-    def importBytes(self, data: bytes):
-        """
-        @param data: a stream.
-        @return: the imported snapshot.
-        """
-        path = self.mktemp()
-        with open(path, "wb") as f:
-            f.write(data)
-        return importStreamFile(path, self.mktemp())
+    importBytes = ImportTests.importBytes
 
     def test_undecodableNames(self) -> None:
         """

@@ -449,11 +449,10 @@ class TLSLoopbackTests(TestCase):
         self.assertEqual(self.destination.contents(), self.source.contents())
 
 
-class TLSPostcopyLoopbackTests(loopback.PostcopyLoopbackTests):
+class _BothOverTLS:
     """
-    L{tests.test_migration_loopback.PostcopyLoopbackTests} (postcopy with
-    a real faulting guest process, page requests on the return path) with
-    TLS on both managers.
+    A mixin for a loopback test case with C{src} and C{dst} managers: TLS
+    credentials on both sides once the base setup made them.
     """
 
     def setUp(self) -> None:
@@ -466,7 +465,16 @@ class TLSPostcopyLoopbackTests(loopback.PostcopyLoopbackTests):
         useTLS(self.dst, directory, "server")
 
 
-class TLSRecoveryTests(recovery.RecoveryLoopbackTests):
+class TLSPostcopyLoopbackTests(_BothOverTLS, loopback.PostcopyLoopbackTests):
+    """
+    L{tests.test_migration_loopback.PostcopyLoopbackTests} (postcopy with
+    a real faulting guest process, page requests on the return path) with
+    TLS on both managers.
+    """
+
+
+
+class TLSRecoveryTests(_BothOverTLS, recovery.RecoveryLoopbackTests):
     """
     L{tests.test_recovery_loopback.RecoveryLoopbackTests} (cuts,
     C{migrate-pause} from either side, which shuts the socket under the
@@ -474,15 +482,6 @@ class TLSRecoveryTests(recovery.RecoveryLoopbackTests):
     recovery connection (C{migrate-recover} / C{migrate} with C{resume})
     is TLS too.
     """
-
-    def setUp(self) -> None:
-        """
-        The base setup, then TLS credentials on both sides.
-        """
-        super().setUp()
-        directory = credentials(self)
-        useTLS(self.src, directory, "client")
-        useTLS(self.dst, directory, "server")
 
     def assertRecoveryWire(self, relay: Any) -> None:
         """

@@ -38,6 +38,7 @@ from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing import pki
+from twisted_postcopy.testing.relay import relayFor
 from twisted_postcopy.testing.qemu import QEMUInstance, qemuSkipReason, startBootedQEMU
 from twisted_postcopy.testing.real import missingReal
 
@@ -348,17 +349,6 @@ class QEMURecoveryTLSTests(TestCase):
         requireQEMU()
         self.directory = credentials(self)
 
-    def relay(self, target: tuple[str, int]) -> Any:
-        """
-        @param target: where to relay to.
-        @return: a relay, closed at cleanup.
-        """
-        from twisted_postcopy.testing.relay import RecordingRelay
-
-        relay = RecordingRelay(target)
-        self.addCleanup(relay.close)
-        return relay
-
     @inlineCallbacks
     def test_recoverIntoQEMU(self) -> None:
         """
@@ -379,7 +369,7 @@ class QEMURecoveryTLSTests(TestCase):
         useTLS(manager, self.directory, "client")
         qemu.setCapabilities(**{"postcopy-ram": True})
         qemuTLS(qemu, self.directory, "server")
-        first = self.relay(listenIncoming(qemu))
+        first = relayFor(self, listenIncoming(qemu))
         manager.migrate(first.uri)
         manager.startPostcopy()
         yield within(manager.whenStatus("postcopy-active"))
@@ -388,7 +378,7 @@ class QEMURecoveryTLSTests(TestCase):
         yield within(manager.whenStatus("postcopy-paused"))
         yield qemuReached(qemu, "postcopy-paused")
         qemu.qmp("migrate-recover", uri="tcp:127.0.0.1:0")
-        second = self.relay(incomingAddress(qemu))
+        second = relayFor(self, incomingAddress(qemu))
         manager.migrate(second.uri, resume=True)
         status = yield within(manager.whenStatus("completed", "failed"))
         self.assertEqual(status, "completed",
@@ -423,7 +413,7 @@ class QEMURecoveryTLSTests(TestCase):
         qemuTLS(qemu, self.directory, "client")
         listening = yield manager.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(listening.stopListening)
-        first = self.relay(("127.0.0.1", listening.getHost().port))
+        first = relayFor(self, ("127.0.0.1", listening.getHost().port))
         qemu.migrate(first.uri)
         yield manager.destinationFactory.accepted
         yield qemuReached(qemu, "active")
@@ -434,7 +424,7 @@ class QEMURecoveryTLSTests(TestCase):
         yield within(manager.whenStatus("postcopy-paused"))
         yield qemuReached(qemu, "postcopy-paused")
         port = yield manager.migrateRecover("tcp:127.0.0.1:0")
-        second = self.relay(("127.0.0.1", port.getHost().port))
+        second = relayFor(self, ("127.0.0.1", port.getHost().port))
         qemu.setParameters(**{"max-postcopy-bandwidth": 0})
         qemu.qmp("migrate", uri=second.uri, resume=True)
         # (QEMU's handshake blocks its monitor until we answered it.)

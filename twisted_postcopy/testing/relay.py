@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from typing import Any
 
 from attrs import define, field
 
@@ -250,3 +251,14 @@ class RecordingRelay:
         _quietly(self._listener.shutdown, socket.SHUT_RDWR)
         _quietly(self._listener.close)
         self.cut()
+
+
+def relayFor(case: Any, target: tuple[str, int]) -> RecordingRelay:
+    """
+    @param case: a test case (the relay is closed at its cleanup).
+    @param target: where to relay to.
+    @return: a relay to C{target}.
+    """
+    relay = RecordingRelay(target)
+    case.addCleanup(relay.close)
+    return relay
