@@ -534,3 +534,45 @@ class AMPBoxTests(SynchronousTestCase, BoundedMixin):
                 b"\x00\x04_ask\x00\x011\x00\x08_command\x00\x04Nope\x00\x00")
         self.assertFalse(transport.disconnecting)
         self.assertIn(b"_error", transport.value())
+
+
+class NamedLimitTests(SynchronousTestCase):
+    """
+    The size limits of single elements name themselves in the error, as
+    the Limits table of docs/wire-format.md says every limit does.
+    """
+
+    def assertLimit(self, decoder: Any, data: bytes, name: str) -> None:
+        """
+        @param decoder: a decoder with a small limit.
+        @param data: bytes over that limit.
+        @param name: the limit's documented name.
+        """
+        decoder.receiveData(data)
+        error = self.assertRaises(LimitExceededError, lambda: list(decoder.events()))
+        self.assertEqual(error.limit, name)
+        self.assertIn(f"[{name}]", str(error))
+
+    def test_package(self) -> None:
+        """
+        A PACKAGED body over C{max-package-size}.
+        """
+        self.assertLimit(StreamDecoder(header=False, maxPackageSize=16),
+                         StreamEncoder().packaged(b"x" * 32), "max-package-size")
+
+    def test_vmdesc(self) -> None:
+        """
+        A VMDESCRIPTION over C{max-vmdesc-size}.
+        """
+        encoder = StreamEncoder()
+        self.assertLimit(StreamDecoder(header=False, maxVMDescriptionSize=8),
+                         encoder.eof() + encoder.vmDescription(b'{"devices": []}'), "max-vmdesc-size")
+
+    def test_recvBitmap(self) -> None:
+        """
+        A RECV_BITMAP body over C{max-recv-bitmap-size}.
+        """
+        from twisted_postcopy.wire import ReturnPathDecoder
+
+        self.assertLimit(ReturnPathDecoder(maxBitmapSize=8),
+                         ReturnPathEncoder().recvBitmap("pc.ram", bytes(64)), "max-recv-bitmap-size")

@@ -182,7 +182,8 @@ def readCommand(buffer: ReceiveBuffer, maxPackageSize: int) -> CommandEvent | Ne
         return event
     size = int.from_bytes(payload, "big")
     if size > maxPackageSize:
-        raise LimitExceededError(f"package of {size} bytes exceeds the limit {maxPackageSize}", where)
+        raise LimitExceededError(f"package of {size} bytes exceeds the limit {maxPackageSize}", where,
+                                 "max-package-size")
     if not buffer.ensure(9 + size):
         return NEED_DATA
     data = bytes(buffer.view[buffer.offset + 9:buffer.offset + 9 + size])

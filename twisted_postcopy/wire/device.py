@@ -211,7 +211,7 @@ class DeviceSectionReader:
         if total > self.maxSize:
             raise LimitExceededError(
                 f"device section {self.section.idstr!r} of {total} bytes exceeds the limit {self.maxSize}",
-                self.where)
+                self.where, "max-device-section-size")
         if not buffer.ensure(total):
             return NEED_DATA
         raw = bytes(buffer.view[buffer.offset:buffer.offset + total])
@@ -242,7 +242,8 @@ class DeviceSectionReader:
                 break
         if (end is None and len(raw) >= bound) or (end is not None and end > self.maxSize):
             raise LimitExceededError(
-                f"no end of device section {self.section.idstr!r} within {self.maxSize} bytes", self.where)
+                f"no end of device section {self.section.idstr!r} within {self.maxSize} bytes", self.where,
+                "max-device-section-size")
         if end is None:
             if closed:
                 raise DeviceSectionBoundaryError(

@@ -151,7 +151,8 @@ class ReturnPathDecoder(BufferedDecoder[ReturnPathEvent]):
             return self._needData()
         size = _be64.unpack_from(buffer.data, buffer.offset + head)[0]
         if size > self.maxBitmapSize:
-            raise LimitExceededError(f"RECV_BITMAP of {size} bytes exceeds {self.maxBitmapSize}", where)
+            raise LimitExceededError(f"RECV_BITMAP of {size} bytes exceeds {self.maxBitmapSize}", where,
+                                     "max-recv-bitmap-size")
         if size % 8:
             raise BadLengthError(f"RECV_BITMAP size {size} is not a multiple of 8", where + head)
         if not buffer.ensure(head + 16 + size):

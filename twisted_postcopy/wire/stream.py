@@ -388,7 +388,7 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         if length > self.maxVMDescriptionSize:
             raise LimitExceededError(
                 f"VMDESCRIPTION of {length} bytes exceeds the limit {self.maxVMDescriptionSize}",
-                buffer.position)
+                buffer.position, "max-vmdesc-size")
         if not buffer.ensure(5 + length):
             return self._needData()
         json = bytes(buffer.view[buffer.offset + 5:buffer.offset + 5 + length])
