@@ -14,7 +14,8 @@ from typing import Any
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_postcopy import access
 from twisted_postcopy.access import INSECURE_MIGRATION, checkMigrationListener, warnPlaintextMigration
@@ -218,3 +219,46 @@ class DaemonOptionTests(SynchronousTestCase):
         self.assertRaises(MigrationError, jobs.startCapture, "tcp:0.0.0.0:4444", target)
         self.assertIsNone(jobs.capture)
         self.assertFalse(os.path.exists(target))
+
+
+class RealDaemonTests(TestCase):
+    """
+    A real C{twistd postcopy} daemon refuses off-host plaintext listeners
+    over its control API (the namespace tests show the opt-in working:
+    C{tests/test_recovery_netns.py}, C{tests/test_qemu_netns_recovery.py}).
+    """
+
+    timeout = 60
+
+    def test_refusedOverControl(self) -> Deferred:
+        """
+        C{migrate-incoming} and C{snapshot-capture} on every address are
+        refused with the rule's message, and the daemon serves on.
+        """
+        return Deferred.fromCoroutine(self._refusedOverControl())
+
+    async def _refusedOverControl(self) -> None:
+        import os
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from twisted.internet import reactor
+
+        from twisted_postcopy.control.daemon import startDaemon
+
+        workdir = tempfile.mkdtemp(prefix="pc-acc-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        daemon = await startDaemon(reactor, "dst", Path(workdir), ["--role", "destination", "--guest", "none"])
+        self.addCleanup(lambda: Deferred.fromCoroutine(daemon.stop(reactor)))
+        for call in (lambda: daemon.client.migrateIncoming("tcp:0.0.0.0:0"),
+                     lambda: daemon.client.snapshotCapture("tcp:0.0.0.0:0", os.path.join(workdir, "snap"))):
+            try:
+                await call()
+            except MigrationError as error:
+                self.assertIn("would accept a migration in plaintext", str(error))
+                self.assertIn(INSECURE_MIGRATION, str(error))
+            else:
+                self.fail("an off-host plaintext listener was accepted")
+        self.assertFalse(os.path.exists(os.path.join(workdir, "snap")))
+        self.assertEqual((await daemon.client.queryMigrate()).get("status", "none"), "none")
