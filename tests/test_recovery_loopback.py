@@ -247,6 +247,24 @@ class RecoveryLoopbackTests(TestCase):
         yield self.recoverAndComplete()
 
     @inlineCallbacks
+    def test_cutAfterEverythingWritten(self) -> None:
+        """
+        The path goes silent while the source writes its last pages, END
+        and EOF (all lost); after C{migrate-pause} and the recovery, the
+        pages the destination lacks and the END and EOF go out again and
+        both complete (before, the source stayed C{postcopy-active}
+        sending nothing and the guest waited forever).
+        """
+        relay = yield self.startPostcopy()
+        (connection,) = relay.connections
+        connection.blackhole()
+        self.src.setParameters({"max-postcopy-bandwidth": 0})
+        yield waitUntil(reactor, lambda: self.src.outgoing.written)
+        self.assertEqual(self.src.queryMigrate()["ram"]["remaining"], 0)
+        self.src.migratePause()
+        yield self.recoverAndComplete()
+
+    @inlineCallbacks
     def test_destinationPauseAndTwoRecoveries(self) -> None:
         """
         C{migrate-pause} on the destination pauses both sides; a cut
