@@ -33,6 +33,7 @@ from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
 from twisted_postcopy.state import FINISHED, POSTCOPY, MigrationStatus as S
 from twisted_postcopy.source.outgoing import OutgoingMigration
+from twisted_postcopy.source import prefetch
 
 #: QEMU 7.2's capabilities, in enum order.
 CAPABILITIES = (
@@ -46,7 +47,8 @@ SUPPORTED = frozenset({"events", "postcopy-ram", "return-path", "postcopy-blockt
                        AUTO_RECOVER})
 #: Parameters and their QEMU defaults (and this engine's C{x-} ones).
 PARAMETERS = {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0, "downtime-limit": 300,
-              LINK_TIMEOUT: DEFAULT_LINK_TIMEOUT_MS, RECOVER_DEADLINE: DEFAULT_RECOVER_DEADLINE_MS}
+              LINK_TIMEOUT: DEFAULT_LINK_TIMEOUT_MS, RECOVER_DEADLINE: DEFAULT_RECOVER_DEADLINE_MS,
+              **prefetch.DEFAULTS}
 #: The TLS parameters (strings, QEMU's defaults; docs/tls.md).
 TLS_PARAMETERS = {"tls-creds": "", "tls-hostname": "", "tls-authz": ""}
 _IN_PROGRESS = "There's a migration process in progress"
@@ -194,6 +196,8 @@ class MigrationManager:
             if name == "downtime-limit" and value > 2000000:
                 raise MigrationError(
                     "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
+            if prefetch.checkParameter(name, value):
+                raise MigrationError(prefetch.checkParameter(name, value))
             if name == LINK_TIMEOUT:
                 try:
                     checkLinkTimeout(value)
