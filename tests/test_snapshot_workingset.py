@@ -266,3 +266,22 @@ class RestoreTests(TestCase):
                                   parameters={WORKING_SET: 0})
         self.assertEqual((yield done), ["completed"])
         self.assertEqual((yield vm.done), self.expected)
+
+
+class RestoreParameterOptionTests(SynchronousTestCase):
+    """
+    C{postcopy snapshot restore --parameter NAME=VALUE}.
+    """
+
+    def test_parsed(self) -> None:
+        """
+        Integer values become parameters; anything else is refused naming
+        the option.
+        """
+        from twisted_postcopy.snapshot.cli import _parameters
+
+        self.assertEqual(_parameters([f"{WORKING_SET}=4096", "x-readahead-pages=8"]),
+                         {WORKING_SET: 4096, "x-readahead-pages": 8})
+        for bad in ("x-working-set-pages", "x-working-set-pages=", "x-working-set-pages=-1", "=3"):
+            error = self.assertRaises(SystemExit, _parameters, [bad])
+            self.assertIn("--parameter", str(error))

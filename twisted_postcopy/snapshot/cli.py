@@ -223,7 +223,7 @@ def _parameters(specs: list[str]) -> dict[str, int]:
     parameters = {}
     for spec in specs:
         name, equals, value = spec.partition("=")
-        if not equals or not value.isdigit():
+        if not name or not equals or not value.isdigit():
             raise SystemExit(f"--parameter {spec!r}: expected NAME=INTEGER")
         parameters[name] = int(value)
     return parameters
