@@ -67,8 +67,8 @@ class WorkingSetRestoreTests(SynchronousTestCase):
         The first restore stores the pages QEMU requested (as many as it
         asked for at most); the second sends those in order before any
         other page QEMU did not ask for (its guest runs meanwhile, so its
-        own requests may come in between), every page once, and leaves the
-        file as it was.
+        own requests may come in between), every page once, and appends
+        only pages QEMU asked it for to the stored set.
         """
         qemu, uri = self.target("record", True)
         summary = self.restore(uri)
@@ -77,8 +77,6 @@ class WorkingSetRestoreTests(SynchronousTestCase):
         recorded = readWorkingSet(openSnapshot(self.snapshot))
         self.assertTrue(recorded)
         self.assertLessEqual(len(recorded), summary["ram"]["postcopy-requests"])
-        with open(os.path.join(self.snapshot, NAME), "rb") as f:
-            stored = f.read()
 
         qemu, uri = self.target("prefetch", True)
         host, port = uri.rsplit(":", 2)[1:]
@@ -103,5 +101,6 @@ class WorkingSetRestoreTests(SynchronousTestCase):
         self.assertEqual([page for page in pages if page in members and page not in requested],
                          [page for page in working if page not in requested])
         self.assertEqual(len(pages), len(set(pages)))
-        with open(os.path.join(self.snapshot, NAME), "rb") as f:
-            self.assertEqual(f.read(), stored)
+        after = readWorkingSet(openSnapshot(self.snapshot))
+        self.assertEqual(after[:len(recorded)], recorded)
+        self.assertLessEqual({(blocks[b], p) for b, p in after[len(recorded):]}, requested)

@@ -217,9 +217,10 @@ def _parameter(parameters: dict[str, int] | None, name: str) -> int:
 class WorkingSetPolicy:
     """
     C{x-working-set-pages} for one restore of a snapshot and its clones:
-    send the stored working set first, or, if the snapshot has none yet,
-    record the first postcopy clone's page requests and store them once it
-    completed.
+    send the stored working set first, and record the page requests of
+    each postcopy clone that the set lacks; once the first clone completed,
+    store the set with them appended (the first set is created
+    exclusively; later ones replace it), up to the limit.
 
     @ivar snapshot: the snapshot.
     @ivar limit: C{x-working-set-pages} (0: neither).
@@ -252,18 +253,19 @@ class WorkingSetPolicy:
         @param done: fires with its final status if the clone is by
             postcopy (so it may record), else L{None}.
         """
-        if self.entries is not None:
-            scheduler.prefetchFirst(self.entries)
+        known = self.entries or []
+        scheduler.prefetchFirst(known)
+        if done is None or len(known) >= self.limit:
             return
-        if done is None:
-            return
-        scheduler.log = prefetch.RequestLog.forBlocks(pageCounts(self.snapshot), self.limit)
+        scheduler.log = prefetch.RequestLog.forBlocks(pageCounts(self.snapshot), self.limit - len(known))
+        scheduler.log.known(known)
         done.addCallback(self._finished, scheduler.log)
 
     def _finished(self, status: str, log: prefetch.RequestLog) -> str:
         """
-        A recording clone ended: store what it recorded if it completed
-        (the first one to complete wins; a failure to store is logged, the
+        A recording clone ended: if it completed, store the working set
+        with the pages it was asked for that the set lacked appended (the
+        first clone to complete wins; a failure to store is logged, the
         restore itself succeeded).
 
         @param status: its final status.
@@ -272,7 +274,8 @@ class WorkingSetPolicy:
         """
         if status == "completed" and len(log) and not self.recorded:
             try:
-                self.recorded = writeWorkingSet(self.snapshot, log.entries())
+                self.recorded = writeWorkingSet(self.snapshot, (self.entries or []) + log.entries(),
+                                                replace=self.entries is not None)
             except SnapshotError as error:
                 _log.warn("working set not stored: {error}", error=error)
         return status

@@ -361,15 +361,17 @@ class Snapshot:
             raise SnapshotError(f"{self._file(name)}: larger than {limit} bytes (refused)")
         return data
 
-    def publishExtra(self, name: str, data: bytes) -> bool:
+    def publishExtra(self, name: str, data: bytes, replace: bool = False) -> bool:
         """
-        Store a file beside the manifest, once: written to C{NAME.tmp}
-        (created exclusively, mode 0600, never through a link), fsynced,
-        then linked to C{name} only if no such file exists yet, the
+        Store a file beside the manifest: written to C{NAME.tmp} (created
+        exclusively, mode 0600, never through a link), fsynced, then linked
+        to C{name} only if no such file exists yet (or, with C{replace},
+        renamed over it: a link there is replaced, never followed), the
         directory fsynced.
 
         @param name: its plain name (L{checkName}).
         @param data: its bytes.
+        @param replace: replace an existing C{name}.
         @return: whether it was stored (L{False}: one exists already).
         @raise SnapshotError: the temporary name exists (an interrupted
             write: remove it) or the directory cannot be written.
@@ -380,13 +382,17 @@ class Snapshot:
         try:
             _writeBytes(directory, temporary, self.path, data)
             try:
-                os.link(temporary, name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False)
+                if replace:
+                    os.rename(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+                else:
+                    os.link(temporary, name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False)
+                    os.unlink(temporary, dir_fd=directory)
             except FileExistsError:
+                os.unlink(temporary, dir_fd=directory)
                 return False
             except OSError as error:
-                raise _osError(self._file(name), error) from None
-            finally:
                 os.unlink(temporary, dir_fd=directory)
+                raise _osError(self._file(name), error) from None
             os.fsync(directory)
             return True
         finally:

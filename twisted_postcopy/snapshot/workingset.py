@@ -7,9 +7,10 @@ The first postcopy restore of a snapshot with C{x-working-set-pages} on
 records the page requests its source received
 (L{twisted_postcopy.source.prefetch.RequestLog}) and stores them once the
 restore completed; every later restore or clone of that snapshot sends
-those pages before the rest of RAM.  The file is written once (see
-L{twisted_postcopy.snapshot.store.Snapshot.publishExtra}): delete it to
-record again.
+those pages before the rest of RAM, and appends the pages it was still
+asked for (so the set grows towards what the guest touches first, up to
+the limit).  See L{twisted_postcopy.snapshot.store.Snapshot.publishExtra}
+for how the file is stored; delete it to record afresh.
 
 Format (big-endian)::
 
@@ -124,13 +125,15 @@ def readWorkingSet(snapshot: Snapshot, limit: int = MAX_PAGES) -> list[tuple[int
     return decode(data, pageCounts(snapshot), where)[:limit]
 
 
-def writeWorkingSet(snapshot: Snapshot, entries: Iterable[tuple[int, int]]) -> bool:
+def writeWorkingSet(snapshot: Snapshot, entries: Iterable[tuple[int, int]], replace: bool = False) -> bool:
     """
-    Store a working set, unless the snapshot has one already.
+    Store a working set.
 
     @param snapshot: an opened snapshot.
     @param entries: (block index, page index) pairs, in order, each once.
+    @param replace: replace the snapshot's working set (else store only if
+        it has none).
     @return: whether it was stored.
     @raise SnapshotError: as L{Snapshot.publishExtra}.
     """
-    return snapshot.publishExtra(NAME, encode(list(entries)))
+    return snapshot.publishExtra(NAME, encode(list(entries)), replace)

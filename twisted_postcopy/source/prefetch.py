@@ -184,6 +184,15 @@ class RequestLog:
                 seen[page] = 1
                 self.pages.extend((block, page))
 
+    def known(self, pages: Iterable[tuple[int, int]]) -> None:
+        """
+        Pages never to log (already in the working set).
+
+        @param pages: (block index, page) pairs.
+        """
+        for block, page in pages:
+            self.blocks[block][page] = 1
+
     def entries(self) -> list[tuple[int, int]]:
         """
         @return: the logged (block index, page) pairs in order.
