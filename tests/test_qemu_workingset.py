@@ -16,12 +16,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.snapshotqemu import finish, snapshotCommand, summaries
 from tests import test_qemu_restore
+from tests.test_snapshot_workingset import checkSentFirst
 from twisted_postcopy.snapshot.store import openSnapshot
 from twisted_postcopy.snapshot.workingset import NAME, readWorkingSet
 from twisted_postcopy.source.prefetch import WORKING_SET
 from twisted_postcopy.testing.relay import RecordingRelay
-from twisted_postcopy.wire import ReturnPathDecoder, decodeAll
-from twisted_postcopy.wire import events as e
 
 
 class WorkingSetRestoreTests(SynchronousTestCase):
@@ -85,22 +84,4 @@ class WorkingSetRestoreTests(SynchronousTestCase):
         self.restore(relay.uri)
         self.assertRunsConsistently(qemu)
         relay.waitClosed()
-        blocks = [block.idstr for block in openSnapshot(self.snapshot).blocks]
-        sizes = {block.idstr: block.pageSize for block in openSnapshot(self.snapshot).blocks}
-        pages = [(event.block, event.offset // sizes[event.block])
-                 for event in decodeAll(relay.connections[0].forward)
-                 if isinstance(event, (e.PageReceived, e.ZeroPageReceived))]
-        working = [(blocks[b], p) for b, p in recorded]
-        requested = {(event.block, event.start // sizes[event.block] + index)
-                     for event in ReturnPathDecoder().decodeWhole(bytes(relay.connections[0].backward))
-                     if isinstance(event, e.PagesRequested)
-                     for index in range(event.length // sizes[event.block])}
-        last = max(pages.index(page) for page in working)
-        members = set(working)
-        self.assertEqual([page for page in pages[:last + 1] if page not in members | requested], [])
-        self.assertEqual([page for page in pages if page in members and page not in requested],
-                         [page for page in working if page not in requested])
-        self.assertEqual(len(pages), len(set(pages)))
-        after = readWorkingSet(openSnapshot(self.snapshot))
-        self.assertEqual(after[:len(recorded)], recorded)
-        self.assertLessEqual({(blocks[b], p) for b, p in after[len(recorded):]}, requested)
+        checkSentFirst(self, relay.connections[0], self.snapshot, recorded)
