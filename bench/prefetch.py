@@ -17,7 +17,8 @@ The prefetch policies of docs/prefetch.md, each on and off in the same run.
    (a link slower than loopback) into our destination, whose
    guest worker first touches a fixed random hot set (C{--hot} pages, one
    at a time) and then reads everything; the recording restore, then
-   C{off} and C{ws} in interleaved rounds (medians): time until the hot set
+   C{off} and C{ws} in interleaved rounds (medians; each C{ws} restore
+   grows the set with what it was still asked for): time until the hot set
    is in (C{hot_ms}), faults and summed stall in that phase, total time,
    page requests.
 3. B{migrate}: C{bench/migrate.py}'s postcopy (our daemon to our daemon, a
