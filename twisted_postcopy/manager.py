@@ -196,8 +196,9 @@ class MigrationManager:
             if name == "downtime-limit" and value > 2000000:
                 raise MigrationError(
                     "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
-            if prefetch.checkParameter(name, value):
-                raise MigrationError(prefetch.checkParameter(name, value))
+            refused = prefetch.checkParameter(name, value)
+            if refused:
+                raise MigrationError(refused)
             if name == LINK_TIMEOUT:
                 try:
                     checkLinkTimeout(value)
