@@ -414,3 +414,28 @@ class RestoreParameterOptionTests(SynchronousTestCase):
         for bad in ("x-working-set-pages", "x-working-set-pages=", "x-working-set-pages=-1", "=3"):
             error = self.assertRaises(SystemExit, _parameters, [bad])
             self.assertIn("--parameter", str(error))
+
+
+class StoreFailureTests(SynchronousTestCase):
+    """
+    A working set that cannot be stored does not fail the restore.
+    """
+
+    def test_logged(self) -> None:
+        """
+        With a left-over temporary file in the way, the completed clone's
+        status passes through and the failure is logged.
+        """
+        path = self.mktemp()
+        makeSnapshot(path)
+        snapshot = openSnapshot(path)
+        open(os.path.join(path, NAME + ".tmp"), "wb").close()
+        policy = WorkingSetPolicy.load(snapshot, 10)
+        scheduler = PageScheduler.forBlocks([(b.idstr, b.length, b.pageSize) for b in snapshot.blocks])
+        done: Deferred = Deferred()
+        policy.attach(scheduler, done)
+        scheduler.queueRequest("pc.ram", 0, PAGE)
+        done.callback("completed")
+        self.assertEqual(self.successResultOf(done), "completed")
+        self.assertIsNone(readWorkingSet(snapshot))
+        self.assertFalse(policy.recorded)

@@ -11,6 +11,7 @@ sparse block files: holes read as zeros and go out as ZERO records.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Sequence
 
 from attrs import define, field
@@ -276,7 +277,7 @@ class WorkingSetPolicy:
             try:
                 self.recorded = writeWorkingSet(self.snapshot, (self.entries or []) + log.entries(),
                                                 replace=self.entries is not None)
-            except SnapshotError as error:
+            except (SnapshotError, OSError, ValueError, struct.error) as error:
                 _log.warn("working set not stored: {error}", error=error)
         return status
 
