@@ -90,13 +90,15 @@ def command(*arguments: str) -> subprocess.CompletedProcess[bytes]:
     return done
 
 
-def ours(directory: str, sizeMiB: int, snapshot: str) -> dict[str, Any]:
+def ours(directory: str, sizeMiB: int, snapshot: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """
     Our postcopy restore into a fresh QEMU.
 
     @param directory: scratch directory.
     @param sizeMiB: guest RAM.
     @param snapshot: the snapshot directory.
+    @param extra: more C{snapshot restore} arguments (bench/prefetch.py
+        passes C{--parameter}s).
     @return: the figures.
     """
     image = os.path.join(directory, "boot.img")
@@ -104,7 +106,7 @@ def ours(directory: str, sizeMiB: int, snapshot: str) -> dict[str, Any]:
     try:
         target.setCapabilities(**{"postcopy-ram": True, "postcopy-blocktime": True})
         host, port = listenIncoming(target)
-        done = command("restore", snapshot, "--to", f"tcp:{host}:{port}", "--postcopy", "--no-verify")
+        done = command("restore", snapshot, "--to", f"tcp:{host}:{port}", "--postcopy", "--no-verify", *extra)
         (summary,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith(b"{")]
         resumed = eventTime(target.waitEvent("RESUME", TIMEOUT))
         info = target.waitMigration(["completed"], TIMEOUT)

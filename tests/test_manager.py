@@ -62,6 +62,8 @@ class SurfaceTests(SynchronousTestCase):
                          {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0,
                           "downtime-limit": 300, "x-link-timeout-ms": 2000,
                           "x-recover-deadline-ms": 600000,
+                          "x-readahead-pages": 0, "x-scan-follows-faults": 1,
+                          "x-working-set-pages": 0,
                           "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
         self.manager.setParameters({"x-link-timeout-ms": 0})
         self.manager.setParameters({"x-link-timeout-ms": 5000})
@@ -74,6 +76,10 @@ class SurfaceTests(SynchronousTestCase):
         error = self.assertRaises(MigrationError, self.manager.setParameters, {"downtime-limit": 2000001})
         self.assertEqual(str(error), "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
         self.assertRaises(MigrationError, self.manager.setParameters, {"max-bandwidth": -1})
+        error = self.assertRaises(MigrationError, self.manager.setParameters, {"x-readahead-pages": 513})
+        self.assertEqual(str(error), "Parameter 'x-readahead-pages' expects an integer in the range of 0 to 512")
+        self.manager.setParameters({"x-readahead-pages": 32, "x-scan-follows-faults": 0})
+        self.assertEqual(self.manager.queryParameters()["x-readahead-pages"], 32)
 
     def test_startPostcopyErrors(self) -> None:
         """

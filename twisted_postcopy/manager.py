@@ -34,6 +34,7 @@ from twisted_postcopy.access import checkMigrationListener, warnPlaintextMigrati
 from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
 from twisted_postcopy.state import FINISHED, POSTCOPY, MigrationStatus as S
 from twisted_postcopy.source.outgoing import OutgoingMigration
+from twisted_postcopy.source import prefetch
 
 #: QEMU 7.2's capabilities, in enum order.
 CAPABILITIES = (
@@ -47,7 +48,8 @@ SUPPORTED = frozenset({"events", "postcopy-ram", "return-path", "postcopy-blockt
                        AUTO_RECOVER})
 #: Parameters and their QEMU defaults (and this engine's C{x-} ones).
 PARAMETERS = {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0, "downtime-limit": 300,
-              LINK_TIMEOUT: DEFAULT_LINK_TIMEOUT_MS, RECOVER_DEADLINE: DEFAULT_RECOVER_DEADLINE_MS}
+              LINK_TIMEOUT: DEFAULT_LINK_TIMEOUT_MS, RECOVER_DEADLINE: DEFAULT_RECOVER_DEADLINE_MS,
+              **prefetch.DEFAULTS}
 #: The TLS parameters (strings, QEMU's defaults; docs/tls.md).
 TLS_PARAMETERS = {"tls-creds": "", "tls-hostname": "", "tls-authz": ""}
 _IN_PROGRESS = "There's a migration process in progress"
@@ -199,6 +201,9 @@ class MigrationManager:
             if name == "downtime-limit" and value > 2000000:
                 raise MigrationError(
                     "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
+            refused = prefetch.checkParameter(name, value)
+            if refused:
+                raise MigrationError(refused)
             if name == LINK_TIMEOUT:
                 try:
                     checkLinkTimeout(value)

@@ -44,6 +44,9 @@ def register(subparsers: Any) -> None:
     _tlsOptions(restore, "--tls-hostname", "NAME", "the name the destinations' certificates carry")
     restore.add_argument("--max-bandwidth", type=int, default=0, metavar="BYTES",
                          help="bytes/s per destination, 0 for unlimited")
+    restore.add_argument("--parameter", action="append", default=[], metavar="NAME=VALUE",
+                         help="a migration parameter for every destination, e.g. "
+                              "x-working-set-pages=65536 (docs/prefetch.md; repeatable)")
     restore.set_defaults(func=_guard(_restore))
     importer = commands.add_parser("import", help="store a QEMU precopy stream file as DIR")
     importer.add_argument("stream")
@@ -212,6 +215,22 @@ def _tls(args: argparse.Namespace, other: str) -> dict[str, Any]:
     return {"objects": objects, "tls": tls}
 
 
+def _parameters(specs: list[str]) -> dict[str, int]:
+    """
+    @param specs: C{--parameter} values, C{NAME=VALUE} with an integer
+        value.
+    @return: name -> value.
+    @raise SystemExit: a malformed one.
+    """
+    parameters = {}
+    for spec in specs:
+        name, equals, value = spec.partition("=")
+        if not name or not equals or not value.isdigit():
+            raise SystemExit(f"--parameter {spec!r}: expected NAME=INTEGER")
+        parameters[name] = int(value)
+    return parameters
+
+
 def _drainThenStop(reactor: Any, patience: int = 100) -> None:
     """
     Stop the reactor once no transport has bytes left to write (the last
@@ -267,7 +286,8 @@ def _restore(args: argparse.Namespace) -> int:
         """
         started = time.time()
         managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy, False,
-                                         args.max_bandwidth, **_tls(args, "tls_hostname"))
+                                         args.max_bandwidth, **_tls(args, "tls_hostname"),
+                                         parameters=_parameters(args.parameter))
 
         def report(result: Any) -> Any:
             for uri, manager in zip(args.to, managers):

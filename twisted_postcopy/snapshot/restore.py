@@ -11,19 +11,25 @@ sparse block files: holes read as zeros and go out as ZERO records.
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Sequence
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from twisted_postcopy.errors import MigrationFailed, SnapshotError
 from twisted_postcopy.interfaces import IOutgoingVM
 from twisted_postcopy.snapshot.mapping import BlockMapping
 from twisted_postcopy.snapshot.store import Snapshot, openSnapshot
+from twisted_postcopy.snapshot.workingset import pageCounts, readWorkingSet, writeWorkingSet
+from twisted_postcopy.source import prefetch
+from twisted_postcopy.source.prefetch import WORKING_SET
 from twisted_postcopy.wire.config import encodeHeader
 
 _EMPTY = memoryview(b"")
+_log = Logger()
 
 
 @define
@@ -109,7 +115,9 @@ class SnapshotVM:
 
 def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
                bandwidth: int = 0, objects: Any = None,
-               tls: dict[str, str] | None = None) -> tuple[Any, Deferred]:
+               tls: dict[str, str] | None = None,
+               parameters: dict[str, int] | None = None,
+               workingSet: Any = None) -> tuple[Any, Deferred]:
     """
     Start one restore.
 
@@ -123,6 +131,9 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
         holding the TLS objects named by C{tls}.
     @param tls: TLS parameters (C{tls-creds} naming client credentials,
         C{tls-hostname}) to migrate over TLS (docs/tls.md).
+    @param parameters: more migration parameters (e.g. the C{x-} ones of
+        docs/prefetch.md), set after the bandwidths.
+    @param workingSet: the snapshot's L{WorkingSetPolicy}, or L{None}.
     @return: (the L{MigrationManager}, a Deferred firing with the final
         status string, C{completed} or C{failed}).
     """
@@ -132,9 +143,13 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
     manager = MigrationManager(reactor, vm)
     manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True, "x-postcopy-auto-recover": True})
     manager.setParameters({"max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth})
+    if parameters:
+        manager.setParameters(parameters)
     _useTLS(manager, objects, tls)
     done = manager.whenStatus("completed", "failed", "cancelled")
     manager.migrate(uri)
+    if workingSet is not None and manager.outgoing is not None:
+        workingSet.attach(manager.outgoing.scheduler, done if postcopy else None)
     if postcopy:
         manager.startPostcopy()
     return manager, done
@@ -143,7 +158,8 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
 def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool = True,
                     verify: bool = True, bandwidth: int = 0,
                     root: str | None = None, objects: Any = None,
-                    tls: dict[str, str] | None = None) -> tuple[list[Any], Deferred]:
+                    tls: dict[str, str] | None = None,
+                    parameters: dict[str, int] | None = None) -> tuple[list[Any], Deferred]:
     """
     Restore one snapshot into every destination at once.
 
@@ -156,15 +172,21 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
     @param root: the snapshot root C{path} must lie in, or L{None}.
     @param objects: the TLS objects named by C{tls} (see L{restoreOne}).
     @param tls: TLS parameters for every destination (see L{restoreOne}).
+    @param parameters: more migration parameters for every destination;
+        C{x-working-set-pages} (docs/prefetch.md) also decides whether the
+        snapshot's working set is sent first, or recorded.
     @return: (the managers, a Deferred firing with the list of final
         statuses, failing with L{MigrationFailed} if any clone failed).
-    @raise SnapshotError: the snapshot is missing, truncated or tampered.
+    @raise SnapshotError: the snapshot is missing, truncated or tampered,
+        or its working-set file is unusable (L{WorkingSetError}).
     """
     snapshot = openSnapshot(path, root)
     if verify:
         snapshot.verify()
     vm = SnapshotVM(snapshot)
-    started = [restoreOne(reactor, vm, uri, postcopy, bandwidth, objects, tls) for uri in uris]
+    policy = WorkingSetPolicy.load(snapshot, _parameter(parameters, WORKING_SET))
+    started = [restoreOne(reactor, vm, uri, postcopy, bandwidth, objects, tls, parameters, policy)
+               for uri in uris]
     managers = [manager for manager, _ in started]
 
     def gathered(results: list[tuple[bool, Any]]) -> list[str]:
@@ -181,6 +203,83 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
 
     done = DeferredList([d for _, d in started], consumeErrors=True)
     return managers, done.addCallback(gathered)
+
+
+def _parameter(parameters: dict[str, int] | None, name: str) -> int:
+    """
+    @param parameters: parameters given to a restore, or L{None}.
+    @param name: one of the parameters of L{prefetch.DEFAULTS}.
+    @return: its value for this restore.
+    """
+    return (parameters or {}).get(name, prefetch.DEFAULTS[name])
+
+
+@define
+class WorkingSetPolicy:
+    """
+    C{x-working-set-pages} for one restore of a snapshot and its clones:
+    send the stored working set first, and record the page requests of
+    each postcopy clone that the set lacks; once the first clone completed,
+    store the set with them appended (the first set is created
+    exclusively; later ones replace it), up to the limit.
+
+    @ivar snapshot: the snapshot.
+    @ivar limit: C{x-working-set-pages} (0: neither).
+    @ivar entries: the stored working set, or L{None} when there is none.
+    @ivar recorded: whether a working set was stored by this restore.
+    """
+
+    snapshot: Snapshot
+    limit: int
+    entries: list[tuple[int, int]] | None = None
+    recorded: bool = False
+
+    @classmethod
+    def load(cls, snapshot: Snapshot, limit: int) -> WorkingSetPolicy | None:
+        """
+        @param snapshot: the snapshot.
+        @param limit: C{x-working-set-pages}.
+        @return: the policy, or L{None} when C{limit} is 0.
+        @raise WorkingSetError: the file is there but unusable.
+        """
+        if not limit:
+            return None
+        return cls(snapshot, limit, readWorkingSet(snapshot, limit))
+
+    def attach(self, scheduler: Any, done: Deferred | None) -> None:
+        """
+        Apply the policy to one clone's page scheduler.
+
+        @param scheduler: its L{twisted_postcopy.source.sender.PageScheduler}.
+        @param done: fires with its final status if the clone is by
+            postcopy (so it may record), else L{None}.
+        """
+        known = self.entries or []
+        scheduler.prefetchFirst(known)
+        if done is None or len(known) >= self.limit:
+            return
+        scheduler.log = prefetch.RequestLog.forBlocks(pageCounts(self.snapshot), self.limit - len(known))
+        scheduler.log.known(known)
+        done.addCallback(self._finished, scheduler.log)
+
+    def _finished(self, status: str, log: prefetch.RequestLog) -> str:
+        """
+        A recording clone ended: if it completed, store the working set
+        with the pages it was asked for that the set lacked appended (the
+        first clone to complete wins; a failure to store is logged, the
+        restore itself succeeded).
+
+        @param status: its final status.
+        @param log: its request log.
+        @return: C{status}.
+        """
+        if status == "completed" and len(log) and not self.recorded:
+            try:
+                self.recorded = writeWorkingSet(self.snapshot, (self.entries or []) + log.entries(),
+                                                replace=self.entries is not None)
+            except (SnapshotError, OSError, ValueError, struct.error) as error:
+                _log.warn("working set not stored: {error}", error=error)
+        return status
 
 
 def _openVerified(path: str, root: str | None = None) -> Snapshot:

@@ -337,6 +337,67 @@ class Snapshot:
         with self.open(block.file) as f:
             return os.pread(f.fileno(), length, offset)
 
+    def readExtra(self, name: str, limit: int) -> bytes | None:
+        """
+        Read a file kept beside the manifest but not listed in it (written
+        after the capture, such as the working set of
+        L{twisted_postcopy.snapshot.workingset}).
+
+        @param name: its plain name (L{checkName}).
+        @param limit: the most bytes it may hold.
+        @return: its bytes, or L{None} if there is no such file.
+        @raise SnapshotError: larger than C{limit}, a link, or not a regular
+            file.
+        """
+        try:
+            f = self.open(name)
+        except SnapshotError as error:
+            if "missing" in str(error):
+                return None
+            raise
+        with f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise SnapshotError(f"{self._file(name)}: larger than {limit} bytes (refused)")
+        return data
+
+    def publishExtra(self, name: str, data: bytes, replace: bool = False) -> bool:
+        """
+        Store a file beside the manifest: written to C{NAME.tmp} (created
+        exclusively, mode 0600, never through a link), fsynced, then linked
+        to C{name} only if no such file exists yet (or, with C{replace},
+        renamed over it: a link there is replaced, never followed), the
+        directory fsynced.
+
+        @param name: its plain name (L{checkName}).
+        @param data: its bytes.
+        @param replace: replace an existing C{name}.
+        @return: whether it was stored (L{False}: one exists already).
+        @raise SnapshotError: the temporary name exists (an interrupted
+            write: remove it) or the directory cannot be written.
+        """
+        checkName(name)
+        temporary = name + ".tmp"
+        directory = _walk(self.path, self.root)
+        try:
+            _writeBytes(directory, temporary, self.path, data)
+            try:
+                if replace:
+                    os.rename(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+                else:
+                    os.link(temporary, name, src_dir_fd=directory, dst_dir_fd=directory, follow_symlinks=False)
+                    os.unlink(temporary, dir_fd=directory)
+            except FileExistsError:
+                os.unlink(temporary, dir_fd=directory)
+                return False
+            except OSError as error:
+                os.unlink(temporary, dir_fd=directory)
+                raise _osError(self._file(name), error) from None
+            os.fsync(directory)
+            return True
+        finally:
+            os.close(directory)
+
     def dataBytes(self, block: BlockInfo) -> int:
         """
         @param block: the entry.

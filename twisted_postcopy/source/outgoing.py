@@ -117,7 +117,7 @@ class OutgoingMigration:
         Build the dirty maps and counters.
         """
         blocks = [(b.idstr, b.length, b.pageSize) for b in self.vm.blocks]
-        self.scheduler = PageScheduler.forBlocks(blocks)
+        self.scheduler = PageScheduler.forBlocks(blocks, self.parameters)
         self.stats = TransferStats(self.now, sum(b.length for b in self.vm.blocks))
         self.limiter = RateLimiter(self.now, self.parameters["max-bandwidth"])
         self.records = RecordWriter({b.idstr: b.view() for b in self.vm.blocks}, self.stats)

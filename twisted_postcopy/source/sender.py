@@ -10,6 +10,12 @@ the requested page), then the background sweep in block-list order, offsets
 upward.  A page's dirty bit clears as it is handed out, so after LISTEN no
 page is ever sent twice.
 
+The policies of L{twisted_postcopy.source.prefetch} (docs/prefetch.md)
+change only the order: readahead pages follow the requested ones, a
+snapshot's working set goes before the sweep, and C{x-scan-follows-faults}
+decides whether a request moves the sweep; every page still goes through
+the same dirty maps.
+
 L{RateLimiter} is QEMU's 100 ms window budget; L{converged} is its
 completion test.
 """
@@ -17,15 +23,18 @@ completion test.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 from attrs import define, field, frozen
 
 from twisted_postcopy.errors import LimitExceededError, MigrationError
+from twisted_postcopy.source.prefetch import Readahead, RequestLog, scanFollowsFaults
 from twisted_postcopy.wire.constants import DEFAULT_MAX_QUEUED_REQUESTS, MAX_DISCARDS_PER_COMMAND
 
 #: QEMU's C{BUFFER_DELAY}: the rate limiting window, in seconds.
 WINDOW = 0.1
+#: The most readahead ranges waiting at once (the oldest are dropped).
+MAX_AHEAD_RANGES = 64
 
 
 @frozen
@@ -100,17 +109,20 @@ class RequestQueue:
     @ivar blocks: the block maps (whose C{queued} bytes this keeps).
     @ivar limit: the most ranges queued at once (max-queued-requests).
     @ivar ranges: (block index, first page, end page) in arrival order.
+    @ivar ahead: readahead ranges, sent after every requested page (at
+        most L{MAX_AHEAD_RANGES}; they do not count against C{limit}).
     """
 
     blocks: list[_BlockMap]
     limit: int = DEFAULT_MAX_QUEUED_REQUESTS
     ranges: deque[tuple[int, int, int]] = field(factory=deque)
+    ahead: deque[tuple[int, int, int]] = field(factory=lambda: deque(maxlen=MAX_AHEAD_RANGES))
 
     def __len__(self) -> int:
         """
-        @return: the number of queued ranges.
+        @return: the number of queued ranges, readahead included.
         """
-        return len(self.ranges)
+        return len(self.ranges) + len(self.ahead)
 
     def add(self, index: int, first: int, end: int) -> None:
         """
@@ -152,6 +164,36 @@ class RequestQueue:
             return index, page
         return None
 
+    def addAhead(self, index: int, first: int, end: int) -> None:
+        """
+        Queue readahead pages, sent after the requested ones.
+
+        @param index: the block index.
+        @param first: the first page.
+        @param end: the page after the last.
+        """
+        if self.blocks[index].dirty.find(1, first, end) >= 0:
+            self.ahead.append((index, first, end))
+
+    def popAhead(self) -> tuple[int, int] | None:
+        """
+        @return: the first readahead page still dirty, as (block index,
+            page), or L{None}.
+        """
+        ahead = self.ahead
+        while ahead:
+            index, first, end = ahead[0]
+            page = self.blocks[index].dirty.find(1, first, end)
+            if page < 0:
+                ahead.popleft()
+                continue
+            if page + 1 < end:
+                ahead[0] = (index, page + 1, end)
+            else:
+                ahead.popleft()
+            return index, page
+        return None
+
     def clear(self) -> None:
         """
         Forget every request (the destination asks again after recovery).
@@ -159,6 +201,7 @@ class RequestQueue:
         for index, first, end in self.ranges:
             self.blocks[index].queued[first:end] = bytes(end - first)
         self.ranges.clear()
+        self.ahead.clear()
 
 
 @define
@@ -171,6 +214,15 @@ class PageScheduler:
     @ivar position: the background scan's (block index, page index).
     @ivar lastRequestBlock: the block of the previous REQ_PAGES_ID.
     @ivar dirtyBytes: bytes of the pages still dirty.
+    @ivar parameters: the migration's parameters (live), read for the
+        policies of L{twisted_postcopy.source.prefetch}.
+    @ivar readahead: sizes the readahead after each request.
+    @ivar log: records requested pages (a snapshot's working set), or
+        L{None}.
+    @ivar prefetch: pages to send before the background sweep, as
+        (block index, page) in order (a snapshot's working set).
+    @ivar scanResume: where the sweep resumes once requested pages are
+        out, when requests do not move it (C{x-scan-follows-faults} 0).
     """
 
     blocks: list[_BlockMap]
@@ -178,22 +230,33 @@ class PageScheduler:
     position: tuple[int, int] = (0, 0)
     lastRequestBlock: int | None = None
     dirtyBytes: int = 0
+    parameters: Mapping[str, int] = field(factory=dict)
+    readahead: Readahead = field(default=None)
+    log: RequestLog | None = None
+    prefetch: deque[tuple[int, int]] = field(factory=deque)
+    scanResume: tuple[int, int] | None = None
 
     def __attrs_post_init__(self) -> None:
         """
-        Count the dirty bytes; make the request queue.
+        Count the dirty bytes; make the request queue and the readahead.
         """
         if self.queue is None:
             self.queue = RequestQueue(self.blocks)
+        if self.readahead is None:
+            self.readahead = Readahead(self.parameters)
         self.dirtyBytes = sum(len(b.dirty) * b.pageSize for b in self.blocks)
 
     @classmethod
-    def forBlocks(cls, blocks: Iterable[tuple[str, int, int]]) -> PageScheduler:
+    def forBlocks(cls, blocks: Iterable[tuple[str, int, int]],
+                  parameters: Mapping[str, int] | None = None) -> PageScheduler:
         """
         @param blocks: (idstr, used length, page size) in QEMU's list order.
+        @param parameters: the migration's parameters (live), for the
+            prefetch policies; L{None} for their defaults.
         @return: a scheduler with every page dirty.
         """
-        return cls([_BlockMap(idstr, length, pageSize) for idstr, length, pageSize in blocks])
+        return cls([_BlockMap(idstr, length, pageSize) for idstr, length, pageSize in blocks],
+                   parameters={} if parameters is None else parameters)
 
     def _index(self, idstr: str) -> int:
         """
@@ -262,7 +325,22 @@ class PageScheduler:
                 f"len={length:x} blocklen={block.length:x}"
             )
         first = start // block.pageSize
-        self.queue.add(index, first, first + length // block.pageSize)
+        end = first + length // block.pageSize
+        self.queue.add(index, first, end)
+        if self.log is not None:
+            self.log.add(index, first, end)
+        window = self.readahead.requested(index, first, end)
+        if window:
+            self.queue.addAhead(index, end, min(len(block.dirty), end + window))
+
+    def prefetchFirst(self, pages: Iterable[tuple[int, int]]) -> None:
+        """
+        Send these pages before the background sweep (a working set).
+
+        @param pages: (block index, page) pairs, in order, each within its
+            block (checked by whoever read them).
+        """
+        self.prefetch.extend(pages)
 
     def _take(self, index: int, page: int, urgent: bool) -> ScheduledPage:
         """
@@ -281,17 +359,66 @@ class PageScheduler:
 
     def nextUrgent(self) -> ScheduledPage | None:
         """
-        @return: the first queued page still dirty, or L{None}; requested
-            pages already sent are dropped silently.
+        @return: the first queued page still dirty, then the first
+            readahead page still dirty, or L{None}; requested pages already
+            sent are dropped silently.  Readahead pages are urgent too (they
+            go where the requested ones go).
         """
         queued = self.queue.pop()
-        return None if queued is None else self._take(*queued, True)
+        if queued is None:
+            queued = self.queue.popAhead()
+            if queued is None:
+                return None
+            self.readahead.sent += 1
+        if self.scanResume is None and not scanFollowsFaults(self.parameters):
+            self.scanResume = self.position
+        return self._take(*queued, True)
+
+    def _resumeScan(self) -> None:
+        """
+        Put the sweep back where requests took it from, if they do not
+        move it.
+        """
+        if self.scanResume is not None:
+            self.position, self.scanResume = self.scanResume, None
+
+    def _prefetchRun(self, maxPages: int) -> tuple[str, int, int, int] | None:
+        """
+        Hand out the next pages of L{prefetch} still dirty: consecutive
+        ones of one block together, up to C{maxPages}; the sweep's position
+        stays.
+
+        @param maxPages: the most pages to take.
+        @return: (idstr, first offset, page count, page size), or L{None}
+            once L{prefetch} is used up.
+        """
+        prefetch = self.prefetch
+        while prefetch:
+            index, first = prefetch.popleft()
+            block = self.blocks[index]
+            dirty = block.dirty
+            if not dirty[first]:
+                continue
+            end = first + 1
+            while prefetch and end - first < maxPages and prefetch[0] == (index, end) and dirty[end]:
+                prefetch.popleft()
+                end += 1
+            dirty[first:end] = bytes(end - first)
+            self.dirtyBytes -= (end - first) * block.pageSize
+            return block.idstr, first * block.pageSize, end - first, block.pageSize
+        return None
 
     def nextBackground(self) -> ScheduledPage | None:
         """
-        @return: the next dirty page from the scan position, wrapping
-            around once, or L{None} when nothing is dirty.
+        @return: the next page of L{prefetch} still dirty, else the next
+            dirty page from the scan position, wrapping around once, or
+            L{None} when nothing is dirty.
         """
+        if self.prefetch:
+            run = self._prefetchRun(1)
+            if run is not None:
+                return ScheduledPage(run[0], run[1])
+        self._resumeScan()
         start, page = self.position
         count = len(self.blocks)
         for step in range(count + 1):
@@ -311,6 +438,10 @@ class PageScheduler:
         @return: (idstr, first offset, page count, page size), or L{None}
             when nothing is dirty.
         """
+        if self.prefetch:
+            run = self._prefetchRun(maxPages)
+            if run is not None:
+                return run
         page = self.nextBackground()
         if page is None:
             return None
@@ -335,6 +466,7 @@ class PageScheduler:
         Move the scan to the start of RAM (at the switch to postcopy).
         """
         self.position = (0, 0)
+        self.scanResume = None
 
     def discardCommands(self) -> Iterator[tuple[str, list[tuple[int, int]]]]:
         """
