@@ -338,7 +338,7 @@ class Snapshot:
         if offset < 0 or length < 0 or offset + length > block.length:
             raise SnapshotError(f"{block.file}: range {offset:#x}+{length:#x} past {block.length:#x}")
         with self.open(block.file) as f:
-            return os.pread(f.fileno(), length, offset)
+            return _preadAll(f.fileno(), length, offset, block.file)
 
     def dataBytes(self, block: BlockInfo) -> int:
         """
@@ -478,6 +478,28 @@ def _copySparse(source: int, target: int, length: int) -> str:
         position = start + size
     _hashZeros(digest, length - position)
     return digest.hexdigest()
+
+
+def _preadAll(fd: int, length: int, offset: int, name: str) -> bytes:
+    """
+    C{pread} exactly C{length} bytes (one C{pread} returns at most about
+    2 GiB on Linux).
+
+    @param fd: the file.
+    @param length: bytes.
+    @param offset: where.
+    @param name: the file's name, for the error.
+    @return: the bytes.
+    @raise SnapshotError: the file ended first (it was truncated).
+    """
+    parts, done = [], 0
+    while done < length:
+        part = os.pread(fd, min(length - done, _CHUNK << 10), offset + done)
+        if not part:
+            raise SnapshotError(f"{name}: ends at {offset + done:#x}, before {offset + length:#x}")
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts) if len(parts) != 1 else parts[0]
 
 
 def _writeNonZero(target: int, data: bytes, offset: int) -> None:
