@@ -1,30 +1,44 @@
 """
 Migration engine benchmark over loopback TCP, the source in this process
-and the destination daemon in a child process (one core each).
+and the destination daemon in a child process (one core each), beside
+QEMU 7.2 to QEMU 7.2 doing the same work in the same run.
 
-Runs two migrations of a guest whose RAM holds incompressible data:
+Runs, on a guest of C{--mib} MiB whose every page holds non-zero data:
   1. Precopy with no bandwidth limit. Reports throughput, total time and
      the switchover downtime.
-  2. Postcopy from the first iteration. A real guest process (the guest
-     worker, one thread) reads all of its RAM through its own userfaultfd,
-     served by the production fault service, in 64 strided passes (pass k:
-     pages k, k+64, ...) so that its faults spread over all of RAM. Precopy
-     runs at 8 MiB/s until that guest is ready, then the switch; the total
-     time counts from migrate-start-postcopy. Reports the page request
-     latency from fault read to placement and wake (p50/p99), the downtime
-     (stop until the package is sent) and the total time.
+  2. Postcopy without preempt, then 3. with C{postcopy-preempt}. A real
+     guest process (the guest worker, one thread) reads all of its RAM
+     through its own userfaultfd, served by the production fault service,
+     in C{--passes} strided passes (pass k: pages k, k+passes, ...; the
+     default 1 sweeps RAM in order, as QEMU's counting guest does).
+     Precopy runs at 8 MiB/s until that guest is ready, then the switch;
+     the total time counts from migrate-start-postcopy. Reports the page
+     request latency from fault read to placement and wake (p50/p99), the
+     downtime, the total time and the destination's C{postcopy-blocktime}
+     (QEMU's algorithm, L{twisted_postcopy.blocktime}).
+  4. QEMU 7.2 to QEMU 7.2 postcopy (TCG, switched to postcopy at once, no
+     bandwidth limit, no preempt) of the boot-sector counting guest with
+     the same RAM size: it writes a counter into every page from 1 MiB to
+     1 MiB below the top of RAM, counts one pass and is then stopped.
 
-Beside them, in the same run, a QEMU 7.2 to QEMU 7.2 postcopy migration of
-a guest with the same RAM size (the project's boot-sector counter guest
-under TCG, switched to postcopy at once, no bandwidth limit), and the
-ratios of our figures to QEMU's (C{--no-qemu} skips it). The guests
-differ: ours holds incompressible data in every page, QEMU's is mostly
-zero pages, which QEMU sends as 9-byte records.
+The same work: the same RAM size; every page non-zero on our side, all
+but the guest's first and last MiB (firmware) on QEMU's (both sides'
+normal and zero page counts are printed); the same dirty rate, zero (our
+source never writes, QEMU's source guest is stopped before C{migrate});
+the destination's guest reads its RAM once from RUN.  C{mean_stall_us}
+and C{qemu_mean_stall_us} are blocktime / page requests on each side,
+both without preempt; C{page_request_p50_us} and C{page_request_p99_us}
+are with preempt (C{_nopreempt} and C{_preempt} keys hold each run's
+figures).  QEMU's downtime is not shown: its source was stopped before
+C{migrate}.
+Our source does not support preempt until that work lands: the preempt
+run then fails with the source's own error, printed (C{preempt_error}),
+its keys are L{None} and the exit status is 1.
 
 Throughput is in megabits per second (C{_mbps}, QEMU's C{mbps} unit); the
-table adds GB/s.
+table adds GB/s.  Ratios are ours / QEMU's, lower is better.
 
-Usage: C{python bench/migrate.py [--mib 1024] [--json]}
+Usage: C{python bench/migrate.py [--mib 1024] [--passes 1] [--json] [--no-qemu]}
 """
 
 from __future__ import annotations
@@ -43,6 +57,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from twisted_postcopy.errors import MigrationError  # noqa: E402
 from twisted_postcopy.manager import MigrationManager  # noqa: E402
 from twisted_postcopy.testing.enginevm import OutgoingTestVM  # noqa: E402
 from twisted_postcopy.testing.qemubaseline import UNLIMITED, qemuToQemuPostcopy  # noqa: E402
@@ -50,8 +65,6 @@ from twisted_postcopy.testing.qemuhost import qemuMissing  # noqa: E402
 from twisted_postcopy.testing.workerguest import WorkerGuestVM  # noqa: E402
 
 
-#: Strided passes of the destination guest over its RAM.
-PASSES = 64
 #: Precopy bandwidth (bytes/s) of the postcopy run until the destination's
 #: guest is ready: its faults then meet a RAM that is almost all missing.
 WAITING_BANDWIDTH = 8 << 20
@@ -115,24 +128,28 @@ class TimedGuestVM(WorkerGuestVM):
 
 
 @inlineCallbacks
-def destinationRole(postcopy: bool) -> Any:
+def destinationRole(postcopy: bool, preempt: bool, passes: int) -> Any:
     """
     The destination daemon (run in its own process by L{migrate}): prints
     its port, C{ready} once its guest worker mapped the blocks and
     registered its userfaultfd, then, once completed, one JSON line with
-    the fault latencies.
+    the fault latencies and its C{postcopy-blocktime}.
 
-    @param postcopy: enable C{postcopy-ram}.
+    @param postcopy: enable C{postcopy-ram} (and C{postcopy-blocktime}).
+    @param preempt: enable C{postcopy-preempt}.
+    @param passes: the guest's strided passes over its RAM.
     """
-    destination = TimedGuestVM(reactor, passes=PASSES)
+    destination = TimedGuestVM(reactor, passes=passes)
     dst = MigrationManager(reactor, destination, destination.faultServiceFactory)
-    dst.setCapabilities({"postcopy-ram": postcopy})
+    dst.setCapabilities({"postcopy-ram": postcopy, "postcopy-blocktime": postcopy,
+                         "postcopy-preempt": preempt})
     port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
     print(port.getHost().port, flush=True)
     destination.ready.addCallback(lambda _: print("ready", flush=True))
     status = yield dst.whenStatus("completed", "failed")
     yield destination.done
-    print(json.dumps({"status": status, "latencies": destination.latencies}), flush=True)
+    blocktime = dst.queryMigrate().get("postcopy-blocktime")
+    print(json.dumps({"status": status, "latencies": destination.latencies, "blocktime": blocktime}), flush=True)
 
 
 class DestinationProcess(protocol.ProcessProtocol):
@@ -175,7 +192,7 @@ class DestinationProcess(protocol.ProcessProtocol):
 
 
 @inlineCallbacks
-def migrate(mib: int, postcopy: bool) -> Any:
+def migrate(mib: int, postcopy: bool, preempt: bool = False, passes: int = 1) -> Any:
     """
     Run one migration to a destination in its own process (so each side
     has a core).
@@ -183,21 +200,31 @@ def migrate(mib: int, postcopy: bool) -> Any:
     @param mib: guest RAM in MiB.
     @param postcopy: switch to postcopy as soon as the destination's guest
         worker is ready (precopy runs at L{WAITING_BANDWIDTH} until then).
-    @return: (source query-migrate, elapsed seconds, fault latencies); in
-        postcopy the time counts from C{migrate-start-postcopy}.
+    @param preempt: use C{postcopy-preempt} on both sides.
+    @param passes: the destination guest's strided passes over its RAM.
+    @return: (source query-migrate, elapsed seconds, the destination's
+        result line: fault latencies and blocktime); in postcopy the time
+        counts from C{migrate-start-postcopy}.
+    @raise MigrationError: our source refused the migration.
     """
     source = stressVM(mib)
     destination = DestinationProcess()
-    arguments = [sys.executable, os.path.abspath(__file__), "--destination-role"]
+    arguments = [sys.executable, os.path.abspath(__file__), "--destination-role", "--passes", str(passes)]
     if postcopy:
         arguments.append("--postcopy")
-    reactor.spawnProcess(destination, sys.executable, arguments, env=None)
+    if preempt:
+        arguments.append("--preempt")
+    process = reactor.spawnProcess(destination, sys.executable, arguments, env=None)
     port = yield destination.port
     src = MigrationManager(reactor, source)
     src.setParameters({"max-bandwidth": WAITING_BANDWIDTH if postcopy else 0, "max-postcopy-bandwidth": 0})
-    src.setCapabilities({"postcopy-ram": postcopy})
+    src.setCapabilities({"postcopy-ram": postcopy, "postcopy-preempt": preempt})
     began = time.perf_counter()
-    src.migrate(f"tcp:127.0.0.1:{port}")
+    try:
+        src.migrate(f"tcp:127.0.0.1:{port}")
+    except MigrationError:
+        process.signalProcess("KILL")
+        raise
     if postcopy:
         yield destination.ready
         began = time.perf_counter()
@@ -207,7 +234,7 @@ def migrate(mib: int, postcopy: bool) -> Any:
     result = yield destination.result
     if status != "completed" or result["status"] != "completed":
         raise RuntimeError(f"migration {status}/{result['status']}: {src.queryMigrate()}")
-    return src.queryMigrate(), elapsed, result["latencies"]
+    return src.queryMigrate(), elapsed, result
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -218,6 +245,41 @@ def _percentile(values: list[float], fraction: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1e6
+
+
+def meanStall(blocktimeMs: int | None, requests: int) -> float | None:
+    """
+    @param blocktimeMs: a destination's C{postcopy-blocktime}.
+    @param requests: the source's C{postcopy-requests}.
+    @return: the mean stall per page request in microseconds, or L{None}.
+    """
+    if blocktimeMs is None or not requests:
+        return None
+    return round(blocktimeMs * 1000 / requests, 1)
+
+
+def postcopyFigures(info: dict[str, Any], elapsed: float, result: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """
+    @param info: the source's final C{query-migrate}.
+    @param elapsed: seconds from C{migrate-start-postcopy} to completion.
+    @param result: the destination's result line.
+    @param suffix: appended to every key.
+    @return: one postcopy run's figures.
+    """
+    latencies = result["latencies"]
+    requests = info["ram"]["postcopy-requests"]
+    return {
+        f"postcopy_total_ms{suffix}": round(elapsed * 1000),
+        f"postcopy_downtime_ms{suffix}": info["downtime"],
+        f"postcopy_requests{suffix}": requests,
+        f"page_request_p50_us{suffix}": round(_percentile(latencies, 0.5)),
+        f"page_request_p99_us{suffix}": round(_percentile(latencies, 0.99)),
+        f"page_request_mean_us{suffix}": round(statistics.mean(latencies) * 1e6) if latencies else 0,
+        f"blocktime_ms{suffix}": result["blocktime"],
+        f"mean_stall_us{suffix}": meanStall(result["blocktime"], requests),
+        f"normal_pages{suffix}": info["ram"]["normal"],
+        f"zero_pages{suffix}": info["ram"]["duplicate"],
+    }
 
 
 def qemuBaseline(mib: int, ours: dict[str, Any]) -> dict[str, Any]:
@@ -232,41 +294,53 @@ def qemuBaseline(mib: int, ours: dict[str, Any]) -> dict[str, Any]:
     if reason:
         return {"qemu_skipped": reason}
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as scratch:
-        qemu = qemuToQemuPostcopy(mib, scratch, startAfterBytes=0, precopyBandwidth=UNLIMITED)
+        qemu = qemuToQemuPostcopy(mib, scratch, startAfterBytes=0, precopyBandwidth=UNLIMITED,
+                                  stopSource=True, timeout=300.0)
     figures = {
         "qemu_postcopy_total_ms": qemu["total_ms"],
-        "qemu_postcopy_downtime_ms": qemu["downtime_ms"],
         "qemu_postcopy_requests": qemu["postcopy_requests"],
         "qemu_postcopy_mbps": round(qemu["mbps"], 1),
+        "qemu_blocktime_ms": qemu["blocktime_ms"],
+        "qemu_mean_stall_us": meanStall(qemu["blocktime_ms"], qemu["postcopy_requests"]),
+        "qemu_normal_pages": qemu["normal_pages"],
+        "qemu_zero_pages": qemu["zero_pages"],
     }
     if qemu["total_ms"]:
-        figures["ratio_postcopy_total"] = round(ours["postcopy_total_ms"] / qemu["total_ms"], 2)
+        figures["ratio_postcopy_total"] = round(ours["postcopy_total_ms_nopreempt"] / qemu["total_ms"], 3)
     return figures
 
 
 @inlineCallbacks
 def main(options: argparse.Namespace) -> Any:
     """
-    Run both migrations and print the results.
+    Run the migrations and print the results.
     """
     try:
         pre, preTime, _ = yield migrate(options.mib, False)
-        post, postTime, latencies = yield migrate(options.mib, True)
         size = options.mib << 20
-        results = {
+        results: dict[str, Any] = {
             "guest_mib": options.mib,
+            "passes": options.passes,
             "precopy_throughput_mbps": round(size * 8 / preTime / 1e6, 1),
             "precopy_total_ms": round(preTime * 1000),
             "precopy_downtime_ms": pre["downtime"],
-            "postcopy_downtime_ms": post["downtime"],
-            "postcopy_total_ms": round(postTime * 1000),
-            "postcopy_requests": post["ram"]["postcopy-requests"],
-            "page_request_p50_us": round(_percentile(latencies, 0.5)),
-            "page_request_p99_us": round(_percentile(latencies, 0.99)),
-            "page_request_mean_us": round(statistics.mean(latencies) * 1e6) if latencies else 0,
         }
+        results.update(postcopyFigures(*(yield migrate(options.mib, True, False, options.passes)), "_nopreempt"))
+        try:
+            results.update(postcopyFigures(*(yield migrate(options.mib, True, True, options.passes)), "_preempt"))
+        except MigrationError as e:
+            results["preempt_error"] = str(e)
+            results.update({key: None for key in postcopyFigures(
+                {"downtime": None, "ram": {"postcopy-requests": 0, "normal": None, "duplicate": None}},
+                0.0, {"latencies": [], "blocktime": None}, "_preempt")})
+        # The headline keys: request latency with preempt, the stall beside
+        # QEMU's (which runs without preempt) without.
+        results["page_request_p50_us"] = results["page_request_p50_us_preempt"]
+        results["page_request_p99_us"] = results["page_request_p99_us_preempt"]
+        results["mean_stall_us"] = results["mean_stall_us_nopreempt"]
         if not options.no_qemu:
             results.update(qemuBaseline(options.mib, results))
+        results["load_1min"] = os.getloadavg()[0]
         if options.json:
             print(json.dumps(results))
         else:
@@ -274,20 +348,31 @@ def main(options: argparse.Namespace) -> Any:
             for key, value in results.items():
                 print(f"{key:<{width}}  {value}")
             print(f"{'(precopy throughput)':<{width}}  {size / preTime / 1e9:.2f} GB/s")
+        if "preempt_error" in results:
+            print(f"migrate.py: the preempt run failed: {results['preempt_error']}", file=sys.stderr)
+            exitStatus.append(1)
     finally:
         reactor.stop()
+
+
+#: The exit status, set by L{main}.
+exitStatus: list[int] = []
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--mib", type=int, default=1024, help="guest RAM in MiB")
+    parser.add_argument("--passes", type=int, default=1, help="the destination guest's strided passes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--no-qemu", action="store_true", help="skip the QEMU-to-QEMU baseline")
     parser.add_argument("--destination-role", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--postcopy", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--preempt", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.destination_role:
-        reactor.callWhenRunning(lambda: destinationRole(options.postcopy).addBoth(lambda _: reactor.stop()))
+        reactor.callWhenRunning(lambda: destinationRole(options.postcopy, options.preempt, options.passes).addBoth(
+            lambda _: reactor.stop()))
     else:
         reactor.callWhenRunning(main, options)
     reactor.run()
+    sys.exit(exitStatus[0] if exitStatus else 0)

@@ -91,7 +91,7 @@ def _restore(directory: str, sizeMiB: int, snapshot: str, name: str,
     @return: its figures (see C{bench/qemu_restore.py}'s C{ours}).
     """
     extra = tuple(arg for key, value in parameters.items() for arg in ("--parameter", f"{key}={value}"))
-    result = qemu_restore.ours(directory, sizeMiB, snapshot, extra)
+    result = qemu_restore.ours(directory, sizeMiB, snapshot, extra=extra)
     print(json.dumps({"restore": name, **result}), file=sys.stderr, flush=True)
     return result
 

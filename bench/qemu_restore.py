@@ -15,11 +15,23 @@ C{postcopy snapshot import}.  Then, each into a fresh QEMU:
   - B{precopy-load}: C{-incoming exec:cat FILE} of the saved stream, time
     to C{RESUME} (all RAM first).
 
+With C{--preempt}, C{postcopy-preempt} is on for both ours and QEMU's
+(each destination QEMU too): a source that does not support it yet fails
+the run with its own error, nothing is faked.
+
 Guests above 3 GiB count pages only in their low 3 GiB (the i440fx PCI
 hole); the RAM above 4 GiB is then zero.  Figures of each size also go to
 stderr as soon as they are measured.
 
-Usage: C{python bench/qemu_restore.py [--sizes 1024 4096] [--json]}
+By default both 1 GiB and 4 GiB run (C{--size 1024} for one).  The JSON
+object holds every figure prefixed by its size (C{1024mib_ours_total_ms},
+...) and, unprefixed, the worst of the sizes run for the headline keys
+C{total_vs_qemu_postcopy_ratio}, C{blocktime_vs_qemu_ratio} (ours / QEMU's,
+lower is better; L{None} when QEMU's blocktime was 0) and
+C{ours_resume_ms}, plus C{preempt} and C{load_1min} (the machine's load
+average when the run ended: the machine is shared, compare ratios).
+
+Usage: C{python bench/qemu_restore.py [--size 1024 4096] [--preempt] [--json]}
 """
 
 from __future__ import annotations
@@ -36,24 +48,16 @@ from typing import Any
 
 from twisted_postcopy.childprocess import childEnvironment, pythonArguments
 from twisted_postcopy.testing.bootsector import writeBootImage
+from twisted_postcopy.testing.qemuguest import lowRAMLayout
 from twisted_postcopy.testing.qemubaseline import (
-    eventTime, layoutFor, listenIncoming, qemuPrecopyLoad, qemuToQemuPostcopy, startGuest,
+    eventTime, listenIncoming, qemuPrecopyLoad, qemuToQemuPostcopy, startGuest,
     stopAndCheck,
 )
 
 TIMEOUT = 300.0
-#: The i440fx machine maps at most 3 GiB of RAM below 4 GiB (the rest of a
-#: bigger guest lies above 4 GiB, out of the 32-bit guest's reach).
-LOW_RAM_MIB = 3072
-
-
-def layout(sizeMiB: int):
-    """
-    @param sizeMiB: guest RAM.
-    @return: the counting layout: every page from 1 MiB up to 1 MiB below
-        the top of low RAM.
-    """
-    return layoutFor(min(sizeMiB, LOW_RAM_MIB))
+#: The counting layout of a guest size (every page from 1 MiB up to 1 MiB
+#: below the top of its low RAM).
+layout = lowRAMLayout
 
 
 def record(directory: str, sizeMiB: int, stream: str) -> None:
@@ -90,23 +94,29 @@ def command(*arguments: str) -> subprocess.CompletedProcess[bytes]:
     return done
 
 
-def ours(directory: str, sizeMiB: int, snapshot: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+def ours(directory: str, sizeMiB: int, snapshot: str, preempt: bool = False,
+         extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """
     Our postcopy restore into a fresh QEMU.
 
     @param directory: scratch directory.
     @param sizeMiB: guest RAM.
     @param snapshot: the snapshot directory.
+    @param preempt: use C{postcopy-preempt}.
     @param extra: more C{snapshot restore} arguments (bench/prefetch.py
         passes C{--parameter}s).
     @return: the figures.
+    @raise RuntimeError: the restore failed (its error message).
     """
     image = os.path.join(directory, "boot.img")
     target = startGuest(directory, "restored", image, sizeMiB, "-incoming", "defer")
     try:
         target.setCapabilities(**{"postcopy-ram": True, "postcopy-blocktime": True})
+        if preempt:
+            target.setCapabilities(**{"postcopy-preempt": True})
         host, port = listenIncoming(target)
-        done = command("restore", snapshot, "--to", f"tcp:{host}:{port}", "--postcopy", "--no-verify", *extra)
+        done = command("restore", snapshot, "--to", f"tcp:{host}:{port}", "--postcopy", "--no-verify",
+                       *(["--postcopy-preempt"] if preempt else []), *extra)
         (summary,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith(b"{")]
         resumed = eventTime(target.waitEvent("RESUME", TIMEOUT))
         info = target.waitMigration(["completed"], TIMEOUT)
@@ -118,12 +128,23 @@ def ours(directory: str, sizeMiB: int, snapshot: str, extra: tuple[str, ...] = (
             "blocktime_ms": info.get("postcopy-blocktime"), "mbps": summary["ram"]["mbps"]}
 
 
-def measure(sizeMiB: int, scratch: str) -> dict[str, Any]:
+def ratio(ours: float | None, qemu: float | None) -> float | None:
+    """
+    @return: C{ours / qemu} rounded, or L{None} when either is missing or
+        QEMU's is 0.
+    """
+    if ours is None or not qemu:
+        return None
+    return round(ours / qemu, 3)
+
+
+def measure(sizeMiB: int, scratch: str, preempt: bool = False) -> dict[str, Any]:
     """
     All three ways for one guest size.
 
     @param sizeMiB: guest RAM.
     @param scratch: parent scratch directory.
+    @param preempt: use C{postcopy-preempt} (ours and QEMU's postcopy).
     @return: the figures, keyed C{ours_*}, C{qemu_postcopy_*},
         C{precopy_load_*} and ratios.
     """
@@ -133,17 +154,33 @@ def measure(sizeMiB: int, scratch: str) -> dict[str, Any]:
     began = time.monotonic()
     command("import", stream, snapshot)
     figures = {"import_ms": (time.monotonic() - began) * 1000}
-    figures.update({f"ours_{k}": v for k, v in ours(directory, sizeMiB, snapshot).items()})
+    figures.update({f"ours_{k}": v for k, v in ours(directory, sizeMiB, snapshot, preempt).items()})
     baseline = tempfile.mkdtemp(dir=directory)
     figures.update({f"qemu_postcopy_{k}": v for k, v in qemuToQemuPostcopy(
-        sizeMiB, baseline, layout=layout(sizeMiB), timeout=TIMEOUT).items()})
+        sizeMiB, baseline, layout=layout(sizeMiB), timeout=TIMEOUT, preempt=preempt).items()})
     figures.update({f"precopy_load_{k}": v for k, v in qemuPrecopyLoad(
         stream, directory, sizeMiB, layout(sizeMiB)).items()})
     figures["resume_vs_qemu_postcopy_ratio"] = figures["ours_resume_ms"] / figures["qemu_postcopy_resume_ms"]
     figures["resume_vs_precopy_load_ratio"] = figures["ours_resume_ms"] / figures["precopy_load_load_ms"]
-    figures["total_vs_qemu_postcopy_ratio"] = figures["ours_total_ms"] / figures["qemu_postcopy_total_ms"]
+    figures["total_vs_qemu_postcopy_ratio"] = ratio(figures["ours_total_ms"], figures["qemu_postcopy_total_ms"])
+    figures["blocktime_vs_qemu_ratio"] = ratio(figures["ours_blocktime_ms"], figures["qemu_postcopy_blocktime_ms"])
+    figures["load_1min"] = os.getloadavg()[0]
     shutil.rmtree(directory, ignore_errors=True)
     return figures
+
+
+def headline(results: dict[int, dict[str, Any]], preempt: bool) -> dict[str, Any]:
+    """
+    @param results: size in MiB -> figures.
+    @param preempt: whether preempt was on.
+    @return: the unprefixed keys: the worst of the sizes for each headline
+        figure, the preempt flag and the load average.
+    """
+    worst: dict[str, Any] = {"preempt": preempt, "load_1min": os.getloadavg()[0]}
+    for key in ("total_vs_qemu_postcopy_ratio", "blocktime_vs_qemu_ratio", "ours_resume_ms"):
+        values = [f[key] for f in results.values() if f.get(key) is not None]
+        worst[key] = max(values) if values else None
+    return worst
 
 
 def table(results: dict[int, dict[str, Any]]) -> str:
@@ -151,16 +188,18 @@ def table(results: dict[int, dict[str, Any]]) -> str:
     @param results: size in MiB -> figures.
     @return: a readable table.
     """
-    rows = [("", "to running (ms)", "total (ms)", "page requests", "blocktime (ms)")]
+    rows = [("", "to running (ms)", "total (ms)", "page requests", "blocktime (ms)", "load")]
     for size, f in results.items():
         rows.append((f"{size} MiB ours", f"{f['ours_resume_ms']:.0f}", f"{f['ours_total_ms']:.0f}",
-                     str(f["ours_postcopy_requests"]), str(f["ours_blocktime_ms"])))
+                     str(f["ours_postcopy_requests"]), str(f["ours_blocktime_ms"]), f"{f['load_1min']:.2f}"))
         rows.append((f"{size} MiB qemu->qemu postcopy", f"{f['qemu_postcopy_resume_ms']:.0f}",
                      f"{f['qemu_postcopy_total_ms']:.0f}", str(f["qemu_postcopy_postcopy_requests"]),
-                     str(f["qemu_postcopy_blocktime_ms"])))
+                     str(f["qemu_postcopy_blocktime_ms"]), ""))
         rows.append((f"{size} MiB precopy load (exec:cat)", f"{f['precopy_load_load_ms']:.0f}",
-                     f"{f['precopy_load_load_ms']:.0f}", "-", "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+                     f"{f['precopy_load_load_ms']:.0f}", "-", "-", ""))
+        rows.append((f"{size} MiB ratio ours/qemu", "", str(f["total_vs_qemu_postcopy_ratio"]), "",
+                     str(f["blocktime_vs_qemu_ratio"]), ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
     return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
                                enumerate(zip(row, widths))) for row in rows)
 
@@ -170,21 +209,27 @@ def main() -> None:
     Run the bench and print a table, or one JSON object with C{--json}.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], metavar="MIB")
+    parser.add_argument("--size", "--sizes", dest="sizes", type=int, nargs="+", default=[1024, 4096],
+                        metavar="MIB", help="guest RAM sizes (default: 1024 4096)")
+    parser.add_argument("--preempt", action="store_true", help="postcopy-preempt on, ours and QEMU's")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     scratch = tempfile.mkdtemp(prefix="pc-bench-restore-")
     try:
         results = {}
         for size in args.sizes:
-            results[size] = measure(size, scratch)
+            results[size] = measure(size, scratch, args.preempt)
             print(json.dumps({"size_mib": size, **results[size]}), file=sys.stderr, flush=True)
+    except RuntimeError as e:
+        print(f"qemu_restore: {e}".rstrip(), file=sys.stderr)
+        sys.exit(1)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
-        print(json.dumps({f"{size}mib_{key}": value for size, figures in results.items()
-                          for key, value in figures.items()}, sort_keys=True))
+        figures = {f"{size}mib_{key}": value for size, figures in results.items() for key, value in figures.items()}
+        print(json.dumps({**figures, **headline(results, args.preempt)}, sort_keys=True))
     else:
+        print(f"preempt: {'on' if args.preempt else 'off'}")
         print(table(results))
 
 

@@ -12,7 +12,7 @@ import os
 import struct
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -114,6 +114,25 @@ class CaptureVMTests(SynchronousTestCase):
         self.assertEqual(self.vm.read("pc.ram", 0, 3), b"\0\0\0")
         self.assertRaises(SnapshotError, self.vm.read, "pc.rom", PAGE - 1, 2)
         self.assertRaises(SnapshotError, self.vm.read, "vga.vram", 0, 1)
+
+    def test_storeInWriterReleases(self) -> None:
+        """
+        The writer stores the snapshot and then releases every block (a
+        daemon's writer runs in a thread, so the reactor does not unmap and
+        free the memfds); once the store began, reads are refused (the
+        memfds are the writer's).
+        """
+        jobs: list = []
+        self.vm.runWriter = lambda function, *args: jobs.append((function, args)) or Deferred()
+        self.blocks["pc.rom"].write(0, b"r" * PAGE)
+        self.vm.completed()
+        self.assertRaises(SnapshotError, self.vm.read, "pc.rom", 0, 1)
+        self.assertRaises(SnapshotError, self.vm.readLive, "pc.rom", 0, 1)
+        ((function, args),) = jobs
+        self.assertTrue(all(b.fd >= 0 for b in self.blocks.values()))
+        snapshot = function(*args)
+        self.assertEqual([(b.fd, b.address) for b in self.blocks.values()], [(-1, 0), (-1, 0)])
+        self.assertEqual(snapshot.read("pc.rom", 0, PAGE), b"r" * PAGE)
 
     def test_limits(self) -> None:
         """

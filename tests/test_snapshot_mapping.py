@@ -50,6 +50,20 @@ class BlockMappingTests(SynchronousTestCase):
         self.assertEqual(mapping.view().tobytes(), bytes(expected))
         self.assertEqual(mapping.dataBytes, 3 * PAGE)
 
+    def test_hugeAligned(self) -> None:
+        """
+        The mapping starts at a 2 MiB boundary (so 2 MiB holes can read as
+        the huge zero page), and a hole spanning huge pages reads as zeros
+        around data in the middle of one.
+        """
+        length = 8 << 20
+        mapping = self.mapped({(5 << 20) + PAGE: b"d" * PAGE}, length)
+        self.assertEqual(mapping.address % (2 << 20), 0)
+        view = mapping.view()
+        self.assertEqual(view[: 5 << 20].tobytes(), bytes(5 << 20))
+        self.assertEqual(view[(5 << 20) + PAGE : (5 << 20) + 2 * PAGE].tobytes(), b"d" * PAGE)
+        self.assertEqual(view[(5 << 20) + 2 * PAGE :].tobytes(), bytes(length - (5 << 20) - 2 * PAGE))
+
     def test_allHole(self) -> None:
         """
         A file without data maps as zeros.

@@ -139,6 +139,17 @@ class StoreTests(SynchronousTestCase):
         error = self.assertRaises(SnapshotError, openSnapshot, self.path)
         self.assertIn(DEVICES, str(error))
 
+    def test_readTruncatedLater(self) -> None:
+        """
+        A block file truncated after the snapshot was opened makes a read
+        past its new end a L{SnapshotError} naming it, never short bytes.
+        """
+        snapshot = openSnapshot(self.path)
+        os.truncate(os.path.join(self.path, "ram/0000.ram"), 2 * PAGE)
+        self.assertEqual(snapshot.read("pc.ram", 0, PAGE), b"A" * PAGE)
+        error = self.assertRaises(SnapshotError, snapshot.read, "pc.ram", PAGE, 2 * PAGE)
+        self.assertIn("ram/0000.ram", str(error))
+
     def test_missingFile(self) -> None:
         """
         A missing block file is refused at open, naming it.

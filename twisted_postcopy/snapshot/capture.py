@@ -46,6 +46,8 @@ class CaptureVM:
         L{twisted_postcopy.interfaces.IFaultService} once it listens, else
         L{None}, for L{readLive} (set by whoever drives the capture).
     @ivar running: the VM was started (RUN or end of precopy).
+    @ivar storing: the migration completed and the store began (the
+        memfds belong to the writer from then on).
     @ivar runWriter: C{(function, *args) -> Deferred} running the store
         (default: at once; L{captureSnapshot} uses the reactor's thread
         pool: the writer only C{pread}s memfds and writes files).
@@ -71,6 +73,7 @@ class CaptureVM:
         self.faults: Callable[[], Any] = lambda: None
         self.runWriter: Callable[..., Deferred] = execute
         self.running = False
+        self.storing = False
         self.stored: Deferred = Deferred()
         self.migration: Any = None
         self.root: str | None = None
@@ -127,7 +130,7 @@ class CaptureVM:
         @raise SnapshotError: unknown block, a range past its end, or the
             capture is over (read the stored snapshot then).
         """
-        if self.stored.called:
+        if self.stored.called or self.storing:
             raise SnapshotError(f"{self.path}: the capture is over; read the stored snapshot")
         if idstr not in self.blocks:
             raise SnapshotError(f"no RAM block {idstr!r} in this capture")
@@ -163,14 +166,17 @@ class CaptureVM:
 
     def completed(self) -> None:
         """
-        Every page arrived: write the snapshot (through L{runWriter}, so a
-        daemon can do it in a thread while QEMU gets its SHUT), then fire
-        L{stored}.
+        Every page arrived: write the snapshot and release the memfds
+        (through L{runWriter}, so a daemon does both in a thread while QEMU
+        gets its SHUT: unmapping and closing a GiB of memfd takes about
+        half a second), then fire L{stored}.  From now on L{read} refuses.
         """
         form = "package" if self.inPostcopy() else "precopy"
         blocks = [(b.idstr, b.length, b.pageSize, b.fd) for b in self.blocks.values()]
-        writing = self.runWriter(writeSnapshot, self.path, self.machine, self.configuration, form,
-                                 b"".join(self.devices), blocks, time.time(), self.root)
+        self.storing = True
+        writing = self.runWriter(_storeThenRelease, list(self.blocks.values()), self.path, self.machine,
+                                 self.configuration, form, b"".join(self.devices), blocks, time.time(),
+                                 self.root)
         writing.addBoth(self._written)
 
     def _written(self, result: Any) -> None:
@@ -201,6 +207,22 @@ class CaptureVM:
         Release the memfds.
         """
         for block in self.blocks.values():
+            block.close()
+
+
+def _storeThenRelease(blocks: list[RAMBlock], *arguments: Any) -> Any:
+    """
+    Write a snapshot, then release the captured blocks (whatever the
+    outcome).
+
+    @param blocks: the blocks whose memfds the snapshot is read from.
+    @param arguments: L{writeSnapshot}'s.
+    @return: the stored L{Snapshot}.
+    """
+    try:
+        return writeSnapshot(*arguments)
+    finally:
+        for block in blocks:
             block.close()
 
 

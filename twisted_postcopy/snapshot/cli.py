@@ -41,6 +41,8 @@ def register(subparsers: Any) -> None:
     restore.add_argument("--to", action="append", required=True, metavar="URI")
     restore.add_argument("--postcopy", action="store_true", help="run before RAM arrives")
     restore.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    restore.add_argument("--postcopy-preempt", action="store_true",
+                         help="postcopy-preempt: requested pages on their own channel")
     _tlsOptions(restore, "--tls-hostname", "NAME", "the name the destinations' certificates carry")
     restore.add_argument("--max-bandwidth", type=int, default=0, metavar="BYTES",
                          help="bytes/s per destination, 0 for unlimited")
@@ -149,7 +151,7 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runUntil(start: Callable[[Any], Any]) -> int:
+def runUntil(start: Callable[[Any], Any]) -> int:
     """
     Run the reactor until the Deferred C{start(reactor)} returns fires.
 
@@ -263,7 +265,7 @@ def _capture(args: argparse.Namespace) -> int:
         listening.addCallback(lambda port: print(f"listening on {port.getHost()}", flush=True))
         return listening.addCallback(lambda _: vm.stored)
 
-    return _runUntil(start)
+    return runUntil(start)
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -287,7 +289,8 @@ def _restore(args: argparse.Namespace) -> int:
         started = time.time()
         managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy, False,
                                          args.max_bandwidth, **_tls(args, "tls_hostname"),
-                                         parameters=_parameters(args.parameter))
+                                         parameters=_parameters(args.parameter),
+                                         preempt=args.postcopy_preempt)
 
         def report(result: Any) -> Any:
             for uri, manager in zip(args.to, managers):
@@ -297,4 +300,4 @@ def _restore(args: argparse.Namespace) -> int:
 
         return done.addBoth(report)
 
-    return _runUntil(start)
+    return runUntil(start)

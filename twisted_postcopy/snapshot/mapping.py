@@ -6,7 +6,12 @@ A block file is sparse: its holes are zero pages.  Reading a hole through a
 shared file mapping costs a page-cache allocation per page (about 3 s per
 GiB here), so after mapping the file the holes (found with C{SEEK_DATA} /
 C{SEEK_HOLE}) are replaced by private anonymous mappings, which read as the
-kernel's shared zero page.  The mapping is read-only; nothing writes it.
+kernel's shared zero page.  The whole mapping is 2 MiB aligned and the
+hole mappings are C{MADV_HUGEPAGE}, so that where transparent huge pages
+are on (C{always} or C{madvise}) a hole reads as the huge zero page: one
+fault per 2 MiB instead of 512 (faulting in 1 GiB of holes took 185-245 ms
+with 4 KiB zero pages here, 1-10 ms with the huge one).  The mapping is
+read-only; nothing writes it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_FIXED = 0x10
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MADV_HUGEPAGE = 14
+_MAP_NORESERVE = 0x4000
+#: The huge page size the mapping is aligned to.
+_HUGE = 2 << 20
 
 
 def _mmap(address: int | None, length: int, flags: int, fd: int) -> int:
@@ -42,6 +52,28 @@ def _mmap(address: int | None, length: int, flags: int, fd: int) -> int:
         error = ctypes.get_errno()
         raise OSError(error, f"mmap: {os.strerror(error)}")
     return result
+
+
+def _alignedRange(length: int) -> int:
+    """
+    Reserve C{length} bytes of address space at a 2 MiB boundary (a PROT_NONE
+    anonymous mapping the caller maps over with C{MAP_FIXED}).
+
+    @param length: bytes.
+    @return: the address.
+    @raise OSError: mmap failed.
+    """
+    base = _libc.mmap(None, length + _HUGE, 0,
+                      mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+    if base == _MAP_FAILED or base is None:
+        error = ctypes.get_errno()
+        raise OSError(error, f"mmap: {os.strerror(error)}")
+    address = (base + _HUGE - 1) & ~(_HUGE - 1)
+    if address > base:
+        _libc.munmap(base, address - base)
+    if base + _HUGE > address:
+        _libc.munmap(address + length, base + _HUGE - address)
+    return address
 
 
 class BlockMapping:
@@ -63,7 +95,7 @@ class BlockMapping:
         """
         self.length, self.dataBytes = length, 0
         with (nullcontext(opened) if opened is not None else open(path, "rb")) as f:
-            self.address = _mmap(None, length, mmap.MAP_SHARED, f.fileno())
+            self.address = _mmap(_alignedRange(length), length, mmap.MAP_SHARED | _MAP_FIXED, f.fileno())
             position = 0
             for start, size in dataRuns(f.fileno(), length):
                 self._zero(position, start - position)
@@ -81,6 +113,7 @@ class BlockMapping:
         if size > 0:
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
             _mmap(self.address + offset, size, flags, -1)
+            _libc.madvise(self.address + offset, size, _MADV_HUGEPAGE)
 
     def view(self) -> memoryview:
         """

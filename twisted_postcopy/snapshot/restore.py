@@ -117,7 +117,7 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
                bandwidth: int = 0, objects: Any = None,
                tls: dict[str, str] | None = None,
                parameters: dict[str, int] | None = None,
-               workingSet: Any = None) -> tuple[Any, Deferred]:
+               workingSet: Any = None, preempt: bool = False) -> tuple[Any, Deferred]:
     """
     Start one restore.
 
@@ -134,14 +134,19 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
     @param parameters: more migration parameters (e.g. the C{x-} ones of
         docs/prefetch.md), set after the bandwidths.
     @param workingSet: the snapshot's L{WorkingSetPolicy}, or L{None}.
+    @param preempt: switch on C{postcopy-preempt} (urgent pages on a
+        channel of their own; the destination must have it on too).
     @return: (the L{MigrationManager}, a Deferred firing with the final
         status string, C{completed} or C{failed}).
+    @raise MigrationError: the source refuses the capabilities.
     """
     from twisted_postcopy.manager import MigrationManager
     from twisted_postcopy.snapshot.capture import _useTLS
 
     manager = MigrationManager(reactor, vm)
     manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True, "x-postcopy-auto-recover": True})
+    if preempt:
+        manager.setCapabilities({"postcopy-preempt": True})
     manager.setParameters({"max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth})
     if parameters:
         manager.setParameters(parameters)
@@ -159,7 +164,8 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
                     verify: bool = True, bandwidth: int = 0,
                     root: str | None = None, objects: Any = None,
                     tls: dict[str, str] | None = None,
-                    parameters: dict[str, int] | None = None) -> tuple[list[Any], Deferred]:
+                    parameters: dict[str, int] | None = None,
+                    preempt: bool = False) -> tuple[list[Any], Deferred]:
     """
     Restore one snapshot into every destination at once.
 
@@ -175,6 +181,7 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
     @param parameters: more migration parameters for every destination;
         C{x-working-set-pages} (docs/prefetch.md) also decides whether the
         snapshot's working set is sent first, or recorded.
+    @param preempt: use C{postcopy-preempt} (see L{restoreOne}).
     @return: (the managers, a Deferred firing with the list of final
         statuses, failing with L{MigrationFailed} if any clone failed).
     @raise SnapshotError: the snapshot is missing, truncated or tampered,
@@ -185,7 +192,8 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
         snapshot.verify()
     vm = SnapshotVM(snapshot)
     policy = WorkingSetPolicy.load(snapshot, _parameter(parameters, WORKING_SET))
-    started = [restoreOne(reactor, vm, uri, postcopy, bandwidth, objects, tls, parameters, policy)
+    started = [restoreOne(reactor, vm, uri, postcopy, bandwidth, objects, tls, parameters, policy,
+                           preempt)
                for uri in uris]
     managers = [manager for manager, _ in started]
 

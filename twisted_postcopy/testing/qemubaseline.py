@@ -66,6 +66,9 @@ class PostcopyPlan:
         bytes were transferred (0: right after C{migrate}).
     @ivar preempt: switch on C{postcopy-preempt} on both sides.
     @ivar timeout: seconds allowed for each wait.
+    @ivar stopSource: stop the source's guest once it counted its first
+        pass, before C{migrate} (its RAM then does not change: no dirty
+        pages; the destination still runs the guest from RUN).
     """
 
     memoryMiB: int
@@ -76,6 +79,7 @@ class PostcopyPlan:
     startAfterBytes: int
     preempt: bool
     timeout: float
+    stopSource: bool = False
 
 
 @frozen
@@ -116,6 +120,7 @@ def migratePostcopy(
     startAfterBytes: int = MIB,
     preempt: bool = False,
     timeout: float = 60.0,
+    stopSource: bool = False,
 ) -> PostcopyResult:
     """
     Migrate a running boot-sector guest from one QEMU to another with
@@ -130,13 +135,14 @@ def migratePostcopy(
     @param startAfterBytes: see L{PostcopyPlan}.
     @param preempt: see L{PostcopyPlan}.
     @param timeout: see L{PostcopyPlan}.
+    @param stopSource: see L{PostcopyPlan}.
     @return: the figures, recordings and verified destination memory.
     @raise QEMUError: when a QEMU or the migration fails.
     @raise GuestPatternError: when the destination memory is inconsistent.
     """
     plan = PostcopyPlan(
         memoryMiB, layout or layoutFor(memoryMiB), record, precopyBandwidth,
-        postcopyBandwidth, startAfterBytes, preempt, timeout,
+        postcopyBandwidth, startAfterBytes, preempt, timeout, stopSource,
     )
     with guestPair(directory, plan.layout, memoryMiB) as (source, destination):
         return _runPostcopy(source, destination, plan)
@@ -157,6 +163,8 @@ def _runPostcopy(
     relay = RecordingRelay(target) if plan.record else None
     try:
         source.waitSerial(1, plan.timeout)
+        if plan.stopSource:
+            source.qmp("stop")
         started = time.time()
         source.migrate(relay.uri if relay else "tcp:%s:%d" % target)
         startPostcopyAfter(source, plan.startAfterBytes, plan.timeout)
@@ -312,7 +320,8 @@ def qemuToQemuPostcopy(ramMiB: int, directory: str, **options: Any) -> dict[str,
         C{False}).
     @return: C{resume_ms} (migrate to destination running), C{total_ms},
         C{downtime_ms}, C{postcopy_requests}, C{blocktime_ms}, C{mbps},
-        C{precopy_bytes}, C{postcopy_bytes}.
+        C{precopy_bytes}, C{postcopy_bytes}, C{normal_pages} and
+        C{zero_pages} (the source's C{normal} and C{duplicate}).
     """
     options.setdefault("record", False)
     result = migratePostcopy(directory, ramMiB, **options)
@@ -326,6 +335,8 @@ def qemuToQemuPostcopy(ramMiB: int, directory: str, **options: Any) -> dict[str,
         "mbps": ram["mbps"],
         "precopy_bytes": ram.get("precopy-bytes"),
         "postcopy_bytes": ram.get("postcopy-bytes"),
+        "normal_pages": ram.get("normal"),
+        "zero_pages": ram.get("duplicate"),
     }
 
 

@@ -43,6 +43,23 @@ def layoutFor(memoryMiB: int, pages: int | None = None) -> GuestLayout:
     return GuestLayout(start=MIB, end=end)
 
 
+#: The i440fx machine maps at most 3 GiB of RAM below 4 GiB (the rest of a
+#: bigger guest lies above 4 GiB, out of the 32-bit boot-sector guest's reach).
+LOW_RAM_MIB = 3072
+
+
+def lowRAMLayout(memoryMiB: int) -> GuestLayout:
+    """
+    The counting layout of a guest of any size: L{layoutFor} its RAM below
+    4 GiB (guests above 3 GiB count pages only in their low 3 GiB; their
+    RAM above 4 GiB stays zero).
+
+    @param memoryMiB: guest RAM size in MiB.
+    @return: the layout.
+    """
+    return layoutFor(min(memoryMiB, LOW_RAM_MIB))
+
+
 def eventTime(event: dict) -> float:
     """
     @param event: a QMP event message.
