@@ -10,6 +10,11 @@ C{PAGEMAP_SCAN}, whose values are defined here (from the kernel's UAPI, see
 C{shared/spec/userfaultfd.md} sections 2.1, 3 and 11.3) behind C{#ifndef}
 guards.
 
+The RAM record hot loops of both sides are here too (C{tp_buffer_is_zero},
+QEMU's zero-page test; C{tp_ram_encode}, the records of a run of guest
+pages with their zero detection; C{tp_ram_scan}, the decoder's scan of a
+run of CONTINUE records): see L{twisted_postcopy.wire.ram}.
+
 Besides the uffd shims there are two helpers: C{tp_uffd_place}, which
 places one contiguous run (one C{UFFDIO_COPY} or C{UFFDIO_ZEROPAGE} per
 attempt, dealing with partial copies and C{EEXIST}), and C{tp_touch_pages},
@@ -105,6 +110,12 @@ int64_t tp_mmap(int fd, uint64_t length, int flags);
 int tp_munmap(uint64_t address, uint64_t length);
 int tp_madvise(uint64_t address, uint64_t length, int advice);
 int tp_punch_hole(int fd, uint64_t offset, uint64_t length);
+
+int tp_buffer_is_zero(const char *buffer, uint64_t length);
+int64_t tp_ram_scan(const char *buffer, uint64_t length, uint64_t blockLength, uint64_t maxRecords,
+                    uint64_t *words, uint32_t *payloads, uint64_t *consumed);
+int64_t tp_ram_encode(const char *base, uint64_t start, uint64_t count, char *out,
+                      uint32_t *splits, uint32_t *pages, uint64_t *written);
 
 int64_t tp_monotonic_ns(void);
 int tp_touch_pages(uint64_t base, uint64_t stride, uint64_t count, int write,
@@ -319,6 +330,112 @@ static int tp_madvise(uint64_t address, uint64_t length, int advice) {
 
 static int tp_punch_hole(int fd, uint64_t offset, uint64_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) < 0 ? -errno : 0;
+}
+
+/* RAM records (migration/ram.c): the hot loops of both sides. */
+#define TP_TARGET_PAGE 4096u
+#define TP_FLAGS_MASK ((uint64_t)TP_TARGET_PAGE - 1)
+#define TP_ZERO 0x02u
+#define TP_PAGE 0x08u
+#define TP_CONTINUE 0x20u
+/* Offsets into a scanned buffer are 32-bit: longer buffers are scanned in part. */
+#define TP_SCAN_MAX ((uint64_t)1 << 31)
+
+/* QEMU's buffer_is_zero: whether length bytes are all zero.  The first and
+   last words are checked first (most non-zero pages differ there), then
+   whole 64-byte blocks with an early exit. */
+static int tp_buffer_is_zero(const char *buffer, uint64_t length) {
+    const unsigned char *p = (const unsigned char *)buffer;
+    if (length < 64) {
+        unsigned char acc = 0;
+        for (uint64_t i = 0; i < length; i++) acc |= p[i];
+        return acc == 0;
+    }
+    uint64_t head, tail;
+    memcpy(&head, p, 8);
+    memcpy(&tail, p + length - 8, 8);
+    if (head | tail) return 0;
+    uint64_t i = 8;
+    for (; i + 64 <= length; i += 64) {
+        uint64_t w[8];
+        memcpy(w, p + i, 64);
+        if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) return 0;
+    }
+    unsigned char acc = 0;
+    for (; i < length; i++) acc |= p[i];
+    return acc == 0;
+}
+
+static uint64_t tp_be64(const unsigned char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return __builtin_bswap64(v);
+}
+
+static void tp_put_be64(unsigned char *p, uint64_t v) {
+    v = __builtin_bswap64(v);
+    memcpy(p, &v, 8);
+}
+
+/* Decode side: scan the CONTINUE records (PAGE with 4096 bytes, ZERO with
+   its fill byte) at the start of buffer, up to maxRecords.  Stops before a
+   record that is incomplete, of any other kind, or whose offset is not
+   below blockLength (the caller decodes that one and names the error).
+   words[i]: record i's word (offset | flags); payloads[i]: where its page
+   or fill byte starts in buffer; *consumed: the bytes of the scanned
+   records.  Returns how many records were scanned. */
+static int64_t tp_ram_scan(const char *buffer, uint64_t length, uint64_t blockLength, uint64_t maxRecords,
+                           uint64_t *words, uint32_t *payloads, uint64_t *consumed) {
+    const unsigned char *p = (const unsigned char *)buffer;
+    uint64_t at = 0, n = 0;
+    if (length > TP_SCAN_MAX) length = TP_SCAN_MAX;
+    while (n < maxRecords && length - at >= 8) {
+        uint64_t word = tp_be64(p + at);
+        uint64_t flags = word & TP_FLAGS_MASK, size;
+        if (flags == (TP_PAGE | TP_CONTINUE)) size = 8 + TP_TARGET_PAGE;
+        else if (flags == (TP_ZERO | TP_CONTINUE)) size = 9;
+        else break;
+        if (length - at < size || word - flags >= blockLength) break;
+        words[n] = word;
+        payloads[n] = (uint32_t)(at + 8);
+        n++;
+        at += size;
+    }
+    *consumed = at;
+    return (int64_t)n;
+}
+
+/* Encode side: the CONTINUE records of count target pages from
+   base + start (a block's memory; start page aligned).  An all-zero page
+   becomes a ZERO record (word and fill byte), any other a PAGE record
+   whose 4096 bytes are NOT copied: out receives the stream's bytes between
+   page data, splits[k] is where the k-th page's data goes in out (after
+   its word) and pages[k] that page's index in the run.  out must hold
+   9 * count bytes; *written says how many were used.  Returns the number
+   of PAGE records, or -EINVAL for an unaligned start. */
+static int64_t tp_ram_encode(const char *base, uint64_t start, uint64_t count, char *out,
+                             uint32_t *splits, uint32_t *pages, uint64_t *written) {
+    unsigned char *o = (unsigned char *)out;
+    uint64_t at = 0, n = 0;
+    *written = 0;
+    if (start & TP_FLAGS_MASK) return -EINVAL;
+    if (count > TP_SCAN_MAX / 9) return -EINVAL;
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t offset = start + i * TP_TARGET_PAGE;
+        if (tp_buffer_is_zero(base + offset, TP_TARGET_PAGE)) {
+            tp_put_be64(o + at, offset | TP_ZERO | TP_CONTINUE);
+            o[at + 8] = 0;
+            at += 9;
+        } else {
+            tp_put_be64(o + at, offset | TP_PAGE | TP_CONTINUE);
+            at += 8;
+            splits[n] = (uint32_t)at;
+            pages[n] = (uint32_t)i;
+            n++;
+        }
+    }
+    *written = at;
+    return (int64_t)n;
 }
 
 static int64_t tp_monotonic_ns(void) {
