@@ -219,9 +219,9 @@ class FaultService:
         size = block.pageSize
         pageAddress = address - (address - mapping.base) % size
         offset = mapping.offset + pageAddress - mapping.base
-        now = uffd.monotonicNs()
         received = block.receivedMap.test(offset // size)
-        self.observers.faultBegan(threadId, block, offset, now, received)
+        if self.observers.onFault:
+            self.observers.faultBegan(threadId, block, offset, uffd.monotonicNs(), received)
         if received:
             self._fillHole(block, offset)
             self._wake(client, pageAddress, size)
@@ -306,9 +306,12 @@ class FaultService:
         @raise UffdError: the kernel refused (pages before the failure are
             placed and woken).
         """
-        ram = self.placer.block(block, offset, len(data))
-        self._checkNew(ram, offset, len(data))
-        self._finish(ram, offset, *self.placer.place(ram, offset, memoryview(data).cast("B"), len(data)))
+        if not isinstance(data, (bytes, bytearray)):
+            data = memoryview(data).cast("B")
+        length = len(data)
+        ram = self.placer.block(block, offset, length)
+        self._checkNew(ram, offset, length)
+        self._finish(ram, offset, *self.placer.place(ram, offset, data, length))
 
     def placeZero(self, block: str, offset: int, length: int) -> None:
         """
@@ -337,6 +340,10 @@ class FaultService:
         """
         size = ram.pageSize
         first, count = offset // size, length // size
+        if count == 1:
+            if ram.receivedMap.test(first) and not ram.holeMap.test(first):
+                raise RemoteProtocolError(f"page {ram.idstr}:{offset:x} sent twice after LISTEN")
+            return
         if not ram.receivedMap.anySet(first, count):
             return
         for page in range(first, first + count):
@@ -384,9 +391,11 @@ class FaultService:
         @param offset: the page's byte offset.
         @param pending: its waiting state.
         """
-        for client, address in dict.fromkeys(pending.waiters):
+        waiters = pending.waiters
+        for client, address in (waiters if len(waiters) == 1 else dict.fromkeys(waiters)):
             self._wake(client, address, ram.pageSize)
-        self.observers.pagePlaced(ram, offset, uffd.monotonicNs())
+        if self.observers.onPlaced:
+            self.observers.pagePlaced(ram, offset, uffd.monotonicNs())
         for waiting in pending.deferreds:
             waiting.callback(None)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from twisted_postcopy.errors import RAMBlockError, UffdError
 from twisted_postcopy.ram import uffd
+from twisted_postcopy.ram._uffd import ffi, lib
 from twisted_postcopy.ram.support import unavailableError
 
 #: How often a placement is retried after draining events (C{EAGAIN}).
@@ -45,6 +46,7 @@ class Placer:
             raise unavailableError(error) from None
         self.blocks: dict[str, Any] = {}
         self._drainBuffer = uffd.MessageBuffer(16)
+        self._placed = ffi.new("uint64_t[2]")
 
     def register(self, block: Any) -> None:
         """
@@ -89,7 +91,8 @@ class Placer:
 
     def place(self, ram: Any, offset: int, data: memoryview | None, length: int) -> tuple[int, UffdError | None]:
         """
-        Place a run, draining events and retrying on C{EAGAIN}.
+        Place a run, draining events and retrying on C{EAGAIN} (one
+        C{tp_uffd_place} call, from C{data} itself: no copy, no slice).
 
         @param ram: the RAMBlock.
         @param offset: byte offset.
@@ -99,11 +102,13 @@ class Placer:
             rest or L{None}).
         """
         done, retries = 0, 0
+        keep = None if data is None else ffi.from_buffer(data)
+        source = 0 if keep is None else int(ffi.cast("uintptr_t", keep))
+        placed = self._placed
         while True:
-            rest = None if data is None else data[done:]
-            result, placed, _ = uffd.placeRun(self.uffd, ram.address + offset + done, rest, length - done,
-                                              ram.pageSize)
-            done += placed
+            result = lib.tp_uffd_place(self.uffd, ram.address + offset + done, source and source + done,
+                                       length - done, ram.pageSize, 0, placed, placed + 1)
+            done += placed[0]
             if result != -errno.EAGAIN or retries >= PLACE_RETRIES:
                 break
             retries += 1
