@@ -155,6 +155,15 @@ class IncomingMigration:
             raise RemoteProtocolError("RAM page before the RAM block list")
         placer.page(idstr, offset, data)
 
+    def records(self, idstr: str, records: Any) -> None:
+        """
+        A run of CONTINUE records decoded in C.
+
+        @param idstr: the block.
+        @param records: a L{twisted_postcopy.wire.events.RAMRecordsReceived}.
+        """
+        self._placer().records(idstr, records)
+
     def zero(self, idstr: str, offset: int, fill: int) -> None:
         """
         A ZERO record.

@@ -22,6 +22,10 @@ from typing import Any, Mapping
 from attrs import define, field
 
 from twisted_postcopy.errors import RemoteProtocolError
+from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.ram.placement import writeRecords
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
+from twisted_postcopy.wire.events import PageReceived
 
 #: Largest run gathered before it is placed, in bytes.
 MAX_RUN = 1 << 20
@@ -114,6 +118,31 @@ class PagePlacer:
             block.writeZero(offset, length)
         else:
             self.faults.placeZero(idstr, offset, length)
+
+    def records(self, idstr: str, records: Any) -> None:
+        """
+        A run of CONTINUE records decoded in C (the main stream's hot path):
+        before LISTEN, into a block of 4 KiB pages, written straight from
+        the receive buffer by L{writeRecords} (one C{pwritev} per run of
+        consecutive pages, one hole per run of zero pages, no copy and no
+        call per page); otherwise record by record through L{page} and
+        L{zero}.
+
+        @param idstr: the block.
+        @param records: a L{twisted_postcopy.wire.events.RAMRecordsReceived}.
+        @raise RemoteProtocolError: unknown block or bad offset.
+        """
+        block = self.blocks.get(idstr)
+        if self.faults is None and isinstance(block, RAMBlock) and block.pageSize == TARGET_PAGE_SIZE:
+            self.flush()
+            writeRecords(block, records)
+            return
+        size = block.pageSize if block is not None else TARGET_PAGE_SIZE
+        for record in records.records():
+            if record.__class__ is PageReceived:
+                self.page(idstr, record.offset, record.data)
+            else:
+                self.zero(idstr, record.offset, record.fill, size)
 
     def flush(self) -> None:
         """

@@ -95,11 +95,16 @@ class IncomingStreamReader:
 
     def _records(self, event: e.RAMRecordsReceived) -> None:
         """
-        A run of CONTINUE records, scanned in C: each page or zero page
-        goes to the incoming migration (no event object per record).
+        A run of CONTINUE records, scanned in C: to the incoming migration
+        in one call where it takes runs, else record by record (no event
+        object per record).
 
         @param event: the run.
         """
+        records = getattr(self.incoming, "records", None)
+        if records is not None:
+            records(event.block, event)
+            return
         page, zero, block, data = self.incoming.page, self.incoming.zero, event.block, event.data
         for word, at in zip(event.words, event.payloads):
             flags = word & _FLAGS_MASK

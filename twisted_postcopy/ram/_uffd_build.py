@@ -116,6 +116,9 @@ int64_t tp_ram_scan(const char *buffer, uint64_t length, uint64_t blockLength, u
                     uint64_t *words, uint32_t *payloads, uint64_t *consumed);
 int64_t tp_ram_encode(const char *base, uint64_t start, uint64_t count, char *out,
                       uint32_t *splits, uint32_t *pages, uint64_t *written);
+int tp_write_records(int fd, const char *data, const uint64_t *words, const uint32_t *payloads,
+                     uint64_t first, uint64_t count, uint64_t blockLength, uint64_t *runs, uint64_t maxRuns,
+                     uint64_t *runCount, uint64_t *next, uint64_t *zeroCount);
 
 int64_t tp_monotonic_ns(void);
 int tp_touch_pages(uint64_t base, uint64_t stride, uint64_t count, int write,
@@ -133,6 +136,7 @@ _SOURCE = r"""
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <linux/falloc.h>
 #include <linux/userfaultfd.h>
 
@@ -436,6 +440,80 @@ static int64_t tp_ram_encode(const char *base, uint64_t start, uint64_t count, c
     }
     *written = at;
     return (int64_t)n;
+}
+
+/* Destination, precopy: write the records tp_ram_scan found (words,
+   payloads into data) from index first into a block's memfd, straight
+   from data: each run of PAGE records with consecutive offsets is one
+   pwritev (up to TP_IOV_MAX pages; a short write is resumed).  runs gets
+   (offset, length) of each run written (at most maxRuns; *runCount says
+   how many).  Stops at a ZERO record, or at the end: *next is the index
+   of the first record not written, and for a ZERO record *zeroCount says
+   how many ZERO records with fill 0 and consecutive offsets start there
+   (0 when its fill byte is not 0).  Returns 0, -ERANGE for a page past
+   blockLength (*next at it), or -errno of a failed write (*next at the
+   run, which may be partly written). */
+#define TP_IOV_MAX 1024
+static int tp_write_records(int fd, const char *data, const uint64_t *words, const uint32_t *payloads,
+                            uint64_t first, uint64_t count, uint64_t blockLength, uint64_t *runs,
+                            uint64_t maxRuns, uint64_t *runCount, uint64_t *next, uint64_t *zeroCount) {
+    struct iovec iov[TP_IOV_MAX];
+    uint64_t i = first, n = 0;
+    *runCount = 0;
+    *zeroCount = 0;
+    while (i < count && n < maxRuns) {
+        uint64_t flags = words[i] & TP_FLAGS_MASK;
+        if (!(flags & TP_PAGE)) break;
+        uint64_t start = words[i] - flags, length = 0, j = i;
+        while (j < count && j - i < TP_IOV_MAX) {
+            uint64_t f = words[j] & TP_FLAGS_MASK;
+            if (!(f & TP_PAGE) || words[j] - f != start + length) break;
+            if (start + length + TP_TARGET_PAGE > blockLength) {
+                if (j == i) { *next = i; return -ERANGE; }
+                break;
+            }
+            iov[j - i].iov_base = (void *)(data + payloads[j]);
+            iov[j - i].iov_len = TP_TARGET_PAGE;
+            length += TP_TARGET_PAGE;
+            j++;
+        }
+        struct iovec *at = iov;
+        int left = (int)(j - i);
+        uint64_t position = start;
+        while (left > 0) {
+            ssize_t written = pwritev(fd, at, left, (off_t)position);
+            if (written < 0) {
+                if (errno == EINTR) continue;
+                *next = i;
+                return -errno;
+            }
+            position += (uint64_t)written;
+            while (left > 0 && (size_t)written >= at->iov_len) {
+                written -= (ssize_t)at->iov_len;
+                at++;
+                left--;
+            }
+            if (left > 0 && written > 0) {
+                at->iov_base = (char *)at->iov_base + written;
+                at->iov_len -= (size_t)written;
+            }
+        }
+        runs[2 * n] = start;
+        runs[2 * n + 1] = length;
+        n++;
+        *runCount = n;
+        i = j;
+    }
+    *next = i;
+    if (i < count && !(words[i] & TP_PAGE)) {
+        uint64_t start = words[i] & ~TP_FLAGS_MASK, j = i;
+        while (j < count && (words[j] & TP_FLAGS_MASK) == (TP_ZERO | TP_CONTINUE)
+               && words[j] - (TP_ZERO | TP_CONTINUE) == start + (j - i) * TP_TARGET_PAGE
+               && data[payloads[j]] == 0)
+            j++;
+        *zeroCount = j - i;
+    }
+    return 0;
 }
 
 static int64_t tp_monotonic_ns(void) {

@@ -16,13 +16,18 @@ import errno
 import os
 from typing import Any
 
-from twisted_postcopy.errors import RAMBlockError, UffdError
+from twisted_postcopy.errors import RAMBlockError, RemoteProtocolError, UffdError
 from twisted_postcopy.ram import uffd
 from twisted_postcopy.ram._uffd import ffi, lib
 from twisted_postcopy.ram.support import unavailableError
 
 #: How often a placement is retried after draining events (C{EAGAIN}).
 PLACE_RETRIES = 8
+#: Runs reported by one C{tp_write_records} call.
+_WRITE_RUNS = 64
+_PAGE_FLAG = 0x08
+_FLAGS_MASK = 0xFFF
+_TARGET_PAGE = 4096
 
 
 class Placer:
@@ -101,23 +106,39 @@ class Placer:
         @return: (bytes placed from C{offset}, the error that stopped the
             rest or L{None}).
         """
+        if data is None:
+            result, done = self._placeFrom(ram, offset, 0, length)
+        else:
+            # Released on the way out even if draining raises (a from_buffer
+            # object left in a traceback's cycle upsets the collector).
+            with ffi.from_buffer(data) as keep:
+                result, done = self._placeFrom(ram, offset, int(ffi.cast("uintptr_t", keep)), length)
+        if result >= 0:
+            return done, None
+        operation = "UFFDIO_ZEROPAGE" if data is None else "UFFDIO_COPY"
+        where = f"{ram.idstr}:{offset + done:#x}"
+        return done, UffdError(-result, f"{operation} of {where}: {os.strerror(-result)}")
+
+    def _placeFrom(self, ram: Any, offset: int, source: int, length: int) -> tuple[int, int]:
+        """
+        The placement loop of L{place}.
+
+        @param ram: the RAMBlock.
+        @param offset: byte offset.
+        @param source: the address of the bytes, or 0 for zero pages.
+        @param length: the run's length.
+        @return: (0 or C{-errno} where it stopped, bytes placed).
+        """
         done, retries = 0, 0
-        keep = None if data is None else ffi.from_buffer(data)
-        source = 0 if keep is None else int(ffi.cast("uintptr_t", keep))
         placed = self._placed
         while True:
             result = lib.tp_uffd_place(self.uffd, ram.address + offset + done, source and source + done,
                                        length - done, ram.pageSize, 0, placed, placed + 1)
             done += placed[0]
             if result != -errno.EAGAIN or retries >= PLACE_RETRIES:
-                break
+                return result, done
             retries += 1
             self._drain()
-        if result >= 0:
-            return done, None
-        operation = "UFFDIO_ZEROPAGE" if data is None else "UFFDIO_COPY"
-        where = f"{ram.idstr}:{offset + done:#x}"
-        return done, UffdError(-result, f"{operation} of {where}: {os.strerror(-result)}")
 
     def _drain(self) -> None:
         """
@@ -134,3 +155,76 @@ class Placer:
         if self.uffd >= 0:
             os.close(self.uffd)
             self.uffd = -1
+
+
+def writeRecords(block: Any, records: Any) -> None:
+    """
+    Precopy on the destination: write a run of decoded RAM records
+    (a L{twisted_postcopy.wire.events.RAMRecordsReceived}) into a block of
+    4 KiB pages straight from the receive buffer, with no copy and no
+    Python work per page: C{tp_write_records} writes each run of PAGE
+    records with consecutive offsets with one C{pwritev} of the pages in
+    place; the received bits are set once per run, and a run of ZERO
+    records is one L{RAMBlock.writeZero} (a hole).  A ZERO record with a
+    non-zero fill byte is written as a page of that byte.
+
+    @param block: the L{twisted_postcopy.ram.block.RAMBlock} (4 KiB
+        pages, a memfd, not registered with userfaultfd).
+    @param records: the records.
+    @raise RemoteProtocolError: a record past the block's end.
+    @raise RAMBlockError: the block cannot be written (registered).
+    @raise OSError: the kernel refused a write.
+    """
+    if block.registered:
+        raise RAMBlockError(f"RAMBlock {block.idstr}: write after userfaultfd registration; "
+                            "place pages through the fault service")
+    # The buffers are released before anything is raised: a from_buffer
+    # object caught in a traceback's reference cycle with its memoryview
+    # would be torn down by the garbage collector in the wrong order.
+    with ffi.from_buffer(records.data) as data, ffi.from_buffer("uint64_t[]", records.words) as words, \
+            ffi.from_buffer("uint32_t[]", records.payloads) as payloads:
+        error = _writeRecords(block, records, data, words, payloads)
+    if error is not None:
+        raise error
+
+
+def _writeRecords(block: Any, records: Any, data: Any, words: Any, payloads: Any) -> Exception | None:
+    """
+    The loop of L{writeRecords}.
+
+    @param block: the RAMBlock.
+    @param records: the records.
+    @param data: C{records.data} as a C pointer.
+    @param words: C{records.words} as a C pointer.
+    @param payloads: C{records.payloads} as a C pointer.
+    @return: the error to raise, or L{None}.
+    """
+    runs = ffi.new("uint64_t[]", 2 * _WRITE_RUNS)
+    out = ffi.new("uint64_t[3]")
+    received, holes = block.receivedMap, block.holeMap
+    index, count = 0, len(records.words)
+    while index < count:
+        result = lib.tp_write_records(block.fd, data, words, payloads, index, count, block.length,
+                                      runs, _WRITE_RUNS, out, out + 1, out + 2)
+        for run in range(out[0]):
+            first, pages = runs[2 * run] // _TARGET_PAGE, runs[2 * run + 1] // _TARGET_PAGE
+            received.set(first, pages)
+            holes.clear(first, pages)
+        index = out[1]
+        if result == -errno.ERANGE:
+            offset = records.words[index] & ~_FLAGS_MASK
+            return RemoteProtocolError(f"Illegal RAM offset {offset:x} in block {block.idstr}")
+        if result < 0:
+            return OSError(-result, f"pwritev into RAMBlock {block.idstr}: {os.strerror(-result)}")
+        if index < count and not records.words[index] & _PAGE_FLAG:
+            offset = records.words[index] & ~_FLAGS_MASK
+            zeros = out[2]
+            if offset + max(zeros, 1) * _TARGET_PAGE > block.length:
+                return RemoteProtocolError(f"Illegal RAM offset {offset:x} in block {block.idstr}")
+            if zeros:
+                block.writeZero(offset, zeros * _TARGET_PAGE)
+                index += zeros
+            else:
+                block.write(offset, bytes((records.data[records.payloads[index]],)) * _TARGET_PAGE)
+                index += 1
+    return None

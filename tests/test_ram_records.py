@@ -1,0 +1,141 @@
+"""
+Tests for L{twisted_postcopy.ram.placement.writeRecords} (C
+C{tp_write_records}): precopy records written into a RAMBlock straight
+from the receive buffer.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_postcopy.destination.placer import PagePlacer
+from twisted_postcopy.errors import RAMBlockError, RemoteProtocolError
+from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.ram.placement import writeRecords
+from twisted_postcopy.wire.buffer import ReceiveBuffer
+from twisted_postcopy.wire.events import RAMRecordsReceived
+from twisted_postcopy.wire.ram import RAMRecordDecoder
+
+PAGE = 4096
+
+
+def run(records: list[tuple[int, int | bytes]], length: int) -> RAMRecordsReceived:
+    """
+    @param records: (offset, page bytes or a ZERO fill byte), CONTINUE
+        records of C{pc.ram}.
+    @param length: the block length the decoder knows.
+    @return: them as one decoded run.
+    """
+    data = b""
+    for offset, content in records:
+        if isinstance(content, bytes):
+            data += (offset | 0x28).to_bytes(8, "big") + content
+        else:
+            data += (offset | 0x22).to_bytes(8, "big") + bytes((content,))
+    decoder = RAMRecordDecoder({"pc.ram": length}, lastBlock="pc.ram", batch=len(records))
+    buffer = ReceiveBuffer()
+    buffer.feed(data)
+    event = decoder.nextRecord(buffer)
+    assert isinstance(event, RAMRecordsReceived) and len(event) == len(records), event
+    return event
+
+
+class WriteRecordsTests(SynchronousTestCase):
+    """
+    L{writeRecords} writes what the records say and marks it received.
+    """
+
+    def setUp(self) -> None:
+        """
+        A 2200-page memfd block (more than one C{pwritev}'s 1024 pages).
+        """
+        self.pages = 2200
+        self.block = RAMBlock("pc.ram", self.pages * PAGE)
+        self.addCleanup(self.block.close)
+
+    def content(self) -> bytes:
+        """
+        @return: the block's bytes, read from its memfd.
+        """
+        return os.pread(self.block.fd, self.block.length, 0)
+
+    def test_runsAndHoles(self) -> None:
+        """
+        Consecutive pages (over 1024 of them), pages out of order, zero
+        runs and a non-zero fill all land where they belong, with their
+        received and hole bits.
+        """
+        os.pwrite(self.block.fd, b"\xee" * PAGE * 4, 1100 * PAGE)
+        records: list[tuple[int, int | bytes]] = []
+        expected = bytearray(self.block.length)
+        expected[1100 * PAGE:1104 * PAGE] = b"\xee" * PAGE * 4
+        for page in list(range(0, 1100)) + [2000, 1500]:
+            content = page.to_bytes(2, "big") * (PAGE // 2)
+            records.append((page * PAGE, content))
+            expected[page * PAGE:(page + 1) * PAGE] = content
+        records += [(1100 * PAGE, 0), (1101 * PAGE, 0), (1102 * PAGE, 0), (1103 * PAGE, 7), (1200 * PAGE, 0)]
+        expected[1100 * PAGE:1103 * PAGE] = bytes(3 * PAGE)
+        expected[1103 * PAGE:1104 * PAGE] = b"\x07" * PAGE
+        records.append((2199 * PAGE, b"\x01" * PAGE))
+        expected[2199 * PAGE:] = b"\x01" * PAGE
+        writeRecords(self.block, run(records, self.block.length))
+        self.assertEqual(self.content(), bytes(expected))
+        received = [page for page in range(self.pages) if self.block.receivedMap.test(page)]
+        self.assertEqual(received, list(range(1104)) + [1200, 1500, 2000, 2199])
+        holes = [page for page in range(self.pages) if self.block.holeMap.test(page)]
+        self.assertEqual(holes, [1100, 1101, 1102, 1200])
+
+    def test_manyRuns(self) -> None:
+        """
+        More separate runs than one C call reports are all written.
+        """
+        records: list[tuple[int, int | bytes]] = [(page * PAGE, bytes((page % 250 + 1,)) * PAGE)
+                                                  for page in range(0, 2 * 200, 2)]
+        writeRecords(self.block, run(records, self.block.length))
+        content = self.content()
+        for page in range(0, 400, 2):
+            self.assertEqual(content[page * PAGE:page * PAGE + 1], bytes((page % 250 + 1,)), page)
+        self.assertEqual(self.block.receivedMap.count(), 200)
+
+    def test_pastTheEnd(self) -> None:
+        """
+        A page past the block's end (the decoder knew a longer block) is
+        the peer's error; the pages before it are written.
+        """
+        records: list[tuple[int, int | bytes]] = [(0, b"\x01" * PAGE), (self.pages * PAGE, b"\x02" * PAGE)]
+        error = self.assertRaises(RemoteProtocolError, writeRecords, self.block,
+                                  run(records, 2 * self.block.length))
+        self.assertIn(f"Illegal RAM offset {self.pages * PAGE:x}", str(error))
+        self.assertTrue(self.block.receivedMap.test(0))
+        zeros: list[tuple[int, int | bytes]] = [(self.pages * PAGE, 0)]
+        self.assertRaises(RemoteProtocolError, writeRecords, self.block, run(zeros, 2 * self.block.length))
+
+    def test_registered(self) -> None:
+        """
+        A block registered with userfaultfd is never written.
+        """
+        self.block.registered = True
+        self.assertRaises(RAMBlockError, writeRecords, self.block, run([(0, b"\x01" * PAGE)], self.block.length))
+
+    def test_placerFallsBackRecordByRecord(self) -> None:
+        """
+        A placer whose blocks are not memfd RAMBlocks of 4 KiB pages takes
+        the records one by one, with the same result.
+        """
+        written: list = []
+
+        class Block:
+            length, pageSize = 4 * PAGE, PAGE
+
+            def write(self, offset: int, data: bytes) -> None:
+                written.append((offset, bytes(data)))
+
+            def writeZero(self, offset: int, length: int) -> None:
+                written.append((offset, length))
+
+        placer = PagePlacer({"pc.ram": Block()})
+        placer.records("pc.ram", run([(0, b"\x01" * PAGE), (PAGE, b"\x02" * PAGE), (3 * PAGE, 0)], 4 * PAGE))
+        placer.flush()
+        self.assertEqual(written, [(0, b"\x01" * PAGE + b"\x02" * PAGE), (3 * PAGE, PAGE)])
