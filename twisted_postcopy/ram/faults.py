@@ -42,6 +42,7 @@ from zope.interface import implementer
 from twisted_postcopy.errors import MappingTableError, MigrationFailed, RemoteProtocolError, UffdError
 from twisted_postcopy.interfaces import IFaultService
 from twisted_postcopy.ram import uffd
+from twisted_postcopy.ram._uffd import lib
 from twisted_postcopy.ram.clients import ClientMapping, FaultClient, Readable, validateMappings
 from twisted_postcopy.ram.observers import FaultObservers
 from twisted_postcopy.ram.pending import PendingPage, PendingPages
@@ -250,10 +251,9 @@ class FaultService:
         """
         if not client.alive:
             return
-        try:
-            uffd.wake(client.fd, address, length)
-        except UffdError as error:
-            self.removeClient(client, f"UFFDIO_WAKE failed: {error}")
+        result = lib.tp_uffd_wake(client.fd, address, length)
+        if result < 0:
+            self.removeClient(client, f"UFFDIO_WAKE failed: {UffdError(-result, f'UFFDIO_WAKE: {os.strerror(-result)}')}")
 
     def requestPage(self, block: str, offset: int) -> Deferred:
         """
@@ -311,7 +311,11 @@ class FaultService:
         length = len(data)
         ram = self.placer.block(block, offset, length)
         self._checkNew(ram, offset, length)
-        self._finish(ram, offset, *self.placer.place(ram, offset, data, length))
+        done, error = self.placer.place(ram, offset, data, length)
+        if done:
+            self._placed(ram, offset, done)
+        if error is not None:
+            raise error
 
     def placeZero(self, block: str, offset: int, length: int) -> None:
         """
