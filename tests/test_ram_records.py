@@ -1,19 +1,25 @@
 """
 Tests for L{twisted_postcopy.ram.placement.writeRecords} (C
-C{tp_write_records}): precopy records written into a RAMBlock straight
-from the receive buffer.
+C{tp_write_records}) and L{twisted_postcopy.ram.faults.FaultService.placeRecords}
+(C C{tp_record_runs}, C{tp_uffd_place_records}): precopy and postcopy
+records written or placed into a RAMBlock straight from the receive
+buffer.
 """
 
 from __future__ import annotations
 
 import os
 
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.destination.placer import PagePlacer
 from twisted_postcopy.errors import RAMBlockError, RemoteProtocolError
+from twisted_postcopy.ram._uffd import ffi, lib
 from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.ram.faults import FaultService
 from twisted_postcopy.ram.placement import writeRecords
+from twisted_postcopy.testing.real import requireUserfaultfd
 from twisted_postcopy.wire.buffer import ReceiveBuffer
 from twisted_postcopy.wire.events import RAMRecordsReceived
 from twisted_postcopy.wire.ram import RAMRecordDecoder
@@ -139,3 +145,94 @@ class WriteRecordsTests(SynchronousTestCase):
         placer.records("pc.ram", run([(0, b"\x01" * PAGE), (PAGE, b"\x02" * PAGE), (3 * PAGE, 0)], 4 * PAGE))
         placer.flush()
         self.assertEqual(written, [(0, b"\x01" * PAGE + b"\x02" * PAGE), (3 * PAGE, PAGE)])
+
+
+class _Never:
+    """
+    A page source that never answers (requests are only counted).
+    """
+
+    def __init__(self) -> None:
+        """
+        No requests yet.
+        """
+        self.requests: list = []
+
+    def requestPage(self, block: str, offset: int) -> None:
+        """
+        @param block: the idstr.
+        @param offset: the page offset.
+        """
+        self.requests.append((block, offset))
+
+
+class PlaceRecordsTests(SynchronousTestCase):
+    """
+    L{FaultService.placeRecords}: postcopy records placed straight from the
+    receive buffer, with a real userfaultfd.
+    """
+
+    def setUp(self) -> None:
+        """
+        A fault service over one 300-page block.
+        """
+        requireUserfaultfd()
+        self.block = RAMBlock("pc.ram", 300 * PAGE)
+        self.addCleanup(self.block.close)
+        self.service = FaultService(MemoryReactor(), _Never(), {"pc.ram": self.block})
+        self.addCleanup(self.service.stop)
+
+    def test_placed(self) -> None:
+        """
+        Pages, zero pages and a non-zero fill land where they belong, are
+        marked received, and what waited for them is released.
+        """
+        waited = self.service.requestPage("pc.ram", 101 * PAGE)
+        records: list[tuple[int, int | bytes]] = [(page * PAGE, bytes((page % 200 + 1,)) * PAGE)
+                                                  for page in list(range(100, 103)) + [7] + list(range(150, 300, 2))]
+        records += [(10 * PAGE, 0), (11 * PAGE, 0), (12 * PAGE, 5)]
+        self.service.placeRecords("pc.ram", run(records, self.block.length))
+        self.assertIsNone(self.successResultOf(waited))
+        content = os.pread(self.block.fd, self.block.length, 0)
+        for offset, value in records:
+            expected = value if isinstance(value, bytes) else bytes((value,)) * PAGE
+            self.assertEqual(content[offset:offset + PAGE], expected, offset // PAGE)
+        self.assertEqual(self.block.receivedMap.count(), len(records))
+        self.assertEqual(self.service.missingPages(), 300 - len(records))
+
+    def test_sentTwice(self) -> None:
+        """
+        A page already received is the peer's error; the runs before it
+        are placed.
+        """
+        self.service.placePages("pc.ram", 5 * PAGE, b"\x01" * PAGE)
+        error = self.assertRaises(RemoteProtocolError, self.service.placeRecords, "pc.ram",
+                                  run([(0, b"\x02" * PAGE), (5 * PAGE, b"\x03" * PAGE)], self.block.length))
+        self.assertIn("sent twice", str(error))
+        self.assertTrue(self.block.receivedMap.test(0))
+
+    def test_outside(self) -> None:
+        """
+        A record past the block (the decoder knew a longer one) is refused.
+        """
+        self.assertRaises(RAMBlockError, self.service.placeRecords, "pc.ram",
+                          run([(300 * PAGE, b"\x02" * PAGE)], 2 * self.block.length))
+        self.assertRaises(RAMBlockError, self.service.placeRecords, "other", run([(0, 0)], PAGE))
+
+    def test_runs(self) -> None:
+        """
+        C{tp_record_runs} splits on a gap, a change of kind and a non-zero
+        fill (alone), and stops at C{maxRuns}.
+        """
+        records = run([(0, b"\x01" * PAGE), (PAGE, b"\x01" * PAGE), (2 * PAGE, 0), (3 * PAGE, 0), (4 * PAGE, 9),
+                       (5 * PAGE, 9), (7 * PAGE, b"\x01" * PAGE)], 8 * PAGE)
+        runs, after = ffi.new("uint64_t[]", 4 * 8), ffi.new("uint64_t *")
+        with ffi.from_buffer(records.data) as data, ffi.from_buffer("uint64_t[]", records.words) as words, \
+                ffi.from_buffer("uint32_t[]", records.payloads) as payloads:
+            found = lib.tp_record_runs(data, words, payloads, 0, 7, runs, 8, after)
+            self.assertEqual((found, after[0]), (5, 7))
+            self.assertEqual([tuple(runs[4 * k:4 * k + 4]) for k in range(found)],
+                             [(0, 2 * PAGE, 0, 1), (2 * PAGE, 2 * PAGE, 2, 0), (4 * PAGE, PAGE, 4, 2),
+                              (5 * PAGE, PAGE, 5, 2), (7 * PAGE, PAGE, 6, 1)])
+            self.assertEqual((lib.tp_record_runs(data, words, payloads, 1, 7, runs, 2, after), after[0]), (2, 4))
+            self.assertEqual((lib.tp_record_runs(data, words, payloads, 7, 7, runs, 2, after), after[0]), (0, 7))

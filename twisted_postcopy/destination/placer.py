@@ -24,8 +24,10 @@ from attrs import define, field
 from twisted_postcopy.errors import RemoteProtocolError
 from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.ram.placement import writeRecords
-from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
-from twisted_postcopy.wire.events import PageReceived
+from twisted_postcopy.wire.constants import RAM_FLAGS_MASK as _FLAGS_MASK
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE, RAMFlag
+
+_PAGE = int(RAMFlag.PAGE)
 
 #: Largest run gathered before it is placed, in bytes.
 MAX_RUN = 1 << 20
@@ -121,28 +123,38 @@ class PagePlacer:
 
     def records(self, idstr: str, records: Any) -> None:
         """
-        A run of CONTINUE records decoded in C (the main stream's hot path):
-        before LISTEN, into a block of 4 KiB pages, written straight from
-        the receive buffer by L{writeRecords} (one C{pwritev} per run of
-        consecutive pages, one hole per run of zero pages, no copy and no
-        call per page); otherwise record by record through L{page} and
-        L{zero}.
+        A run of CONTINUE records decoded in C (the main stream's hot path),
+        into a block of 4 KiB pages straight from the receive buffer, with
+        no copy and no call per page: before LISTEN written by
+        L{writeRecords} (one C{pwritev} per run of consecutive pages, one
+        hole per run of zero pages), from LISTEN on placed by the fault
+        service's C{placeRecords} (one C{UFFDIO_COPY} per page).  Other
+        blocks (or a fault service without C{placeRecords}) take them
+        record by record through L{page} and L{zero}.
 
         @param idstr: the block.
         @param records: a L{twisted_postcopy.wire.events.RAMRecordsReceived}.
         @raise RemoteProtocolError: unknown block or bad offset.
         """
         block = self.blocks.get(idstr)
-        if self.faults is None and isinstance(block, RAMBlock) and block.pageSize == TARGET_PAGE_SIZE:
-            self.flush()
-            writeRecords(block, records)
-            return
+        if isinstance(block, RAMBlock) and block.pageSize == TARGET_PAGE_SIZE:
+            if self.faults is None:
+                self.flush()
+                writeRecords(block, records)
+                return
+            placeRecords = getattr(self.faults, "placeRecords", None)
+            if placeRecords is not None:
+                self.flush()
+                placeRecords(idstr, records)
+                return
         size = block.pageSize if block is not None else TARGET_PAGE_SIZE
-        for record in records.records():
-            if record.__class__ is PageReceived:
-                self.page(idstr, record.offset, record.data)
+        data = records.data
+        for word, at in zip(records.words, records.payloads):
+            flags = word & _FLAGS_MASK
+            if flags & _PAGE:
+                self.page(idstr, word - flags, data[at:at + TARGET_PAGE_SIZE])
             else:
-                self.zero(idstr, record.offset, record.fill, size)
+                self.zero(idstr, word - flags, data[at], size)
 
     def flush(self) -> None:
         """

@@ -119,6 +119,10 @@ int64_t tp_ram_encode(const char *base, uint64_t start, uint64_t count, char *ou
 int tp_write_records(int fd, const char *data, const uint64_t *words, const uint32_t *payloads,
                      uint64_t first, uint64_t count, uint64_t blockLength, uint64_t *runs, uint64_t maxRuns,
                      uint64_t *runCount, uint64_t *next, uint64_t *zeroCount);
+int64_t tp_record_runs(const char *data, const uint64_t *words, const uint32_t *payloads, uint64_t first,
+                       uint64_t count, uint64_t *runs, uint64_t maxRuns, uint64_t *next);
+int tp_uffd_place_records(int fd, uint64_t dst, const char *data, const uint32_t *payloads, uint64_t first,
+                          uint64_t count, uint64_t *placed);
 
 int64_t tp_monotonic_ns(void);
 int tp_touch_pages(uint64_t base, uint64_t stride, uint64_t count, int write,
@@ -513,6 +517,59 @@ static int tp_write_records(int fd, const char *data, const uint64_t *words, con
             j++;
         *zeroCount = j - i;
     }
+    return 0;
+}
+
+/* The runs of the records tp_ram_scan found, from index first: records
+   with consecutive offsets and the same kind (1: PAGE, 0: ZERO with fill
+   0, 2: ZERO with another fill, always a run of its own).  runs gets
+   (offset, length, index of its first record, kind) for each, at most
+   maxRuns; *next is the index after the last run.  Returns the number of
+   runs. */
+static int64_t tp_record_runs(const char *data, const uint64_t *words, const uint32_t *payloads, uint64_t first,
+                              uint64_t count, uint64_t *runs, uint64_t maxRuns, uint64_t *next) {
+    uint64_t i = first, n = 0;
+    while (i < count && n < maxRuns) {
+        uint64_t flags = words[i] & TP_FLAGS_MASK, start = words[i] - flags;
+        uint64_t kind = (flags & TP_PAGE) ? 1 : (data[payloads[i]] ? 2 : 0), j = i + 1;
+        if (kind != 2) {
+            while (j < count) {
+                uint64_t f = words[j] & TP_FLAGS_MASK;
+                uint64_t k = (f & TP_PAGE) ? 1 : (data[payloads[j]] ? 2 : 0);
+                if (k != kind || words[j] - f != start + (j - i) * TP_TARGET_PAGE) break;
+                j++;
+            }
+        }
+        runs[4 * n] = start;
+        runs[4 * n + 1] = (j - i) * TP_TARGET_PAGE;
+        runs[4 * n + 2] = i;
+        runs[4 * n + 3] = kind;
+        n++;
+        i = j;
+    }
+    *next = i;
+    return (int64_t)n;
+}
+
+/* Postcopy: place count PAGE records (index first on, consecutive
+   offsets from dst) straight from data, one UFFDIO_COPY per page (the
+   host page); a page that exists already (EEXIST) counts as placed.
+   Stops at another error (-EAGAIN: events must be read first); *placed
+   says how many pages are done. */
+static int tp_uffd_place_records(int fd, uint64_t dst, const char *data, const uint32_t *payloads, uint64_t first,
+                                 uint64_t count, uint64_t *placed) {
+    uint64_t done = 0;
+    while (done < count) {
+        int64_t result = tp_uffd_copy(fd, dst + done * TP_TARGET_PAGE,
+                                      (uint64_t)(uintptr_t)(data + payloads[first + done]), TP_TARGET_PAGE, 0);
+        if (result == TP_TARGET_PAGE || result == -EEXIST) {
+            done++;
+        } else {
+            *placed = done;
+            return result >= 0 ? -EAGAIN : (int)result;
+        }
+    }
+    *placed = done;
     return 0;
 }
 

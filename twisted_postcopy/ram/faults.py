@@ -30,6 +30,7 @@ Nothing here touches guest memory from Python.  See C{docs/userfaultfd.md}.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from typing import Any, Callable, Iterable, Mapping
@@ -39,17 +40,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_postcopy.errors import MappingTableError, MigrationFailed, RemoteProtocolError, UffdError
+from twisted_postcopy.errors import MappingTableError, MigrationFailed, RAMBlockError, RemoteProtocolError, UffdError
 from twisted_postcopy.interfaces import IFaultService
 from twisted_postcopy.ram import uffd
-from twisted_postcopy.ram._uffd import lib
+from twisted_postcopy.ram._uffd import ffi, lib
 from twisted_postcopy.ram.clients import ClientMapping, FaultClient, Readable, validateMappings
 from twisted_postcopy.ram.observers import FaultObservers
 from twisted_postcopy.ram.pending import PendingPage, PendingPages
-from twisted_postcopy.ram.placement import Placer
+from twisted_postcopy.ram.placement import PLACE_RETRIES, Placer
 from twisted_postcopy.ram.uffdmsg import UFFD_EVENT_PAGEFAULT, iterRecords
 
 __all__ = ["ClientMapping", "FaultClient", "FaultService"]
+
+#: The target page: what one RAM record carries.
+_TARGET_PAGE = 4096
+#: Runs reported by one C{tp_record_runs} call.
+_RECORD_RUNS = 64
 
 _log = Logger()
 
@@ -83,6 +89,7 @@ class FaultService:
         self.faultCount = 0
         self.pending = PendingPages(pageSource)
         self._messages = uffd.MessageBuffer()
+        self._recordsPlaced = ffi.new("uint64_t *")
         self.observers = FaultObservers()
         for block in (blocks.values() if isinstance(blocks, Mapping) else blocks):
             self.addBlock(block)
@@ -316,6 +323,74 @@ class FaultService:
             self._placed(ram, offset, done)
         if error is not None:
             raise error
+
+    def placeRecords(self, block: str, records: Any) -> None:
+        """
+        Place a run of RAM records decoded in C (a
+        L{twisted_postcopy.wire.events.RAMRecordsReceived}) into a block of
+        4 KiB pages, straight from the receive buffer: one C{UFFDIO_COPY}
+        per page from where it lies (no copy, no Python call per page),
+        then, per run of consecutive pages, received bits and wake-ups as
+        L{placePages}; a run of ZERO records is one L{placeZero}.
+
+        @param block: the RAMBlock idstr.
+        @param records: the records.
+        @raise RAMBlockError: unknown block, a block of larger pages, or a
+            record outside it.
+        @raise RemoteProtocolError: a page was already received.
+        @raise UffdError: the kernel refused (pages before are placed).
+        """
+        ram = self.placer.find(block, 0)
+        if ram.pageSize != _TARGET_PAGE:
+            raise RAMBlockError(f"RAMBlock {block}: records are placed one host page at a time "
+                                f"({ram.pageSize:#x} bytes), not by placeRecords")
+        runs = ffi.new("uint64_t[]", 4 * _RECORD_RUNS)
+        out = ffi.new("uint64_t[2]")
+        count = len(records.words)
+        # Released on the way out even when something is raised.
+        with ffi.from_buffer(records.data) as data, ffi.from_buffer("uint64_t[]", records.words) as words, \
+                ffi.from_buffer("uint32_t[]", records.payloads) as payloads:
+            index = 0
+            while index < count:
+                found = lib.tp_record_runs(data, words, payloads, index, count, runs, _RECORD_RUNS, out)
+                for run in range(found):
+                    offset, length, first, kind = runs[4 * run:4 * run + 4]
+                    if kind == 1:
+                        self._placeRecordRun(ram, offset, length, data, payloads, first)
+                    elif kind == 0:
+                        self.placeZero(block, offset, length)
+                    else:
+                        self.placePages(block, offset, bytes((records.data[records.payloads[first]],)) * length)
+                index = out[0]
+
+    def _placeRecordRun(self, ram: Any, offset: int, length: int, data: Any, payloads: Any, first: int) -> None:
+        """
+        Place one run of PAGE records (see L{placeRecords}).
+
+        @param ram: the RAMBlock.
+        @param offset: the run's offset.
+        @param length: its length.
+        @param data: the records' bytes (C pointer).
+        @param payloads: where each page starts in C{data} (C pointer).
+        @param first: the index of the run's first record.
+        """
+        self.placer.block(ram.idstr, offset, length)
+        self._checkNew(ram, offset, length)
+        pages, done, retries = length // _TARGET_PAGE, 0, 0
+        placed = self._recordsPlaced
+        while True:
+            result = lib.tp_uffd_place_records(self.placer.uffd, ram.address + offset + done * _TARGET_PAGE, data,
+                                               payloads, first + done, pages - done, placed)
+            done += placed[0]
+            if result != -errno.EAGAIN or retries >= PLACE_RETRIES:
+                break
+            retries += 1
+            self.placer.drain()
+        if done:
+            self._placed(ram, offset, done * _TARGET_PAGE)
+        if result < 0:
+            where = f"{ram.idstr}:{offset + done * _TARGET_PAGE:#x}"
+            raise UffdError(-result, f"UFFDIO_COPY of {where}: {os.strerror(-result)}")
 
     def placeZero(self, block: str, offset: int, length: int) -> None:
         """

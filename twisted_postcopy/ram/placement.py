@@ -140,6 +140,13 @@ class Placer:
             retries += 1
             self._drain()
 
+    def drain(self) -> None:
+        """
+        Read (and drop) whatever is queued on the placement userfaultfd
+        (before retrying a placement refused with C{EAGAIN}).
+        """
+        self._drain()
+
     def _drain(self) -> None:
         """
         Read (and drop) whatever is queued on the placement userfaultfd, so
