@@ -29,7 +29,7 @@ from twisted_postcopy.protocols.dispatch import RAM_BATCH
 from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE, RAMFlag, SectionType
 from twisted_postcopy.wire.encoder import StreamEncoder
-from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, RAMRecordsReceived
+from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, RAMRecordsReceived, ZeroPageReceived
 from twisted_postcopy.wire.stream import StreamDecoder
 
 #: Distinct random pages; page I of the block carries pattern I modulo this.
@@ -137,6 +137,8 @@ def ingest(chunks: list[bytes], pages: int, batch: int = RAM_BATCH) -> float:
                     placer.records(event.block, event)
                 elif kind is PageReceived:
                     placer.page(event.block, event.offset, event.data)
+                elif kind is ZeroPageReceived:
+                    placer.zero(event.block, event.offset, event.fill, TARGET_PAGE_SIZE)
             placer.flush()
         elapsed = time.perf_counter() - start
         assert block.receivedMap.count() == pages

@@ -551,3 +551,29 @@ class CRecordLoopTests(SynchronousTestCase):
         self.assertEqual((written[0], splits[0], pages[0]), (9 + 8 + 9, 17, 1))
         self.assertEqual(ffi.buffer(out, 26)[:], (0x22).to_bytes(8, "big") + b"\x00" + (0x1028).to_bytes(8, "big")
                          + (0x2022).to_bytes(8, "big") + b"\x00")
+
+
+class BatchChunkingTests(SynchronousTestCase):
+    """
+    Runs of small records stay batched across chunk boundaries.
+    """
+
+    def test_zeroRecordsAcrossChunks(self) -> None:
+        """
+        ZERO records fed in 64 KiB chunks come in runs of C{batch} records
+        but for a few around each chunk boundary.
+        """
+        encoder = RAMRecordEncoder()
+        pages = 20000
+        data = b"".join(encoder.zeroPage("pc.ram", page * 4096) for page in range(pages)) + encoder.eos()
+        decoder = RAMRecordDecoder({"pc.ram": pages * 4096}, batch=256)
+        buffer = ReceiveBuffer()
+        for start in range(0, len(data), 65536):
+            buffer.feed(data[start:start + 65536])
+        events, records = 0, 0
+        while (event := decoder.nextRecord(buffer)) != RAMSectionEOS():
+            events += 1
+            records += len(event) if isinstance(event, RAMRecordsReceived) else 1
+        self.assertEqual(records, pages)
+        chunks = -(-len(data) // 65536)
+        self.assertLessEqual(events, pages // 256 + 4 * chunks)
