@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.destination.placer import PagePlacer
 from twisted_postcopy.errors import RAMBlockError, RemoteProtocolError
+from twisted_postcopy.protocols.dispatch import IncomingStreamReader
 from twisted_postcopy.ram._uffd import ffi, lib
 from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.ram.faults import FaultService
@@ -127,8 +128,9 @@ class WriteRecordsTests(SynchronousTestCase):
 
     def test_placerFallsBackRecordByRecord(self) -> None:
         """
-        A placer whose blocks are not memfd RAMBlocks of 4 KiB pages takes
-        the records one by one, with the same result.
+        A placer whose blocks are not memfd RAMBlocks of 4 KiB pages does
+        not take a run; the main stream's reader then gives it the records
+        one by one, with the same result.
         """
         written: list = []
 
@@ -142,7 +144,20 @@ class WriteRecordsTests(SynchronousTestCase):
                 written.append((offset, length))
 
         placer = PagePlacer({"pc.ram": Block()})
-        placer.records("pc.ram", run([(0, b"\x01" * PAGE), (PAGE, b"\x02" * PAGE), (3 * PAGE, 0)], 4 * PAGE))
+        records = run([(0, b"\x01" * PAGE), (PAGE, b"\x02" * PAGE), (3 * PAGE, 0)], 4 * PAGE)
+        self.assertFalse(placer.records("pc.ram", records))
+
+        class Incoming:
+            def records(self, idstr: str, records: RAMRecordsReceived) -> bool:
+                return placer.records(idstr, records)
+
+            def page(self, idstr: str, offset: int, data: bytes) -> None:
+                placer.page(idstr, offset, data)
+
+            def zero(self, idstr: str, offset: int, fill: int) -> None:
+                placer.zero(idstr, offset, fill, PAGE)
+
+        IncomingStreamReader(Incoming())._records(records)
         placer.flush()
         self.assertEqual(written, [(0, b"\x01" * PAGE + b"\x02" * PAGE), (3 * PAGE, PAGE)])
 

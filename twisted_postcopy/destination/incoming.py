@@ -155,14 +155,16 @@ class IncomingMigration:
             raise RemoteProtocolError("RAM page before the RAM block list")
         placer.page(idstr, offset, data)
 
-    def records(self, idstr: str, records: Any) -> None:
+    def records(self, idstr: str, records: Any) -> bool:
         """
         A run of CONTINUE records decoded in C.
 
         @param idstr: the block.
         @param records: a L{twisted_postcopy.wire.events.RAMRecordsReceived}.
+        @return: whether they were taken in one go (else the caller gives
+            them to L{page} and L{zero} one by one).
         """
-        self._placer().records(idstr, records)
+        return self._placer().records(idstr, records)
 
     def zero(self, idstr: str, offset: int, fill: int) -> None:
         """

@@ -96,14 +96,13 @@ class IncomingStreamReader:
     def _records(self, event: e.RAMRecordsReceived) -> None:
         """
         A run of CONTINUE records, scanned in C: to the incoming migration
-        in one call where it takes runs, else record by record (no event
-        object per record).
+        in one call where it takes the run, else record by record (no
+        event object per record).
 
         @param event: the run.
         """
         records = getattr(self.incoming, "records", None)
-        if records is not None:
-            records(event.block, event)
+        if records is not None and records(event.block, event):
             return
         page, zero, block, data = self.incoming.page, self.incoming.zero, event.block, event.data
         for word, at in zip(event.words, event.payloads):
