@@ -155,17 +155,6 @@ class IncomingMigration:
             raise RemoteProtocolError("RAM page before the RAM block list")
         placer.page(idstr, offset, data)
 
-    def records(self, idstr: str, records: Any) -> bool:
-        """
-        A run of CONTINUE records decoded in C.
-
-        @param idstr: the block.
-        @param records: a L{twisted_postcopy.wire.events.RAMRecordsReceived}.
-        @return: whether they were taken in one go (else the caller gives
-            them to L{page} and L{zero} one by one).
-        """
-        return self._placer().records(idstr, records)
-
     def zero(self, idstr: str, offset: int, fill: int) -> None:
         """
         A ZERO record.
@@ -196,6 +185,17 @@ class IncomingMigration:
         self.machine.discard()
         for start, length in ranges:
             self._placer().discard(idstr, start, length)
+
+    def records(self, idstr: str, records: Any) -> bool:
+        """
+        A run of CONTINUE records decoded in C.
+
+        @param idstr: the block.
+        @param records: a L{twisted_postcopy.wire.events.RAMRecordsReceived}.
+        @return: whether they were taken in one go (else the caller gives
+            them to L{page} and L{zero} one by one).
+        """
+        return self._placer().records(idstr, records)
 
     def listen(self) -> None:
         """
