@@ -118,6 +118,19 @@ class PagePlacer:
         else:
             self.faults.placeZero(idstr, offset, length)
 
+    def flush(self) -> None:
+        """
+        Write or place the pending run, if any.
+        """
+        if self.run:
+            if self.faults is None:
+                self.blocks[self.runBlock].write(self.runOffset, self.run)
+                self.run.clear()
+            else:
+                run, self.run = self.run, bytearray()
+                self.faults.placePages(self.runBlock, self.runOffset, run)
+        self.runBlock = None
+
     def records(self, idstr: str, records: Any) -> bool:
         """
         A run of CONTINUE records decoded in C (the main stream's hot path),
@@ -147,16 +160,3 @@ class PagePlacer:
         self.flush()
         placeRecords(idstr, records)
         return True
-
-    def flush(self) -> None:
-        """
-        Write or place the pending run, if any.
-        """
-        if self.run:
-            if self.faults is None:
-                self.blocks[self.runBlock].write(self.runOffset, self.run)
-                self.run.clear()
-            else:
-                run, self.run = self.run, bytearray()
-                self.faults.placePages(self.runBlock, self.runOffset, run)
-        self.runBlock = None
