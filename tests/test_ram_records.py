@@ -119,6 +119,20 @@ class WriteRecordsTests(SynchronousTestCase):
         zeros: list[tuple[int, int | bytes]] = [(self.pages * PAGE, 0)]
         self.assertRaises(RemoteProtocolError, writeRecords, self.block, run(zeros, 2 * self.block.length))
 
+    def test_recordsOutsideTheirData(self) -> None:
+        """
+        Records not made by the decoder whose pages lie past their data are
+        refused before anything is written.
+        """
+        good = run([(0, b"\x01" * PAGE), (PAGE, 0), (2 * PAGE, b"\x02" * PAGE)], self.block.length)
+        for data in (good.data[:-1], good.data[:8]):
+            self.assertRaises(ValueError, writeRecords, self.block,
+                              RAMRecordsReceived("pc.ram", data, good.words, good.payloads))
+        self.assertRaises(ValueError, writeRecords, self.block,
+                          RAMRecordsReceived("pc.ram", good.data, good.words[:2], good.payloads))
+        self.assertEqual(self.block.receivedMap.count(), 0)
+        self.assertEqual(self.content(), bytes(self.block.length))
+
     def test_registered(self) -> None:
         """
         A block registered with userfaultfd is never written.
@@ -244,10 +258,26 @@ class PlaceRecordsTests(SynchronousTestCase):
         runs, after = ffi.new("uint64_t[]", 4 * 8), ffi.new("uint64_t *")
         with ffi.from_buffer(records.data) as data, ffi.from_buffer("uint64_t[]", records.words) as words, \
                 ffi.from_buffer("uint32_t[]", records.payloads) as payloads:
-            found = lib.tp_record_runs(data, words, payloads, 0, 7, runs, 8, after)
+            length = len(records.data)
+            found = lib.tp_record_runs(data, length, words, payloads, 0, 7, runs, 8, after)
             self.assertEqual((found, after[0]), (5, 7))
             self.assertEqual([tuple(runs[4 * k:4 * k + 4]) for k in range(found)],
                              [(0, 2 * PAGE, 0, 1), (2 * PAGE, 2 * PAGE, 2, 0), (4 * PAGE, PAGE, 4, 2),
                               (5 * PAGE, PAGE, 5, 2), (7 * PAGE, PAGE, 6, 1)])
-            self.assertEqual((lib.tp_record_runs(data, words, payloads, 1, 7, runs, 2, after), after[0]), (2, 4))
-            self.assertEqual((lib.tp_record_runs(data, words, payloads, 7, 7, runs, 2, after), after[0]), (0, 7))
+            self.assertEqual((lib.tp_record_runs(data, length, words, payloads, 1, 7, runs, 2, after), after[0]),
+                             (2, 4))
+            self.assertEqual((lib.tp_record_runs(data, length, words, payloads, 7, 7, runs, 2, after), after[0]),
+                             (0, 7))
+            self.assertEqual(lib.tp_record_runs(data, length - 1, words, payloads, 0, 7, runs, 8, after), -22)
+
+    def test_recordsOutsideTheirData(self) -> None:
+        """
+        Records not made by the decoder whose pages lie past their data are
+        refused before anything is read or placed.
+        """
+        good = run([(0, b"\x01" * PAGE), (PAGE, b"\x02" * PAGE)], self.block.length)
+        bad = RAMRecordsReceived("pc.ram", good.data[:-1], good.words, good.payloads)
+        self.assertRaises(ValueError, self.service.placeRecords, "pc.ram", bad)
+        short = RAMRecordsReceived("pc.ram", good.data, good.words, good.payloads[:1])
+        self.assertRaises(ValueError, self.service.placeRecords, "pc.ram", short)
+        self.assertEqual(self.block.receivedMap.count(), 0)

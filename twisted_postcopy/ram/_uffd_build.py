@@ -116,13 +116,13 @@ int64_t tp_ram_scan(const char *buffer, uint64_t length, uint64_t blockLength, u
                     uint64_t *words, uint32_t *payloads, uint64_t *consumed);
 int64_t tp_ram_encode(const char *base, uint64_t start, uint64_t count, char *out,
                       uint32_t *splits, uint32_t *pages, uint64_t *written);
-int tp_write_records(int fd, const char *data, const uint64_t *words, const uint32_t *payloads,
-                     uint64_t first, uint64_t count, uint64_t blockLength, uint64_t *runs, uint64_t maxRuns,
-                     uint64_t *runCount, uint64_t *next, uint64_t *zeroCount);
-int64_t tp_record_runs(const char *data, const uint64_t *words, const uint32_t *payloads, uint64_t first,
-                       uint64_t count, uint64_t *runs, uint64_t maxRuns, uint64_t *next);
-int tp_uffd_place_records(int fd, uint64_t dst, const char *data, const uint32_t *payloads, uint64_t first,
-                          uint64_t count, uint64_t *placed);
+int tp_write_records(int fd, const char *data, uint64_t dataLength, const uint64_t *words,
+                     const uint32_t *payloads, uint64_t first, uint64_t count, uint64_t blockLength,
+                     uint64_t *runs, uint64_t maxRuns, uint64_t *runCount, uint64_t *next, uint64_t *zeroCount);
+int64_t tp_record_runs(const char *data, uint64_t dataLength, const uint64_t *words, const uint32_t *payloads,
+                       uint64_t first, uint64_t count, uint64_t *runs, uint64_t maxRuns, uint64_t *next);
+int tp_uffd_place_records(int fd, uint64_t dst, const char *data, uint64_t dataLength,
+                          const uint32_t *payloads, uint64_t first, uint64_t count, uint64_t *placed);
 
 int64_t tp_monotonic_ns(void);
 int tp_touch_pages(uint64_t base, uint64_t stride, uint64_t count, int write,
@@ -446,6 +446,18 @@ static int64_t tp_ram_encode(const char *base, uint64_t start, uint64_t count, c
     return (int64_t)n;
 }
 
+/* Whether each record from first to count lies inside the dataLength
+   bytes of data (its page, or its fill byte): the loops below read only
+   there, whoever built the arrays. */
+static int tp_records_fit(uint64_t dataLength, const uint64_t *words, const uint32_t *payloads,
+                          uint64_t first, uint64_t count) {
+    for (uint64_t i = first; i < count; i++) {
+        uint64_t need = (words[i] & TP_PAGE) ? TP_TARGET_PAGE : 1;
+        if ((uint64_t)payloads[i] + need > dataLength) return 0;
+    }
+    return 1;
+}
+
 /* Destination, precopy: write the records tp_ram_scan found (words,
    payloads into data) from index first into a block's memfd, straight
    from data: each run of PAGE records with consecutive offsets is one
@@ -455,16 +467,20 @@ static int64_t tp_ram_encode(const char *base, uint64_t start, uint64_t count, c
    of the first record not written, and for a ZERO record *zeroCount says
    how many ZERO records with fill 0 and consecutive offsets start there
    (0 when its fill byte is not 0).  Returns 0, -ERANGE for a page past
-   blockLength (*next at it), or -errno of a failed write (*next at the
-   run, which may be partly written). */
+   blockLength (*next at it), -EINVAL (nothing done) when a record does
+   not lie inside the dataLength bytes of data, or -errno of a failed
+   write (*next at the run, which may be partly written). */
 #define TP_IOV_MAX 1024
-static int tp_write_records(int fd, const char *data, const uint64_t *words, const uint32_t *payloads,
-                            uint64_t first, uint64_t count, uint64_t blockLength, uint64_t *runs,
-                            uint64_t maxRuns, uint64_t *runCount, uint64_t *next, uint64_t *zeroCount) {
+static int tp_write_records(int fd, const char *data, uint64_t dataLength, const uint64_t *words,
+                            const uint32_t *payloads, uint64_t first, uint64_t count, uint64_t blockLength,
+                            uint64_t *runs, uint64_t maxRuns, uint64_t *runCount, uint64_t *next,
+                            uint64_t *zeroCount) {
     struct iovec iov[TP_IOV_MAX];
     uint64_t i = first, n = 0;
     *runCount = 0;
     *zeroCount = 0;
+    *next = first;
+    if (!tp_records_fit(dataLength, words, payloads, first, count)) return -EINVAL;
     while (i < count && n < maxRuns) {
         uint64_t flags = words[i] & TP_FLAGS_MASK;
         if (!(flags & TP_PAGE)) break;
@@ -525,10 +541,14 @@ static int tp_write_records(int fd, const char *data, const uint64_t *words, con
    0, 2: ZERO with another fill, always a run of its own).  runs gets
    (offset, length, index of its first record, kind) for each, at most
    maxRuns; *next is the index after the last run.  Returns the number of
-   runs. */
-static int64_t tp_record_runs(const char *data, const uint64_t *words, const uint32_t *payloads, uint64_t first,
-                              uint64_t count, uint64_t *runs, uint64_t maxRuns, uint64_t *next) {
+   runs, or -EINVAL when a record does not lie inside the dataLength bytes
+   of data. */
+static int64_t tp_record_runs(const char *data, uint64_t dataLength, const uint64_t *words,
+                              const uint32_t *payloads, uint64_t first, uint64_t count, uint64_t *runs,
+                              uint64_t maxRuns, uint64_t *next) {
     uint64_t i = first, n = 0;
+    *next = first;
+    if (!tp_records_fit(dataLength, words, payloads, first, count)) return -EINVAL;
     while (i < count && n < maxRuns) {
         uint64_t flags = words[i] & TP_FLAGS_MASK, start = words[i] - flags;
         uint64_t kind = (flags & TP_PAGE) ? 1 : (data[payloads[i]] ? 2 : 0), j = i + 1;
@@ -555,10 +575,14 @@ static int64_t tp_record_runs(const char *data, const uint64_t *words, const uin
    offsets from dst) straight from data, one UFFDIO_COPY per page (the
    host page); a page that exists already (EEXIST) counts as placed.
    Stops at another error (-EAGAIN: events must be read first); *placed
-   says how many pages are done. */
-static int tp_uffd_place_records(int fd, uint64_t dst, const char *data, const uint32_t *payloads, uint64_t first,
-                                 uint64_t count, uint64_t *placed) {
+   says how many pages are done.  -EINVAL (nothing placed) when a page
+   does not lie inside the dataLength bytes of data. */
+static int tp_uffd_place_records(int fd, uint64_t dst, const char *data, uint64_t dataLength,
+                                 const uint32_t *payloads, uint64_t first, uint64_t count, uint64_t *placed) {
     uint64_t done = 0;
+    *placed = 0;
+    for (uint64_t i = first; i < first + count; i++)
+        if ((uint64_t)payloads[i] + TP_TARGET_PAGE > dataLength) return -EINVAL;
     while (done < count) {
         int64_t result = tp_uffd_copy(fd, dst + done * TP_TARGET_PAGE,
                                       (uint64_t)(uintptr_t)(data + payloads[first + done]), TP_TARGET_PAGE, 0);

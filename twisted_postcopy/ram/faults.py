@@ -339,6 +339,8 @@ class FaultService:
             record outside it.
         @raise RemoteProtocolError: a page was already received.
         @raise UffdError: the kernel refused (pages before are placed).
+        @raise ValueError: records whose pages lie outside their data (not
+            made by the decoder).
         """
         ram = self.placer.find(block, 0)
         if ram.pageSize != _TARGET_PAGE:
@@ -347,23 +349,29 @@ class FaultService:
         runs = ffi.new("uint64_t[]", 4 * _RECORD_RUNS)
         out = ffi.new("uint64_t[2]")
         count = len(records.words)
+        if len(records.payloads) != count:
+            raise ValueError(f"{count} RAM record words but {len(records.payloads)} payload offsets")
         # Released on the way out even when something is raised.
         with ffi.from_buffer(records.data) as data, ffi.from_buffer("uint64_t[]", records.words) as words, \
                 ffi.from_buffer("uint32_t[]", records.payloads) as payloads:
             index = 0
             while index < count:
-                found = lib.tp_record_runs(data, words, payloads, index, count, runs, _RECORD_RUNS, out)
+                found = lib.tp_record_runs(data, len(records.data), words, payloads, index, count, runs,
+                                           _RECORD_RUNS, out)
+                if found < 0:
+                    raise ValueError("RAM records whose pages lie outside their data")
                 for run in range(found):
                     offset, length, first, kind = runs[4 * run:4 * run + 4]
                     if kind == 1:
-                        self._placeRecordRun(ram, offset, length, data, payloads, first)
+                        self._placeRecordRun(ram, offset, length, data, len(records.data), payloads, first)
                     elif kind == 0:
                         self.placeZero(block, offset, length)
                     else:
                         self.placePages(block, offset, bytes((records.data[records.payloads[first]],)) * length)
                 index = out[0]
 
-    def _placeRecordRun(self, ram: Any, offset: int, length: int, data: Any, payloads: Any, first: int) -> None:
+    def _placeRecordRun(self, ram: Any, offset: int, length: int, data: Any, dataLength: int, payloads: Any,
+                        first: int) -> None:
         """
         Place one run of PAGE records (see L{placeRecords}).
 
@@ -371,6 +379,7 @@ class FaultService:
         @param offset: the run's offset.
         @param length: its length.
         @param data: the records' bytes (C pointer).
+        @param dataLength: their length.
         @param payloads: where each page starts in C{data} (C pointer).
         @param first: the index of the run's first record.
         """
@@ -380,7 +389,7 @@ class FaultService:
         placed = self._recordsPlaced
         while True:
             result = lib.tp_uffd_place_records(self.placer.uffd, ram.address + offset + done * _TARGET_PAGE, data,
-                                               payloads, first + done, pages - done, placed)
+                                               dataLength, payloads, first + done, pages - done, placed)
             done += placed[0]
             if result != -errno.EAGAIN or retries >= PLACE_RETRIES:
                 break

@@ -181,6 +181,8 @@ def writeRecords(block: Any, records: Any) -> None:
     @raise RemoteProtocolError: a record past the block's end.
     @raise RAMBlockError: the block cannot be written (registered).
     @raise OSError: the kernel refused a write.
+    @raise ValueError: records whose pages lie outside their data (not
+        made by the decoder).
     """
     if block.registered:
         raise RAMBlockError(f"RAMBlock {block.idstr}: write after userfaultfd registration; "
@@ -210,14 +212,18 @@ def _writeRecords(block: Any, records: Any, data: Any, words: Any, payloads: Any
     out = ffi.new("uint64_t[3]")
     received, holes = block.receivedMap, block.holeMap
     index, count = 0, len(records.words)
+    if len(records.payloads) != count:
+        return ValueError(f"{count} RAM record words but {len(records.payloads)} payload offsets")
     while index < count:
-        result = lib.tp_write_records(block.fd, data, words, payloads, index, count, block.length,
-                                      runs, _WRITE_RUNS, out, out + 1, out + 2)
+        result = lib.tp_write_records(block.fd, data, len(records.data), words, payloads, index, count,
+                                      block.length, runs, _WRITE_RUNS, out, out + 1, out + 2)
         for run in range(out[0]):
             first, pages = runs[2 * run] // _TARGET_PAGE, runs[2 * run + 1] // _TARGET_PAGE
             received.set(first, pages)
             holes.clear(first, pages)
         index = out[1]
+        if result == -errno.EINVAL:
+            return ValueError("RAM records whose pages lie outside their data")
         if result == -errno.ERANGE:
             offset = records.words[index] & ~_FLAGS_MASK
             return RemoteProtocolError(f"Illegal RAM offset {offset:x} in block {block.idstr}")
