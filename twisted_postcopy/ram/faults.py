@@ -455,33 +455,45 @@ class FaultService:
 
     def _placed(self, ram: Any, offset: int, length: int) -> None:
         """
-        Pages are in: mark them received, wake their waiters, fire their
-        Deferreds and tell the observers.
+        Pages are in: wake their waiters first (a guest thread's stall ends
+        here; nothing else runs on the reactor before the bits are set),
+        then mark them received, tell the observers and fire their
+        Deferreds.
 
         @param ram: the RAMBlock.
         @param offset: byte offset.
         @param length: bytes placed.
         """
         size = ram.pageSize
+        released = self.pending.take(ram.idstr, offset, length, size) if len(self.pending) else ()
+        for _, pending in released:
+            self._wakeWaiters(ram, pending)
         ram.receivedMap.set(offset // size, length // size)
         ram.holeMap.clear(offset // size, length // size)
-        if len(self.pending):
-            for page, pending in self.pending.take(ram.idstr, offset, length, size):
-                self._release(ram, page, pending)
+        for page, pending in released:
+            self._release(ram, page, pending)
+
+    def _wakeWaiters(self, ram: Any, pending: PendingPage) -> None:
+        """
+        Wake the clients waiting on one placed page: one C{UFFDIO_WAKE} per
+        client and address, however many threads wait there.
+
+        @param ram: the RAMBlock.
+        @param pending: the page's waiting state.
+        """
+        waiters = pending.waiters
+        for client, address in (waiters if len(waiters) == 1 else dict.fromkeys(waiters)):
+            self._wake(client, address, ram.pageSize)
 
     def _release(self, ram: Any, offset: int, pending: PendingPage) -> None:
         """
-        Wake the clients waiting on one placed page (one C{UFFDIO_WAKE} per
-        client and address, however many threads wait there) and fire its
-        Deferreds.
+        After the wake-ups of one placed page: tell the observers and fire
+        its Deferreds.
 
         @param ram: the RAMBlock.
         @param offset: the page's byte offset.
         @param pending: its waiting state.
         """
-        waiters = pending.waiters
-        for client, address in (waiters if len(waiters) == 1 else dict.fromkeys(waiters)):
-            self._wake(client, address, ram.pageSize)
         if self.observers.onPlaced:
             self.observers.pagePlaced(ram, offset, uffd.monotonicNs())
         for waiting in pending.deferreds:
