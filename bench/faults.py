@@ -6,7 +6,11 @@ Fault service benchmark.
    to the resume); the daemon side is a L{FaultService} on the reactor
    with an in-process page source that places each page at once.
    Reports p50, p99 and faults/s (in JSON: C{faults_tN_interval_us}, the
-   wall time per fault, 1e6 / faults per second).  The daemon's garbage collector is
+   wall time per fault, 1e6 / faults per second).  In the same run a C
+   userfaultfd handler of the same shape (L{twisted_postcopy.testing.cfaults}:
+   another process faults, the handler places with C{UFFDIO_COPY} and
+   wakes it) is the baseline: C{c_tN_p50_us}, C{c_tN_p99_us} and the
+   ratios ours / C, C{ratio_tN_p50} and C{ratio_tN_p99} (lower is better).  The daemon's garbage collector is
    tuned as L{tuneGarbageCollector} does unless C{--default-gc} is given
    (a default-threshold collection every ~100 faults dominates the p99).
 2. Placement throughput: C{UFFDIO_COPY} into a registered memfd in 4 KiB
@@ -33,8 +37,13 @@ from twisted_postcopy.ram.block import HUGE_PAGE_SIZE, RAMBlock
 from twisted_postcopy.ram.faults import FaultService
 from twisted_postcopy.ram.guestworker import MemoryPageSource, spawnWorker
 from twisted_postcopy.ram.support import NR_HUGEPAGES, checkHugePages, tuneGarbageCollector
+from twisted_postcopy.testing import cfaults
 
 PAGE = 4096
+#: Faulting thread counts measured.
+THREADS = (1, 4, 16)
+#: Where the C handler is built.
+BUILD_DIR = os.environ.get("TMPDIR", "/tmp")
 
 
 def percentile(values: list[int], fraction: float) -> float:
@@ -56,7 +65,8 @@ def faultRoundTrips(reactor: Any, pages: int, runs: int, threads: int):
     @param pages: pages touched per run.
     @param runs: runs (each on a fresh block).
     @param threads: faulting threads in the worker.
-    @return: a Deferred firing with a result dict.
+    @return: a Deferred firing with the round trips (ns) and the
+        faults per second of each run.
     """
     latencies: list[int] = []
     rates: list[float] = []
@@ -76,9 +86,30 @@ def faultRoundTrips(reactor: Any, pages: int, runs: int, threads: int):
         finally:
             service.stop()
             block.close()
-    return {f"faults_t{threads}_p50_us": percentile(latencies, 0.5) / 1000,
-            f"faults_t{threads}_p99_us": percentile(latencies, 0.99) / 1000,
-            f"faults_t{threads}_interval_us": 1e6 / statistics.median(rates)}
+    return latencies, rates
+
+
+def summary(prefix: str, latencies: list[int]) -> dict[str, float]:
+    """
+    @param prefix: the key prefix, e.g. C{faults_t1} or C{c_t1}.
+    @param latencies: round trips in ns.
+    @return: C{PREFIX_p50_us} and C{PREFIX_p99_us}.
+    """
+    return {f"{prefix}_p50_us": percentile(latencies, 0.5) / 1000,
+            f"{prefix}_p99_us": percentile(latencies, 0.99) / 1000}
+
+
+def ratios(results: dict[str, Any]) -> None:
+    """
+    Add C{ratio_tN_p50} and C{ratio_tN_p99} (ours / C) where both are known.
+
+    @param results: the figures (updated).
+    """
+    for threads in THREADS:
+        for q in ("p50", "p99"):
+            ours, c = results.get(f"faults_t{threads}_{q}_us"), results.get(f"c_t{threads}_{q}_us")
+            if ours is not None and c:
+                results[f"ratio_t{threads}_{q}"] = round(ours / c, 2)
 
 
 def placementThroughput(backing: str, chunk: int, total: int, runs: int) -> float:
@@ -159,11 +190,16 @@ def report(results: dict[str, Any]) -> str:
     @param results: the figures.
     @return: a readable table.
     """
-    lines = [f"{'threads':>8} {'p50 us':>9} {'p99 us':>9} {'faults/s':>10}"]
-    for threads in (1, 4, 16):
+    lines = [f"{'threads':>8} {'p50 us':>9} {'p99 us':>9} {'faults/s':>10} {'C p50':>9} {'C p99':>9}"
+             f" {'x p50':>7} {'x p99':>7}"]
+    for threads in THREADS:
+        c50, c99 = results.get(f"c_t{threads}_p50_us"), results.get(f"c_t{threads}_p99_us")
+        r50, r99 = results.get(f"ratio_t{threads}_p50"), results.get(f"ratio_t{threads}_p99")
         lines.append(f"{threads:>8} {results[f'faults_t{threads}_p50_us']:>9.1f} "
                      f"{results[f'faults_t{threads}_p99_us']:>9.1f} "
-                     f"{1e6 / results[f'faults_t{threads}_interval_us']:>10.0f}")
+                     f"{1e6 / results[f'faults_t{threads}_interval_us']:>10.0f} "
+                     + (f"{c50:>9.1f} {c99:>9.1f} {r50:>7.2f} {r99:>7.2f}" if c50 else f"{'-':>9} {'-':>9}"))
+    lines.append(f"(C: the C userfaultfd handler of the same shape; x: ours / C; load {results.get('load_1m')})")
     lines.append("")
     lines.append(f"{'UFFDIO_COPY placement':<28} {'MB/s':>8}")
     for key, label in (("copy_memfd_4k_mbps", "memfd, 4 KiB per ioctl"),
@@ -186,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mib", type=int, default=64, help="MiB placed per throughput run (default 64)")
     parser.add_argument("--default-gc", action="store_true",
                         help="keep CPython's default GC thresholds (default: tuneGarbageCollector())")
+    parser.add_argument("--no-c", action="store_true", help="skip the C handler baseline")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     options = parser.parse_args(argv)
     if not options.default_gc:
@@ -201,8 +238,24 @@ def main(argv: list[str] | None = None) -> None:
         All measurements, then stop the reactor.
         """
         try:
-            for threads in (1, 4, 16):
-                results.update((yield faultRoundTrips(reactor, options.pages, options.runs, threads)))
+            binary = None if options.no_c else cfaults.build(os.path.join(BUILD_DIR, "cfaults"))
+            for threads in THREADS:
+                # Ours and C alternate run by run, so both see the same load.
+                ours: list[int] = []
+                c: list[int] = []
+                rates: list[float] = []
+                for _ in range(options.runs):
+                    latencies, rate = yield faultRoundTrips(reactor, options.pages, 1, threads)
+                    ours += latencies
+                    rates += rate
+                    if binary is not None:
+                        c += cfaults.faultLatencies(binary, options.pages, threads)
+                results.update(summary(f"faults_t{threads}", ours))
+                results[f"faults_t{threads}_interval_us"] = 1e6 / statistics.median(rates)
+                if c:
+                    results.update(summary(f"c_t{threads}", c))
+            ratios(results)
+            results["load_1m"] = round(os.getloadavg()[0], 2)
             results.update(placements(options.mib, options.runs))
         finally:
             reactor.stop()

@@ -106,3 +106,33 @@ class ReceiveBufferTests(SynchronousTestCase):
             if buffer.ensure(size) and buffer.data is not before:
                 joins += 1
         self.assertEqual(joins, 1)
+
+    def test_backInTheChunkAfterAStraddle(self) -> None:
+        """
+        A straddling element is joined with just what it lacks, so once it
+        is consumed the next element is parsed in the next chunk itself
+        (not in joined copies, element by element, to the chunk's end).
+        """
+        buffer = ReceiveBuffer()
+        second = b"B" * 100
+        buffer.feed(b"A" * 5)
+        buffer.feed(second)
+        self.assertTrue(buffer.ensure(8))
+        self.assertTrue(buffer.ensure(9))
+        self.assertEqual(bytes(buffer.data), b"A" * 5 + b"B" * 4)
+        buffer.advance(9)
+        self.assertTrue(buffer.ensure(9))
+        self.assertIs(buffer.data, second)
+        self.assertEqual(buffer.offset, 4)
+
+    def test_growingElementJoinsDouble(self) -> None:
+        """
+        From its third join on, an element asked for in growing steps
+        takes at least as many bytes as are joined already.
+        """
+        buffer = ReceiveBuffer()
+        for _ in range(100):
+            buffer.feed(b"x" * 10)
+        for count in (11, 12, 13):
+            self.assertTrue(buffer.ensure(count))
+        self.assertEqual(len(buffer.data), 24)

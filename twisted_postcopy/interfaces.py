@@ -60,6 +60,17 @@ class IFaultService(Interface):
             range was already received.
         """
 
+    def placeRecords(block, records):
+        """
+        A run of RAM records decoded in C arrived (a
+        L{twisted_postcopy.wire.events.RAMRecordsReceived}, block of 4 KiB
+        pages): as L{placePages} and L{placeZero} for each run in it, the
+        pages placed straight from the receive buffer.
+
+        @param block: the RAMBlock's idstr.
+        @param records: the records.
+        """
+
     def placeZero(block, offset, length):
         """
         Zero pages arrived: as L{placePages} with C{UFFDIO_ZEROPAGE}.

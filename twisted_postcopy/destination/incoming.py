@@ -186,6 +186,17 @@ class IncomingMigration:
         for start, length in ranges:
             self._placer().discard(idstr, start, length)
 
+    def records(self, idstr: str, records: Any) -> bool:
+        """
+        A run of CONTINUE records decoded in C.
+
+        @param idstr: the block.
+        @param records: a L{twisted_postcopy.wire.events.RAMRecordsReceived}.
+        @return: whether they were taken in one go (else the caller gives
+            them to L{page} and L{zero} one by one).
+        """
+        return self._placer().records(idstr, records)
+
     def listen(self) -> None:
         """
         POSTCOPY_LISTEN: start the fault service; pages now go through it.

@@ -22,6 +22,9 @@ from typing import Any, Mapping
 from attrs import define, field
 
 from twisted_postcopy.errors import RemoteProtocolError
+from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.ram.placement import writeRecords
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
 
 #: Largest run gathered before it is placed, in bytes.
 MAX_RUN = 1 << 20
@@ -127,3 +130,33 @@ class PagePlacer:
                 run, self.run = self.run, bytearray()
                 self.faults.placePages(self.runBlock, self.runOffset, run)
         self.runBlock = None
+
+    def records(self, idstr: str, records: Any) -> bool:
+        """
+        A run of CONTINUE records decoded in C (the main stream's hot path),
+        into a block of 4 KiB pages straight from the receive buffer, with
+        no copy and no call per page: before LISTEN written by
+        L{writeRecords} (one C{pwritev} per run of consecutive pages, one
+        hole per run of zero pages), from LISTEN on placed by the fault
+        service's C{placeRecords} (one C{UFFDIO_COPY} per page).
+
+        @param idstr: the block.
+        @param records: a L{twisted_postcopy.wire.events.RAMRecordsReceived}.
+        @return: whether they were taken; L{False} for any other block (or
+            a fault service without C{placeRecords}): the caller then
+            passes them record by record to L{page} and L{zero}.
+        @raise RemoteProtocolError: a bad offset.
+        """
+        block = self.blocks.get(idstr)
+        if not isinstance(block, RAMBlock) or block.pageSize != TARGET_PAGE_SIZE:
+            return False
+        if self.faults is None:
+            self.flush()
+            writeRecords(block, records)
+            return True
+        placeRecords = getattr(self.faults, "placeRecords", None)
+        if placeRecords is None:
+            return False
+        self.flush()
+        placeRecords(idstr, records)
+        return True

@@ -24,6 +24,14 @@ from twisted_postcopy.errors import LimitExceededError
 from twisted_postcopy.wire import NEED_DATA, ReturnPathDecoder, StreamDecoder
 from twisted_postcopy.wire import events as e
 from twisted_postcopy.wire.commands import PACKAGE_HEAD, PACKAGE_PING_VALUE, PACKAGE_TAIL
+from twisted_postcopy.wire.constants import RAM_FLAGS_MASK as _FLAGS_MASK
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE, RAMFlag
+
+_PAGE = int(RAMFlag.PAGE)
+
+
+#: The most RAM records the main stream's decoder scans into one event.
+RAM_BATCH = 256
 
 
 class IncomingStreamReader:
@@ -43,7 +51,7 @@ class IncomingStreamReader:
         @param incoming: the incoming migration.
         """
         self.incoming = incoming
-        self.decoder = StreamDecoder()
+        self.decoder = StreamDecoder(ramBatch=RAM_BATCH)
         self.devices: list[bytes] = []
         self.heldDeviceBytes = 0
         self.finished = False
@@ -56,6 +64,7 @@ class IncomingStreamReader:
                 [(b.idstr, b.length, b.pageSize) for b in ev.blocks]),
             e.PageReceived: lambda ev: incoming.page(ev.block, ev.offset, ev.data),
             e.ZeroPageReceived: lambda ev: incoming.zero(ev.block, ev.offset, ev.fill),
+            e.RAMRecordsReceived: self._records,
             e.DiscardReceived: lambda ev: incoming.discard(ev.block, ev.ranges),
             e.ListenReceived: lambda ev: incoming.listen(),
             e.RunReceived: self._run,
@@ -83,6 +92,25 @@ class IncomingStreamReader:
             call = calls.get(event.__class__)
             if call is not None:
                 call(event)
+
+    def _records(self, event: e.RAMRecordsReceived) -> None:
+        """
+        A run of CONTINUE records, scanned in C: to the incoming migration
+        in one call where it takes the run, else record by record (no
+        event object per record).
+
+        @param event: the run.
+        """
+        records = getattr(self.incoming, "records", None)
+        if records is not None and records(event.block, event):
+            return
+        page, zero, block, data = self.incoming.page, self.incoming.zero, event.block, event.data
+        for word, at in zip(event.words, event.payloads):
+            flags = word & _FLAGS_MASK
+            if flags & _PAGE:
+                page(block, word - flags, data[at:at + TARGET_PAGE_SIZE])
+            else:
+                zero(block, word - flags, data[at])
 
     def _package(self, data: bytes) -> None:
         """

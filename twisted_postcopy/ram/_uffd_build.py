@@ -10,6 +10,11 @@ C{PAGEMAP_SCAN}, whose values are defined here (from the kernel's UAPI, see
 C{shared/spec/userfaultfd.md} sections 2.1, 3 and 11.3) behind C{#ifndef}
 guards.
 
+The RAM record hot loops of both sides are here too (C{tp_buffer_is_zero},
+QEMU's zero-page test; C{tp_ram_encode}, the records of a run of guest
+pages with their zero detection; C{tp_ram_scan}, the decoder's scan of a
+run of CONTINUE records): see L{twisted_postcopy.wire.ram}.
+
 Besides the uffd shims there are two helpers: C{tp_uffd_place}, which
 places one contiguous run (one C{UFFDIO_COPY} or C{UFFDIO_ZEROPAGE} per
 attempt, dealing with partial copies and C{EEXIST}), and C{tp_touch_pages},
@@ -106,6 +111,19 @@ int tp_munmap(uint64_t address, uint64_t length);
 int tp_madvise(uint64_t address, uint64_t length, int advice);
 int tp_punch_hole(int fd, uint64_t offset, uint64_t length);
 
+int tp_buffer_is_zero(const char *buffer, uint64_t length);
+int64_t tp_ram_scan(const char *buffer, uint64_t length, uint64_t blockLength, uint64_t maxRecords,
+                    uint64_t *words, uint32_t *payloads, uint64_t *consumed);
+int64_t tp_ram_encode(const char *base, uint64_t start, uint64_t count, char *out,
+                      uint32_t *splits, uint32_t *pages, uint64_t *written);
+int tp_write_records(int fd, const char *data, uint64_t dataLength, const uint64_t *words,
+                     const uint32_t *payloads, uint64_t first, uint64_t count, uint64_t blockLength,
+                     uint64_t *runs, uint64_t maxRuns, uint64_t *runCount, uint64_t *next, uint64_t *zeroCount);
+int64_t tp_record_runs(const char *data, uint64_t dataLength, const uint64_t *words, const uint32_t *payloads,
+                       uint64_t first, uint64_t count, uint64_t *runs, uint64_t maxRuns, uint64_t *next);
+int tp_uffd_place_records(int fd, uint64_t dst, const char *data, uint64_t dataLength,
+                          const uint32_t *payloads, uint64_t first, uint64_t count, uint64_t *placed);
+
 int64_t tp_monotonic_ns(void);
 int tp_touch_pages(uint64_t base, uint64_t stride, uint64_t count, int write,
                    int64_t *began, int64_t *ended, uint64_t *checksum);
@@ -122,6 +140,7 @@ _SOURCE = r"""
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <linux/falloc.h>
 #include <linux/userfaultfd.h>
 
@@ -319,6 +338,263 @@ static int tp_madvise(uint64_t address, uint64_t length, int advice) {
 
 static int tp_punch_hole(int fd, uint64_t offset, uint64_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) < 0 ? -errno : 0;
+}
+
+/* RAM records (migration/ram.c): the hot loops of both sides. */
+#define TP_TARGET_PAGE 4096u
+#define TP_FLAGS_MASK ((uint64_t)TP_TARGET_PAGE - 1)
+#define TP_ZERO 0x02u
+#define TP_PAGE 0x08u
+#define TP_CONTINUE 0x20u
+/* Offsets into a scanned buffer are 32-bit: longer buffers are scanned in part. */
+#define TP_SCAN_MAX ((uint64_t)1 << 31)
+
+/* QEMU's buffer_is_zero: whether length bytes are all zero.  The first and
+   last words are checked first (most non-zero pages differ there), then
+   whole 64-byte blocks with an early exit. */
+static int tp_buffer_is_zero(const char *buffer, uint64_t length) {
+    const unsigned char *p = (const unsigned char *)buffer;
+    if (length < 64) {
+        unsigned char acc = 0;
+        for (uint64_t i = 0; i < length; i++) acc |= p[i];
+        return acc == 0;
+    }
+    uint64_t head, tail;
+    memcpy(&head, p, 8);
+    memcpy(&tail, p + length - 8, 8);
+    if (head | tail) return 0;
+    uint64_t i = 8;
+    for (; i + 64 <= length; i += 64) {
+        uint64_t w[8];
+        memcpy(w, p + i, 64);
+        if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) return 0;
+    }
+    unsigned char acc = 0;
+    for (; i < length; i++) acc |= p[i];
+    return acc == 0;
+}
+
+static uint64_t tp_be64(const unsigned char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return __builtin_bswap64(v);
+}
+
+static void tp_put_be64(unsigned char *p, uint64_t v) {
+    v = __builtin_bswap64(v);
+    memcpy(p, &v, 8);
+}
+
+/* Decode side: scan the CONTINUE records (PAGE with 4096 bytes, ZERO with
+   its fill byte) at the start of buffer, up to maxRecords.  Stops before a
+   record that is incomplete, of any other kind, or whose offset is not
+   below blockLength (the caller decodes that one and names the error).
+   words[i]: record i's word (offset | flags); payloads[i]: where its page
+   or fill byte starts in buffer; *consumed: the bytes of the scanned
+   records.  Returns how many records were scanned. */
+static int64_t tp_ram_scan(const char *buffer, uint64_t length, uint64_t blockLength, uint64_t maxRecords,
+                           uint64_t *words, uint32_t *payloads, uint64_t *consumed) {
+    const unsigned char *p = (const unsigned char *)buffer;
+    uint64_t at = 0, n = 0;
+    if (length > TP_SCAN_MAX) length = TP_SCAN_MAX;
+    while (n < maxRecords && length - at >= 8) {
+        uint64_t word = tp_be64(p + at);
+        uint64_t flags = word & TP_FLAGS_MASK, size;
+        if (flags == (TP_PAGE | TP_CONTINUE)) size = 8 + TP_TARGET_PAGE;
+        else if (flags == (TP_ZERO | TP_CONTINUE)) size = 9;
+        else break;
+        if (length - at < size || word - flags >= blockLength) break;
+        words[n] = word;
+        payloads[n] = (uint32_t)(at + 8);
+        n++;
+        at += size;
+    }
+    *consumed = at;
+    return (int64_t)n;
+}
+
+/* Encode side: the CONTINUE records of count target pages from
+   base + start (a block's memory; start page aligned).  An all-zero page
+   becomes a ZERO record (word and fill byte), any other a PAGE record
+   whose 4096 bytes are NOT copied: out receives the stream's bytes between
+   page data, splits[k] is where the k-th page's data goes in out (after
+   its word) and pages[k] that page's index in the run.  out must hold
+   9 * count bytes; *written says how many were used.  Returns the number
+   of PAGE records, or -EINVAL for an unaligned start. */
+static int64_t tp_ram_encode(const char *base, uint64_t start, uint64_t count, char *out,
+                             uint32_t *splits, uint32_t *pages, uint64_t *written) {
+    unsigned char *o = (unsigned char *)out;
+    uint64_t at = 0, n = 0;
+    *written = 0;
+    if (start & TP_FLAGS_MASK) return -EINVAL;
+    if (count > TP_SCAN_MAX / 9) return -EINVAL;
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t offset = start + i * TP_TARGET_PAGE;
+        if (tp_buffer_is_zero(base + offset, TP_TARGET_PAGE)) {
+            tp_put_be64(o + at, offset | TP_ZERO | TP_CONTINUE);
+            o[at + 8] = 0;
+            at += 9;
+        } else {
+            tp_put_be64(o + at, offset | TP_PAGE | TP_CONTINUE);
+            at += 8;
+            splits[n] = (uint32_t)at;
+            pages[n] = (uint32_t)i;
+            n++;
+        }
+    }
+    *written = at;
+    return (int64_t)n;
+}
+
+/* Whether each record from first to count lies inside the dataLength
+   bytes of data (its page, or its fill byte): the loops below read only
+   there, whoever built the arrays. */
+static int tp_records_fit(uint64_t dataLength, const uint64_t *words, const uint32_t *payloads,
+                          uint64_t first, uint64_t count) {
+    for (uint64_t i = first; i < count; i++) {
+        uint64_t need = (words[i] & TP_PAGE) ? TP_TARGET_PAGE : 1;
+        if ((uint64_t)payloads[i] + need > dataLength) return 0;
+    }
+    return 1;
+}
+
+/* Destination, precopy: write the records tp_ram_scan found (words,
+   payloads into data) from index first into a block's memfd, straight
+   from data: each run of PAGE records with consecutive offsets is one
+   pwritev (up to TP_IOV_MAX pages; a short write is resumed).  runs gets
+   (offset, length) of each run written (at most maxRuns; *runCount says
+   how many).  Stops at a ZERO record, or at the end: *next is the index
+   of the first record not written, and for a ZERO record *zeroCount says
+   how many ZERO records with fill 0 and consecutive offsets start there
+   (0 when its fill byte is not 0).  Returns 0, -ERANGE for a page past
+   blockLength (*next at it), -EINVAL (nothing done) when a record does
+   not lie inside the dataLength bytes of data, or -errno of a failed
+   write (*next at the run, which may be partly written). */
+#define TP_IOV_MAX 1024
+static int tp_write_records(int fd, const char *data, uint64_t dataLength, const uint64_t *words,
+                            const uint32_t *payloads, uint64_t first, uint64_t count, uint64_t blockLength,
+                            uint64_t *runs, uint64_t maxRuns, uint64_t *runCount, uint64_t *next,
+                            uint64_t *zeroCount) {
+    struct iovec iov[TP_IOV_MAX];
+    uint64_t i = first, n = 0;
+    *runCount = 0;
+    *zeroCount = 0;
+    *next = first;
+    if (!tp_records_fit(dataLength, words, payloads, first, count)) return -EINVAL;
+    while (i < count && n < maxRuns) {
+        uint64_t flags = words[i] & TP_FLAGS_MASK;
+        if (!(flags & TP_PAGE)) break;
+        uint64_t start = words[i] - flags, length = 0, j = i;
+        while (j < count && j - i < TP_IOV_MAX) {
+            uint64_t f = words[j] & TP_FLAGS_MASK;
+            if (!(f & TP_PAGE) || words[j] - f != start + length) break;
+            if (start + length + TP_TARGET_PAGE > blockLength) {
+                if (j == i) { *next = i; return -ERANGE; }
+                break;
+            }
+            iov[j - i].iov_base = (void *)(data + payloads[j]);
+            iov[j - i].iov_len = TP_TARGET_PAGE;
+            length += TP_TARGET_PAGE;
+            j++;
+        }
+        struct iovec *at = iov;
+        int left = (int)(j - i);
+        uint64_t position = start;
+        while (left > 0) {
+            ssize_t written = pwritev(fd, at, left, (off_t)position);
+            if (written < 0) {
+                if (errno == EINTR) continue;
+                *next = i;
+                return -errno;
+            }
+            position += (uint64_t)written;
+            while (left > 0 && (size_t)written >= at->iov_len) {
+                written -= (ssize_t)at->iov_len;
+                at++;
+                left--;
+            }
+            if (left > 0 && written > 0) {
+                at->iov_base = (char *)at->iov_base + written;
+                at->iov_len -= (size_t)written;
+            }
+        }
+        runs[2 * n] = start;
+        runs[2 * n + 1] = length;
+        n++;
+        *runCount = n;
+        i = j;
+    }
+    *next = i;
+    if (i < count && !(words[i] & TP_PAGE)) {
+        uint64_t start = words[i] & ~TP_FLAGS_MASK, j = i;
+        while (j < count && (words[j] & TP_FLAGS_MASK) == (TP_ZERO | TP_CONTINUE)
+               && words[j] - (TP_ZERO | TP_CONTINUE) == start + (j - i) * TP_TARGET_PAGE
+               && data[payloads[j]] == 0)
+            j++;
+        *zeroCount = j - i;
+    }
+    return 0;
+}
+
+/* The runs of the records tp_ram_scan found, from index first: records
+   with consecutive offsets and the same kind (1: PAGE, 0: ZERO with fill
+   0, 2: ZERO with another fill, always a run of its own).  runs gets
+   (offset, length, index of its first record, kind) for each, at most
+   maxRuns; *next is the index after the last run.  Returns the number of
+   runs, or -EINVAL when a record does not lie inside the dataLength bytes
+   of data. */
+static int64_t tp_record_runs(const char *data, uint64_t dataLength, const uint64_t *words,
+                              const uint32_t *payloads, uint64_t first, uint64_t count, uint64_t *runs,
+                              uint64_t maxRuns, uint64_t *next) {
+    uint64_t i = first, n = 0;
+    *next = first;
+    if (!tp_records_fit(dataLength, words, payloads, first, count)) return -EINVAL;
+    while (i < count && n < maxRuns) {
+        uint64_t flags = words[i] & TP_FLAGS_MASK, start = words[i] - flags;
+        uint64_t kind = (flags & TP_PAGE) ? 1 : (data[payloads[i]] ? 2 : 0), j = i + 1;
+        if (kind != 2) {
+            while (j < count) {
+                uint64_t f = words[j] & TP_FLAGS_MASK;
+                uint64_t k = (f & TP_PAGE) ? 1 : (data[payloads[j]] ? 2 : 0);
+                if (k != kind || words[j] - f != start + (j - i) * TP_TARGET_PAGE) break;
+                j++;
+            }
+        }
+        runs[4 * n] = start;
+        runs[4 * n + 1] = (j - i) * TP_TARGET_PAGE;
+        runs[4 * n + 2] = i;
+        runs[4 * n + 3] = kind;
+        n++;
+        i = j;
+    }
+    *next = i;
+    return (int64_t)n;
+}
+
+/* Postcopy: place count PAGE records (index first on, consecutive
+   offsets from dst) straight from data, one UFFDIO_COPY per page (the
+   host page); a page that exists already (EEXIST) counts as placed.
+   Stops at another error (-EAGAIN: events must be read first); *placed
+   says how many pages are done.  -EINVAL (nothing placed) when a page
+   does not lie inside the dataLength bytes of data. */
+static int tp_uffd_place_records(int fd, uint64_t dst, const char *data, uint64_t dataLength,
+                                 const uint32_t *payloads, uint64_t first, uint64_t count, uint64_t *placed) {
+    uint64_t done = 0;
+    *placed = 0;
+    for (uint64_t i = first; i < first + count; i++)
+        if ((uint64_t)payloads[i] + TP_TARGET_PAGE > dataLength) return -EINVAL;
+    while (done < count) {
+        int64_t result = tp_uffd_copy(fd, dst + done * TP_TARGET_PAGE,
+                                      (uint64_t)(uintptr_t)(data + payloads[first + done]), TP_TARGET_PAGE, 0);
+        if (result == TP_TARGET_PAGE || result == -EEXIST) {
+            done++;
+        } else {
+            *placed = done;
+            return result >= 0 ? -EAGAIN : (int)result;
+        }
+    }
+    *placed = done;
+    return 0;
 }
 
 static int64_t tp_monotonic_ns(void) {

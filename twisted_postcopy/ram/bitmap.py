@@ -133,6 +133,9 @@ class PageBitmap:
         @param count: number of pages.
         @raise IndexError: outside the bitmap.
         """
+        if count == 1 and 0 <= page < self.pages:
+            self._bits[page >> 3] &= ~(1 << (page & 7)) & 0xFF
+            return
         self._assign(page, count, False)
 
     def anySet(self, page: int, count: int) -> bool:

@@ -30,6 +30,7 @@ Nothing here touches guest memory from Python.  See C{docs/userfaultfd.md}.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from typing import Any, Callable, Iterable, Mapping
@@ -39,16 +40,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twisted_postcopy.errors import MappingTableError, MigrationFailed, RemoteProtocolError, UffdError
+from twisted_postcopy.errors import MappingTableError, MigrationFailed, RAMBlockError, RemoteProtocolError, UffdError
 from twisted_postcopy.interfaces import IFaultService
 from twisted_postcopy.ram import uffd
+from twisted_postcopy.ram._uffd import ffi, lib
 from twisted_postcopy.ram.clients import ClientMapping, FaultClient, Readable, validateMappings
 from twisted_postcopy.ram.observers import FaultObservers
 from twisted_postcopy.ram.pending import PendingPage, PendingPages
-from twisted_postcopy.ram.placement import Placer
+from twisted_postcopy.ram.placement import PLACE_RETRIES, Placer
 from twisted_postcopy.ram.uffdmsg import UFFD_EVENT_PAGEFAULT, iterRecords
 
 __all__ = ["ClientMapping", "FaultClient", "FaultService"]
+
+#: The target page: what one RAM record carries.
+_TARGET_PAGE = 4096
+#: Runs reported by one C{tp_record_runs} call.
+_RECORD_RUNS = 64
 
 _log = Logger()
 
@@ -82,6 +89,7 @@ class FaultService:
         self.faultCount = 0
         self.pending = PendingPages(pageSource)
         self._messages = uffd.MessageBuffer()
+        self._recordsPlaced = ffi.new("uint64_t *")
         self.observers = FaultObservers()
         for block in (blocks.values() if isinstance(blocks, Mapping) else blocks):
             self.addBlock(block)
@@ -219,9 +227,9 @@ class FaultService:
         size = block.pageSize
         pageAddress = address - (address - mapping.base) % size
         offset = mapping.offset + pageAddress - mapping.base
-        now = uffd.monotonicNs()
         received = block.receivedMap.test(offset // size)
-        self.observers.faultBegan(threadId, block, offset, now, received)
+        if self.observers.onFault:
+            self.observers.faultBegan(threadId, block, offset, uffd.monotonicNs(), received)
         if received:
             self._fillHole(block, offset)
             self._wake(client, pageAddress, size)
@@ -250,10 +258,9 @@ class FaultService:
         """
         if not client.alive:
             return
-        try:
-            uffd.wake(client.fd, address, length)
-        except UffdError as error:
-            self.removeClient(client, f"UFFDIO_WAKE failed: {error}")
+        result = lib.tp_uffd_wake(client.fd, address, length)
+        if result < 0:
+            self.removeClient(client, f"UFFDIO_WAKE failed: {UffdError(-result, f'UFFDIO_WAKE: {os.strerror(-result)}')}")
 
     def requestPage(self, block: str, offset: int) -> Deferred:
         """
@@ -306,9 +313,93 @@ class FaultService:
         @raise UffdError: the kernel refused (pages before the failure are
             placed and woken).
         """
-        ram = self.placer.block(block, offset, len(data))
-        self._checkNew(ram, offset, len(data))
-        self._finish(ram, offset, *self.placer.place(ram, offset, memoryview(data).cast("B"), len(data)))
+        if not isinstance(data, (bytes, bytearray)):
+            data = memoryview(data).cast("B")
+        length = len(data)
+        ram = self.placer.block(block, offset, length)
+        self._checkNew(ram, offset, length)
+        done, error = self.placer.place(ram, offset, data, length)
+        if done:
+            self._placed(ram, offset, done)
+        if error is not None:
+            raise error
+
+    def placeRecords(self, block: str, records: Any) -> None:
+        """
+        Place a run of RAM records decoded in C (a
+        L{twisted_postcopy.wire.events.RAMRecordsReceived}) into a block of
+        4 KiB pages, straight from the receive buffer: one C{UFFDIO_COPY}
+        per page from where it lies (no copy, no Python call per page),
+        then, per run of consecutive pages, received bits and wake-ups as
+        L{placePages}; a run of ZERO records is one L{placeZero}.
+
+        @param block: the RAMBlock idstr.
+        @param records: the records.
+        @raise RAMBlockError: unknown block, a block of larger pages, or a
+            record outside it.
+        @raise RemoteProtocolError: a page was already received.
+        @raise UffdError: the kernel refused (pages before are placed).
+        @raise ValueError: records whose pages lie outside their data (not
+            made by the decoder).
+        """
+        ram = self.placer.find(block, 0)
+        if ram.pageSize != _TARGET_PAGE:
+            raise RAMBlockError(f"RAMBlock {block}: records are placed one host page at a time "
+                                f"({ram.pageSize:#x} bytes), not by placeRecords")
+        runs = ffi.new("uint64_t[]", 4 * _RECORD_RUNS)
+        out = ffi.new("uint64_t[2]")
+        count = len(records.words)
+        if len(records.payloads) != count:
+            raise ValueError(f"{count} RAM record words but {len(records.payloads)} payload offsets")
+        # Released on the way out even when something is raised.
+        with ffi.from_buffer(records.data) as data, ffi.from_buffer("uint64_t[]", records.words) as words, \
+                ffi.from_buffer("uint32_t[]", records.payloads) as payloads:
+            index = 0
+            while index < count:
+                found = lib.tp_record_runs(data, len(records.data), words, payloads, index, count, runs,
+                                           _RECORD_RUNS, out)
+                if found < 0:
+                    raise ValueError("RAM records whose pages lie outside their data")
+                for run in range(found):
+                    offset, length, first, kind = runs[4 * run:4 * run + 4]
+                    if kind == 1:
+                        self._placeRecordRun(ram, offset, length, data, len(records.data), payloads, first)
+                    elif kind == 0:
+                        self.placeZero(block, offset, length)
+                    else:
+                        self.placePages(block, offset, bytes((records.data[records.payloads[first]],)) * length)
+                index = out[0]
+
+    def _placeRecordRun(self, ram: Any, offset: int, length: int, data: Any, dataLength: int, payloads: Any,
+                        first: int) -> None:
+        """
+        Place one run of PAGE records (see L{placeRecords}).
+
+        @param ram: the RAMBlock.
+        @param offset: the run's offset.
+        @param length: its length.
+        @param data: the records' bytes (C pointer).
+        @param dataLength: their length.
+        @param payloads: where each page starts in C{data} (C pointer).
+        @param first: the index of the run's first record.
+        """
+        self.placer.block(ram.idstr, offset, length)
+        self._checkNew(ram, offset, length)
+        pages, done, retries = length // _TARGET_PAGE, 0, 0
+        placed = self._recordsPlaced
+        while True:
+            result = lib.tp_uffd_place_records(self.placer.uffd, ram.address + offset + done * _TARGET_PAGE, data,
+                                               dataLength, payloads, first + done, pages - done, placed)
+            done += placed[0]
+            if result != -errno.EAGAIN or retries >= PLACE_RETRIES:
+                break
+            retries += 1
+            self.placer.drain()
+        if done:
+            self._placed(ram, offset, done * _TARGET_PAGE)
+        if result < 0:
+            where = f"{ram.idstr}:{offset + done * _TARGET_PAGE:#x}"
+            raise UffdError(-result, f"UFFDIO_COPY of {where}: {os.strerror(-result)}")
 
     def placeZero(self, block: str, offset: int, length: int) -> None:
         """
@@ -337,6 +428,10 @@ class FaultService:
         """
         size = ram.pageSize
         first, count = offset // size, length // size
+        if count == 1:
+            if ram.receivedMap.test(first) and not ram.holeMap.test(first):
+                raise RemoteProtocolError(f"page {ram.idstr}:{offset:x} sent twice after LISTEN")
+            return
         if not ram.receivedMap.anySet(first, count):
             return
         for page in range(first, first + count):
@@ -360,33 +455,47 @@ class FaultService:
 
     def _placed(self, ram: Any, offset: int, length: int) -> None:
         """
-        Pages are in: mark them received, wake their waiters, fire their
-        Deferreds and tell the observers.
+        Pages are in: wake their waiters first (a guest thread's stall ends
+        here; nothing else runs on the reactor before the bits are set),
+        then mark them received, tell the observers and fire their
+        Deferreds.
 
         @param ram: the RAMBlock.
         @param offset: byte offset.
         @param length: bytes placed.
         """
         size = ram.pageSize
+        released = self.pending.take(ram.idstr, offset, length, size) if len(self.pending) else ()
+        for _, pending in released:
+            self._wakeWaiters(ram, pending)
         ram.receivedMap.set(offset // size, length // size)
         ram.holeMap.clear(offset // size, length // size)
-        if len(self.pending):
-            for page, pending in self.pending.take(ram.idstr, offset, length, size):
-                self._release(ram, page, pending)
+        for page, pending in released:
+            self._release(ram, page, pending)
+
+    def _wakeWaiters(self, ram: Any, pending: PendingPage) -> None:
+        """
+        Wake the clients waiting on one placed page: one C{UFFDIO_WAKE} per
+        client and address, however many threads wait there.
+
+        @param ram: the RAMBlock.
+        @param pending: the page's waiting state.
+        """
+        waiters = pending.waiters
+        for client, address in (waiters if len(waiters) == 1 else dict.fromkeys(waiters)):
+            self._wake(client, address, ram.pageSize)
 
     def _release(self, ram: Any, offset: int, pending: PendingPage) -> None:
         """
-        Wake the clients waiting on one placed page (one C{UFFDIO_WAKE} per
-        client and address, however many threads wait there) and fire its
-        Deferreds.
+        After the wake-ups of one placed page: tell the observers and fire
+        its Deferreds.
 
         @param ram: the RAMBlock.
         @param offset: the page's byte offset.
         @param pending: its waiting state.
         """
-        for client, address in dict.fromkeys(pending.waiters):
-            self._wake(client, address, ram.pageSize)
-        self.observers.pagePlaced(ram, offset, uffd.monotonicNs())
+        if self.observers.onPlaced:
+            self.observers.pagePlaced(ram, offset, uffd.monotonicNs())
         for waiting in pending.deferreds:
             waiting.callback(None)
 

@@ -320,7 +320,7 @@ class MemoryPageSource:
         """
         size = self.service.blocks[block].pageSize
         data = self.contents[block]
-        if data.count(0, offset, offset + size) == size:
+        if offset + size <= len(data) and lib.tp_buffer_is_zero(ffi.from_buffer(data) + offset, size):
             self.service.placeZero(block, offset, size)
         else:
             self.service.placePages(block, offset, memoryview(data)[offset : offset + size])

@@ -116,6 +116,9 @@ class PendingPages:
         @param pageSize: the block's page size.
         @return: (page offset, its waiting state) pairs.
         """
+        if length == pageSize:
+            pending = self._pages.pop((idstr, offset), None)
+            return [] if pending is None else [(offset, pending)]
         if length // pageSize <= len(self._pages):
             keys = [(idstr, page) for page in range(offset, offset + length, pageSize) if (idstr, page) in self._pages]
         else:

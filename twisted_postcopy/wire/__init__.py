@@ -1,6 +1,7 @@
 """
 The pure sans-IO codec of QEMU 7.2's migration stream, return path and
-preempt channel (stdlib and attrs only; no reactor).
+preempt channel (stdlib and attrs, and the C loops of the RAM records in
+C{twisted_postcopy.ram._uffd}; no reactor).
 
 See C{docs/wire-format.md}.
 """

@@ -8,9 +8,13 @@ of one growing C{bytearray}: an element that lies inside one chunk is
 parsed in place, so a page's memoryview is a zero-copy slice of the chunk
 that stays valid however long it is held (a C{bytearray} with exported
 views could not be resized).  Only an element that straddles two chunks is
-copied, once it is complete: its own bytes and at most as many again (a
-join takes at least as many of the pending bytes as are already joined, so
-an element a parser asks for in growing steps is joined O(log n) times).
+copied, once it is complete: a join takes just what the element lacks, so
+once the element is consumed parsing is back in the next chunk itself
+(joining more would leave the next element straddling the joined piece,
+and small records would then be joined one by one to the chunk's end);
+from the third join of one element on, a join takes at least as many of
+the pending bytes as are already joined, so an element a parser asks for
+in many growing steps is still joined O(log n) times.
 Parsers of elements made of many entries consume each entry as they read
 it, so no element grows while its bytes trickle in.
 
@@ -53,6 +57,7 @@ class ReceiveBuffer:
         self.closed = False
         self._pending: deque[tuple[bytes, int]] = deque()
         self._pendingLength = 0
+        self._joins = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """
@@ -93,12 +98,14 @@ class ReceiveBuffer:
                 self._pendingLength -= len(chunk) - start
                 self._replace(chunk, start)
                 return True
-        # Join at least as many new bytes as are already here (or all
-        # pending ones): a caller whose element grows step by step then
-        # causes O(log n) joins, not one per step, so the copying stays
-        # linear in the bytes received.
+        # Join what the element lacks; an element asked for a third time
+        # or more takes at least as many new bytes as are already here (or
+        # all pending ones), so one that grows step by step causes O(log n)
+        # joins, not one per step, and the copying stays linear.
+        self._joins += 1
+        want = count - here if self._joins < 3 else max(count - here, here)
         pieces = [memoryview(self.data)[self.offset:]]
-        pieces.extend(self._take(min(self._pendingLength, max(count - here, here))))
+        pieces.extend(self._take(min(self._pendingLength, want)))
         self._replace(b"".join(pieces), 0)
         return True
 
@@ -142,6 +149,7 @@ class ReceiveBuffer:
         """
         self.offset += count
         self.position += count
+        self._joins = 0
 
     def takeUpTo(self, limit: int) -> list[memoryview]:
         """

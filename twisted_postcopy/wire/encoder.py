@@ -42,6 +42,7 @@ from twisted_postcopy.wire.events import (
     EOFReceived,
     HeaderReceived,
     PageReceived,
+    RAMRecordsReceived,
     RAMBlockInfo,
     RAMBlocksListed,
     RAMSectionEOS,
@@ -235,7 +236,7 @@ class StreamEncoder(RAMChannelEncoder):
         @param event: any main-stream event.
         @return: its buffers.
         """
-        if isinstance(event, (PageReceived, ZeroPageReceived, RAMSectionEOS)):
+        if isinstance(event, (PageReceived, ZeroPageReceived, RAMRecordsReceived, RAMSectionEOS)):
             return self._ram.encode(event)
         return [self._encodeOther(event)]
 

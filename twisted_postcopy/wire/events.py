@@ -169,6 +169,50 @@ class ZeroPageReceived:
 
 
 @frozen
+class RAMRecordsReceived:
+    """
+    A run of CONTINUE records (PAGE or ZERO) of one block, scanned in C in
+    one go; only a decoder made with C{ramBatch} set decodes these (its
+    other RAM records still come as L{PageReceived} and
+    L{ZeroPageReceived}).
+
+    @ivar block: the RAMBlock idstr (every record has CONTINUE).
+    @ivar data: the records' exact bytes: a memoryview into the decoder's
+        immutable receive chunk (not a copy; consume it promptly).
+    @ivar words: each record's word (C{offset | flags}), unsigned 64-bit.
+    @ivar payloads: where each record's page (PAGE) or fill byte (ZERO)
+        starts in C{data}, unsigned 32-bit.
+    """
+
+    block: str
+    data: memoryview = field(eq=False)
+    words: memoryview = field(eq=False)
+    payloads: memoryview = field(eq=False)
+
+    def __len__(self) -> int:
+        """
+        @return: how many records.
+        """
+        return len(self.words)
+
+    def records(self) -> list[PageReceived | ZeroPageReceived]:
+        """
+        The same records one event each (for consumers that are not on
+        the hot path: re-encoding, inspection).
+
+        @return: the events, in order.
+        """
+        block, data, out = self.block, self.data, []
+        for word, at in zip(self.words, self.payloads):
+            flags = word & 0xFFF
+            if flags & 0x08:
+                out.append(PageReceived(block, word - flags, data[at:at + 4096], True))
+            else:
+                out.append(ZeroPageReceived(block, word - flags, data[at], True))
+        return out
+
+
+@frozen
 class RAMSectionEOS:
     """
     The EOS record ending a RAM section's payload (or the preempt channel).
@@ -386,7 +430,7 @@ class ResumeAckReceived:
 #: Any main-stream event.
 StreamEvent = Union[
     HeaderReceived, ConfigurationReceived, SectionStarted, SectionEnded,
-    RAMBlocksListed, PageReceived, ZeroPageReceived, RAMSectionEOS,
+    RAMBlocksListed, PageReceived, ZeroPageReceived, RAMRecordsReceived, RAMSectionEOS,
     DeviceSectionReceived, ReturnPathOpened, PingReceived, PostcopyAdvised,
     ListenReceived, RunReceived, DiscardReceived, PackageReceived,
     ResumeReceived, RecvBitmapRequested, EOFReceived, VMDescriptionReceived,

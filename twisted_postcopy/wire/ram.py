@@ -6,6 +6,12 @@ of the postcopy preempt channel.
 A record is C{be64 offset|flags}, a C{str8} RAMBlock idstr unless CONTINUE
 is set, then per-flag bytes (ZERO: C{u8 fill}; PAGE: 4096 bytes).  Each
 side keeps a "last block" for CONTINUE that persists across sections.
+
+The per-page loops run in C (C{ram/_uffd_build.py}, through cffi): on
+the encoding side the zero-page test (QEMU's C{buffer_is_zero}) and the
+record words of a run of guest pages (L{RAMRecordEncoder.pageRun}), on
+the decoding side, when asked for (C{batch}), the scan of a run of
+CONTINUE records into one L{RAMRecordsReceived}.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from twisted_postcopy.errors import (
     LocalProtocolError,
     UnsupportedFeatureError,
 )
+from twisted_postcopy.ram._uffd import ffi, lib
 from twisted_postcopy.wire.buffer import ReceiveBuffer
 from twisted_postcopy.wire.constants import (
     DEFAULT_MAX_BLOCK_LIST_SIZE,
@@ -40,6 +47,7 @@ from twisted_postcopy.wire.events import (
     PageReceived,
     RAMBlockInfo,
     RAMBlocksListed,
+    RAMRecordsReceived,
     RAMSectionEOS,
     ZeroPageReceived,
 )
@@ -57,7 +65,7 @@ _PAGE_RECORD = 8 + TARGET_PAGE_SIZE
 _UNSUPPORTED_MASK = sum(int(flag) for flag in UNSUPPORTED_RAM_FLAGS)
 
 #: What a RAM record decodes to.
-RAMEvent = Union[PageReceived, ZeroPageReceived, RAMSectionEOS]
+RAMEvent = Union[PageReceived, ZeroPageReceived, RAMRecordsReceived, RAMSectionEOS]
 #: Buffers for C{socket.sendmsg}: header bytes and guest memory views.
 Buffers = list[Union[bytes, memoryview]]
 
@@ -85,12 +93,16 @@ class RAMRecordDecoder:
         START block list, or given for a recovery or preempt channel).
     @ivar lastBlock: the block of the previous record (CONTINUE).
     @ivar listed: whether a block list was decoded (there is one only).
+    @ivar batch: the most records of one L{RAMRecordsReceived}; 0 (the
+        default): one event per record.
     """
 
     lengths: dict[str, int] = Factory(dict)
     lastBlock: str | None = None
     listed: bool = False
     _list: _BlockListReader | None = None
+    batch: int = 0
+    _scratch: tuple[Any, Any, Any] | None = field(default=None, init=False, repr=False)
 
     def nextRecord(self, buffer: ReceiveBuffer) -> RAMEvent | NeedData:
         """
@@ -105,6 +117,10 @@ class RAMRecordDecoder:
             return NEED_DATA
         word = _unpackWord(buffer.data, buffer.offset)[0]
         flags = word & RAM_FLAGS_MASK
+        if self.batch and (flags == _PAGE_CONTINUE or flags == _ZERO_CONTINUE) and self.lastBlock is not None:
+            records = self._scan(buffer)
+            if records is not None:
+                return records
         if flags == _PAGE_CONTINUE and self.lastBlock is not None:
             if not buffer.ensure(_PAGE_RECORD):
                 return NEED_DATA
@@ -116,6 +132,34 @@ class RAMRecordDecoder:
             buffer.advance(_PAGE_RECORD)
             return PageReceived(block, offset, buffer.view[start:start + TARGET_PAGE_SIZE], True)
         return self._slowRecord(buffer, word, flags)
+
+    def _scan(self, buffer: ReceiveBuffer) -> RAMRecordsReceived | None:
+        """
+        Scan, in C, the CONTINUE records that lie whole in the buffer's
+        current chunk (at most C{batch}).
+
+        @param buffer: the receive buffer, at a CONTINUE PAGE or ZERO record.
+        @return: their event, or L{None} when the first one is not whole
+            in the chunk or is bad (the record decoder then reads it, and
+            names the error).
+        """
+        scratch = self._scratch
+        if scratch is None:
+            scratch = self._scratch = (
+                ffi.new("uint64_t[]", self.batch), ffi.new("uint32_t[]", self.batch), ffi.new("uint64_t *"))
+        words, payloads, consumed = scratch
+        block = self.lastBlock
+        assert block is not None
+        start = buffer.offset
+        count = lib.tp_ram_scan(ffi.from_buffer(buffer.data) + start, len(buffer.data) - start,
+                                self.lengths[block], self.batch, words, payloads, consumed)
+        if not count:
+            return None
+        used = consumed[0]
+        buffer.advance(used)
+        return RAMRecordsReceived(
+            block, buffer.view[start:start + used], memoryview(ffi.buffer(words, 8 * count)[:]).cast("Q"),
+            memoryview(ffi.buffer(payloads, 4 * count)[:]).cast("I"))
 
     def _slowRecord(self, buffer: ReceiveBuffer, word: int, flags: int) -> RAMEvent | NeedData:
         """
@@ -313,6 +357,40 @@ class _BlockListReader:
         return None
 
 
+def _continueRun(view: memoryview, start: int, count: int, out: list[Any]) -> int:
+    """
+    Append the CONTINUE records of C{count} pages of a block from C{start}:
+    C{tp_ram_encode} tests each page for zero and writes every record word
+    (and ZERO fill byte) into one buffer; the buffers appended are its
+    pieces between the pages' data (L{bytes}), and the pages' data as
+    views of C{view} (not copied).  A run of zero pages is one piece.
+
+    @param view: the whole block's memory.
+    @param start: the first page's offset (page aligned).
+    @param count: the number of pages (inside the block).
+    @param out: the buffers to append to.
+    @return: how many PAGE records.
+    """
+    headers = ffi.new("char[]", 9 * count)
+    splits = ffi.new("uint32_t[]", count)
+    pages = ffi.new("uint32_t[]", count)
+    written = ffi.new("uint64_t *")
+    normal = lib.tp_ram_encode(ffi.from_buffer(view), start, count, headers, splits, pages, written)
+    if normal < 0:
+        raise LocalProtocolError(f"page offset 0x{start:x} is not page aligned")
+    stream = ffi.buffer(headers, written[0])[:]
+    append = out.append
+    previous = 0
+    for split, page in zip(ffi.unpack(splits, normal), ffi.unpack(pages, normal)):
+        append(stream[previous:split])
+        offset = start + page * TARGET_PAGE_SIZE
+        append(view[offset:offset + TARGET_PAGE_SIZE])
+        previous = split
+    if previous < written[0]:
+        append(stream[previous:])
+    return normal
+
+
 @define
 class RAMRecordEncoder:
     """
@@ -391,29 +469,24 @@ class RAMRecordEncoder:
             raise LocalProtocolError(f"page offset 0x{start:x} is not page aligned")
         if start >= end:
             return 0
+        if end > len(view):
+            raise LocalProtocolError(f"pages up to 0x{end:x} outside the block's 0x{len(view):x} bytes")
         append = out.append
-        pack = _packWord
         normal = 0
         offset = start
         if block != self.lastBlock or self.alwaysNameBlock:
             stop = end if self.alwaysNameBlock else start + TARGET_PAGE_SIZE
             for offset in range(start, stop, TARGET_PAGE_SIZE):
                 data = view[offset:offset + TARGET_PAGE_SIZE]
-                if not data[0] and data.tobytes() == _ZERO_PAGE:
+                if lib.tp_buffer_is_zero(ffi.from_buffer(data), TARGET_PAGE_SIZE):
                     append(self._header(block, offset, _ZERO, False) + b"\x00")
                 else:
                     append(self._header(block, offset, _PAGE, False))
                     append(data)
                     normal += 1
             offset = stop
-        for offset in range(offset, end, TARGET_PAGE_SIZE):
-            data = view[offset:offset + TARGET_PAGE_SIZE]
-            if not data[0] and data.tobytes() == _ZERO_PAGE:
-                append(pack(offset | _ZERO_CONTINUE) + b"\x00")
-            else:
-                append(pack(offset | _PAGE_CONTINUE))
-                append(data)
-                normal += 1
+        if offset < end:
+            normal += _continueRun(view, offset, (end - offset) // TARGET_PAGE_SIZE, out)
         return normal
 
     def zeroPage(self, block: str, offset: int, fill: int = 0, continued: bool | None = None) -> bytes:
@@ -445,6 +518,9 @@ class RAMRecordEncoder:
             return self.page(event.block, event.offset, event.data, event.continued)
         if isinstance(event, ZeroPageReceived):
             return [self.zeroPage(event.block, event.offset, event.fill, event.continued)]
+        if isinstance(event, RAMRecordsReceived):
+            self.lastBlock = event.block
+            return [bytes(event.data)]
         return [self.eos()]
 
 

@@ -92,6 +92,9 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
     @ivar offset: the stream offset of the first byte fed (for errors).
     @ivar inPackage: whether this decodes a package (see
         L{packageDecoder}): a RAM START there is a second one.
+    @ivar ramBatch: decode runs of up to this many CONTINUE records in C,
+        as one L{RAMRecordsReceived} each; 0 (the default): one event per
+        record.
     """
 
     header: bool = True
@@ -108,6 +111,7 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
     ramSectionId: int | None = None
     offset: int = 0
     inPackage: bool = False
+    ramBatch: int = 0
     _buffer: ReceiveBuffer = field(init=False)
     _ram: RAMRecordDecoder = field(init=False, factory=RAMRecordDecoder)
     _state: str = field(init=False, default=_HEADER)
@@ -125,6 +129,7 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         Set up the buffer, the known blocks and the state handlers.
         """
         self._buffer = ReceiveBuffer(self.offset)
+        self._ram.batch = self.ramBatch
         self._ram.lengths.update((block.idstr, block.length) for block in self.blocks)
         self._ram.listed = bool(self.blocks)
         if self.ramSectionId is not None:
