@@ -1,0 +1,246 @@
+# -*- test-case-name: tests.test_hugepages -*-
+"""
+Huge pages on the destination: host pages assembled from target-page
+records before one atomic placement (QEMU's C{ram_load_postcopy}
+temporary page), discards in host pages, precopy writes into hugetlbfs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from attrs import define
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted_postcopy.destination.placer import PagePlacer
+from twisted_postcopy.errors import RAMBlockError, RemoteProtocolError
+from twisted_postcopy.ram.block import HUGE_PAGE_SIZE, RAMBlock
+from twisted_postcopy.testing.real import reserveHugePages
+from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
+
+PAGE = TARGET_PAGE_SIZE
+HUGE = HUGE_PAGE_SIZE
+#: Target pages per huge page.
+RATIO = HUGE // PAGE
+
+
+@define
+class _Block:
+    """
+    A unit-test stand-in for a destination RAMBlock: only its geometry
+    (after LISTEN the placer never touches the block itself).
+    """
+
+    idstr: str
+    length: int
+    pageSize: int
+
+
+class _Faults:
+    """
+    A unit-test stand-in for the fault service: records placements with
+    their bytes.
+    """
+
+    def __init__(self) -> None:
+        """
+        No placement yet.
+        """
+        self.calls: list[tuple] = []
+
+    def placePages(self, block: str, offset: int, data: bytes) -> None:
+        """
+        Record a copy.
+        """
+        self.calls.append(("copy", block, offset, bytes(data)))
+
+    def placeZero(self, block: str, offset: int, length: int) -> None:
+        """
+        Record a zero placement.
+        """
+        self.calls.append(("zero", block, offset, length))
+
+
+def _target(index: int) -> bytes:
+    """
+    @param index: a target page index.
+    @return: distinct content for it.
+    """
+    return index.to_bytes(4, "little") * (PAGE // 4)
+
+
+class HostPageAssemblyTests(SynchronousTestCase):
+    """
+    After LISTEN the target-page records of a huge page are assembled and
+    the host page placed once, whole.
+    """
+
+    def setUp(self) -> None:
+        """
+        A placer over a 4 MiB block of 2 MiB pages and a 4 KiB-page block.
+        """
+        self.faults = _Faults()
+        self.placer = PagePlacer({"mem": _Block("mem", 2 * HUGE, HUGE), "rom": _Block("rom", 4 * PAGE, PAGE)},
+                                 self.faults)
+
+    def test_wholeHostPageOnce(self) -> None:
+        """
+        512 records (one at offset 0x1000, refused before this existed)
+        make one placement of the whole host page, with every record's
+        bytes at its place; nothing is placed before the last one, not
+        even on flush.
+        """
+        for index in range(RATIO):
+            self.placer.page("mem", HUGE + index * PAGE, _target(index))
+            if index < RATIO - 1:
+                self.placer.flush()
+                self.assertEqual(self.faults.calls, [])
+        expected = b"".join(_target(index) for index in range(RATIO))
+        self.assertEqual(self.faults.calls, [("copy", "mem", HUGE, expected)])
+
+    def test_outOfOrderWithinHostPage(self) -> None:
+        """
+        The records of one host page may come in any order (QEMU writes
+        each at its offset in the temporary page).
+        """
+        order = list(range(RATIO))[::-1]
+        for index in order:
+            self.placer.page("mem", index * PAGE, _target(index))
+        self.assertEqual(self.faults.calls, [("copy", "mem", 0, b"".join(map(_target, range(RATIO))))])
+
+    def test_zeroRecords(self) -> None:
+        """
+        A host page of ZERO records only is placed as zero pages; ZERO
+        records among PAGE records leave zeros in the copy.
+        """
+        for index in range(RATIO):
+            self.placer.zero("mem", index * PAGE, 0)
+        self.assertEqual(self.faults.calls, [("zero", "mem", 0, HUGE)])
+        for index in range(RATIO):
+            if index % 2:
+                self.placer.page("mem", HUGE + index * PAGE, _target(index))
+            else:
+                self.placer.zero("mem", HUGE + index * PAGE, 0)
+        expected = b"".join(_target(i) if i % 2 else bytes(PAGE) for i in range(RATIO))
+        self.assertEqual(self.faults.calls[1], ("copy", "mem", HUGE, expected))
+
+    def test_nonSameHostPageRefused(self) -> None:
+        """
+        A record of another host page while one is incomplete on the same
+        channel is refused, naming both.
+        """
+        self.placer.page("mem", 0, _target(0))
+        error = self.assertRaises(RemoteProtocolError, self.placer.page, "mem", HUGE, _target(1))
+        self.assertIn("Non-same host page detected on channel 0", str(error))
+        self.assertIn("mem:0x0 (1 of 512 target pages)", str(error))
+        self.assertEqual(self.faults.calls, [])
+
+    def test_targetPageTwiceRefused(self) -> None:
+        """
+        The same target page twice within one host page is refused.
+        """
+        self.placer.page("mem", PAGE, _target(1))
+        error = self.assertRaises(RemoteProtocolError, self.placer.zero, "mem", PAGE, 0)
+        self.assertIn("sent twice", str(error))
+
+    def test_channelsAssembleApart(self) -> None:
+        """
+        The main stream and the preempt channel each have their own
+        temporary page: interleaved records of two host pages on two
+        channels make two placements.
+        """
+        for index in range(RATIO):
+            self.placer.page("mem", index * PAGE, _target(index), 0)
+            self.placer.page("mem", HUGE + index * PAGE, _target(index + 1), 1)
+        self.assertEqual([call[:3] for call in self.faults.calls], [("copy", "mem", 0), ("copy", "mem", HUGE)])
+        self.assertEqual(self.faults.calls[1][3], b"".join(_target(i + 1) for i in range(RATIO)))
+
+    def test_smallPagesUnchanged(self) -> None:
+        """
+        A 4 KiB-page block's records still go out as runs, beside an
+        incomplete huge page.
+        """
+        self.placer.page("mem", 0, _target(0))
+        self.placer.page("rom", 0, _target(7))
+        self.placer.page("rom", PAGE, _target(8))
+        self.placer.flush()
+        self.assertEqual(self.faults.calls, [("copy", "rom", 0, _target(7) + _target(8))])
+
+    def test_partialAtEndRefused(self) -> None:
+        """
+        The stream must not end inside a host page.
+        """
+        self.placer.checkComplete()
+        self.placer.page("mem", 0, _target(0))
+        error = self.assertRaises(RemoteProtocolError, self.placer.checkComplete)
+        self.assertIn("stream ended inside huge page(s) mem:0x0 (1 of 512", str(error))
+
+    def test_resetAtPause(self) -> None:
+        """
+        At a pause the incomplete pages are dropped; after recovery the
+        source sends them again whole, which places them.
+        """
+        for index in range(10):
+            self.placer.page("mem", index * PAGE, _target(index))
+        self.placer.resetTempPages()
+        for index in range(RATIO):
+            self.placer.page("mem", index * PAGE, _target(index))
+        self.assertEqual(self.faults.calls, [("copy", "mem", 0, b"".join(map(_target, range(RATIO))))])
+
+    def test_discardsInHostPages(self) -> None:
+        """
+        A discard that does not cover whole host pages is refused (QEMU's
+        C{ram_block_discard_range} refuses it too; a QEMU source rounds its
+        discards to host pages in C{postcopy_chunk_hostpages}).
+        """
+        for start, length in ((PAGE, HUGE), (0, PAGE), (0, HUGE + PAGE)):
+            error = self.assertRaises(RemoteProtocolError, self.placer.discard, "mem", start, length)
+            self.assertIn("Unaligned discard", str(error))
+
+    def test_recordOffsetsInTargetPages(self) -> None:
+        """
+        Records are target-page aligned; past the end is refused.
+        """
+        self.assertRaises(RemoteProtocolError, self.placer.page, "mem", 100, _target(0))
+        self.assertRaises(RemoteProtocolError, self.placer.page, "mem", 2 * HUGE, _target(0))
+
+
+class HugetlbfsBlockTests(SynchronousTestCase):
+    """
+    A real hugetlbfs RAMBlock before LISTEN: precopy records written where
+    they belong (hugetlbfs has no C{pwrite}), discards punch host pages.
+    """
+
+    def setUp(self) -> None:
+        """
+        A 4 MiB hugetlbfs block (2 huge pages reserved for the test).
+        """
+        reserveHugePages(self, 2)
+        self.block = RAMBlock("mem", 2 * HUGE, HUGE, "hugetlbfs")
+        self.addCleanup(self.block.close)
+        self.placer = PagePlacer({"mem": self.block})
+
+    def test_precopyTargetPages(self) -> None:
+        """
+        Target-page records (PAGE and ZERO) before LISTEN land at their
+        offsets, the host pages they touch are received; a host-page
+        discard makes its page missing again and reads as zeros.
+        """
+        self.placer.page("mem", PAGE, _target(1))
+        self.placer.page("mem", 2 * PAGE, _target(2))
+        self.placer.page("mem", HUGE + 3 * PAGE, _target(3))
+        self.placer.zero("mem", 2 * PAGE, 0)
+        self.placer.flush()
+        self.assertEqual(os.pread(self.block.fd, 3 * PAGE, 0), bytes(PAGE) + _target(1) + bytes(PAGE))
+        self.assertEqual(os.pread(self.block.fd, PAGE, HUGE + 3 * PAGE), _target(3))
+        self.assertEqual((self.block.receivedMap.test(0), self.block.receivedMap.test(1)), (True, True))
+        self.placer.discard("mem", HUGE, HUGE)
+        self.assertFalse(self.block.receivedMap.test(1))
+        self.assertEqual(os.pread(self.block.fd, PAGE, HUGE + 3 * PAGE), bytes(PAGE))
+
+    def test_writeChecksRange(self) -> None:
+        """
+        A write must be whole target pages inside the block.
+        """
+        self.assertRaises(RAMBlockError, self.block.write, 100, bytes(PAGE))
+        self.assertRaises(RAMBlockError, self.block.write, 2 * HUGE - PAGE, bytes(2 * PAGE))
