@@ -7,21 +7,35 @@ temporary page), discards in host pages, precopy writes into hugetlbfs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
+import subprocess
+import sys
+from typing import Any
 
 from attrs import define
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_postcopy.destination.placer import PagePlacer
 from twisted_postcopy.errors import RAMBlockError, RemoteProtocolError
+from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.ram.block import HUGE_PAGE_SIZE, RAMBlock
-from twisted_postcopy.testing.real import reserveHugePages
+from twisted_postcopy.testing.enginevm import OutgoingTestVM
+from twisted_postcopy.testing.real import requireUserfaultfd, reserveHugePages
+from twisted_postcopy.testing.waiting import waitUntil
+from twisted_postcopy.testing.workerguest import WorkerGuestVM
 from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
 
 PAGE = TARGET_PAGE_SIZE
 HUGE = HUGE_PAGE_SIZE
 #: Target pages per huge page.
 RATIO = HUGE // PAGE
+MiB = 1 << 20
 
 
 @define
@@ -244,3 +258,179 @@ class HugetlbfsBlockTests(SynchronousTestCase):
         """
         self.assertRaises(RAMBlockError, self.block.write, 100, bytes(PAGE))
         self.assertRaises(RAMBlockError, self.block.write, 2 * HUGE - PAGE, bytes(2 * PAGE))
+
+
+def _hugeFill(vm: Any, seed: int) -> None:
+    """
+    Write a pattern into every third target page of every block (so that
+    huge pages mix PAGE and ZERO records).
+
+    @param vm: an L{OutgoingTestVM}.
+    @param seed: varies the pattern.
+    """
+    for index, block in enumerate(vm.blocks):
+        for offset in range(0, block.length, 3 * PAGE):
+            vm.write(index, offset, struct.pack(">QQ", seed, offset) * 8)
+
+
+class HugePageLoopbackTests(TestCase):
+    """
+    Our source into our destination over loopback with a hugetlbfs block
+    on both sides: the page sizes travel in RAM START, the destination's
+    guest (a real worker process on the production fault service) faults
+    on 2 MiB pages, each requested whole and placed with one C{UFFDIO_COPY}.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        """
+        A source of a 32 MiB hugetlbfs block and a 128 KiB 4 KiB-page
+        block; huge pages for both sides.
+        """
+        reserveHugePages(self, 2 * 16)
+        requireUserfaultfd(hugetlb=True, hugePages=1)
+        self.source = OutgoingTestVM({"mem": 32 * MiB, "pc.rom": 128 * 1024}, device=b"",
+                                     pageSizes={"mem": HUGE})
+        _hugeFill(self.source, 3)
+
+    def managers(self, destination: Any) -> tuple[MigrationManager, MigrationManager]:
+        """
+        @param destination: the incoming VM.
+        @return: (source, destination) managers with postcopy-ram on.
+        """
+        src = MigrationManager(reactor, self.source)
+        dst = MigrationManager(reactor, destination, destination.faultServiceFactory)
+        for manager in (src, dst):
+            manager.setCapabilities({"postcopy-ram": True})
+        return src, dst
+
+    @inlineCallbacks
+    def test_postcopyHugePages(self) -> None:
+        """
+        Postcopy starts at once with the background stream throttled (one
+        2 MiB page per 100 ms window: a rate limit cannot split a host
+        page); the guest first touches the last huge page, which the
+        background reaches last, so it is requested (a whole 2 MiB page)
+        and placed with one UFFDIO_COPY; then it reads all its RAM.  The
+        memory arrives equal to the source's and query-migrate reports
+        C{ram.page-size} 2097152.
+        """
+        destination = WorkerGuestVM(reactor, touchFirst=[-1])
+        self.addCleanup(destination.close)
+        src, dst = self.managers(destination)
+        src.setParameters({"max-bandwidth": 64 * 1024, "max-postcopy-bandwidth": 64 * 1024})
+        port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
+        yield src.whenStatus("active")
+        self.source.write(0, HUGE + 5 * PAGE, b"late write" * 100)
+        src.startPostcopy()
+        yield destination.touchedFirst
+        requests = src.queryMigrate()["ram"]["postcopy-requests"]
+        src.setParameters({"max-postcopy-bandwidth": 0})
+        status = yield src.whenStatus("completed", "failed")
+        dstStatus = yield dst.whenStatus("completed", "failed")
+        digests = yield destination.done
+        self.assertEqual((status, dstStatus), ("completed", "completed"))
+        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
+        self.assertEqual(digests, expected)
+        self.assertEqual(destination.blocks["mem"].pageSize, HUGE)
+        self.assertEqual(destination.blocks["mem"].backing, "hugetlbfs")
+        self.assertGreater(requests, 0)
+        info = src.queryMigrate()
+        self.assertEqual(info["ram"]["page-size"], HUGE)
+        self.assertEqual(destination.service.missingPages(), 0)
+
+
+class HugePagesOptionTests(SynchronousTestCase):
+    """
+    C{--hugepages} of C{twistd postcopy} and C{postcopy demo}.
+    """
+
+    def test_tapOption(self) -> None:
+        """
+        C{--hugepages} makes the guest's RAM a 2 MiB-page block; C{--ram}
+        must then be a multiple of 2M.
+        """
+        from twisted.python.usage import UsageError
+
+        from twisted_postcopy.tap import Options, guestSpec
+
+        options = Options()
+        options.parseOptions(["--control", "unix:/tmp/hugepages/x.sock", "--hugepages", "--ram", "64M"])
+        spec = guestSpec(options)
+        self.assertEqual(spec.pageSize, HUGE)
+        self.assertEqual(guestSpec(self._options("64M")).pageSize, PAGE)
+        error = self.assertRaises(UsageError, Options().parseOptions,
+                                  ["--control", "unix:/tmp/hugepages/x.sock", "--hugepages", "--ram", "3M"])
+        self.assertIn("multiple of 2M", str(error))
+
+    def _options(self, ram: str) -> Any:
+        """
+        @param ram: the C{--ram} value.
+        @return: parsed options without C{--hugepages}.
+        """
+        from twisted_postcopy.tap import Options
+
+        options = Options()
+        options.parseOptions(["--control", "unix:/tmp/hugepages/x.sock", "--ram", ram])
+        return options
+
+    def test_demoOption(self) -> None:
+        """
+        C{postcopy demo --hugepages} passes C{--hugepages} to both daemons.
+        """
+        from twisted_postcopy import demo
+        from twisted_postcopy.cli import buildParser
+
+        args = buildParser().parse_args(["demo", "--hugepages", "--ram", "32M"])
+        for role in ("source", "destination"):
+            self.assertEqual(demo.daemonArguments(args, role)[-1], "--hugepages")
+        self.assertNotIn("--hugepages", demo.daemonArguments(buildParser().parse_args(["demo"]), "source"))
+
+    def test_guestPageSizeMismatch(self) -> None:
+        """
+        A destination guest refuses a source whose block has another page
+        size, naming the option.
+        """
+        from twisted_postcopy.errors import MigrationError
+        from twisted_postcopy.guests.guest import GuestSpec, IncomingGuest
+
+        guest = IncomingGuest(None, GuestSpec("stress", blocks=(("ram", 4 * MiB),)), "/nonexistent")
+        error = self.assertRaises(MigrationError, guest.ramBlocksListed, [("ram", 4 * MiB, HUGE)])
+        self.assertIn("--hugepages", str(error))
+
+
+class DemoHugePagesTests(SynchronousTestCase):
+    """
+    C{postcopy demo --hugepages --json}: two real daemons whose guests'
+    RAM is on hugetlbfs.
+    """
+
+    def setUp(self) -> None:
+        """
+        The destination needs userfaultfd on hugetlbfs; the demo reserves
+        its huge pages itself (and gives them back).
+        """
+        requireUserfaultfd(hugetlb=True, hugePages=0)
+
+    def test_demoJSON(self) -> None:
+        """
+        The migration completes through postcopy on both sides, the
+        destination guest verifies its memory, and query-migrate reports
+        C{ram.page-size} 2097152.
+        """
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted_postcopy.cli", "demo", "--hugepages", "--json", "--ram", "32M",
+             "--postcopy-after", "0"],
+            capture_output=True, text=True, timeout=120,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        report = json.loads(result.stdout)
+        self.assertEqual((report["source"]["status"], report["destination"]["status"]),
+                         ("completed", "completed"))
+        self.assertTrue(report["verified"], report["guest"])
+        self.assertTrue(report["hugepages"])
+        self.assertEqual(report["source"]["ram"]["page-size"], HUGE)
+        self.assertIn("postcopy-active", report["source-statuses"])

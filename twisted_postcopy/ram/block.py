@@ -99,7 +99,11 @@ class RAMBlock:
         if result < 0:
             if self.fd >= 0:
                 os.close(self.fd)
-            raise OSError(-result, f"mmap of RAMBlock {self.idstr}: {os.strerror(-result)}")
+            message = f"mmap of RAMBlock {self.idstr}: {os.strerror(-result)}"
+            if self.backing == "hugetlbfs":
+                message += (f" ({self.length // HUGE_PAGE_SIZE} free 2 MiB huge page(s) needed: reserve them "
+                            "through /proc/sys/vm/nr_hugepages)")
+            raise OSError(-result, message)
         self.address = result
 
     def _validate(self) -> None:

@@ -69,7 +69,7 @@ def checkHugePages(pages: int = 1) -> None:
     @raise UffdUnavailableError: fewer are free; the message gives the
         C{nr_hugepages} command.
     """
-    free = _readInt(FREE_HUGEPAGES)
+    free = availableHugePages()
     if free < pages:
         total = _readInt(NR_HUGEPAGES)
         raise UffdUnavailableError(
@@ -99,17 +99,20 @@ def reserveHugePages(pages: int, control: str | None = None,
     """
     control = NR_HUGEPAGES if control is None else control
     free = FREE_HUGEPAGES if free is None else free
-    shortfall = pages - _readInt(free)
+    shortfall = pages - availableHugePages(free)
     if shortfall <= 0:
         return lambda: None
+    # Raising the pool first turns surplus pages (in use beyond an earlier
+    # size) back into persistent ones: they must be counted in.
+    growth = shortfall + _readInt(os.path.join(os.path.dirname(free), "surplus_hugepages"))
     try:
-        _adjustPool(control, shortfall)
+        _adjustPool(control, growth)
     except (OSError, ValueError) as error:
         raise UffdUnavailableError(
             f"hugetlbfs RAM needs {pages} free 2 MiB huge page(s), {pages - shortfall} are free, and "
             f"{control} could not be raised by {shortfall} ({error}): reserve them as root, "
             f"e.g. `echo $(( $(cat {control}) + {shortfall} )) > {control}`") from None
-    added = [shortfall]
+    added = [growth]
 
     def release() -> None:
         """
@@ -118,13 +121,25 @@ def reserveHugePages(pages: int, control: str | None = None,
         if added:
             _adjustPool(control, -added.pop())
 
-    now = _readInt(free)
+    now = availableHugePages(free)
     if now < pages:
         release()
         raise UffdUnavailableError(
             f"hugetlbfs RAM needs {pages} free 2 MiB huge page(s) but the kernel found memory for only "
             f"{now} after raising {control} (memory too fragmented?): reserve them early, e.g. at boot")
     return release
+
+
+def availableHugePages(free: str | None = None) -> int:
+    """
+    @param free: the free-page count file (default L{FREE_HUGEPAGES});
+        C{resv_hugepages} beside it is read too.
+    @return: free 2 MiB huge pages not yet promised to a mapping (free
+        pages include those reserved by C{mmap}s that have not touched
+        them yet).
+    """
+    free = FREE_HUGEPAGES if free is None else free
+    return _readInt(free) - _readInt(os.path.join(os.path.dirname(free), "resv_hugepages"))
 
 
 def _adjustPool(control: str, delta: int) -> None:

@@ -118,7 +118,8 @@ class OutgoingMigration:
         """
         blocks = [(b.idstr, b.length, b.pageSize) for b in self.vm.blocks]
         self.scheduler = PageScheduler.forBlocks(blocks)
-        self.stats = TransferStats(self.now, sum(b.length for b in self.vm.blocks))
+        self.stats = TransferStats(self.now, sum(b.length for b in self.vm.blocks),
+                                   pageSize=max((b.pageSize for b in self.vm.blocks), default=4096))
         self.limiter = RateLimiter(self.now, self.parameters["max-bandwidth"])
         self.records = RecordWriter({b.idstr: b.view() for b in self.vm.blocks}, self.stats)
 
