@@ -17,8 +17,7 @@ from typing import Any
 
 from attrs import define
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_postcopy.destination.placer import PagePlacer
@@ -273,6 +272,30 @@ def _hugeFill(vm: Any, seed: int) -> None:
             vm.write(index, offset, struct.pack(">QQ", seed, offset) * 8)
 
 
+@inlineCallbacks
+def faultOnMissingPage(dst: MigrationManager, destination: WorkerGuestVM) -> Any:
+    """
+    Make the destination guest fault on a huge page that cannot arrive
+    first, without relying on timing: once the guest may run, stop reading
+    the main channel, choose a huge page not received yet, let the guest
+    touch it first, and wait until the fault service waits for it (its
+    request is then on the return path).
+
+    @param dst: the destination manager (its main connection is paused).
+    @param destination: its guest, created with C{gate} set.
+    @return: (a Deferred firing with) the paused transport and the page.
+    """
+    yield waitUntil(reactor, lambda: "run" in destination.events)
+    transport = dst.destinationFactory.main.transport
+    transport.pauseProducing()
+    block = destination.blocks["mem"]
+    missing = [page for page in range(block.pages) if not block.receivedMap.test(page)]
+    destination.touchFirst = [missing[-1]]
+    destination.gate.callback(None)
+    yield waitUntil(reactor, lambda: len(dst.incoming.faults.pending) > 0)
+    return transport, missing[-1]
+
+
 class HugePageLoopbackTests(TestCase):
     """
     Our source into our destination over loopback with a hugetlbfs block
@@ -308,27 +331,30 @@ class HugePageLoopbackTests(TestCase):
     @inlineCallbacks
     def test_postcopyHugePages(self) -> None:
         """
-        Postcopy starts at once with the background stream throttled (one
-        2 MiB page per 100 ms window: a rate limit cannot split a host
-        page); the guest first touches the last huge page, which the
-        background reaches last, so it is requested (a whole 2 MiB page)
-        and placed with one UFFDIO_COPY; then it reads all its RAM.  The
-        memory arrives equal to the source's and query-migrate reports
-        C{ram.page-size} 2097152.
+        Postcopy starts while most huge pages are still missing; the guest
+        first touches one that cannot have arrived (L{faultOnMissingPage}),
+        so it is requested (a whole 2 MiB page) and placed with one
+        UFFDIO_COPY; then it reads all its RAM.  The memory arrives equal
+        to the source's and query-migrate reports C{ram.page-size}
+        2097152.
         """
-        destination = WorkerGuestVM(reactor, touchFirst=[-1])
+        destination = WorkerGuestVM(reactor)
+        destination.gate = Deferred()
         self.addCleanup(destination.close)
         src, dst = self.managers(destination)
-        src.setParameters({"max-bandwidth": 64 * 1024, "max-postcopy-bandwidth": 64 * 1024})
+        src.setParameters({"max-bandwidth": 64 * 1024})
         port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(port.stopListening)
         src.migrate(f"tcp:127.0.0.1:{port.getHost().port}")
         yield src.whenStatus("active")
         self.source.write(0, HUGE + 5 * PAGE, b"late write" * 100)
         src.startPostcopy()
-        yield destination.touchedFirst
+        transport, page = yield faultOnMissingPage(dst, destination)
+        yield waitUntil(reactor, lambda: src.queryMigrate()["ram"]["postcopy-requests"] > 0)
         requests = src.queryMigrate()["ram"]["postcopy-requests"]
-        src.setParameters({"max-postcopy-bandwidth": 0})
+        transport.resumeProducing()
+        yield destination.touchedFirst
+        self.assertTrue(destination.blocks["mem"].receivedMap.test(page))
         status = yield src.whenStatus("completed", "failed")
         dstStatus = yield dst.whenStatus("completed", "failed")
         digests = yield destination.done
@@ -434,3 +460,72 @@ class DemoHugePagesTests(SynchronousTestCase):
         self.assertTrue(report["hugepages"])
         self.assertEqual(report["source"]["ram"]["page-size"], HUGE)
         self.assertIn("postcopy-active", report["source-statuses"])
+
+
+class HugePageRecoveryTests(TestCase):
+    """
+    Postcopy of a hugetlbfs block paused by a real cut of the connection
+    and recovered: the destination's received bitmap is whole host pages,
+    incomplete host pages are dropped at the pause and sent again whole,
+    and the guest's memory arrives equal to the source's.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        """
+        A 32 MiB hugetlbfs block and a 4 KiB-page one; the destination's
+        guest is a worker process on the production fault service.
+        """
+        reserveHugePages(self, 2 * 16)
+        requireUserfaultfd(hugetlb=True, hugePages=1)
+        self.source = OutgoingTestVM({"mem": 32 * MiB, "pc.rom": 128 * 1024}, device=b"",
+                                     pageSizes={"mem": HUGE})
+        _hugeFill(self.source, 7)
+        self.destination = WorkerGuestVM(reactor)
+        self.destination.gate = Deferred()
+        self.addCleanup(self.destination.close)
+        self.src = MigrationManager(reactor, self.source)
+        self.dst = MigrationManager(reactor, self.destination, self.destination.faultServiceFactory)
+        for manager in (self.src, self.dst):
+            manager.setCapabilities({"postcopy-ram": True})
+        self.src.setParameters({"max-bandwidth": 64 * 1024})
+
+    @inlineCallbacks
+    def test_cutAndRecover(self) -> None:
+        """
+        A cut while the guest waits for its first huge page pauses both
+        sides; after C{migrate-recover} and C{migrate resume} (RECV_BITMAP
+        answered in whole host pages) the migration completes with the
+        guest's memory equal to the source's.
+        """
+        from twisted_postcopy.testing.relay import RecordingRelay
+
+        port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        relay = RecordingRelay(("127.0.0.1", port.getHost().port))
+        self.addCleanup(relay.close)
+        self.src.migrate(relay.uri)
+        yield self.src.whenStatus("active")
+        self.src.startPostcopy()
+        transport, _ = yield faultOnMissingPage(self.dst, self.destination)
+        transport.resumeProducing()
+        relay.cut()
+        yield self.src.whenStatus("postcopy-paused")
+        yield self.dst.whenStatus("postcopy-paused")
+        self.assertEqual(self.dst.incoming.placer.temp, {})
+        bitmap = self.dst.incoming.faults.receivedBitmap("mem")
+        bits = int.from_bytes(bitmap, "little")
+        for page in range(32 * MiB // HUGE):
+            chunk = (bits >> (page * RATIO)) & ((1 << RATIO) - 1)
+            self.assertIn(chunk, (0, (1 << RATIO) - 1), f"huge page {page} partly received")
+        recoverPort = yield self.dst.migrateRecover("tcp:127.0.0.1:0")
+        recovery = RecordingRelay(("127.0.0.1", recoverPort.getHost().port))
+        self.addCleanup(recovery.close)
+        self.src.migrate(recovery.uri, resume=True)
+        status = yield self.src.whenStatus("completed", "failed")
+        dstStatus = yield self.dst.whenStatus("completed", "failed")
+        digests = yield self.destination.done
+        self.assertEqual((status, dstStatus), ("completed", "completed"))
+        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
+        self.assertEqual(digests, expected)
