@@ -3,7 +3,9 @@
 A real QEMU 7.2 guest whose RAM is a hugetlbfs memory backend
 (C{memory-backend-memfd,hugetlb=on,hugetlbsize=2M}, C{-machine
 memory-backend=mem}, TCG): captured by our destination by postcopy, and
-restored by postcopy into a fresh QEMU with the same backend.
+restored by postcopy into a fresh QEMU with the same backend; and migrated
+by postcopy into our destination, whose guest process faults on its 2 MiB
+pages.
 
 QEMU's source lists its C{mem} block with C{page_size} 2 MiB in RAM START
 (postcopy-ram on, page size not the host's 4 KiB): our capture reads it off
@@ -15,19 +17,27 @@ whole huge pages.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.test_destination_qemu import qemuStatus
+from tests.test_hugepages import faultOnMissingPage
 from tests.snapshotqemu import (
     LAYOUT, MEMORY_MIB, TIMEOUT, bootImage, finish, requireQEMU, snapshotCommand, startCapture, summaries,
 )
+from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.ram.block import HUGE_PAGE_SIZE
 from twisted_postcopy.snapshot.store import openSnapshot
 from twisted_postcopy.testing.bootsector import checkCounterPattern
 from twisted_postcopy.testing.qemubaseline import MIB, stopAndCheck
 from twisted_postcopy.testing.qemuguest import listenIncoming, startGuest
 from twisted_postcopy.testing.real import requireUserfaultfd, reserveHugePages
+from twisted_postcopy.testing.waiting import waitUntil
+from twisted_postcopy.testing.workerguest import WorkerGuestVM
 
 #: QEMU options putting the guest's RAM on 2 MiB hugetlbfs pages.
 HUGETLBFS_RAM = ("-object", f"memory-backend-memfd,id=mem,size={MEMORY_MIB}M,hugetlb=on,hugetlbsize=2M",
@@ -106,3 +116,64 @@ class HugetlbfsCaptureRestoreTests(SynchronousTestCase):
         restored.qmp("cont")
         restored.waitSerial(serial + 2, TIMEOUT)
         stopAndCheck(restored, LAYOUT)
+
+
+class QEMUHugetlbfsSourceTests(TestCase):
+    """
+    A QEMU 7.2 source whose RAM is on hugetlbfs, migrating by postcopy
+    into our destination, whose guest (a worker process on the production
+    fault service) faults on 2 MiB pages.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        """
+        Huge pages for QEMU and our destination; the running source.
+        """
+        requireQEMU()
+        requireUserfaultfd(hugetlb=True, hugePages=0)
+        reserveHugePages(self, 2 * GUEST_PAGES)
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.qemu = startGuest(directory, "source", bootImage(directory), MEMORY_MIB, *HUGETLBFS_RAM)
+        self.addCleanup(self.qemu.kill)
+        self.qemu.waitSerial(1, TIMEOUT)
+        self.vm = WorkerGuestVM(reactor)
+        self.vm.gate = Deferred()
+        self.addCleanup(self.vm.close)
+        self.manager = MigrationManager(reactor, self.vm, self.vm.faultServiceFactory)
+
+    @inlineCallbacks
+    def test_postcopyIntoOurGuest(self) -> None:
+        """
+        QEMU's RAM START gives C{mem} 2 MiB pages, so our block is a
+        hugetlbfs memfd; our guest touches a huge page that cannot have
+        arrived (L{faultOnMissingPage}): QEMU gets a request for the whole
+        2 MiB page, sends its 512 records, and we place it at once.  Both
+        sides complete and our RAM equals the stopped source's.
+        """
+        self.qemu.setCapabilities(**{"postcopy-ram": True})
+        self.manager.setCapabilities({"postcopy-ram": True})
+        self.qemu.setParameters(**{"max-bandwidth": 1000})
+        listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(listening.stopListening)
+        self.qemu.migrate(f"tcp:127.0.0.1:{listening.getHost().port}")
+        yield qemuStatus(self.qemu, {"active"})
+        self.qemu.qmp("migrate-start-postcopy")
+        transport, page = yield faultOnMissingPage(self.manager, self.vm)
+        self.assertEqual((self.vm.blocks["mem"].pageSize, self.vm.blocks["mem"].backing),
+                         (HUGE_PAGE_SIZE, "hugetlbfs"))
+        yield waitUntil(reactor, lambda: self.qemu.queryMigrate()["ram"]["postcopy-requests"] > 0)
+        transport.resumeProducing()
+        self.qemu.setParameters(**{"max-postcopy-bandwidth": 1 << 30, "max-bandwidth": 1 << 30})
+        ours = yield self.manager.whenStatus("completed", "failed")
+        self.assertEqual(ours, "completed", str(self.vm.failure))
+        info = yield qemuStatus(self.qemu, {"completed"})
+        self.assertEqual(info["status"], "completed", self.qemu.stderrTail())
+        digests = yield self.vm.done
+        contents = self.vm.contents()
+        self.assertEqual(digests, [hashlib.sha256(data).hexdigest() for data in contents.values()])
+        self.assertTrue(self.vm.blocks["mem"].receivedMap.test(page))
+        memory = self.qemu.pmemsave(0, MEMORY_MIB * MIB)
+        self.assertTrue(contents["mem"][MIB:] == memory[MIB:], "our RAM differs from QEMU's")
