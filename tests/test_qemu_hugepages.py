@@ -161,7 +161,11 @@ class QEMUHugetlbfsSourceTests(TestCase):
         self.qemu.migrate(f"tcp:127.0.0.1:{listening.getHost().port}")
         yield qemuStatus(self.qemu, {"active"})
         self.qemu.qmp("migrate-start-postcopy")
-        transport, page = yield faultOnMissingPage(self.manager, self.vm)
+        try:
+            transport, page = yield faultOnMissingPage(self.manager, self.vm)
+        except TimeoutError:
+            self.fail(f"no fault: QEMU {self.qemu.queryMigrate()}, ours {self.manager.queryMigrate()}, "
+                      f"guest {self.vm.events} {self.vm.failure}\n{self.qemu.stderrTail()}")
         self.assertEqual((self.vm.blocks["mem"].pageSize, self.vm.blocks["mem"].backing),
                          (HUGE_PAGE_SIZE, "hugetlbfs"))
         yield waitUntil(reactor, lambda: self.qemu.queryMigrate()["ram"]["postcopy-requests"] > 0)
