@@ -3,7 +3,8 @@
 A real QEMU 7.2 guest whose RAM is a hugetlbfs memory backend
 (C{memory-backend-memfd,hugetlb=on,hugetlbsize=2M}, C{-machine
 memory-backend=mem}, TCG): captured by our destination by postcopy, and
-restored by postcopy into a fresh QEMU with the same backend; and migrated
+restored by postcopy into a fresh QEMU with the same backend (also with
+C{memory-backend-file} on a hugetlbfs mount); and migrated
 by postcopy into our destination, whose guest process faults on its 2 MiB
 pages.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -35,7 +37,7 @@ from twisted_postcopy.snapshot.store import openSnapshot
 from twisted_postcopy.testing.bootsector import checkCounterPattern
 from twisted_postcopy.testing.qemubaseline import MIB, stopAndCheck
 from twisted_postcopy.testing.qemuguest import listenIncoming, startGuest
-from twisted_postcopy.testing.real import requireUserfaultfd, reserveHugePages
+from twisted_postcopy.testing.real import missingReal, requireUserfaultfd, reserveHugePages
 from twisted_postcopy.testing.waiting import waitUntil
 from twisted_postcopy.testing.workerguest import WorkerGuestVM
 
@@ -48,7 +50,8 @@ GUEST_PAGES = MEMORY_MIB * MIB // HUGE_PAGE_SIZE
 
 class HugetlbfsCaptureRestoreTests(SynchronousTestCase):
     """
-    Capture and restore of a QEMU guest on hugetlbfs, both by postcopy.
+    Capture and restore of a QEMU guest on hugetlbfs (a
+    C{memory-backend-memfd} with C{hugetlb=on}), both by postcopy.
     """
 
     def setUp(self) -> None:
@@ -61,11 +64,18 @@ class HugetlbfsCaptureRestoreTests(SynchronousTestCase):
         reserveHugePages(self, 3 * GUEST_PAGES)
         self.directory = self.mktemp()
         os.makedirs(self.directory)
+        self.ram = self.memoryBackend()
         self.image = bootImage(self.directory)
-        self.source = startGuest(self.directory, "source", self.image, MEMORY_MIB, *HUGETLBFS_RAM)
+        self.source = startGuest(self.directory, "source", self.image, MEMORY_MIB, *self.ram)
         self.addCleanup(self.source.kill)
         self.source.waitSerial(1, TIMEOUT)
         self.target = os.path.join(self.directory, "snapshot")
+
+    def memoryBackend(self) -> tuple[str, ...]:
+        """
+        @return: the QEMU options of the guests' RAM.
+        """
+        return HUGETLBFS_RAM
 
     def test_postcopyCaptureAndRestore(self) -> None:
         """
@@ -98,7 +108,7 @@ class HugetlbfsCaptureRestoreTests(SynchronousTestCase):
         checkCounterPattern(stored, LAYOUT)
 
         restored = startGuest(self.directory, "restored", self.image, MEMORY_MIB, "-S", "-incoming", "defer",
-                              *HUGETLBFS_RAM)
+                              *self.ram)
         self.addCleanup(restored.kill)
         restored.setCapabilities(**{"postcopy-ram": True})
         host, port = listenIncoming(restored)
@@ -116,6 +126,30 @@ class HugetlbfsCaptureRestoreTests(SynchronousTestCase):
         restored.qmp("cont")
         restored.waitSerial(serial + 2, TIMEOUT)
         stopAndCheck(restored, LAYOUT)
+
+
+class HugetlbfsFileCaptureRestoreTests(HugetlbfsCaptureRestoreTests):
+    """
+    The same with the RAM in a file on a hugetlbfs mount
+    (C{memory-backend-file,mem-path=MOUNT,share=on}); the test mounts one.
+    """
+
+    def memoryBackend(self) -> tuple[str, ...]:
+        """
+        Mount hugetlbfs (2 MiB pages) in a new directory, unmounted after
+        the test (and after the QEMUs are gone).
+
+        @return: the QEMU options of the guests' RAM.
+        """
+        mount = os.path.join(self.directory, "hugetlbfs")
+        os.makedirs(mount)
+        result = subprocess.run(["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", mount],
+                                capture_output=True, text=True)
+        if result.returncode:
+            missingReal(f"cannot mount hugetlbfs: {result.stderr.strip()}")
+        self.addCleanup(subprocess.run, ["umount", mount], check=True)
+        return ("-object", f"memory-backend-file,id=mem,size={MEMORY_MIB}M,mem-path={mount},share=on",
+                "-machine", "memory-backend=mem")
 
 
 class QEMUHugetlbfsSourceTests(TestCase):
