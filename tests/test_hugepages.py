@@ -529,3 +529,88 @@ class HugePageRecoveryTests(TestCase):
         self.assertEqual((status, dstStatus), ("completed", "completed"))
         expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
         self.assertEqual(digests, expected)
+
+
+class SourceRAMStartTests(SynchronousTestCase):
+    """
+    Our source's RAM START follows QEMU's C{ram_save_setup} rule, and its
+    pages, requests and counters are in host pages.
+    """
+
+    def setUp(self) -> None:
+        """
+        A VM of one 2 MiB hugetlbfs block and one 4 KiB-page block.
+        """
+        reserveHugePages(self, 1)
+        self.vm = OutgoingTestVM({"mem": HUGE, "pc.rom": 4 * PAGE}, pageSizes={"mem": HUGE})
+
+    def start(self, postcopy: bool) -> tuple[Any, list[Any]]:
+        """
+        @param postcopy: the C{postcopy-ram} capability.
+        @return: the started migration and the decoded events of what it
+            wrote.
+        """
+        from twisted.internet.task import Clock
+
+        from twisted_postcopy.source.outgoing import OutgoingMigration
+        from twisted_postcopy.wire import decodeAll
+
+        chunks: list[bytes] = []
+        parameters = {"max-bandwidth": 0, "max-postcopy-bandwidth": 0, "downtime-limit": 300}
+        migration = OutgoingMigration(self.vm, chunks.append, Clock().seconds, {"postcopy-ram": postcopy},
+                                      parameters)
+        migration.begin()
+        migration.start()
+        events = decodeAll(b"".join(chunks), pageSizeBlocks={"mem"} if postcopy else ())
+        return migration, events
+
+    def test_pageSizeWithPostcopy(self) -> None:
+        """
+        With postcopy-ram the huge page block's entry carries 2 MiB (and
+        the ADVISE summary has the bit); the 4 KiB block's carries none.
+        """
+        from twisted_postcopy.wire.events import PostcopyAdvised, RAMBlockInfo, RAMBlocksListed
+
+        migration, events = self.start(True)
+        (advise,) = [event for event in events if isinstance(event, PostcopyAdvised)]
+        self.assertEqual(advise.pageSizeSummary, HUGE | PAGE)
+        (listed,) = [event for event in events if isinstance(event, RAMBlocksListed)]
+        self.assertEqual(listed.blocks, (RAMBlockInfo("mem", HUGE, HUGE), RAMBlockInfo("pc.rom", 4 * PAGE)))
+        self.assertEqual(migration.stats.pageSize, HUGE)
+
+    def test_noPageSizeWithoutPostcopy(self) -> None:
+        """
+        Without postcopy-ram no entry carries a page size (a QEMU
+        destination would not read one).
+        """
+        from twisted_postcopy.wire.events import RAMBlockInfo, RAMBlocksListed
+
+        _, events = self.start(False)
+        (listed,) = [event for event in events if isinstance(event, RAMBlocksListed)]
+        self.assertEqual(listed.blocks, (RAMBlockInfo("mem", HUGE), RAMBlockInfo("pc.rom", 4 * PAGE)))
+
+    def test_requestsInHostPages(self) -> None:
+        """
+        A request for part of a huge page is refused with QEMU's text; a
+        whole one is queued and sent as its 512 target-page records, in
+        order, before anything else.
+        """
+        from twisted_postcopy.source.sender import PageRequestError
+
+        migration, _ = self.start(True)
+        scheduler = migration.scheduler
+        error = self.assertRaises(PageRequestError, scheduler.queueRequest, "mem", PAGE, PAGE)
+        self.assertIn("Misaligned page request", str(error))
+        scheduler.queueRequest("mem", 0, HUGE)
+        out: list[Any] = []
+        migration.records.gather(scheduler, out, 0, 0)
+        from twisted_postcopy.wire.ram import RAMRecordDecoder
+        from twisted_postcopy.wire.buffer import ReceiveBuffer
+
+        buffer = ReceiveBuffer()
+        buffer.feed(b"".join(bytes(piece) for piece in out) + struct.pack(">Q", 0x10))
+        decoder = RAMRecordDecoder({"mem": HUGE, "pc.rom": 4 * PAGE})
+        offsets = []
+        while (event := decoder.nextRecord(buffer)).__class__.__name__ != "RAMSectionEOS":
+            offsets.append((event.block, event.offset))
+        self.assertEqual(offsets, [("mem", index * PAGE) for index in range(RATIO)])
