@@ -614,3 +614,14 @@ class SourceRAMStartTests(SynchronousTestCase):
         while (event := decoder.nextRecord(buffer)).__class__.__name__ != "RAMSectionEOS":
             offsets.append((event.block, event.offset))
         self.assertEqual(offsets, [("mem", index * PAGE) for index in range(RATIO)])
+
+    def test_discardsInHostPages(self) -> None:
+        """
+        At the switch to postcopy every dirty page is discarded in whole
+        host pages (QEMU's C{postcopy_chunk_hostpages}): 2 MiB ranges for
+        the huge page block.
+        """
+        migration, _ = self.start(True)
+        commands = dict(migration.scheduler.discardCommands())
+        self.assertEqual(commands["mem"], [(0, HUGE)])
+        self.assertEqual(commands["pc.rom"], [(0, 4 * PAGE)])
