@@ -12,6 +12,10 @@ the migration, as QEMU does with C{-incoming}::
     twistd -n postcopy --role destination --control unix:/run/dst.sock \\
         --incoming tcp:127.0.0.1:4444 --guest stress --ram 256M
 
+With C{--hugepages} (on both sides) the guest's RAM is on hugetlbfs with
+2 MiB pages; the huge pages it needs are reserved at start if fewer are
+free (see C{docs/user-guide.md}).
+
 Every daemon also serves the C{snapshot-*} commands (capture a QEMU
 migration into a snapshot directory, restore one into QEMU destinations).
 A daemon that does only that runs no guest::
