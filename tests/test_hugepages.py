@@ -392,6 +392,26 @@ class HugePagesOptionTests(SynchronousTestCase):
                                   ["--control", "unix:/tmp/hugepages/x.sock", "--hugepages", "--ram", "3M"])
         self.assertIn("multiple of 2M", str(error))
 
+    def test_tapCannotReserve(self) -> None:
+        """
+        A daemon whose huge pages cannot be reserved exits at start with
+        the reservation's error, which names C{/proc/sys/vm/nr_hugepages}.
+        """
+        from twisted.internet.testing import MemoryReactor
+
+        from twisted_postcopy.errors import UffdUnavailableError
+        from twisted_postcopy.ram import support
+        from twisted_postcopy.tap import Options, makeService
+
+        def refuse(pages: int) -> Any:
+            raise UffdUnavailableError(f"{pages} page(s): /proc/sys/vm/nr_hugepages could not be raised")
+
+        self.patch(support, "reserveHugePages", refuse)
+        options = Options()
+        options.parseOptions(["--control", "unix:/tmp/hugepages/x.sock", "--hugepages", "--ram", "64M"])
+        error = self.assertRaises(SystemExit, makeService, options, MemoryReactor())
+        self.assertIn("32 page(s): /proc/sys/vm/nr_hugepages", str(error))
+
     def _options(self, ram: str) -> Any:
         """
         @param ram: the C{--ram} value.

@@ -382,7 +382,12 @@ def makeService(options: Options, reactor: Any = None) -> Any:
 
     from twisted_postcopy.observe.service import addObservability
 
-    reserveGuestHugePages(options, reactor)
+    from twisted_postcopy.errors import UffdUnavailableError
+
+    try:
+        reserveGuestHugePages(options, reactor)
+    except UffdUnavailableError as error:
+        raise SystemExit(f"twistd postcopy --hugepages: {error}") from None
     manager, guest = buildManager(reactor, options)
     for qomType, id, properties in options["objects"]:
         manager.objectAdd(qomType, id, **properties)

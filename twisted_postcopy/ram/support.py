@@ -126,7 +126,8 @@ def reserveHugePages(pages: int, control: str | None = None,
         release()
         raise UffdUnavailableError(
             f"hugetlbfs RAM needs {pages} free 2 MiB huge page(s) but the kernel found memory for only "
-            f"{now} after raising {control} (memory too fragmented?): reserve them early, e.g. at boot")
+            f"{now} after raising {control} (not enough free memory, or too fragmented): free memory or "
+            f"reserve them early, e.g. at boot")
     return release
 
 
