@@ -17,7 +17,7 @@ from typing import Any
 
 from attrs import define
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_postcopy.destination.placer import PagePlacer
@@ -543,12 +543,32 @@ class HugePageRecoveryTests(TestCase):
         recovery = RecordingRelay(("127.0.0.1", recoverPort.getHost().port))
         self.addCleanup(recovery.close)
         self.src.migrate(recovery.uri, resume=True)
-        status = yield self.src.whenStatus("completed", "failed")
-        dstStatus = yield self.dst.whenStatus("completed", "failed")
+        try:
+            status = yield self.src.whenStatus("completed", "failed").addTimeout(60, reactor)
+            dstStatus = yield self.dst.whenStatus("completed", "failed").addTimeout(60, reactor)
+        except DeferredTimeout:
+            self.fail(f"recovery stalled: source {self.src.queryMigrate()}, destination {self.dst.queryMigrate()}, "
+                      f"pending {len(self.dst.incoming.faults.pending)}, temp {self.dst.incoming.placer.temp}, "
+                      f"relay {[(len(c.forward), len(c.backward)) for c in recovery.connections]}, "
+                      f"{self._sourceState()}")
         digests = yield self.destination.done
         self.assertEqual((status, dstStatus), ("completed", "completed"))
         expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
         self.assertEqual(digests, expected)
+
+    def _sourceState(self) -> str:
+        """
+        @return: the source's sending state, for a stalled recovery.
+        """
+        outgoing = self.src.outgoing
+        transport = getattr(outgoing.write, "__self__", None)
+        protocol = getattr(transport, "protocol", None)
+        return (f"written={outgoing.written} stopped={outgoing.stopped} ending={outgoing.ending} "
+                f"queue={len(outgoing.scheduler.queue)} transport={transport!r} "
+                f"paused={getattr(protocol, 'paused', None)} pending={getattr(protocol, 'pending', None)} "
+                f"limited={outgoing.limiter.limited()} bandwidth={outgoing.limiter.bandwidth} "
+                f"producer={getattr(transport, 'producer', None)!r} "
+                f"producerPaused={getattr(transport, 'producerPaused', None)}")
 
 
 class SourceRAMStartTests(SynchronousTestCase):
