@@ -285,7 +285,9 @@ def faultOnMissingPage(dst: MigrationManager, destination: WorkerGuestVM) -> Any
     @param destination: its guest, created with C{gate} set.
     @return: (a Deferred firing with) the paused transport and the page.
     """
-    yield waitUntil(reactor, lambda: "run" in destination.events)
+    yield waitUntil(reactor, lambda: "run" in destination.events or "failed" in destination.events)
+    if "run" not in destination.events:
+        raise AssertionError(f"the incoming migration failed: {destination.failure}")
     transport = dst.destinationFactory.main.transport
     transport.pauseProducing()
     block = destination.blocks["mem"]
