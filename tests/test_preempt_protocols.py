@@ -74,21 +74,23 @@ class PlacingIncoming:
     failures: list[BaseException] = field(factory=list)
     machine: IncomingMachine | None = None
 
-    def page(self, idstr: str, offset: int, data: Any) -> None:
+    def page(self, idstr: str, offset: int, data: Any, channel: int = 0) -> None:
         """
         @param idstr: block.
         @param offset: offset.
         @param data: page.
+        @param channel: the channel.
         """
-        self.placer.page(idstr, offset, data)
+        self.placer.page(idstr, offset, data, channel)
 
-    def zero(self, idstr: str, offset: int, fill: int) -> None:
+    def zero(self, idstr: str, offset: int, fill: int, channel: int = 0) -> None:
         """
         @param idstr: block.
         @param offset: offset.
         @param fill: fill byte.
+        @param channel: the channel.
         """
-        self.placer.zero(idstr, offset, fill, PAGE)
+        self.placer.zero(idstr, offset, fill, PAGE, channel)
 
     def flush(self) -> None:
         """

@@ -263,6 +263,25 @@ class HandshakeTests(SynchronousTestCase):
         migration.shut(0)
         self.assertEqual(migration.machine.status, S.COMPLETED)
 
+    def test_resumeAfterWrittenToTheEnd(self) -> None:
+        """
+        A stream written to its end into the lost connection (END and EOF
+        still in its buffer) is written again after RESUME_ACK: the next
+        step sends the pages the bitmaps say are missing instead of
+        stopping.
+        """
+        self.migration.written = True
+        self.resume.bitmapReceived("pc.ram", bytes(8))
+        self.resume.bitmapReceived("pc.rom", bytes(8))
+        self.assertTrue(self.resume.resumeAcked())
+        self.assertFalse(self.migration.written)
+        self.migration.write = self.transport.write
+        self.transport.written.clear()
+        self.migration.step()
+        self.assertGreater(len(self.transport.written), 66)
+        self.assertEqual(self.transport.written[-1:], b"\x00")
+        self.assertTrue(self.migration.written)
+
     def test_badSize(self) -> None:
         """
         A bitmap of the wrong size: QEMU's text.

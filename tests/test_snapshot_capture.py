@@ -136,12 +136,13 @@ class CaptureVMTests(SynchronousTestCase):
 
     def test_limits(self) -> None:
         """
-        Absurd RAM sizes and hugepage blocks are refused.
+        Absurd RAM sizes and page sizes other than 4 KiB and 2 MiB are
+        refused.
         """
         self.assertRaises(MigrationError, CaptureVM(self.mktemp()).ramBlocksListed,
                           [("pc.ram", MAX_RAM + PAGE, None)])
         self.assertRaises(MigrationError, CaptureVM(self.mktemp()).ramBlocksListed,
-                          [("pc.ram", 2 << 20, 2 << 20)])
+                          [("pc.ram", 1 << 30, 1 << 30)])
 
 
 class LoopbackCaptureTests(TestCase):

@@ -144,29 +144,55 @@ class ReserveHugePagesTests(SynchronousTestCase):
         reserveHugePages(self, 4, control, free)
         self.assertEqual(self.read(control), 8)
 
-    def test_grownAndRestored(self) -> None:
+    def kernel(self, control: str, free: str, missing: int = 0) -> None:
         """
-        With too few free pages the pool grows by the shortfall, and the
-        old size comes back at cleanup.
-        """
-        control, free = self.pool(3, 1)
-        calls: list[str] = []
-        original = real._readCount
+        Make the free count follow the pool size as the kernel would
+        (C{missing} pages it cannot find), once the pool was written.
 
-        def kernel(path: str) -> int | None:
+        @param control: the stand-in pool file.
+        @param free: the stand-in free-count file.
+        @param missing: pages the kernel cannot find.
+        """
+        base = self.read(control) - self.read(free)
+        original = support._readInt
+
+        def readInt(path: str) -> int:
             """
             The free count as the kernel would show it after the write.
             """
-            if path == free and calls:
-                return self.read(control) - 2
-            calls.append(path)
+            if path == free:
+                return max(0, self.read(control) - base - missing)
             return original(path)
 
-        self.patch(real, "_readCount", kernel)
+        self.patch(support, "_readInt", readInt)
+
+    def test_grownAndRestored(self) -> None:
+        """
+        With too few free pages the pool grows by the shortfall, and what
+        was added is given back at cleanup.
+        """
+        control, free = self.pool(3, 1)
+        self.kernel(control, free)
         reserveHugePages(self, 4, control, free)
         self.assertEqual(self.read(control), 6)
         self.doCleanups()
         self.assertEqual(self.read(control), 3)
+
+    def test_concurrentReservations(self) -> None:
+        """
+        Another process growing the pool meanwhile keeps its pages: the
+        release shrinks the pool by what this reservation added, not back
+        to the size it found.
+        """
+        control, free = self.pool(2, 2)
+        self.kernel(control, free)
+        release = support.reserveHugePages(5, control, free)
+        self.assertEqual(self.read(control), 5)
+        with open(control, "w") as f:
+            f.write("9\n")
+        release()
+        release()
+        self.assertEqual(self.read(control), 6)
 
     def test_cannotGrow(self) -> None:
         """
@@ -174,18 +200,26 @@ class ReserveHugePagesTests(SynchronousTestCase):
         in strict mode, naming the file.
         """
         self.patch(os, "environ", {**os.environ, STRICT_ENVIRONMENT_VARIABLE: "1"})
-        error = self.assertRaises(FailTest, reserveHugePages, self, 4,
-                                  self.mktemp() + "/missing", self.mktemp())
-        self.assertIn("cannot reserve 4 huge page(s)", str(error))
+        missing = self.mktemp() + "/missing"
+        error = self.assertRaises(FailTest, reserveHugePages, self, 4, missing, self.mktemp())
+        self.assertIn(f"{missing} could not be raised by 4", str(error))
+
+    def test_productError(self) -> None:
+        """
+        The daemon's own reservation fails with an error naming the pool
+        file.
+        """
+        error = self.assertRaises(UffdUnavailableError, support.reserveHugePages, 4,
+                                  "/proc/sys/vm/nr_hugepages-missing", self.mktemp())
+        self.assertIn("/proc/sys/vm/nr_hugepages-missing", str(error))
 
     def test_kernelShort(self) -> None:
         """
         When the kernel reserves fewer pages than asked, the test gives up
-        and the pool still gets its old size back.
+        and the pool gets its old size back at once.
         """
         control, free = self.pool(0, 0)
+        self.kernel(control, free, missing=1)
         self.patch(os, "environ", {**os.environ, STRICT_ENVIRONMENT_VARIABLE: ""})
         self.assertRaises(SkipTest, reserveHugePages, self, 4, control, free)
-        self.assertEqual(self.read(control), 4)
-        self.doCleanups()
         self.assertEqual(self.read(control), 0)

@@ -25,7 +25,13 @@ from twisted_postcopy.wire.events import (
     RAMSectionEOS,
     ZeroPageReceived,
 )
-from twisted_postcopy.wire.ram import RAMRecordDecoder, RAMRecordEncoder, encodeBlockList
+from twisted_postcopy.wire.ram import (
+    RAMRecordDecoder,
+    RAMRecordEncoder,
+    blockListFor,
+    encodeBlockList,
+    wirePageSize,
+)
 from twisted_postcopy.wire.strings import encodeStr8
 
 #: migration-stream.md 7.C: the MEM_SIZE word, first and last entries.
@@ -205,6 +211,72 @@ class BlockListTests(SynchronousTestCase):
         blocks = [RAMBlockInfo("pc.ram", 0x40000000, pageSize=0x200000), RAMBlockInfo("pc.rom", 0x20000)]
         self.assertEqual(self.decode(encodeBlockList(blocks), pageSizeBlocks={"pc.ram"}),
                          RAMBlocksListed(blocks))
+
+    def test_pageSizeFromAdviseSummary(self) -> None:
+        """
+        When the ADVISE summary has a bit above the target page size, the
+        entries that carry a page size are read off the wire: a huge page
+        block in the middle or at the end of the list, and none after it
+        (the next entry's idstr length, or the EOS word, follows).
+        """
+        for blocks in ([RAMBlockInfo("mem", 0x800000, pageSize=0x200000), RAMBlockInfo("pc.bios", 0x40000)],
+                       [RAMBlockInfo("pc.bios", 0x40000), RAMBlockInfo("mem", 0x800000, pageSize=0x200000)],
+                       [RAMBlockInfo("mem", 0x800000, pageSize=0x40000000)]):
+            encoded = encodeBlockList(blocks) + unhex("00 00 00 00 00 00 00 10")
+            summary = 0x1000
+            for block in blocks:
+                summary |= block.pageSize or 0x1000
+            self.assertEqual(self.decode(encoded, pageSizeSummary=summary), RAMBlocksListed(blocks))
+
+    def test_pageSizeSummaryNeedsLookahead(self) -> None:
+        """
+        Deciding whether an entry carries a page size waits for the 8 bytes
+        after its length; fed byte by byte the list decodes the same.
+        """
+        blocks = [RAMBlockInfo("mem", 0x400000, pageSize=0x200000), RAMBlockInfo("pc.rom", 0x20000)]
+        encoded = encodeBlockList(blocks) + unhex("00 00 00 00 00 00 00 10")
+        buffer, decoder = ReceiveBuffer(), RAMRecordDecoder()
+        results = []
+        for byte in encoded:
+            buffer.feed(bytes([byte]))
+            results.append(decoder.nextBlockList(buffer, pageSizeSummary=0x201000))
+        self.assertIn(RAMBlocksListed(blocks), results)
+
+    def test_smallPagesOnlySummary(self) -> None:
+        """
+        A summary of the target page size alone means no entry carries
+        a page size, whatever follows.
+        """
+        blocks = [RAMBlockInfo("pc.ram", 0x200000)]
+        encoded = encodeBlockList(blocks) + unhex("00 00 00 00 00 20 00 00")
+        self.assertEqual(self.decode(encoded, pageSizeSummary=0x1000), RAMBlocksListed(blocks))
+
+    def test_badWirePageSize(self) -> None:
+        """
+        An explicitly expected page size that is not a power of two is
+        refused.
+        """
+        encoded = encodeBlockList([RAMBlockInfo("mem", 0x400000, pageSize=0x300000)])
+        self.assertRaises(BadRAMRecordError, self.decode, encoded, pageSizeBlocks={"mem"})
+
+    def test_wirePageSizeRule(self) -> None:
+        """
+        QEMU's ram_save_setup rule: a page size only with postcopy-ram and
+        only for blocks whose page size is not the target page size.
+        """
+        self.assertEqual(wirePageSize(0x200000, True), 0x200000)
+        self.assertIsNone(wirePageSize(0x200000, False))
+        self.assertIsNone(wirePageSize(0x1000, True))
+
+        class Block:
+            def __init__(self, idstr: str, length: int, pageSize: int) -> None:
+                self.idstr, self.length, self.pageSize = idstr, length, pageSize
+
+        blocks = [Block("mem", 0x400000, 0x200000), Block("pc.rom", 0x20000, 0x1000)]
+        self.assertEqual(blockListFor(blocks, True),
+                         [RAMBlockInfo("mem", 0x400000, 0x200000), RAMBlockInfo("pc.rom", 0x20000)])
+        self.assertEqual(blockListFor(blocks, False),
+                         [RAMBlockInfo("mem", 0x400000), RAMBlockInfo("pc.rom", 0x20000)])
 
     def test_notMemSize(self) -> None:
         """

@@ -39,6 +39,7 @@ from twisted_postcopy.wire.events import (
     PackageReceived,
     PageReceived,
     PingReceived,
+    RAMBlockInfo,
     RAMBlocksListed,
     RunReceived,
     SectionEnded,
@@ -290,6 +291,37 @@ class PostcopyStreamTests(SynchronousTestCase):
         events = decodeAll(data, header=False, blocks=[RAMBlockInfo("pc.ram", 0x10000)], ramSectionId=2)
         self.assertEqual(encodeEvents(events), data)
         self.assertIsInstance(events[-1], SectionEnded)
+
+
+class HugePageBlockListTests(SynchronousTestCase):
+    """
+    A postcopy stream whose RAM START lists a huge page block decodes with
+    its page size, in any chunking, with nothing configured.
+    """
+
+    def test_advisedHugePages(self) -> None:
+        """
+        ADVISE with a 2 MiB bit in its summary, then a list whose huge
+        page block carries its page size: the decoder reports it.
+        """
+        encoder = StreamEncoder()
+        blocks = [RAMBlockInfo("mem", 0x400000, 0x200000), RAMBlockInfo("pc.bios", 0x40000)]
+        stream = (HEADER + encoder.openReturnPath() + encoder.postcopyAdvise(0x201000, 0x1000)
+                  + encoder.ramStart(2, blocks))
+        for size in (1, 7, len(stream)):
+            listed = [e for e in decodeChunked(StreamDecoder, stream, size, close=False)
+                      if isinstance(e, RAMBlocksListed)]
+            self.assertEqual(listed, [RAMBlocksListed(blocks)])
+
+    def test_notAdvised(self) -> None:
+        """
+        Without ADVISE no entry carries a page size (QEMU's rule needs
+        postcopy-ram), so none is looked for.
+        """
+        blocks = [RAMBlockInfo("mem", 0x400000), RAMBlockInfo("pc.bios", 0x40000)]
+        stream = HEADER + StreamEncoder().ramStart(2, blocks)
+        listed = [e for e in decodeAll(stream) if isinstance(e, RAMBlocksListed)]
+        self.assertEqual(listed, [RAMBlocksListed(blocks)])
 
 
 class DeviceSectionTests(SynchronousTestCase):

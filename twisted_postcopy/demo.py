@@ -51,7 +51,30 @@ def daemonArguments(args: argparse.Namespace, role: str) -> list[str]:
     @param role: C{source} or C{destination}.
     @return: the options.
     """
-    return ["--role", role, "--guest", args.guest, "--ram", f"{args.ram}B", "--seed", str(args.seed)]
+    arguments = ["--role", role, "--guest", args.guest, "--ram", f"{args.ram}B", "--seed", str(args.seed)]
+    if getattr(args, "hugepages", False):
+        arguments.append("--hugepages")
+    return arguments
+
+
+def reserveDemoHugePages(args: argparse.Namespace) -> Any:
+    """
+    With C{--hugepages}, make huge pages for both guests available before
+    either daemon starts (the source maps its RAM at start, the
+    destination only at RAM START, so each daemon's own check at start
+    would count the same free pages).
+
+    @param args: the demo's arguments.
+    @return: a function giving back what was added to the pool.
+    @raise UffdUnavailableError: they cannot be reserved (the message
+        names C{/proc/sys/vm/nr_hugepages}).
+    """
+    if not getattr(args, "hugepages", False):
+        return lambda: None
+    from twisted_postcopy.ram.block import HUGE_PAGE_SIZE
+    from twisted_postcopy.ram.support import reserveHugePages
+
+    return reserveHugePages(2 * (args.ram // HUGE_PAGE_SIZE))
 
 
 async def pollUntil(reactor: Any, daemon: Daemon, statuses: frozenset[str], progress: Progress,
@@ -243,6 +266,30 @@ async def runDemo(reactor: Any, args: argparse.Namespace, out: TextIO, err: Text
         except ReportError as e:
             print(f"error: {e}", file=err)
             return 2
+    if getattr(args, "hugepages", False) and args.ram % (2 << 20):
+        print("error: --ram must be a multiple of 2M with --hugepages", file=err)
+        return 2
+    try:
+        release = reserveDemoHugePages(args)
+    except PostcopyError as e:
+        print(f"error: {e}", file=err)
+        return 1
+    try:
+        return await _runDemo(reactor, args, out, err)
+    finally:
+        release()
+
+
+async def _runDemo(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """
+    L{runDemo} once huge pages (if any) are reserved.
+
+    @param reactor: the reactor.
+    @param args: the demo's arguments.
+    @param out: where the report goes.
+    @param err: where progress and errors go.
+    @return: the exit status.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="postcopy-demo-"))
     daemons: list[Daemon] = []
     progress = Progress(err, args.ram)
@@ -265,7 +312,8 @@ async def runDemo(reactor: Any, args: argparse.Namespace, out: TextIO, err: Text
         for daemon in daemons:
             await daemon.stop(reactor)
     progress.finish()
-    result.update({"guest-name": args.guest, "ram-bytes": args.ram, "uri": args.uri})
+    result.update({"guest-name": args.guest, "ram-bytes": args.ram, "uri": args.uri,
+                   "hugepages": bool(getattr(args, "hugepages", False))})
     print(json.dumps(result, sort_keys=True) if args.json else formatReport(result), file=out)
     if result.get("report") and not args.json:
         print(f"timeline and plots written to {args.report}: "
@@ -294,6 +342,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--postcopy-after", type=float, default=0.2, metavar="SECONDS",
                         help="precopy time before migrate-start-postcopy (default: 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="the guest's workload seed")
+    parser.add_argument("--hugepages", action="store_true",
+                        help="guest RAM on hugetlbfs (2 MiB pages) on both sides; free huge pages "
+                        "are reserved through /proc/sys/vm/nr_hugepages if needed (and given back)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
                         help="give up after this long (default: 120)")
     parser.add_argument("--json", action="store_true",

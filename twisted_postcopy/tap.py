@@ -12,6 +12,10 @@ the migration, as QEMU does with C{-incoming}::
     twistd -n postcopy --role destination --control unix:/run/dst.sock \\
         --incoming tcp:127.0.0.1:4444 --guest stress --ram 256M
 
+With C{--hugepages} (on both sides) the guest's RAM is on hugetlbfs with
+2 MiB pages; the huge pages it needs are reserved at start if fewer are
+free (see C{docs/user-guide.md}).
+
 Every daemon also serves the C{snapshot-*} commands (capture a QEMU
 migration into a snapshot directory, restore one into QEMU destinations).
 A daemon that does only that runs no guest::
@@ -130,6 +134,10 @@ class Options(usage.Options):
          "Allow migration listeners (--incoming, migrate-incoming, migrate-recover, "
          "snapshot-capture) on a non-loopback tcp: address without TLS client authentication "
          "(logs a warning; anyone who reaches the port can send a guest)."],
+        ["hugepages", None,
+         "Guest RAM on hugetlbfs (2 MiB pages; --ram a multiple of 2M). When fewer huge pages "
+         "are free than --ram needs, /proc/sys/vm/nr_hugepages is raised by the shortfall at "
+         "start and lowered by as much at exit. Both sides of a migration need it."],
     ]
 
     def __init__(self) -> None:
@@ -239,6 +247,8 @@ class Options(usage.Options):
             raise usage.UsageError("--control ENDPOINT is required")
         if self["ram"] % PAGE_SIZE or self["ram"] <= 0:
             raise usage.UsageError(f"--ram must be a positive multiple of {PAGE_SIZE}")
+        if self["hugepages"] and self["ram"] % (2 << 20):
+            raise usage.UsageError("--ram must be a multiple of 2M with --hugepages")
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
         if self["incoming"] and self["role"] != "destination":
@@ -290,6 +300,7 @@ def guestSpec(options: Options) -> Any:
     @return: a L{twisted_postcopy.guests.guest.GuestSpec}.
     """
     from twisted_postcopy.guests.guest import GuestSpec
+    from twisted_postcopy.ram.block import HUGE_PAGE_SIZE
 
     workers = options["workers"]
     arguments: list[str] = []
@@ -301,7 +312,27 @@ def guestSpec(options: Options) -> Any:
     for key, value in options["guest-option"].items():
         arguments += [f"--{key}", value]
     return GuestSpec(options["guest"], workers=workers, blocks=(("ram", options["ram"]),),
-                     arguments=tuple(arguments))
+                     arguments=tuple(arguments), pageSize=HUGE_PAGE_SIZE if options["hugepages"] else PAGE_SIZE)
+
+
+def reserveGuestHugePages(options: Options, reactor: Any) -> None:
+    """
+    With C{--hugepages}, make the guest's huge pages available
+    (L{twisted_postcopy.ram.support.reserveHugePages}) and give back what
+    was added to the pool when the reactor shuts down.
+
+    @param options: the parsed L{Options}.
+    @param reactor: the reactor.
+    @raise UffdUnavailableError: they cannot be reserved (the message
+        names C{/proc/sys/vm/nr_hugepages}).
+    """
+    if not options["hugepages"] or options["guest"] == "none":
+        return
+    from twisted_postcopy.ram.block import HUGE_PAGE_SIZE
+    from twisted_postcopy.ram.support import reserveHugePages
+
+    release = reserveHugePages(options["ram"] // HUGE_PAGE_SIZE)
+    reactor.addSystemEventTrigger("after", "shutdown", release)
 
 
 def attachPath(options: Options) -> str:
@@ -375,6 +406,12 @@ def makeService(options: Options, reactor: Any = None) -> Any:
 
     from twisted_postcopy.observe.service import addObservability
 
+    from twisted_postcopy.errors import UffdUnavailableError
+
+    try:
+        reserveGuestHugePages(options, reactor)
+    except UffdUnavailableError as error:
+        raise SystemExit(f"twistd postcopy --hugepages: {error}") from None
     manager, guest = buildManager(reactor, options)
     for qomType, id, properties in options["objects"]:
         manager.objectAdd(qomType, id, **properties)

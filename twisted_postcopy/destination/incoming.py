@@ -142,30 +142,30 @@ class IncomingMigration:
             raise RemoteProtocolError("RAM page before the RAM block list")
         return self.placer
 
-    def page(self, idstr: str, offset: int, data: bytes | memoryview) -> None:
+    def page(self, idstr: str, offset: int, data: bytes | memoryview, channel: int = 0) -> None:
         """
         A PAGE record.
 
         @param idstr: the block.
         @param offset: byte offset.
         @param data: the page.
+        @param channel: 0 for the main stream, 1 for the preempt channel.
         """
         placer = self.placer
         if placer is None:
             raise RemoteProtocolError("RAM page before the RAM block list")
-        placer.page(idstr, offset, data)
+        placer.page(idstr, offset, data, channel)
 
-    def zero(self, idstr: str, offset: int, fill: int) -> None:
+    def zero(self, idstr: str, offset: int, fill: int, channel: int = 0) -> None:
         """
-        A ZERO record.
+        A ZERO record (one target page).
 
         @param idstr: the block.
         @param offset: byte offset.
         @param fill: the fill byte.
+        @param channel: 0 for the main stream, 1 for the preempt channel.
         """
-        placer = self._placer()
-        size = placer.blocks[idstr].pageSize if idstr in placer.blocks else TARGET_PAGE_SIZE
-        placer.zero(idstr, offset, fill, size)
+        self._placer().zero(idstr, offset, fill, TARGET_PAGE_SIZE, channel)
 
     def flush(self) -> None:
         """
@@ -260,6 +260,7 @@ class IncomingMigration:
         """
         if self.faults is not None:
             self.flush()
+            self._placer().checkComplete()
             self.faults.fillHoles()
             missing = self.faults.missingPages()
             if missing:

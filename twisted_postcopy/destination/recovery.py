@@ -94,6 +94,9 @@ def pauseIncoming(incoming: Any, protocol: Any, reason: object) -> None:
         if getattr(observer, "__self__", None) is protocol:
             observers.remove(observer)
     incoming.returnPath = HeldReturnPath()
+    placer = getattr(incoming, "placer", None)
+    if placer is not None:
+        placer.resetTempPages()
     incoming.machine.status.moveTo(S.POSTCOPY_PAUSED)
 
 

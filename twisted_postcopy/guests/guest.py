@@ -53,6 +53,8 @@ class GuestSpec:
     @ivar blocks: (idstr, length) of each RAMBlock, in order.
     @ivar arguments: the workers' extra command-line arguments.
     @ivar module: the worker module (default: the built-in's).
+    @ivar pageSize: the blocks' page size: 4096 (memfd), or 2 MiB for
+        RAM on hugetlbfs (C{--hugepages}).
     """
 
     name: str
@@ -60,6 +62,16 @@ class GuestSpec:
     blocks: tuple[tuple[str, int], ...] = (("ram", 16 << 20),)
     arguments: tuple[str, ...] = ()
     module: str = field(default="")
+    pageSize: int = 4096
+
+    def makeBlock(self, idstr: str, length: int) -> RAMBlock:
+        """
+        @param idstr: a block of this guest.
+        @param length: its length.
+        @return: a new RAMBlock with this guest's page size (hugetlbfs for
+            huge pages).
+        """
+        return RAMBlock(idstr, length, self.pageSize, "memfd" if self.pageSize == 4096 else "hugetlbfs")
 
     def workerModule(self) -> str:
         """
@@ -165,7 +177,7 @@ class Guest:
         from twisted_postcopy.ram.dirty import DirtyTracker
 
         self.spec = spec
-        self.blocks = [RAMBlock(idstr, length) for idstr, length in spec.blocks]
+        self.blocks = [spec.makeBlock(idstr, length) for idstr, length in spec.blocks]
         tracker = DirtyTracker(self.blocks)
         self.dirtyTracker = _SessionTracker(tracker)
         self.host = GuestHost(reactor, socketPath, self.blocks, "track", dirtyTracker=tracker,
@@ -266,7 +278,12 @@ class IncomingGuest:
         if listed != list(self.spec.blocks):
             raise MigrationError(f"guest {self.spec.name} has blocks {list(self.spec.blocks)}, "
                                  f"the source listed {listed}")
-        self.blocks = {idstr: RAMBlock(idstr, length) for idstr, length in listed}
+        for idstr, _, pageSize in blocks:
+            if (pageSize or 4096) != self.spec.pageSize and pageSize is not None:
+                raise MigrationError(f"guest {self.spec.name}: block {idstr} has page size {pageSize} at the "
+                                     f"source, {self.spec.pageSize} here (start both sides with the same "
+                                     "--hugepages)")
+        self.blocks = {idstr: self.spec.makeBlock(idstr, length) for idstr, length in listed}
         return dict(self.blocks)
 
     def _startWorkers(self, mode: str, faultService: Any = None) -> None:

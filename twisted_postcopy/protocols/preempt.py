@@ -207,9 +207,9 @@ class PreemptDestinationProtocol(Protocol):
         for event in decoder.events():
             kind = event.__class__
             if kind is PageReceived:
-                incoming.page(event.block, event.offset, event.data)
+                incoming.page(event.block, event.offset, event.data, 1)
             elif kind is ZeroPageReceived:
-                incoming.zero(event.block, event.offset, event.fill)
+                incoming.zero(event.block, event.offset, event.fill, 1)
             else:
                 continue
             self.recordsReceived += 1

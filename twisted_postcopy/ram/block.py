@@ -12,7 +12,9 @@ memory that no other process can attach).
 Rules (see C{docs/userfaultfd.md}):
 
   - On the destination the daemon never reads or writes the mapping
-    (L{RAMBlock.view} is for the source only): touching a hole would
+    (L{RAMBlock.view} is for the source only; the one exception is a
+    precopy write on hugetlbfs, which has no C{pwrite}, before any
+    registration): touching a hole would
     create a zero page (a later C{UFFDIO_COPY} then gets C{EEXIST}), or,
     once registered, fault on the reactor thread and deadlock it.
   - Precopy pages go in with L{RAMBlock.write} (C{pwrite}) before any
@@ -97,7 +99,11 @@ class RAMBlock:
         if result < 0:
             if self.fd >= 0:
                 os.close(self.fd)
-            raise OSError(-result, f"mmap of RAMBlock {self.idstr}: {os.strerror(-result)}")
+            message = f"mmap of RAMBlock {self.idstr}: {os.strerror(-result)}"
+            if self.backing == "hugetlbfs":
+                message += (f" ({self.length // HUGE_PAGE_SIZE} free 2 MiB huge page(s) needed: reserve them "
+                            "through /proc/sys/vm/nr_hugepages)")
+            raise OSError(-result, message)
         self.address = result
 
     def _validate(self) -> None:
@@ -157,28 +163,44 @@ class RAMBlock:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """
-        Write whole pages with C{pwrite} (precopy on the destination); marks
-        them received.
+        Write pages with C{pwrite} (precopy on the destination); marks them
+        received.  On hugetlbfs, which has no C{write}, the bytes are
+        copied into the daemon's mapping instead (safe: nothing is
+        registered yet), and any run of target pages is accepted (a QEMU
+        source resends only the dirty target pages of a huge page in
+        precopy); the host pages it touches are marked received.
 
-        @param offset: page-aligned byte offset.
-        @param data: whole pages.
+        @param offset: page-aligned byte offset (target page aligned on
+            hugetlbfs).
+        @param data: whole pages (target pages on hugetlbfs).
         @raise RAMBlockError: bad range, an anonymous block, or the block is
             already registered with userfaultfd (the write would silently
             fill pages that faulting guests are waiting for).
         """
-        self.checkRange(offset, len(data))
+        length = len(data)
+        if self.backing == "hugetlbfs":
+            if offset < 0 or length <= 0 or offset + length > self.length or (offset | length) % 4096:
+                raise RAMBlockError(f"RAMBlock {self.idstr}: range {offset:#x}+{length:#x} is not whole "
+                                    f"target pages inside its {self.length:#x} bytes")
+        else:
+            self.checkRange(offset, length)
         if self.registered:
             raise RAMBlockError(f"RAMBlock {self.idstr}: write after userfaultfd registration; "
                                 "place pages through the fault service")
         if self.fd < 0:
             raise RAMBlockError(f"RAMBlock {self.idstr}: anonymous blocks have no fd to pwrite")
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view, offset = view[written:], offset + written
-        start = (offset - len(data)) // self.pageSize
-        self.receivedMap.set(start, len(data) // self.pageSize)
-        self.holeMap.clear(start, len(data) // self.pageSize)
+        if self.backing == "hugetlbfs":
+            ffi.memmove(ffi.cast("char *", self.address + offset), ffi.from_buffer(data), length)
+        else:
+            view = memoryview(data)
+            at = offset
+            while view:
+                written = os.pwrite(self.fd, view, at)
+                view, at = view[written:], at + written
+        start = offset // self.pageSize
+        count = -(-(offset + length) // self.pageSize) - start
+        self.receivedMap.set(start, count)
+        self.holeMap.clear(start, count)
 
     def writeZero(self, offset: int, length: int) -> None:
         """

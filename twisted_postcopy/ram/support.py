@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+from typing import Callable
 
 from twisted_postcopy.errors import UffdError, UffdUnavailableError
 from twisted_postcopy.ram import uffd
@@ -68,13 +69,93 @@ def checkHugePages(pages: int = 1) -> None:
     @raise UffdUnavailableError: fewer are free; the message gives the
         C{nr_hugepages} command.
     """
-    free = _readInt(FREE_HUGEPAGES)
+    free = availableHugePages()
     if free < pages:
         total = _readInt(NR_HUGEPAGES)
         raise UffdUnavailableError(
             f"hugetlbfs RAM needs {pages} free 2 MiB huge page(s) but {free} of {total} are free: "
             f"reserve them as root with `echo {total - free + pages} > {NR_HUGEPAGES}`"
         )
+
+
+def reserveHugePages(pages: int, control: str | None = None,
+                     free: str | None = None) -> Callable[[], None]:
+    """
+    Make C{pages} free 2 MiB huge pages available: when fewer are free,
+    grow the pool through C{/proc/sys/vm/nr_hugepages} by the shortfall.
+    Other processes may size the pool at the same time, so the growth is
+    relative to what is free now, and the release function shrinks the
+    pool by what this call added (relative to the pool's size then), never
+    back to an absolute value.
+
+    @param pages: how many free huge pages are needed.
+    @param control: the pool size file (default L{NR_HUGEPAGES}).
+    @param free: the free-page count file (default L{FREE_HUGEPAGES}).
+    @return: a function giving back what was added (idempotent; a no-op
+        when nothing was added).
+    @raise UffdUnavailableError: the pool could not be grown (no
+        permission, no huge page support) or the kernel found too little
+        memory; the message names C{/proc/sys/vm/nr_hugepages}.
+    """
+    control = NR_HUGEPAGES if control is None else control
+    free = FREE_HUGEPAGES if free is None else free
+    shortfall = pages - availableHugePages(free)
+    if shortfall <= 0:
+        return lambda: None
+    # Raising the pool first turns surplus pages (in use beyond an earlier
+    # size) back into persistent ones: they must be counted in.
+    growth = shortfall + _readInt(os.path.join(os.path.dirname(free), "surplus_hugepages"))
+    try:
+        _adjustPool(control, growth)
+    except (OSError, ValueError) as error:
+        raise UffdUnavailableError(
+            f"hugetlbfs RAM needs {pages} free 2 MiB huge page(s), {pages - shortfall} are free, and "
+            f"{control} could not be raised by {shortfall} ({error}): reserve them as root, "
+            f"e.g. `echo $(( $(cat {control}) + {shortfall} )) > {control}`") from None
+    added = [growth]
+
+    def release() -> None:
+        """
+        Shrink the pool by what was added (once).
+        """
+        if added:
+            _adjustPool(control, -added.pop())
+
+    now = availableHugePages(free)
+    if now < pages:
+        release()
+        raise UffdUnavailableError(
+            f"hugetlbfs RAM needs {pages} free 2 MiB huge page(s) but the kernel found memory for only "
+            f"{now} after raising {control} (not enough free memory, or too fragmented): free memory or "
+            f"reserve them early, e.g. at boot")
+    return release
+
+
+def availableHugePages(free: str | None = None) -> int:
+    """
+    @param free: the free-page count file (default L{FREE_HUGEPAGES});
+        C{resv_hugepages} beside it is read too.
+    @return: free 2 MiB huge pages not yet promised to a mapping (free
+        pages include those reserved by C{mmap}s that have not touched
+        them yet).
+    """
+    free = FREE_HUGEPAGES if free is None else free
+    return _readInt(free) - _readInt(os.path.join(os.path.dirname(free), "resv_hugepages"))
+
+
+def _adjustPool(control: str, delta: int) -> None:
+    """
+    Add C{delta} (possibly negative) to the huge page pool size.
+
+    @param control: the pool size file.
+    @param delta: pages to add.
+    @raise OSError: the file could not be read or written.
+    @raise ValueError: it did not hold a number.
+    """
+    with open(control) as f:
+        size = int(f.read().strip() or 0)
+    with open(control, "w") as f:
+        f.write(str(max(0, size + delta)))
 
 
 def checkUserfaultfd(hugetlb: bool = False, hugePages: int = 1) -> int:

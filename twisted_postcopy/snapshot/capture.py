@@ -22,7 +22,8 @@ from zope.interface import implementer
 
 from twisted_postcopy.errors import MigrationError, SnapshotError
 from twisted_postcopy.interfaces import IIncomingVM
-from twisted_postcopy.ram.block import RAMBlock
+from twisted_postcopy.ram.block import HUGE_PAGE_SIZE, RAMBlock
+from twisted_postcopy.ram.support import reserveHugePages
 from twisted_postcopy.snapshot.store import writeSnapshot
 from twisted_postcopy.wire.config import encodeHeader
 
@@ -77,6 +78,7 @@ class CaptureVM:
         self.stored: Deferred = Deferred()
         self.migration: Any = None
         self.root: str | None = None
+        self._releaseHugePages: Callable[[], None] = lambda: None
 
     def configurationReceived(self, raw: bytes, machine: str) -> None:
         """
@@ -92,16 +94,34 @@ class CaptureVM:
         """
         Create one memfd per listed block.
 
+        A block listed with 2 MiB pages (a QEMU guest whose RAM is a
+        hugetlbfs memory backend, migrated with postcopy-ram) is captured
+        into a hugetlbfs memfd, so postcopy places its pages whole, as a
+        QEMU destination would; the huge pages it needs are reserved
+        (L{twisted_postcopy.ram.support.reserveHugePages}) and given back
+        when the capture ends.
+
         @param blocks: (idstr, length, pageSize or None) each.
         @return: idstr -> block.
-        @raise MigrationError: too much RAM, or a hugepage block.
+        @raise MigrationError: too much RAM, or a page size other than
+            4 KiB and 2 MiB.
+        @raise UffdUnavailableError: the huge pages cannot be reserved
+            (the message names C{/proc/sys/vm/nr_hugepages}).
         """
         if sum(length for _, length, _ in blocks) > MAX_RAM:
             raise MigrationError("capture refuses more than 64 GiB of RAM")
         for idstr, length, pageSize in blocks:
-            if pageSize not in (None, 4096):
-                raise MigrationError(f"block {idstr}: page size {pageSize} not supported")
-            self.blocks[idstr] = RAMBlock(idstr, length)
+            if pageSize not in (None, 4096, HUGE_PAGE_SIZE):
+                raise MigrationError(f"block {idstr}: page size {pageSize} not supported "
+                                     f"(4 KiB and 2 MiB pages are)")
+        huge = sum(length // HUGE_PAGE_SIZE for _, length, pageSize in blocks if pageSize == HUGE_PAGE_SIZE)
+        if huge:
+            self._releaseHugePages = reserveHugePages(huge)
+        for idstr, length, pageSize in blocks:
+            if pageSize == HUGE_PAGE_SIZE:
+                self.blocks[idstr] = RAMBlock(idstr, length, HUGE_PAGE_SIZE, "hugetlbfs")
+            else:
+                self.blocks[idstr] = RAMBlock(idstr, length)
         return dict(self.blocks)
 
     def deviceStateReceived(self, raw: bytes) -> None:
@@ -204,10 +224,11 @@ class CaptureVM:
 
     def _close(self) -> None:
         """
-        Release the memfds.
+        Release the memfds (and the huge pages reserved for them).
         """
         for block in self.blocks.values():
             block.close()
+        self._releaseHugePages()
 
 
 def _storeThenRelease(blocks: list[RAMBlock], *arguments: Any) -> Any:

@@ -22,7 +22,7 @@ from twisted.internet.defer import maybeDeferred
 
 from twisted_postcopy.errors import MigrationFailed
 from twisted_postcopy.wire import StreamEncoder
-from twisted_postcopy.wire.events import RAMBlockInfo
+from twisted_postcopy.wire.ram import blockListFor
 from twisted_postcopy.wire.constants import RAM_SECTION_ID, SectionType
 from twisted_postcopy.state import MigrationStatus as S, StatusMachine, outgoingMachine
 from twisted_postcopy.source.records import RecordWriter
@@ -118,7 +118,8 @@ class OutgoingMigration:
         """
         blocks = [(b.idstr, b.length, b.pageSize) for b in self.vm.blocks]
         self.scheduler = PageScheduler.forBlocks(blocks, self.parameters)
-        self.stats = TransferStats(self.now, sum(b.length for b in self.vm.blocks))
+        self.stats = TransferStats(self.now, sum(b.length for b in self.vm.blocks),
+                                   pageSize=max((b.pageSize for b in self.vm.blocks), default=4096))
         self.limiter = RateLimiter(self.now, self.parameters["max-bandwidth"])
         self.records = RecordWriter({b.idstr: b.view() for b in self.vm.blocks}, self.stats)
 
@@ -141,7 +142,7 @@ class OutgoingMigration:
         if postcopy:
             summary = reduce(operator.or_, (b.pageSize for b in self.vm.blocks), 0)
             out.append(_wire.postcopyAdvise(summary, 4096))
-        out.append(_wire.ramStart(RAM_SECTION_ID, [RAMBlockInfo(b.idstr, b.length) for b in self.vm.blocks]))
+        out.append(_wire.ramStart(RAM_SECTION_ID, blockListFor(self.vm.blocks, postcopy)))
         self._sendBuffers(out)
         if self.vm.dirtyTracker is not None:
             self.vm.dirtyTracker.start()

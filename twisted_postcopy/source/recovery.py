@@ -177,5 +177,9 @@ class SourceResume:
         migration.scheduler.lastRequestBlock = None
         migration.written = False
         migration.records.lastBlock = None
+        # The stream may have been written to its end into the lost
+        # connection's buffer (END, EOS, EOF never arrived): the pages the
+        # bitmaps say are missing, and the end, are written again.
+        migration.written = False
         migration.machine.moveTo(S.POSTCOPY_ACTIVE)
         return True

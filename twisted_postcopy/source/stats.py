@@ -38,6 +38,10 @@ class TransferStats:
         background scan).
     @ivar dirtySyncCount: dirty syncs done.
     @ivar error: the failure text, if any.
+    @ivar pageSize: C{ram.page-size}: the largest host page size of the
+        VM's blocks (QEMU 7.2 always reports its 4 KiB target page there;
+        with huge pages this reports the host page that is the unit of
+        postcopy's requests, discards and placements, e.g. 2 MiB).
     """
 
     now: Callable[[], float]
@@ -57,6 +61,7 @@ class TransferStats:
     urgent: int = 0
     dirtySyncCount: int = 0
     error: str | None = None
+    pageSize: int = PAGE_SIZE
 
     def began(self) -> None:
         """
@@ -166,7 +171,7 @@ class TransferStats:
             "duplicate": self.duplicate, "skipped": 0, "normal": self.normal,
             "normal-bytes": self.normal * PAGE_SIZE, "dirty-pages-rate": 0,
             "mbps": bandwidth * 8 / 1e6, "dirty-sync-count": self.dirtySyncCount,
-            "postcopy-requests": self.postcopyRequests, "page-size": PAGE_SIZE,
+            "postcopy-requests": self.postcopyRequests, "page-size": self.pageSize,
             "multifd-bytes": 0, "pages-per-second": 0, "precopy-bytes": self.precopyBytes,
             "downtime-bytes": self.downtimeBytes, "postcopy-bytes": self.postcopyBytes,
             "dirty-sync-missed-zero-copy": 0,

@@ -32,18 +32,20 @@ class MemBlock:
 
     @ivar idstr: the block name.
     @ivar length: bytes.
-    @ivar pageSize: 4096.
+    @ivar pageSize: 4096, or 2 MiB for a hugetlbfs memfd.
     @ivar fd: the memfd.
     @ivar map: the shared mapping.
     """
 
-    def __init__(self, idstr: str, length: int) -> None:
+    def __init__(self, idstr: str, length: int, pageSize: int = PAGE) -> None:
         """
         @param idstr: the name.
         @param length: the size in bytes.
+        @param pageSize: 4096, or 2 MiB (C{MFD_HUGETLB}; huge pages must
+            be free).
         """
-        self.idstr, self.length, self.pageSize = idstr, length, PAGE
-        self.fd = os.memfd_create(idstr.replace("/", "_"))
+        self.idstr, self.length, self.pageSize = idstr, length, pageSize
+        self.fd = os.memfd_create(idstr.replace("/", "_"), 0 if pageSize == PAGE else os.MFD_HUGETLB)
         os.ftruncate(self.fd, length)
         self.map = mmap.mmap(self.fd, length, mmap.MAP_SHARED)
 
@@ -55,11 +57,15 @@ class MemBlock:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """
-        Write whole pages with C{pwrite} (the destination's precopy path).
+        Write whole pages with C{pwrite} (the destination's precopy path;
+        through the mapping on hugetlbfs, which has no C{pwrite}).
 
         @param offset: bytes.
         @param data: the pages.
         """
+        if self.pageSize != PAGE:
+            self.map[offset:offset + len(data)] = data
+            return
         view = memoryview(data)
         while view:
             written = os.pwrite(self.fd, view, offset)
@@ -131,11 +137,18 @@ class OutgoingTestVM:
 
     machine = "pc-i440fx-7.2"
 
-    def __init__(self, sizes: dict[str, int], device: bytes = b"") -> None:
+    def __init__(self, sizes: dict[str, int], device: bytes = b"",
+                 pageSizes: dict[str, int] | None = None) -> None:
         """
         Set up the instance.
+
+        @param sizes: block name -> length.
+        @param device: the device sections.
+        @param pageSizes: block name -> page size for huge page blocks
+            (hugetlbfs memfds; the others have 4 KiB pages).
         """
-        self.blocks = [MemBlock(name, size) for name, size in sizes.items()]
+        pageSizes = pageSizes or {}
+        self.blocks = [MemBlock(name, size, pageSizes.get(name, PAGE)) for name, size in sizes.items()]
         self.dirtyTracker = WriteLog()
         self.device = device
         self.running = True
@@ -194,12 +207,15 @@ class IncomingTestVM:
 
     def ramBlocksListed(self, blocks: Any) -> dict[str, RAMBlock]:
         """
-        Create one memfd RAMBlock per listed block.
+        Create one memfd RAMBlock per listed block (hugetlbfs for a block
+        listed with a page size other than 4 KiB).
 
-        @param blocks: (idstr, length, pageSize) each.
+        @param blocks: (idstr, length, pageSize or None) each.
         @return: idstr -> block.
         """
-        self.blocks = {name: RAMBlock(name, length) for name, length, _ in blocks}
+        self.blocks = {name: RAMBlock(name, length, pageSize or PAGE,
+                                      "memfd" if pageSize in (None, PAGE) else "hugetlbfs")
+                       for name, length, pageSize in blocks}
         return self.blocks
 
     def deviceStateReceived(self, raw: bytes) -> None:

@@ -115,8 +115,9 @@ def reserveHugePages(case: Any, pages: int,
                      control: str | None = None, free: str | None = None) -> None:
     """
     Make C{pages} free 2 MiB huge pages available to a test: when fewer are
-    free, grow the pool through C{/proc/sys/vm/nr_hugepages} and register a
-    cleanup restoring the old size.  Give up (L{missingReal}) only when the
+    free, grow the pool through C{/proc/sys/vm/nr_hugepages}
+    (L{twisted_postcopy.ram.support.reserveHugePages}) and register a
+    cleanup giving back what was added.  Give up (L{missingReal}) only when the
     pool cannot be grown (no permission, no huge page support) or the kernel
     could not find the memory.
 
@@ -125,42 +126,11 @@ def reserveHugePages(case: Any, pages: int,
     @param control: the pool size file (default C{NR_HUGEPAGES}).
     @param free: the free-page count file (default C{FREE_HUGEPAGES}).
     """
+    from twisted_postcopy.errors import UffdUnavailableError
     from twisted_postcopy.ram import support
 
-    control = support.NR_HUGEPAGES if control is None else control
-    free = support.FREE_HUGEPAGES if free is None else free
-    available = _readCount(free)
-    if available is not None and available >= pages:
-        return
     try:
-        with open(control) as f:
-            saved = int(f.read())
-        with open(control, "w") as f:
-            f.write(str(saved + pages - (available or 0)))
-    except (OSError, ValueError) as error:
-        missingReal(f"cannot reserve {pages} huge page(s) through {control}: {error}")
-
-    def restore() -> None:
-        """
-        Give the pool its old size back.
-        """
-        with open(control, "w") as f:
-            f.write(str(saved))
-
-    case.addCleanup(restore)
-    now = _readCount(free) or 0
-    if now < pages:
-        missingReal(f"the kernel reserved only {now} of {pages} free huge page(s) "
-                    f"(memory too fragmented?) through {control}")
-
-
-def _readCount(path: str) -> int | None:
-    """
-    @param path: a procfs or sysfs file holding one integer.
-    @return: its value, or L{None} when it cannot be read.
-    """
-    try:
-        with open(path) as f:
-            return int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return None
+        release = support.reserveHugePages(pages, control, free)
+    except UffdUnavailableError as error:
+        missingReal(str(error))
+    case.addCleanup(release)

@@ -231,6 +231,7 @@ class RAMRecordDecoder:
         self, buffer: ReceiveBuffer, pageSizeBlocks: Container[str] = (),
         ignoreShared: bool = False, limit: int = DEFAULT_MAX_BLOCK_LIST_SIZE,
         maxBlocks: int = DEFAULT_MAX_RAM_BLOCKS, maxTotalRAM: int = DEFAULT_MAX_TOTAL_RAM,
+        pageSizeSummary: int = 0,
     ) -> RAMBlocksListed | NeedData:
         """
         Decode the MEM_SIZE record that opens a RAM START payload, entry by
@@ -244,6 +245,8 @@ class RAMRecordDecoder:
         @param limit: the most bytes the record may have (max-block-list-size).
         @param maxBlocks: the most entries (max-ram-blocks).
         @param maxTotalRAM: the largest MEM_SIZE total (max-total-ram).
+        @param pageSizeSummary: the POSTCOPY_ADVISE page size summary (0:
+            no ADVISE); see L{_BlockListReader.carriesPageSize}.
         @return: the event, or C{NEED_DATA}.
         @raise BadRAMRecordError: if the record is not MEM_SIZE or its
             lengths do not add up.
@@ -255,7 +258,8 @@ class RAMRecordDecoder:
             if self.listed:
                 raise DuplicateRAMBlockError(
                     "second RAM block list (QEMU 7.2 sends one RAM START)", buffer.position)
-            self._list = _BlockListReader(pageSizeBlocks, ignoreShared, limit, maxBlocks, maxTotalRAM)
+            self._list = _BlockListReader(pageSizeBlocks, ignoreShared, limit, maxBlocks, maxTotalRAM,
+                                          pageSizeSummary)
         event = self._list.step(buffer)
         if event is NEED_DATA:
             return NEED_DATA
@@ -270,6 +274,9 @@ class _BlockListReader:
     """
     The state of a RAM block list being read (see
     L{RAMRecordDecoder.nextBlockList}).
+
+    @ivar summary: the POSTCOPY_ADVISE page size summary (OR of the
+        source's block page sizes), or 0.
     """
 
     pageSizeBlocks: Container[str]
@@ -277,6 +284,7 @@ class _BlockListReader:
     limit: int
     maxBlocks: int
     maxTotalRAM: int
+    summary: int = 0
     _where: int = -1
     _total: int = -1
     _remaining: int = 0
@@ -327,7 +335,9 @@ class _BlockListReader:
         if not buffer.ensure(1 + length):
             return NEED_DATA
         idstr = decodeName(buffer.data[buffer.offset + 1:buffer.offset + 1 + length])
-        hasPageSize = idstr in self.pageSizeBlocks
+        hasPageSize = self.carriesPageSize(buffer, idstr, length)
+        if hasPageSize is NEED_DATA:
+            return NEED_DATA
         extra = hasPageSize + self.ignoreShared
         entry = 1 + length + 8 * (1 + extra)
         if self._size + entry > self.limit:
@@ -355,6 +365,36 @@ class _BlockListReader:
         self._size += entry
         buffer.advance(entry)
         return None
+
+    def carriesPageSize(self, buffer: ReceiveBuffer, idstr: str, length: int) -> bool | NeedData:
+        """
+        Whether an entry carries C{be64 page_size}.  A QEMU destination
+        decides by its own block (C{postcopy_advised && postcopy-ram &&
+        page_size != qemu_host_page_size}); this destination creates its
+        blocks from the list, so it reads the page sizes off the wire:
+        blocks in L{pageSizeBlocks} always carry one, and when the ADVISE
+        summary has a bit above the target page size, an entry carries one
+        exactly when the next 8 bytes are such a page size.  That is
+        unambiguous: the next entry begins with a nonzero idstr length, and
+        the list is followed by the EOS word C{0x10}.  With
+        C{x-ignore-shared} (an C{mr_addr} follows) only L{pageSizeBlocks}
+        count.
+
+        @param buffer: the receive buffer, at the entry.
+        @param idstr: its block name.
+        @param length: the idstr's length.
+        @return: the answer, or C{NEED_DATA}.
+        """
+        if idstr in self.pageSizeBlocks:
+            return True
+        huge = self.summary & ~(2 * TARGET_PAGE_SIZE - 1)
+        if not huge or self.ignoreShared:
+            return False
+        at = 1 + length + 8
+        if not buffer.ensure(at + 8):
+            return NEED_DATA
+        candidate = _unpackWord(buffer.data, buffer.offset + at)[0]
+        return bool(candidate & huge) and not candidate & (candidate - 1)
 
 
 def _continueRun(view: memoryview, start: int, count: int, out: list[Any]) -> int:
@@ -572,6 +612,31 @@ class RAMChannelEncoder:
         Forget the CONTINUE block (at the switch to postcopy, after recovery).
         """
         self._ram.reset()
+
+
+def wirePageSize(pageSize: int, postcopyRam: bool) -> int | None:
+    """
+    QEMU's C{ram_save_setup} rule for a RAM START entry's C{be64
+    page_size}: written when C{postcopy-ram} is on and the block's page
+    size differs from the host page size (the target page size, 4 KiB, on
+    x86).
+
+    @param pageSize: the block's page size.
+    @param postcopyRam: the source's C{postcopy-ram} capability.
+    @return: the page size to write, or L{None}.
+    """
+    return pageSize if postcopyRam and pageSize != TARGET_PAGE_SIZE else None
+
+
+def blockListFor(blocks: Iterable[Any], postcopyRam: bool) -> list[RAMBlockInfo]:
+    """
+    The RAM START entries of a source's blocks.
+
+    @param blocks: objects with C{idstr}, C{length} and C{pageSize}.
+    @param postcopyRam: the source's C{postcopy-ram} capability.
+    @return: the entries, page sizes as L{wirePageSize} says.
+    """
+    return [RAMBlockInfo(b.idstr, b.length, wirePageSize(b.pageSize, postcopyRam)) for b in blocks]
 
 
 def encodeBlockList(blocks: Iterable[RAMBlockInfo]) -> bytes:

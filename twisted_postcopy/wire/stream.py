@@ -85,7 +85,9 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
     @ivar maxSections: the most distinct section ids.
     @ivar pageSizeBlocks: RAMBlocks whose START entry carries C{be64
         page_size} once POSTCOPY_ADVISE was seen (huge page blocks of a
-        postcopy destination).
+        postcopy destination); other entries carry one when the ADVISE
+        page size summary says so and the bytes show one (see
+        L{twisted_postcopy.wire.ram._BlockListReader.carriesPageSize}).
     @ivar ignoreShared: whether START entries carry C{be64 mr_addr}.
     @ivar blocks: RAMBlocks known before the stream (recovery, package).
     @ivar ramSectionId: the RAM section id known before the stream.
@@ -119,6 +121,7 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
     _current: tuple[SectionType, int] = field(init=False, default=(SectionType.EOF, 0))
     _device: DeviceSectionReader | None = field(init=False, default=None)
     _advised: bool = field(init=False, default=False)
+    _pageSizeSummary: int = field(init=False, default=0)
     _configuration: ConfigurationReader = field(init=False, factory=ConfigurationReader)
     _deviceBytes: int = field(init=False, default=0)
     _error: RemoteProtocolError | None = field(init=False, default=None)
@@ -301,7 +304,8 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
         """
         event = self._ram.nextBlockList(
             self._buffer, self.pageSizeBlocks if self._advised else (), self.ignoreShared,
-            maxBlocks=self.maxRAMBlocks, maxTotalRAM=self.maxTotalRAM)
+            maxBlocks=self.maxRAMBlocks, maxTotalRAM=self.maxTotalRAM,
+            pageSizeSummary=self._pageSizeSummary if self._advised else 0)
         if event is NEED_DATA:
             return self._needData()
         self._state = _RAM
@@ -373,6 +377,7 @@ class StreamDecoder(BufferedDecoder[StreamEvent]):
             checkDiscardRanges(event, self._ram.lengths, where)
         elif isinstance(event, PostcopyAdvised):
             self._advised = True
+            self._pageSizeSummary = event.pageSizeSummary or 0
         return event
 
     def _afterEOF(self) -> StreamEvent | NeedData:
