@@ -146,6 +146,7 @@ class MigrationManager:
         self.capabilities = wanted
         if self.incoming is not None:
             self.incoming.postcopyEnabled = self.capabilities["postcopy-ram"]
+            self.incoming.machine.preemptEnabled = self.capabilities["postcopy-preempt"]
             self._acceptPreempt()
 
     def _acceptPreempt(self) -> None:
@@ -330,6 +331,7 @@ class MigrationManager:
         incoming = IncomingMigration(vm, None, self.capabilities["postcopy-ram"],
                                      self._faultService)
         self.incoming = incoming
+        incoming.machine.preemptEnabled = self.capabilities["postcopy-preempt"]
         incoming.machine.status.observers.append(self._emit)
         incoming.machine.setup()
         self.destinationFactory = DestinationFactory(incoming)

@@ -26,9 +26,11 @@ from zope.interface import implementer
 
 from twisted_postcopy.destination.machine import IncomingMachine
 from twisted_postcopy.destination.placer import PagePlacer
+from twisted_postcopy.destination.recovery import pausable, pauseIncoming
 from twisted_postcopy.errors import RemoteProtocolError
 from twisted_postcopy.interfaces import IFaultService, IPageSource
 from twisted_postcopy.ram import support
+from twisted_postcopy.state import MigrationStatus
 from twisted_postcopy.wire.constants import TARGET_PAGE_SIZE
 from twisted_postcopy.wire.strings import encodeName
 
@@ -51,7 +53,6 @@ class IncomingMigration:
     @ivar machine: the destination's state machines.
     @ivar placer: the page placer, once RAM START listed the blocks.
     @ivar faults: the L{IFaultService} from LISTEN on.
-    @ivar sawEOF: whether the stream's EOF arrived.
     @ivar checkUserfaultfd: called at POSTCOPY_ADVISE (QEMU's
         C{postcopy_ram_supported_by_host}); raises
         L{twisted_postcopy.errors.UffdUnavailableError} when postcopy
@@ -67,7 +68,6 @@ class IncomingMigration:
     machine: IncomingMachine = field(factory=IncomingMachine)
     placer: PagePlacer | None = None
     faults: IFaultService | None = None
-    sawEOF: bool = False
     checkUserfaultfd: Callable[[], object] = support.checkUserfaultfd
     tuneGarbageCollector: Callable[[], object] = support.tuneGarbageCollector
 
@@ -231,17 +231,65 @@ class IncomingMigration:
 
     def eof(self) -> None:
         """
-        EOF on the main stream (after the vmdesc in precopy): finish.
+        EOF on the main stream (after the vmdesc in precopy): finish, or
+        in postcopy with C{postcopy-preempt} wait for the preempt
+        channel's EOS first (L{preemptEnded}), as QEMU 7.2's listen thread
+        joins its preempt thread before the status becomes C{completed}.
         """
-        self.sawEOF = True
+        self.machine.mainEOF()
         self.flush()
         if not self.machine.inPostcopy:
             self.vm.run()
-        self.complete()
+        if self.machine.readyToComplete:
+            self.complete()
+        else:
+            _log.info("main stream ended; waiting for the preempt channel's EOS")
+
+    def preemptOpened(self) -> None:
+        """
+        A preempt channel was accepted: its EOS is awaited before a
+        postcopy migration completes.
+        """
+        self.machine.preemptOpened()
+
+    def preemptEnded(self) -> None:
+        """
+        The preempt channel's EOS arrived (its pages were placed before
+        it): complete if the main stream already ended.
+
+        @raise RemoteProtocolError: see L{complete}.
+        """
+        self.flush()
+        self.machine.preemptEnded()
+        if self.machine.status.inProgress and self.machine.readyToComplete:
+            self.complete()
+
+    def preemptLost(self, reason: BaseException) -> bool:
+        """
+        The preempt channel broke before its EOS.  While postcopy is
+        RUNNING that is an I/O failure like the main channel's: the
+        migration pauses (QEMU 7.2's main loop checks both channels' errors
+        and pauses; the pause shuts both).  Before that, a migration still
+        loading fails.
+
+        @param reason: why (a L{RemoteProtocolError} naming the channel).
+        @return: L{True} when the migration paused and the caller must
+            shut the main channel too (its source then pauses as well).
+        """
+        machine = self.machine
+        if not machine.status.inProgress or machine.status.status is MigrationStatus.POSTCOPY_PAUSED:
+            return False
+        if pausable(machine):
+            pauseIncoming(self, reason)
+            return True
+        self.failed(reason)
+        return False
 
     def complete(self) -> None:
         """
-        Completion: status C{completed}, the VM told, SHUT(0) sent.  In
+        Completion: the VM told, SHUT(0) sent, then status C{completed}
+        (whose observers may close the main connection: SHUT is written
+        before, so it is never lost under TLS).  In
         postcopy the fault service stops only once every page is placed
         (stopping it earlier would turn the missing pages into zero pages).
 
@@ -255,9 +303,9 @@ class IncomingMigration:
                 raise RemoteProtocolError(f"postcopy stream ended with {missing} page(s) never sent")
             self.faults.stop()
         self.vm.completed()
-        self.machine.complete()
         if self.machine.returnPathOpen:
             self.returnPath.shut(0)
+        self.machine.complete()
 
     def failed(self, reason: BaseException | Failure) -> None:
         """

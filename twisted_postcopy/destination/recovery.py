@@ -79,22 +79,38 @@ class HeldReturnPath:
         """
 
 
-def pauseIncoming(incoming: Any, protocol: Any, reason: object) -> None:
+def pauseIncoming(incoming: Any, reason: object) -> None:
     """
     QEMU's C{postcopy_pause_incoming}: status C{postcopy-paused}, page
-    requests held, the lost connection forgotten.
+    requests held, the lost main connection forgotten (its protocol's
+    status observers removed: the main channel's transport is the return
+    path's), the preempt channel dropped (a new one comes with the new
+    main connection).
 
     @param incoming: the incoming migration.
-    @param protocol: the lost connection's protocol.
     @param reason: why (logged).
     """
     log.warn("{message} ({reason})", message=PAUSED_MESSAGE, reason=reason)
+    transport = getattr(incoming.returnPath, "transport", None)
     observers = incoming.machine.status.observers
     for observer in list(observers):
-        if getattr(observer, "__self__", None) is protocol:
+        owner = getattr(observer, "__self__", None)
+        if transport is not None and getattr(owner, "transport", None) is transport:
             observers.remove(observer)
     incoming.returnPath = HeldReturnPath()
+    incoming.machine.preemptDropped()
     incoming.machine.status.moveTo(S.POSTCOPY_PAUSED)
+
+
+def pausable(machine: Any) -> bool:
+    """
+    @param machine: an incoming migration's
+        L{twisted_postcopy.destination.machine.IncomingMachine}.
+    @return: whether an I/O failure pauses it (postcopy is RUNNING and the
+        status is C{postcopy-active} or C{postcopy-recover}) rather than
+        failing it.
+    """
+    return machine.status.status in PAUSABLE and machine.postcopy == PostcopyState.RUNNING
 
 
 def channelLost(incoming: Any, protocol: Any, reason: object) -> bool:
@@ -108,14 +124,13 @@ def channelLost(incoming: Any, protocol: Any, reason: object) -> bool:
     @return: L{True} when handled here (a replaced connection, or the
         migration paused), L{False} when the migration must fail.
     """
-    status = incoming.machine.status.status
-    if status == S.POSTCOPY_PAUSED:
+    if incoming.machine.status.status == S.POSTCOPY_PAUSED:
         return True
-    if status not in PAUSABLE or incoming.machine.postcopy != PostcopyState.RUNNING:
+    if not pausable(incoming.machine):
         return False
     if getattr(incoming.returnPath, "transport", None) is not protocol.transport:
         return True
-    pauseIncoming(incoming, protocol, reason)
+    pauseIncoming(incoming, reason)
     return True
 
 

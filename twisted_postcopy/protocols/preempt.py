@@ -155,8 +155,10 @@ class PreemptDestinationProtocol(Protocol):
 
     def connectionMade(self) -> None:
         """
-        Watch the channel for a dead link (L{twisted_postcopy.protocols.deadlink}).
+        Tell the incoming migration its EOS is now awaited; watch the
+        channel for a dead link (L{twisted_postcopy.protocols.deadlink}).
         """
+        self.incoming.preemptOpened()
         self.watchdog = watchIncoming(self.incoming, self.transport)
 
     def _decoder(self) -> PreemptDecoder | None:
@@ -216,6 +218,7 @@ class PreemptDestinationProtocol(Protocol):
         self.incoming.flush()
         if decoder.complete and not self.ended.called:
             stopWatching(self.watchdog)
+            self.incoming.preemptEnded()
             self.ended.callback(None)
 
     def _fail(self, reason: RemoteProtocolError) -> None:
@@ -233,7 +236,10 @@ class PreemptDestinationProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         """
         The channel closed: without its EOS that is an error for C{ended},
-        unless it was never used (see L{ended}).
+        unless it was never used (see L{ended}), and the incoming
+        migration is told (C{preemptLost}): while postcopy runs it pauses,
+        and this protocol then shuts the main channel too, so that the
+        source pauses as well.
 
         @param reason: why.
         """
@@ -245,7 +251,11 @@ class PreemptDestinationProtocol(Protocol):
             _log.info("preempt channel closed unused: the migration did not enter postcopy")
             self.ended.callback(None)
             return
-        self.ended.errback(RemoteProtocolError("preempt channel closed before its EOS record"))
+        error = RemoteProtocolError(f"preempt channel closed before its EOS record: {reason.getErrorMessage()}")
+        main = getattr(self.incoming.returnPath, "transport", None)
+        if self.incoming.preemptLost(error) and main is not None:
+            main.abortConnection()
+        self.ended.errback(error)
 
 
 class PreemptDestinationFactory(Factory):

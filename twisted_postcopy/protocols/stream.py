@@ -272,13 +272,19 @@ class DestinationProtocol(Protocol):
 
     def _endWatch(self, status: Any) -> None:
         """
-        A finished migration needs no dead-link check while its connection
-        closes.
+        A finished migration needs no dead-link check, and its main
+        connection closes: after SHUT(0) once it completed (in postcopy
+        with C{postcopy-preempt} that is after the preempt channel's EOS,
+        not at the main stream's EOF), at once when it failed.
 
         @param status: the incoming migration's new status.
         """
         if status in FINISHED:
             stopWatching(self.watchdog)
+            if status.value == "completed":
+                self.transport.loseConnection()
+            else:
+                self.transport.abortConnection()
 
     def _statusChanged(self, status: Any) -> None:
         """
@@ -305,9 +311,6 @@ class DestinationProtocol(Protocol):
             if not incomingChannelLost(self.incoming, self, error):
                 self.incoming.failed(error)
             self.transport.abortConnection()
-            return
-        if self.driver.finished:
-            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
         """
