@@ -298,3 +298,108 @@ class MachineTests(SynchronousTestCase):
         machine.preemptEnded()
         machine.preemptDropped()
         self.assertEqual(machine.preempt, PreemptChannelState.ENDED)
+
+
+class ChannelRoleTests(SynchronousTestCase):
+    """
+    L{DestinationFactory} gives the main and preempt roles by content when
+    C{postcopy-preempt} is on (under TLS the preempt channel's handshake
+    may complete first).
+    """
+
+    def factory(self, preempt: bool = True) -> tuple[Any, IncomingMigration]:
+        """
+        @param preempt: whether the preempt channel is accepted.
+        @return: a destination factory and its incoming migration.
+        """
+        from twisted_postcopy.protocols.factories import DestinationFactory
+        from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
+
+        incoming = IncomingMigration(IncomingTestVM(), None, True)
+        incoming.machine.setup()
+        factory = DestinationFactory(incoming, preempt=PreemptDestinationFactory(incoming),
+                                     preemptEnabled=lambda: preempt)
+        return factory, incoming
+
+    def connect(self, factory: Any) -> tuple[Any, StringTransport]:
+        """
+        @param factory: a destination factory.
+        @return: the protocol it built for a new connection, and its transport.
+        """
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_preemptFirst(self) -> None:
+        """
+        A silent connection made before the one that starts with the
+        stream's magic is the preempt channel; the other is the main
+        channel and gets every byte it sent.
+        """
+        factory, incoming = self.factory()
+        first, _ = self.connect(factory)
+        second, _ = self.connect(factory)
+        self.assertNoResult(factory.accepted)
+        header = bytes.fromhex("5145564d00000003")
+        second.dataReceived(header[:2])
+        self.assertNoResult(factory.accepted)
+        second.dataReceived(header[2:])
+        main = self.successResultOf(factory.accepted)
+        self.assertIs(second.inner, main)
+        self.assertIs(first.inner, factory.preempt.preempt)
+        self.assertEqual(main.driver.decoder.position, len(header))
+        self.assertEqual(incoming.machine.status.status, S.ACTIVE)
+        self.assertEqual(incoming.machine.preempt, PreemptChannelState.OPEN)
+
+    def test_mainFirst(self) -> None:
+        """
+        In connection order (the main channel first), the second
+        connection becomes the preempt channel as soon as the first showed
+        the magic.
+        """
+        factory, incoming = self.factory()
+        first, _ = self.connect(factory)
+        first.dataReceived(bytes.fromhex("5145564d00000003"))
+        self.assertIs(first.inner, self.successResultOf(factory.accepted))
+        second = factory.buildProtocol(None)
+        self.assertIs(second, factory.preempt.preempt)
+
+    def test_firstWithGarbage(self) -> None:
+        """
+        A first connection starting with anything else is still the main
+        channel: its decoder fails the migration on the bad magic.
+        """
+        factory, incoming = self.factory()
+        first, transport = self.connect(factory)
+        first.dataReceived(b"QEVX\0\0\0\3")
+        self.assertIs(first.inner, self.successResultOf(factory.accepted))
+        self.assertEqual(incoming.machine.status.status, S.FAILED)
+        self.assertTrue(transport.disconnecting)
+
+    def test_thirdWaitingRefused(self) -> None:
+        """
+        At most two connections wait for their role.
+        """
+        factory, _ = self.factory()
+        self.connect(factory)
+        self.connect(factory)
+        self.assertIsNone(factory.buildProtocol(None))
+
+    def test_lostWhileWaiting(self) -> None:
+        """
+        A waiting connection that closes is forgotten.
+        """
+        factory, _ = self.factory()
+        first, _ = self.connect(factory)
+        first.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(factory._pending, [])
+
+    def test_withoutPreempt(self) -> None:
+        """
+        Without the preempt channel the first connection is the main one
+        at once.
+        """
+        factory, _ = self.factory(preempt=False)
+        protocol = factory.buildProtocol(None)
+        self.assertIs(protocol, self.successResultOf(factory.accepted))

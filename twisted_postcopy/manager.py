@@ -28,7 +28,6 @@ from twisted_postcopy.protocols.factories import (
     DestinationFactory, SourceFactory, clientEndpoint, parseURI, serverEndpoint)
 from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, checkLinkTimeout, configureIncoming)
-from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
 from twisted_postcopy.state import FINISHED, POSTCOPY, MigrationStatus as S
@@ -147,16 +146,13 @@ class MigrationManager:
         if self.incoming is not None:
             self.incoming.postcopyEnabled = self.capabilities["postcopy-ram"]
             self.incoming.machine.preemptEnabled = self.capabilities["postcopy-preempt"]
-            self._acceptPreempt()
 
-    def _acceptPreempt(self) -> None:
+    def _preemptEnabled(self) -> bool:
         """
-        With C{postcopy-preempt} on, let the destination's listener accept
-        the second connection as the preempt channel.
+        @return: whether C{postcopy-preempt} is on (the destination's
+            factories read it as connections arrive).
         """
-        factory = self.destinationFactory
-        if factory is not None and factory.preempt is None and self.capabilities["postcopy-preempt"]:
-            factory.preempt = PreemptDestinationFactory(self.incoming)
+        return self.capabilities["postcopy-preempt"]
 
     def _loading(self) -> bool:
         """
@@ -334,13 +330,11 @@ class MigrationManager:
         incoming.machine.preemptEnabled = self.capabilities["postcopy-preempt"]
         incoming.machine.status.observers.append(self._emit)
         incoming.machine.setup()
-        self.destinationFactory = DestinationFactory(incoming)
-        self.recovery = RecoveryListener(self.reactor, incoming, self._emit)
-        self.destinationFactory.recovery = self.recovery.factory
-        self.recovery.tls, self.recovery.refused = tls, self._refusedTLS
-        self._acceptPreempt()
+        self.recovery = RecoveryListener(self.reactor, incoming, self._emit, tls, self._refusedTLS,
+                                         self._preemptEnabled)
+        self.destinationFactory = DestinationFactory(incoming, self.recovery.factory,
+                                                     preemptEnabled=self._preemptEnabled)
         configureIncoming(incoming, self.reactor, lambda: self.parameters[LINK_TIMEOUT])
-        self.recovery.factory.preempt = lambda: self.capabilities["postcopy-preempt"]
         incoming.machine.status.observers.append(self._closePreempt)
         self._incomingURI = uri
         self.autoRecovery = DestinationAutoRecovery(
@@ -391,9 +385,9 @@ class MigrationManager:
         """
         if status == S.ACTIVE and self._listening is not None:
             listening, self._listening = self._listening, None
-            preempt = self.destinationFactory.preempt if self.destinationFactory else None
-            if preempt is not None and preempt.preempt is None:
-                preempt.accepted.addCallback(lambda _: listening.stopListening())
+            factory = self.destinationFactory
+            if factory is not None and factory.awaitingPreempt:
+                factory.preempt.accepted.addCallback(lambda _: listening.stopListening())
                 return
             listening.stopListening()
 

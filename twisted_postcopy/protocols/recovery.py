@@ -254,12 +254,13 @@ class RecoveryDestinationFactory(Factory):
     @ivar preemptChannels: the preempt channels accepted here.
     """
 
-    def __init__(self, incoming: Any) -> None:
+    def __init__(self, incoming: Any, preempt: Callable[[], bool] = lambda: False) -> None:
         """
         @param incoming: the incoming migration.
+        @param preempt: see L{preempt}.
         """
         self.incoming = incoming
-        self.preempt: Callable[[], bool] = lambda: False
+        self.preempt = preempt
         self.awaitingPreempt = False
         self.preemptChannels: list[PreemptDestinationProtocol] = []
 
@@ -312,19 +313,25 @@ class RecoveryListener:
     @ivar refused: reports a refused TLS handshake, if set.
     """
 
-    def __init__(self, reactor: Any, incoming: Any, emit: Callable[[S], object]) -> None:
+    def __init__(self, reactor: Any, incoming: Any, emit: Callable[[S], object], tls: Any = None,
+                 refused: Callable[[Any], object] | None = None,
+                 preemptEnabled: Callable[[], bool] = lambda: False) -> None:
         """
         @param reactor: the reactor.
         @param incoming: the incoming migration.
         @param emit: the manager's event publisher.
+        @param tls: see L{tls}.
+        @param refused: see L{refused}.
+        @param preemptEnabled: returns whether C{postcopy-preempt} is on
+            (a new preempt channel then follows each new main connection).
         """
         self.reactor = reactor
         self.incoming = incoming
         self.emit = emit
         self.port: Any = None
-        self.factory = RecoveryDestinationFactory(incoming)
-        self.tls: Any = None
-        self.refused: Callable[[Any], object] | None = None
+        self.factory = RecoveryDestinationFactory(incoming, preemptEnabled)
+        self.tls = tls
+        self.refused = refused
         incoming.machine.status.observers.append(self._statusChanged)
 
     def _statusChanged(self, status: S) -> None:
