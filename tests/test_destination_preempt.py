@@ -22,13 +22,13 @@ from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.destination.machine import IncomingMachine, PreemptChannelState
 from twisted_postcopy.errors import RemoteProtocolError
 from twisted_postcopy.protocols.preempt import PreemptDestinationProtocol
-from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.stream import DestinationProtocol
 from twisted_postcopy.state import MigrationStatus as S
 from twisted_postcopy.testing.enginevm import PAGE, IncomingTestVM
+from twisted_postcopy.wire import ReturnPathEncoder
 from twisted_postcopy.wire.preempt import PreemptEncoder
 
-SHUT_0 = ReturnPathWriter(StringTransport()).encoder.shut(0)
+SHUT_0 = ReturnPathEncoder().shut(0)
 
 
 class _Faults:

@@ -73,7 +73,7 @@ class PlacingIncoming:
     placer: PagePlacer | None = None
     failures: list[BaseException] = field(factory=list)
     machine: IncomingMachine | None = None
-    returnPath: Any = None
+    channel: Any = None
     preemptEvents: list[str] = field(factory=list)
 
     def preemptOpened(self) -> None:

@@ -252,9 +252,9 @@ class PreemptDestinationProtocol(Protocol):
             self.ended.callback(None)
             return
         error = RemoteProtocolError(f"preempt channel closed before its EOS record: {reason.getErrorMessage()}")
-        main = getattr(self.incoming.returnPath, "transport", None)
+        main = self.incoming.channel
         if self.incoming.preemptLost(error) and main is not None:
-            main.abortConnection()
+            main.transport.abortConnection()
         self.ended.errback(error)
 
 

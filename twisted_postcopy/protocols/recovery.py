@@ -21,6 +21,7 @@ from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.destination.recovery import DestinationResume, checkRecover
 from twisted_postcopy.errors import MigrationError, PostcopyError
 from twisted_postcopy.protocols.deadlink import watchIncoming
@@ -29,7 +30,6 @@ from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPath
 from twisted_postcopy.protocols.factories import SourceFactory, clientEndpoint, serverEndpoint
 from twisted_postcopy.protocols.sockets import transportSocket
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
-from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.state import FINISHED, MigrationStatus as S
 from twisted_postcopy.source.recovery import SourceResume, checkResume, currentTransport
@@ -211,7 +211,7 @@ class RecoveryDestinationProtocol(DestinationProtocol):
             log.warn("Extra incoming migration connection; ignoring")
             self.transport.abortConnection()
             return
-        resume = DestinationResume(self.incoming, ReturnPathWriter(self.transport))
+        resume = DestinationResume(self.incoming, self)
         self.driver = RecoveryStreamReader(self.incoming, resume)
         self.watchdog = watchIncoming(self.incoming, self.transport)
         self.incoming.machine.status.observers.append(self._endWatch)
@@ -227,7 +227,7 @@ class RecoveryDestinationProtocol(DestinationProtocol):
 
         @param data: what arrived.
         """
-        if self.incoming.returnPath.transport is self.transport:
+        if self.incoming.channel is self:
             super().dataReceived(data)
 
     def connectionLost(self, reason: Any) -> None:
@@ -405,6 +405,6 @@ def migratePause(migration: Any) -> None:
     status = getattr(status, "status", status)
     if status != S.POSTCOPY_ACTIVE:
         raise MigrationError("migrate-pause is currently only supported during postcopy-active state")
-    transport = getattr(migration, "returnPath", None)
-    transport = currentTransport(migration) if transport is None else transport.transport
+    channel = getattr(migration, "channel", None) if isinstance(migration, IncomingMigration) else None
+    transport = currentTransport(migration) if channel is None else channel.transport
     transportSocket(transport).shutdown(socket.SHUT_RDWR)

@@ -27,7 +27,6 @@ from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, stopWatching, watchIncoming, watchLink)
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
-from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.sockets import transportSocket
 from twisted_postcopy.source.machine import FINISHED
 from twisted_postcopy.source.outgoing import DONE
@@ -262,13 +261,22 @@ class DestinationProtocol(Protocol):
 
     def connectionMade(self) -> None:
         """
-        Loading starts; the return path writes to this transport.
+        Loading starts; this connection is the incoming migration's main
+        channel (its return path is written here).
         """
-        self.incoming.returnPath = ReturnPathWriter(self.transport)
+        self.incoming.attachChannel(self)
         self.incoming.machine.status.observers.append(self._statusChanged)
         self.watchdog = watchIncoming(self.incoming, self.transport)
         self.incoming.machine.status.observers.append(self._endWatch)
         self.incoming.connected()
+
+    def returnPathReady(self) -> None:
+        """
+        The incoming migration has return-path bytes: write them.
+        """
+        data = self.incoming.dataToSend()
+        if data:
+            self.transport.write(data)
 
     def _endWatch(self, status: Any) -> None:
         """
