@@ -387,7 +387,16 @@ class MigrationManager:
             listening, self._listening = self._listening, None
             factory = self.destinationFactory
             if factory is not None and factory.awaitingPreempt:
-                factory.preempt.accepted.addCallback(lambda _: listening.stopListening())
+
+                def preemptAccepted(protocol: Any) -> Any:
+                    """
+                    @param protocol: the preempt channel's protocol.
+                    @return: it (C{accepted} keeps firing with it).
+                    """
+                    listening.stopListening()
+                    return protocol
+
+                factory.preempt.accepted.addCallback(preemptAccepted)
                 return
             listening.stopListening()
 
