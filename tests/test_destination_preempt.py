@@ -403,3 +403,77 @@ class ChannelRoleTests(SynchronousTestCase):
         factory, _ = self.factory(preempt=False)
         protocol = factory.buildProtocol(None)
         self.assertIs(protocol, self.successResultOf(factory.accepted))
+
+
+class RecoveryChannelRoleTests(SynchronousTestCase):
+    """
+    L{RecoveryDestinationFactory} tells a recovery's new main and preempt
+    channels apart by content while paused with C{postcopy-preempt} on.
+    """
+
+    def pausedFactory(self) -> tuple[Any, IncomingMigration]:
+        """
+        @return: a recovery factory (preempt on) and its paused incoming
+            migration.
+        """
+        from twisted_postcopy.protocols.recovery import RecoveryDestinationFactory
+
+        incoming, faults, main = listeningIncoming()
+        main.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(incoming.machine.status.status, S.POSTCOPY_PAUSED)
+        return RecoveryDestinationFactory(incoming, lambda: True), incoming
+
+    def connect(self, factory: Any) -> Any:
+        """
+        @param factory: a recovery factory.
+        @return: the protocol it built for a new connection (connected).
+        """
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        return protocol
+
+    def test_preemptFirst(self) -> None:
+        """
+        A silent connection made before the one that starts with a command
+        (RECV_BITMAP) is the new preempt channel; the other takes over as
+        the main channel (C{postcopy-recover}).
+        """
+        from twisted_postcopy.protocols.recovery import RecoveryDestinationProtocol
+
+        factory, incoming = self.pausedFactory()
+        first = self.connect(factory)
+        second = self.connect(factory)
+        self.assertEqual(incoming.machine.status.status, S.POSTCOPY_PAUSED)
+        second.dataReceived(b"\x08")
+        self.assertIsInstance(second.inner, RecoveryDestinationProtocol)
+        self.assertIs(incoming.channel, second.inner)
+        self.assertEqual(incoming.machine.status.status, S.POSTCOPY_RECOVER)
+        self.assertEqual(factory.preemptChannels, [first.inner])
+        self.assertEqual(incoming.machine.preempt, PreemptChannelState.OPEN)
+
+    def test_mainFirst(self) -> None:
+        """
+        In connection order, the connection after the new main channel is
+        its preempt channel at once.
+        """
+        factory, incoming = self.pausedFactory()
+        first = self.connect(factory)
+        first.dataReceived(b"\x08")
+        self.assertIs(incoming.channel, first.inner)
+        second = factory.buildProtocol(None)
+        self.assertEqual(factory.preemptChannels, [second])
+
+    def test_notPaused(self) -> None:
+        """
+        Outside C{postcopy-paused} a connection is a recovery protocol at
+        once (which drops itself).
+        """
+        from twisted_postcopy.protocols.recovery import RecoveryDestinationFactory, RecoveryDestinationProtocol
+
+        incoming, faults, main = listeningIncoming()
+        protocol = RecoveryDestinationFactory(incoming, lambda: True).buildProtocol(None)
+        self.assertIsInstance(protocol, RecoveryDestinationProtocol)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertIs(incoming.channel, main)

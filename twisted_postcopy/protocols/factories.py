@@ -96,29 +96,36 @@ class SourceFactory(Factory):
 
 
 #: The first bytes of a main channel (C{QEMU_VM_FILE_MAGIC}).
-_MAIN_MAGIC = struct.pack(">I", QEMU_VM_FILE_MAGIC)
+MAIN_MAGIC = struct.pack(">I", QEMU_VM_FILE_MAGIC)
 
 
-class _ChannelSorter(Protocol):
+class ChannelSorter(Protocol):
     """
     An incoming connection whose role (main or preempt channel) is not
-    known yet: holds its bytes until the L{DestinationFactory} decides,
-    then forwards everything to the protocol of that role.
+    known yet: holds its bytes until its factory decides, then forwards
+    everything to the protocol of that role.
 
-    @ivar factory: the destination factory deciding.
+    The factory (a L{DestinationFactory}, or a recovery factory) keeps the
+    undecided connections in C{_pending} and decides in C{_sort(sorter,
+    isMain)} once a connection's first bytes arrived.
+
+    @ivar factory: the factory deciding.
     @ivar addr: the peer's address.
+    @ivar prefix: what a main channel starts with.
     @ivar held: bytes received before the decision.
     @ivar inner: the protocol of its role, once decided (L{None} while
         undecided, or for a connection refused).
     """
 
-    def __init__(self, factory: DestinationFactory, addr: Any) -> None:
+    def __init__(self, factory: Any, addr: Any, prefix: bytes = MAIN_MAGIC) -> None:
         """
-        @param factory: the destination factory.
+        @param factory: the deciding factory.
         @param addr: the peer.
+        @param prefix: see L{prefix}.
         """
         self.factory = factory
         self.addr = addr
+        self.prefix = prefix
         self.held = b""
         self.inner: Protocol | None = None
         self.decided = False
@@ -148,8 +155,8 @@ class _ChannelSorter(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         """
-        Forward, or hold until L{_MAIN_MAGIC}'s length arrived and the
-        factory decided.
+        Forward, or hold until L{prefix}'s length arrived and the factory
+        decided.
 
         @param data: bytes from the peer.
         """
@@ -159,8 +166,8 @@ class _ChannelSorter(Protocol):
         if self.decided:
             return
         self.held += data
-        if len(self.held) >= len(_MAIN_MAGIC):
-            self.factory._sort(self, self.held.startswith(_MAIN_MAGIC))
+        if len(self.held) >= len(self.prefix):
+            self.factory._sort(self, self.held.startswith(self.prefix))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
@@ -188,7 +195,7 @@ class DestinationFactory(Factory):
     the preempt channel may complete first here.  The roles are then told
     apart by content: the main channel starts with the stream's magic at
     once, the preempt channel carries nothing before postcopy.  Until a
-    connection showed the magic, connections wait (L{_ChannelSorter});
+    connection showed the magic, connections wait (L{ChannelSorter});
     the one that shows it is the main channel and any other waiting one
     the preempt channel.  A first connection starting with other bytes is
     taken as the main channel (its decoder then reports the bad stream).
@@ -224,7 +231,7 @@ class DestinationFactory(Factory):
         self.recovery = recovery
         self.preempt = PreemptDestinationFactory(incoming) if preempt is None else preempt
         self.preemptEnabled = preemptEnabled
-        self._pending: list[_ChannelSorter] = []
+        self._pending: list[ChannelSorter] = []
 
     @property
     def awaitingPreempt(self) -> bool:
@@ -237,7 +244,7 @@ class DestinationFactory(Factory):
         """
         @param addr: the peer.
         @return: the main protocol for the first connection (with
-            C{postcopy-preempt}: a L{_ChannelSorter} for each connection
+            C{postcopy-preempt}: a L{ChannelSorter} for each connection
             until the main one is known), else the preempt channel's or a
             recovery protocol, or None.
         """
@@ -248,7 +255,7 @@ class DestinationFactory(Factory):
         if self.preemptEnabled():
             if len(self._pending) >= 2:
                 return None
-            return _ChannelSorter(self, addr)
+            return ChannelSorter(self, addr)
         return self._buildMain()
 
     def _buildMain(self) -> DestinationProtocol:
@@ -259,7 +266,7 @@ class DestinationFactory(Factory):
         self.accepted.callback(self.main)
         return self.main
 
-    def _sort(self, sorter: _ChannelSorter, magic: bool) -> None:
+    def _sort(self, sorter: ChannelSorter, magic: bool) -> None:
         """
         A waiting connection's first bytes arrived: give it and the other
         waiting connections their roles, if now known.

@@ -27,7 +27,7 @@ from twisted_postcopy.errors import MigrationError, PostcopyError
 from twisted_postcopy.protocols.deadlink import watchIncoming
 from twisted_postcopy.protocols.preempt import PreemptDestinationProtocol
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
-from twisted_postcopy.protocols.factories import SourceFactory, clientEndpoint, serverEndpoint
+from twisted_postcopy.protocols.factories import ChannelSorter, SourceFactory, clientEndpoint, serverEndpoint
 from twisted_postcopy.protocols.sockets import transportSocket
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
@@ -35,10 +35,14 @@ from twisted_postcopy.state import FINISHED, MigrationStatus as S
 from twisted_postcopy.source.recovery import SourceResume, checkResume, currentTransport
 from twisted_postcopy.wire import StreamDecoder
 from twisted_postcopy.wire import events as e
-from twisted_postcopy.wire.constants import RAM_SECTION_ID
+from twisted_postcopy.wire.constants import RAM_SECTION_ID, SectionType
 
 
 log = Logger()
+
+#: The first byte of a recovery main channel (a C{QEMU_VM_COMMAND}:
+#: RECV_BITMAP).
+_RECOVERY_PREFIX = bytes([SectionType.COMMAND])
 
 
 class RecoveryReturnPathReader(ReturnPathReader):
@@ -191,14 +195,18 @@ class RecoveryDestinationProtocol(DestinationProtocol):
 
     @ivar driver: the recovery stream reader, once this connection took
         over (L{None} for a dropped extra connection).
+    @ivar tookOver: called once this connection took over as the main
+        channel (its factory then awaits the new preempt channel).
     """
 
-    def __init__(self, incoming: Any) -> None:
+    def __init__(self, incoming: Any, tookOver: Callable[[], object] = lambda: None) -> None:
         """
         @param incoming: the paused incoming migration.
+        @param tookOver: see L{tookOver}.
         """
         Protocol.__init__(self)
         self.incoming = incoming
+        self.tookOver = tookOver
         self.driver: Any = None
         self.watchdog: Any = None
 
@@ -215,9 +223,7 @@ class RecoveryDestinationProtocol(DestinationProtocol):
         self.driver = RecoveryStreamReader(self.incoming, resume)
         self.watchdog = watchIncoming(self.incoming, self.transport)
         self.incoming.machine.status.observers.append(self._endWatch)
-        factory = getattr(self, "factory", None)
-        if factory is not None and factory.preempt():
-            factory.awaitingPreempt = True
+        self.tookOver()
         self._statusChanged(S.POSTCOPY_ACTIVE)
         resume.start()
 
@@ -245,7 +251,12 @@ class RecoveryDestinationFactory(Factory):
     Builds a L{RecoveryDestinationProtocol} per connection; with
     C{postcopy-preempt}, the connection after a new main one is the new
     preempt channel (return-path-preempt-recovery.md section 4.7: a 7.2
-    source connects main, then preempt, and waits for both).
+    source connects main, then preempt, and waits for both).  As for the
+    first connections (L{DestinationFactory}), the roles are told apart
+    by content while paused with C{postcopy-preempt} on (under TLS the
+    preempt channel's handshake may complete first): a recovery main
+    channel starts with a command (RECV_BITMAP), the preempt channel is
+    silent until the migration resumed.
 
     @ivar incoming: the incoming migration.
     @ivar preempt: returns whether the C{postcopy-preempt} capability is on.
@@ -263,21 +274,61 @@ class RecoveryDestinationFactory(Factory):
         self.preempt = preempt
         self.awaitingPreempt = False
         self.preemptChannels: list[PreemptDestinationProtocol] = []
+        self._pending: list[ChannelSorter] = []
 
-    def buildProtocol(self, addr: Any) -> Protocol:
+    def buildProtocol(self, addr: Any) -> Protocol | None:
         """
         @param addr: the peer.
         @return: the new preempt channel, or a recovery protocol (it drops
-            itself unless paused).
+            itself unless paused), or while paused with C{postcopy-preempt}
+            a L{ChannelSorter} until the new main channel is known (None
+            beyond two of them).
         """
         if self.awaitingPreempt:
             self.awaitingPreempt = False
             channel = PreemptDestinationProtocol(self.incoming)
             self.preemptChannels.append(channel)
             return channel
-        protocol = RecoveryDestinationProtocol(self.incoming)
-        protocol.factory = self
-        return protocol
+        if self.preempt() and self.incoming.machine.status.status == S.POSTCOPY_PAUSED:
+            if len(self._pending) >= 2:
+                return None
+            return ChannelSorter(self, addr, _RECOVERY_PREFIX)
+        return self._buildMain()
+
+    def _buildMain(self) -> RecoveryDestinationProtocol:
+        """
+        @return: a recovery main channel's protocol.
+        """
+        return RecoveryDestinationProtocol(self.incoming, self._mainTookOver)
+
+    def _mainTookOver(self) -> None:
+        """
+        A new main channel took over: with C{postcopy-preempt} the next
+        connection is its preempt channel.
+        """
+        if self.preempt():
+            self.awaitingPreempt = True
+
+    def _sort(self, sorter: ChannelSorter, isMain: bool) -> None:
+        """
+        A waiting connection's first bytes arrived: a command makes it the
+        new main channel (and another waiting connection its preempt
+        channel); so does anything else on the first waiting connection
+        (its decoder reports it); other bytes on a later one drop it.
+
+        @param sorter: the connection.
+        @param isMain: whether its first byte is a command.
+        """
+        pending = self._pending
+        first = pending[0] is sorter
+        pending.remove(sorter)
+        if not (isMain or first):
+            sorter.become(None)
+            return
+        sorter.become(self._buildMain())
+        for other in list(pending):
+            pending.remove(other)
+            other.become(self.buildProtocol(other.addr))
 
     def closePreempt(self, others: list[Any]) -> None:
         """
