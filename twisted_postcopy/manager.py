@@ -27,7 +27,7 @@ from twisted_postcopy.protocols.recovery import RecoveryListener, migratePause, 
 from twisted_postcopy.protocols.factories import (
     DestinationFactory, SourceFactory, clientEndpoint, parseURI, serverEndpoint)
 from twisted_postcopy.protocols.deadlink import (
-    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, checkLinkTimeout, configureIncoming)
+    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, checkLinkTimeout, linkWatch)
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
 from twisted_postcopy.state import FINISHED, POSTCOPY, MigrationStatus as S
@@ -330,11 +330,11 @@ class MigrationManager:
         incoming.machine.preemptEnabled = self.capabilities["postcopy-preempt"]
         incoming.machine.status.observers.append(self._emit)
         incoming.machine.setup()
+        watch = linkWatch(self.reactor, lambda: self.parameters[LINK_TIMEOUT])
         self.recovery = RecoveryListener(self.reactor, incoming, self._emit, tls, self._refusedTLS,
-                                         self._preemptEnabled)
+                                         self._preemptEnabled, watch)
         self.destinationFactory = DestinationFactory(incoming, self.recovery.factory,
-                                                     preemptEnabled=self._preemptEnabled)
-        configureIncoming(incoming, self.reactor, lambda: self.parameters[LINK_TIMEOUT])
+                                                     preemptEnabled=self._preemptEnabled, watch=watch)
         incoming.machine.status.observers.append(self._closePreempt)
         self._incomingURI = uri
         self.autoRecovery = DestinationAutoRecovery(

@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import MigrationError
+from twisted_postcopy.protocols.deadlink import noLinkWatch
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.wire.constants import QEMU_VM_FILE_MAGIC
 
@@ -211,10 +212,13 @@ class DestinationFactory(Factory):
     @ivar preemptEnabled: returns whether the C{postcopy-preempt}
         capability is on (read when connections arrive: a destination may
         set capabilities after C{migrate-incoming}).
+    @ivar watch: starts a connection's dead-link check
+        (L{twisted_postcopy.protocols.deadlink.linkWatch}).
     """
 
     def __init__(self, incoming: Any, recovery: Factory | None = None, preempt: Any = None,
-                 preemptEnabled: Callable[[], bool] = lambda: False) -> None:
+                 preemptEnabled: Callable[[], bool] = lambda: False,
+                 watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the incoming migration.
         @param recovery: see L{recovery}.
@@ -222,14 +226,16 @@ class DestinationFactory(Factory):
             L{twisted_postcopy.protocols.preempt.PreemptDestinationFactory}
             over C{incoming}).
         @param preemptEnabled: see L{preemptEnabled}.
+        @param watch: see L{watch}.
         """
         from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
 
         self.incoming = incoming
+        self.watch = watch
         self.main: DestinationProtocol | None = None
         self.accepted: Deferred = Deferred()
         self.recovery = recovery
-        self.preempt = PreemptDestinationFactory(incoming) if preempt is None else preempt
+        self.preempt = PreemptDestinationFactory(incoming, watch) if preempt is None else preempt
         self.preemptEnabled = preemptEnabled
         self._pending: list[ChannelSorter] = []
 
@@ -262,7 +268,7 @@ class DestinationFactory(Factory):
         """
         @return: the main channel's protocol (C{accepted} fires with it).
         """
-        self.main = DestinationProtocol(self.incoming)
+        self.main = DestinationProtocol(self.incoming, self.watch)
         self.accepted.callback(self.main)
         return self.main
 

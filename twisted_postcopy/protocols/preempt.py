@@ -14,7 +14,7 @@ channel's pages.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
-from twisted_postcopy.protocols.deadlink import stopWatching, watchIncoming
+from twisted_postcopy.protocols.deadlink import noLinkWatch, stopWatching
 from twisted_postcopy.wire.constants import DEFAULT_MAX_PREEMPT_HELD, TARGET_PAGE_SIZE
 from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, RAMSectionEOS, ZeroPageReceived
 from twisted_postcopy.wire.preempt import PreemptDecoder, PreemptEncoder
@@ -139,11 +139,14 @@ class PreemptDestinationProtocol(Protocol):
         fires C{ended} with None too.
     """
 
-    def __init__(self, incoming: Any) -> None:
+    def __init__(self, incoming: Any, watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the incoming migration.
+        @param watch: starts the channel's dead-link check
+            (L{twisted_postcopy.protocols.deadlink.linkWatch}).
         """
         self.incoming = incoming
+        self.watch = watch
         self.decoder: PreemptDecoder | None = None
         self.held: list[bytes] = []
         self.heldBytes = 0
@@ -159,7 +162,7 @@ class PreemptDestinationProtocol(Protocol):
         channel for a dead link (L{twisted_postcopy.protocols.deadlink}).
         """
         self.incoming.preemptOpened()
-        self.watchdog = watchIncoming(self.incoming, self.transport)
+        self.watchdog = self.watch(self.transport)
 
     def _decoder(self) -> PreemptDecoder | None:
         """
@@ -263,15 +266,18 @@ class PreemptDestinationFactory(Factory):
     Builds the destination's L{PreemptDestinationProtocol}.
 
     @ivar incoming: the incoming migration.
+    @ivar watch: starts the channel's dead-link check.
     @ivar preempt: the protocol, once accepted.
     @ivar accepted: fires with it when it connects.
     """
 
-    def __init__(self, incoming: Any) -> None:
+    def __init__(self, incoming: Any, watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the incoming migration.
+        @param watch: see L{watch}.
         """
         self.incoming = incoming
+        self.watch = watch
         self.preempt: PreemptDestinationProtocol | None = None
         self.accepted: Deferred = Deferred()
 
@@ -283,6 +289,6 @@ class PreemptDestinationFactory(Factory):
         if self.preempt is not None:
             _log.info("Extra incoming migration connection; ignoring")
             return None
-        self.preempt = PreemptDestinationProtocol(self.incoming)
+        self.preempt = PreemptDestinationProtocol(self.incoming, self.watch)
         self.accepted.callback(self.preempt)
         return self.preempt

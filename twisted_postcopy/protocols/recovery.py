@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.destination.recovery import DestinationResume, checkRecover
 from twisted_postcopy.errors import MigrationError, PostcopyError
-from twisted_postcopy.protocols.deadlink import watchIncoming
+from twisted_postcopy.protocols.deadlink import noLinkWatch
 from twisted_postcopy.protocols.preempt import PreemptDestinationProtocol
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.factories import ChannelSorter, SourceFactory, clientEndpoint, serverEndpoint
@@ -199,14 +199,17 @@ class RecoveryDestinationProtocol(DestinationProtocol):
         channel (its factory then awaits the new preempt channel).
     """
 
-    def __init__(self, incoming: Any, tookOver: Callable[[], object] = lambda: None) -> None:
+    def __init__(self, incoming: Any, tookOver: Callable[[], object] = lambda: None,
+                 watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the paused incoming migration.
         @param tookOver: see L{tookOver}.
+        @param watch: starts the connection's dead-link check.
         """
         Protocol.__init__(self)
         self.incoming = incoming
         self.tookOver = tookOver
+        self.watch = watch
         self.driver: Any = None
         self.watchdog: Any = None
 
@@ -221,7 +224,7 @@ class RecoveryDestinationProtocol(DestinationProtocol):
             return
         resume = DestinationResume(self.incoming, self)
         self.driver = RecoveryStreamReader(self.incoming, resume)
-        self.watchdog = watchIncoming(self.incoming, self.transport)
+        self.watchdog = self.watch(self.transport)
         self.incoming.machine.status.observers.append(self._endWatch)
         self.tookOver()
         self._statusChanged(S.POSTCOPY_ACTIVE)
@@ -265,13 +268,17 @@ class RecoveryDestinationFactory(Factory):
     @ivar preemptChannels: the preempt channels accepted here.
     """
 
-    def __init__(self, incoming: Any, preempt: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, incoming: Any, preempt: Callable[[], bool] = lambda: False,
+                 watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the incoming migration.
         @param preempt: see L{preempt}.
+        @param watch: starts each connection's dead-link check
+            (L{twisted_postcopy.protocols.deadlink.linkWatch}).
         """
         self.incoming = incoming
         self.preempt = preempt
+        self.watch = watch
         self.awaitingPreempt = False
         self.preemptChannels: list[PreemptDestinationProtocol] = []
         self._pending: list[ChannelSorter] = []
@@ -286,7 +293,7 @@ class RecoveryDestinationFactory(Factory):
         """
         if self.awaitingPreempt:
             self.awaitingPreempt = False
-            channel = PreemptDestinationProtocol(self.incoming)
+            channel = PreemptDestinationProtocol(self.incoming, self.watch)
             self.preemptChannels.append(channel)
             return channel
         if self.preempt() and self.incoming.machine.status.status == S.POSTCOPY_PAUSED:
@@ -299,7 +306,7 @@ class RecoveryDestinationFactory(Factory):
         """
         @return: a recovery main channel's protocol.
         """
-        return RecoveryDestinationProtocol(self.incoming, self._mainTookOver)
+        return RecoveryDestinationProtocol(self.incoming, self._mainTookOver, self.watch)
 
     def _mainTookOver(self) -> None:
         """
@@ -366,7 +373,8 @@ class RecoveryListener:
 
     def __init__(self, reactor: Any, incoming: Any, emit: Callable[[S], object], tls: Any = None,
                  refused: Callable[[Any], object] | None = None,
-                 preemptEnabled: Callable[[], bool] = lambda: False) -> None:
+                 preemptEnabled: Callable[[], bool] = lambda: False,
+                 watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param reactor: the reactor.
         @param incoming: the incoming migration.
@@ -375,12 +383,13 @@ class RecoveryListener:
         @param refused: see L{refused}.
         @param preemptEnabled: returns whether C{postcopy-preempt} is on
             (a new preempt channel then follows each new main connection).
+        @param watch: starts each connection's dead-link check.
         """
         self.reactor = reactor
         self.incoming = incoming
         self.emit = emit
         self.port: Any = None
-        self.factory = RecoveryDestinationFactory(incoming, preemptEnabled)
+        self.factory = RecoveryDestinationFactory(incoming, preemptEnabled, watch)
         self.tls = tls
         self.refused = refused
         incoming.machine.status.observers.append(self._statusChanged)

@@ -13,7 +13,7 @@ the incoming migration and writes its return path.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from twisted.logger import Logger
 from twisted.internet.protocol import Protocol
@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IPushProducer
 
 from twisted_postcopy.destination.recovery import channelLost as incomingChannelLost
 from twisted_postcopy.protocols.deadlink import (
-    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, stopWatching, watchIncoming, watchLink)
+    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, noLinkWatch, stopWatching, watchLink)
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.sockets import transportSocket
@@ -249,13 +249,17 @@ class DestinationProtocol(Protocol):
 
     @ivar incoming: the L{twisted_postcopy.destination.incoming.IncomingMigration}.
     @ivar driver: decodes the stream and calls the incoming migration.
+    @ivar watch: starts the connection's dead-link check
+        (L{twisted_postcopy.protocols.deadlink.linkWatch}).
     """
 
-    def __init__(self, incoming: Any) -> None:
+    def __init__(self, incoming: Any, watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the incoming migration.
+        @param watch: see L{watch}.
         """
         self.incoming = incoming
+        self.watch = watch
         self.driver = IncomingStreamReader(incoming)
         self.watchdog: Any = None
 
@@ -266,7 +270,7 @@ class DestinationProtocol(Protocol):
         """
         self.incoming.attachChannel(self)
         self.incoming.machine.status.observers.append(self._statusChanged)
-        self.watchdog = watchIncoming(self.incoming, self.transport)
+        self.watchdog = self.watch(self.transport)
         self.incoming.machine.status.observers.append(self._endWatch)
         self.incoming.connected()
 
