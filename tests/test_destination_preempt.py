@@ -393,7 +393,7 @@ class ChannelRoleTests(SynchronousTestCase):
         factory, _ = self.factory()
         first, _ = self.connect(factory)
         first.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(factory._pending, [])
+        self.assertEqual(factory.pendingChannels, [])
 
     def test_withoutPreempt(self) -> None:
         """

@@ -107,8 +107,9 @@ class ChannelSorter(Protocol):
     everything to the protocol of that role.
 
     The factory (a L{DestinationFactory}, or a recovery factory) keeps the
-    undecided connections in C{_pending} and decides in C{_sort(sorter,
-    isMain)} once a connection's first bytes arrived.
+    undecided connections in C{pendingChannels} (in the order they were
+    made) and decides in C{sortChannel(sorter, isMain)} once a
+    connection's first bytes arrived.
 
     @ivar factory: the factory deciding.
     @ivar addr: the peer's address.
@@ -116,6 +117,8 @@ class ChannelSorter(Protocol):
     @ivar held: bytes received before the decision.
     @ivar inner: the protocol of its role, once decided (L{None} while
         undecided, or for a connection refused).
+    @ivar decided: whether the factory decided (a refused connection
+        ignores what still arrives).
     """
 
     def __init__(self, factory: Any, addr: Any, prefix: bytes = MAIN_MAGIC) -> None:
@@ -136,7 +139,7 @@ class ChannelSorter(Protocol):
         Wait for the first bytes (or for another connection to show it is
         the main one).
         """
-        self.factory._pending.append(self)
+        self.factory.pendingChannels.append(self)
 
     def become(self, protocol: Protocol | None) -> None:
         """
@@ -168,7 +171,7 @@ class ChannelSorter(Protocol):
             return
         self.held += data
         if len(self.held) >= len(self.prefix):
-            self.factory._sort(self, self.held.startswith(self.prefix))
+            self.factory.sortChannel(self, self.held.startswith(self.prefix))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """
@@ -176,8 +179,8 @@ class ChannelSorter(Protocol):
 
         @param reason: why.
         """
-        if self in self.factory._pending:
-            self.factory._pending.remove(self)
+        if self in self.factory.pendingChannels:
+            self.factory.pendingChannels.remove(self)
         if self.inner is not None:
             self.inner.connectionLost(reason)
 
@@ -214,6 +217,8 @@ class DestinationFactory(Factory):
         set capabilities after C{migrate-incoming}).
     @ivar watch: starts a connection's dead-link check
         (L{twisted_postcopy.protocols.deadlink.linkWatch}).
+    @ivar pendingChannels: connections waiting for their role (at most
+        two), in the order they were made.
     """
 
     def __init__(self, incoming: Any, recovery: Factory | None = None, preempt: Any = None,
@@ -237,7 +242,7 @@ class DestinationFactory(Factory):
         self.recovery = recovery
         self.preempt = PreemptDestinationFactory(incoming, watch) if preempt is None else preempt
         self.preemptEnabled = preemptEnabled
-        self._pending: list[ChannelSorter] = []
+        self.pendingChannels: list[ChannelSorter] = []
 
     @property
     def awaitingPreempt(self) -> bool:
@@ -259,7 +264,7 @@ class DestinationFactory(Factory):
                 return self.preempt.buildProtocol(addr)
             return None if self.recovery is None else self.recovery.buildProtocol(addr)
         if self.preemptEnabled():
-            if len(self._pending) >= 2:
+            if len(self.pendingChannels) >= 2:
                 return None
             return ChannelSorter(self, addr)
         return self._buildMain()
@@ -272,7 +277,7 @@ class DestinationFactory(Factory):
         self.accepted.callback(self.main)
         return self.main
 
-    def _sort(self, sorter: ChannelSorter, magic: bool) -> None:
+    def sortChannel(self, sorter: ChannelSorter, magic: bool) -> None:
         """
         A waiting connection's first bytes arrived: give it and the other
         waiting connections their roles, if now known.
@@ -280,7 +285,7 @@ class DestinationFactory(Factory):
         @param sorter: the connection.
         @param magic: whether its bytes start with the stream's magic.
         """
-        pending = self._pending
+        pending = self.pendingChannels
         if self.main is None and (magic or sorter is pending[0]):
             pending.remove(sorter)
             sorter.become(self._buildMain())

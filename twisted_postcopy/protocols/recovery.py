@@ -266,6 +266,8 @@ class RecoveryDestinationFactory(Factory):
     @ivar awaitingPreempt: a new main connection took over and its preempt
         channel has not come yet.
     @ivar preemptChannels: the preempt channels accepted here.
+    @ivar pendingChannels: connections waiting for their role (at most
+        two), in the order they were made.
     """
 
     def __init__(self, incoming: Any, preempt: Callable[[], bool] = lambda: False,
@@ -281,7 +283,7 @@ class RecoveryDestinationFactory(Factory):
         self.watch = watch
         self.awaitingPreempt = False
         self.preemptChannels: list[PreemptDestinationProtocol] = []
-        self._pending: list[ChannelSorter] = []
+        self.pendingChannels: list[ChannelSorter] = []
 
     def buildProtocol(self, addr: Any) -> Protocol | None:
         """
@@ -297,7 +299,7 @@ class RecoveryDestinationFactory(Factory):
             self.preemptChannels.append(channel)
             return channel
         if self.preempt() and self.incoming.machine.status.status == S.POSTCOPY_PAUSED:
-            if len(self._pending) >= 2:
+            if len(self.pendingChannels) >= 2:
                 return None
             return ChannelSorter(self, addr, _RECOVERY_PREFIX)
         return self._buildMain()
@@ -316,7 +318,7 @@ class RecoveryDestinationFactory(Factory):
         if self.preempt():
             self.awaitingPreempt = True
 
-    def _sort(self, sorter: ChannelSorter, isMain: bool) -> None:
+    def sortChannel(self, sorter: ChannelSorter, isMain: bool) -> None:
         """
         A waiting connection's first bytes arrived: a command makes it the
         new main channel (and another waiting connection its preempt
@@ -326,7 +328,7 @@ class RecoveryDestinationFactory(Factory):
         @param sorter: the connection.
         @param isMain: whether its first byte is a command.
         """
-        pending = self._pending
+        pending = self.pendingChannels
         first = pending[0] is sorter
         pending.remove(sorter)
         if not (isMain or first):
