@@ -16,7 +16,9 @@ from typing import Any
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.destination.machine import IncomingMachine, PreemptChannelState
@@ -477,3 +479,30 @@ class RecoveryChannelRoleTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         self.assertTrue(transport.disconnecting)
         self.assertIs(incoming.channel, main)
+
+
+class ListenerTests(TestCase):
+    """
+    The manager's original listener, kept open after loading started while
+    the preempt channel is awaited.
+    """
+
+    @inlineCallbacks
+    def test_closedWhenEndedWithoutPreempt(self) -> None:
+        """
+        A migration that fails (or completes, or pauses) before its preempt
+        channel came does not leave the listener open.
+        """
+        from twisted.internet import reactor
+
+        from twisted_postcopy.manager import MigrationManager
+
+        manager = MigrationManager(reactor, IncomingTestVM())
+        manager.setCapabilities({"postcopy-ram": True, "postcopy-preempt": True})
+        port = yield manager.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(lambda: port.connected and port.stopListening())
+        manager.incoming.connected()
+        self.assertTrue(port.connected)
+        manager.incoming.failed(RemoteProtocolError("cut"))
+        yield deferLater(reactor, 0, lambda: None)
+        self.assertFalse(port.connected)

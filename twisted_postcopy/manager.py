@@ -101,6 +101,7 @@ class MigrationManager:
         self._passSubscribers: list[Callable[[dict[str, Any]], object]] = []
         self._waiters: list[tuple[frozenset[str], Deferred]] = []
         self._listening: Any = None
+        self._preemptListening: Any = None
         self.destinationFactory: DestinationFactory | None = None
         self.recovery: RecoveryListener | None = None
         self.faultServiceHooks: list[Callable[[Any], object]] = []
@@ -387,18 +388,26 @@ class MigrationManager:
             listening, self._listening = self._listening, None
             factory = self.destinationFactory
             if factory is not None and factory.awaitingPreempt:
-
-                def preemptAccepted(protocol: Any) -> Any:
-                    """
-                    @param protocol: the preempt channel's protocol.
-                    @return: it (C{accepted} keeps firing with it).
-                    """
-                    listening.stopListening()
-                    return protocol
-
-                factory.preempt.accepted.addCallback(preemptAccepted)
+                self._preemptListening = listening
+                factory.preempt.accepted.addCallback(self._preemptAccepted)
                 return
             listening.stopListening()
+        elif status in FINISHED or status == S.POSTCOPY_PAUSED:
+            self._preemptAccepted(None)
+
+    def _preemptAccepted(self, protocol: Any) -> Any:
+        """
+        The preempt channel was accepted, or the migration ended or paused
+        before it came (a recovery's preempt channel comes through the
+        recovery listener): stop the original listener kept open for it.
+
+        @param protocol: the preempt channel's protocol, or L{None}.
+        @return: C{protocol} (C{accepted} keeps firing with it).
+        """
+        listening, self._preemptListening = self._preemptListening, None
+        if listening is not None:
+            listening.stopListening()
+        return protocol
 
     def _closePreempt(self, status: S) -> None:
         """
