@@ -506,3 +506,39 @@ class ListenerTests(TestCase):
         manager.incoming.failed(RemoteProtocolError("cut"))
         yield deferLater(reactor, 0, lambda: None)
         self.assertFalse(port.connected)
+
+
+class DeadPreemptLinkTests(SynchronousTestCase):
+    """
+    The preempt channel's dead-link watchdog.
+    """
+
+    def test_silentPreemptPauses(self) -> None:
+        """
+        When the watchdog finds the preempt channel silent for
+        C{x-link-timeout-ms}, it drops it, and the migration pauses with a
+        reason naming the dead link.
+        """
+        from twisted.internet.task import Clock
+
+        from twisted_postcopy.protocols.deadlink import LinkWatchdog
+
+        clock = Clock()
+        incoming, faults, main = listeningIncoming()
+
+        def watch(transport: Any) -> LinkWatchdog:
+            """
+            @param transport: the channel's transport.
+            @return: a started watchdog measuring 5 s of silence.
+            """
+            dog = LinkWatchdog(clock, transport, lambda: 2000, silence=lambda transport: 5000)
+            dog.start()
+            return dog
+
+        channel = PreemptDestinationProtocol(incoming, watch)
+        channel.makeConnection(StringTransport())
+        clock.advance(2)
+        self.assertTrue(channel.transport.disconnecting)
+        channel.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(incoming.machine.status.status, S.POSTCOPY_PAUSED)
+        self.assertIn("dead link", str(self.failureResultOf(channel.ended, RemoteProtocolError).value))

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
-from twisted_postcopy.protocols.deadlink import noLinkWatch, stopWatching
+from twisted_postcopy.protocols.deadlink import lostReason, noLinkWatch, stopWatching
 from twisted_postcopy.wire.constants import DEFAULT_MAX_PREEMPT_HELD, TARGET_PAGE_SIZE
 from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, RAMSectionEOS, ZeroPageReceived
 from twisted_postcopy.wire.preempt import PreemptDecoder, PreemptEncoder
@@ -254,7 +254,8 @@ class PreemptDestinationProtocol(Protocol):
             _log.info("preempt channel closed unused: the migration did not enter postcopy")
             self.ended.callback(None)
             return
-        error = RemoteProtocolError(f"preempt channel closed before its EOS record: {reason.getErrorMessage()}")
+        why = lostReason(self.watchdog, reason)
+        error = RemoteProtocolError(f"preempt channel closed before its EOS record: {why}")
         main = self.incoming.channel
         if self.incoming.preemptLost(error) and main is not None:
             main.transport.abortConnection()
