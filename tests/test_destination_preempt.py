@@ -542,3 +542,27 @@ class DeadPreemptLinkTests(SynchronousTestCase):
         channel.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(incoming.machine.status.status, S.POSTCOPY_PAUSED)
         self.assertIn("dead link", str(self.failureResultOf(channel.ended, RemoteProtocolError).value))
+
+
+class PausedWhileWaitingTests(SynchronousTestCase):
+    """
+    The main connection lost after its EOF, while the preempt channel's
+    EOS is awaited.
+    """
+
+    def test_eosWhilePaused(self) -> None:
+        """
+        The migration pauses; an EOS arriving on the old preempt channel
+        then does not complete it (there is no main channel to send SHUT
+        on), and the main stream's end is awaited anew from the recovered
+        source.
+        """
+        incoming, faults, main = listeningIncoming()
+        channel = preemptChannel(incoming)
+        incoming.eof()
+        main.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(incoming.machine.status.status, S.POSTCOPY_PAUSED)
+        self.assertFalse(incoming.machine.mainEnded)
+        channel.dataReceived(PreemptEncoder().eos())
+        self.assertEqual(incoming.machine.status.status, S.POSTCOPY_PAUSED)
+        self.assertFalse(faults.stopped)

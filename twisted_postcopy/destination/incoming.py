@@ -43,6 +43,10 @@ from twisted_postcopy.wire.strings import encodeName
 
 _log = Logger()
 
+#: Statuses in which the incoming migration may complete (not while
+#: paused or recovering: the main channel is gone).
+_LOADING = frozenset({MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE})
+
 
 @implementer(IPageSource)
 @define
@@ -317,8 +321,9 @@ class IncomingMigration:
         @raise RemoteProtocolError: see L{complete}.
         """
         self.flush()
-        self.machine.preemptEnded()
-        if self.machine.status.inProgress and self.machine.readyToComplete:
+        machine = self.machine
+        machine.preemptEnded()
+        if machine.status.status in _LOADING and machine.readyToComplete:
             self.complete()
 
     def preemptLost(self, reason: BaseException) -> bool:

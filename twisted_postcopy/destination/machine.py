@@ -196,6 +196,15 @@ class IncomingMachine:
         if self.preempt is PreemptChannelState.OPEN:
             self.preempt = PreemptChannelState.NONE
 
+    def channelsLost(self) -> None:
+        """
+        A pause dropped the connections: the preempt channel is awaited
+        anew (L{preemptDropped}), and so is the main stream's end (a
+        recovered source sends the rest and ends its new main channel).
+        """
+        self.preemptDropped()
+        self.mainEnded = False
+
     def mainEOF(self) -> None:
         """
         The main channel's EOF was loaded.

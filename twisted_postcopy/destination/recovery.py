@@ -48,7 +48,7 @@ def pauseIncoming(incoming: Any, reason: object) -> None:
         if channel is not None and getattr(observer, "__self__", None) is channel:
             observers.remove(observer)
     incoming.detachChannel()
-    incoming.machine.preemptDropped()
+    incoming.machine.channelsLost()
     incoming.machine.status.moveTo(S.POSTCOPY_PAUSED)
 
 
