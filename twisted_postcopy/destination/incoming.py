@@ -105,9 +105,11 @@ class IncomingMigration:
     def detachChannel(self) -> None:
         """
         The main channel is gone (a pause): nothing is written until a
-        recovery attaches a new one.
+        recovery attaches a new one, and nothing meant for the lost
+        connection is kept for the new one.
         """
         self.channel = None
+        self.outbox = []
 
     def send(self, data: bytes) -> None:
         """
