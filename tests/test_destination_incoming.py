@@ -25,7 +25,7 @@ from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.ram.support import unavailableError
 from twisted_postcopy.source.outgoing import OutgoingMigration
 from twisted_postcopy.testing.real import missingReal
-from twisted_postcopy.wire import decodeAll
+from twisted_postcopy.wire import ReturnPathDecoder, decodeAll
 from twisted_postcopy.wire import events as e
 
 CAPTURE = os.path.join(os.path.dirname(__file__), "data", "qemu72-precopy-pc-32m.mig")
@@ -237,7 +237,7 @@ class RAMSupportTests(SynchronousTestCase):
         LISTEN tunes the collector once, before the fault service starts.
         """
         calls: list[str] = []
-        incoming = IncomingMigration(IncomingTestVM(), _NullReturnPath(), True,
+        incoming = IncomingMigration(IncomingTestVM(), None, True,
                                      lambda blocks, source: calls.append("faults"))
         incoming.tuneGarbageCollector = lambda: calls.append("gc")
         incoming.checkUserfaultfd = lambda: calls.append("check")
@@ -296,7 +296,7 @@ class RAMSupportTests(SynchronousTestCase):
                 return services[-1]
 
             vm = IncomingTestVM()
-            incoming = IncomingMigration(vm, _NullReturnPath(), True, factory)
+            incoming = IncomingMigration(vm, None, True, factory)
             incoming.tuneGarbageCollector = lambda: None
             incoming.machine.setup()
             incoming.connected()
@@ -330,48 +330,19 @@ class RequestTests(SynchronousTestCase):
 
     def test_fireAndForget(self) -> None:
         """
-        A request becomes one REQ_PAGES of the block's page size and returns
+        A request becomes one REQ_PAGES of the block's page size, queued
+        for the return path (L{IncomingMigration.dataToSend}), and returns
         nothing; once the migration is over a request is only logged.
         """
-        sent: list[tuple[str, int, int]] = []
-        returnPath = _NullReturnPath()
-        returnPath.requestPages = lambda *request: sent.append(request)  # type: ignore[method-assign]
         vm = IncomingTestVM()
-        incoming = IncomingMigration(vm, returnPath)
+        incoming = IncomingMigration(vm, None)
         incoming.machine.setup()
         incoming.connected()
         incoming.ramBlocksListed([("pc.ram", 4 * PAGE, None)])
         self.addCleanup(vm.blocks["pc.ram"].close)
         self.assertIsNone(incoming.requestPage("pc.ram", 2 * PAGE))
-        self.assertEqual(sent, [("pc.ram", 2 * PAGE, PAGE)])
+        [event] = ReturnPathDecoder().decodeWhole(incoming.dataToSend())
+        self.assertEqual((event.block, event.start, event.length), ("pc.ram", 2 * PAGE, PAGE))
         incoming.failed(RemoteProtocolError("cut"))
         self.assertIsNone(incoming.requestPage("pc.ram", 3 * PAGE))
-        self.assertEqual(len(sent), 1)
-
-
-class _NullReturnPath:
-    """
-    A return path that sends nothing.
-    """
-
-    def reset(self) -> None:
-        """
-        Forget the previous request's block.
-        """
-
-    def shut(self, value: int) -> None:
-        """
-        @param value: the SHUT value.
-        """
-
-    def pong(self, value: int) -> None:
-        """
-        @param value: the PONG value.
-        """
-
-    def requestPages(self, idstr: str, start: int, length: int) -> None:
-        """
-        @param idstr: the block.
-        @param start: byte offset.
-        @param length: bytes.
-        """
+        self.assertEqual((incoming.dataToSend(), incoming.pageRequests), (b"", 1))

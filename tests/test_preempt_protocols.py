@@ -73,6 +73,30 @@ class PlacingIncoming:
     placer: PagePlacer | None = None
     failures: list[BaseException] = field(factory=list)
     machine: IncomingMachine | None = None
+    channel: Any = None
+    preemptEvents: list[str] = field(factory=list)
+
+    def preemptOpened(self) -> None:
+        """
+        The channel was accepted.
+        """
+        self.preemptEvents.append("opened")
+
+    def preemptEnded(self) -> None:
+        """
+        Its EOS arrived.
+        """
+        self.preemptEvents.append("ended")
+
+    def preemptLost(self, reason: BaseException) -> bool:
+        """
+        It broke before its EOS.
+
+        @param reason: why.
+        @return: L{False}: nothing paused here.
+        """
+        self.preemptEvents.append("lost")
+        return False
 
     def page(self, idstr: str, offset: int, data: Any, channel: int = 0) -> None:
         """

@@ -122,3 +122,53 @@ class QEMUPreemptRecoveryTests(TestCase):
         ram = self.vm.contents()["pc.ram"]
         for start, length in RAM_RANGES:
             self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])
+
+    @inlineCallbacks
+    def test_preemptChannelCut(self) -> None:
+        """
+        Only the preempt channel is cut during postcopy: our destination
+        notices it like a broken main channel (C{postcopy-paused}, and it
+        shuts the main connection so that QEMU pauses too); after
+        C{migrate-recover} and QEMU's C{migrate resume} a new preempt
+        channel comes, both sides complete (ours only after that channel's
+        EOS) and our RAM equals the source's.
+        """
+        capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
+        self.qemu.setCapabilities(**capabilities)
+        self.manager.setCapabilities(capabilities)
+        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 50000})
+        listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(listening.stopListening)
+        first = self.relay(listening.getHost().port)
+        self.qemu.migrate(first.uri)
+        yield qemuStatus(self.qemu, {"active"})
+        yield self.vm.ready
+        self.qemu.qmp("migrate-start-postcopy")
+        yield within(self.manager.whenStatus("postcopy-active"))
+        original = yield within(self.manager.destinationFactory.preempt.accepted)
+        main, preempt = first.waitConnections(2)
+        self.assertEqual(bytes(main.forward[:4]), b"QEVM")
+        preempt.cut()
+        paused = yield within(self.manager.whenStatus("postcopy-paused", "failed", "completed"))
+        self.assertEqual(paused, "postcopy-paused", (self.manager.queryMigrate(), str(self.vm.failure)))
+        self.assertTrue(original.ended.called)
+        info = yield qemuStatus(self.qemu, {"postcopy-paused"})
+        self.assertEqual(info["status"], "postcopy-paused", self.qemu.stderrTail())
+        self.assertTrue(self.manager.destinationFactory.main.transport.disconnected,
+                        "our destination did not shut the main connection")
+        port = yield self.manager.migrateRecover("tcp:127.0.0.1:0")
+        second = self.relay(port.getHost().port)
+        self.qemu.qmp("migrate", uri=second.uri, resume=True)
+        yield within(self.manager.whenStatus("postcopy-active"), 30)
+        self.qemu.setParameters(**{"max-postcopy-bandwidth": 0})
+        ours = yield within(self.manager.whenStatus("completed", "failed"), 60)
+        self.assertEqual(ours, "completed", str(self.vm.failure))
+        (channel,) = self.manager.recovery.factory.preemptChannels
+        self.assertTrue(channel.ended.called)
+        info = yield qemuStatus(self.qemu, {"completed"})
+        self.assertEqual(info["status"], "completed", self.qemu.stderrTail())
+        digests = yield self.vm.done
+        self.assertEqual(digests, [hashlib.sha256(data).hexdigest() for data in self.vm.contents().values()])
+        ram = self.vm.contents()["pc.ram"]
+        for start, length in RAM_RANGES:
+            self.assertEqual(self.qemu.pmemsave(start, length), ram[start : start + length])

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import define, field
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.destination.machine import IncomingMachine, PostcopyState
-from twisted_postcopy.destination.recovery import DestinationResume, HeldReturnPath, channelLost, checkRecover
+from twisted_postcopy.destination.incoming import IncomingMigration
+from twisted_postcopy.destination.placer import PagePlacer
+from twisted_postcopy.destination.recovery import DestinationResume, channelLost, checkRecover
 from twisted_postcopy.ram.bitmap import PageBitmap
 from twisted_postcopy.ram.block import RAMBlock
 from twisted_postcopy.errors import MigrationError, RemoteProtocolError
-from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.state import MigrationStatus as S
 
 PAGE = 4096
@@ -64,42 +64,26 @@ class _Faults:
         return len(self.wanted)
 
 
-@define
-class _Incoming:
-    """
-    The parts of an incoming migration recovery uses.
-
-    @ivar machine: the state machines, postcopy RUNNING.
-    @ivar faults: the fault service.
-    @ivar returnPath: the return path.
-    """
-
-    machine: IncomingMachine = field(factory=IncomingMachine)
-    faults: _Faults = field(factory=_Faults)
-    returnPath: Any = None
-
-    def requestPage(self, idstr: str, offset: int) -> None:
-        """
-        As L{IncomingMigration.requestPage}: a REQ_PAGES.
-
-        @param idstr: the block.
-        @param offset: the page.
-        """
-        self.returnPath.requestPages(idstr, offset, PAGE)
-
-
 class _Protocol:
     """
-    A connection's protocol.
+    A main connection's protocol, as far as recovery needs it.
 
+    @ivar incoming: the incoming migration.
     @ivar transport: its transport.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, incoming: Any = None) -> None:
         """
-        A fresh transport.
+        @param incoming: the incoming migration whose bytes it writes.
         """
+        self.incoming = incoming
         self.transport = StringTransport()
+
+    def returnPathReady(self) -> None:
+        """
+        Write the incoming migration's return-path bytes.
+        """
+        self.transport.write(self.incoming.dataToSend())
 
     def statusChanged(self, status: S) -> None:
         """
@@ -109,13 +93,18 @@ class _Protocol:
         """
 
 
-def runningIncoming() -> tuple[_Incoming, _Protocol]:
+def runningIncoming() -> tuple[IncomingMigration, _Protocol]:
     """
     @return: an incoming migration in C{postcopy-active}, postcopy
-        RUNNING, with its connection's protocol.
+        RUNNING, over the L{_Faults} stand-in, with its main connection's
+        protocol.
     """
-    incoming, protocol = _Incoming(), _Protocol()
-    incoming.returnPath = ReturnPathWriter(protocol.transport)
+    incoming = IncomingMigration(None)
+    faults = _Faults()
+    incoming.faults = faults
+    incoming.placer = PagePlacer(faults.blocks)
+    protocol = _Protocol(incoming)
+    incoming.attachChannel(protocol)
     for status in (S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE):
         incoming.machine.status.moveTo(status)
     incoming.machine.postcopy = PostcopyState.RUNNING
@@ -193,10 +182,11 @@ class PauseTests(SynchronousTestCase):
         incoming, protocol = runningIncoming()
         self.assertTrue(channelLost(incoming, protocol, "lost"))
         self.assertEqual(incoming.machine.status.status, S.POSTCOPY_PAUSED)
-        self.assertIsInstance(incoming.returnPath, HeldReturnPath)
+        self.assertIsNone(incoming.channel)
         self.assertNotIn(protocol.statusChanged, incoming.machine.status.observers)
-        incoming.returnPath.requestPages("pc.ram", 0, PAGE)
-        self.assertEqual(protocol.transport.value(), b"")
+        incoming.requestPage("pc.ram", 0)
+        self.assertEqual((protocol.transport.value(), incoming.dataToSend(), incoming.pageRequests),
+                         (b"", b"", 0))
         self.assertTrue(channelLost(incoming, protocol, "again"))
 
     def test_staleConnection(self) -> None:
@@ -230,8 +220,9 @@ class HandshakeTests(SynchronousTestCase):
         self.incoming.faults.wanted.append(("pc.ram", 5 * PAGE))
         self.incoming.faults.pageSource = self.incoming
         channelLost(self.incoming, old, "cut")
-        self.transport = StringTransport()
-        self.resume = DestinationResume(self.incoming, ReturnPathWriter(self.transport))
+        channel = _Protocol(self.incoming)
+        self.transport = channel.transport
+        self.resume = DestinationResume(self.incoming, channel)
         self.resume.start()
 
     def test_bitmap(self) -> None:

@@ -112,8 +112,14 @@ class QEMUSourceTLSTests(TestCase):
         skipWithoutUserfaultfd()
         self.directory = credentials(self)
         self.qemu = startBootedQEMU(self, "source")
-        self.vm = WorkerGuestVM(reactor)
+        self.vm = WorkerGuestVM(reactor, touchFirst=[-1 - self.URGENT_STRIDE * n for n in range(self.URGENT_PAGES)])
         self.manager = MigrationManager(reactor, self.vm, self.vm.faultServiceFactory)
+
+    #: How many pages near the end of C{pc.ram} the guest reads first
+    #: (see L{tests.test_preempt_qemu.QEMUPreemptSourceTests}).
+    URGENT_PAGES = 8
+    #: ... one every this many pages, going down.
+    URGENT_STRIDE = 16
 
     @inlineCallbacks
     def test_postcopyPreemptFromQEMU(self) -> None:
@@ -124,6 +130,12 @@ class QEMUSourceTLSTests(TestCase):
         the return path (the main TLS session) whose pages arrive on the
         preempt channel (TLS), which ends with its EOS; QEMU completes, the
         worker read exactly our RAM, which equals the stopped source's.
+
+        The faults are made by construction, as in
+        L{tests.test_preempt_qemu.QEMUPreemptSourceTests}: both bandwidths are 1000 B/s, so the
+        streams cannot reach the end of C{pc.ram}, where the guest first
+        reads L{URGENT_PAGES} pages with gaps; each is requested and
+        arrives on the preempt channel.  Then the throttle is lifted.
         """
         qemuTLS(self.qemu, self.directory, "client")
         useTLS(self.manager, self.directory, "server", tls_authz="auth0")
@@ -132,10 +144,7 @@ class QEMUSourceTLSTests(TestCase):
         capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
         self.qemu.setCapabilities(**capabilities)
         self.manager.setCapabilities(capabilities)
-        # (Slow background sending, 100 kB/s of precopy and of postcopy:
-        # most of the guest's counted pages are still missing when the
-        # guest worker starts reading at RUN, so it faults for sure.)
-        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 100000})
+        self.qemu.setParameters(**{"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
         listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(listening.stopListening)
         self.qemu.migrate(f"tcp:127.0.0.1:{listening.getHost().port}")
@@ -148,6 +157,10 @@ class QEMUSourceTLSTests(TestCase):
         yield step(self, qemuStatus(self.qemu, {"active"}), "QEMU active")
         yield step(self, self.vm.ready, "guest worker ready")
         self.qemu.qmp("migrate-start-postcopy")
+        touched = yield step(self, self.vm.touchedFirst, "urgent pages read")
+        self.assertEqual(self.manager.destinationFactory.preempt.preempt.recordsReceived,
+                         self.URGENT_PAGES, touched)
+        self.qemu.setParameters(**{"max-postcopy-bandwidth": 1 << 30})
         ours = yield step(self, self.manager.whenStatus("completed", "failed"), "our end")
         self.assertEqual(ours, "completed", str(self.vm.failure))
         info = yield step(self, qemuStatus(self.qemu, {"completed"}), "QEMU completed")
@@ -162,8 +175,8 @@ class QEMUSourceTLSTests(TestCase):
         identity = "O=twisted-postcopy tests,CN=migration-client"
         self.assertEqual((factory.main.transport.peerIdentity, preempt.transport.peerIdentity),
                          (identity, identity))
-        self.assertGreater(info["ram"]["postcopy-requests"], 0)
-        self.assertGreater(preempt.recordsReceived, 0)
+        self.assertGreaterEqual(info["ram"]["postcopy-requests"], self.URGENT_PAGES)
+        self.assertGreaterEqual(preempt.recordsReceived, self.URGENT_PAGES)
         self.assertTrue(preempt.decoder.complete)
         ram = self.vm.contents()["pc.ram"]
         for start, length in RAM_RANGES:

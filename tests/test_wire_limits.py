@@ -475,6 +475,9 @@ class PreemptHeldTests(SynchronousTestCase, BoundedMixin):
         class Incoming:
             placer = None
 
+            def preemptOpened(self) -> None:
+                pass
+
             def failed(self, reason: BaseException) -> None:
                 failures.append(reason)
 

@@ -27,8 +27,7 @@ from twisted_postcopy.protocols.recovery import RecoveryListener, migratePause, 
 from twisted_postcopy.protocols.factories import (
     DestinationFactory, SourceFactory, clientEndpoint, parseURI, serverEndpoint)
 from twisted_postcopy.protocols.deadlink import (
-    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, checkLinkTimeout, configureIncoming)
-from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
+    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, checkLinkTimeout, linkWatch)
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.access import checkMigrationListener, warnPlaintextMigration
 from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
@@ -109,6 +108,7 @@ class MigrationManager:
         self._passSubscribers: list[Callable[[dict[str, Any]], object]] = []
         self._waiters: list[tuple[frozenset[str], Deferred]] = []
         self._listening: Any = None
+        self._preemptListening: Any = None
         self.destinationFactory: DestinationFactory | None = None
         self.recovery: RecoveryListener | None = None
         self.faultServiceHooks: list[Callable[[Any], object]] = []
@@ -153,16 +153,14 @@ class MigrationManager:
         self.capabilities = wanted
         if self.incoming is not None:
             self.incoming.postcopyEnabled = self.capabilities["postcopy-ram"]
-            self._acceptPreempt()
+            self.incoming.machine.preemptEnabled = self.capabilities["postcopy-preempt"]
 
-    def _acceptPreempt(self) -> None:
+    def _preemptEnabled(self) -> bool:
         """
-        With C{postcopy-preempt} on, let the destination's listener accept
-        the second connection as the preempt channel.
+        @return: whether C{postcopy-preempt} is on (the destination's
+            factories read it as connections arrive).
         """
-        factory = self.destinationFactory
-        if factory is not None and factory.preempt is None and self.capabilities["postcopy-preempt"]:
-            factory.preempt = PreemptDestinationFactory(self.incoming)
+        return self.capabilities["postcopy-preempt"]
 
     def _loading(self) -> bool:
         """
@@ -343,15 +341,14 @@ class MigrationManager:
         incoming = IncomingMigration(vm, None, self.capabilities["postcopy-ram"],
                                      self._faultService)
         self.incoming = incoming
+        incoming.machine.preemptEnabled = self.capabilities["postcopy-preempt"]
         incoming.machine.status.observers.append(self._emit)
         incoming.machine.setup()
-        self.destinationFactory = DestinationFactory(incoming)
-        self.recovery = RecoveryListener(self.reactor, incoming, self._emit)
-        self.destinationFactory.recovery = self.recovery.factory
-        self.recovery.tls, self.recovery.refused = tls, self._refusedTLS
-        self._acceptPreempt()
-        configureIncoming(incoming, self.reactor, lambda: self.parameters[LINK_TIMEOUT])
-        self.recovery.factory.preempt = lambda: self.capabilities["postcopy-preempt"]
+        watch = linkWatch(self.reactor, lambda: self.parameters[LINK_TIMEOUT])
+        self.recovery = RecoveryListener(self.reactor, incoming, self._emit, tls, self._refusedTLS,
+                                         self._preemptEnabled, watch)
+        self.destinationFactory = DestinationFactory(incoming, self.recovery.factory,
+                                                     preemptEnabled=self._preemptEnabled, watch=watch)
         incoming.machine.status.observers.append(self._closePreempt)
         self._incomingURI = uri
         self.autoRecovery = DestinationAutoRecovery(
@@ -402,11 +399,28 @@ class MigrationManager:
         """
         if status == S.ACTIVE and self._listening is not None:
             listening, self._listening = self._listening, None
-            preempt = self.destinationFactory.preempt if self.destinationFactory else None
-            if preempt is not None and preempt.preempt is None:
-                preempt.accepted.addCallback(lambda _: listening.stopListening())
+            factory = self.destinationFactory
+            if factory is not None and factory.awaitingPreempt:
+                self._preemptListening = listening
+                factory.preempt.accepted.addCallback(self._preemptAccepted)
                 return
             listening.stopListening()
+        elif status in FINISHED or status == S.POSTCOPY_PAUSED:
+            self._preemptAccepted(None)
+
+    def _preemptAccepted(self, protocol: Any) -> Any:
+        """
+        The preempt channel was accepted, or the migration ended or paused
+        before it came (a recovery's preempt channel comes through the
+        recovery listener): stop the original listener kept open for it.
+
+        @param protocol: the preempt channel's protocol, or L{None}.
+        @return: C{protocol} (C{accepted} keeps firing with it).
+        """
+        listening, self._preemptListening = self._preemptListening, None
+        if listening is not None:
+            listening.stopListening()
+        return protocol
 
     def _closePreempt(self, status: S) -> None:
         """

@@ -34,6 +34,25 @@ class PostcopyState(Enum):
 
 P = PostcopyState
 
+
+class PreemptChannelState(Enum):
+    """
+    The destination's preempt channel (capability C{postcopy-preempt}),
+    as QEMU 7.2's C{postcopy_prio_thread_created} and its preempt thread
+    see it: the listen phase ends only once the channel's EOS was loaded
+    (C{postcopy_ram_incoming_cleanup} joins that thread before the status
+    becomes C{completed}).
+
+    @cvar NONE: no channel (the capability is off, or none was accepted
+        yet, or the last one was dropped by a pause).
+    @cvar OPEN: a channel is accepted and its EOS has not arrived.
+    @cvar ENDED: its EOS arrived and every page before it was placed.
+    """
+
+    NONE = 0
+    OPEN = 1
+    ENDED = 2
+
 #: For each postcopy command, the states QEMU accepts it in.
 _ALLOWED = {
     "ADVISE": frozenset({P.NONE}),
@@ -51,11 +70,21 @@ class IncomingMachine:
     @ivar postcopy: the current L{PostcopyState}.
     @ivar status: the incoming L{StatusMachine}.
     @ivar returnPathOpen: whether OPEN_RETURN_PATH was processed.
+    @ivar preemptEnabled: the destination's C{postcopy-preempt}
+        capability: a postcopy migration completes only after the preempt
+        channel's EOS.
+    @ivar preempt: the preempt channel's L{PreemptChannelState}.
+    @ivar mainEnded: whether the main channel's EOF was loaded (in
+        postcopy the migration then waits for the preempt channel's EOS,
+        see L{readyToComplete}).
     """
 
     postcopy: PostcopyState = P.NONE
     status: StatusMachine = Factory(incomingMachine)
     returnPathOpen: bool = False
+    preemptEnabled: bool = False
+    preempt: PreemptChannelState = PreemptChannelState.NONE
+    mainEnded: bool = False
 
     def _check(self, command: str) -> None:
         """
@@ -145,6 +174,57 @@ class IncomingMachine:
         Whether pages now go in through userfaultfd (LISTEN was processed).
         """
         return self.postcopy in (P.LISTENING, P.RUNNING, P.END)
+
+    def preemptOpened(self) -> None:
+        """
+        A preempt channel was accepted (the first, or a new one after a
+        recovery): its EOS is now awaited.
+        """
+        self.preempt = PreemptChannelState.OPEN
+
+    def preemptEnded(self) -> None:
+        """
+        The preempt channel's EOS was loaded.
+        """
+        self.preempt = PreemptChannelState.ENDED
+
+    def preemptDropped(self) -> None:
+        """
+        The preempt channel is gone without its EOS (a pause dropped it): a
+        new one is awaited.
+        """
+        if self.preempt is PreemptChannelState.OPEN:
+            self.preempt = PreemptChannelState.NONE
+
+    def channelsLost(self) -> None:
+        """
+        A pause dropped the connections: the preempt channel is awaited
+        anew (L{preemptDropped}), and so is the main stream's end (a
+        recovered source sends the rest and ends its new main channel).
+        """
+        self.preemptDropped()
+        self.mainEnded = False
+
+    def mainEOF(self) -> None:
+        """
+        The main channel's EOF was loaded.
+        """
+        self.mainEnded = True
+
+    @property
+    def readyToComplete(self) -> bool:
+        """
+        Whether the listen phase may end: the main stream ended and, in
+        postcopy with C{postcopy-preempt}, the preempt channel's EOS
+        arrived (QEMU joins its preempt thread first).  A precopy
+        migration never waits for the preempt channel (a QEMU 7.2 source
+        closes it unused).
+        """
+        if not self.mainEnded:
+            return False
+        if not (self.preemptEnabled and self.inPostcopy):
+            return True
+        return self.preempt is PreemptChannelState.ENDED
 
     def complete(self) -> None:
         """

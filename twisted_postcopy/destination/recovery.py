@@ -12,7 +12,9 @@ C{postcopy-recover}; each RECV_BITMAP command is answered with the block's
 received bitmap and POSTCOPY_RESUME with RESUME_ACK(1), after which every
 page still awaited is requested again (REQ_PAGES_ID first) by the fault
 service (L{twisted_postcopy.interfaces.IFaultService.rerequestPending}),
-which owns the received and wanted pages.
+which owns the received and wanted pages.  Recovery replaces the incoming
+migration's main channel (C{IncomingMigration.attachChannel}); the
+return path's bytes still come from the one engine.
 """
 
 from __future__ import annotations
@@ -29,75 +31,39 @@ from twisted_postcopy.state import PAUSABLE, PAUSED_MESSAGE, MigrationStatus as 
 log = Logger()
 
 
-@define
-class HeldReturnPath:
+def pauseIncoming(incoming: Any, reason: object) -> None:
     """
-    The return path while paused or recovering: page requests are held
-    (every awaited page is requested again at POSTCOPY_RESUME), other
-    messages go to the new connection's writer, if any.
-
-    @ivar writer: the new connection's
-        L{twisted_postcopy.protocols.returnpath.ReturnPathWriter}, or
-        L{None} while no connection is up.
-    """
-
-    writer: Any = None
-
-    @property
-    def transport(self) -> Any:
-        """
-        The transport of the connection being recovered, or L{None}.
-        """
-        return None if self.writer is None else self.writer.transport
-
-    def pong(self, value: int) -> None:
-        """
-        @param value: the PING value to echo (on the new connection).
-        """
-        if self.writer is not None:
-            self.writer.pong(value)
-
-    def shut(self, value: int) -> None:
-        """
-        @param value: the SHUT value (on the new connection).
-        """
-        if self.writer is not None:
-            self.writer.shut(value)
-
-    def requestPages(self, block: str, start: int, length: int) -> None:
-        """
-        Held: re-sent at POSTCOPY_RESUME from the awaited pages.
-
-        @param block: the block idstr.
-        @param start: byte offset.
-        @param length: byte length.
-        """
-
-    def reset(self) -> None:
-        """
-        Nothing to forget.
-        """
-
-
-def pauseIncoming(incoming: Any, protocol: Any, reason: object) -> None:
-    """
-    QEMU's C{postcopy_pause_incoming}: status C{postcopy-paused}, page
-    requests held, the lost connection forgotten.
+    QEMU's C{postcopy_pause_incoming}: status C{postcopy-paused}, the lost
+    main channel detached (its status observers removed; page requests
+    are held until a recovery), the preempt channel dropped (a new one
+    comes with the new main connection).
 
     @param incoming: the incoming migration.
-    @param protocol: the lost connection's protocol.
     @param reason: why (logged).
     """
     log.warn("{message} ({reason})", message=PAUSED_MESSAGE, reason=reason)
+    channel = incoming.channel
     observers = incoming.machine.status.observers
     for observer in list(observers):
-        if getattr(observer, "__self__", None) is protocol:
+        if channel is not None and getattr(observer, "__self__", None) is channel:
             observers.remove(observer)
-    incoming.returnPath = HeldReturnPath()
+    incoming.detachChannel()
+    incoming.machine.channelsLost()
     placer = getattr(incoming, "placer", None)
     if placer is not None:
         placer.resetTempPages()
     incoming.machine.status.moveTo(S.POSTCOPY_PAUSED)
+
+
+def pausable(machine: Any) -> bool:
+    """
+    @param machine: an incoming migration's
+        L{twisted_postcopy.destination.machine.IncomingMachine}.
+    @return: whether an I/O failure pauses it (postcopy is RUNNING and the
+        status is C{postcopy-active} or C{postcopy-recover}) rather than
+        failing it.
+    """
+    return machine.status.status in PAUSABLE and machine.postcopy == PostcopyState.RUNNING
 
 
 def channelLost(incoming: Any, protocol: Any, reason: object) -> bool:
@@ -111,14 +77,13 @@ def channelLost(incoming: Any, protocol: Any, reason: object) -> bool:
     @return: L{True} when handled here (a replaced connection, or the
         migration paused), L{False} when the migration must fail.
     """
-    status = incoming.machine.status.status
-    if status == S.POSTCOPY_PAUSED:
+    if incoming.machine.status.status == S.POSTCOPY_PAUSED:
         return True
-    if status not in PAUSABLE or incoming.machine.postcopy != PostcopyState.RUNNING:
+    if not pausable(incoming.machine):
         return False
-    if getattr(incoming.returnPath, "transport", None) is not protocol.transport:
+    if incoming.channel is not protocol:
         return True
-    pauseIncoming(incoming, protocol, reason)
+    pauseIncoming(incoming, reason)
     return True
 
 
@@ -139,18 +104,18 @@ class DestinationResume:
     The destination's side of one recovery handshake.
 
     @ivar incoming: the paused incoming migration.
-    @ivar writer: the new connection's return-path writer.
+    @ivar channel: the new main connection's protocol.
     """
 
     incoming: Any
-    writer: Any
+    channel: Any
 
     def start(self) -> None:
         """
         The new main connection is up: C{postcopy-recover}; replies go to
         it, page requests stay held.
         """
-        self.incoming.returnPath = HeldReturnPath(self.writer)
+        self.incoming.attachChannel(self.channel)
         self.incoming.machine.status.moveTo(S.POSTCOPY_RECOVER)
 
     def recvBitmap(self, idstr: str) -> None:
@@ -160,14 +125,14 @@ class DestinationResume:
         @param idstr: the block.
         @raise RemoteProtocolError: an unknown block (QEMU's text).
         """
-        if self.incoming.machine.status.status != S.POSTCOPY_RECOVER:
+        incoming = self.incoming
+        if incoming.machine.status.status != S.POSTCOPY_RECOVER:
             log.warn("MSG_RP_RECV_BITMAP only used for recovery")
             return
-        faults = self.incoming.faults
+        faults = incoming.faults
         if idstr not in faults.blocks:
             raise RemoteProtocolError(f"RECV_BITMAP: block '{idstr}' not found")
-        bitmap = faults.receivedBitmap(idstr)
-        self.writer.transport.write(self.writer.encoder.recvBitmap(idstr, bitmap))
+        incoming.send(incoming.encoder.recvBitmap(idstr, faults.receivedBitmap(idstr)))
 
     def resume(self) -> None:
         """
@@ -178,9 +143,7 @@ class DestinationResume:
         if incoming.machine.status.status != S.POSTCOPY_RECOVER:
             log.warn("illegal resume received")
             return
-        writer = self.writer
-        writer.reset()
-        writer.transport.write(writer.encoder.resumeAck())
-        incoming.returnPath = writer
+        incoming.encoder.reset()
+        incoming.send(incoming.encoder.resumeAck())
         incoming.machine.status.moveTo(S.POSTCOPY_ACTIVE)
         incoming.faults.rerequestPending()

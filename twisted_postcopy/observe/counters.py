@@ -51,7 +51,7 @@ def _destinationRequests(incoming: Any) -> int:
     pending = getattr(getattr(incoming, "faults", None), "pending", None)
     count = getattr(pending, "requestCount", None)
     if count is None:
-        count = getattr(getattr(incoming, "returnPath", None), "requests", 0)
+        count = getattr(incoming, "pageRequests", 0)
     return int(count or 0)
 
 

@@ -279,47 +279,32 @@ def stopWatching(watchdog: LinkWatchdog | None) -> None:
         watchdog.stop()
 
 
-#: C{id(incoming)} -> C{(incoming, reactor, timeout callable)}: how the
-#: destination's protocols, which are built without the manager's
-#: parameters, find their link settings (L{configureIncoming}); an entry
-#: goes when its migration reaches a final status.
-_incoming: dict[int, tuple[Any, Any, Callable[[], int]]] = {}
-
-
-def configureIncoming(incoming: Any, reactor: Any, timeoutMs: Callable[[], int]) -> None:
+def linkWatch(reactor: Any, timeoutMs: Callable[[], int]) -> Callable[[Any], LinkWatchdog | None]:
     """
-    Give an incoming migration's connections (main, recovery, preempt)
-    their dead-link settings.
+    The dead-link check of an incoming migration's connections (main,
+    recovery, preempt), handed to its factories and protocols through
+    their constructors.
 
-    @param incoming: the incoming migration.
     @param reactor: an L{IReactorTime<twisted.internet.interfaces.IReactorTime>}.
     @param timeoutMs: returns C{x-link-timeout-ms}.
+    @return: C{watch(transport)}: configures the connection's socket and
+        starts its watchdog (L{watchLink}), returning it or L{None}.
     """
-    from twisted_postcopy.source.machine import FINISHED
 
-    key = id(incoming)
-    _incoming[key] = (incoming, reactor, timeoutMs)
-
-    def forget(status: Any) -> None:
+    def watch(transport: Any) -> LinkWatchdog | None:
         """
-        @param status: the migration's new status.
+        @param transport: a connection's transport.
+        @return: its running watchdog, or L{None}.
         """
-        if status in FINISHED and _incoming.get(key, (None,))[0] is incoming:
-            del _incoming[key]
+        return watchLink(reactor, transport, timeoutMs)
 
-    incoming.machine.status.observers.append(forget)
+    return watch
 
 
-def watchIncoming(incoming: Any, transport: Any) -> LinkWatchdog | None:
+def noLinkWatch(transport: Any) -> None:
     """
-    Watch a connection of an incoming migration set up with
-    L{configureIncoming} (others are left alone).
+    No dead-link check (the default of the destination's protocols, for
+    unit tests).
 
-    @param incoming: the incoming migration.
-    @param transport: the connection's transport.
-    @return: the watchdog, or L{None}.
+    @param transport: a connection's transport.
     """
-    known, reactor, timeoutMs = _incoming.get(id(incoming), (None, None, None))
-    if known is not incoming:
-        return None
-    return watchLink(reactor, transport, timeoutMs)

@@ -14,7 +14,7 @@ channel's pages.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
-from twisted_postcopy.protocols.deadlink import stopWatching, watchIncoming
+from twisted_postcopy.protocols.deadlink import lostReason, noLinkWatch, stopWatching
 from twisted_postcopy.wire.constants import DEFAULT_MAX_PREEMPT_HELD, TARGET_PAGE_SIZE
 from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, RAMSectionEOS, ZeroPageReceived
 from twisted_postcopy.wire.preempt import PreemptDecoder, PreemptEncoder
@@ -139,11 +139,14 @@ class PreemptDestinationProtocol(Protocol):
         fires C{ended} with None too.
     """
 
-    def __init__(self, incoming: Any) -> None:
+    def __init__(self, incoming: Any, watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the incoming migration.
+        @param watch: starts the channel's dead-link check
+            (L{twisted_postcopy.protocols.deadlink.linkWatch}).
         """
         self.incoming = incoming
+        self.watch = watch
         self.decoder: PreemptDecoder | None = None
         self.held: list[bytes] = []
         self.heldBytes = 0
@@ -155,9 +158,11 @@ class PreemptDestinationProtocol(Protocol):
 
     def connectionMade(self) -> None:
         """
-        Watch the channel for a dead link (L{twisted_postcopy.protocols.deadlink}).
+        Tell the incoming migration its EOS is now awaited; watch the
+        channel for a dead link (L{twisted_postcopy.protocols.deadlink}).
         """
-        self.watchdog = watchIncoming(self.incoming, self.transport)
+        self.incoming.preemptOpened()
+        self.watchdog = self.watch(self.transport)
 
     def _decoder(self) -> PreemptDecoder | None:
         """
@@ -216,6 +221,7 @@ class PreemptDestinationProtocol(Protocol):
         self.incoming.flush()
         if decoder.complete and not self.ended.called:
             stopWatching(self.watchdog)
+            self.incoming.preemptEnded()
             self.ended.callback(None)
 
     def _fail(self, reason: RemoteProtocolError) -> None:
@@ -233,7 +239,10 @@ class PreemptDestinationProtocol(Protocol):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         """
         The channel closed: without its EOS that is an error for C{ended},
-        unless it was never used (see L{ended}).
+        unless it was never used (see L{ended}), and the incoming
+        migration is told (C{preemptLost}): while postcopy runs it pauses,
+        and this protocol then shuts the main channel too, so that the
+        source pauses as well.
 
         @param reason: why.
         """
@@ -245,7 +254,12 @@ class PreemptDestinationProtocol(Protocol):
             _log.info("preempt channel closed unused: the migration did not enter postcopy")
             self.ended.callback(None)
             return
-        self.ended.errback(RemoteProtocolError("preempt channel closed before its EOS record"))
+        why = lostReason(self.watchdog, reason)
+        error = RemoteProtocolError(f"preempt channel closed before its EOS record: {why}")
+        main = self.incoming.channel
+        if self.incoming.preemptLost(error) and main is not None:
+            main.transport.abortConnection()
+        self.ended.errback(error)
 
 
 class PreemptDestinationFactory(Factory):
@@ -253,15 +267,18 @@ class PreemptDestinationFactory(Factory):
     Builds the destination's L{PreemptDestinationProtocol}.
 
     @ivar incoming: the incoming migration.
+    @ivar watch: starts the channel's dead-link check.
     @ivar preempt: the protocol, once accepted.
     @ivar accepted: fires with it when it connects.
     """
 
-    def __init__(self, incoming: Any) -> None:
+    def __init__(self, incoming: Any, watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the incoming migration.
+        @param watch: see L{watch}.
         """
         self.incoming = incoming
+        self.watch = watch
         self.preempt: PreemptDestinationProtocol | None = None
         self.accepted: Deferred = Deferred()
 
@@ -273,6 +290,6 @@ class PreemptDestinationFactory(Factory):
         if self.preempt is not None:
             _log.info("Extra incoming migration connection; ignoring")
             return None
-        self.preempt = PreemptDestinationProtocol(self.incoming)
+        self.preempt = PreemptDestinationProtocol(self.incoming, self.watch)
         self.accepted.callback(self.preempt)
         return self.preempt

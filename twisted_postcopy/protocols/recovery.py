@@ -21,24 +21,28 @@ from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.destination.recovery import DestinationResume, checkRecover
 from twisted_postcopy.errors import MigrationError, PostcopyError
-from twisted_postcopy.protocols.deadlink import watchIncoming
+from twisted_postcopy.protocols.deadlink import noLinkWatch
 from twisted_postcopy.protocols.preempt import PreemptDestinationProtocol
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
-from twisted_postcopy.protocols.factories import SourceFactory, clientEndpoint, serverEndpoint
+from twisted_postcopy.protocols.factories import ChannelSorter, SourceFactory, clientEndpoint, serverEndpoint
 from twisted_postcopy.protocols.sockets import transportSocket
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
-from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.state import FINISHED, MigrationStatus as S
 from twisted_postcopy.source.recovery import SourceResume, checkResume, currentTransport
 from twisted_postcopy.wire import StreamDecoder
 from twisted_postcopy.wire import events as e
-from twisted_postcopy.wire.constants import RAM_SECTION_ID
+from twisted_postcopy.wire.constants import RAM_SECTION_ID, SectionType
 
 
 log = Logger()
+
+#: The first byte of a recovery main channel (a C{QEMU_VM_COMMAND}:
+#: RECV_BITMAP).
+_RECOVERY_PREFIX = bytes([SectionType.COMMAND])
 
 
 class RecoveryReturnPathReader(ReturnPathReader):
@@ -191,14 +195,21 @@ class RecoveryDestinationProtocol(DestinationProtocol):
 
     @ivar driver: the recovery stream reader, once this connection took
         over (L{None} for a dropped extra connection).
+    @ivar tookOver: called once this connection took over as the main
+        channel (its factory then awaits the new preempt channel).
     """
 
-    def __init__(self, incoming: Any) -> None:
+    def __init__(self, incoming: Any, tookOver: Callable[[], object] = lambda: None,
+                 watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the paused incoming migration.
+        @param tookOver: see L{tookOver}.
+        @param watch: starts the connection's dead-link check.
         """
         Protocol.__init__(self)
         self.incoming = incoming
+        self.tookOver = tookOver
+        self.watch = watch
         self.driver: Any = None
         self.watchdog: Any = None
 
@@ -211,13 +222,11 @@ class RecoveryDestinationProtocol(DestinationProtocol):
             log.warn("Extra incoming migration connection; ignoring")
             self.transport.abortConnection()
             return
-        resume = DestinationResume(self.incoming, ReturnPathWriter(self.transport))
+        resume = DestinationResume(self.incoming, self)
         self.driver = RecoveryStreamReader(self.incoming, resume)
-        self.watchdog = watchIncoming(self.incoming, self.transport)
+        self.watchdog = self.watch(self.transport)
         self.incoming.machine.status.observers.append(self._endWatch)
-        factory = getattr(self, "factory", None)
-        if factory is not None and factory.preempt():
-            factory.awaitingPreempt = True
+        self.tookOver()
         self._statusChanged(S.POSTCOPY_ACTIVE)
         resume.start()
 
@@ -227,7 +236,7 @@ class RecoveryDestinationProtocol(DestinationProtocol):
 
         @param data: what arrived.
         """
-        if self.incoming.returnPath.transport is self.transport:
+        if self.incoming.channel is self:
             super().dataReceived(data)
 
     def connectionLost(self, reason: Any) -> None:
@@ -245,38 +254,90 @@ class RecoveryDestinationFactory(Factory):
     Builds a L{RecoveryDestinationProtocol} per connection; with
     C{postcopy-preempt}, the connection after a new main one is the new
     preempt channel (return-path-preempt-recovery.md section 4.7: a 7.2
-    source connects main, then preempt, and waits for both).
+    source connects main, then preempt, and waits for both).  As for the
+    first connections (L{DestinationFactory}), the roles are told apart
+    by content while paused with C{postcopy-preempt} on (under TLS the
+    preempt channel's handshake may complete first): a recovery main
+    channel starts with a command (RECV_BITMAP), the preempt channel is
+    silent until the migration resumed.
 
     @ivar incoming: the incoming migration.
     @ivar preempt: returns whether the C{postcopy-preempt} capability is on.
     @ivar awaitingPreempt: a new main connection took over and its preempt
         channel has not come yet.
     @ivar preemptChannels: the preempt channels accepted here.
+    @ivar pendingChannels: connections waiting for their role (at most
+        two), in the order they were made.
     """
 
-    def __init__(self, incoming: Any) -> None:
+    def __init__(self, incoming: Any, preempt: Callable[[], bool] = lambda: False,
+                 watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the incoming migration.
+        @param preempt: see L{preempt}.
+        @param watch: starts each connection's dead-link check
+            (L{twisted_postcopy.protocols.deadlink.linkWatch}).
         """
         self.incoming = incoming
-        self.preempt: Callable[[], bool] = lambda: False
+        self.preempt = preempt
+        self.watch = watch
         self.awaitingPreempt = False
         self.preemptChannels: list[PreemptDestinationProtocol] = []
+        self.pendingChannels: list[ChannelSorter] = []
 
-    def buildProtocol(self, addr: Any) -> Protocol:
+    def buildProtocol(self, addr: Any) -> Protocol | None:
         """
         @param addr: the peer.
         @return: the new preempt channel, or a recovery protocol (it drops
-            itself unless paused).
+            itself unless paused), or while paused with C{postcopy-preempt}
+            a L{ChannelSorter} until the new main channel is known (None
+            beyond two of them).
         """
         if self.awaitingPreempt:
             self.awaitingPreempt = False
-            channel = PreemptDestinationProtocol(self.incoming)
+            channel = PreemptDestinationProtocol(self.incoming, self.watch)
             self.preemptChannels.append(channel)
             return channel
-        protocol = RecoveryDestinationProtocol(self.incoming)
-        protocol.factory = self
-        return protocol
+        if self.preempt() and self.incoming.machine.status.status == S.POSTCOPY_PAUSED:
+            if len(self.pendingChannels) >= 2:
+                return None
+            return ChannelSorter(self, addr, _RECOVERY_PREFIX)
+        return self._buildMain()
+
+    def _buildMain(self) -> RecoveryDestinationProtocol:
+        """
+        @return: a recovery main channel's protocol.
+        """
+        return RecoveryDestinationProtocol(self.incoming, self._mainTookOver, self.watch)
+
+    def _mainTookOver(self) -> None:
+        """
+        A new main channel took over: with C{postcopy-preempt} the next
+        connection is its preempt channel.
+        """
+        if self.preempt():
+            self.awaitingPreempt = True
+
+    def sortChannel(self, sorter: ChannelSorter, isMain: bool) -> None:
+        """
+        A waiting connection's first bytes arrived: a command makes it the
+        new main channel (and another waiting connection its preempt
+        channel); so does anything else on the first waiting connection
+        (its decoder reports it); other bytes on a later one drop it.
+
+        @param sorter: the connection.
+        @param isMain: whether its first byte is a command.
+        """
+        pending = self.pendingChannels
+        first = pending[0] is sorter
+        pending.remove(sorter)
+        if not (isMain or first):
+            sorter.become(None)
+            return
+        sorter.become(self._buildMain())
+        for other in list(pending):
+            pending.remove(other)
+            other.become(self.buildProtocol(other.addr))
 
     def closePreempt(self, others: list[Any]) -> None:
         """
@@ -312,19 +373,27 @@ class RecoveryListener:
     @ivar refused: reports a refused TLS handshake, if set.
     """
 
-    def __init__(self, reactor: Any, incoming: Any, emit: Callable[[S], object]) -> None:
+    def __init__(self, reactor: Any, incoming: Any, emit: Callable[[S], object], tls: Any = None,
+                 refused: Callable[[Any], object] | None = None,
+                 preemptEnabled: Callable[[], bool] = lambda: False,
+                 watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param reactor: the reactor.
         @param incoming: the incoming migration.
         @param emit: the manager's event publisher.
+        @param tls: see L{tls}.
+        @param refused: see L{refused}.
+        @param preemptEnabled: returns whether C{postcopy-preempt} is on
+            (a new preempt channel then follows each new main connection).
+        @param watch: starts each connection's dead-link check.
         """
         self.reactor = reactor
         self.incoming = incoming
         self.emit = emit
         self.port: Any = None
-        self.factory = RecoveryDestinationFactory(incoming)
-        self.tls: Any = None
-        self.refused: Callable[[Any], object] | None = None
+        self.factory = RecoveryDestinationFactory(incoming, preemptEnabled, watch)
+        self.tls = tls
+        self.refused = refused
         incoming.machine.status.observers.append(self._statusChanged)
 
     def _statusChanged(self, status: S) -> None:
@@ -398,6 +467,6 @@ def migratePause(migration: Any) -> None:
     status = getattr(status, "status", status)
     if status != S.POSTCOPY_ACTIVE:
         raise MigrationError("migrate-pause is currently only supported during postcopy-active state")
-    transport = getattr(migration, "returnPath", None)
-    transport = currentTransport(migration) if transport is None else transport.transport
+    channel = getattr(migration, "channel", None) if isinstance(migration, IncomingMigration) else None
+    transport = currentTransport(migration) if channel is None else channel.transport
     transportSocket(transport).shutdown(socket.SHUT_RDWR)

@@ -13,7 +13,7 @@ the incoming migration and writes its return path.
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from twisted.logger import Logger
 from twisted.internet.protocol import Protocol
@@ -24,10 +24,9 @@ from twisted.internet.interfaces import IPushProducer
 
 from twisted_postcopy.destination.recovery import channelLost as incomingChannelLost
 from twisted_postcopy.protocols.deadlink import (
-    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, stopWatching, watchIncoming, watchLink)
+    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, noLinkWatch, stopWatching, watchLink)
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
-from twisted_postcopy.protocols.returnpath import ReturnPathWriter
 from twisted_postcopy.protocols.sockets import transportSocket
 from twisted_postcopy.source.machine import FINISHED
 from twisted_postcopy.source.outgoing import DONE
@@ -250,35 +249,54 @@ class DestinationProtocol(Protocol):
 
     @ivar incoming: the L{twisted_postcopy.destination.incoming.IncomingMigration}.
     @ivar driver: decodes the stream and calls the incoming migration.
+    @ivar watch: starts the connection's dead-link check
+        (L{twisted_postcopy.protocols.deadlink.linkWatch}).
     """
 
-    def __init__(self, incoming: Any) -> None:
+    def __init__(self, incoming: Any, watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the incoming migration.
+        @param watch: see L{watch}.
         """
         self.incoming = incoming
+        self.watch = watch
         self.driver = IncomingStreamReader(incoming)
         self.watchdog: Any = None
 
     def connectionMade(self) -> None:
         """
-        Loading starts; the return path writes to this transport.
+        Loading starts; this connection is the incoming migration's main
+        channel (its return path is written here).
         """
-        self.incoming.returnPath = ReturnPathWriter(self.transport)
+        self.incoming.attachChannel(self)
         self.incoming.machine.status.observers.append(self._statusChanged)
-        self.watchdog = watchIncoming(self.incoming, self.transport)
+        self.watchdog = self.watch(self.transport)
         self.incoming.machine.status.observers.append(self._endWatch)
         self.incoming.connected()
 
+    def returnPathReady(self) -> None:
+        """
+        The incoming migration has return-path bytes: write them.
+        """
+        data = self.incoming.dataToSend()
+        if data:
+            self.transport.write(data)
+
     def _endWatch(self, status: Any) -> None:
         """
-        A finished migration needs no dead-link check while its connection
-        closes.
+        A finished migration needs no dead-link check, and its main
+        connection closes: after SHUT(0) once it completed (in postcopy
+        with C{postcopy-preempt} that is after the preempt channel's EOS,
+        not at the main stream's EOF), at once when it failed.
 
         @param status: the incoming migration's new status.
         """
         if status in FINISHED:
             stopWatching(self.watchdog)
+            if status.value == "completed":
+                self.transport.loseConnection()
+            else:
+                self.transport.abortConnection()
 
     def _statusChanged(self, status: Any) -> None:
         """
@@ -305,9 +323,6 @@ class DestinationProtocol(Protocol):
             if not incomingChannelLost(self.incoming, self, error):
                 self.incoming.failed(error)
             self.transport.abortConnection()
-            return
-        if self.driver.finished:
-            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
         """
