@@ -28,7 +28,7 @@ from twisted_postcopy.protocols.factories import (
     DestinationFactory, SourceFactory, clientEndpoint, parseURI, serverEndpoint)
 from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, checkLinkTimeout, configureIncoming)
-from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
+from twisted_postcopy.protocols.preempt import PreemptDestinationFactory, preemptConnector
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
 from twisted_postcopy.state import FINISHED, POSTCOPY, MigrationStatus as S
@@ -274,8 +274,6 @@ class MigrationManager:
             raise MigrationError(_IN_PROGRESS)
         if not IOutgoingVM.providedBy(self.vm):
             raise MigrationError("this daemon has no outgoing VM")
-        if self.capabilities["postcopy-preempt"]:
-            raise MigrationError("postcopy-preempt is not yet supported by the twisted-postcopy source")
         endpoint = clientEndpoint(self.reactor, uri)
         tls = self._tlsClient(uri)
         migration = OutgoingMigration(self.vm, None, self.reactor.seconds,
@@ -290,7 +288,8 @@ class MigrationManager:
         migration.machine.observers.append(self.autoRecovery.statusChanged)
         self.outgoing = migration
         migration.begin()
-        connecting = connectMaybeTLS(endpoint, tls, SourceFactory(migration, self.reactor))
+        connectPreempt = preemptConnector(self.reactor, uri, tls, migration) if migration.preemptWanted else None
+        connecting = connectMaybeTLS(endpoint, tls, SourceFactory(migration, self.reactor, connectPreempt))
         connecting.addErrback(lambda f: migration.fail(MigrationError(
             f"Failed to connect to '{uri}': {f.getErrorMessage()}")))
 

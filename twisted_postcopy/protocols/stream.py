@@ -52,15 +52,21 @@ class SourceProtocol(Protocol):
     @ivar reactor: schedules steps.
     @ivar paused: whether the transport asked us to stop.
     @ivar pending: the scheduled next step, if any.
+    @ivar connectPreempt: starts connecting the preempt channel (see
+        L{twisted_postcopy.protocols.preempt.preemptConnector}), or
+        L{None} without C{postcopy-preempt}.
     """
 
-    def __init__(self, migration: Any, reactor: Any) -> None:
+    def __init__(self, migration: Any, reactor: Any, connectPreempt: Any = None) -> None:
         """
         @param migration: the outgoing migration.
         @param reactor: an L{twisted.internet.interfaces.IReactorTime}.
+        @param connectPreempt: connects the preempt channel once this
+            connection is up, or L{None}.
         """
         self.migration = migration
         self.reactor = reactor
+        self.connectPreempt = connectPreempt
         self.paused = False
         self.pending: Any = None
         self.returnPath = ReturnPathReader(migration)
@@ -72,6 +78,8 @@ class SourceProtocol(Protocol):
         """
         if self._attach():
             self._start()
+            if self.connectPreempt is not None and self.migration.machine.inProgress:
+                self.connectPreempt()
 
     def _attach(self) -> bool:
         """
@@ -84,6 +92,8 @@ class SourceProtocol(Protocol):
         self.migration.onPostcopy = self._postcopyStarted
         self.migration.onDeviceReady = self._wake
         self.migration.onUrgent = self._wake
+        self.migration.onPreemptReady = self._wake
+        self.migration.onPreemptBroken = self._preemptBroken
         if (hasattr(self.transport, "socket") and hasattr(self.transport, "_tempDataLen")
                 and not isinstance(self.transport, ProtocolWrapper)):
             self.migration.writeBuffers = self._writeBuffers
@@ -93,6 +103,13 @@ class SourceProtocol(Protocol):
         self.transport.registerProducer(self, True)
         self.watchdog = watchLink(self.reactor, self.transport, self._linkTimeout)
         return True
+
+    def _preemptBroken(self) -> None:
+        """
+        The preempt channel broke in postcopy: drop this connection too, so
+        the migration pauses and a recovery makes both again.
+        """
+        self.transport.abortConnection()
 
     def _linkTimeout(self) -> int:
         """

@@ -14,6 +14,7 @@ L{OutgoingMigration.pagesRequested}.
 from __future__ import annotations
 
 import operator
+from enum import Enum
 from functools import reduce
 from typing import Any, Callable
 
@@ -26,6 +27,7 @@ from twisted_postcopy.wire.events import RAMBlockInfo
 from twisted_postcopy.wire.constants import RAM_SECTION_ID, SectionType
 from twisted_postcopy.state import MigrationStatus as S, StatusMachine, outgoingMachine
 from twisted_postcopy.source.records import RecordWriter
+from twisted_postcopy.wire.ram import RAMRecordEncoder
 from twisted_postcopy.source.sender import PageScheduler, RateLimiter, converged
 from twisted_postcopy.source.stats import TransferStats
 
@@ -41,6 +43,28 @@ DONE = -1.0
 #: Element encoders; pages are written by L{RecordWriter}, so its CONTINUE
 #: memory is not used.
 _wire = StreamEncoder()
+
+
+class PreemptPhase(Enum):
+    """
+    The postcopy preempt channel of an outgoing migration (capability
+    C{postcopy-preempt}, return-path-preempt-recovery.md section 3).
+
+    @cvar OFF: no preempt channel (capability off, not connected yet, or
+        dropped when the migration paused).
+    @cvar CONNECTING: its connection is being made (after the main one,
+        and again after each new main connection of a recovery).
+    @cvar READY: connected: urgent pages are written there.
+    @cvar FAILED: its connect failed or it broke; the switch to postcopy
+        fails, a recovery waits for the next C{migrate} with C{resume}.
+    @cvar ENDED: its EOS was written after the main channel's EOF.
+    """
+
+    OFF = "off"
+    CONNECTING = "connecting"
+    READY = "ready"
+    FAILED = "failed"
+    ENDED = "ended"
 
 
 @define
@@ -84,6 +108,17 @@ class OutgoingMigration:
         so the protocol steps at once instead of at the next poll.
     @ivar onPass: called with the dirty sync count after each dirty sync
         (QEMU's C{MIGRATION_PASS} event).
+    @ivar preemptPhase: the preempt channel's L{PreemptPhase}.
+    @ivar preemptError: why the preempt channel failed, if it did.
+    @ivar writePreempt: writes a list of buffers to the preempt channel
+        while it is L{PreemptPhase.READY}.
+    @ivar preemptRecords: encodes the preempt channel's RAM records (every
+        record names its block, as QEMU 7.2's effectively do).
+    @ivar onPreemptReady: called once the preempt channel connected, so a
+        switchover waiting for it goes on at once.
+    @ivar onPreemptBroken: called when the preempt channel breaks during
+        postcopy, so the protocol drops the main connection too and the
+        migration pauses (QEMU's C{migration_detect_error} watches both).
     """
 
     vm: Any
@@ -111,6 +146,12 @@ class OutgoingMigration:
     onDeviceReady: Callable[[], object] = lambda: None
     onPass: Callable[[int], object] = lambda count: None
     writeBuffers: Callable[[list[Any]], None] | None = None
+    preemptPhase: PreemptPhase = PreemptPhase.OFF
+    preemptError: str | None = None
+    writePreempt: Callable[[list[Any]], None] | None = None
+    preemptRecords: RecordWriter = field(init=False)
+    onPreemptReady: Callable[[], object] = lambda: None
+    onPreemptBroken: Callable[[], object] = lambda: None
 
     def __attrs_post_init__(self) -> None:
         """
@@ -120,7 +161,9 @@ class OutgoingMigration:
         self.scheduler = PageScheduler.forBlocks(blocks)
         self.stats = TransferStats(self.now, sum(b.length for b in self.vm.blocks))
         self.limiter = RateLimiter(self.now, self.parameters["max-bandwidth"])
-        self.records = RecordWriter({b.idstr: b.view() for b in self.vm.blocks}, self.stats)
+        views = {b.idstr: b.view() for b in self.vm.blocks}
+        self.records = RecordWriter(views, self.stats)
+        self.preemptRecords = RecordWriter(views, self.stats, RAMRecordEncoder(alwaysNameBlock=True))
 
     def begin(self) -> None:
         """
@@ -208,6 +251,8 @@ class OutgoingMigration:
         if self.device is None:
             return STOP_POLL
         if self.ending == "postcopy":
+            if not self._preemptReadyForPostcopy():
+                return STOP_POLL if self.machine.inProgress else DONE
             self._switchover()
             return 0.0
         return self._completePrecopy()
@@ -313,6 +358,7 @@ class OutgoingMigration:
             return 0.0
         self._sendBuffers([_wire.sectionHeader(SectionType.SECTION_END, RAM_SECTION_ID), _wire.eos(),
                            _wire.sectionFooter(RAM_SECTION_ID), _wire.eof()])
+        self._endPreempt()
         self._written()
         return DONE
 
@@ -367,7 +413,108 @@ class OutgoingMigration:
         """
         self.stats.postcopyRequests += 1
         self.scheduler.queueRequest(idstr, start, length)
-        self.onUrgent()
+        if not self.sendUrgent():
+            self.onUrgent()
+
+    @property
+    def preemptWanted(self) -> bool:
+        """
+        Whether this migration uses a preempt channel (C{postcopy-preempt}).
+        """
+        return bool(self.capabilities.get("postcopy-preempt", False))
+
+    def preemptConnecting(self) -> None:
+        """
+        The protocol started connecting the preempt channel.
+        """
+        self.preemptPhase = PreemptPhase.CONNECTING
+        self.writePreempt = None
+
+    def preemptConnected(self, write: Callable[[list[Any]], None]) -> None:
+        """
+        The preempt channel is up: urgent pages go there from now on.
+
+        @param write: writes buffers to it.
+        """
+        self.preemptPhase = PreemptPhase.READY
+        self.preemptError = None
+        self.writePreempt = write
+        self.preemptRecords.lastBlock = None
+        self.onPreemptReady()
+
+    def preemptFailed(self, reason: object) -> None:
+        """
+        The preempt channel could not connect, or broke.  Before postcopy
+        the switchover will fail (as QEMU's C{postcopy_start} does); in
+        postcopy the main connection is dropped too, so the migration
+        pauses and a recovery makes both channels again.
+
+        @param reason: why.
+        """
+        if self.preemptPhase == PreemptPhase.ENDED:
+            return
+        self.preemptPhase = PreemptPhase.FAILED
+        self.preemptError = str(reason)
+        self.writePreempt = None
+        if self.machine.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER):
+            self.onPreemptBroken()
+
+    def preemptDropped(self) -> None:
+        """
+        The migration pauses: its preempt channel is dropped with the main
+        one (a recovery connects a new one after the new main connection).
+        """
+        self.preemptPhase = PreemptPhase.OFF
+        self.writePreempt = None
+
+    def _preemptReadyForPostcopy(self) -> bool:
+        """
+        QEMU's C{postcopy_preempt_wait_channel} at C{postcopy_start}: the
+        switch to postcopy waits for the preempt channel, and fails if it
+        could not connect.
+
+        @return: whether the switchover may go on now.
+        """
+        if not self.preemptWanted or self.preemptPhase == PreemptPhase.READY:
+            return True
+        if self.preemptPhase == PreemptPhase.FAILED:
+            self.fail(MigrationFailed(f"postcopy preempt channel: {self.preemptError}"))
+        return False
+
+    def sendUrgent(self) -> bool:
+        """
+        Write every queued page request to the preempt channel at once,
+        one whole host page each, flushed (QEMU's C{ram_save_host_page}
+        with C{postcopy_preempt_choose_channel}): they never wait behind
+        the background stream of the main channel, nor for its rate limit
+        (preempt bytes do not count against C{max-postcopy-bandwidth}).
+        A page is handed out once (its dirty bit clears), so it never goes
+        on both channels, and a host page never straddles them.  The main
+        channel's next record names its block again, as QEMU's shared
+        "last block" is cleared at each channel switch.
+
+        @return: whether the preempt channel took the requests (else they
+            stay queued for the main channel).
+        """
+        if self.preemptPhase != PreemptPhase.READY or self.machine.status != S.POSTCOPY_ACTIVE:
+            return False
+        out: list[Any] = []
+        self.preemptRecords.gather(self.scheduler, out, 0, POSTCOPY_BATCH)
+        if out:
+            size = sum(map(len, out))
+            self.writePreempt(out)
+            self.stats.sent(size, self.machine.status, self.stopped)
+            self.records.lastBlock = None
+        return True
+
+    def _endPreempt(self) -> None:
+        """
+        The main channel's EOF is written: end the preempt channel with one
+        EOS record (QEMU's C{postcopy_preempt_shutdown_file}).
+        """
+        if self.preemptPhase == PreemptPhase.READY:
+            self.writePreempt([_wire.eos()])
+            self.preemptPhase = PreemptPhase.ENDED
 
     def fail(self, reason: BaseException) -> None:
         """

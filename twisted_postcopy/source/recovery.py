@@ -64,6 +64,7 @@ def pauseOutgoing(migration: Any, reason: object) -> None:
     migration.write = _discard
     migration.writeBuffers = None
     migration.scheduler.queue.clear()
+    migration.preemptDropped()
     migration.machine.moveTo(S.POSTCOPY_PAUSED)
 
 

@@ -1,0 +1,221 @@
+# -*- test-case-name: tests.test_preempt_loopback -*-
+"""
+Postcopy with C{postcopy-preempt} from our source to our destination over
+real loopback TCP, through a recording relay: the destination's guest is a
+worker process faulting through its own userfaultfd on the production fault
+service.
+
+The second connection is the preempt channel (accept order, as QEMU 7.2):
+requested pages go there as raw RAM records, each naming its block, never
+on the main channel too, and it ends with one EOS record after the main
+channel's EOF.  One test proves by ordering that requested pages overtake
+a saturated background stream: the relay stops forwarding the main channel
+(its bytes back up into the source, whose transport stops producing), and
+the guest's requested pages still arrive, on the preempt channel, while
+not one more byte of the main channel did.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import TestCase
+
+from tests.test_migration_loopback import fill, ownDevice
+from twisted_postcopy.manager import MigrationManager
+from twisted_postcopy.source.recovery import currentTransport
+from twisted_postcopy.testing.enginevm import OutgoingTestVM
+from twisted_postcopy.testing.real import requireUserfaultfd
+from twisted_postcopy.testing.relay import RecordingRelay
+from twisted_postcopy.testing.waiting import waitUntil
+from twisted_postcopy.testing.workerguest import WorkerGuestVM
+from twisted_postcopy.wire import decodeAll
+from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, ZeroPageReceived
+from twisted_postcopy.wire.preempt import PreemptDecoder
+
+MiB = 1 << 20
+PAGE = 4096
+#: The longest any single wait may take, in seconds.
+WAIT = 30.0
+PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
+
+
+def within(waiting: Deferred, seconds: float = WAIT) -> Deferred:
+    """
+    @param waiting: a Deferred.
+    @param seconds: the bound.
+    @return: C{waiting}, failing with C{TimeoutError} after C{seconds}.
+    """
+    return waiting.addTimeout(seconds, reactor)
+
+
+def mainPages(stream: bytes) -> list[tuple[str, int]]:
+    """
+    @param stream: a whole recorded main channel.
+    @return: its RAM records' (block, offset), in order.
+    """
+    return [(event.block, event.offset) for event in decodeAll(stream)
+            if isinstance(event, (PageReceived, ZeroPageReceived))]
+
+
+def preemptRecords(stream: bytes, blocks: dict[str, int]) -> tuple[list[tuple[str, int]], bool]:
+    """
+    @param stream: a recorded preempt channel.
+    @param blocks: idstr -> length.
+    @return: its records' (block, offset), in order, and whether it ended
+        with EOS.
+    """
+    decoder = PreemptDecoder([RAMBlockInfo(name, length) for name, length in blocks.items()])
+    decoder.receiveData(stream)
+    records = [(event.block, event.offset) for event in decoder.events()
+               if isinstance(event, (PageReceived, ZeroPageReceived))]
+    return records, decoder.complete
+
+
+class PreemptLoopbackTests(TestCase):
+    """
+    Our source with C{postcopy-preempt} to our destination.
+    """
+
+    timeout = 90
+
+    #: pc.ram's size.
+    RAM = 32 * MiB
+    #: The pages the guest reads first: near the end of pc.ram, going down
+    #: with gaps, where the background scan (from the start) is not yet.
+    TOUCH_FIRST = [-1 - 16 * n for n in range(16)]
+
+    def setUp(self) -> None:
+        """
+        A patterned source (every page non-zero), a destination guest
+        worker that reads L{TOUCH_FIRST} first, managers with preempt on.
+        """
+        requireUserfaultfd()
+        self.source = OutgoingTestVM({"pc.ram": self.RAM, "pc.rom": 128 * 1024},
+                                     device=ownDevice(b"cpu state"))
+        fill(self.source, 7)
+        self.destination = WorkerGuestVM(reactor, touchFirst=self.TOUCH_FIRST)
+        self.addCleanup(self.destination.close)
+        self.src = MigrationManager(reactor, self.source)
+        self.dst = MigrationManager(reactor, self.destination, self.destination.faultServiceFactory)
+        for manager in (self.src, self.dst):
+            manager.setCapabilities(PREEMPT)
+        self.events: dict[str, list[str]] = {"src": [], "dst": []}
+        self.src.subscribe(lambda e: self.events["src"].append(e["data"]["status"]))
+        self.dst.subscribe(lambda e: self.events["dst"].append(e["data"]["status"]))
+
+    @inlineCallbacks
+    def relayed(self):
+        """
+        Listen, and put a recording relay in front.
+
+        @return: the relay (via the Deferred).
+        """
+        port = yield self.dst.migrateIncoming("tcp:127.0.0.1:0")
+        self.addCleanup(port.stopListening)
+        relay = RecordingRelay(("127.0.0.1", port.getHost().port))
+        self.addCleanup(relay.close)
+        return relay
+
+    def touchedPages(self) -> set[tuple[str, int]]:
+        """
+        @return: the (block, offset) of the pages the guest reads first.
+        """
+        pages = self.RAM // PAGE
+        return {("pc.ram", (page % pages) * PAGE) for page in self.TOUCH_FIRST}
+
+    @inlineCallbacks
+    def completeAndCompare(self, relay: RecordingRelay):
+        """
+        Both sides complete; the guest saw exactly the source's RAM; the
+        preempt channel (the relay's second connection) carried the pages
+        the guest read first, ended with EOS, and no page it carried went
+        on the main channel too.
+
+        @param relay: the relay.
+        @return: the preempt channel's records (via the Deferred).
+        """
+        status = yield within(self.src.whenStatus("completed", "failed"))
+        dstStatus = yield within(self.dst.whenStatus("completed", "failed"))
+        self.assertEqual((status, dstStatus), ("completed", "completed"),
+                         self.src.queryMigrate().get("error-desc"))
+        digests = yield within(self.destination.done)
+        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
+        self.assertEqual(digests, expected)
+        yield within(self.dst.destinationFactory.preempt.preempt.ended)
+        relay.waitClosed(WAIT)
+        main, preempt = relay.connections[:2]
+        records, ended = preemptRecords(bytes(preempt.forward), {"pc.ram": self.RAM, "pc.rom": 128 * 1024})
+        self.assertTrue(ended)
+        self.assertEqual(bytes(preempt.forward[-8:]), bytes.fromhex("0000000000000010"))
+        self.assertEqual(bytes(preempt.backward), b"")
+        self.assertLessEqual(self.touchedPages(), set(records))
+        self.assertEqual(len(records), len(set(records)))
+        self.assertEqual(set(records) & set(mainPages(bytes(main.forward))), set())
+        self.assertEqual(len(relay.connections), 2)
+        info = self.src.queryMigrate()
+        self.assertGreaterEqual(info["ram"]["postcopy-requests"], len(self.TOUCH_FIRST))
+        self.assertEqual(self.events["src"], ["setup", "active", "postcopy-active", "completed"])
+        self.assertEqual(self.events["dst"], ["setup", "active", "postcopy-active", "completed"])
+        return records
+
+    @inlineCallbacks
+    def test_preemptOursToOurs(self) -> None:
+        """
+        Background pages trickle (1000 B/s) so the scan stays at the start
+        of RAM; the guest's first reads, near the end, are requested and
+        arrive on the preempt channel; then the throttle is lifted and the
+        migration completes with memory equal.
+        """
+        self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
+        relay = yield self.relayed()
+        self.src.migrate(relay.uri)
+        yield within(self.src.whenStatus("active"))
+        self.src.startPostcopy()
+        yield within(self.destination.touchedFirst)
+        self.assertGreaterEqual(self.dst.destinationFactory.preempt.preempt.recordsReceived,
+                                len(self.TOUCH_FIRST))
+        self.src.setParameters({"max-postcopy-bandwidth": 0})
+        records = yield self.completeAndCompare(relay)
+        self.assertEqual(set(records[:len(self.TOUCH_FIRST)]), self.touchedPages())
+
+    @inlineCallbacks
+    def test_urgentPagesOvertakeSaturatedStream(self) -> None:
+        """
+        Once the destination runs, the relay stops forwarding the main
+        channel and the background stream goes at full speed: it backs up
+        until the source's transport stops producing (saturated).  Only
+        then does the guest read its first pages.  They are requested on
+        the return path and all arrive, on the preempt channel, while the
+        main channel delivered nothing more: requested pages overtook
+        every background page queued before them.
+        """
+        self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
+        self.destination.gate = Deferred()
+        relay = yield self.relayed()
+        self.src.migrate(relay.uri)
+        yield within(self.src.whenStatus("active"))
+        self.src.startPostcopy()
+        yield within(self.dst.whenStatus("postcopy-active"))
+        yield within(waitUntil(reactor, lambda: self.destination.worker.attached.called))
+        main = relay.connections[0]
+        main.hold()
+        self.src.setParameters({"max-postcopy-bandwidth": 0})
+        sourceMain = currentTransport(self.src.outgoing)
+        yield within(waitUntil(reactor, lambda: sourceMain.producer.paused))
+        held = len(main.forward)
+        written = self.src.queryMigrate()["ram"]["transferred"]
+        self.destination.gate.callback(None)
+        yield within(self.destination.touchedFirst)
+        self.assertEqual(len(main.forward), held, "the main channel moved while it was held")
+        # The main channel had background bytes queued ahead of the
+        # requests that never reached the destination before them.
+        self.assertGreater(written - held - len(relay.connections[1].forward), 64 * 1024)
+        self.assertGreaterEqual(self.dst.destinationFactory.preempt.preempt.recordsReceived,
+                                len(self.TOUCH_FIRST))
+        main.release()
+        records = yield self.completeAndCompare(relay)
+        self.assertEqual(set(records[:len(self.TOUCH_FIRST)]), self.touchedPages())
