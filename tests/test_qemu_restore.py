@@ -24,6 +24,10 @@ from tests.snapshotqemu import (
     summaries,
 )
 from twisted_postcopy.snapshot.store import openSnapshot
+from twisted_postcopy.testing.relay import RecordingRelay
+from twisted_postcopy.wire import decodeAll
+from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, ZeroPageReceived
+from twisted_postcopy.wire.preempt import PreemptDecoder
 from twisted_postcopy.testing.bootsector import PAGE_SIZE
 from twisted_postcopy.testing.qemubaseline import recordPrecopy, stopAndCheck
 
@@ -63,14 +67,15 @@ class RestoreTests(SynchronousTestCase):
         self.directory = self.mktemp()
         os.makedirs(self.directory)
 
-    def target(self, name: str, postcopy: bool, memoryMiB: int = MEMORY_MIB):
+    def target(self, name: str, postcopy: bool, memoryMiB: int = MEMORY_MIB, preempt: bool = False):
         """
         @param name: the instance name.
         @param postcopy: enable postcopy on it.
         @param memoryMiB: its RAM size.
+        @param preempt: enable C{postcopy-preempt} on it.
         @return: (a fresh QEMU destination, its URI); killed at cleanup.
         """
-        qemu, uri = restoreTarget(self.directory, name, self.image, postcopy, memoryMiB)
+        qemu, uri = restoreTarget(self.directory, name, self.image, postcopy, memoryMiB, preempt)
         self.addCleanup(qemu.kill)
         return qemu, uri
 
@@ -175,6 +180,82 @@ class RestoreTests(SynchronousTestCase):
             self.assertGreater(summary["ram"]["postcopy-requests"], 0, summary)
             self.assertBlocktime(qemu.waitMigration(["completed"], TIMEOUT), summary)
             self.assertRunsConsistently(qemu)
+
+    def relayed(self, uri: str) -> RecordingRelay:
+        """
+        @param uri: a destination's C{tcp:} URI.
+        @return: a recording relay in front of it, closed at cleanup.
+        """
+        host, port = uri.split(":")[1:]
+        relay = RecordingRelay((host, int(port)))
+        self.addCleanup(relay.close)
+        return relay
+
+    def assertPreemptChannel(self, relay: RecordingRelay) -> None:
+        """
+        The restore's second connection was QEMU's preempt channel: raw RAM
+        records of requested pages (at least one, each once, none of them
+        on the main channel too), each naming its block, and one EOS.
+
+        @param relay: the relay in front of the destination.
+        """
+        relay.waitClosed(TIMEOUT)
+        self.assertEqual(len(relay.connections), 2)
+        main, preempt = (bytes(connection.forward) for connection in relay.connections)
+        decoder = PreemptDecoder([RAMBlockInfo(block.idstr, block.length)
+                                  for block in openSnapshot(self.snapshot).blocks])
+        decoder.receiveData(preempt)
+        records = [(ev.block, ev.offset) for ev in decoder.events()
+                   if isinstance(ev, (PageReceived, ZeroPageReceived))]
+        self.assertTrue(decoder.complete)
+        self.assertGreater(len(records), 0)
+        self.assertEqual(len(records), len(set(records)))
+        sent = {(ev.block, ev.offset) for ev in decodeAll(main)
+                if isinstance(ev, (PageReceived, ZeroPageReceived))}
+        self.assertEqual(set(records) & sent, set())
+
+    def test_postcopyPreempt(self) -> None:
+        """
+        A postcopy restore with C{postcopy-preempt} into a QEMU 7.2
+        destination that has it too: our source opens the second
+        connection, QEMU takes it as its preempt channel, the pages its
+        guest asks for arrive there (background pages throttled to 4 MiB/s
+        as in L{test_postcopy}; requested ones are not), it ends with EOS,
+        and the guest runs on with its memory equal to the snapshot's.
+        """
+        qemu, uri = self.target("preempt", True, preempt=True)
+        relay = self.relayed(uri)
+        code, out, err = finish(snapshotCommand("restore", self.snapshot, "--to", relay.uri, "--postcopy",
+                                                "--postcopy-preempt", "--max-bandwidth", str(4 << 20)))
+        self.assertEqual(code, 0, err.decode())
+        (summary,) = summaries(out)
+        self.assertEqual(summary["status"], "completed", summary)
+        self.assertGreater(summary["ram"]["postcopy-requests"], 0, summary)
+        info = qemu.waitMigration(["completed"], TIMEOUT)
+        self.assertBlocktime(info, summary)
+        self.assertRunsConsistently(qemu)
+        self.assertPreemptChannel(relay)
+
+    def test_twoClonesPreempt(self) -> None:
+        """
+        One snapshot restored into two QEMUs at once with
+        C{postcopy-preempt}: each clone has its own main and preempt
+        connections, asks for pages that arrive on its preempt channel,
+        completes, and runs on with memory equal to the snapshot's.
+        """
+        targets = [self.target(f"pclone{index}", True, preempt=True) for index in range(2)]
+        relays = [self.relayed(uri) for _, uri in targets]
+        arguments = [argument for relay in relays for argument in ("--to", relay.uri)]
+        code, out, err = finish(snapshotCommand("restore", self.snapshot, *arguments, "--postcopy",
+                                                "--postcopy-preempt", "--max-bandwidth", str(1 << 20)))
+        self.assertEqual(code, 0, err.decode())
+        lines = {line["uri"]: line for line in summaries(out)}
+        for (qemu, _), relay in zip(targets, relays):
+            summary = lines[relay.uri]
+            self.assertEqual(summary["status"], "completed", summary)
+            self.assertGreater(summary["ram"]["postcopy-requests"], 0, summary)
+            self.assertRunsConsistently(qemu)
+            self.assertPreemptChannel(relay)
 
     def test_sourceKilled(self) -> None:
         """

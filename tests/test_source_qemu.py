@@ -51,16 +51,18 @@ class OurSourceIntoQEMU:
         """
 
     @inlineCallbacks
-    def _migrate(self, postcopy: bool):
+    def _migrate(self, postcopy: bool, preempt: bool = False):
         """
         Migrate to QEMU, wait for both ends, compare RAM.
 
         @param postcopy: switch to postcopy at once.
+        @param preempt: with C{postcopy-preempt} on both ends.
         """
         self.prepareMigration()
         if postcopy:
-            self.qemu.setCapabilities(**{"postcopy-ram": True})
-            self.manager.setCapabilities({"postcopy-ram": True})
+            capabilities = {"postcopy-ram": True, **({"postcopy-preempt": True} if preempt else {})}
+            self.qemu.setCapabilities(**capabilities)
+            self.manager.setCapabilities(capabilities)
         else:
             self.manager.setCapabilities({"return-path": True})
         host, port = listenIncoming(self.qemu)
@@ -104,3 +106,15 @@ class QEMUDestinationTests(OurSourceIntoQEMU, TestCase):
         by QEMU and all pages are placed.
         """
         return self._migrate(True)
+
+    @inlineCallbacks
+    def test_postcopyPreemptToQEMU(self) -> None:
+        """
+        Immediate postcopy with C{postcopy-preempt}: QEMU 7.2 waits for
+        both connections before loading (it tells them apart by accept
+        order only), takes our second one as its preempt channel, reads
+        its EOS after the main stream's EOF, completes, and its RAM equals
+        ours.
+        """
+        yield self._migrate(True, preempt=True)
+        self.assertEqual(self.manager.outgoing.preemptPhase.value, "ended")

@@ -38,6 +38,9 @@ def register(subparsers: Any) -> None:
     restore.add_argument("dir")
     restore.add_argument("--to", action="append", required=True, metavar="URI")
     restore.add_argument("--postcopy", action="store_true", help="run before RAM arrives")
+    restore.add_argument("--postcopy-preempt", action="store_true",
+                         help="with --postcopy: requested pages on a second connection (the "
+                              "destinations need the postcopy-preempt capability)")
     restore.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
     _tlsOptions(restore, "--tls-hostname", "NAME", "the name the destinations' certificates carry")
     restore.add_argument("--max-bandwidth", type=int, default=0, metavar="BYTES",
@@ -263,8 +266,9 @@ def _restore(args: argparse.Namespace) -> int:
         @return: a Deferred firing when every clone ended.
         """
         started = time.time()
-        managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy, False,
-                                         args.max_bandwidth, **_tls(args, "tls_hostname"))
+        managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy or args.postcopy_preempt,
+                                         False, args.max_bandwidth, **_tls(args, "tls_hostname"),
+                                         preempt=args.postcopy_preempt)
 
         def report(result: Any) -> Any:
             for uri, manager in zip(args.to, managers):

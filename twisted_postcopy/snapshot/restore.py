@@ -109,7 +109,7 @@ class SnapshotVM:
 
 def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
                bandwidth: int = 0, objects: Any = None,
-               tls: dict[str, str] | None = None) -> tuple[Any, Deferred]:
+               tls: dict[str, str] | None = None, preempt: bool = False) -> tuple[Any, Deferred]:
     """
     Start one restore.
 
@@ -123,6 +123,9 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
         holding the TLS objects named by C{tls}.
     @param tls: TLS parameters (C{tls-creds} naming client credentials,
         C{tls-hostname}) to migrate over TLS (docs/tls.md).
+    @param preempt: with C{postcopy}, send requested pages on a
+        C{postcopy-preempt} channel (the destination needs the capability
+        too).
     @return: (the L{MigrationManager}, a Deferred firing with the final
         status string, C{completed} or C{failed}).
     """
@@ -130,7 +133,8 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
     from twisted_postcopy.snapshot.capture import _useTLS
 
     manager = MigrationManager(reactor, vm)
-    manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True, "x-postcopy-auto-recover": True})
+    manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True, "x-postcopy-auto-recover": True,
+                             "postcopy-preempt": postcopy and preempt})
     manager.setParameters({"max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth})
     _useTLS(manager, objects, tls)
     done = manager.whenStatus("completed", "failed", "cancelled")
@@ -143,7 +147,8 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
 def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool = True,
                     verify: bool = True, bandwidth: int = 0,
                     root: str | None = None, objects: Any = None,
-                    tls: dict[str, str] | None = None) -> tuple[list[Any], Deferred]:
+                    tls: dict[str, str] | None = None,
+                    preempt: bool = False) -> tuple[list[Any], Deferred]:
     """
     Restore one snapshot into every destination at once.
 
@@ -156,6 +161,7 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
     @param root: the snapshot root C{path} must lie in, or L{None}.
     @param objects: the TLS objects named by C{tls} (see L{restoreOne}).
     @param tls: TLS parameters for every destination (see L{restoreOne}).
+    @param preempt: use C{postcopy-preempt} (see L{restoreOne}).
     @return: (the managers, a Deferred firing with the list of final
         statuses, failing with L{MigrationFailed} if any clone failed).
     @raise SnapshotError: the snapshot is missing, truncated or tampered.
@@ -164,7 +170,7 @@ def restoreSnapshot(reactor: Any, path: str, uris: Sequence[str], postcopy: bool
     if verify:
         snapshot.verify()
     vm = SnapshotVM(snapshot)
-    started = [restoreOne(reactor, vm, uri, postcopy, bandwidth, objects, tls) for uri in uris]
+    started = [restoreOne(reactor, vm, uri, postcopy, bandwidth, objects, tls, preempt) for uri in uris]
     managers = [manager for manager, _ in started]
 
     def gathered(results: list[tuple[bool, Any]]) -> list[str]:
