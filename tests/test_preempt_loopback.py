@@ -146,7 +146,7 @@ class PreemptLoopbackTests(TestCase):
         expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
         self.assertEqual(digests, expected)
         yield within(self.dst.destinationFactory.preempt.preempt.ended)
-        relay.waitClosed(WAIT)
+        yield within(waitUntil(reactor, lambda: all(c.closed.is_set() for c in relay.connections)))
         main, preempt = relay.connections[:2]
         records, ended = preemptRecords(bytes(preempt.forward), {"pc.ram": self.RAM, "pc.rom": 128 * 1024})
         self.assertTrue(ended)
@@ -219,3 +219,54 @@ class PreemptLoopbackTests(TestCase):
         main.release()
         records = yield self.completeAndCompare(relay)
         self.assertEqual(set(records[:len(self.TOUCH_FIRST)]), self.touchedPages())
+
+    @inlineCallbacks
+    def test_cutAndRecover(self) -> None:
+        """
+        Preempt with a relay cut: the guest's first reads arrive on the
+        first preempt channel; the cut (both connections) pauses both
+        sides; after C{migrate-recover} and C{migrate} with C{resume} the
+        source opens a new main connection, then a new preempt connection,
+        and only then sends its RECV_BITMAPs; the pages the paused guest
+        waits for are requested again and arrive on the new preempt
+        channel; both complete with memory equal.
+        """
+        self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
+        relay = yield self.relayed()
+        self.src.migrate(relay.uri)
+        yield within(self.src.whenStatus("active"))
+        self.src.startPostcopy()
+        yield within(self.destination.touchedFirst)
+        yield within(waitUntil(reactor, lambda: self.src.outgoing.destinationRunning))
+        first, _ = preemptRecords(bytes(relay.connections[1].forward), {"pc.ram": self.RAM, "pc.rom": 128 * 1024})
+        self.assertLessEqual(self.touchedPages(), set(first))
+        relay.cut()
+        yield within(self.src.whenStatus("postcopy-paused"))
+        yield within(self.dst.whenStatus("postcopy-paused"))
+        self.assertEqual(self.src.outgoing.preemptPhase.value, "off")
+        recoverPort = yield self.dst.migrateRecover("tcp:127.0.0.1:0")
+        second = RecordingRelay(("127.0.0.1", recoverPort.getHost().port))
+        self.addCleanup(second.close)
+        self.src.migrate(second.uri, resume=True)
+        yield within(self.src.whenStatus("postcopy-active"))
+        yield within(waitUntil(reactor, lambda: self.src.queryMigrate()["ram"]["postcopy-requests"]
+                               > len(self.TOUCH_FIRST) and len(second.connections) == 2
+                               and len(second.connections[1].forward) > 0))
+        self.src.setParameters({"max-postcopy-bandwidth": 0})
+        status = yield within(self.src.whenStatus("completed", "failed"))
+        dstStatus = yield within(self.dst.whenStatus("completed", "failed"))
+        self.assertEqual((status, dstStatus), ("completed", "completed"),
+                         self.src.queryMigrate().get("error-desc"))
+        digests = yield within(self.destination.done)
+        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
+        self.assertEqual(digests, expected)
+        yield within(waitUntil(reactor, lambda: all(c.closed.is_set() for c in second.connections)))
+        self.assertEqual(len(second.connections), 2)
+        main, preempt = (bytes(connection.forward) for connection in second.connections)
+        self.assertEqual(main[:1], b"\x08")
+        records, ended = preemptRecords(preempt, {"pc.ram": self.RAM, "pc.rom": 128 * 1024})
+        self.assertTrue(ended)
+        self.assertGreater(len(records), 0)
+        self.assertEqual(self.events["src"], [
+            "setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
+            "postcopy-active", "completed"])
