@@ -19,10 +19,12 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
 from twisted_postcopy.protocols.deadlink import stopWatching, watchIncoming
+from twisted_postcopy.protocols.sockets import transportSocket
 from twisted_postcopy.source.outgoing import PreemptPhase
 from twisted_postcopy.state import MigrationStatus as S
 from twisted_postcopy.wire.constants import DEFAULT_MAX_PREEMPT_HELD, TARGET_PAGE_SIZE
@@ -47,6 +49,12 @@ class PreemptSourceProtocol(Protocol):
     @ivar recordsSent: RAM records written by L{sendHostPage}.
     @ivar bytesSent: bytes written.
     @ivar ended: whether EOS was written.
+    @ivar direct: the plain TCP or Unix socket urgent pages are sent on at
+        once (C{sendmsg} from guest memory, no reactor turn), while
+        nothing this protocol wrote waits in the transport's buffer;
+        L{None} over TLS, and for good once the socket did not take a
+        write whole (the rest, and everything after it, then goes through
+        the transport, in order).
     """
 
     def __init__(self, migration: Any = None) -> None:
@@ -58,11 +66,14 @@ class PreemptSourceProtocol(Protocol):
         self.recordsSent = 0
         self.bytesSent = 0
         self.ended = False
+        self.direct: Any = None
 
     def connectionMade(self) -> None:
         """
         Tell the factory (if a L{PreemptSourceFactory}) the channel is up.
         """
+        if not isinstance(self.transport, ProtocolWrapper):
+            self.direct = transportSocket(self.transport)
         factory = getattr(self, "factory", None)
         if isinstance(factory, PreemptSourceFactory) and not factory.connected.called:
             factory.connected.callback(self)
@@ -108,9 +119,23 @@ class PreemptSourceProtocol(Protocol):
 
         @param buffers: bytes and views of guest RAM, in order.
         """
-        data = b"".join(buffers)
-        self.bytesSent += len(data)
-        self.transport.write(data)
+        size = sum(map(len, buffers))
+        self.bytesSent += size
+        if self.direct is not None:
+            try:
+                sent = self.direct.sendmsg(buffers)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.direct = None
+                self.transport.abortConnection()
+                return
+            if sent == size:
+                return
+            self.direct = None
+            self.transport.write(b"".join(buffers)[sent:])
+            return
+        self.transport.write(b"".join(buffers))
 
     def sendHostPage(self, block: str, offset: int, data: bytes | memoryview,
                      targetPageSize: int = TARGET_PAGE_SIZE) -> None:
