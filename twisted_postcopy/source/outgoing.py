@@ -337,8 +337,7 @@ class OutgoingMigration:
         if self.machine.status != S.POSTCOPY_ACTIVE:
             return
         out = [_wire.discard(name, ranges) for name, ranges in self.scheduler.discardCommands()]
-        package = _wire.listen() + self.device + _wire.ping(3) + _wire.run()
-        out += [_wire.ping(2), _wire.packaged(package), _wire.ping(4)]
+        out += [_wire.ping(2), _wire.package(self.device), _wire.ping(4)]
         self._sendBuffers(out)
         self.stopped = False
         self.stats.switchedOver()
