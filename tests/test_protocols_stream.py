@@ -323,7 +323,7 @@ class SendmsgTests(SynchronousTestCase):
             protocol, transport = self._protocol(room)
             transport.clear()
             transport.socket.sent = b""
-            protocol._writeBuffers(list(buffers))
+            protocol.writeBuffers(list(buffers))
             self.assertEqual(transport.socket.sent + transport.value(), whole, room)
 
     def test_queuedDataKeepsOrder(self) -> None:
@@ -334,7 +334,7 @@ class SendmsgTests(SynchronousTestCase):
         transport._tempDataLen = 1
         transport.clear()
         transport.socket.sent = b""
-        protocol._writeBuffers([b"x", memoryview(b"y")])
+        protocol.writeBuffers([b"x", memoryview(b"y")])
         self.assertEqual((transport.socket.sent, transport.value()), (b"", b"xy"))
 
 

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from tests import wirebytes as c
-from twisted_postcopy.source.outgoing import DONE, OutgoingMigration
+from twisted_postcopy.source.outgoing import DONE, OutgoingMigration, WriteChannel
 from twisted_postcopy.wire import decodeAll
 from twisted_postcopy.wire import events as e
 
@@ -181,6 +181,26 @@ class OutgoingTests(SynchronousTestCase):
         self.assertEqual(info["ram"]["normal"], 64)
 
 
+class BrokenWatch(WriteChannel):
+    """
+    A main channel that records L{WriteChannel.preemptBroken} calls.
+    """
+
+    def __init__(self, write, broken: list) -> None:
+        """
+        @param write: writes bytes.
+        @param broken: gets C{True} per call.
+        """
+        super().__init__(write)
+        self.broken = broken
+
+    def preemptBroken(self) -> None:
+        """
+        Record it.
+        """
+        self.broken.append(True)
+
+
 class PreemptEngineTests(SynchronousTestCase):
     """
     C{postcopy-preempt} in the engine (return-path-preempt-recovery.md
@@ -273,7 +293,7 @@ class PreemptEngineTests(SynchronousTestCase):
         meanwhile stay queued for the main channel.
         """
         broken: list[bool] = []
-        self.migration.onPreemptBroken = lambda: broken.append(True)
+        self.migration.attachChannel(BrokenWatch(self.chunks.append, broken))
         self.connect()
         self.migration.step()
         self.migration.step()

@@ -107,7 +107,7 @@ class RecoverySourceProtocol(SourceProtocol):
             self.transport.abortConnection()
             return
         self._attach()
-        self._postcopyStarted()
+        self.postcopyStarted()
         if self.connectPreempt is None or not self.migration.preemptWanted:
             self.resume.start()
             return

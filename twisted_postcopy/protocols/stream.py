@@ -87,16 +87,7 @@ class SourceProtocol(Protocol):
 
         @return: whether the migration is still in progress.
         """
-        self.migration.write = self.transport.write
-        self.migration.onFinished = self._finished
-        self.migration.onPostcopy = self._postcopyStarted
-        self.migration.onDeviceReady = self._wake
-        self.migration.onUrgent = self._wake
-        self.migration.onPreemptReady = self._wake
-        self.migration.onPreemptBroken = self._preemptBroken
-        if (hasattr(self.transport, "socket") and hasattr(self.transport, "_tempDataLen")
-                and not isinstance(self.transport, ProtocolWrapper)):
-            self.migration.writeBuffers = self._writeBuffers
+        self.migration.attachChannel(self)
         if not self.migration.machine.inProgress:
             self.transport.abortConnection()
             return False
@@ -104,7 +95,7 @@ class SourceProtocol(Protocol):
         self.watchdog = watchLink(self.reactor, self.transport, self._linkTimeout)
         return True
 
-    def _preemptBroken(self) -> None:
+    def preemptBroken(self) -> None:
         """
         The preempt channel broke in postcopy: drop this connection too, so
         the migration pauses and a recovery makes both again.
@@ -128,16 +119,22 @@ class SourceProtocol(Protocol):
             return
         self._schedule(0)
 
-    def _writeBuffers(self, buffers: list[Any]) -> None:
+    def writeBuffers(self, buffers: list[Any]) -> None:
         """
         Send gathered buffers with C{sendmsg} straight from guest RAM views
         while nothing is queued in the transport; whatever the socket does
         not take (and everything while the transport holds data, to keep
-        the order) goes through C{transport.write}.
+        the order) goes through C{transport.write}.  Over TLS (or any
+        transport without a socket of its own) they are joined and
+        written.
 
         @param buffers: bytes and memoryviews, in order.
         """
         transport = self.transport
+        if (isinstance(transport, ProtocolWrapper) or not hasattr(transport, "socket")
+                or not hasattr(transport, "_tempDataLen")):
+            transport.write(b"".join(buffers))
+            return
         if transport._tempDataLen or len(transport.dataBuffer) > transport.offset:
             transport.write(b"".join(buffers))
             return
@@ -161,7 +158,7 @@ class SourceProtocol(Protocol):
             transport.write(b"".join(rest))
             return
 
-    def _postcopyStarted(self) -> None:
+    def postcopyStarted(self) -> None:
         """
         Postcopy began: keep the kernel's send queue short, so a requested
         page is not stuck behind megabytes of background pages.
@@ -177,7 +174,7 @@ class SourceProtocol(Protocol):
         if self.pending is None and not self.paused:
             self.pending = self.reactor.callLater(delay, self._step)
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         """
         Step at once (the stopped VM's device state is ready), replacing a
         later scheduled poll.
@@ -236,7 +233,7 @@ class SourceProtocol(Protocol):
             return
         self._schedule(0)
 
-    def _finished(self) -> None:
+    def finished(self) -> None:
         """
         The migration reached a final status: close.
         """

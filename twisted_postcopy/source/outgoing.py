@@ -16,7 +16,7 @@ from __future__ import annotations
 import operator
 from enum import Enum
 from functools import reduce
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from attrs import define, field
 from twisted.internet.defer import maybeDeferred
@@ -43,6 +43,103 @@ DONE = -1.0
 #: Element encoders; pages are written by L{RecordWriter}, so its CONTINUE
 #: memory is not used.
 _wire = StreamEncoder()
+
+
+class MainChannel(Protocol):
+    """
+    What an L{OutgoingMigration} writes its main stream to and tells what
+    happened: the main connection's protocol
+    (L{twisted_postcopy.protocols.stream.SourceProtocol}) attaches itself
+    with L{OutgoingMigration.attachChannel}, a recovery's new connection
+    replaces it, and a pause detaches it (writes are then dropped).
+    """
+
+    transport: Any
+
+    def writeBuffers(self, buffers: list[Any]) -> None:
+        """
+        @param buffers: bytes and views of guest RAM, in order.
+        """
+
+    def finished(self) -> None:
+        """
+        The migration reached a final status: close.
+        """
+
+    def postcopyStarted(self) -> None:
+        """
+        The package is written: requested pages should not queue behind
+        megabytes of background pages.
+        """
+
+    def wake(self) -> None:
+        """
+        Step at once: a page request was queued, the stopped VM's device
+        state is ready, or the preempt channel connected.
+        """
+
+    def preemptBroken(self) -> None:
+        """
+        The preempt channel broke in postcopy: drop the main connection
+        too, so the migration pauses.
+        """
+
+
+@define
+class WriteChannel:
+    """
+    A L{MainChannel} over one C{write} callable (the engine's C{write}
+    argument, for units without a protocol): buffers are joined, the
+    notifications do nothing.
+
+    @ivar write: writes bytes.
+    """
+
+    write: Callable[[bytes], None]
+
+    @property
+    def transport(self) -> Any:
+        """
+        The object whose bound method C{write} is, if any.
+        """
+        return getattr(self.write, "__self__", None)
+
+    def writeBuffers(self, buffers: list[Any]) -> None:
+        """
+        @param buffers: joined and written.
+        """
+        self.write(b"".join(buffers))
+
+    def finished(self) -> None:
+        """
+        Nothing to close.
+        """
+
+    def postcopyStarted(self) -> None:
+        """
+        Nothing to tune.
+        """
+
+    def wake(self) -> None:
+        """
+        Nothing to schedule.
+        """
+
+    def preemptBroken(self) -> None:
+        """
+        Nothing to drop.
+        """
+
+
+class _Detached(WriteChannel):
+    """
+    No main channel (paused): writes are dropped (the destination's
+    received bitmaps tell a recovery what to send again).
+    """
+
+
+#: The null main channel of a paused migration.
+DETACHED = _Detached(lambda data: None)
 
 
 class PreemptPhase(Enum):
@@ -73,7 +170,10 @@ class OutgoingMigration:
     One outgoing migration.
 
     @ivar vm: the L{twisted_postcopy.interfaces.IOutgoingVM}.
-    @ivar write: writes bytes to the main channel.
+    @ivar write: writes bytes to the main channel when no L{channel} is
+        given (units), or L{None}.
+    @ivar channel: the L{MainChannel} attached, or L{None} (nothing
+        connected yet, or paused: writes are dropped).
     @ivar now: the clock (seconds).
     @ivar capabilities: the source's capabilities.
     @ivar parameters: the source's parameters (live; read at each step).
@@ -93,19 +193,6 @@ class OutgoingMigration:
     @ivar tracking: whether the dirty tracker runs.
     @ivar ending: C{"precopy"} or C{"postcopy"} once the switchover began.
     @ivar device: the device state, once the VM stopped and gave it.
-    @ivar onFinished: called with no argument when the status becomes
-        final (completed or failed) so the protocol can close.
-    @ivar writeBuffers: writes a list of buffers without joining them
-        (set by the protocol), or L{None} to join and use C{write}.
-    @ivar onPostcopy: called once the package is written, so the protocol
-        can shrink what the connection queues (requested pages wait
-        behind it).
-    @ivar onUrgent: called once a page request is queued, so the protocol
-        steps at once even while background pages wait for the rate limit
-        (QEMU's C{migration_make_urgent_request}): requested pages are
-        never held back by C{max-postcopy-bandwidth}.
-    @ivar onDeviceReady: called once the stopped VM gave its device state,
-        so the protocol steps at once instead of at the next poll.
     @ivar onPass: called with the dirty sync count after each dirty sync
         (QEMU's C{MIGRATION_PASS} event).
     @ivar preemptPhase: the preempt channel's L{PreemptPhase}.
@@ -114,11 +201,6 @@ class OutgoingMigration:
         while it is L{PreemptPhase.READY}.
     @ivar preemptRecords: encodes the preempt channel's RAM records (every
         record names its block, as QEMU 7.2's effectively do).
-    @ivar onPreemptReady: called once the preempt channel connected, so a
-        switchover waiting for it goes on at once.
-    @ivar onPreemptBroken: called when the preempt channel breaks during
-        postcopy, so the protocol drops the main connection too and the
-        migration pauses (QEMU's C{migration_detect_error} watches both).
     """
 
     vm: Any
@@ -140,23 +222,20 @@ class OutgoingMigration:
     tracking: bool = False
     ending: str | None = None
     device: bytes | None = None
-    onFinished: Callable[[], object] = lambda: None
-    onPostcopy: Callable[[], object] = lambda: None
-    onUrgent: Callable[[], object] = lambda: None
-    onDeviceReady: Callable[[], object] = lambda: None
     onPass: Callable[[int], object] = lambda count: None
-    writeBuffers: Callable[[list[Any]], None] | None = None
+    channel: MainChannel | None = None
     preemptPhase: PreemptPhase = PreemptPhase.OFF
     preemptError: str | None = None
     writePreempt: Callable[[list[Any]], None] | None = None
     preemptRecords: RecordWriter = field(init=False)
-    onPreemptReady: Callable[[], object] = lambda: None
-    onPreemptBroken: Callable[[], object] = lambda: None
 
     def __attrs_post_init__(self) -> None:
         """
-        Build the dirty maps and counters.
+        Build the dirty maps and counters; a C{write} callable without a
+        channel becomes a L{WriteChannel}.
         """
+        if self.channel is None and self.write is not None:
+            self.channel = WriteChannel(self.write)
         blocks = [(b.idstr, b.length, b.pageSize) for b in self.vm.blocks]
         self.scheduler = PageScheduler.forBlocks(blocks)
         self.stats = TransferStats(self.now, sum(b.length for b in self.vm.blocks))
@@ -164,6 +243,29 @@ class OutgoingMigration:
         views = {b.idstr: b.view() for b in self.vm.blocks}
         self.records = RecordWriter(views, self.stats)
         self.preemptRecords = RecordWriter(views, self.stats, RAMRecordEncoder(alwaysNameBlock=True))
+
+    @property
+    def _out(self) -> MainChannel:
+        """
+        The attached main channel, or L{DETACHED}.
+        """
+        return self.channel or DETACHED
+
+    def attachChannel(self, channel: MainChannel) -> None:
+        """
+        A connection becomes the main channel (the first one, or a
+        recovery's new one, replacing the old).
+
+        @param channel: it.
+        """
+        self.channel = channel
+
+    def detachChannel(self) -> None:
+        """
+        The main channel is gone (the migration pauses): writes are
+        dropped until a recovery attaches a new one.
+        """
+        self.channel = None
 
     def begin(self) -> None:
         """
@@ -199,10 +301,7 @@ class OutgoingMigration:
         @param buffers: the buffers, in order.
         """
         size = sum(map(len, buffers))
-        if self.writeBuffers is None:
-            self.write(b"".join(buffers))
-        else:
-            self.writeBuffers(buffers)
+        self._out.writeBuffers(buffers)
         self.limiter.account(size)
         self.stats.sent(size, self.machine.status, self.stopped)
 
@@ -305,7 +404,7 @@ class OutgoingMigration:
             @param device: the device state, now ready to send.
             """
             self.device = device
-            self.onDeviceReady()
+            self._out.wake()
 
         stopping = maybeDeferred(self.vm.stop).addCallback(stopped).addCallback(collected)
         stopping.addErrback(lambda failure: self.fail(failure.value))
@@ -343,7 +442,7 @@ class OutgoingMigration:
         self.stats.switchedOver()
         self.scheduler.restartScan()
         self.records.lastBlock = None
-        self.onPostcopy()
+        self._out.postcopyStarted()
         self.limiter.bandwidth = self.parameters["max-postcopy-bandwidth"]
 
     def _postcopyStep(self) -> float:
@@ -377,7 +476,7 @@ class OutgoingMigration:
         """
         if self.machine.moveIfPossible(status):
             self.stats.finished(status)
-            self.onFinished()
+            self._out.finished()
 
     def shut(self, value: int) -> None:
         """
@@ -413,7 +512,7 @@ class OutgoingMigration:
         self.stats.postcopyRequests += 1
         self.scheduler.queueRequest(idstr, start, length)
         if not self.sendUrgent():
-            self.onUrgent()
+            self._out.wake()
 
     @property
     def preemptWanted(self) -> bool:
@@ -439,7 +538,7 @@ class OutgoingMigration:
         self.preemptError = None
         self.writePreempt = write
         self.preemptRecords.lastBlock = None
-        self.onPreemptReady()
+        self._out.wake()
 
     def preemptFailed(self, reason: object) -> None:
         """
@@ -456,7 +555,7 @@ class OutgoingMigration:
         self.preemptError = str(reason)
         self.writePreempt = None
         if self.machine.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER):
-            self.onPreemptBroken()
+            self._out.preemptBroken()
 
     def preemptDropped(self) -> None:
         """
@@ -528,7 +627,7 @@ class OutgoingMigration:
             self._resumeVM()
         self.machine.moveIfPossible(S.FAILED)
         self.stats.finished(S.FAILED)
-        self.onFinished()
+        self._out.finished()
 
     def _resumeVM(self) -> None:
         """
@@ -552,4 +651,4 @@ class OutgoingMigration:
         if not inPostcopy:
             self._resumeVM()
         self.machine.moveTo(S.CANCELLED)
-        self.onFinished()
+        self._out.finished()

@@ -37,32 +37,23 @@ log = Logger()
 def currentTransport(migration: Any) -> Any:
     """
     @param migration: an L{twisted_postcopy.source.outgoing.OutgoingMigration}.
-    @return: the transport its main channel writes to (the protocol binds
-        C{migration.write} to C{transport.write}), or L{None}.
+    @return: the transport of its attached main channel, or L{None}
+        (paused, or not connected yet).
     """
-    return getattr(migration.write, "__self__", None)
-
-
-def _discard(data: bytes) -> None:
-    """
-    The main channel's writer while paused: the bytes are dropped (the
-    received bitmaps tell what must be sent again).
-
-    @param data: ignored.
-    """
+    return getattr(migration.channel, "transport", None)
 
 
 def pauseOutgoing(migration: Any, reason: object) -> None:
     """
-    QEMU's C{postcopy_pause}: status C{postcopy-paused}; writes are dropped
-    until a new connection replaces the old one.
+    QEMU's C{postcopy_pause}: status C{postcopy-paused}; the main channel
+    is detached (writes are dropped) until a new connection attaches
+    itself.
 
     @param migration: the outgoing migration, in a L{PAUSABLE} status.
     @param reason: why (logged).
     """
     log.warn("{message} ({reason})", message=PAUSED_MESSAGE, reason=reason)
-    migration.write = _discard
-    migration.writeBuffers = None
+    migration.detachChannel()
     migration.scheduler.queue.clear()
     migration.preemptDropped()
     migration.machine.moveTo(S.POSTCOPY_PAUSED)
