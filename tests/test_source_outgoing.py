@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from tests import wirebytes as c
-from twisted_postcopy.source.outgoing import DONE, OutgoingMigration, WriteChannel
+from twisted_postcopy.source.outgoing import DONE, OutgoingMigration, SourcePhase, WriteChannel
 from twisted_postcopy.wire import decodeAll
 from twisted_postcopy.wire import events as e
 
@@ -129,8 +129,7 @@ class OutgoingTests(SynchronousTestCase):
         migration = OutgoingMigration(vm, chunks.append, clock.seconds, {}, parameters)
         migration.begin()
         migration.start()
-        migration.ending = "precopy"
-        migration._stopVM()
+        migration._stopVM(SourcePhase.STOPPING_FOR_COMPLETION)
         writes = len(chunks)
         while migration.step() != DONE:
             pass

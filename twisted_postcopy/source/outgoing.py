@@ -142,6 +142,31 @@ class _Detached(WriteChannel):
 DETACHED = _Detached(lambda data: None)
 
 
+class SourcePhase(Enum):
+    """
+    Where an outgoing migration's main stream is, beside its QEMU status
+    (which it refines): QEMU's iteration loop, the stop for
+    C{migration_completion} or for C{postcopy_start}, postcopy, and the
+    end of the stream.
+
+    @cvar PRECOPY: iterating while the VM runs (status C{active}).
+    @cvar STOPPING_FOR_COMPLETION: converged: the VM is stopping; then one
+        END section with everything left, the devices and EOF.
+    @cvar STOPPING_FOR_POSTCOPY: C{migrate-start-postcopy} was acted on:
+        the VM is stopping; then the discards and the package.
+    @cvar POSTCOPY: the package is written; background and requested
+        pages flow (also while paused and recovering).
+    @cvar WRITTEN: everything is written; completion waits for SHUT(0)
+        when the return path is open.
+    """
+
+    PRECOPY = "precopy"
+    STOPPING_FOR_COMPLETION = "stopping-for-completion"
+    STOPPING_FOR_POSTCOPY = "stopping-for-postcopy"
+    POSTCOPY = "postcopy"
+    WRITTEN = "written"
+
+
 class PreemptPhase(Enum):
     """
     The postcopy preempt channel of an outgoing migration (capability
@@ -185,13 +210,12 @@ class OutgoingMigration:
     @ivar postcopyRequested: C{migrate-start-postcopy} was issued.
     @ivar returnPathOpen: OPEN_RETURN_PATH was sent.
     @ivar stopped: the VM was stopped by this migration.
-    @ivar written: whether everything was written (waiting for SHUT).
+    @ivar phase: the main stream's L{SourcePhase}.
     @ivar shutValue: the destination's SHUT value, if it arrived.
     @ivar destinationRunning: PONG 3 arrived: the destination loaded the
         package up to POSTCOPY_RUN, so its guest may run (a lost connection
         then pauses the migration instead of failing it).
     @ivar tracking: whether the dirty tracker runs.
-    @ivar ending: C{"precopy"} or C{"postcopy"} once the switchover began.
     @ivar device: the device state, once the VM stopped and gave it.
     @ivar onPass: called with the dirty sync count after each dirty sync
         (QEMU's C{MIGRATION_PASS} event).
@@ -216,11 +240,10 @@ class OutgoingMigration:
     postcopyRequested: bool = False
     returnPathOpen: bool = False
     stopped: bool = False
-    written: bool = False
+    phase: SourcePhase = SourcePhase.PRECOPY
     shutValue: int | None = None
     destinationRunning: bool = False
     tracking: bool = False
-    ending: str | None = None
     device: bytes | None = None
     onPass: Callable[[int], object] = lambda count: None
     channel: MainChannel | None = None
@@ -243,6 +266,13 @@ class OutgoingMigration:
         views = {b.idstr: b.view() for b in self.vm.blocks}
         self.records = RecordWriter(views, self.stats)
         self.preemptRecords = RecordWriter(views, self.stats, RAMRecordEncoder(alwaysNameBlock=True))
+
+    @property
+    def written(self) -> bool:
+        """
+        Whether everything was written (L{SourcePhase.WRITTEN}).
+        """
+        return self.phase is SourcePhase.WRITTEN
 
     @property
     def _out(self) -> MainChannel:
@@ -335,21 +365,19 @@ class OutgoingMigration:
             return self.limiter.delay()
         if status == S.POSTCOPY_ACTIVE:
             return self._postcopyStep()
-        if self.ending is None:
+        if self.phase is SourcePhase.PRECOPY:
             if self.postcopyRequested:
-                self.ending = "postcopy"
+                self._stopVM(SourcePhase.STOPPING_FOR_POSTCOPY)
             elif self._converged():
                 self._sync()
                 if self._converged():
-                    self.ending = "precopy"
-            if self.ending is not None:
-                self._stopVM()
-        if self.ending is None:
+                    self._stopVM(SourcePhase.STOPPING_FOR_COMPLETION)
+        if self.phase is SourcePhase.PRECOPY:
             self._part()
             return 0.0
         if self.device is None:
             return STOP_POLL
-        if self.ending == "postcopy":
+        if self.phase is SourcePhase.STOPPING_FOR_POSTCOPY:
             if not self._preemptReadyForPostcopy():
                 return STOP_POLL if self.machine.inProgress else DONE
             self._switchover()
@@ -380,12 +408,15 @@ class OutgoingMigration:
             for offset, length in ranges:
                 self.scheduler.markDirty(idstr, offset, length)
 
-    def _stopVM(self) -> None:
+    def _stopVM(self, phase: SourcePhase) -> None:
         """
         Stop the guest for switchover; once it is stopped (C{stop()} may
         return a Deferred), collect its last writes and its device state
         (which may also come as a Deferred) into L{device}.
+
+        @param phase: the stopping phase entered.
         """
+        self.phase = phase
         self.stats.stopping()
 
         def stopped(_: object) -> Any:
@@ -438,6 +469,7 @@ class OutgoingMigration:
         out = [_wire.discard(name, ranges) for name, ranges in self.scheduler.discardCommands()]
         out += [_wire.ping(2), _wire.package(self.device), _wire.ping(4)]
         self._sendBuffers(out)
+        self.phase = SourcePhase.POSTCOPY
         self.stopped = False
         self.stats.switchedOver()
         self.scheduler.restartScan()
@@ -464,7 +496,7 @@ class OutgoingMigration:
         """
         Everything is written: complete now, or when SHUT arrives.
         """
-        self.written = True
+        self.phase = SourcePhase.WRITTEN
         if not self.returnPathOpen or self.shutValue == 0:
             self._finish(S.COMPLETED)
 
