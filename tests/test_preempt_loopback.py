@@ -18,6 +18,7 @@ not one more byte of the main channel did.
 from __future__ import annotations
 
 import hashlib
+import struct
 from typing import Any
 
 from twisted.internet import reactor
@@ -90,7 +91,7 @@ class PreemptLoopbackTests(TestCase):
 
     def setUp(self) -> None:
         """
-        A patterned source (every page non-zero), a destination guest
+        A patterned source (every other page non-zero), a destination guest
         worker that reads L{TOUCH_FIRST} first, managers with preempt on.
         """
         requireUserfaultfd()
@@ -219,6 +220,53 @@ class PreemptLoopbackTests(TestCase):
         main.release()
         records = yield self.completeAndCompare(relay)
         self.assertEqual(set(records[:len(self.TOUCH_FIRST)]), self.touchedPages())
+
+    @inlineCallbacks
+    def test_withoutPreemptRequestsWaitBehindStream(self) -> None:
+        """
+        The same saturated main channel without C{postcopy-preempt}: the
+        guest's first requested page cannot arrive while the main channel
+        is held; once it is released, the page arrives on the main channel
+        after every background byte that was queued ahead of the request.
+        This is what the preempt channel removes.
+        """
+        for manager in (self.src, self.dst):
+            manager.setCapabilities({"postcopy-preempt": False})
+        self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
+        self.destination.gate = Deferred()
+        relay = yield self.relayed()
+        self.src.migrate(relay.uri)
+        yield within(self.src.whenStatus("active"))
+        self.src.startPostcopy()
+        yield within(self.dst.whenStatus("postcopy-active"))
+        yield within(waitUntil(reactor, lambda: self.destination.worker.attached.called))
+        main = relay.connections[0]
+        main.hold()
+        self.src.setParameters({"max-postcopy-bandwidth": 0})
+        sourceMain = currentTransport(self.src.outgoing)
+        yield within(waitUntil(reactor, lambda: sourceMain.producer.paused))
+        held = len(main.forward)
+        requests = self.src.queryMigrate()["ram"]["postcopy-requests"]
+        self.destination.gate.callback(None)
+        yield within(waitUntil(reactor, lambda: self.src.queryMigrate()["ram"]["postcopy-requests"] > requests))
+        queued = self.src.queryMigrate()["ram"]["transferred"]
+        self.assertFalse(self.destination.touchedFirst.called)
+        main.release()
+        yield within(self.destination.touchedFirst)
+        status = yield within(self.src.whenStatus("completed", "failed"))
+        self.assertEqual(status, "completed")
+        yield within(self.destination.done)
+        yield within(waitUntil(reactor, lambda: all(c.closed.is_set() for c in relay.connections)))
+        self.assertEqual(len(relay.connections), 1)
+        stream = bytes(main.forward)
+        offset = (self.RAM // PAGE - 1) * PAGE
+        # A PAGE or ZERO record, naming its block or CONTINUE.
+        found = [stream.find(struct.pack(">Q", offset | flags)) for flags in (0x08, 0x28, 0x02, 0x22)]
+        position = max(found)
+        self.assertGreater(position, held)
+        # Everything the source had queued on the main channel when the
+        # request came went ahead of the requested page.
+        self.assertGreater(position, queued - 8 * PAGE)
 
     @inlineCallbacks
     def test_cutAndRecover(self) -> None:
