@@ -318,3 +318,33 @@ class PreemptLoopbackTests(TestCase):
         self.assertEqual(self.events["src"], [
             "setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
             "postcopy-active", "completed"])
+
+    @inlineCallbacks
+    def test_preemptChannelCutPauses(self) -> None:
+        """
+        Only the preempt connection is cut: the source notices (its
+        channel broke while the migration writes to it), drops the main
+        connection too, and both sides pause, as QEMU pauses on an error
+        on either channel; a recovery then completes with memory equal.
+        """
+        self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
+        relay = yield self.relayed()
+        self.src.migrate(relay.uri)
+        yield within(self.src.whenStatus("active"))
+        self.src.startPostcopy()
+        yield within(self.destination.touchedFirst)
+        yield within(waitUntil(reactor, lambda: self.src.outgoing.destinationRunning))
+        relay.connections[1].cut()
+        yield within(self.src.whenStatus("postcopy-paused"))
+        yield within(self.dst.whenStatus("postcopy-paused"))
+        self.assertIn("preempt channel lost", self.src.outgoing.preemptError or "")
+        recoverPort = yield self.dst.migrateRecover("tcp:127.0.0.1:0")
+        self.src.setParameters({"max-postcopy-bandwidth": 0})
+        self.src.migrate(f"tcp:127.0.0.1:{recoverPort.getHost().port}", resume=True)
+        status = yield within(self.src.whenStatus("completed", "failed"))
+        dstStatus = yield within(self.dst.whenStatus("completed", "failed"))
+        self.assertEqual((status, dstStatus), ("completed", "completed"),
+                         self.src.queryMigrate().get("error-desc"))
+        digests = yield within(self.destination.done)
+        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
+        self.assertEqual(digests, expected)

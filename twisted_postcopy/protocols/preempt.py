@@ -23,7 +23,8 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
-from twisted_postcopy.protocols.deadlink import stopWatching, watchIncoming
+from twisted_postcopy.protocols.deadlink import (
+    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, stopWatching, watchIncoming, watchLink)
 from twisted_postcopy.protocols.sockets import transportSocket
 from twisted_postcopy.source.outgoing import PreemptPhase
 from twisted_postcopy.state import MigrationStatus as S
@@ -57,11 +58,15 @@ class PreemptSourceProtocol(Protocol):
         the transport, in order).
     """
 
-    def __init__(self, migration: Any = None) -> None:
+    def __init__(self, migration: Any = None, reactor: Any = None) -> None:
         """
         @param migration: the outgoing migration this channel serves.
+        @param reactor: watches the link for a silent cut once attached
+            (L{twisted_postcopy.protocols.deadlink}), or L{None}.
         """
         self.migration = migration
+        self.reactor = reactor
+        self.watchdog: Any = None
         self.encoder = PreemptEncoder()
         self.recordsSent = 0
         self.bytesSent = 0
@@ -90,6 +95,9 @@ class PreemptSourceProtocol(Protocol):
             self.transport.abortConnection()
             return False
         migration.machine.observers.append(self._statusChanged)
+        if self.reactor is not None:
+            self.watchdog = watchLink(self.reactor, self.transport, lambda: migration.parameters.get(
+                LINK_TIMEOUT, DEFAULT_LINK_TIMEOUT_MS))
         migration.preemptConnected(self.writeBuffers)
         return True
 
@@ -108,9 +116,11 @@ class PreemptSourceProtocol(Protocol):
         """
         if status in (S.POSTCOPY_PAUSED, S.FAILED, S.CANCELLED, S.CANCELLING):
             self.migration.machine.observers.remove(self._statusChanged)
+            stopWatching(self.watchdog)
             self.transport.abortConnection()
         elif status == S.COMPLETED:
             self.migration.machine.observers.remove(self._statusChanged)
+            stopWatching(self.watchdog)
             self.transport.loseConnection()
 
     def writeBuffers(self, buffers: list[Any]) -> None:
@@ -178,8 +188,10 @@ class PreemptSourceProtocol(Protocol):
 
         @param reason: why.
         """
+        stopWatching(self.watchdog)
         if self._current():
-            self.migration.preemptFailed(f"preempt channel lost: {reason.getErrorMessage()}")
+            why = lostReason(self.watchdog, reason)
+            self.migration.preemptFailed(f"preempt channel lost: {why}")
 
 
 class PreemptSourceFactory(Factory):
@@ -193,11 +205,14 @@ class PreemptSourceFactory(Factory):
 
     protocol = PreemptSourceProtocol
 
-    def __init__(self, migration: Any = None) -> None:
+    def __init__(self, migration: Any = None, reactor: Any = None) -> None:
         """
         @param migration: the outgoing migration the channel serves.
+        @param reactor: watches the channel's link (see
+            L{PreemptSourceProtocol}), or L{None}.
         """
         self.migration = migration
+        self.reactor = reactor
         self.connected: Deferred = Deferred()
 
     def buildProtocol(self, addr: Any) -> Protocol:
@@ -205,7 +220,7 @@ class PreemptSourceFactory(Factory):
         @param addr: the peer.
         @return: the protocol (C{connected} fires when it is connected).
         """
-        protocol = PreemptSourceProtocol(self.migration)
+        protocol = PreemptSourceProtocol(self.migration, self.reactor)
         protocol.factory = self
         return protocol
 
@@ -250,7 +265,7 @@ def preemptConnector(reactor: Any, uri: str, tls: Any, migration: Any) -> Callab
             if migration.preemptPhase is PreemptPhase.CONNECTING:
                 migration.preemptFailed(message)
 
-        connecting = connectMaybeTLS(clientEndpoint(reactor, uri), tls, PreemptSourceFactory(migration))
+        connecting = connectMaybeTLS(clientEndpoint(reactor, uri), tls, PreemptSourceFactory(migration, reactor))
         return connecting.addCallbacks(connected, failed)
 
     return connect
