@@ -4,8 +4,9 @@ Unit tests of the source's end of the preempt channel
 (L{twisted_postcopy.protocols.preempt.PreemptSourceProtocol}) with an
 L{OutgoingMigration} and Twisted's L{StringTransport}: attaching, closing
 with the migration, reporting a broken channel, and the direct C{sendmsg}
-path (through a stand-in socket that takes only part of a write, said
-here because it is not a real socket).
+path (through a stand-in socket that takes only part of a write, and a
+L{StringTransport} with C{FileDescriptor}'s buffer attributes: said here
+because neither is the real thing).
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def connected(outgoing: OutgoingMigration) -> tuple[PreemptSourceProtocol, Strin
     """
     protocol = PreemptSourceProtocol(outgoing)
     transport = StringTransport()
+    # The buffer attributes of Twisted's FileDescriptor, empty.
+    transport._tempDataLen, transport.dataBuffer, transport.offset = 0, b"", 0
     protocol.makeConnection(transport)
     return protocol, transport
 
@@ -144,19 +147,20 @@ class PreemptSourceProtocolTests(SynchronousTestCase):
 
     def test_directThenTransport(self) -> None:
         """
-        Writes go straight to the socket while it takes them whole; the
-        rest of a partial write, and every later write, go through the
-        transport, so the order holds.
+        Writes go straight to the socket while it takes them whole and the
+        transport holds nothing; the rest of a partial write goes through
+        the transport, and so does every later write while the transport
+        holds data, so the order holds.
         """
         outgoing = migration()
         protocol, transport = connected(outgoing)
         protocol.attach()
         sock = PartialSocket(6)
-        protocol.direct = sock
+        protocol.writer.socket = sock
         outgoing.writePreempt([b"abcd"])
         self.assertEqual((bytes(sock.sent), transport.value()), (b"abcd", b""))
         outgoing.writePreempt([b"efgh"])
         self.assertEqual((bytes(sock.sent), transport.value()), (b"abcdef", b"gh"))
-        self.assertIsNone(protocol.direct)
+        transport._tempDataLen = 2
         outgoing.writePreempt([b"ij"])
         self.assertEqual(transport.value(), b"ghij")

@@ -274,11 +274,17 @@ class _PartialSocket:
         self.sent += data
         return len(data)
 
+    def setsockopt(self, *arguments: object) -> None:
+        """
+        Options are ignored.
+        """
+
 
 class _SocketTransport(StringTransport):
     """
-    A L{StringTransport} with the attributes of a TCP transport that
-    L{SourceProtocol} uses for C{sendmsg}.
+    A L{StringTransport} whose C{getHandle} is a stand-in socket and with
+    the buffer attributes of Twisted's C{FileDescriptor}, for
+    L{SourceProtocol}'s C{sendmsg} path.
     """
 
     def __init__(self, room: int) -> None:
@@ -290,6 +296,12 @@ class _SocketTransport(StringTransport):
         self._tempDataLen = 0
         self.dataBuffer = b""
         self.offset = 0
+
+    def getHandle(self) -> _PartialSocket:
+        """
+        @return: the stand-in socket.
+        """
+        return self.socket
 
 
 class SendmsgTests(SynchronousTestCase):
@@ -336,6 +348,9 @@ class SendmsgTests(SynchronousTestCase):
         transport.socket.sent = b""
         protocol.writeBuffers([b"x", memoryview(b"y")])
         self.assertEqual((transport.socket.sent, transport.value()), (b"", b"xy"))
+        transport._tempDataLen = 0
+        protocol.writeBuffers([b"z"])
+        self.assertEqual((transport.socket.sent, transport.value()), (b"z", b"xy"))
 
 
 class _ConfiguredIncomingVM(IncomingTestVM):

@@ -19,13 +19,12 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
 from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, stopWatching, watchIncoming, watchLink)
-from twisted_postcopy.protocols.sockets import transportSocket
+from twisted_postcopy.protocols.sockets import GatheredWriter
 from twisted_postcopy.source.outgoing import PreemptPhase
 from twisted_postcopy.state import MigrationStatus as S
 from twisted_postcopy.wire.constants import DEFAULT_MAX_PREEMPT_HELD, TARGET_PAGE_SIZE
@@ -50,12 +49,9 @@ class PreemptSourceProtocol(Protocol):
     @ivar recordsSent: RAM records written by L{sendHostPage}.
     @ivar bytesSent: bytes written.
     @ivar ended: whether EOS was written.
-    @ivar direct: the plain TCP or Unix socket urgent pages are sent on at
-        once (C{sendmsg} from guest memory, no reactor turn), while
-        nothing this protocol wrote waits in the transport's buffer;
-        L{None} over TLS, and for good once the socket did not take a
-        write whole (the rest, and everything after it, then goes through
-        the transport, in order).
+    @ivar writer: sends urgent pages at once (C{sendmsg} from guest
+        memory, no reactor turn) while the transport holds nothing
+        (L{GatheredWriter}), once connected.
     """
 
     def __init__(self, migration: Any = None, reactor: Any = None) -> None:
@@ -71,14 +67,13 @@ class PreemptSourceProtocol(Protocol):
         self.recordsSent = 0
         self.bytesSent = 0
         self.ended = False
-        self.direct: Any = None
+        self.writer: GatheredWriter | None = None
 
     def connectionMade(self) -> None:
         """
         Tell the factory (if a L{PreemptSourceFactory}) the channel is up.
         """
-        if not isinstance(self.transport, ProtocolWrapper):
-            self.direct = transportSocket(self.transport)
+        self.writer = GatheredWriter(self.transport)
         factory = getattr(self, "factory", None)
         if isinstance(factory, PreemptSourceFactory) and not factory.connected.called:
             factory.connected.callback(self)
@@ -129,23 +124,11 @@ class PreemptSourceProtocol(Protocol):
 
         @param buffers: bytes and views of guest RAM, in order.
         """
-        size = sum(map(len, buffers))
-        self.bytesSent += size
-        if self.direct is not None:
-            try:
-                sent = self.direct.sendmsg(buffers)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.direct = None
-                self.transport.abortConnection()
-                return
-            if sent == size:
-                return
-            self.direct = None
-            self.transport.write(b"".join(buffers)[sent:])
+        self.bytesSent += sum(map(len, buffers))
+        if self.writer is None:
+            self.transport.write(b"".join(buffers))
             return
-        self.transport.write(b"".join(buffers))
+        self.writer.writeBuffers(buffers)
 
     def sendHostPage(self, block: str, offset: int, data: bytes | memoryview,
                      targetPageSize: int = TARGET_PAGE_SIZE) -> None:

@@ -92,7 +92,7 @@ class RecoverySourceProtocol(SourceProtocol):
             connection (C{postcopy-preempt}), or L{None}.
         """
         super().__init__(migration, reactor, connectPreempt)
-        self.resume = SourceResume(migration, lambda data: self.transport.write(data))
+        self.resume = SourceResume(migration, lambda data: self.writeBuffers([data]))
         self.returnPath = RecoveryReturnPathReader(migration, self.resume)
         self.returnPath.resumed = self._resumed
 

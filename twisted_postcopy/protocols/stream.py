@@ -17,7 +17,6 @@ from typing import Any
 
 from twisted.logger import Logger
 from twisted.internet.protocol import Protocol
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
@@ -28,13 +27,10 @@ from twisted_postcopy.protocols.deadlink import (
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.returnpath import ReturnPathWriter
-from twisted_postcopy.protocols.sockets import transportSocket
+from twisted_postcopy.protocols.sockets import GatheredWriter, transportSocket
 from twisted_postcopy.source.machine import FINISHED
 from twisted_postcopy.source.outgoing import DONE
 from twisted_postcopy.source.recovery import channelLost as outgoingChannelLost
-
-#: Buffers per C{sendmsg} (Linux's C{UIO_MAXIOV}).
-IOV_MAX = 1024
 
 #: The send buffer of the source socket and the receive buffer of the
 #: destination socket during postcopy.
@@ -71,6 +67,7 @@ class SourceProtocol(Protocol):
         self.pending: Any = None
         self.returnPath = ReturnPathReader(migration)
         self.watchdog: Any = None
+        self.writer: GatheredWriter | None = None
 
     def connectionMade(self) -> None:
         """
@@ -92,6 +89,7 @@ class SourceProtocol(Protocol):
             self.transport.abortConnection()
             return False
         self.transport.registerProducer(self, True)
+        self.writer = GatheredWriter(self.transport)
         self.watchdog = watchLink(self.reactor, self.transport, self._linkTimeout)
         return True
 
@@ -121,42 +119,15 @@ class SourceProtocol(Protocol):
 
     def writeBuffers(self, buffers: list[Any]) -> None:
         """
-        Send gathered buffers with C{sendmsg} straight from guest RAM views
-        while nothing is queued in the transport; whatever the socket does
-        not take (and everything while the transport holds data, to keep
-        the order) goes through C{transport.write}.  Over TLS (or any
-        transport without a socket of its own) they are joined and
-        written.
+        Send gathered buffers, straight from guest RAM views when the
+        socket takes them (L{GatheredWriter}).
 
         @param buffers: bytes and memoryviews, in order.
         """
-        transport = self.transport
-        if (isinstance(transport, ProtocolWrapper) or not hasattr(transport, "socket")
-                or not hasattr(transport, "_tempDataLen")):
-            transport.write(b"".join(buffers))
+        if self.writer is None:
+            self.transport.write(b"".join(buffers))
             return
-        if transport._tempDataLen or len(transport.dataBuffer) > transport.offset:
-            transport.write(b"".join(buffers))
-            return
-        sock = transport.socket
-        for first in range(0, len(buffers), IOV_MAX):
-            batch = buffers[first : first + IOV_MAX]
-            try:
-                sent = sock.sendmsg(batch)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0
-            if sent == sum(map(len, batch)):
-                continue
-            rest = buffers[first:]
-            for index, buffer in enumerate(rest):
-                if sent < len(buffer):
-                    rest = [memoryview(buffer)[sent:], *rest[index + 1 :]]
-                    break
-                sent -= len(buffer)
-            transport.write(b"".join(rest))
-            return
+        self.writer.writeBuffers(buffers)
 
     def postcopyStarted(self) -> None:
         """
