@@ -18,6 +18,7 @@ not one more byte of the main channel did.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from typing import Any
 
@@ -345,6 +346,32 @@ class PreemptLoopbackTests(TestCase):
         dstStatus = yield within(self.dst.whenStatus("completed", "failed"))
         self.assertEqual((status, dstStatus), ("completed", "completed"),
                          self.src.queryMigrate().get("error-desc"))
+        digests = yield within(self.destination.done)
+        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
+        self.assertEqual(digests, expected)
+
+    @inlineCallbacks
+    def test_unixSocket(self) -> None:
+        """
+        Over a C{unix:} URI the preempt channel is a second connection to
+        the same socket path: the guest's first reads arrive there and the
+        migration completes with memory equal.
+        """
+        path = os.path.join(self.mktemp() + ".d", "migration.sock")
+        os.makedirs(os.path.dirname(path))
+        self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
+        port = yield self.dst.migrateIncoming(f"unix:{path}")
+        self.addCleanup(port.stopListening)
+        self.src.migrate(f"unix:{path}")
+        yield within(self.src.whenStatus("active"))
+        self.src.startPostcopy()
+        yield within(self.destination.touchedFirst)
+        preempt = self.dst.destinationFactory.preempt.preempt
+        self.assertGreaterEqual(preempt.recordsReceived, len(self.TOUCH_FIRST))
+        self.src.setParameters({"max-postcopy-bandwidth": 0})
+        status = yield within(self.src.whenStatus("completed", "failed"))
+        self.assertEqual(status, "completed", self.src.queryMigrate().get("error-desc"))
+        yield within(preempt.ended)
         digests = yield within(self.destination.done)
         expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
         self.assertEqual(digests, expected)
