@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -130,6 +129,41 @@ class PreemptLoopbackTests(TestCase):
         return {("pc.ram", (page % pages) * PAGE) for page in self.TOUCH_FIRST}
 
     @inlineCallbacks
+    def guestRunning(self):
+        """
+        Background pages trickle (1000 B/s); switch to postcopy through a
+        relay and wait until the guest's first reads were served and the
+        source knows the destination runs the guest (PONG 3), so a cut
+        pauses instead of failing.
+
+        @return: the relay (via the Deferred).
+        """
+        self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
+        relay = yield self.relayed()
+        self.src.migrate(relay.uri)
+        yield within(self.src.whenStatus("active"))
+        self.src.startPostcopy()
+        yield within(self.destination.touchedFirst)
+        yield within(waitUntil(reactor, lambda: self.src.outgoing.destinationRunning))
+        return relay
+
+    @inlineCallbacks
+    def bothCompleted(self):
+        """
+        Both sides complete and the destination guest saw exactly the
+        source's RAM.
+
+        @return: a Deferred.
+        """
+        status = yield within(self.src.whenStatus("completed", "failed"))
+        dstStatus = yield within(self.dst.whenStatus("completed", "failed"))
+        self.assertEqual((status, dstStatus), ("completed", "completed"),
+                         self.src.queryMigrate().get("error-desc"))
+        digests = yield within(self.destination.done)
+        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
+        self.assertEqual(digests, expected)
+
+    @inlineCallbacks
     def completeAndCompare(self, relay: RecordingRelay):
         """
         Both sides complete; the guest saw exactly the source's RAM; the
@@ -140,13 +174,7 @@ class PreemptLoopbackTests(TestCase):
         @param relay: the relay.
         @return: the preempt channel's records (via the Deferred).
         """
-        status = yield within(self.src.whenStatus("completed", "failed"))
-        dstStatus = yield within(self.dst.whenStatus("completed", "failed"))
-        self.assertEqual((status, dstStatus), ("completed", "completed"),
-                         self.src.queryMigrate().get("error-desc"))
-        digests = yield within(self.destination.done)
-        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
-        self.assertEqual(digests, expected)
+        yield self.bothCompleted()
         yield within(self.dst.destinationFactory.preempt.preempt.ended)
         yield within(waitUntil(reactor, lambda: all(c.closed.is_set() for c in relay.connections)))
         main, preempt = relay.connections[:2]
@@ -172,12 +200,7 @@ class PreemptLoopbackTests(TestCase):
         arrive on the preempt channel; then the throttle is lifted and the
         migration completes with memory equal.
         """
-        self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
-        relay = yield self.relayed()
-        self.src.migrate(relay.uri)
-        yield within(self.src.whenStatus("active"))
-        self.src.startPostcopy()
-        yield within(self.destination.touchedFirst)
+        relay = yield self.guestRunning()
         self.assertGreaterEqual(self.dst.destinationFactory.preempt.preempt.recordsReceived,
                                 len(self.TOUCH_FIRST))
         self.src.setParameters({"max-postcopy-bandwidth": 0})
@@ -185,15 +208,16 @@ class PreemptLoopbackTests(TestCase):
         self.assertEqual(set(records[:len(self.TOUCH_FIRST)]), self.touchedPages())
 
     @inlineCallbacks
-    def test_urgentPagesOvertakeSaturatedStream(self) -> None:
+    def saturated(self):
         """
-        Once the destination runs, the relay stops forwarding the main
-        channel and the background stream goes at full speed: it backs up
-        until the source's transport stops producing (saturated).  Only
-        then does the guest read its first pages.  They are requested on
-        the return path and all arrive, on the preempt channel, while the
-        main channel delivered nothing more: requested pages overtook
-        every background page queued before them.
+        Switch to postcopy with the destination guest held at its gate;
+        once it runs, hold the relay's main channel and lift the
+        background throttle, and wait until the source's main transport
+        stops producing: the main channel is saturated, its background
+        pages queued in the source and the kernel.
+
+        @return: (the relay, its main connection, the main channel's bytes
+            forwarded so far) via the Deferred.
         """
         self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
         self.destination.gate = Deferred()
@@ -208,7 +232,20 @@ class PreemptLoopbackTests(TestCase):
         self.src.setParameters({"max-postcopy-bandwidth": 0})
         sourceMain = currentTransport(self.src.outgoing)
         yield within(waitUntil(reactor, lambda: sourceMain.producer.paused))
-        held = len(main.forward)
+        return relay, main, len(main.forward)
+
+    @inlineCallbacks
+    def test_urgentPagesOvertakeSaturatedStream(self) -> None:
+        """
+        Once the destination runs, the relay stops forwarding the main
+        channel and the background stream goes at full speed: it backs up
+        until the source's transport stops producing (saturated).  Only
+        then does the guest read its first pages.  They are requested on
+        the return path and all arrive, on the preempt channel, while the
+        main channel delivered nothing more: requested pages overtook
+        every background page queued before them.
+        """
+        relay, main, held = yield self.saturated()
         written = self.src.queryMigrate()["ram"]["transferred"]
         self.destination.gate.callback(None)
         yield within(self.destination.touchedFirst)
@@ -233,20 +270,7 @@ class PreemptLoopbackTests(TestCase):
         """
         for manager in (self.src, self.dst):
             manager.setCapabilities({"postcopy-preempt": False})
-        self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
-        self.destination.gate = Deferred()
-        relay = yield self.relayed()
-        self.src.migrate(relay.uri)
-        yield within(self.src.whenStatus("active"))
-        self.src.startPostcopy()
-        yield within(self.dst.whenStatus("postcopy-active"))
-        yield within(waitUntil(reactor, lambda: self.destination.worker.attached.called))
-        main = relay.connections[0]
-        main.hold()
-        self.src.setParameters({"max-postcopy-bandwidth": 0})
-        sourceMain = currentTransport(self.src.outgoing)
-        yield within(waitUntil(reactor, lambda: sourceMain.producer.paused))
-        held = len(main.forward)
+        relay, main, held = yield self.saturated()
         requests = self.src.queryMigrate()["ram"]["postcopy-requests"]
         self.destination.gate.callback(None)
         yield within(waitUntil(reactor, lambda: self.src.queryMigrate()["ram"]["postcopy-requests"] > requests))
@@ -280,13 +304,7 @@ class PreemptLoopbackTests(TestCase):
         waits for are requested again and arrive on the new preempt
         channel; both complete with memory equal.
         """
-        self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
-        relay = yield self.relayed()
-        self.src.migrate(relay.uri)
-        yield within(self.src.whenStatus("active"))
-        self.src.startPostcopy()
-        yield within(self.destination.touchedFirst)
-        yield within(waitUntil(reactor, lambda: self.src.outgoing.destinationRunning))
+        relay = yield self.guestRunning()
         first, _ = preemptRecords(bytes(relay.connections[1].forward), {"pc.ram": self.RAM, "pc.rom": 128 * 1024})
         self.assertLessEqual(self.touchedPages(), set(first))
         relay.cut()
@@ -302,13 +320,7 @@ class PreemptLoopbackTests(TestCase):
                                > len(self.TOUCH_FIRST) and len(second.connections) == 2
                                and len(second.connections[1].forward) > 0))
         self.src.setParameters({"max-postcopy-bandwidth": 0})
-        status = yield within(self.src.whenStatus("completed", "failed"))
-        dstStatus = yield within(self.dst.whenStatus("completed", "failed"))
-        self.assertEqual((status, dstStatus), ("completed", "completed"),
-                         self.src.queryMigrate().get("error-desc"))
-        digests = yield within(self.destination.done)
-        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
-        self.assertEqual(digests, expected)
+        yield self.bothCompleted()
         yield within(waitUntil(reactor, lambda: all(c.closed.is_set() for c in second.connections)))
         self.assertEqual(len(second.connections), 2)
         main, preempt = (bytes(connection.forward) for connection in second.connections)
@@ -328,13 +340,7 @@ class PreemptLoopbackTests(TestCase):
         connection too, and both sides pause, as QEMU pauses on an error
         on either channel; a recovery then completes with memory equal.
         """
-        self.src.setParameters({"max-bandwidth": 1000, "max-postcopy-bandwidth": 1000})
-        relay = yield self.relayed()
-        self.src.migrate(relay.uri)
-        yield within(self.src.whenStatus("active"))
-        self.src.startPostcopy()
-        yield within(self.destination.touchedFirst)
-        yield within(waitUntil(reactor, lambda: self.src.outgoing.destinationRunning))
+        relay = yield self.guestRunning()
         relay.connections[1].cut()
         yield within(self.src.whenStatus("postcopy-paused"))
         yield within(self.dst.whenStatus("postcopy-paused"))
@@ -342,13 +348,7 @@ class PreemptLoopbackTests(TestCase):
         recoverPort = yield self.dst.migrateRecover("tcp:127.0.0.1:0")
         self.src.setParameters({"max-postcopy-bandwidth": 0})
         self.src.migrate(f"tcp:127.0.0.1:{recoverPort.getHost().port}", resume=True)
-        status = yield within(self.src.whenStatus("completed", "failed"))
-        dstStatus = yield within(self.dst.whenStatus("completed", "failed"))
-        self.assertEqual((status, dstStatus), ("completed", "completed"),
-                         self.src.queryMigrate().get("error-desc"))
-        digests = yield within(self.destination.done)
-        expected = [hashlib.sha256(data).hexdigest() for data in self.source.contents().values()]
-        self.assertEqual(digests, expected)
+        yield self.bothCompleted()
 
     @inlineCallbacks
     def test_unixSocket(self) -> None:
