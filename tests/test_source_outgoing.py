@@ -249,7 +249,8 @@ class PreemptEngineTests(SynchronousTestCase):
         self.assertEqual(self.migration.step(), DONE)
         self.assertEqual(self.migration.machine.status.value, "failed")
         self.assertEqual(self.migration.stats.error,
-                         "postcopy preempt channel: Failed to connect to 'tcp:x:1': refused")
+                         "postcopy preempt channel: Failed to connect to 'tcp:x:1': refused (the destination "
+                         "needs the postcopy-preempt capability too)")
         self.assertTrue(self.vm.running)
 
     def test_requestsGoToPreemptAtOnce(self) -> None:

@@ -608,7 +608,8 @@ class OutgoingMigration:
         if not self.preemptWanted or self.preemptPhase == PreemptPhase.READY:
             return True
         if self.preemptPhase == PreemptPhase.FAILED:
-            self.fail(MigrationFailed(f"postcopy preempt channel: {self.preemptError}"))
+            self.fail(MigrationFailed(f"postcopy preempt channel: {self.preemptError} (the destination "
+                                      "needs the postcopy-preempt capability too)"))
         return False
 
     def sendUrgent(self) -> bool:
