@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_qemu_restore -*-
 """
 Restore snapshots into real QEMU 7.2 destinations (TCG, 32 MiB, the
-boot-sector counting guest) with C{postcopy snapshot restore}.
+boot-sector counting guest) with C{postcopy snapshot restore} (and, for
+the recovery with C{postcopy-preempt}, with the restore driver in this
+process, so that the relay can be cut mid-restore).
 
 The snapshot is made once per test process: QEMU saves the running guest
 with C{migrate exec:cat > FILE} and C{postcopy snapshot import} stores it.
@@ -17,14 +19,18 @@ import os
 import shutil
 import tempfile
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.snapshotqemu import (
     LAYOUT, MEMORY_MIB, TIMEOUT, bootImage, finish, requireQEMU, restoreTarget, snapshotCommand,
     summaries,
 )
 from twisted_postcopy.snapshot.store import openSnapshot
+from twisted_postcopy.snapshot.restore import SnapshotVM, restoreOne
 from twisted_postcopy.testing.relay import RecordingRelay
+from twisted_postcopy.testing.waiting import waitUntil
 from twisted_postcopy.wire import decodeAll
 from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, ZeroPageReceived
 from twisted_postcopy.wire.preempt import PreemptDecoder
@@ -300,3 +306,60 @@ class RestoreTests(SynchronousTestCase):
         self.assertIn(uri.encode(), err)
         qemu.process.wait(TIMEOUT)
         self.assertIn("Size mismatch", qemu.stderrTail())
+
+
+class PreemptRecoveryRestoreTests(TestCase):
+    """
+    A postcopy restore with C{postcopy-preempt} into a real QEMU 7.2 whose
+    guest runs and faults, through a relay that is cut: both pause; our
+    source's automatic recovery (C{x-postcopy-auto-recover}, on for
+    restores) connects a new main and a new preempt connection to QEMU's
+    original listener (which QEMU 7.2 takes while paused), the handshake
+    runs, the pages the guest waits for arrive on the new preempt channel,
+    and the clone completes with memory equal to the snapshot.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_cutAndAutoRecover(self) -> None:
+        """
+        See the class docstring.
+        """
+        snapshot, image = storedSnapshot()
+        directory = self.mktemp()
+        os.makedirs(directory)
+        qemu, uri = restoreTarget(directory, "recovered", image, True, preempt=True)
+        self.addCleanup(qemu.kill)
+        host, port = uri.split(":")[1:]
+        relay = RecordingRelay((host, int(port)))
+        self.addCleanup(relay.close)
+        vm = SnapshotVM(openSnapshot(snapshot))
+        manager, done = restoreOne(reactor, vm, relay.uri, True, 1 << 20, preempt=True)
+        yield waitUntil(reactor, lambda: manager.queryMigrate().get("ram", {}).get("postcopy-requests", 0) > 0
+                        and len(relay.connections[1].forward) > 0)
+        events: list[str] = []
+        manager.subscribe(lambda event: events.append(event["data"]["status"]))
+        relay.cut()
+        # Background pages stay throttled until the recovered preempt
+        # channel carried a page the guest asked for again.
+        yield waitUntil(reactor, lambda: len(relay.connections) >= 4 and len(relay.connections[-1].forward) > 8)
+        manager.setParameters({"max-postcopy-bandwidth": 0})
+        status = yield done
+        self.assertEqual(status, "completed", manager.queryMigrate().get("error-desc"))
+        self.assertEqual([s for s in events if s != "postcopy-paused"][-3:],
+                         ["postcopy-recover", "postcopy-active", "completed"])
+        self.assertIn("postcopy-paused", events)
+        self.assertGreaterEqual(len(relay.connections), 4)
+        main, preempt = (bytes(connection.forward) for connection in relay.connections[-2:])
+        self.assertEqual(main[:1], b"\x08")
+        decoder = PreemptDecoder([RAMBlockInfo(block.idstr, block.length)
+                                  for block in openSnapshot(snapshot).blocks])
+        decoder.receiveData(preempt)
+        self.assertGreater(len([ev for ev in decoder.events() if isinstance(ev, PageReceived)]), 0)
+        self.assertTrue(decoder.complete)
+        info = qemu.waitMigration(["completed"], TIMEOUT)
+        self.assertEqual(info["status"], "completed")
+        checker = RestoreTests("test_postcopy")
+        checker.snapshot, checker.image = snapshot, image
+        checker.assertRunsConsistently(qemu)
