@@ -79,7 +79,7 @@ def summaries(stdout: bytes) -> list[dict[str, Any]]:
 
 
 def restoreTarget(directory: str, name: str, image: str, postcopy: bool,
-                  memoryMiB: int = MEMORY_MIB) -> tuple[QEMUInstance, str]:
+                  memoryMiB: int = MEMORY_MIB, preempt: bool = False) -> tuple[QEMUInstance, str]:
     """
     Start a fresh QEMU waiting for an incoming migration.
 
@@ -88,12 +88,14 @@ def restoreTarget(directory: str, name: str, image: str, postcopy: bool,
     @param image: the boot image (same machine options as the source).
     @param postcopy: enable C{postcopy-ram} on it.
     @param memoryMiB: its RAM size.
+    @param preempt: enable C{postcopy-preempt} too.
     @return: (the instance, its C{tcp:} URI).
     """
     qemu = startGuest(directory, name, image, memoryMiB, "-incoming", "defer")
     try:
         if postcopy:
-            qemu.setCapabilities(**{"postcopy-ram": True, "postcopy-blocktime": True})
+            qemu.setCapabilities(**{"postcopy-ram": True, "postcopy-blocktime": True,
+                                    **({"postcopy-preempt": True} if preempt else {})})
         host, port = listenIncoming(qemu)
     except BaseException:
         qemu.kill()

@@ -120,6 +120,24 @@ class EndToEndTests(SynchronousTestCase):
         self.assertIn("postcopy-active", report["source-statuses"])
         self.assertGreater(report["guest"]["workers"]["stress-0"]["pages"], 0)
 
+    def test_demoPreempt(self) -> None:
+        """
+        C{postcopy demo --postcopy-preempt}: both daemons with
+        C{postcopy-preempt}, the migration goes through postcopy and
+        completes, and the guest's memory is verified.
+        """
+        result = subprocess.run(
+            [sys.executable, "-m", "twisted_postcopy.cli", "demo", "--json", "--ram", "32M",
+             "--postcopy-after", "0", "--postcopy-preempt"],
+            capture_output=True, text=True, timeout=120,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        report = json.loads(result.stdout)
+        self.assertEqual((report["source"]["status"], report["destination"]["status"]),
+                         ("completed", "completed"))
+        self.assertTrue(report["verified"], report["guest"])
+        self.assertIn("postcopy-active", report["source-statuses"])
+
     def test_demoReport(self) -> None:
         """
         Without C{--json} the demo prints its report, progress going to

@@ -274,11 +274,17 @@ class _PartialSocket:
         self.sent += data
         return len(data)
 
+    def setsockopt(self, *arguments: object) -> None:
+        """
+        Options are ignored.
+        """
+
 
 class _SocketTransport(StringTransport):
     """
-    A L{StringTransport} with the attributes of a TCP transport that
-    L{SourceProtocol} uses for C{sendmsg}.
+    A L{StringTransport} whose C{getHandle} is a stand-in socket and with
+    the buffer attributes of Twisted's C{FileDescriptor}, for
+    L{SourceProtocol}'s C{sendmsg} path.
     """
 
     def __init__(self, room: int) -> None:
@@ -290,6 +296,12 @@ class _SocketTransport(StringTransport):
         self._tempDataLen = 0
         self.dataBuffer = b""
         self.offset = 0
+
+    def getHandle(self) -> _PartialSocket:
+        """
+        @return: the stand-in socket.
+        """
+        return self.socket
 
 
 class SendmsgTests(SynchronousTestCase):
@@ -323,7 +335,7 @@ class SendmsgTests(SynchronousTestCase):
             protocol, transport = self._protocol(room)
             transport.clear()
             transport.socket.sent = b""
-            protocol._writeBuffers(list(buffers))
+            protocol.writeBuffers(list(buffers))
             self.assertEqual(transport.socket.sent + transport.value(), whole, room)
 
     def test_queuedDataKeepsOrder(self) -> None:
@@ -334,8 +346,11 @@ class SendmsgTests(SynchronousTestCase):
         transport._tempDataLen = 1
         transport.clear()
         transport.socket.sent = b""
-        protocol._writeBuffers([b"x", memoryview(b"y")])
+        protocol.writeBuffers([b"x", memoryview(b"y")])
         self.assertEqual((transport.socket.sent, transport.value()), (b"", b"xy"))
+        transport._tempDataLen = 0
+        protocol.writeBuffers([b"z"])
+        self.assertEqual((transport.socket.sent, transport.value()), (b"z", b"xy"))
 
 
 class _ConfiguredIncomingVM(IncomingTestVM):

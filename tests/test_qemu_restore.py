@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_qemu_restore -*-
 """
 Restore snapshots into real QEMU 7.2 destinations (TCG, 32 MiB, the
-boot-sector counting guest) with C{postcopy snapshot restore}.
+boot-sector counting guest) with C{postcopy snapshot restore} (and, for
+the recovery with C{postcopy-preempt}, with the restore driver in this
+process, so that the relay can be cut mid-restore).
 
 The snapshot is made once per test process: QEMU saves the running guest
 with C{migrate exec:cat > FILE} and C{postcopy snapshot import} stores it.
@@ -27,8 +29,12 @@ from tests.snapshotqemu import (
     LAYOUT, MEMORY_MIB, TIMEOUT, bootImage, finish, requireQEMU, restoreTarget, snapshotCommand,
     summaries,
 )
-from twisted_postcopy.snapshot.restore import restoreSnapshot
 from twisted_postcopy.snapshot.store import openSnapshot
+from twisted_postcopy.snapshot.restore import SnapshotVM, restoreOne, restoreSnapshot
+from twisted_postcopy.testing.relay import RecordingRelay
+from twisted_postcopy.wire import decodeAll
+from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, ZeroPageReceived
+from twisted_postcopy.wire.preempt import PreemptDecoder
 from twisted_postcopy.testing.bootsector import PAGE_SIZE
 from twisted_postcopy.testing.qemubaseline import recordPrecopy, stopAndCheck
 from twisted_postcopy.testing.waiting import waitUntil
@@ -78,14 +84,15 @@ class _RestoreHelpers:
         self.directory = self.mktemp()
         os.makedirs(self.directory)
 
-    def target(self, name: str, postcopy: bool, memoryMiB: int = MEMORY_MIB):
+    def target(self, name: str, postcopy: bool, memoryMiB: int = MEMORY_MIB, preempt: bool = False):
         """
         @param name: the instance name.
         @param postcopy: enable postcopy on it.
         @param memoryMiB: its RAM size.
+        @param preempt: enable C{postcopy-preempt} on it.
         @return: (a fresh QEMU destination, its URI); killed at cleanup.
         """
-        qemu, uri = restoreTarget(self.directory, name, self.image, postcopy, memoryMiB)
+        qemu, uri = restoreTarget(self.directory, name, self.image, postcopy, memoryMiB, preempt)
         self.addCleanup(qemu.kill)
         return qemu, uri
 
@@ -214,19 +221,23 @@ class PostcopyRestoreTests(_RestoreHelpers, TestCase):
     timeout = 180
 
     @inlineCallbacks
-    def restoreFaulting(self, count: int) -> Any:
+    def restoreFaulting(self, count: int, preempt: bool = False) -> Any:
         """
         Restore the snapshot by postcopy into C{count} fresh QEMUs, one
         connection each, and lift the crawl once every clone asked for
         L{REQUESTS} pages.
 
         @param count: how many clones.
+        @param preempt: with C{postcopy-preempt} on both sides, each clone
+            behind a recording relay (kept in C{self.relays}).
         @return: a Deferred firing with [(QEMU, its final
             C{query-migrate} on our side)].
         """
-        targets = [self.target(f"clone{index}", True) for index in range(count)]
-        managers, done = restoreSnapshot(reactor, self.snapshot, [uri for _, uri in targets],
-                                         postcopy=True, bandwidth=CRAWL)
+        targets = [self.target(f"clone{index}", True, preempt=preempt) for index in range(count)]
+        uris = [uri for _, uri in targets]
+        self.relays = [self.relayed(uri) for uri in uris] if preempt else []
+        managers, done = restoreSnapshot(reactor, self.snapshot, [r.uri for r in self.relays] or uris,
+                                         postcopy=True, bandwidth=CRAWL, preempt=preempt)
         for manager in managers:
             yield waitUntil(reactor, lambda: manager.queryMigrate().get("ram", {}).get(
                 "postcopy-requests", 0) >= REQUESTS, TIMEOUT)
@@ -263,3 +274,123 @@ class PostcopyRestoreTests(_RestoreHelpers, TestCase):
             self.assertGreater(summary["ram"]["postcopy-requests"], 0, summary)
             self.assertBlocktime(qemu.waitMigration(["completed"], TIMEOUT), summary)
             self.assertRunsConsistently(qemu)
+
+    def relayed(self, uri: str) -> RecordingRelay:
+        """
+        @param uri: a destination's C{tcp:} URI.
+        @return: a recording relay in front of it, closed at cleanup.
+        """
+        host, port = uri.split(":")[1:]
+        relay = RecordingRelay((host, int(port)))
+        self.addCleanup(relay.close)
+        return relay
+
+    def assertPreemptChannel(self, relay: RecordingRelay) -> None:
+        """
+        The restore's second connection was QEMU's preempt channel: raw RAM
+        records of requested pages (at least one, each once, none of them
+        on the main channel too), each naming its block, and one EOS.
+
+        @param relay: the relay in front of the destination.
+        """
+        relay.waitClosed(TIMEOUT)
+        self.assertEqual(len(relay.connections), 2)
+        main, preempt = (bytes(connection.forward) for connection in relay.connections)
+        decoder = PreemptDecoder([RAMBlockInfo(block.idstr, block.length)
+                                  for block in openSnapshot(self.snapshot).blocks])
+        decoder.receiveData(preempt)
+        records = [(ev.block, ev.offset) for ev in decoder.events()
+                   if isinstance(ev, (PageReceived, ZeroPageReceived))]
+        self.assertTrue(decoder.complete)
+        self.assertGreater(len(records), 0)
+        self.assertEqual(len(records), len(set(records)))
+        sent = {(ev.block, ev.offset) for ev in decodeAll(main)
+                if isinstance(ev, (PageReceived, ZeroPageReceived))}
+        self.assertEqual(set(records) & sent, set())
+
+    @inlineCallbacks
+    def test_postcopyPreempt(self) -> Any:
+        """
+        A postcopy restore with C{postcopy-preempt} into a QEMU 7.2
+        destination that has it too: our source opens the second
+        connection, QEMU takes it as its preempt channel, the pages its
+        guest asks for arrive there (the background stream crawls; the
+        requested pages do not wait for it), it ends with EOS, and the guest
+        runs on with its memory equal to the snapshot's.
+        """
+        ((qemu, summary),) = yield self.restoreFaulting(1, preempt=True)
+        self.assertGreater(summary["ram"]["postcopy-requests"], 0, summary)
+        self.assertBlocktime(qemu.waitMigration(["completed"], TIMEOUT), summary)
+        self.assertRunsConsistently(qemu)
+        self.assertPreemptChannel(self.relays[0])
+
+    @inlineCallbacks
+    def test_twoClonesPreempt(self) -> Any:
+        """
+        One snapshot restored into two QEMUs at once with
+        C{postcopy-preempt}: each clone has its own main and preempt
+        connections, asks for pages that arrive on its preempt channel,
+        completes, and runs on with memory equal to the snapshot's.
+        """
+        clones = yield self.restoreFaulting(2, preempt=True)
+        for (qemu, summary), relay in zip(clones, self.relays):
+            self.assertGreater(summary["ram"]["postcopy-requests"], 0, summary)
+            self.assertRunsConsistently(qemu)
+            self.assertPreemptChannel(relay)
+
+
+class PreemptRecoveryRestoreTests(TestCase):
+    """
+    A postcopy restore with C{postcopy-preempt} into a real QEMU 7.2 whose
+    guest runs and faults, through a relay that is cut: both pause; our
+    source's automatic recovery (C{x-postcopy-auto-recover}, on for
+    restores) connects a new main and a new preempt connection to QEMU's
+    original listener (which QEMU 7.2 takes while paused), the handshake
+    runs, the pages the guest waits for arrive on the new preempt channel,
+    and the clone completes with memory equal to the snapshot.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_cutAndAutoRecover(self) -> None:
+        """
+        See the class docstring.
+        """
+        snapshot, image = storedSnapshot()
+        directory = self.mktemp()
+        os.makedirs(directory)
+        qemu, uri = restoreTarget(directory, "recovered", image, True, preempt=True)
+        self.addCleanup(qemu.kill)
+        host, port = uri.split(":")[1:]
+        relay = RecordingRelay((host, int(port)))
+        self.addCleanup(relay.close)
+        vm = SnapshotVM(openSnapshot(snapshot))
+        manager, done = restoreOne(reactor, vm, relay.uri, True, 1 << 20, preempt=True)
+        yield waitUntil(reactor, lambda: manager.queryMigrate().get("ram", {}).get("postcopy-requests", 0) > 0
+                        and len(relay.connections[1].forward) > 0)
+        events: list[str] = []
+        manager.subscribe(lambda event: events.append(event["data"]["status"]))
+        relay.cut()
+        # Background pages stay throttled until the recovered preempt
+        # channel carried a page the guest asked for again.
+        yield waitUntil(reactor, lambda: len(relay.connections) >= 4 and len(relay.connections[-1].forward) > 8)
+        manager.setParameters({"max-postcopy-bandwidth": 0})
+        status = yield done
+        self.assertEqual(status, "completed", manager.queryMigrate().get("error-desc"))
+        self.assertEqual([s for s in events if s != "postcopy-paused"][-3:],
+                         ["postcopy-recover", "postcopy-active", "completed"])
+        self.assertIn("postcopy-paused", events)
+        self.assertGreaterEqual(len(relay.connections), 4)
+        main, preempt = (bytes(connection.forward) for connection in relay.connections[-2:])
+        self.assertEqual(main[:1], b"\x08")
+        decoder = PreemptDecoder([RAMBlockInfo(block.idstr, block.length)
+                                  for block in openSnapshot(snapshot).blocks])
+        decoder.receiveData(preempt)
+        self.assertGreater(len([ev for ev in decoder.events() if isinstance(ev, PageReceived)]), 0)
+        self.assertTrue(decoder.complete)
+        info = qemu.waitMigration(["completed"], TIMEOUT)
+        self.assertEqual(info["status"], "completed")
+        checker = RestoreTests("test_precopy")
+        checker.snapshot, checker.image = snapshot, image
+        checker.assertRunsConsistently(qemu)

@@ -75,12 +75,37 @@ class QEMUDestinationRecoveryTests(TestCase):
         self.manager.setParameters({"max-bandwidth": 0, "max-postcopy-bandwidth": 4 * MiB})
         self.qemu.setCapabilities(**{"postcopy-ram": True})
 
-    @inlineCallbacks
     def test_cutAndRecoverIntoQEMU(self) -> None:
         """
         A cut during postcopy pauses both; after QEMU's C{migrate-recover}
         and our C{migrate resume} QEMU answers the RECV_BITMAP with a
         partial bitmap and RESUME_ACK, and completes with our RAM.
+        """
+        return self._cutAndRecover()
+
+    @inlineCallbacks
+    def test_cutAndRecoverPreemptIntoQEMU(self) -> None:
+        """
+        The same with C{postcopy-preempt} on both: the cut drops both
+        connections; our resume opens a new main connection, then a new
+        preempt connection (QEMU 7.2 enters C{postcopy-recover} only with
+        both, and crashes on a bad one), the handshake runs, QEMU
+        completes with our RAM, and the new preempt channel ends with EOS.
+        """
+        for side in (self.manager.setCapabilities, lambda c: self.qemu.setCapabilities(**c)):
+            side({"postcopy-preempt": True})
+        second = yield self._cutAndRecover()
+        self.assertEqual(len(second.connections), 2)
+        self.assertEqual(bytes(second.connections[1].forward[-8:]), bytes.fromhex("0000000000000010"))
+        self.assertEqual(self.manager.outgoing.preemptPhase.value, "ended")
+
+    @inlineCallbacks
+    def _cutAndRecover(self):
+        """
+        Migrate through a relay, cut it in postcopy, recover through a
+        second relay, check the handshake bytes and QEMU's RAM.
+
+        @return: the second relay (via the Deferred).
         """
         first = relayFor(self, listenIncoming(self.qemu))
         self.manager.migrate(first.uri)
@@ -111,6 +136,8 @@ class QEMUDestinationRecoveryTests(TestCase):
         self.assertTrue(0 < bitmap.bit_count() < 32 * MiB // 4096)
         ack = 19 + size + 8
         self.assertEqual(backward[ack:ack + 8], bytes.fromhex("0006 0004 00000001"))
+        yield within(waitUntil(reactor, lambda: all(c.closed.is_set() for c in second.connections)))
+        return second
 
 
     @inlineCallbacks

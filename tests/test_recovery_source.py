@@ -156,7 +156,8 @@ class PauseTests(SynchronousTestCase):
         self.assertTrue(channelLost(migration, transport, "lost"))
         self.assertEqual(migration.machine.status, S.POSTCOPY_PAUSED)
         self.assertEqual(len(migration.scheduler.queue), 0)
-        migration.write(b"dropped")
+        self.assertIsNone(migration.channel)
+        migration._sendBuffers([b"dropped"])
         self.assertEqual(transport.written, b"")
         self.assertTrue(channelLost(migration, transport, "again"))
         self.assertEqual(migration.machine.history.count(S.POSTCOPY_PAUSED), 1)
@@ -262,25 +263,6 @@ class HandshakeTests(SynchronousTestCase):
         self.assertEqual(migration.machine.status, S.POSTCOPY_ACTIVE)
         migration.shut(0)
         self.assertEqual(migration.machine.status, S.COMPLETED)
-
-    def test_resumeAfterWrittenToTheEnd(self) -> None:
-        """
-        A stream written to its end into the lost connection (END and EOF
-        still in its buffer) is written again after RESUME_ACK: the next
-        step sends the pages the bitmaps say are missing instead of
-        stopping.
-        """
-        self.migration.written = True
-        self.resume.bitmapReceived("pc.ram", bytes(8))
-        self.resume.bitmapReceived("pc.rom", bytes(8))
-        self.assertTrue(self.resume.resumeAcked())
-        self.assertFalse(self.migration.written)
-        self.migration.write = self.transport.write
-        self.transport.written.clear()
-        self.migration.step()
-        self.assertGreater(len(self.transport.written), 66)
-        self.assertEqual(self.transport.written[-1:], b"\x00")
-        self.assertTrue(self.migration.written)
 
     def test_badSize(self) -> None:
         """

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from tests import wirebytes as c
-from twisted_postcopy.source.outgoing import DONE, OutgoingMigration
+from twisted_postcopy.source.outgoing import DONE, OutgoingMigration, SourcePhase, WriteChannel
 from twisted_postcopy.wire import decodeAll
 from twisted_postcopy.wire import events as e
 
@@ -129,8 +129,7 @@ class OutgoingTests(SynchronousTestCase):
         migration = OutgoingMigration(vm, chunks.append, clock.seconds, {}, parameters)
         migration.begin()
         migration.start()
-        migration.ending = "precopy"
-        migration._stopVM()
+        migration._stopVM(SourcePhase.STOPPING_FOR_COMPLETION)
         writes = len(chunks)
         while migration.step() != DONE:
             pass
@@ -179,3 +178,127 @@ class OutgoingTests(SynchronousTestCase):
         self.assertEqual((info["status"], info["ram"]["remaining"]), ("completed", 0))
         self.assertIn("downtime", info)
         self.assertEqual(info["ram"]["normal"], 64)
+
+
+class BrokenWatch(WriteChannel):
+    """
+    A main channel that records L{WriteChannel.preemptBroken} calls.
+    """
+
+    def __init__(self, write, broken: list) -> None:
+        """
+        @param write: writes bytes.
+        @param broken: gets C{True} per call.
+        """
+        super().__init__(write)
+        self.broken = broken
+
+    def preemptBroken(self) -> None:
+        """
+        Record it.
+        """
+        self.broken.append(True)
+
+
+class PreemptEngineTests(SynchronousTestCase):
+    """
+    C{postcopy-preempt} in the engine (return-path-preempt-recovery.md
+    section 3): the switch to postcopy waits for the channel, requested
+    pages go there at once, EOS after the main channel's EOF.
+    """
+
+    def setUp(self) -> None:
+        """
+        A migration with preempt on, asked to switch to postcopy.
+        """
+        self.vm, self.migration, self.chunks, self.clock = _migration(
+            {"postcopy-ram": True, "postcopy-preempt": True}, **{"max-postcopy-bandwidth": 1})
+        self.preempt: list[bytes] = []
+        self.migration.postcopyRequested = True
+
+    def connect(self) -> None:
+        """
+        The preempt channel connects.
+        """
+        self.migration.preemptConnecting()
+        self.migration.preemptConnected(lambda buffers: self.preempt.append(b"".join(buffers)))
+
+    def test_switchoverWaitsForChannel(self) -> None:
+        """
+        Until the preempt channel is up, the stopped source polls instead
+        of switching (QEMU's C{postcopy_preempt_wait_channel}); then it
+        switches.
+        """
+        self.migration.preemptConnecting()
+        self.migration.step()
+        self.assertNotEqual(self.migration.step(), 0.0)
+        self.assertEqual(self.migration.machine.status.value, "active")
+        self.connect()
+        self.assertEqual(self.migration.step(), 0.0)
+        self.assertEqual(self.migration.machine.status.value, "postcopy-active")
+
+    def test_failedChannelFailsSwitchover(self) -> None:
+        """
+        A preempt channel that could not connect fails the migration at
+        the switch to postcopy, with the connect error, and the guest runs
+        on the source again.
+        """
+        self.migration.preemptConnecting()
+        self.migration.preemptFailed("Failed to connect to 'tcp:x:1': refused")
+        self.migration.step()
+        self.assertEqual(self.migration.step(), DONE)
+        self.assertEqual(self.migration.machine.status.value, "failed")
+        self.assertEqual(self.migration.stats.error,
+                         "postcopy preempt channel: Failed to connect to 'tcp:x:1': refused (the destination "
+                         "needs the postcopy-preempt capability too)")
+        self.assertTrue(self.vm.running)
+
+    def test_requestsGoToPreemptAtOnce(self) -> None:
+        """
+        In postcopy a request is written to the preempt channel inside
+        C{pagesRequested} (not at a later step, not on the main channel,
+        not held by the rate limit), naming its block; the main channel's
+        next record names its block again; after the main channel's EOF
+        the preempt channel gets one EOS.
+        """
+        self.connect()
+        self.migration.step()
+        self.migration.step()
+        self.assertEqual(self.migration.machine.status.value, "postcopy-active")
+        self.migration.step()
+        main = len(self.chunks)
+        self.migration.pagesRequested("pc.ram", 40 * PAGE, PAGE)
+        self.assertEqual(len(self.chunks), main)
+        (record,) = self.preempt
+        self.assertEqual(record[:15], struct.pack(">Q", 40 * PAGE | c.PAGE) + b"\x06pc.ram")
+        self.assertEqual(record[15:15 + PAGE], bytes(self.vm.blocks[0].map[40 * PAGE:41 * PAGE]))
+        self.assertEqual(len(record), 15 + PAGE)
+        self.assertIsNone(self.migration.records.lastBlock)
+        self.migration.parameters["max-postcopy-bandwidth"] = 0
+        self.migration.limiter.bandwidth = 0
+        for _ in range(100):
+            if self.migration.step() == DONE:
+                break
+        self.assertEqual(self.preempt[-1], struct.pack(">Q", c.EOS))
+        self.assertEqual(self.migration.preemptPhase.value, "ended")
+        pages = [event.offset // PAGE for event in decodeAll(b"".join(self.chunks))
+                 if isinstance(event, (e.PageReceived, e.ZeroPageReceived))]
+        self.assertNotIn(40, pages)
+        self.assertEqual(sorted(pages + [40]), list(range(64)))
+
+    def test_brokenChannelInPostcopy(self) -> None:
+        """
+        A preempt channel breaking in postcopy asks the protocol to drop
+        the main connection too (the migration then pauses); requests
+        meanwhile stay queued for the main channel.
+        """
+        broken: list[bool] = []
+        self.migration.attachChannel(BrokenWatch(self.chunks.append, broken))
+        self.connect()
+        self.migration.step()
+        self.migration.step()
+        self.migration.preemptFailed("preempt channel lost")
+        self.assertEqual(broken, [True])
+        self.migration.pagesRequested("pc.ram", 40 * PAGE, PAGE)
+        self.assertEqual(len(self.preempt), 0)
+        self.assertEqual(len(self.migration.scheduler.queue), 1)

@@ -17,6 +17,7 @@ from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing.qemu import qemuSkipReason, startBootedQEMU
 from twisted_postcopy.testing.qemuguest import listenIncoming
+from twisted_postcopy.testing.waiting import waitUntil
 
 MiB = 1 << 20
 #: Guest-physical ranges of pc.ram that read as RAM (below the VGA hole,
@@ -51,16 +52,18 @@ class OurSourceIntoQEMU:
         """
 
     @inlineCallbacks
-    def _migrate(self, postcopy: bool):
+    def _migrate(self, postcopy: bool, preempt: bool = False):
         """
         Migrate to QEMU, wait for both ends, compare RAM.
 
         @param postcopy: switch to postcopy at once.
+        @param preempt: with C{postcopy-preempt} on both ends.
         """
         self.prepareMigration()
         if postcopy:
-            self.qemu.setCapabilities(**{"postcopy-ram": True})
-            self.manager.setCapabilities({"postcopy-ram": True})
+            capabilities = {"postcopy-ram": True, **({"postcopy-preempt": True} if preempt else {})}
+            self.qemu.setCapabilities(**capabilities)
+            self.manager.setCapabilities(capabilities)
         else:
             self.manager.setCapabilities({"return-path": True})
         host, port = listenIncoming(self.qemu)
@@ -104,3 +107,36 @@ class QEMUDestinationTests(OurSourceIntoQEMU, TestCase):
         by QEMU and all pages are placed.
         """
         return self._migrate(True)
+
+    @inlineCallbacks
+    def test_postcopyPreemptToQEMU(self) -> None:
+        """
+        Immediate postcopy with C{postcopy-preempt}: QEMU 7.2 waits for
+        both connections before loading (it tells them apart by accept
+        order only), takes our second one as its preempt channel, reads
+        its EOS after the main stream's EOF, completes, and its RAM equals
+        ours.
+        """
+        yield self._migrate(True, preempt=True)
+        self.assertEqual(self.manager.outgoing.preemptPhase.value, "ended")
+
+    @inlineCallbacks
+    def test_preemptOffAtQEMU(self) -> None:
+        """
+        C{postcopy-preempt} on our source only: QEMU 7.2 loads from the
+        first connection and drops the second ("Extra incoming migration
+        connection"), so the switch to postcopy fails with a clear error
+        naming the capability, and our guest runs on.
+        """
+        self.qemu.setCapabilities(**{"postcopy-ram": True})
+        self.manager.setCapabilities({"postcopy-ram": True, "postcopy-preempt": True})
+        host, port = listenIncoming(self.qemu)
+        self.manager.migrate(f"tcp:{host}:{port}")
+        yield waitUntil(reactor, lambda: self.manager.outgoing.preemptPhase.value == "failed")
+        self.manager.startPostcopy()
+        status = yield self.manager.whenStatus("completed", "failed")
+        self.assertEqual(status, "failed")
+        error = self.manager.queryMigrate()["error-desc"]
+        self.assertIn("postcopy preempt channel", error)
+        self.assertIn("needs the postcopy-preempt capability too", error)
+        self.assertTrue(self.vm.running)

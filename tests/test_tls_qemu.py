@@ -241,6 +241,14 @@ class QEMUDestinationTLSTests(OurSourceIntoQEMU, TestCase):
         """
         return self._migrate(True)
 
+    def test_postcopyPreemptToQEMU(self) -> None:
+        """
+        Immediate postcopy with C{postcopy-preempt}: our preempt channel
+        is a second TLS session, which QEMU accepts as its preempt channel
+        after its own handshake; QEMU completes with our RAM.
+        """
+        return self._migrate(True, preempt=True)
+
     @inlineCallbacks
     def test_foreignCA(self) -> None:
         """

@@ -141,8 +141,9 @@ async def migrate(reactor: Any, source: Daemon, destination: Daemon, args: argpa
     await source.client.subscribe(
         lambda event, data: statuses.append(data["status"]) if event == "MIGRATION" else None
     )
-    await source.client.setCapabilities(SOURCE_CAPABILITIES)
-    await destination.client.setCapabilities(DESTINATION_CAPABILITIES)
+    preempt = {"postcopy-preempt": True} if getattr(args, "postcopy_preempt", False) else {}
+    await source.client.setCapabilities({**SOURCE_CAPABILITIES, **preempt})
+    await destination.client.setCapabilities({**DESTINATION_CAPABILITIES, **preempt})
     await destination.client.migrateIncoming("tcp:127.0.0.1:0")
     (address,) = (await destination.client.queryMigrate())["socket-address"]
     args.uri = f"tcp:{address['host']}:{address['port']}"
@@ -341,6 +342,8 @@ def register(subparsers: Any) -> None:
                         help="guest RAM, e.g. 64M or 1G (default: 256M)")
     parser.add_argument("--postcopy-after", type=float, default=0.2, metavar="SECONDS",
                         help="precopy time before migrate-start-postcopy (default: 0.2)")
+    parser.add_argument("--postcopy-preempt", action="store_true",
+                        help="requested pages on a second connection (capability postcopy-preempt)")
     parser.add_argument("--seed", type=int, default=0, help="the guest's workload seed")
     parser.add_argument("--hugepages", action="store_true",
                         help="guest RAM on hugetlbfs (2 MiB pages) on both sides; free huge pages "

@@ -216,14 +216,6 @@ class QEMUTimeoutError(QEMUError):
     """
 
 
-class GuestPatternError(PostcopyError):
-    """
-    A memory dump of the boot-sector test guest is not a consistent
-    snapshot of its running counters (a page was lost, stale or misplaced);
-    the message names the first offending page.
-    """
-
-
 class RAMBlockError(PostcopyError):
     """
     A RAMBlock was created or used with bad arguments: an unknown backing,

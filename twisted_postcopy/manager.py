@@ -28,6 +28,7 @@ from twisted_postcopy.protocols.factories import (
     DestinationFactory, SourceFactory, clientEndpoint, parseURI, serverEndpoint)
 from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, checkLinkTimeout, linkWatch)
+from twisted_postcopy.protocols.preempt import preemptConnector
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.access import checkMigrationListener, warnPlaintextMigration
 from twisted_postcopy.tlscreds import ObjectRegistry, TLSError
@@ -283,8 +284,6 @@ class MigrationManager:
             raise MigrationError(_IN_PROGRESS)
         if not IOutgoingVM.providedBy(self.vm):
             raise MigrationError("this daemon has no outgoing VM")
-        if self.capabilities["postcopy-preempt"]:
-            raise MigrationError("postcopy-preempt is not yet supported by the twisted-postcopy source")
         endpoint = clientEndpoint(self.reactor, uri)
         tls = self._tlsClient(uri)
         warnPlaintextMigration(uri, tls)
@@ -300,7 +299,8 @@ class MigrationManager:
         migration.machine.observers.append(self.autoRecovery.statusChanged)
         self.outgoing = migration
         migration.begin()
-        connecting = connectMaybeTLS(endpoint, tls, SourceFactory(migration, self.reactor))
+        connectPreempt = preemptConnector(self.reactor, uri, tls, migration) if migration.preemptWanted else None
+        connecting = connectMaybeTLS(endpoint, tls, SourceFactory(migration, self.reactor, connectPreempt))
         connecting.addErrback(lambda f: migration.fail(MigrationError(
             f"Failed to connect to '{uri}': {f.getErrorMessage()}")))
 

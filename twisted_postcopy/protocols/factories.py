@@ -76,24 +76,29 @@ class SourceFactory(Factory):
     @cvar protocol: the protocol class built (a subclass for recovery).
     @ivar migration: the outgoing migration.
     @ivar reactor: the reactor.
+    @ivar connectPreempt: connects the preempt channel after the main
+        connection (C{postcopy-preempt}), or L{None}.
     """
 
     protocol = SourceProtocol
 
-    def __init__(self, migration: Any, reactor: Any) -> None:
+    def __init__(self, migration: Any, reactor: Any, connectPreempt: Any = None) -> None:
         """
         @param migration: the outgoing migration.
         @param reactor: the reactor.
+        @param connectPreempt: see
+            L{twisted_postcopy.protocols.preempt.preemptConnector}.
         """
         self.migration = migration
         self.reactor = reactor
+        self.connectPreempt = connectPreempt
 
     def buildProtocol(self, addr: Any) -> Protocol:
         """
         @param addr: the peer.
         @return: the source protocol.
         """
-        return self.protocol(self.migration, self.reactor)
+        return self.protocol(self.migration, self.reactor, self.connectPreempt)
 
 
 #: The first bytes of a main channel (C{QEMU_VM_FILE_MAGIC}).

@@ -22,7 +22,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
-from twisted_postcopy.protocols.deadlink import lostReason, noLinkWatch, stopWatching
+from twisted_postcopy.protocols.deadlink import (
+    DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, noLinkWatch, stopWatching, watchLink)
+from twisted_postcopy.protocols.sockets import GatheredWriter
+from twisted_postcopy.source.outgoing import PreemptPhase
+from twisted_postcopy.state import MigrationStatus as S
 from twisted_postcopy.wire.constants import DEFAULT_MAX_PREEMPT_HELD, TARGET_PAGE_SIZE
 from twisted_postcopy.wire.events import PageReceived, RAMBlockInfo, RAMSectionEOS, ZeroPageReceived
 from twisted_postcopy.wire.preempt import PreemptDecoder, PreemptEncoder
@@ -35,26 +39,96 @@ class PreemptSourceProtocol(Protocol):
     The source's end of the preempt channel: writes one whole host page
     per request, at once, naming its block in every record.
 
-    @ivar encoder: the channel's record encoder.
-    @ivar recordsSent: RAM records written (pages and zero pages).
+    Attached to an outgoing migration (C{migration}), it is the channel
+    the engine writes urgent pages and the final EOS to
+    (L{writeBuffers}); it closes itself when the migration pauses or ends,
+    and tells the migration when it breaks.
+
+    @ivar migration: the outgoing migration, or L{None} (a bare channel).
+    @ivar encoder: the channel's record encoder (for L{sendHostPage}).
+    @ivar recordsSent: RAM records written by L{sendHostPage}.
+    @ivar bytesSent: bytes written.
     @ivar ended: whether EOS was written.
+    @ivar writer: sends urgent pages at once (C{sendmsg} from guest
+        memory, no reactor turn) while the transport holds nothing
+        (L{GatheredWriter}), once connected.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, migration: Any = None, reactor: Any = None) -> None:
         """
-        Start with nothing sent.
+        @param migration: the outgoing migration this channel serves.
+        @param reactor: watches the link for a silent cut once attached
+            (L{twisted_postcopy.protocols.deadlink}), or L{None}.
         """
+        self.migration = migration
+        self.reactor = reactor
+        self.watchdog: Any = None
         self.encoder = PreemptEncoder()
         self.recordsSent = 0
+        self.bytesSent = 0
         self.ended = False
+        self.writer: GatheredWriter | None = None
 
     def connectionMade(self) -> None:
         """
         Tell the factory (if a L{PreemptSourceFactory}) the channel is up.
         """
+        self.writer = GatheredWriter(self.transport)
         factory = getattr(self, "factory", None)
         if isinstance(factory, PreemptSourceFactory) and not factory.connected.called:
             factory.connected.callback(self)
+
+    def attach(self) -> bool:
+        """
+        Become the migration's preempt channel, unless the migration ended
+        or paused while this connection was being made.
+
+        @return: whether attached (else the connection is dropped).
+        """
+        migration = self.migration
+        if migration.preemptPhase is not PreemptPhase.CONNECTING or not migration.machine.inProgress:
+            self.transport.abortConnection()
+            return False
+        migration.machine.observers.append(self._statusChanged)
+        if self.reactor is not None:
+            self.watchdog = watchLink(self.reactor, self.transport, lambda: migration.parameters.get(
+                LINK_TIMEOUT, DEFAULT_LINK_TIMEOUT_MS))
+        migration.preemptConnected(self.writeBuffers)
+        return True
+
+    def _current(self) -> bool:
+        """
+        @return: whether the migration writes to this channel.
+        """
+        return self.migration is not None and self.migration.writePreempt == self.writeBuffers
+
+    def _statusChanged(self, status: S) -> None:
+        """
+        Close with the migration: abort when it pauses (the recovery makes
+        a new channel) or fails, close cleanly once it completed.
+
+        @param status: the migration's new status.
+        """
+        if status in (S.POSTCOPY_PAUSED, S.FAILED, S.CANCELLED, S.CANCELLING):
+            self.migration.machine.observers.remove(self._statusChanged)
+            stopWatching(self.watchdog)
+            self.transport.abortConnection()
+        elif status == S.COMPLETED:
+            self.migration.machine.observers.remove(self._statusChanged)
+            stopWatching(self.watchdog)
+            self.transport.loseConnection()
+
+    def writeBuffers(self, buffers: list[Any]) -> None:
+        """
+        Write gathered records at once (the engine's urgent pages, or EOS).
+
+        @param buffers: bytes and views of guest RAM, in order.
+        """
+        self.bytesSent += sum(map(len, buffers))
+        if self.writer is None:
+            self.transport.write(b"".join(buffers))
+            return
+        self.writer.writeBuffers(buffers)
 
     def sendHostPage(self, block: str, offset: int, data: bytes | memoryview,
                      targetPageSize: int = TARGET_PAGE_SIZE) -> None:
@@ -71,7 +145,7 @@ class PreemptSourceProtocol(Protocol):
         for start in range(0, len(view), targetPageSize):
             pieces.extend(self.encoder.page(block, offset + start, view[start:start + targetPageSize]))
             self.recordsSent += 1
-        self.transport.write(b"".join(pieces))
+        self.writeBuffers(pieces)
 
     def sendEOS(self) -> None:
         """
@@ -79,7 +153,7 @@ class PreemptSourceProtocol(Protocol):
         """
         if not self.ended:
             self.ended = True
-            self.transport.write(self.encoder.eos())
+            self.writeBuffers([self.encoder.eos()])
 
     def dataReceived(self, data: bytes) -> None:
         """
@@ -90,21 +164,38 @@ class PreemptSourceProtocol(Protocol):
         _log.warn("preempt channel: {count} unexpected byte(s) from the destination", count=len(data))
         self.transport.loseConnection()
 
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        """
+        A channel that breaks while the migration still writes to it is
+        a channel failure (in postcopy the migration pauses).
+
+        @param reason: why.
+        """
+        stopWatching(self.watchdog)
+        if self._current():
+            why = lostReason(self.watchdog, reason)
+            self.migration.preemptFailed(f"preempt channel lost: {why}")
+
 
 class PreemptSourceFactory(Factory):
     """
     Builds the source's L{PreemptSourceProtocol}; C{connected} fires with
     it once the connection is made.
 
+    @ivar migration: the outgoing migration the channel serves, or L{None}.
     @ivar connected: fires with the protocol when it is connected.
     """
 
     protocol = PreemptSourceProtocol
 
-    def __init__(self) -> None:
+    def __init__(self, migration: Any = None, reactor: Any = None) -> None:
         """
-        Nothing connected yet.
+        @param migration: the outgoing migration the channel serves.
+        @param reactor: watches the channel's link (see
+            L{PreemptSourceProtocol}), or L{None}.
         """
+        self.migration = migration
+        self.reactor = reactor
         self.connected: Deferred = Deferred()
 
     def buildProtocol(self, addr: Any) -> Protocol:
@@ -112,9 +203,55 @@ class PreemptSourceFactory(Factory):
         @param addr: the peer.
         @return: the protocol (C{connected} fires when it is connected).
         """
-        protocol = PreemptSourceProtocol()
+        protocol = PreemptSourceProtocol(self.migration, self.reactor)
         protocol.factory = self
         return protocol
+
+
+def preemptConnector(reactor: Any, uri: str, tls: Any, migration: Any) -> Callable[[], Deferred]:
+    """
+    How an outgoing migration connects its preempt channel: to the main
+    channel's address, over TLS when the main channel is (QEMU's
+    C{postcopy_preempt_setup}, run after each new main connection).
+
+    @param reactor: the reactor.
+    @param uri: the migration URI (C{tcp:} or C{unix:}).
+    @param tls: the source's L{twisted_postcopy.tlscreds.TLSPolicy}, or
+        L{None} for plaintext.
+    @param migration: the outgoing migration.
+    @return: a callable starting one connect; its Deferred fires with the
+        attached protocol, or with L{None} when the connect failed (the
+        migration was told through C{preemptFailed}).
+    """
+    from twisted_postcopy.protocols.factories import clientEndpoint
+    from twisted_postcopy.protocols.tls import connectMaybeTLS
+
+    def connect() -> Deferred:
+        """
+        @return: see L{preemptConnector}.
+        """
+        migration.preemptConnecting()
+
+        def connected(protocol: PreemptSourceProtocol) -> PreemptSourceProtocol | None:
+            """
+            @param protocol: the connected channel.
+            @return: it, once attached, or L{None}.
+            """
+            return protocol if protocol.attach() else None
+
+        def failed(reason: Failure) -> None:
+            """
+            @param reason: the connect (or TLS) failure.
+            """
+            message = f"Failed to connect to '{uri}': {reason.getErrorMessage()}"
+            _log.error("postcopy preempt channel: {message}", message=message)
+            if migration.preemptPhase is PreemptPhase.CONNECTING:
+                migration.preemptFailed(message)
+
+        connecting = connectMaybeTLS(clientEndpoint(reactor, uri), tls, PreemptSourceFactory(migration, reactor))
+        return connecting.addCallbacks(connected, failed)
+
+    return connect
 
 
 class PreemptDestinationProtocol(Protocol):

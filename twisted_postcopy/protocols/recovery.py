@@ -25,7 +25,7 @@ from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.destination.recovery import DestinationResume, checkRecover
 from twisted_postcopy.errors import MigrationError, PostcopyError
 from twisted_postcopy.protocols.deadlink import noLinkWatch
-from twisted_postcopy.protocols.preempt import PreemptDestinationProtocol
+from twisted_postcopy.protocols.preempt import PreemptDestinationProtocol, preemptConnector
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.factories import ChannelSorter, SourceFactory, clientEndpoint, serverEndpoint
 from twisted_postcopy.protocols.sockets import transportSocket
@@ -88,25 +88,49 @@ class RecoverySourceProtocol(SourceProtocol):
     @ivar resume: the handshake.
     """
 
-    def __init__(self, migration: Any, reactor: Any) -> None:
+    def __init__(self, migration: Any, reactor: Any, connectPreempt: Any = None) -> None:
         """
         @param migration: the paused outgoing migration.
         @param reactor: an L{twisted.internet.interfaces.IReactorTime}.
+        @param connectPreempt: connects the new preempt channel after this
+            connection (C{postcopy-preempt}), or L{None}.
         """
-        super().__init__(migration, reactor)
-        self.resume = SourceResume(migration, lambda data: self.transport.write(data))
+        super().__init__(migration, reactor, connectPreempt)
+        self.resume = SourceResume(migration, lambda data: self.writeBuffers([data]))
         self.returnPath = RecoveryReturnPathReader(migration, self.resume)
         self.returnPath.resumed = self._resumed
 
     def connectionMade(self) -> None:
         """
-        Take over the migration's writes and send the bitmap requests.
+        Take over the migration's writes and send the bitmap requests;
+        with C{postcopy-preempt}, only once the new preempt channel is up
+        too (QEMU 7.2's source waits for it, and its destination enters
+        C{postcopy-recover} only with both channels).
         """
         if self.migration.machine.status != S.POSTCOPY_PAUSED:
             self.transport.abortConnection()
             return
         self._attach()
-        self._postcopyStarted()
+        self.postcopyStarted()
+        if self.connectPreempt is None or not self.migration.preemptWanted:
+            self.resume.start()
+            return
+        self.connectPreempt().addCallback(self._preemptConnected)
+
+    def _preemptConnected(self, preempt: Any) -> None:
+        """
+        The new preempt channel connected (or failed: then this connection
+        is dropped and the migration stays paused for another C{migrate}
+        with C{resume}).
+
+        @param preempt: the attached preempt protocol, or L{None}.
+        """
+        if preempt is None or self.migration.machine.status != S.POSTCOPY_PAUSED or (
+                not self.transport.connected):
+            if preempt is None:
+                self.migration.stats.error = self.migration.preemptError
+            self.transport.abortConnection()
+            return
         self.resume.start()
 
     def dataReceived(self, data: bytes) -> None:
@@ -166,7 +190,9 @@ def resumeOutgoing(reactor: Any, migration: Any, uri: str, tls: Any = None) -> D
         migration.stats.error = f"Failed to connect to '{uri}': {message}"
         log.error("{error}", error=migration.stats.error)
 
-    return connectMaybeTLS(endpoint, tls, RecoverySourceFactory(migration, reactor)).addErrback(failed)
+    connectPreempt = preemptConnector(reactor, uri, tls, migration) if migration.preemptWanted else None
+    factory = RecoverySourceFactory(migration, reactor, connectPreempt)
+    return connectMaybeTLS(endpoint, tls, factory).addErrback(failed)
 
 
 class RecoveryStreamReader(IncomingStreamReader):

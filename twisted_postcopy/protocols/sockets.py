@@ -33,3 +33,69 @@ def transportSocket(transport: Any) -> Any:
     except AttributeError:  # a closed TCP connection has no socket left
         return None
     return sock if hasattr(sock, "setsockopt") else None
+
+
+#: Buffers per C{sendmsg} (Linux's C{UIO_MAXIOV}).
+IOV_MAX = 1024
+
+
+class GatheredWriter:
+    """
+    Writes gathered buffers (bytes and views of guest RAM) to a
+    connection, the one place that does: straight to the socket with
+    C{sendmsg} (no copy in Python) while the transport holds nothing,
+    through C{transport.write} otherwise, always in order.  Over TLS (a
+    L{ProtocolWrapper}) or without a socket, buffers are joined and
+    written.
+
+    Whether the transport holds nothing is the one thing Twisted has no
+    public question for: L{queued} reads C{FileDescriptor}'s buffer
+    attributes, here and nowhere else.  (Its C{bufferSize} cannot be set
+    to 0 to make every queued byte pause the producer: C{tcp.Connection}
+    also reads with C{recv(bufferSize)}.)
+
+    @ivar transport: the connection's transport.
+    @ivar socket: its socket for C{sendmsg}, or L{None}.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        """
+        @param transport: the connection's transport.
+        """
+        self.transport = transport
+        self.socket = None
+        if not isinstance(transport, ProtocolWrapper) and hasattr(transport, "dataBuffer"):
+            sock = transportSocket(transport)
+            self.socket = sock if hasattr(sock, "sendmsg") else None
+
+    @property
+    def queued(self) -> bool:
+        """
+        Whether the transport still holds bytes to send.
+        """
+        transport = self.transport
+        return bool(transport._tempDataLen or len(transport.dataBuffer) > transport.offset)
+
+    def writeBuffers(self, buffers: list[Any]) -> None:
+        """
+        @param buffers: bytes and memoryviews, in order.
+        """
+        if self.socket is None or self.queued:
+            self.transport.write(b"".join(buffers))
+            return
+        for first in range(0, len(buffers), IOV_MAX):
+            batch = buffers[first : first + IOV_MAX]
+            try:
+                sent = self.socket.sendmsg(batch)
+            except OSError:
+                sent = 0
+            if sent == sum(map(len, batch)):
+                continue
+            rest = buffers[first:]
+            for index, buffer in enumerate(rest):
+                if sent < len(buffer):
+                    rest = [memoryview(buffer)[sent:], *rest[index + 1 :]]
+                    break
+                sent -= len(buffer)
+            self.transport.write(b"".join(rest))
+            return

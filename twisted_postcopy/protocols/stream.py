@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 from twisted.logger import Logger
 from twisted.internet.protocol import Protocol
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
@@ -27,13 +26,10 @@ from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, noLinkWatch, stopWatching, watchLink)
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
-from twisted_postcopy.protocols.sockets import transportSocket
+from twisted_postcopy.protocols.sockets import GatheredWriter, transportSocket
 from twisted_postcopy.source.machine import FINISHED
 from twisted_postcopy.source.outgoing import DONE
 from twisted_postcopy.source.recovery import channelLost as outgoingChannelLost
-
-#: Buffers per C{sendmsg} (Linux's C{UIO_MAXIOV}).
-IOV_MAX = 1024
 
 #: The send buffer of the source socket and the receive buffer of the
 #: destination socket during postcopy.
@@ -51,19 +47,26 @@ class SourceProtocol(Protocol):
     @ivar reactor: schedules steps.
     @ivar paused: whether the transport asked us to stop.
     @ivar pending: the scheduled next step, if any.
+    @ivar connectPreempt: starts connecting the preempt channel (see
+        L{twisted_postcopy.protocols.preempt.preemptConnector}), or
+        L{None} without C{postcopy-preempt}.
     """
 
-    def __init__(self, migration: Any, reactor: Any) -> None:
+    def __init__(self, migration: Any, reactor: Any, connectPreempt: Any = None) -> None:
         """
         @param migration: the outgoing migration.
         @param reactor: an L{twisted.internet.interfaces.IReactorTime}.
+        @param connectPreempt: connects the preempt channel once this
+            connection is up, or L{None}.
         """
         self.migration = migration
         self.reactor = reactor
+        self.connectPreempt = connectPreempt
         self.paused = False
         self.pending: Any = None
         self.returnPath = ReturnPathReader(migration)
         self.watchdog: Any = None
+        self.writer: GatheredWriter | None = None
 
     def connectionMade(self) -> None:
         """
@@ -71,6 +74,8 @@ class SourceProtocol(Protocol):
         """
         if self._attach():
             self._start()
+            if self.connectPreempt is not None and self.migration.machine.inProgress:
+                self.connectPreempt()
 
     def _attach(self) -> bool:
         """
@@ -78,20 +83,21 @@ class SourceProtocol(Protocol):
 
         @return: whether the migration is still in progress.
         """
-        self.migration.write = self.transport.write
-        self.migration.onFinished = self._finished
-        self.migration.onPostcopy = self._postcopyStarted
-        self.migration.onDeviceReady = self._wake
-        self.migration.onUrgent = self._wake
-        if (hasattr(self.transport, "socket") and hasattr(self.transport, "_tempDataLen")
-                and not isinstance(self.transport, ProtocolWrapper)):
-            self.migration.writeBuffers = self._writeBuffers
+        self.migration.attachChannel(self)
         if not self.migration.machine.inProgress:
             self.transport.abortConnection()
             return False
         self.transport.registerProducer(self, True)
+        self.writer = GatheredWriter(self.transport)
         self.watchdog = watchLink(self.reactor, self.transport, self._linkTimeout)
         return True
+
+    def preemptBroken(self) -> None:
+        """
+        The preempt channel broke in postcopy: drop this connection too, so
+        the migration pauses and a recovery makes both again.
+        """
+        self.transport.abortConnection()
 
     def _linkTimeout(self) -> int:
         """
@@ -110,40 +116,19 @@ class SourceProtocol(Protocol):
             return
         self._schedule(0)
 
-    def _writeBuffers(self, buffers: list[Any]) -> None:
+    def writeBuffers(self, buffers: list[Any]) -> None:
         """
-        Send gathered buffers with C{sendmsg} straight from guest RAM views
-        while nothing is queued in the transport; whatever the socket does
-        not take (and everything while the transport holds data, to keep
-        the order) goes through C{transport.write}.
+        Send gathered buffers, straight from guest RAM views when the
+        socket takes them (L{GatheredWriter}).
 
         @param buffers: bytes and memoryviews, in order.
         """
-        transport = self.transport
-        if transport._tempDataLen or len(transport.dataBuffer) > transport.offset:
-            transport.write(b"".join(buffers))
+        if self.writer is None:
+            self.transport.write(b"".join(buffers))
             return
-        sock = transport.socket
-        for first in range(0, len(buffers), IOV_MAX):
-            batch = buffers[first : first + IOV_MAX]
-            try:
-                sent = sock.sendmsg(batch)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = 0
-            if sent == sum(map(len, batch)):
-                continue
-            rest = buffers[first:]
-            for index, buffer in enumerate(rest):
-                if sent < len(buffer):
-                    rest = [memoryview(buffer)[sent:], *rest[index + 1 :]]
-                    break
-                sent -= len(buffer)
-            transport.write(b"".join(rest))
-            return
+        self.writer.writeBuffers(buffers)
 
-    def _postcopyStarted(self) -> None:
+    def postcopyStarted(self) -> None:
         """
         Postcopy began: keep the kernel's send queue short, so a requested
         page is not stuck behind megabytes of background pages.
@@ -159,7 +144,7 @@ class SourceProtocol(Protocol):
         if self.pending is None and not self.paused:
             self.pending = self.reactor.callLater(delay, self._step)
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         """
         Step at once (the stopped VM's device state is ready), replacing a
         later scheduled poll.
@@ -218,7 +203,7 @@ class SourceProtocol(Protocol):
             return
         self._schedule(0)
 
-    def _finished(self) -> None:
+    def finished(self) -> None:
         """
         The migration reached a final status: close.
         """

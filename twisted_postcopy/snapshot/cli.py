@@ -40,9 +40,10 @@ def register(subparsers: Any) -> None:
     restore.add_argument("dir")
     restore.add_argument("--to", action="append", required=True, metavar="URI")
     restore.add_argument("--postcopy", action="store_true", help="run before RAM arrives")
-    restore.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
     restore.add_argument("--postcopy-preempt", action="store_true",
-                         help="postcopy-preempt: requested pages on their own channel")
+                         help="with --postcopy: requested pages on a second connection (the "
+                              "destinations need the postcopy-preempt capability)")
+    restore.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
     _tlsOptions(restore, "--tls-hostname", "NAME", "the name the destinations' certificates carry")
     restore.add_argument("--max-bandwidth", type=int, default=0, metavar="BYTES",
                          help="bytes/s per destination, 0 for unlimited")
@@ -287,8 +288,8 @@ def _restore(args: argparse.Namespace) -> int:
         @return: a Deferred firing when every clone ended.
         """
         started = time.time()
-        managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy, False,
-                                         args.max_bandwidth, **_tls(args, "tls_hostname"),
+        managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy or args.postcopy_preempt,
+                                         False, args.max_bandwidth, **_tls(args, "tls_hostname"),
                                          parameters=_parameters(args.parameter),
                                          preempt=args.postcopy_preempt)
 

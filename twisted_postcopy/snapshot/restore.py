@@ -134,8 +134,9 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
     @param parameters: more migration parameters (e.g. the C{x-} ones of
         docs/prefetch.md), set after the bandwidths.
     @param workingSet: the snapshot's L{WorkingSetPolicy}, or L{None}.
-    @param preempt: switch on C{postcopy-preempt} (urgent pages on a
-        channel of their own; the destination must have it on too).
+    @param preempt: with C{postcopy}, send requested pages on a
+        C{postcopy-preempt} channel (the destination needs the capability
+        too).
     @return: (the L{MigrationManager}, a Deferred firing with the final
         status string, C{completed} or C{failed}).
     @raise MigrationError: the source refuses the capabilities.
@@ -144,9 +145,8 @@ def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,
     from twisted_postcopy.snapshot.capture import _useTLS
 
     manager = MigrationManager(reactor, vm)
-    manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True, "x-postcopy-auto-recover": True})
-    if preempt:
-        manager.setCapabilities({"postcopy-preempt": True})
+    manager.setCapabilities({"postcopy-ram": postcopy, "return-path": True, "x-postcopy-auto-recover": True,
+                             "postcopy-preempt": postcopy and preempt})
     manager.setParameters({"max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth})
     if parameters:
         manager.setParameters(parameters)

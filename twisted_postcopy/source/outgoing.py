@@ -14,8 +14,9 @@ L{OutgoingMigration.pagesRequested}.
 from __future__ import annotations
 
 import operator
+from enum import Enum
 from functools import reduce
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from attrs import define, field
 from twisted.internet.defer import maybeDeferred
@@ -26,6 +27,7 @@ from twisted_postcopy.wire.ram import blockListFor
 from twisted_postcopy.wire.constants import RAM_SECTION_ID, SectionType
 from twisted_postcopy.state import MigrationStatus as S, StatusMachine, outgoingMachine
 from twisted_postcopy.source.records import RecordWriter
+from twisted_postcopy.wire.ram import RAMRecordEncoder
 from twisted_postcopy.source.sender import PageScheduler, RateLimiter, converged
 from twisted_postcopy.source.stats import TransferStats
 
@@ -43,13 +45,160 @@ DONE = -1.0
 _wire = StreamEncoder()
 
 
+class MainChannel(Protocol):
+    """
+    What an L{OutgoingMigration} writes its main stream to and tells what
+    happened: the main connection's protocol
+    (L{twisted_postcopy.protocols.stream.SourceProtocol}) attaches itself
+    with L{OutgoingMigration.attachChannel}, a recovery's new connection
+    replaces it, and a pause detaches it (writes are then dropped).
+    """
+
+    transport: Any
+
+    def writeBuffers(self, buffers: list[Any]) -> None:
+        """
+        @param buffers: bytes and views of guest RAM, in order.
+        """
+
+    def finished(self) -> None:
+        """
+        The migration reached a final status: close.
+        """
+
+    def postcopyStarted(self) -> None:
+        """
+        The package is written: requested pages should not queue behind
+        megabytes of background pages.
+        """
+
+    def wake(self) -> None:
+        """
+        Step at once: a page request was queued, the stopped VM's device
+        state is ready, or the preempt channel connected.
+        """
+
+    def preemptBroken(self) -> None:
+        """
+        The preempt channel broke in postcopy: drop the main connection
+        too, so the migration pauses.
+        """
+
+
+@define
+class WriteChannel:
+    """
+    A L{MainChannel} over one C{write} callable (the engine's C{write}
+    argument, for units without a protocol): buffers are joined, the
+    notifications do nothing.
+
+    @ivar write: writes bytes.
+    """
+
+    write: Callable[[bytes], None]
+
+    @property
+    def transport(self) -> Any:
+        """
+        The object whose bound method C{write} is, if any.
+        """
+        return getattr(self.write, "__self__", None)
+
+    def writeBuffers(self, buffers: list[Any]) -> None:
+        """
+        @param buffers: joined and written.
+        """
+        self.write(b"".join(buffers))
+
+    def finished(self) -> None:
+        """
+        Nothing to close.
+        """
+
+    def postcopyStarted(self) -> None:
+        """
+        Nothing to tune.
+        """
+
+    def wake(self) -> None:
+        """
+        Nothing to schedule.
+        """
+
+    def preemptBroken(self) -> None:
+        """
+        Nothing to drop.
+        """
+
+
+class _Detached(WriteChannel):
+    """
+    No main channel (paused): writes are dropped (the destination's
+    received bitmaps tell a recovery what to send again).
+    """
+
+
+#: The null main channel of a paused migration.
+DETACHED = _Detached(lambda data: None)
+
+
+class SourcePhase(Enum):
+    """
+    Where an outgoing migration's main stream is, beside its QEMU status
+    (which it refines): QEMU's iteration loop, the stop for
+    C{migration_completion} or for C{postcopy_start}, postcopy, and the
+    end of the stream.
+
+    @cvar PRECOPY: iterating while the VM runs (status C{active}).
+    @cvar STOPPING_FOR_COMPLETION: converged: the VM is stopping; then one
+        END section with everything left, the devices and EOF.
+    @cvar STOPPING_FOR_POSTCOPY: C{migrate-start-postcopy} was acted on:
+        the VM is stopping; then the discards and the package.
+    @cvar POSTCOPY: the package is written; background and requested
+        pages flow (also while paused and recovering).
+    @cvar WRITTEN: everything is written; completion waits for SHUT(0)
+        when the return path is open.
+    """
+
+    PRECOPY = "precopy"
+    STOPPING_FOR_COMPLETION = "stopping-for-completion"
+    STOPPING_FOR_POSTCOPY = "stopping-for-postcopy"
+    POSTCOPY = "postcopy"
+    WRITTEN = "written"
+
+
+class PreemptPhase(Enum):
+    """
+    The postcopy preempt channel of an outgoing migration (capability
+    C{postcopy-preempt}, return-path-preempt-recovery.md section 3).
+
+    @cvar OFF: no preempt channel (capability off, not connected yet, or
+        dropped when the migration paused).
+    @cvar CONNECTING: its connection is being made (after the main one,
+        and again after each new main connection of a recovery).
+    @cvar READY: connected: urgent pages are written there.
+    @cvar FAILED: its connect failed or it broke; the switch to postcopy
+        fails, a recovery waits for the next C{migrate} with C{resume}.
+    @cvar ENDED: its EOS was written after the main channel's EOF.
+    """
+
+    OFF = "off"
+    CONNECTING = "connecting"
+    READY = "ready"
+    FAILED = "failed"
+    ENDED = "ended"
+
+
 @define
 class OutgoingMigration:
     """
     One outgoing migration.
 
     @ivar vm: the L{twisted_postcopy.interfaces.IOutgoingVM}.
-    @ivar write: writes bytes to the main channel.
+    @ivar write: writes bytes to the main channel when no L{channel} is
+        given (units), or L{None}.
+    @ivar channel: the L{MainChannel} attached, or L{None} (nothing
+        connected yet, or paused: writes are dropped).
     @ivar now: the clock (seconds).
     @ivar capabilities: the source's capabilities.
     @ivar parameters: the source's parameters (live; read at each step).
@@ -61,29 +210,21 @@ class OutgoingMigration:
     @ivar postcopyRequested: C{migrate-start-postcopy} was issued.
     @ivar returnPathOpen: OPEN_RETURN_PATH was sent.
     @ivar stopped: the VM was stopped by this migration.
-    @ivar written: whether everything was written (waiting for SHUT).
+    @ivar phase: the main stream's L{SourcePhase}.
     @ivar shutValue: the destination's SHUT value, if it arrived.
     @ivar destinationRunning: PONG 3 arrived: the destination loaded the
         package up to POSTCOPY_RUN, so its guest may run (a lost connection
         then pauses the migration instead of failing it).
     @ivar tracking: whether the dirty tracker runs.
-    @ivar ending: C{"precopy"} or C{"postcopy"} once the switchover began.
     @ivar device: the device state, once the VM stopped and gave it.
-    @ivar onFinished: called with no argument when the status becomes
-        final (completed or failed) so the protocol can close.
-    @ivar writeBuffers: writes a list of buffers without joining them
-        (set by the protocol), or L{None} to join and use C{write}.
-    @ivar onPostcopy: called once the package is written, so the protocol
-        can shrink what the connection queues (requested pages wait
-        behind it).
-    @ivar onUrgent: called once a page request is queued, so the protocol
-        steps at once even while background pages wait for the rate limit
-        (QEMU's C{migration_make_urgent_request}): requested pages are
-        never held back by C{max-postcopy-bandwidth}.
-    @ivar onDeviceReady: called once the stopped VM gave its device state,
-        so the protocol steps at once instead of at the next poll.
     @ivar onPass: called with the dirty sync count after each dirty sync
         (QEMU's C{MIGRATION_PASS} event).
+    @ivar preemptPhase: the preempt channel's L{PreemptPhase}.
+    @ivar preemptError: why the preempt channel failed, if it did.
+    @ivar writePreempt: writes a list of buffers to the preempt channel
+        while it is L{PreemptPhase.READY}.
+    @ivar preemptRecords: encodes the preempt channel's RAM records (every
+        record names its block, as QEMU 7.2's effectively do).
     """
 
     vm: Any
@@ -99,29 +240,63 @@ class OutgoingMigration:
     postcopyRequested: bool = False
     returnPathOpen: bool = False
     stopped: bool = False
-    written: bool = False
+    phase: SourcePhase = SourcePhase.PRECOPY
     shutValue: int | None = None
     destinationRunning: bool = False
     tracking: bool = False
-    ending: str | None = None
     device: bytes | None = None
-    onFinished: Callable[[], object] = lambda: None
-    onPostcopy: Callable[[], object] = lambda: None
-    onUrgent: Callable[[], object] = lambda: None
-    onDeviceReady: Callable[[], object] = lambda: None
     onPass: Callable[[int], object] = lambda count: None
-    writeBuffers: Callable[[list[Any]], None] | None = None
+    channel: MainChannel | None = None
+    preemptPhase: PreemptPhase = PreemptPhase.OFF
+    preemptError: str | None = None
+    writePreempt: Callable[[list[Any]], None] | None = None
+    preemptRecords: RecordWriter = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         """
-        Build the dirty maps and counters.
+        Build the dirty maps and counters; a C{write} callable without a
+        channel becomes a L{WriteChannel}.
         """
+        if self.channel is None and self.write is not None:
+            self.channel = WriteChannel(self.write)
         blocks = [(b.idstr, b.length, b.pageSize) for b in self.vm.blocks]
         self.scheduler = PageScheduler.forBlocks(blocks, self.parameters)
         self.stats = TransferStats(self.now, sum(b.length for b in self.vm.blocks),
                                    pageSize=max((b.pageSize for b in self.vm.blocks), default=4096))
         self.limiter = RateLimiter(self.now, self.parameters["max-bandwidth"])
-        self.records = RecordWriter({b.idstr: b.view() for b in self.vm.blocks}, self.stats)
+        views = {b.idstr: b.view() for b in self.vm.blocks}
+        self.records = RecordWriter(views, self.stats)
+        self.preemptRecords = RecordWriter(views, self.stats, RAMRecordEncoder(alwaysNameBlock=True))
+
+    @property
+    def written(self) -> bool:
+        """
+        Whether everything was written (L{SourcePhase.WRITTEN}).
+        """
+        return self.phase is SourcePhase.WRITTEN
+
+    @property
+    def _out(self) -> MainChannel:
+        """
+        The attached main channel, or L{DETACHED}.
+        """
+        return self.channel or DETACHED
+
+    def attachChannel(self, channel: MainChannel) -> None:
+        """
+        A connection becomes the main channel (the first one, or a
+        recovery's new one, replacing the old).
+
+        @param channel: it.
+        """
+        self.channel = channel
+
+    def detachChannel(self) -> None:
+        """
+        The main channel is gone (the migration pauses): writes are
+        dropped until a recovery attaches a new one.
+        """
+        self.channel = None
 
     def begin(self) -> None:
         """
@@ -157,10 +332,7 @@ class OutgoingMigration:
         @param buffers: the buffers, in order.
         """
         size = sum(map(len, buffers))
-        if self.writeBuffers is None:
-            self.write(b"".join(buffers))
-        else:
-            self.writeBuffers(buffers)
+        self._out.writeBuffers(buffers)
         self.limiter.account(size)
         self.stats.sent(size, self.machine.status, self.stopped)
 
@@ -194,21 +366,21 @@ class OutgoingMigration:
             return self.limiter.delay()
         if status == S.POSTCOPY_ACTIVE:
             return self._postcopyStep()
-        if self.ending is None:
+        if self.phase is SourcePhase.PRECOPY:
             if self.postcopyRequested:
-                self.ending = "postcopy"
+                self._stopVM(SourcePhase.STOPPING_FOR_POSTCOPY)
             elif self._converged():
                 self._sync()
                 if self._converged():
-                    self.ending = "precopy"
-            if self.ending is not None:
-                self._stopVM()
-        if self.ending is None:
+                    self._stopVM(SourcePhase.STOPPING_FOR_COMPLETION)
+        if self.phase is SourcePhase.PRECOPY:
             self._part()
             return 0.0
         if self.device is None:
             return STOP_POLL
-        if self.ending == "postcopy":
+        if self.phase is SourcePhase.STOPPING_FOR_POSTCOPY:
+            if not self._preemptReadyForPostcopy():
+                return STOP_POLL if self.machine.inProgress else DONE
             self._switchover()
             return 0.0
         return self._completePrecopy()
@@ -237,12 +409,15 @@ class OutgoingMigration:
             for offset, length in ranges:
                 self.scheduler.markDirty(idstr, offset, length)
 
-    def _stopVM(self) -> None:
+    def _stopVM(self, phase: SourcePhase) -> None:
         """
         Stop the guest for switchover; once it is stopped (C{stop()} may
         return a Deferred), collect its last writes and its device state
         (which may also come as a Deferred) into L{device}.
+
+        @param phase: the stopping phase entered.
         """
+        self.phase = phase
         self.stats.stopping()
 
         def stopped(_: object) -> Any:
@@ -261,7 +436,7 @@ class OutgoingMigration:
             @param device: the device state, now ready to send.
             """
             self.device = device
-            self.onDeviceReady()
+            self._out.wake()
 
         stopping = maybeDeferred(self.vm.stop).addCallback(stopped).addCallback(collected)
         stopping.addErrback(lambda failure: self.fail(failure.value))
@@ -293,14 +468,14 @@ class OutgoingMigration:
         if self.machine.status != S.POSTCOPY_ACTIVE:
             return
         out = [_wire.discard(name, ranges) for name, ranges in self.scheduler.discardCommands()]
-        package = _wire.listen() + self.device + _wire.ping(3) + _wire.run()
-        out += [_wire.ping(2), _wire.packaged(package), _wire.ping(4)]
+        out += [_wire.ping(2), _wire.package(self.device), _wire.ping(4)]
         self._sendBuffers(out)
+        self.phase = SourcePhase.POSTCOPY
         self.stopped = False
         self.stats.switchedOver()
         self.scheduler.restartScan()
         self.records.lastBlock = None
-        self.onPostcopy()
+        self._out.postcopyStarted()
         self.limiter.bandwidth = self.parameters["max-postcopy-bandwidth"]
 
     def _postcopyStep(self) -> float:
@@ -314,6 +489,7 @@ class OutgoingMigration:
             return 0.0
         self._sendBuffers([_wire.sectionHeader(SectionType.SECTION_END, RAM_SECTION_ID), _wire.eos(),
                            _wire.sectionFooter(RAM_SECTION_ID), _wire.eof()])
+        self._endPreempt()
         self._written()
         return DONE
 
@@ -321,7 +497,7 @@ class OutgoingMigration:
         """
         Everything is written: complete now, or when SHUT arrives.
         """
-        self.written = True
+        self.phase = SourcePhase.WRITTEN
         if not self.returnPathOpen or self.shutValue == 0:
             self._finish(S.COMPLETED)
 
@@ -333,7 +509,7 @@ class OutgoingMigration:
         """
         if self.machine.moveIfPossible(status):
             self.stats.finished(status)
-            self.onFinished()
+            self._out.finished()
 
     def shut(self, value: int) -> None:
         """
@@ -368,7 +544,109 @@ class OutgoingMigration:
         """
         self.stats.postcopyRequests += 1
         self.scheduler.queueRequest(idstr, start, length)
-        self.onUrgent()
+        if not self.sendUrgent():
+            self._out.wake()
+
+    @property
+    def preemptWanted(self) -> bool:
+        """
+        Whether this migration uses a preempt channel (C{postcopy-preempt}).
+        """
+        return bool(self.capabilities.get("postcopy-preempt", False))
+
+    def preemptConnecting(self) -> None:
+        """
+        The protocol started connecting the preempt channel.
+        """
+        self.preemptPhase = PreemptPhase.CONNECTING
+        self.writePreempt = None
+
+    def preemptConnected(self, write: Callable[[list[Any]], None]) -> None:
+        """
+        The preempt channel is up: urgent pages go there from now on.
+
+        @param write: writes buffers to it.
+        """
+        self.preemptPhase = PreemptPhase.READY
+        self.preemptError = None
+        self.writePreempt = write
+        self.preemptRecords.lastBlock = None
+        self._out.wake()
+
+    def preemptFailed(self, reason: object) -> None:
+        """
+        The preempt channel could not connect, or broke.  Before postcopy
+        the switchover will fail (as QEMU's C{postcopy_start} does); in
+        postcopy the main connection is dropped too, so the migration
+        pauses and a recovery makes both channels again.
+
+        @param reason: why.
+        """
+        if self.preemptPhase == PreemptPhase.ENDED:
+            return
+        self.preemptPhase = PreemptPhase.FAILED
+        self.preemptError = str(reason)
+        self.writePreempt = None
+        if self.machine.status in (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER):
+            self._out.preemptBroken()
+
+    def preemptDropped(self) -> None:
+        """
+        The migration pauses: its preempt channel is dropped with the main
+        one (a recovery connects a new one after the new main connection).
+        """
+        self.preemptPhase = PreemptPhase.OFF
+        self.writePreempt = None
+
+    def _preemptReadyForPostcopy(self) -> bool:
+        """
+        QEMU's C{postcopy_preempt_wait_channel} at C{postcopy_start}: the
+        switch to postcopy waits for the preempt channel, and fails if it
+        could not connect.
+
+        @return: whether the switchover may go on now.
+        """
+        if not self.preemptWanted or self.preemptPhase == PreemptPhase.READY:
+            return True
+        if self.preemptPhase == PreemptPhase.FAILED:
+            self.fail(MigrationFailed(f"postcopy preempt channel: {self.preemptError} (the destination "
+                                      "needs the postcopy-preempt capability too)"))
+        return False
+
+    def sendUrgent(self) -> bool:
+        """
+        Write every queued page request to the preempt channel at once,
+        one whole host page each, flushed (QEMU's C{ram_save_host_page}
+        with C{postcopy_preempt_choose_channel}): they never wait behind
+        the background stream of the main channel, nor for its rate limit
+        (preempt bytes do not count against C{max-postcopy-bandwidth}).
+        A page is handed out once (its dirty bit clears), so it never goes
+        on both channels, and a host page never straddles them.  The main
+        channel's next record names its block again, as QEMU's shared
+        "last block" is cleared at each channel switch.
+
+        @return: whether the preempt channel took the requests (else they
+            stay queued for the main channel).
+        """
+        if self.preemptPhase != PreemptPhase.READY or self.machine.status != S.POSTCOPY_ACTIVE:
+            return False
+        out: list[Any] = []
+        self.preemptRecords.gather(self.scheduler, out, 0, POSTCOPY_BATCH)
+        if out:
+            size = sum(map(len, out))
+            self.writePreempt(out)
+            self.stats.sent(size, self.machine.status, self.stopped)
+            self.records.lastBlock = None
+        return True
+
+    def _endPreempt(self) -> None:
+        """
+        The main channel's EOF is written: end the preempt channel with one
+        EOS record (QEMU's C{postcopy_preempt_shutdown_file}).
+        """
+        if self.preemptPhase == PreemptPhase.READY:
+            self.writePreempt([_wire.eos()])
+            self.preemptPhase = PreemptPhase.ENDED
 
     def fail(self, reason: BaseException) -> None:
         """
@@ -383,7 +661,7 @@ class OutgoingMigration:
             self._resumeVM()
         self.machine.moveIfPossible(S.FAILED)
         self.stats.finished(S.FAILED)
-        self.onFinished()
+        self._out.finished()
 
     def _resumeVM(self) -> None:
         """
@@ -407,4 +685,4 @@ class OutgoingMigration:
         if not inPostcopy:
             self._resumeVM()
         self.machine.moveTo(S.CANCELLED)
-        self.onFinished()
+        self._out.finished()

@@ -24,6 +24,7 @@ from twisted_postcopy.errors import BitmapError, MigrationError, RemoteProtocolE
 from twisted_postcopy.ram.bitmap import bitmapSize, dirtyFromReceived
 from twisted_postcopy.state import PAUSABLE, PAUSED_MESSAGE, MigrationStatus as S
 from twisted_postcopy.wire import StreamEncoder
+from twisted_postcopy.source.outgoing import SourcePhase
 
 __all__ = ["PAUSABLE", "PAUSED_MESSAGE", "SourceResume", "bitmapSize", "channelLost", "checkResume",
            "dirtyFromReceived", "pauseOutgoing"]
@@ -37,33 +38,25 @@ log = Logger()
 def currentTransport(migration: Any) -> Any:
     """
     @param migration: an L{twisted_postcopy.source.outgoing.OutgoingMigration}.
-    @return: the transport its main channel writes to (the protocol binds
-        C{migration.write} to C{transport.write}), or L{None}.
+    @return: the transport of its attached main channel, or L{None}
+        (paused, or not connected yet).
     """
-    return getattr(migration.write, "__self__", None)
-
-
-def _discard(data: bytes) -> None:
-    """
-    The main channel's writer while paused: the bytes are dropped (the
-    received bitmaps tell what must be sent again).
-
-    @param data: ignored.
-    """
+    return getattr(migration.channel, "transport", None)
 
 
 def pauseOutgoing(migration: Any, reason: object) -> None:
     """
-    QEMU's C{postcopy_pause}: status C{postcopy-paused}; writes are dropped
-    until a new connection replaces the old one.
+    QEMU's C{postcopy_pause}: status C{postcopy-paused}; the main channel
+    is detached (writes are dropped) until a new connection attaches
+    itself.
 
     @param migration: the outgoing migration, in a L{PAUSABLE} status.
     @param reason: why (logged).
     """
     log.warn("{message} ({reason})", message=PAUSED_MESSAGE, reason=reason)
-    migration.write = _discard
-    migration.writeBuffers = None
+    migration.detachChannel()
     migration.scheduler.queue.clear()
+    migration.preemptDropped()
     migration.machine.moveTo(S.POSTCOPY_PAUSED)
 
 
@@ -175,11 +168,11 @@ class SourceResume:
             return False
         migration.scheduler.restartScan()
         migration.scheduler.lastRequestBlock = None
-        migration.written = False
         migration.records.lastBlock = None
         # The stream may have been written to its end into the lost
         # connection's buffer (END, EOS, EOF never arrived): the pages the
         # bitmaps say are missing, and the end, are written again.
-        migration.written = False
+        if migration.phase is SourcePhase.WRITTEN:
+            migration.phase = SourcePhase.POSTCOPY
         migration.machine.moveTo(S.POSTCOPY_ACTIVE)
         return True

@@ -49,23 +49,46 @@ class RelayedConnection:
     _dropping: threading.Event = field(factory=threading.Event)
     _lock: threading.Lock = field(factory=threading.Lock)
     _ended: int = 0
+    _flowing: threading.Event = field(factory=threading.Event)
+
+    def __attrs_post_init__(self) -> None:
+        """
+        Forward at once until L{hold}.
+        """
+        self._flowing.set()
+
+    def hold(self) -> None:
+        """
+        Stop reading what the connecting side sends (the forward
+        direction): its bytes back up in the kernel's buffers and then in
+        the sender, as behind a saturated link, while the return direction
+        still flows.  L{release} (or L{cut}) lets them go on.
+        """
+        self._flowing.clear()
+
+    def release(self) -> None:
+        """
+        Forward again after L{hold}.
+        """
+        self._flowing.set()
 
     def start(self) -> None:
         """
         Start one pump thread per direction.
         """
         pumps = [
-            (self._client, self._server, self.forward),
-            (self._server, self._client, self.backward),
+            (self._client, self._server, self.forward, self._flowing),
+            (self._server, self._client, self.backward, None),
         ]
-        for source, sink, record in pumps:
+        for source, sink, record, flowing in pumps:
             threading.Thread(
-                target=self._pump, args=(source, sink, record), daemon=True,
+                target=self._pump, args=(source, sink, record, flowing), daemon=True,
                 name=f"relay-{self.index}",
             ).start()
 
     def _pump(
-        self, source: socket.socket, sink: socket.socket, record: bytearray
+        self, source: socket.socket, sink: socket.socket, record: bytearray,
+        flowing: threading.Event | None = None,
     ) -> None:
         """
         Copy C{source} to C{sink}, recording, until EOF or an error; then
@@ -74,9 +97,13 @@ class RelayedConnection:
         @param source: the socket read from.
         @param sink: the socket written to.
         @param record: where the bytes are appended.
+        @param flowing: waited for before each read (see L{hold}), or
+            L{None}.
         """
         try:
             while True:
+                if flowing is not None:
+                    flowing.wait()
                 data = source.recv(_CHUNK)
                 if not data:
                     break
@@ -115,6 +142,7 @@ class RelayedConnection:
         """
         Drop the connection in both directions at once.
         """
+        self._flowing.set()
         for sock in (self._client, self._server):
             _quietly(sock.shutdown, socket.SHUT_RDWR)
 
