@@ -18,7 +18,7 @@ from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.state import MigrationStatus as S
 from twisted_postcopy.wire import StreamEncoder
 from twisted_postcopy.wire.constants import RAM_SECTION_ID, SectionType
-from twisted_postcopy.source.outgoing import DONE, OutgoingMigration
+from twisted_postcopy.source.outgoing import DONE, OutgoingMigration, WriteChannel
 from twisted_postcopy.source.recovery import (
     SourceResume, bitmapSize, channelLost, checkResume, dirtyFromReceived)
 
@@ -250,7 +250,7 @@ class HandshakeTests(SynchronousTestCase):
         resume.bitmapReceived("pc.rom", bytes.fromhex("0300000000000000"))
         self.assertTrue(resume.resumeAcked())
         transport.written.clear()
-        migration.write = transport.write
+        migration.attachChannel(WriteChannel(transport.write))
         normal = migration.stats.normal + migration.stats.duplicate
         while migration.step() != DONE:
             pass
