@@ -1,4 +1,3 @@
-# -*- test-case-name: tests.test_fuzz -*-
 """
 Fuzz the decoders of everything a peer can send (main stream and its
 packages, return path, preempt channel, snapshot import, attach framing)

@@ -60,11 +60,14 @@ class QEMUPreemptRecoveryTests(TestCase):
         return relay
 
     @inlineCallbacks
-    def test_preemptChannelAfterRecovery(self) -> None:
+    def preemptPostcopy(self):
         """
-        Cut both connections in postcopy; recover; the new preempt channel
-        is accepted and carries pages; awaited pages are re-requested;
-        both complete; RAM equal.
+        QEMU migrates into our destination through a relay with
+        C{postcopy-preempt} on both sides and its streams throttled, and
+        switches to postcopy.
+
+        @return: a Deferred firing with (the relay, our accepted preempt
+            channel's protocol).
         """
         capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
         self.qemu.setCapabilities(**capabilities)
@@ -79,6 +82,16 @@ class QEMUPreemptRecoveryTests(TestCase):
         self.qemu.qmp("migrate-start-postcopy")
         yield within(self.manager.whenStatus("postcopy-active"))
         original = yield within(self.manager.destinationFactory.preempt.accepted)
+        return first, original
+
+    @inlineCallbacks
+    def test_preemptChannelAfterRecovery(self) -> None:
+        """
+        Cut both connections in postcopy; recover; the new preempt channel
+        is accepted and carries pages; awaited pages are re-requested;
+        both complete; RAM equal.
+        """
+        first, original = yield self.preemptPostcopy()
         yield deferLater(reactor, 0.1, lambda: None)
         first.cut()
         paused = yield within(self.manager.whenStatus("postcopy-paused", "failed", "completed"))
@@ -133,19 +146,7 @@ class QEMUPreemptRecoveryTests(TestCase):
         channel comes, both sides complete (ours only after that channel's
         EOS) and our RAM equals the source's.
         """
-        capabilities = {"postcopy-ram": True, "postcopy-preempt": True}
-        self.qemu.setCapabilities(**capabilities)
-        self.manager.setCapabilities(capabilities)
-        self.qemu.setParameters(**{"max-bandwidth": 100000, "max-postcopy-bandwidth": 50000})
-        listening = yield self.manager.migrateIncoming("tcp:127.0.0.1:0")
-        self.addCleanup(listening.stopListening)
-        first = self.relay(listening.getHost().port)
-        self.qemu.migrate(first.uri)
-        yield qemuStatus(self.qemu, {"active"})
-        yield self.vm.ready
-        self.qemu.qmp("migrate-start-postcopy")
-        yield within(self.manager.whenStatus("postcopy-active"))
-        original = yield within(self.manager.destinationFactory.preempt.accepted)
+        first, original = yield self.preemptPostcopy()
         main, preempt = first.waitConnections(2)
         self.assertEqual(bytes(main.forward[:4]), b"QEVM")
         preempt.cut()

@@ -245,6 +245,8 @@ class PostcopyRestoreTests(_RestoreHelpers, TestCase):
             manager.setParameters({"max-bandwidth": 0, "max-postcopy-bandwidth": 0})
         statuses = yield done
         self.assertEqual(statuses, ["completed"] * count)
+        for relay in self.relays:
+            yield waitUntil(reactor, lambda: all(c.closed.is_set() for c in relay.connections), TIMEOUT)
         return [(qemu, manager.queryMigrate()) for (qemu, _), manager in zip(targets, managers)]
 
     @inlineCallbacks

@@ -299,7 +299,7 @@ class MigrationManager:
         migration.machine.observers.append(self.autoRecovery.statusChanged)
         self.outgoing = migration
         migration.begin()
-        connectPreempt = preemptConnector(self.reactor, uri, tls, migration) if migration.preemptWanted else None
+        connectPreempt = preemptConnector(self.reactor, uri, endpoint, tls, migration) if migration.preemptWanted else None
         connecting = connectMaybeTLS(endpoint, tls, SourceFactory(migration, self.reactor, connectPreempt))
         connecting.addErrback(lambda f: migration.fail(MigrationError(
             f"Failed to connect to '{uri}': {f.getErrorMessage()}")))

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from twisted_postcopy.errors import MigrationError
 from twisted_postcopy.protocols.deadlink import noLinkWatch
+from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.wire.constants import QEMU_VM_FILE_MAGIC
 
@@ -238,8 +239,6 @@ class DestinationFactory(Factory):
         @param preemptEnabled: see L{preemptEnabled}.
         @param watch: see L{watch}.
         """
-        from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
-
         self.incoming = incoming
         self.watch = watch
         self.main: DestinationProtocol | None = None

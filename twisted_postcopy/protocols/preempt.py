@@ -25,6 +25,7 @@ from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
 from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, noLinkWatch, stopWatching, watchLink)
 from twisted_postcopy.protocols.sockets import GatheredWriter
+from twisted_postcopy.protocols.tls import connectMaybeTLS
 from twisted_postcopy.source.outgoing import PreemptPhase
 from twisted_postcopy.state import MigrationStatus as S
 from twisted_postcopy.wire.constants import DEFAULT_MAX_PREEMPT_HELD, TARGET_PAGE_SIZE
@@ -208,14 +209,16 @@ class PreemptSourceFactory(Factory):
         return protocol
 
 
-def preemptConnector(reactor: Any, uri: str, tls: Any, migration: Any) -> Callable[[], Deferred]:
+def preemptConnector(reactor: Any, uri: str, endpoint: Any, tls: Any, migration: Any) -> Callable[[], Deferred]:
     """
     How an outgoing migration connects its preempt channel: to the main
     channel's address, over TLS when the main channel is (QEMU's
     C{postcopy_preempt_setup}, run after each new main connection).
 
     @param reactor: the reactor.
-    @param uri: the migration URI (C{tcp:} or C{unix:}).
+    @param uri: the migration URI (C{tcp:} or C{unix:}), for messages.
+    @param endpoint: the client endpoint of C{uri} (the main channel's;
+        connected once more for each preempt channel).
     @param tls: the source's L{twisted_postcopy.tlscreds.TLSPolicy}, or
         L{None} for plaintext.
     @param migration: the outgoing migration.
@@ -223,9 +226,6 @@ def preemptConnector(reactor: Any, uri: str, tls: Any, migration: Any) -> Callab
         attached protocol, or with L{None} when the connect failed (the
         migration was told through C{preemptFailed}).
     """
-    from twisted_postcopy.protocols.factories import clientEndpoint
-    from twisted_postcopy.protocols.tls import connectMaybeTLS
-
     def connect() -> Deferred:
         """
         @return: see L{preemptConnector}.
@@ -248,7 +248,7 @@ def preemptConnector(reactor: Any, uri: str, tls: Any, migration: Any) -> Callab
             if migration.preemptPhase is PreemptPhase.CONNECTING:
                 migration.preemptFailed(message)
 
-        connecting = connectMaybeTLS(clientEndpoint(reactor, uri), tls, PreemptSourceFactory(migration, reactor))
+        connecting = connectMaybeTLS(endpoint, tls, PreemptSourceFactory(migration, reactor))
         return connecting.addCallbacks(connected, failed)
 
     return connect

@@ -190,7 +190,7 @@ def resumeOutgoing(reactor: Any, migration: Any, uri: str, tls: Any = None) -> D
         migration.stats.error = f"Failed to connect to '{uri}': {message}"
         log.error("{error}", error=migration.stats.error)
 
-    connectPreempt = preemptConnector(reactor, uri, tls, migration) if migration.preemptWanted else None
+    connectPreempt = preemptConnector(reactor, uri, endpoint, tls, migration) if migration.preemptWanted else None
     factory = RecoverySourceFactory(migration, reactor, connectPreempt)
     return connectMaybeTLS(endpoint, tls, factory).addErrback(failed)
 
