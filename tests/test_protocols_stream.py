@@ -7,6 +7,7 @@ against QEMU 7.2 capture vectors) and a destination fed one byte at a time.
 
 from __future__ import annotations
 
+import socket
 import struct
 
 from twisted.internet.task import Clock
@@ -17,6 +18,7 @@ from twisted_postcopy.testing.enginevm import IncomingTestVM, OutgoingTestVM, PA
 from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.errors import RemoteProtocolError
 from tests import wirebytes as c
+from twisted_postcopy.protocols.sockets import sendAtOnce
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.source.outgoing import OutgoingMigration
 from twisted_postcopy.wire.config import encodeCapabilities
@@ -430,3 +432,51 @@ class ConfigurationPassThroughTests(SynchronousTestCase):
         vm, incoming, _ = DestinationByteByByteTests()._feed(transport.value())
         self.assertFalse(hasattr(vm, "configurationReceived"))
         self.assertEqual(incoming.machine.status.status.value, "completed")
+
+
+class _HandleTransport:
+    """
+    A stand-in transport (unit tests only) whose C{getHandle} is a real
+    socket.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        """
+        @param sock: the socket.
+        """
+        self.sock = sock
+
+    def getHandle(self) -> socket.socket:
+        """
+        @return: the socket.
+        """
+        return self.sock
+
+
+class SendAtOnceTests(SynchronousTestCase):
+    """
+    L{sendAtOnce} switches Nagle's algorithm off on TCP migration sockets.
+    """
+
+    def test_tcp(self) -> None:
+        """
+        A loopback TCP socket gets C{TCP_NODELAY}.
+        """
+        server = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(server.close)
+        client = socket.create_connection(server.getsockname())
+        self.addCleanup(client.close)
+        self.assertEqual(client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 0)
+        sendAtOnce(_HandleTransport(client))
+        self.assertEqual(client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+
+    def test_otherTransports(self) -> None:
+        """
+        A Unix socket and a transport without a socket are left alone.
+        """
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        sendAtOnce(_HandleTransport(left))
+        sendAtOnce(StringTransport())
+        self.assertEqual(left.family, socket.AF_UNIX)

@@ -28,7 +28,7 @@ from twisted_postcopy.protocols.deadlink import noLinkWatch
 from twisted_postcopy.protocols.preempt import PreemptDestinationProtocol, preemptConnector
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.factories import ChannelSorter, SourceFactory, clientEndpoint, serverEndpoint
-from twisted_postcopy.protocols.sockets import transportSocket
+from twisted_postcopy.protocols.sockets import sendAtOnce, transportSocket
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.state import FINISHED, MigrationStatus as S
@@ -248,12 +248,12 @@ class RecoveryDestinationProtocol(DestinationProtocol):
             log.warn("Extra incoming migration connection; ignoring")
             self.transport.abortConnection()
             return
+        sendAtOnce(self.transport)
         resume = DestinationResume(self.incoming, self)
         self.driver = RecoveryStreamReader(self.incoming, resume)
         self.watchdog = self.watch(self.transport)
         self.incoming.machine.status.observers.append(self._endWatch)
         self.tookOver()
-        self._statusChanged(S.POSTCOPY_ACTIVE)
         resume.start()
 
     def dataReceived(self, data: bytes) -> None:

@@ -26,13 +26,15 @@ from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, noLinkWatch, stopWatching, watchLink)
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
-from twisted_postcopy.protocols.sockets import GatheredWriter, transportSocket
+from twisted_postcopy.protocols.sockets import GatheredWriter, sendAtOnce, transportSocket
 from twisted_postcopy.source.machine import FINISHED
 from twisted_postcopy.source.outgoing import DONE
 from twisted_postcopy.source.recovery import channelLost as outgoingChannelLost
 
-#: The send buffer of the source socket and the receive buffer of the
-#: destination socket during postcopy.
+#: The send buffer of the source socket during postcopy.  (The
+#: destination's receive buffer is left alone: shrinking it on a
+#: connection with data in flight made the kernel drop segments, and the
+#: first fault after RUN waited some 180 ms for TCP's retransmission.)
 POSTCOPY_SNDBUF = 1 << 17
 
 _log = Logger()
@@ -253,8 +255,8 @@ class DestinationProtocol(Protocol):
         Loading starts; this connection is the incoming migration's main
         channel (its return path is written here).
         """
+        sendAtOnce(self.transport)
         self.incoming.attachChannel(self)
-        self.incoming.machine.status.observers.append(self._statusChanged)
         self.watchdog = self.watch(self.transport)
         self.incoming.machine.status.observers.append(self._endWatch)
         self.incoming.connected()
@@ -282,17 +284,6 @@ class DestinationProtocol(Protocol):
                 self.transport.loseConnection()
             else:
                 self.transport.abortConnection()
-
-    def _statusChanged(self, status: Any) -> None:
-        """
-        At LISTEN keep the kernel's receive queue short, so a requested page
-        is read soon after it was sent.
-
-        @param status: the new status.
-        """
-        sock = transportSocket(self.transport) if status.value == "postcopy-active" else None
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, POSTCOPY_SNDBUF)
 
     def dataReceived(self, data: bytes) -> None:
         """
