@@ -31,8 +31,8 @@ both without preempt; C{page_request_p50_us} and C{page_request_p99_us}
 are with preempt (C{_nopreempt} and C{_preempt} keys hold each run's
 figures).  QEMU's downtime is not shown: its source was stopped before
 C{migrate}.
-Our source does not support preempt until that work lands: the preempt
-run then fails with the source's own error, printed (C{preempt_error}),
+If the preempt run fails (a source or destination refusing
+C{postcopy-preempt}), its error is printed (C{preempt_error}),
 its keys are L{None} and the exit status is 1.
 
 Throughput is in megabits per second (C{_mbps}, QEMU's C{mbps} unit); the
