@@ -120,6 +120,21 @@ class EndToEndTests(SynchronousTestCase):
         self.assertIn("postcopy-active", report["source-statuses"])
         self.assertGreater(report["guest"]["workers"]["stress-0"]["pages"], 0)
 
+    def test_defaultsReachPostcopy(self) -> None:
+        """
+        C{postcopy demo} on its defaults (the README's first command) goes
+        through postcopy: its precopy bandwidth cannot send the default
+        guest's RAM before C{--postcopy-after} asks for postcopy (at
+        1 GiB/s it once converged first and the demo never showed
+        postcopy).
+        """
+        result = subprocess.run([sys.executable, "-m", "twisted_postcopy.cli", "demo", "--json"],
+                                capture_output=True, text=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        report = json.loads(result.stdout)
+        self.assertTrue(report["verified"], report["guest"])
+        self.assertEqual(report["source-statuses"], ["setup", "active", "postcopy-active", "completed"])
+
     def test_demoPreempt(self) -> None:
         """
         C{postcopy demo --postcopy-preempt}: both daemons with
