@@ -41,13 +41,26 @@ def makeSnapshot(path: str, configuration: bytes = CONFIG) -> dict[str, bytes]:
     @return: idstr -> the block's content.
     """
     contents = {"pc.ram": bytes(range(256)) * 16 * 8 + bytes(8 * PAGE), "pc.rom": b"r" * PAGE}
+    return storeContents(path, contents, configuration, DEVICE)
+
+
+def storeContents(path: str, contents: dict[str, bytes], configuration: bytes, device: bytes) -> dict[str, bytes]:
+    """
+    Store a precopy snapshot of 4 KiB-page blocks with these contents.
+
+    @param path: the directory.
+    @param contents: idstr -> the block's bytes.
+    @param configuration: the configuration section's bytes.
+    @param device: the device sections' bytes.
+    @return: C{contents}.
+    """
     fds = []
     for data in contents.values():
         fd = os.memfd_create("content")
         os.write(fd, data)
         fds.append(fd)
     try:
-        writeSnapshot(path, MACHINE, configuration, "precopy", DEVICE,
+        writeSnapshot(path, MACHINE, configuration, "precopy", device,
                       [(name, len(data), PAGE, fd) for (name, data), fd in zip(contents.items(), fds)])
     finally:
         for fd in fds:

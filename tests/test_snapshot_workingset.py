@@ -19,10 +19,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.test_snapshot_restore import storeContents
 from twisted_postcopy.errors import SnapshotError
 from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.snapshot.restore import WorkingSetPolicy, restoreSnapshot
-from twisted_postcopy.snapshot.store import openSnapshot, writeSnapshot
+from twisted_postcopy.snapshot.store import openSnapshot
 from twisted_postcopy.snapshot.workingset import (
     MAGIC, MAX_PAGES, NAME, WorkingSetError, decode, encode, readWorkingSet, writeWorkingSet)
 from twisted_postcopy.source.prefetch import WORKING_SET
@@ -54,18 +55,7 @@ def makeSnapshot(path: str) -> dict[str, bytes]:
     """
     contents = {"pc.ram": b"".join(struct.pack(">Q", page) * (PAGE // 8) for page in range(PAGES)),
                 "pc.rom": b"r" * PAGE}
-    fds = []
-    for data in contents.values():
-        fd = os.memfd_create("content")
-        os.write(fd, data)
-        fds.append(fd)
-    try:
-        writeSnapshot(path, MACHINE, CONFIG, "precopy", DEVICE,
-                      [(name, len(data), PAGE, fd) for (name, data), fd in zip(contents.items(), fds)])
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return contents
+    return storeContents(path, contents, CONFIG, DEVICE)
 
 
 def checkSentFirst(case: Any, relayed: Any, path: str, recorded: list[tuple[int, int]]) -> tuple[list, set]:
