@@ -18,7 +18,7 @@ from twisted_postcopy.testing.enginevm import IncomingTestVM, OutgoingTestVM, PA
 from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.errors import RemoteProtocolError
 from tests import wirebytes as c
-from twisted_postcopy.protocols.sockets import sendAtOnce
+from twisted_postcopy.protocols.sockets import RECEIVE_CHUNK, readInLargeChunks, sendAtOnce
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.source.outgoing import OutgoingMigration
 from twisted_postcopy.wire.config import encodeCapabilities
@@ -480,3 +480,29 @@ class SendAtOnceTests(SynchronousTestCase):
         sendAtOnce(_HandleTransport(left))
         sendAtOnce(StringTransport())
         self.assertEqual(left.family, socket.AF_UNIX)
+
+
+class ReadInLargeChunksTests(SynchronousTestCase):
+    """
+    L{readInLargeChunks} raises the read size of a destination's main
+    channel.
+    """
+
+    def test_throughWrapper(self) -> None:
+        """
+        The transport under a protocol wrapper (TLS) gets
+        C{bufferSize} L{RECEIVE_CHUNK}; a transport without one is left
+        alone.
+        """
+        from twisted.internet.protocol import Protocol
+        from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+        inner = StringTransport()
+        inner.bufferSize = 1 << 16
+        wrapper = ProtocolWrapper(WrappingFactory(None), Protocol())
+        wrapper.makeConnection(inner)
+        readInLargeChunks(wrapper)
+        self.assertEqual(inner.bufferSize, RECEIVE_CHUNK)
+        plain = StringTransport()
+        readInLargeChunks(plain)
+        self.assertFalse(hasattr(plain, "bufferSize"))

@@ -28,7 +28,7 @@ from twisted_postcopy.protocols.deadlink import noLinkWatch
 from twisted_postcopy.protocols.preempt import PreemptDestinationProtocol, preemptConnector
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
 from twisted_postcopy.protocols.factories import ChannelSorter, SourceFactory, clientEndpoint, serverEndpoint
-from twisted_postcopy.protocols.sockets import sendAtOnce, transportSocket
+from twisted_postcopy.protocols.sockets import readInLargeChunks, sendAtOnce, transportSocket
 from twisted_postcopy.protocols.tls import connectMaybeTLS, wrapServer
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.state import FINISHED, MigrationStatus as S
@@ -249,6 +249,7 @@ class RecoveryDestinationProtocol(DestinationProtocol):
             self.transport.abortConnection()
             return
         sendAtOnce(self.transport)
+        readInLargeChunks(self.transport)
         resume = DestinationResume(self.incoming, self)
         self.driver = RecoveryStreamReader(self.incoming, resume)
         self.watchdog = self.watch(self.transport)

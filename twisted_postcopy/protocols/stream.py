@@ -26,7 +26,7 @@ from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, noLinkWatch, stopWatching, watchLink)
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
-from twisted_postcopy.protocols.sockets import GatheredWriter, sendAtOnce, transportSocket
+from twisted_postcopy.protocols.sockets import GatheredWriter, readInLargeChunks, sendAtOnce, transportSocket
 from twisted_postcopy.source.machine import FINISHED
 from twisted_postcopy.source.outgoing import DONE
 from twisted_postcopy.source.recovery import channelLost as outgoingChannelLost
@@ -256,6 +256,7 @@ class DestinationProtocol(Protocol):
         channel (its return path is written here).
         """
         sendAtOnce(self.transport)
+        readInLargeChunks(self.transport)
         self.incoming.attachChannel(self)
         self.watchdog = self.watch(self.transport)
         self.incoming.machine.status.observers.append(self._endWatch)
