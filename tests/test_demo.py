@@ -83,6 +83,21 @@ class FailureTests(TestCase):
         shutil.rmtree(workdir)
 
 
+def demoReport(case: Any, *arguments: str) -> dict[str, Any]:
+    """
+    Run C{postcopy demo --json} as a user does (a child process, two real
+    daemons) and check it succeeded.
+
+    @param case: the test case (its assertion fails on a non-zero exit).
+    @param arguments: more C{postcopy demo} arguments.
+    @return: the demo's JSON report.
+    """
+    result = subprocess.run([sys.executable, "-m", "twisted_postcopy.cli", "demo", "--json", *arguments],
+                            capture_output=True, text=True, timeout=120)
+    case.assertEqual(result.returncode, 0, result.stderr)
+    return json.loads(result.stdout)
+
+
 class EndToEndTests(SynchronousTestCase):
     """
     C{postcopy demo} as a user runs it: two real daemons, a real guest,
@@ -101,13 +116,7 @@ class EndToEndTests(SynchronousTestCase):
         both sides, went through postcopy (its events say so), and the
         destination guest verified its memory.
         """
-        result = subprocess.run(
-            [sys.executable, "-m", "twisted_postcopy.cli", "demo", "--json", "--ram", "64M",
-             "--postcopy-after", "0"],
-            capture_output=True, text=True, timeout=120,
-        )
-        self.assertEqual(result.returncode, 0, result.stderr)
-        report = json.loads(result.stdout)
+        report = demoReport(self, "--ram", "64M", "--postcopy-after", "0")
         self.assertEqual(report["source"]["status"], "completed")
         self.assertEqual(report["destination"]["status"], "completed")
         self.assertTrue(report["verified"], report["guest"])
@@ -128,10 +137,7 @@ class EndToEndTests(SynchronousTestCase):
         1 GiB/s it once converged first and the demo never showed
         postcopy).
         """
-        result = subprocess.run([sys.executable, "-m", "twisted_postcopy.cli", "demo", "--json"],
-                                capture_output=True, text=True, timeout=120)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        report = json.loads(result.stdout)
+        report = demoReport(self)
         self.assertTrue(report["verified"], report["guest"])
         self.assertEqual(report["source-statuses"], ["setup", "active", "postcopy-active", "completed"])
 
@@ -141,13 +147,7 @@ class EndToEndTests(SynchronousTestCase):
         C{postcopy-preempt}, the migration goes through postcopy and
         completes, and the guest's memory is verified.
         """
-        result = subprocess.run(
-            [sys.executable, "-m", "twisted_postcopy.cli", "demo", "--json", "--ram", "32M",
-             "--postcopy-after", "0", "--postcopy-preempt"],
-            capture_output=True, text=True, timeout=120,
-        )
-        self.assertEqual(result.returncode, 0, result.stderr)
-        report = json.loads(result.stdout)
+        report = demoReport(self, "--ram", "32M", "--postcopy-after", "0", "--postcopy-preempt")
         self.assertEqual((report["source"]["status"], report["destination"]["status"]),
                          ("completed", "completed"))
         self.assertTrue(report["verified"], report["guest"])

@@ -8,11 +8,8 @@ temporary page), discards in host pages, precopy writes into hugetlbfs.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
-import subprocess
-import sys
 from typing import Any
 
 from attrs import define
@@ -20,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.test_demo import demoReport
 from twisted_postcopy.destination.placer import PagePlacer
 from twisted_postcopy.errors import RAMBlockError, RemoteProtocolError
 from twisted_postcopy.manager import MigrationManager
@@ -469,13 +467,7 @@ class DemoHugePagesTests(SynchronousTestCase):
         destination guest verifies its memory, and query-migrate reports
         C{ram.page-size} 2097152.
         """
-        result = subprocess.run(
-            [sys.executable, "-m", "twisted_postcopy.cli", "demo", "--hugepages", "--json", "--ram", "32M",
-             "--postcopy-after", "0"],
-            capture_output=True, text=True, timeout=120,
-        )
-        self.assertEqual(result.returncode, 0, result.stderr)
-        report = json.loads(result.stdout)
+        report = demoReport(self, "--hugepages", "--ram", "32M", "--postcopy-after", "0")
         self.assertEqual((report["source"]["status"], report["destination"]["status"]),
                          ("completed", "completed"))
         self.assertTrue(report["verified"], report["guest"])
