@@ -133,8 +133,12 @@ class SourceProtocol(Protocol):
     def postcopyStarted(self) -> None:
         """
         Postcopy began: keep the kernel's send queue short, so a requested
-        page is not stuck behind megabytes of background pages.
+        page is not stuck behind megabytes of background pages.  With
+        C{postcopy-preempt} requested pages go on the preempt channel, and
+        the main channel keeps its full send buffer.
         """
+        if self.migration.preemptWanted:
+            return
         sock = transportSocket(self.transport)
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SNDBUF)
