@@ -767,7 +767,12 @@ class OnePlaceTests(SynchronousTestCase):
         C{testing/}) calls C{reactor.listenUNIX}, C{serverFromString} or
         C{UNIXServerEndpoint}: a new listening endpoint (a QMP socket, a
         metrics endpoint) must use L{twisted_postcopy.access.listenUNIX} or
-        L{twisted_postcopy.access.listeningEndpoint}.
+        L{twisted_postcopy.access.listeningEndpoint}.  The one other
+        module naming C{listenUNIX} is C{protocols/receive.py}: its
+        L{twisted_postcopy.protocols.receive.BufferedListening} is the
+        reactor that L{twisted_postcopy.access.listenUNIX} listens through
+        for migration sockets, and nothing else calls it
+        (L{test_bufferedListeningOnlyThroughAccess}).
         """
         import re
 
@@ -780,12 +785,35 @@ class OnePlaceTests(SynchronousTestCase):
             subdirectories[:] = [d for d in subdirectories if d not in ("testing", "__pycache__")]
             for name in files:
                 path = os.path.join(directory, name)
-                if name.endswith(".py") and path != os.path.join(package, "access.py"):
+                allowed = (os.path.join(package, "access.py"), os.path.join(package, "protocols", "receive.py"))
+                if name.endswith(".py") and path not in allowed:
                     with open(path) as f:
                         offenders += [f"{os.path.relpath(path, package)}:{number}: {line.strip()}"
                                       for number, line in enumerate(f, 1) if pattern.search(line)]
         self.assertEqual(offenders, [], "listen through twisted_postcopy.access.listeningEndpoint "
                                         "(an operator's endpoint description) or access.listenUNIX")
+
+
+    def test_bufferedListeningOnlyThroughAccess(self) -> None:
+        """
+        The package builds a
+        L{twisted_postcopy.protocols.receive.BufferedListening} only to
+        hand it to a server endpoint: for Unix sockets that is
+        L{twisted_postcopy.access.UNIXAccessEndpoint} (so its
+        C{listenUNIX} runs inside L{twisted_postcopy.access.listenUNIX}).
+        """
+        import twisted_postcopy
+
+        package = os.path.dirname(twisted_postcopy.__file__)
+        uses = []
+        for directory, subdirectories, files in os.walk(package):
+            for name in files:
+                if name.endswith(".py"):
+                    with open(os.path.join(directory, name)) as f:
+                        uses += [line.strip() for line in f if "BufferedListening(reactor)" in line]
+        self.assertEqual(sorted(uses), sorted([
+            'return UNIXAccessEndpoint(BufferedListening(reactor), where, SocketPolicy(what="migration socket"))',
+            "return TCP4ServerEndpoint(BufferedListening(reactor), port, interface=where)"]))
 
 
 class RealDaemonTests(TestCase):

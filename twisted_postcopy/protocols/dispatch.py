@@ -82,8 +82,31 @@ class IncomingStreamReader:
         @raise twisted_postcopy.errors.PostcopyError: bad input, or the
             engine refused it.
         """
+        self.decoder.receiveData(data)
+        self._act()
+
+    def receiveBorrowed(self, view: memoryview) -> None:
+        """
+        Decode and act on everything the bytes of a connection's receive
+        buffer complete; pages are placed straight from it, and what is
+        left unconsumed is copied before this returns (the buffer is read
+        into again next).
+
+        @param view: main-stream bytes, in memory lent until this returns.
+        @raise twisted_postcopy.errors.PostcopyError: as L{receiveData}.
+        """
         decoder = self.decoder
-        decoder.receiveData(data)
+        decoder.receiveBorrowed(view)
+        try:
+            self._act()
+        finally:
+            decoder.releaseBorrowed()
+
+    def _act(self) -> None:
+        """
+        Act on every event decodable now.
+        """
+        decoder = self.decoder
         calls = self._calls
         while not self.finished:
             event = decoder.nextEvent()

@@ -18,10 +18,12 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_postcopy.errors import MigrationError
 from twisted_postcopy.protocols.deadlink import noLinkWatch
 from twisted_postcopy.protocols.preempt import PreemptDestinationFactory
+from twisted_postcopy.protocols.receive import BufferedListening, IBufferedReceiver
 from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
 from twisted_postcopy.wire.constants import QEMU_VM_FILE_MAGIC
 
@@ -60,14 +62,15 @@ def serverEndpoint(reactor: Any, uri: str) -> Any:
     @param uri: a migration URI.
     @return: a server endpoint for it (a Unix socket is 0600 and takes
         only root's and the daemon user's connections: see
-        L{twisted_postcopy.access}).
+        L{twisted_postcopy.access}); its connections read into their
+        protocols' buffers (L{twisted_postcopy.protocols.receive}).
     """
     kind, where, port = parseURI(uri)
     if kind == "unix":
         from twisted_postcopy.access import SocketPolicy, UNIXAccessEndpoint
 
-        return UNIXAccessEndpoint(reactor, where, SocketPolicy(what="migration socket"))
-    return TCP4ServerEndpoint(reactor, port, interface=where)
+        return UNIXAccessEndpoint(BufferedListening(reactor), where, SocketPolicy(what="migration socket"))
+    return TCP4ServerEndpoint(BufferedListening(reactor), port, interface=where)
 
 
 class SourceFactory(Factory):
@@ -106,11 +109,13 @@ class SourceFactory(Factory):
 MAIN_MAGIC = struct.pack(">I", QEMU_VM_FILE_MAGIC)
 
 
+@implementer(IBufferedReceiver)
 class ChannelSorter(Protocol):
     """
     An incoming connection whose role (main or preempt channel) is not
     known yet: holds its bytes until its factory decides, then forwards
-    everything to the protocol of that role.
+    everything to the protocol of that role (reads into that protocol's
+    receive buffer, when it has one).
 
     The factory (a L{DestinationFactory}, or a recovery factory) keeps the
     undecided connections in C{pendingChannels} (in the order they were
@@ -162,6 +167,23 @@ class ChannelSorter(Protocol):
         if self.held:
             held, self.held = self.held, b""
             protocol.dataReceived(held)
+
+    def getBuffer(self) -> Any:
+        """
+        @return: the receive buffer of the decided role's protocol, or
+            L{None} (undecided, or a protocol without one: the read then
+            comes to L{dataReceived}).
+        """
+        inner = self.inner
+        return inner.getBuffer() if IBufferedReceiver.providedBy(inner) else None
+
+    def bufferUpdated(self, count: int) -> None:
+        """
+        Forward a read into the decided protocol's receive buffer.
+
+        @param count: how many bytes arrived.
+        """
+        self.inner.bufferUpdated(count)
 
     def dataReceived(self, data: bytes) -> None:
         """

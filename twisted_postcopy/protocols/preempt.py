@@ -20,10 +20,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
 from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, noLinkWatch, stopWatching, watchLink)
+from twisted_postcopy.protocols.receive import IBufferedReceiver
 from twisted_postcopy.protocols.sockets import GatheredWriter
 from twisted_postcopy.protocols.tls import connectMaybeTLS
 from twisted_postcopy.source.outgoing import PreemptPhase
@@ -254,10 +256,18 @@ def preemptConnector(reactor: Any, uri: str, endpoint: Any, tls: Any, migration:
     return connect
 
 
+#: The preempt channel's receive buffer (Twisted's default read size):
+#: it carries requested host pages only.
+PREEMPT_RECEIVE_CHUNK = 1 << 16
+
+
+@implementer(IBufferedReceiver)
 class PreemptDestinationProtocol(Protocol):
     """
     The destination's end of the preempt channel: decodes RAM records and
-    hands them to the incoming migration, until EOS.
+    hands them to the incoming migration, until EOS.  Over a port of
+    L{twisted_postcopy.protocols.receive} it reads with C{recv_into} into
+    one preallocated buffer of L{PREEMPT_RECEIVE_CHUNK} bytes.
 
     Bytes arriving before the block list is known are held (a 7.2 source
     only writes here in postcopy, after RAM START).
@@ -292,6 +302,7 @@ class PreemptDestinationProtocol(Protocol):
         self.bytesReceived = 0
         self.ended: Deferred = Deferred()
         self.watchdog: Any = None
+        self.receiveBuffer: memoryview | None = None
 
     def connectionMade(self) -> None:
         """
@@ -313,11 +324,37 @@ class PreemptDestinationProtocol(Protocol):
             self.decoder = PreemptDecoder(blocks)
         return self.decoder
 
+    def getBuffer(self) -> memoryview:
+        """
+        @return: the channel's receive buffer (made at the first read).
+        """
+        if self.receiveBuffer is None:
+            self.receiveBuffer = memoryview(bytearray(PREEMPT_RECEIVE_CHUNK))
+        return self.receiveBuffer
+
+    def bufferUpdated(self, count: int) -> None:
+        """
+        Bytes arrived in the receive buffer.
+
+        @param count: how many.
+        """
+        self.received(self.getBuffer()[:count], True)
+
     def dataReceived(self, data: bytes) -> None:
         """
         Decode and place what arrived.
 
         @param data: bytes from the source.
+        """
+        self.received(data, False)
+
+    def received(self, data: bytes | memoryview, borrowed: bool) -> None:
+        """
+        Decode and place what arrived (held until the block list is known).
+
+        @param data: bytes from the source.
+        @param borrowed: whether C{data} is the receive buffer's, to be read
+            into again once this returns.
         """
         self.bytesReceived += len(data)
         decoder = self._decoder()
@@ -329,13 +366,21 @@ class PreemptDestinationProtocol(Protocol):
                     self.heldBytes, "max-preempt-held"))
                 return
             self.heldBytes += len(data)
-            self.held.append(data)
+            self.held.append(bytes(data))
             return
         held, self.held, self.heldBytes = self.held, [], 0
         try:
-            for chunk in [*held, data]:
+            for chunk in held:
                 decoder.receiveData(chunk)
-            self._consume(decoder)
+            if not borrowed:
+                decoder.receiveData(data)
+                self._consume(decoder)
+                return
+            decoder.receiveBorrowed(data)
+            try:
+                self._consume(decoder)
+            finally:
+                decoder.releaseBorrowed()
         except RemoteProtocolError as e:
             self._fail(e)
 

@@ -238,6 +238,7 @@ class RecoveryDestinationProtocol(DestinationProtocol):
         self.watch = watch
         self.driver: Any = None
         self.watchdog: Any = None
+        self.receiveBuffer: memoryview | None = None
 
     def connectionMade(self) -> None:
         """
@@ -257,14 +258,15 @@ class RecoveryDestinationProtocol(DestinationProtocol):
         self.tookOver()
         resume.start()
 
-    def dataReceived(self, data: bytes) -> None:
+    def mainStream(self, data: bytes | memoryview, borrowed: bool) -> None:
         """
         Main-stream bytes (only once this connection was accepted).
 
         @param data: what arrived.
+        @param borrowed: see L{DestinationProtocol.mainStream}.
         """
         if self.incoming.channel is self:
-            super().dataReceived(data)
+            super().mainStream(data, borrowed)
 
     def connectionLost(self, reason: Any) -> None:
         """

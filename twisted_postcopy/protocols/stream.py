@@ -26,7 +26,9 @@ from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, noLinkWatch, stopWatching, watchLink)
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
-from twisted_postcopy.protocols.sockets import GatheredWriter, readInLargeChunks, sendAtOnce, transportSocket
+from twisted_postcopy.protocols.receive import IBufferedReceiver
+from twisted_postcopy.protocols.sockets import (
+    RECEIVE_CHUNK, GatheredWriter, readInLargeChunks, sendAtOnce, transportSocket)
 from twisted_postcopy.source.machine import FINISHED
 from twisted_postcopy.source.outgoing import DONE
 from twisted_postcopy.source.recovery import channelLost as outgoingChannelLost
@@ -234,9 +236,13 @@ class SourceProtocol(Protocol):
         self.migration.fail(MigrationFailed(f"migration connection lost: {why}"))
 
 
+@implementer(IBufferedReceiver)
 class DestinationProtocol(Protocol):
     """
-    The destination end of the main connection.
+    The destination end of the main connection.  Over a port of
+    L{twisted_postcopy.protocols.receive} it is read with C{recv_into}
+    into one preallocated buffer of L{RECEIVE_CHUNK} bytes, its pages
+    placed straight from there; otherwise (TLS) through C{dataReceived}.
 
     @ivar incoming: the L{twisted_postcopy.destination.incoming.IncomingMigration}.
     @ivar driver: decodes the stream and calls the incoming migration.
@@ -253,6 +259,23 @@ class DestinationProtocol(Protocol):
         self.watch = watch
         self.driver = IncomingStreamReader(incoming)
         self.watchdog: Any = None
+        self.receiveBuffer: memoryview | None = None
+
+    def getBuffer(self) -> memoryview:
+        """
+        @return: the connection's receive buffer (made at the first read).
+        """
+        if self.receiveBuffer is None:
+            self.receiveBuffer = memoryview(bytearray(RECEIVE_CHUNK))
+        return self.receiveBuffer
+
+    def bufferUpdated(self, count: int) -> None:
+        """
+        Main-stream bytes arrived in the receive buffer.
+
+        @param count: how many.
+        """
+        self.mainStream(self.getBuffer()[:count], True)
 
     def connectionMade(self) -> None:
         """
@@ -296,8 +319,21 @@ class DestinationProtocol(Protocol):
 
         @param data: what arrived.
         """
+        self.mainStream(data, False)
+
+    def mainStream(self, data: bytes | memoryview, borrowed: bool) -> None:
+        """
+        Decode and act on main-stream bytes.
+
+        @param data: what arrived.
+        @param borrowed: whether C{data} is the receive buffer's, to be
+            read into again once this returns.
+        """
         try:
-            self.driver.receiveData(data)
+            if borrowed:
+                self.driver.receiveBorrowed(data)
+            else:
+                self.driver.receiveData(data)
             self.incoming.flush()
         except (PostcopyError, OSError) as error:
             _log.warn("incoming migration stream: {error}", error=error)

@@ -18,6 +18,12 @@ in many growing steps is still joined O(log n) times.
 Parsers of elements made of many entries consume each entry as they read
 it, so no element grows while its bytes trickle in.
 
+A connection that reads into one preallocated buffer (C{recv_into}, see
+L{twisted_postcopy.protocols.receive}) lends its bytes instead
+(L{ReceiveBuffer.borrow}): they are parsed in place like a received chunk,
+and when the caller is done with the events, L{ReceiveBuffer.release}
+copies just the unconsumed rest, so the buffer can be read into again.
+
 L{BufferedDecoder} is the feeding and pulling API every decoder shares.
 """
 
@@ -39,7 +45,8 @@ class ReceiveBuffer:
     The parser reads C{data} from C{offset} after L{ensure} said enough
     contiguous bytes are there, then calls L{advance}.
 
-    @ivar data: the current contiguous chunk (immutable).
+    @ivar data: the current contiguous chunk (immutable, or lent by
+        L{borrow}).
     @ivar view: a memoryview of C{data}.
     @ivar offset: the index of the first unconsumed byte in C{data}.
     @ivar position: the stream offset of C{data[offset]}.
@@ -50,12 +57,12 @@ class ReceiveBuffer:
         """
         @param position: the stream offset of the first byte to be fed.
         """
-        self.data: bytes = b""
+        self.data: bytes | memoryview = b""
         self.view = memoryview(self.data)
         self.offset = 0
         self.position = position
         self.closed = False
-        self._pending: deque[tuple[bytes, int]] = deque()
+        self._pending: deque[tuple[bytes | memoryview, int]] = deque()
         self._pendingLength = 0
         self._joins = 0
 
@@ -72,6 +79,33 @@ class ReceiveBuffer:
             data = bytes(data)
         self._pending.append((data, 0))
         self._pendingLength += len(data)
+
+    def borrow(self, view: memoryview) -> None:
+        """
+        Parse straight from the caller's memory (a connection's
+        preallocated receive buffer): no copy, until L{release}.  Every
+        event decoded meanwhile may hold views of that memory (a page's
+        data); the caller acts on them before it releases the buffer and
+        reads into it again.
+
+        @param view: a non-empty memoryview of the received bytes.
+        """
+        self._pending.append((view, 0))
+        self._pendingLength += len(view)
+
+    def release(self) -> None:
+        """
+        The caller's memory is about to be reused: copy the unconsumed
+        bytes lent by L{borrow} (at most the element still incomplete, and
+        the chunks not parsed yet), so nothing here refers to it any more.
+        Owned chunks are L{bytes}; lent ones are the only memoryviews.
+        """
+        if isinstance(self.data, memoryview):
+            self._replace(bytes(self.data[self.offset:]), 0)
+        pending = self._pending
+        if any(isinstance(chunk, memoryview) for chunk, _ in pending):
+            self._pending = deque((bytes(chunk[start:]), 0) if isinstance(chunk, memoryview) else (chunk, start)
+                                  for chunk, start in pending)
 
     def __len__(self) -> int:
         """
@@ -215,6 +249,22 @@ class BufferedDecoder(Generic[_EventT]):
         @param data: the bytes; C{b""} means the input ended.
         """
         self._buffer.feed(data)
+
+    def receiveBorrowed(self, view: memoryview) -> None:
+        """
+        Buffer received bytes that stay in the caller's memory until
+        L{releaseBorrowed} (L{ReceiveBuffer.borrow}).
+
+        @param view: the bytes (not empty).
+        """
+        self._buffer.borrow(view)
+
+    def releaseBorrowed(self) -> None:
+        """
+        Copy what is still unconsumed of the borrowed bytes: the caller
+        reuses its memory next.
+        """
+        self._buffer.release()
 
     def events(self) -> Iterator[_EventT]:
         """
