@@ -132,13 +132,19 @@ class _RestoreHelpers:
         """
         QEMU's blocktime figures of a postcopy restore whose guest faulted:
         its one vCPU was blocked for a while, no longer than the migration
-        lasted, and (one vCPU) the all-vCPUs figure equals the vCPU's.
+        lasted, and (one vCPU) the all-vCPUs figure is at most the vCPU's.
+        (Usually equal; but QEMU 7.2 counts the all-vCPUs time only while
+        its count of blocked vCPUs equals the number of vCPUs, and a fault
+        racing with the placement of its own page decrements that count
+        twice, in C{mark_postcopy_blocktime_begin} and C{_end}: after that
+        some of the vCPU's blocked time is missing from the total, as in
+        one run here, 75 ms against 84 ms.)
 
         @param info: the destination's C{query-migrate}.
         @param summary: the restore's line for that destination.
         """
         (vcpu,) = info["postcopy-vcpu-blocktime"]
-        self.assertEqual(info["postcopy-blocktime"], vcpu, info)
+        self.assertLessEqual(info["postcopy-blocktime"], vcpu, info)
         self.assertGreater(vcpu, 0, info)
         self.assertLessEqual(vcpu, summary["total-time"], (info, summary))
 
