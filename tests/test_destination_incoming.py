@@ -52,6 +52,19 @@ def _expected(stream: bytes) -> tuple[dict[str, bytearray], bytes]:
     return memory, devices
 
 
+def loadingCapture() -> tuple[bytes, IncomingTestVM, IncomingMigration]:
+    """
+    @return: the QEMU 7.2 capture, and an incoming migration (in C{setup})
+        into a new L{IncomingTestVM} to load it.
+    """
+    with open(CAPTURE, "rb") as f:
+        stream = f.read()
+    vm = IncomingTestVM()
+    incoming = IncomingMigration(vm, None)
+    incoming.machine.setup()
+    return stream, vm, incoming
+
+
 class QEMUCaptureTests(SynchronousTestCase):
     """
     A stream written by a real QEMU 7.2 source.
@@ -62,11 +75,7 @@ class QEMUCaptureTests(SynchronousTestCase):
         The capture, fed in odd-sized chunks, completes; RAM and device bytes
         equal what the records say; the guest is run once.
         """
-        with open(CAPTURE, "rb") as f:
-            stream = f.read()
-        vm = IncomingTestVM()
-        incoming = IncomingMigration(vm, None)
-        incoming.machine.setup()
+        stream, vm, incoming = loadingCapture()
         protocol = DestinationProtocol(incoming)
         transport = StringTransport()
         protocol.makeConnection(transport)

@@ -20,12 +20,10 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from twisted_postcopy.access import listenUNIX
-from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.protocols.factories import DestinationFactory, serverEndpoint
 from twisted_postcopy.protocols.receive import (
     BufferedListening, IBufferedReceiver, ReceivingTCPServer, ReceivingUNIXServer)
-from twisted_postcopy.testing.enginevm import IncomingTestVM
-from tests.test_destination_incoming import CAPTURE, _expected
+from tests.test_destination_incoming import _expected, loadingCapture
 
 #: Bytes each test client sends (many reads of the receiver's buffer).
 SENT = bytes(range(251)) * 4000
@@ -197,11 +195,7 @@ class ReceivingPortTests(TestCase):
         protocol's receive buffer and loads whole: RAM and device bytes
         equal the recording's, and the migration completes.
         """
-        with open(CAPTURE, "rb") as f:
-            stream = f.read()
-        vm = IncomingTestVM()
-        incoming = IncomingMigration(vm, None)
-        incoming.machine.setup()
+        stream, vm, incoming = loadingCapture()
         factory = DestinationFactory(incoming)
         port = yield serverEndpoint(reactor, "tcp:127.0.0.1:0").listen(factory)
         self.addCleanup(port.stopListening)

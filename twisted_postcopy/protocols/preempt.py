@@ -20,12 +20,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from twisted_postcopy.errors import LimitExceededError, RemoteProtocolError
 from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, noLinkWatch, stopWatching, watchLink)
-from twisted_postcopy.protocols.receive import IBufferedReceiver
+from twisted_postcopy.protocols.receive import PreallocatedReceiver
 from twisted_postcopy.protocols.sockets import GatheredWriter
 from twisted_postcopy.protocols.tls import connectMaybeTLS
 from twisted_postcopy.source.outgoing import PreemptPhase
@@ -261,8 +260,7 @@ def preemptConnector(reactor: Any, uri: str, endpoint: Any, tls: Any, migration:
 PREEMPT_RECEIVE_CHUNK = 1 << 16
 
 
-@implementer(IBufferedReceiver)
-class PreemptDestinationProtocol(Protocol):
+class PreemptDestinationProtocol(PreallocatedReceiver, Protocol):
     """
     The destination's end of the preempt channel: decodes RAM records and
     hands them to the incoming migration, until EOS.  Over a port of
@@ -286,6 +284,8 @@ class PreemptDestinationProtocol(Protocol):
         fires C{ended} with None too.
     """
 
+    receiveSize = PREEMPT_RECEIVE_CHUNK
+
     def __init__(self, incoming: Any, watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the incoming migration.
@@ -302,7 +302,6 @@ class PreemptDestinationProtocol(Protocol):
         self.bytesReceived = 0
         self.ended: Deferred = Deferred()
         self.watchdog: Any = None
-        self.receiveBuffer: memoryview | None = None
 
     def connectionMade(self) -> None:
         """
@@ -323,30 +322,6 @@ class PreemptDestinationProtocol(Protocol):
             blocks = [RAMBlockInfo(name, block.length) for name, block in placer.blocks.items()]
             self.decoder = PreemptDecoder(blocks)
         return self.decoder
-
-    def getBuffer(self) -> memoryview:
-        """
-        @return: the channel's receive buffer (made at the first read).
-        """
-        if self.receiveBuffer is None:
-            self.receiveBuffer = memoryview(bytearray(PREEMPT_RECEIVE_CHUNK))
-        return self.receiveBuffer
-
-    def bufferUpdated(self, count: int) -> None:
-        """
-        Bytes arrived in the receive buffer.
-
-        @param count: how many.
-        """
-        self.received(self.getBuffer()[:count], True)
-
-    def dataReceived(self, data: bytes) -> None:
-        """
-        Decode and place what arrived.
-
-        @param data: bytes from the source.
-        """
-        self.received(data, False)
 
     def received(self, data: bytes | memoryview, borrowed: bool) -> None:
         """

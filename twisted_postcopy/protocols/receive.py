@@ -32,7 +32,7 @@ from typing import Any
 
 from twisted.internet import main, tcp, unix
 from twisted.internet.posixbase import PosixReactorBase
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 
 
 class IBufferedReceiver(Interface):
@@ -55,6 +55,52 @@ class IBufferedReceiver(Interface):
         @param count: at least 1 (the end of the input is
             C{connectionLost}, as usual).
         """
+
+
+@implementer(IBufferedReceiver)
+class PreallocatedReceiver:
+    """
+    A protocol mixin: one receive buffer of L{receiveSize} bytes, made at
+    the first read, lent for every read; bytes read into it go to
+    C{received(view, True)}, bytes from C{dataReceived} (TLS) to
+    C{received(data, False)}.
+
+    @cvar receiveSize: the buffer's size, the most bytes one read takes.
+    @ivar receiveBuffer: the buffer, once made.
+    """
+
+    receiveSize = 1 << 16
+    receiveBuffer: memoryview | None = None
+
+    def getBuffer(self) -> memoryview:
+        """
+        @return: the receive buffer.
+        """
+        if self.receiveBuffer is None:
+            self.receiveBuffer = memoryview(bytearray(self.receiveSize))
+        return self.receiveBuffer
+
+    def bufferUpdated(self, count: int) -> None:
+        """
+        @param count: how many bytes arrived in the receive buffer.
+        """
+        self.received(self.getBuffer()[:count], True)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        @param data: bytes read the usual way.
+        """
+        self.received(data, False)
+
+    def received(self, data: bytes | memoryview, borrowed: bool) -> None:
+        """
+        Act on what arrived.
+
+        @param data: the bytes.
+        @param borrowed: whether they are the receive buffer's, read into
+            again once this returns (copy what is kept).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must act on received bytes")
 
 
 class _ReadsIntoBuffer:

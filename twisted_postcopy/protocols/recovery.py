@@ -238,7 +238,6 @@ class RecoveryDestinationProtocol(DestinationProtocol):
         self.watch = watch
         self.driver: Any = None
         self.watchdog: Any = None
-        self.receiveBuffer: memoryview | None = None
 
     def connectionMade(self) -> None:
         """
@@ -258,15 +257,15 @@ class RecoveryDestinationProtocol(DestinationProtocol):
         self.tookOver()
         resume.start()
 
-    def mainStream(self, data: bytes | memoryview, borrowed: bool) -> None:
+    def received(self, data: bytes | memoryview, borrowed: bool) -> None:
         """
         Main-stream bytes (only once this connection was accepted).
 
         @param data: what arrived.
-        @param borrowed: see L{DestinationProtocol.mainStream}.
+        @param borrowed: see L{DestinationProtocol.received}.
         """
         if self.incoming.channel is self:
-            super().mainStream(data, borrowed)
+            super().received(data, borrowed)
 
     def connectionLost(self, reason: Any) -> None:
         """

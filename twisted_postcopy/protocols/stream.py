@@ -26,7 +26,7 @@ from twisted_postcopy.protocols.deadlink import (
     DEFAULT_LINK_TIMEOUT_MS, LINK_TIMEOUT, lostReason, noLinkWatch, stopWatching, watchLink)
 from twisted_postcopy.errors import MigrationFailed, PostcopyError
 from twisted_postcopy.protocols.dispatch import IncomingStreamReader, ReturnPathReader
-from twisted_postcopy.protocols.receive import IBufferedReceiver
+from twisted_postcopy.protocols.receive import PreallocatedReceiver
 from twisted_postcopy.protocols.sockets import (
     RECEIVE_CHUNK, GatheredWriter, readInLargeChunks, sendAtOnce, transportSocket)
 from twisted_postcopy.source.machine import FINISHED
@@ -236,8 +236,7 @@ class SourceProtocol(Protocol):
         self.migration.fail(MigrationFailed(f"migration connection lost: {why}"))
 
 
-@implementer(IBufferedReceiver)
-class DestinationProtocol(Protocol):
+class DestinationProtocol(PreallocatedReceiver, Protocol):
     """
     The destination end of the main connection.  Over a port of
     L{twisted_postcopy.protocols.receive} it is read with C{recv_into}
@@ -250,6 +249,8 @@ class DestinationProtocol(Protocol):
         (L{twisted_postcopy.protocols.deadlink.linkWatch}).
     """
 
+    receiveSize = RECEIVE_CHUNK
+
     def __init__(self, incoming: Any, watch: Callable[[Any], Any] = noLinkWatch) -> None:
         """
         @param incoming: the incoming migration.
@@ -259,23 +260,6 @@ class DestinationProtocol(Protocol):
         self.watch = watch
         self.driver = IncomingStreamReader(incoming)
         self.watchdog: Any = None
-        self.receiveBuffer: memoryview | None = None
-
-    def getBuffer(self) -> memoryview:
-        """
-        @return: the connection's receive buffer (made at the first read).
-        """
-        if self.receiveBuffer is None:
-            self.receiveBuffer = memoryview(bytearray(RECEIVE_CHUNK))
-        return self.receiveBuffer
-
-    def bufferUpdated(self, count: int) -> None:
-        """
-        Main-stream bytes arrived in the receive buffer.
-
-        @param count: how many.
-        """
-        self.mainStream(self.getBuffer()[:count], True)
 
     def connectionMade(self) -> None:
         """
@@ -313,15 +297,7 @@ class DestinationProtocol(Protocol):
             else:
                 self.transport.abortConnection()
 
-    def dataReceived(self, data: bytes) -> None:
-        """
-        Main-stream bytes.
-
-        @param data: what arrived.
-        """
-        self.mainStream(data, False)
-
-    def mainStream(self, data: bytes | memoryview, borrowed: bool) -> None:
+    def received(self, data: bytes | memoryview, borrowed: bool) -> None:
         """
         Decode and act on main-stream bytes.
 
