@@ -347,11 +347,7 @@ class PreemptDestinationProtocol(PreallocatedReceiver, Protocol):
         try:
             for chunk in held:
                 decoder.receiveData(chunk)
-            if not borrowed:
-                decoder.receiveData(data)
-                self._consume(decoder)
-                return
-            decoder.receiveBorrowed(data)
+            (decoder.receiveBorrowed if borrowed else decoder.receiveData)(data)
             try:
                 self._consume(decoder)
             finally:
