@@ -254,11 +254,17 @@ class QEMUWatchTests(SynchronousTestCase):
         monitor = os.path.join(directory, "watch.qmp")
         source = startBootedQEMU(self, "source", ["-qmp", f"unix:{monitor},server=on,wait=off"])
         destination = startBootedQEMU(self, "destination", ["-incoming", "defer"])
-        host, port = preparePostcopy(source, destination, 4 << 20, 0)
+        host, port = preparePostcopy(source, destination, 4 << 10, 0)
         source.waitSerial(1)
         # Postcopy from the start, slow enough to be seen (the guest's RAM
         # is mostly zero pages: a precopy would converge at once).
         source.setParameters(max_postcopy_bandwidth=2 << 20)
+        # Precopy at 4 KiB/s leaves nearly every page to postcopy (at 4 MiB/s
+        # the first rate-limit window took almost all of this mostly-zero
+        # RAM, and postcopy once lasted less than one poll of the watch);
+        # with the events capability every status also comes as a
+        # MIGRATION event.
+        source.setCapabilities(events=True)
         process = subprocess.Popen(
             [sys.executable, "-m", "twisted_postcopy.cli", "watch", "--qmp", f"unix:{monitor}",
              "--interval", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
