@@ -317,6 +317,39 @@ class SnapshotCommandTests(SynchronousTestCase):
         self.assertEqual((restores[0]["dir"], restores[0]["postcopy"], restores[0]["status"]),
                          (self.path, True, "active"))
 
+    def test_restorePreemptAndParameters(self) -> None:
+        """
+        C{snapshot-restore} with C{postcopy-preempt} and C{parameters}
+        starts every clone with the capability on and those parameters
+        set (the C{x-} ones of docs/prefetch.md, like the command line's
+        C{--parameter}).
+        """
+        uris = ["tcp:127.0.0.1:5001", "tcp:127.0.0.1:5002"]
+        self.successResultOf(self.call(self.client.snapshotRestore(
+            self.path, uris, preempt=True, parameters={"x-readahead-pages": 8, "x-scan-follows-faults": 0})))
+        managers = self.jobs.restores[0].managers
+        self.assertEqual(len(managers), 2)
+        for manager in managers:
+            self.assertTrue(manager.capabilities["postcopy-preempt"])
+            self.assertEqual((manager.parameters["x-readahead-pages"], manager.parameters["x-scan-follows-faults"]),
+                             (8, 0))
+
+    def test_restoreBadParameter(self) -> None:
+        """
+        C{snapshot-restore} with a parameter C{migrate-set-parameters}
+        refuses fails with QEMU's text before anything starts: nothing is
+        verified, no connection is made, no restore is listed.
+        """
+        for parameters, text in (({"x-no-such": 1}, "Parameter 'x-no-such' is unexpected"),
+                                 ({"x-readahead-pages": 100000},
+                                  "Parameter 'x-readahead-pages' expects an integer in the range of 0 to 512")):
+            failure = self.failureResultOf(self.call(self.client.snapshotRestore(
+                self.path, ["tcp:127.0.0.1:5001"], parameters=parameters)))
+            failure.trap(errors.MigrationError)
+            self.assertEqual(str(failure.value), text)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.jobs.restores, [])
+
     def test_restoreTampered(self) -> None:
         """
         C{snapshot-restore} of a tampered snapshot fails with

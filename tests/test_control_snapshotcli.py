@@ -151,3 +151,23 @@ class SnapshotCommandLineTests(TestCase):
             yield deferLater(self.reactor, 0.02, lambda: None)
         status, out, _ = yield self.run_("query-snapshot", "--json")
         self.assertEqual(json.loads(out)["restores"][0]["status"], "failed")
+
+    @defer.inlineCallbacks
+    def test_restoreParameters(self) -> Any:
+        """
+        C{snapshot-restore --postcopy-preempt --parameter NAME=VALUE} gives
+        the daemon's restore the capability and the parameter; a parameter
+        the daemon refuses exits 1 with QEMU's text and starts nothing.
+        """
+        status, _, err = yield self.run_("snapshot-restore", self.snapshot, "--to", "unix:" + self.path + ".nobody",
+                                         "--parameter", "x-no-such=1")
+        self.assertEqual(status, 1)
+        self.assertIn("Parameter 'x-no-such' is unexpected", err)
+        self.assertEqual(self.jobs.restores, [])
+        status, _, err = yield self.run_("snapshot-restore", self.snapshot, "--to", "unix:" + self.path + ".nobody",
+                                         "--postcopy-preempt", "--parameter", "x-readahead-pages=8")
+        self.assertEqual(status, 0, err)
+        (manager,) = self.jobs.restores[0].managers
+        self.assertTrue(manager.capabilities["postcopy-preempt"])
+        self.assertTrue(manager.capabilities["postcopy-ram"])
+        self.assertEqual(manager.parameters["x-readahead-pages"], 8)

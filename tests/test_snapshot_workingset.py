@@ -397,12 +397,12 @@ class RestoreParameterOptionTests(SynchronousTestCase):
         Integer values become parameters; anything else is refused naming
         the option.
         """
-        from twisted_postcopy.snapshot.cli import _parameters
+        from twisted_postcopy.snapshot.cli import parseParameters
 
-        self.assertEqual(_parameters([f"{WORKING_SET}=4096", "x-readahead-pages=8"]),
+        self.assertEqual(parseParameters([f"{WORKING_SET}=4096", "x-readahead-pages=8"]),
                          {WORKING_SET: 4096, "x-readahead-pages": 8})
         for bad in ("x-working-set-pages", "x-working-set-pages=", "x-working-set-pages=-1", "=3"):
-            error = self.assertRaises(SystemExit, _parameters, [bad])
+            error = self.assertRaises(SystemExit, parseParameters, [bad])
             self.assertIn("--parameter", str(error))
 
 

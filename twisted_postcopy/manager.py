@@ -55,6 +55,36 @@ TLS_PARAMETERS = {"tls-creds": "", "tls-hostname": "", "tls-authz": ""}
 _IN_PROGRESS = "There's a migration process in progress"
 
 
+def checkParameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """
+    Check migration parameters as C{migrate-set-parameters} does.
+
+    @param parameters: name -> value.
+    @return: the parameters (TLS ones in their stored form).
+    @raise MigrationError: unknown name or value out of range (QEMU's text).
+    """
+    parameters = _tlsParameters(parameters)
+    for name, value in parameters.items():
+        if name in TLS_PARAMETERS:
+            continue
+        if name not in PARAMETERS:
+            raise MigrationError(f"Parameter '{name}' is unexpected")
+        if not isinstance(value, int) or value < 0:
+            raise MigrationError(f"Parameter '{name}' expects a non-negative integer")
+        if name == "downtime-limit" and value > 2000000:
+            raise MigrationError(
+                "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
+        refused = prefetch.checkParameter(name, value)
+        if refused:
+            raise MigrationError(refused)
+        if name == LINK_TIMEOUT:
+            try:
+                checkLinkTimeout(value)
+            except ValueError as error:
+                raise MigrationError(str(error))
+    return parameters
+
+
 class MigrationManager:
     """
     One daemon's migration commands.
@@ -189,26 +219,7 @@ class MigrationManager:
         @param parameters: name -> value.
         @raise MigrationError: unknown name or value out of range.
         """
-        parameters = _tlsParameters(parameters)
-        for name, value in parameters.items():
-            if name in TLS_PARAMETERS:
-                continue
-            if name not in PARAMETERS:
-                raise MigrationError(f"Parameter '{name}' is unexpected")
-            if not isinstance(value, int) or value < 0:
-                raise MigrationError(f"Parameter '{name}' expects a non-negative integer")
-            if name == "downtime-limit" and value > 2000000:
-                raise MigrationError(
-                    "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms")
-            refused = prefetch.checkParameter(name, value)
-            if refused:
-                raise MigrationError(refused)
-            if name == LINK_TIMEOUT:
-                try:
-                    checkLinkTimeout(value)
-                except ValueError as error:
-                    raise MigrationError(str(error))
-        self.parameters.update(parameters)
+        self.parameters.update(checkParameters(parameters))
 
     def queryParameters(self) -> dict[str, Any]:
         """

@@ -231,7 +231,8 @@ class ControlClient(AMP):
     async def snapshotRestore(self, path: str, uris: list[str], postcopy: bool = True,
                               bandwidth: int = 0, verify: bool = True,
                               qmp: list[str] | None = None,
-                              tls: dict[str, str] | None = None) -> None:
+                              tls: dict[str, str] | None = None, preempt: bool = False,
+                              parameters: dict[str, int] | None = None) -> None:
         """
         C{snapshot-restore}.
 
@@ -244,8 +245,15 @@ class ControlClient(AMP):
             to recover it after a cut.
         @param tls: C{tls-creds} (and C{tls-hostname}) naming the daemon's
             objects, to migrate over TLS.
+        @param preempt: use a postcopy preempt channel.
+        @param parameters: more migration parameters for every destination
+            (e.g. C{x-working-set-pages}).
         """
         options: dict[str, Any] = {"qmp": list(qmp)} if qmp else {}
+        if preempt:
+            options["postcopy_preempt"] = True
+        if parameters:
+            options["parameters"] = dict(parameters)
         options.update({name.replace("-", "_"): value for name, value in (tls or {}).items()})
         await self.callRemote(commands.SnapshotRestore, dir=path, uris=list(uris),
                               postcopy=postcopy, max_bandwidth=bandwidth, verify=verify, **options)

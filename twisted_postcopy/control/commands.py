@@ -267,12 +267,18 @@ class SnapshotRestore(Command):
     unlimited).  Answers once the hashes are checked (unless C{verify} is
     false) and every connection is started; progress with
     L{QuerySnapshot}.  With C{qmp} (one QMP socket path per destination,
-    C{""} for none), a paused clone's QEMU is recovered through it.
+    C{""} for none), a paused clone's QEMU is recovered through it.  With
+    C{postcopy-preempt}, requested pages go on a preempt channel (each
+    destination needs the capability too); C{parameters} (a JSON object)
+    are more migration parameters for every destination, checked as by
+    C{migrate-set-parameters} before anything starts (the C{x-} ones of
+    docs/prefetch.md, for one).
     """
 
     arguments = [(b"dir", Unicode()), (b"uris", ListOf(Unicode())),
                  (b"postcopy", Boolean(optional=True)), (b"max-bandwidth", Integer(optional=True)),
                  (b"verify", Boolean(optional=True)), (b"qmp", ListOf(Unicode(), optional=True)),
+                 (b"postcopy-preempt", Boolean(optional=True)), (b"parameters", JSON(optional=True)),
                  # docs/tls.md: client credentials of the daemon's objects
                  (b"tls-creds", Unicode(optional=True)), (b"tls-hostname", Unicode(optional=True))]
     response: list = []

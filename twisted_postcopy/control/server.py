@@ -244,7 +244,8 @@ class ControlAMP(AMP):
     def snapshotRestore(self, dir: str, uris: list[str], postcopy: bool | None = None,
                         max_bandwidth: int | None = None, verify: bool | None = None,
                         qmp: list[str] | None = None, tls_creds: str | None = None,
-                        tls_hostname: str | None = None) -> Deferred:
+                        tls_hostname: str | None = None, postcopy_preempt: bool | None = None,
+                        parameters: dict[str, Any] | None = None) -> Deferred:
         """
         C{snapshot-restore}.
 
@@ -257,9 +258,12 @@ class ControlAMP(AMP):
         @param tls_creds: migrate over TLS with these client credentials
             (an C{object-add} object).
         @param tls_hostname: the name the destinations' certificates carry.
+        @param postcopy_preempt: use a postcopy preempt channel.
+        @param parameters: more migration parameters for every destination.
         @return: a Deferred firing with the empty response once started.
         """
         options: dict[str, Any] = {"qmp": qmp} if qmp else {}
+        options.update(preempt=bool(postcopy_preempt), parameters=parameters or {})
         options.update(self._tls({"tls-creds": tls_creds, "tls-hostname": tls_hostname}))
         return _call(lambda: self._snapshots().startRestore(
             dir, uris, postcopy is not False, max_bandwidth or 0, verify is not False, **options))

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from twisted_postcopy.control.client import ControlClient
 from twisted_postcopy.control.runner import runHandler, showResult
+from twisted_postcopy.snapshot.cli import parseParameters
 
 
 def _path(text: str) -> str:
@@ -79,9 +80,10 @@ async def snapshotRestore(client: ControlClient, args: argparse.Namespace, out: 
     @param out: the output (unused).
     @return: 0 once every connection started.
     """
-    await client.snapshotRestore(_path(args.dir), args.to, args.postcopy, args.max_bandwidth,
-                                 not args.no_verify, getattr(args, "qmp", None),
-                                 _tlsArguments(args, "tls_hostname"))
+    await client.snapshotRestore(_path(args.dir), args.to, args.postcopy or args.postcopy_preempt,
+                                 args.max_bandwidth, not args.no_verify, getattr(args, "qmp", None),
+                                 _tlsArguments(args, "tls_hostname"), args.postcopy_preempt,
+                                 parseParameters(args.parameter))
     return 0
 
 
@@ -168,6 +170,11 @@ SNAPSHOT_COMMANDS: list[tuple[str, str, Any, list[tuple[tuple[str, ...], dict]]]
      snapshotRestore,
      [(("dir",), {}), (("--to",), {"action": "append", "required": True, "metavar": "URI"}),
       (("--postcopy",), {"action": "store_true", "help": "run before RAM arrives"}),
+      (("--postcopy-preempt",), {"action": "store_true",
+                                 "help": "postcopy with requested pages on a preempt channel"}),
+      (("--parameter",), {"action": "append", "default": [], "metavar": "NAME=VALUE",
+                          "help": "a migration parameter for every destination, e.g. "
+                                  "x-working-set-pages=65536 (docs/prefetch.md; repeatable)"}),
       (("--no-verify",), {"action": "store_true", "help": "skip the sha256 check"}),
       (("--max-bandwidth",), {"type": int, "default": 0, "metavar": "BYTES",
                               "help": "bytes/s per destination, 0 for unlimited"}),

@@ -218,7 +218,7 @@ def _tls(args: argparse.Namespace, other: str) -> dict[str, Any]:
     return {"objects": objects, "tls": tls}
 
 
-def _parameters(specs: list[str]) -> dict[str, int]:
+def parseParameters(specs: list[str]) -> dict[str, int]:
     """
     @param specs: C{--parameter} values, C{NAME=VALUE} with an integer
         value.
@@ -290,7 +290,7 @@ def _restore(args: argparse.Namespace) -> int:
         started = time.time()
         managers, done = restoreSnapshot(reactor, args.dir, args.to, args.postcopy or args.postcopy_preempt,
                                          False, args.max_bandwidth, **_tls(args, "tls_hostname"),
-                                         parameters=_parameters(args.parameter),
+                                         parameters=parseParameters(args.parameter),
                                          preempt=args.postcopy_preempt)
 
         def report(result: Any) -> Any:

@@ -20,6 +20,7 @@ from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 
 from twisted_postcopy.errors import SnapshotBusyError, SnapshotError, SnapshotReadTooLargeError
+from twisted_postcopy.manager import checkParameters
 from twisted_postcopy.snapshot.capture import CaptureVM, captureSnapshot
 from twisted_postcopy.snapshot.qmprecovery import recoverCapture, recoverRestore
 from twisted_postcopy.access import checkMigrationListener
@@ -309,7 +310,8 @@ class SnapshotJobs:
     def startRestore(self, path: str, uris: Sequence[str], postcopy: bool = True,
                      bandwidth: int = 0, verify: bool = True,
                      qmp: Sequence[str] | None = None, objects: Any = None,
-                     tls: dict[str, str] | None = None) -> Deferred:
+                     tls: dict[str, str] | None = None, preempt: bool = False,
+                     parameters: dict[str, Any] | None = None) -> Deferred:
         """
         C{snapshot-restore}: feed a snapshot to every destination at once.
 
@@ -322,12 +324,18 @@ class SnapshotJobs:
             after a cut, the job recovers that QEMU through it.
         @param objects: TLS objects (see L{restoreSnapshot}).
         @param tls: TLS parameters (see L{restoreSnapshot}).
+        @param preempt: use a postcopy preempt channel (see
+            L{restoreSnapshot}).
+        @param parameters: more migration parameters for every destination.
         @return: a Deferred firing with L{None} once every connection is
             started (after verifying), failing with L{SnapshotError}.
         @raise SnapshotError: no destination given.
+        @raise twisted_postcopy.errors.MigrationError: a parameter
+            C{migrate-set-parameters} would refuse.
         """
         if not uris:
             raise SnapshotError("snapshot-restore needs at least one destination URI")
+        parameters = checkParameters(dict(parameters or {}))
         job = RestoreJob(self.resolve(path), list(uris), postcopy)
         self.restores.append(job)
         checked = verifyInThread(self.reactor, job.path, self.root) if verify else succeed(None)
@@ -339,7 +347,8 @@ class SnapshotJobs:
             @param _: ignored.
             """
             managers, done = restoreSnapshot(self.reactor, job.path, job.uris, postcopy, False,
-                                             bandwidth, root=self.root, objects=objects, tls=tls)
+                                             bandwidth, root=self.root, objects=objects, tls=tls,
+                                             parameters=parameters, preempt=preempt)
             job.managers = managers
             for manager, uri, monitor in zip(managers, job.uris, qmp or ()):
                 if monitor:
