@@ -397,7 +397,7 @@ class RestoreParameterOptionTests(SynchronousTestCase):
         Integer values become parameters; anything else is refused naming
         the option.
         """
-        from twisted_postcopy.snapshot.cli import parseParameters
+        from twisted_postcopy.control.snapshotcli import parseParameters
 
         self.assertEqual(parseParameters([f"{WORKING_SET}=4096", "x-readahead-pages=8"]),
                          {WORKING_SET: 4096, "x-readahead-pages": 8})

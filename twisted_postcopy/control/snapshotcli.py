@@ -22,7 +22,6 @@ from typing import Any, TextIO
 
 from twisted_postcopy.control.client import ControlClient
 from twisted_postcopy.control.runner import runHandler, showResult
-from twisted_postcopy.snapshot.cli import parseParameters
 
 
 def _path(text: str) -> str:
@@ -69,6 +68,22 @@ async def snapshotCapture(client: ControlClient, args: argparse.Namespace, out: 
                                        _tlsArguments(args, "tls_authz"))
     print(f"listening on {uri}", file=out)
     return 0
+
+
+def parseParameters(specs: list[str]) -> dict[str, int]:
+    """
+    @param specs: C{--parameter} values, C{NAME=VALUE} with an integer
+        value.
+    @return: name -> value.
+    @raise SystemExit: a malformed one.
+    """
+    parameters = {}
+    for spec in specs:
+        name, equals, value = spec.partition("=")
+        if not name or not equals or not value.isdigit():
+            raise SystemExit(f"--parameter {spec!r}: expected NAME=INTEGER")
+        parameters[name] = int(value)
+    return parameters
 
 
 async def snapshotRestore(client: ControlClient, args: argparse.Namespace, out: TextIO) -> int:

@@ -218,22 +218,6 @@ def _tls(args: argparse.Namespace, other: str) -> dict[str, Any]:
     return {"objects": objects, "tls": tls}
 
 
-def parseParameters(specs: list[str]) -> dict[str, int]:
-    """
-    @param specs: C{--parameter} values, C{NAME=VALUE} with an integer
-        value.
-    @return: name -> value.
-    @raise SystemExit: a malformed one.
-    """
-    parameters = {}
-    for spec in specs:
-        name, equals, value = spec.partition("=")
-        if not name or not equals or not value.isdigit():
-            raise SystemExit(f"--parameter {spec!r}: expected NAME=INTEGER")
-        parameters[name] = int(value)
-    return parameters
-
-
 def _drainThenStop(reactor: Any, patience: int = 100) -> None:
     """
     Stop the reactor once no transport has bytes left to write (the last
@@ -276,6 +260,7 @@ def _restore(args: argparse.Namespace) -> int:
         JSON line per destination is printed at the end, with
         C{started}, the epoch time the connections were started.
     """
+    from twisted_postcopy.control.snapshotcli import parseParameters
     from twisted_postcopy.snapshot.restore import restoreSnapshot
     from twisted_postcopy.snapshot.store import openSnapshot
 
