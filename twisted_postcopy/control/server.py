@@ -263,7 +263,7 @@ class ControlAMP(AMP):
         @return: a Deferred firing with the empty response once started.
         """
         options: dict[str, Any] = {"qmp": qmp} if qmp else {}
-        options.update(preempt=bool(postcopy_preempt), parameters=parameters or {})
+        options.update(preempt=bool(postcopy_preempt), parameters=parameters)
         options.update(self._tls({"tls-creds": tls_creds, "tls-hostname": tls_hostname}))
         return _call(lambda: self._snapshots().startRestore(
             dir, uris, postcopy is not False, max_bandwidth or 0, verify is not False, **options))

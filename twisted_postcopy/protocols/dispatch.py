@@ -74,33 +74,25 @@ class IncomingStreamReader:
             e.VMDescriptionReceived: lambda ev: self._end(),
         }
 
-    def receiveData(self, data: bytes) -> None:
+    def receiveData(self, data: bytes | memoryview, borrowed: bool = False) -> None:
         """
         Decode and act on everything C{data} completes.
 
         @param data: main-stream bytes.
+        @param borrowed: whether C{data} is a connection's receive buffer,
+            read into again once this returns: pages are placed straight
+            from it, and what is left unconsumed is copied before this
+            returns (L{twisted_postcopy.wire.buffer.ReceiveBuffer.borrow}).
         @raise twisted_postcopy.errors.PostcopyError: bad input, or the
             engine refused it.
         """
-        self.decoder.receiveData(data)
-        self._act()
-
-    def receiveBorrowed(self, view: memoryview) -> None:
-        """
-        Decode and act on everything the bytes of a connection's receive
-        buffer complete; pages are placed straight from it, and what is
-        left unconsumed is copied before this returns (the buffer is read
-        into again next).
-
-        @param view: main-stream bytes, in memory lent until this returns.
-        @raise twisted_postcopy.errors.PostcopyError: as L{receiveData}.
-        """
         decoder = self.decoder
-        decoder.receiveBorrowed(view)
+        (decoder.receiveBorrowed if borrowed else decoder.receiveData)(data)
         try:
             self._act()
         finally:
-            decoder.releaseBorrowed()
+            if borrowed:
+                decoder.releaseBorrowed()
 
     def _act(self) -> None:
         """

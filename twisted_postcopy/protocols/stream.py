@@ -306,10 +306,7 @@ class DestinationProtocol(PreallocatedReceiver, Protocol):
             read into again once this returns.
         """
         try:
-            if borrowed:
-                self.driver.receiveBorrowed(data)
-            else:
-                self.driver.receiveData(data)
+            self.driver.receiveData(data, borrowed)
             self.incoming.flush()
         except (PostcopyError, OSError) as error:
             _log.warn("incoming migration stream: {error}", error=error)
