@@ -10,7 +10,6 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from twisted_postcopy.snapshot import mapping as mapping_module
 from twisted_postcopy.snapshot.mapping import BlockMapping
 
 PAGE = 4096
@@ -93,49 +92,3 @@ class BlockMappingTests(SynchronousTestCase):
         A missing file is an L{OSError}.
         """
         self.assertRaises(OSError, BlockMapping, os.path.join(self.mktemp(), "none"), PAGE)
-
-    def test_populate(self) -> None:
-        """
-        L{BlockMapping.populate} fills the page tables of the whole mapping
-        (data and holes) from a thread, in steps, and leaves the contents
-        as they were; a second call starts nothing more.
-        """
-        length = 3 * (2 << 20)
-        mapping = self.mapped({PAGE: b"p" * PAGE, length - PAGE: b"q" * PAGE}, length)
-        self.patch(mapping_module, "POPULATE_STEP", 2 << 20)
-        mapping.populate()
-        thread = mapping._populating
-        mapping.populate()
-        self.assertIs(mapping._populating, thread)
-        thread.join(30)
-        self.assertFalse(thread.is_alive())
-        self.assertEqual(mapping.populated, length)
-        view = mapping.view()
-        self.assertEqual(view[PAGE : 2 * PAGE].tobytes(), b"p" * PAGE)
-        self.assertEqual(view[length - PAGE :].tobytes(), b"q" * PAGE)
-        self.assertEqual(view[2 * PAGE : length - PAGE].tobytes(), bytes(length - 3 * PAGE))
-
-    def test_closeStopsPopulating(self) -> None:
-        """
-        L{BlockMapping.close} stops the populating thread and waits for it
-        before unmapping, whatever step it was at.
-        """
-        mapping = self.mapped({0: b"x" * PAGE}, 64 << 20)
-        self.patch(mapping_module, "POPULATE_STEP", 1 << 20)
-        mapping.populate()
-        thread = mapping._populating
-        mapping.close()
-        self.assertFalse(thread.is_alive())
-        self.assertEqual(mapping.address, 0)
-        self.assertLessEqual(mapping.populated, 64 << 20)
-        self.assertEqual(mapping.populated % (1 << 20), 0)
-
-    def test_populateClosed(self) -> None:
-        """
-        A closed mapping is not populated.
-        """
-        mapping = self.mapped({}, PAGE)
-        mapping.close()
-        mapping.populate()
-        self.assertIsNone(mapping._populating)
-        self.assertEqual(mapping.populated, 0)

@@ -89,21 +89,6 @@ class SnapshotVMTests(SynchronousTestCase):
         vm.stop()
         vm.resume()
 
-    def test_mappingsPopulated(self) -> None:
-        """
-        Every block's mapping has its page tables filled in the background
-        from the start, so the source's reads do not fault page by page.
-        """
-        path = self.mktemp()
-        makeSnapshot(path)
-        vm = SnapshotVM(openSnapshot(path))
-        mappings = [b.mapping for b in vm.blocks if b.mapping is not None]
-        self.assertTrue(mappings)
-        for mapping in mappings:
-            self.addCleanup(mapping.close)
-            mapping._populating.join(30)
-            self.assertEqual(mapping.populated, mapping.length)
-
     def test_configurationSubsections(self) -> None:
         """
         A stored configuration the engine cannot reproduce is refused by

@@ -12,15 +12,6 @@ are on (C{always} or C{madvise}) a hole reads as the huge zero page: one
 fault per 2 MiB instead of 512 (faulting in 1 GiB of holes took 185-245 ms
 with 4 KiB zero pages here, 1-10 ms with the huge one).  The mapping is
 read-only; nothing writes it.
-
-Touching a page of a file mapping for the first time is a minor fault (the
-kernel maps 16 pages per fault here): reading 3 GiB of cached block file
-through a fresh mapping cost 978 ns per page, against 180 ns once its page
-tables were filled.  L{BlockMapping.populate} fills them ahead of the
-reader, from a thread, with C{MADV_POPULATE_READ} (Linux 5.14; 158 ms for
-3 GiB here, in 32 MiB steps, so that L{BlockMapping.close} waits at most
-one step).  The thread never touches memory itself (the kernel does, in
-the call, without the GIL), and only ever this mapping's own range.
 """
 
 from __future__ import annotations
@@ -28,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import threading
 from contextlib import nullcontext
 from typing import BinaryIO
 
@@ -43,9 +33,6 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_FIXED = 0x10
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MADV_HUGEPAGE = 14
-_MADV_POPULATE_READ = 22
-#: Bytes populated per C{madvise} call.
-POPULATE_STEP = 32 << 20
 _MAP_NORESERVE = 0x4000
 #: The huge page size the mapping is aligned to.
 _HUGE = 2 << 20
@@ -96,13 +83,7 @@ class BlockMapping:
     @ivar length: bytes mapped.
     @ivar address: the mapping's address (0 once closed).
     @ivar dataBytes: bytes backed by the file (the rest reads as zeros).
-    @ivar populated: bytes from the start whose page tables are filled
-        (see L{populate}).
     """
-
-    populated: int = 0
-    _populating: threading.Thread | None = None
-    _stopPopulating: threading.Event | None = None
 
     def __init__(self, path: str, length: int, opened: BinaryIO | None = None) -> None:
         """
@@ -134,37 +115,6 @@ class BlockMapping:
             _mmap(self.address + offset, size, flags, -1)
             _libc.madvise(self.address + offset, size, _MADV_HUGEPAGE)
 
-    def populate(self) -> None:
-        """
-        Fill the mapping's page tables from its start, in a background
-        thread (C{MADV_POPULATE_READ} in L{POPULATE_STEP} steps), so that
-        the reader does not take a page fault per 16 pages.  Idempotent;
-        L{close} stops it.  Where the kernel lacks C{MADV_POPULATE_READ}
-        the thread stops at its first step and reading faults as before.
-        """
-        if self._populating is not None or not self.address:
-            return
-        self._stopPopulating = threading.Event()
-        self._populating = threading.Thread(target=self._populate, args=(self.address, self._stopPopulating),
-                                            name="block-mapping-populate", daemon=True)
-        self._populating.start()
-
-    def _populate(self, address: int, stop: threading.Event) -> None:
-        """
-        The thread of L{populate}.
-
-        @param address: the mapping (L{close} joins this thread before it
-            unmaps it).
-        @param stop: set by L{close}.
-        """
-        offset = 0
-        while offset < self.length and not stop.is_set():
-            size = min(POPULATE_STEP, self.length - offset)
-            if _libc.madvise(address + offset, size, _MADV_POPULATE_READ):
-                return
-            offset += size
-            self.populated = offset
-
     def view(self) -> memoryview:
         """
         @return: a read-only byte view of the whole block (valid until
@@ -180,9 +130,6 @@ class BlockMapping:
         """
         Unmap (idempotent).  No view may be used afterwards.
         """
-        if self._populating is not None:
-            self._stopPopulating.set()
-            self._populating.join()
         if self.address:
             _libc.munmap(self.address, self.length)
             self.address = 0

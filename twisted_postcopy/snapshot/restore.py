@@ -83,9 +83,7 @@ class SnapshotVM:
 
     def __attrs_post_init__(self) -> None:
         """
-        Map every block, start filling the mappings' page tables (see
-        L{BlockMapping.populate}) and check the configuration can be
-        reproduced.
+        Map every block and check the configuration can be reproduced.
 
         @raise SnapshotError: the stored configuration has parts the
             engine's header does not send.
@@ -97,9 +95,6 @@ class SnapshotVM:
                                 "restore sends only the machine name")
         self.blocks = [SnapshotBlock(b.idstr, b.length, b.pageSize, self.snapshot.mapBlock(b))
                        for b in self.snapshot.blocks]
-        for block in self.blocks:
-            if block.mapping is not None:
-                block.mapping.populate()
 
     def stop(self) -> None:
         """
