@@ -275,6 +275,8 @@ def main() -> None:
                         help="rounds of ours and QEMU to QEMU, interleaved (medians; default: 1)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     scratch = tempfile.mkdtemp(prefix="pc-bench-restore-")
     try:
         results = {}
