@@ -119,9 +119,8 @@ def measureRestores(sizeMiB: int, readahead: int, rounds: int, scratch: str) -> 
         for name, parameters in restoreVariants(readahead):
             samples.setdefault(name, []).append(_restore(directory, sizeMiB, snapshot, name, parameters))
     for name, results in samples.items():
-        for key in results[0]:
-            values = [result[key] for result in results if result[key] is not None]
-            figures[f"restore_{name}_{key}"] = round(statistics.median(values), 1) if values else None
+        for key, value in qemu_restore.medians(results).items():
+            figures[f"restore_{name}_{key}"] = None if value is None else round(value, 1)
     for name, _ in restoreVariants(readahead)[1:]:
         for key in ("blocktime_ms", "total_ms", "postcopy_requests", "resume_ms"):
             off = figures[f"restore_off_{key}"]
