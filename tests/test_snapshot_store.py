@@ -14,6 +14,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.errors import SnapshotError
+from twisted_postcopy.snapshot import store
 from twisted_postcopy.snapshot.store import (
     BlockInfo, CONFIGURATION, DEVICES, MANIFEST, dataRuns, hashFile, openSnapshot, writeSnapshot,
 )
@@ -227,3 +228,37 @@ class SparseHelperTests(SynchronousTestCase):
         self.addCleanup(os.close, fd)
         whole = os.pread(fd, 3 * 1024 * 1024 + PAGE, 0)
         self.assertEqual(hashFile(fd, len(whole)), hashlib.sha256(whole).hexdigest())
+
+    def test_copyWritesAlignedChunks(self) -> None:
+        """
+        L{store._copySparse} writes a data run that starts inside a chunk
+        in pieces that end at chunk boundaries (so a dense block lands in
+        the page cache as large folios), skips its all-zero pages, and the
+        copy and its hash equal the source.
+        """
+        chunk = store._CHUNK
+        length = 4 * chunk
+        start = chunk - 3 * PAGE
+        content = bytes(range(256)) * ((length - start) // 256)
+        fd = memfdWith(length, {start: content})
+        self.addCleanup(os.close, fd)
+        os.pwrite(fd, bytes(PAGE), 2 * chunk + PAGE)
+        target = os.memfd_create("copy")
+        self.addCleanup(os.close, target)
+        os.ftruncate(target, length)
+        writes: list[tuple[int, int]] = []
+        original = store._pwriteAll
+
+        def recording(fd: int, data: memoryview, offset: int) -> None:
+            writes.append((offset, len(data)))
+            original(fd, data, offset)
+
+        self.patch(store, "_pwriteAll", recording)
+        digest = store._copySparse(fd, target, length)
+        whole = os.pread(fd, length, 0)
+        self.assertEqual(os.pread(target, length, 0), whole)
+        self.assertEqual(digest, hashlib.sha256(whole).hexdigest())
+        self.assertEqual(writes, [
+            (start, 3 * PAGE), (chunk, chunk), (2 * chunk, PAGE),
+            (2 * chunk + 2 * PAGE, chunk - 2 * PAGE), (3 * chunk, chunk),
+        ])

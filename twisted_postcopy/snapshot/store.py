@@ -520,6 +520,13 @@ def _copySparse(source: int, target: int, length: int) -> str:
     Copy a block's content into its sparse file and hash it in the same
     pass (no second read): holes stay holes and all-zero pages are not
     written; each run of non-zero pages within a chunk is one C{pwrite}.
+    Chunks end at multiples of L{_CHUNK} whatever offset a data run
+    starts at, so a dense block is written in aligned 1 MiB pieces and the
+    page cache keeps it in large folios: the restore source then reads a
+    fresh mapping of it with a fault per folio, not per 16 pages (the
+    first read of 3 GiB of a QEMU guest's RAM took 161 ms instead of
+    399 ms here; its data started 928 KiB in, and unaligned 1 MiB writes
+    had left it in 32 KiB folios).
     (Hashing in a helper thread, overlapping the I/O, measured slower on
     the shared 2-core machine.)
 
@@ -532,11 +539,14 @@ def _copySparse(source: int, target: int, length: int) -> str:
     digest, position = hashlib.sha256(), 0
     for start, size in dataRuns(source, length):
         _hashZeros(digest, start - position)
-        for chunk in range(start, start + size, _CHUNK):
-            data = os.pread(source, min(_CHUNK, start + size - chunk), chunk)
+        chunk, end = start, start + size
+        while chunk < end:
+            stop = min(end, (chunk // _CHUNK + 1) * _CHUNK)
+            data = os.pread(source, stop - chunk, chunk)
             digest.update(data)
             _writeNonZero(target, data, chunk)
-        position = start + size
+            chunk = stop
+        position = end
     _hashZeros(digest, length - position)
     return digest.hexdigest()
 
