@@ -42,7 +42,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import struct
 import sys
 import tempfile
@@ -264,8 +263,7 @@ def measureHotSet(mib: int, hot: int, bandwidth: int, rounds: int, scratch: str)
             print(json.dumps({"hot": name, **result}), file=sys.stderr, flush=True)
             samples.setdefault(name, []).append(result)
     for name, results in samples.items():
-        for key in results[0]:
-            figures[f"hot_{name}_{key}"] = statistics.median(r[key] for r in results)
+        figures.update({f"hot_{name}_{key}": value for key, value in qemu_restore.medians(results).items()})
     for key in ("total_ms", "requests", "stall_sum_ms", "hot_ms", "hot_stall_ms"):
         if figures[f"hot_off_{key}"]:
             figures[f"ratio_hot_ws_{key}"] = round(figures[f"hot_ws_{key}"] / figures[f"hot_off_{key}"], 3)
@@ -335,8 +333,8 @@ def measureMigrations(mib: int, readahead: int, rounds: int) -> Any:
                       flush=True)
                 samples.setdefault(name, []).append(result)
         for name, results in samples.items():
-            for key in results[0]:
-                figures[f"migrate_p{passes}_{name}_{key}"] = statistics.median(r[key] for r in results)
+            figures.update({f"migrate_p{passes}_{name}_{key}": value
+                            for key, value in qemu_restore.medians(results).items()})
         for name, _ in variants[1:]:
             for key in ("total_ms", "requests", "stall_sum_ms"):
                 off = figures[f"migrate_p{passes}_off_{key}"]
