@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from twisted_postcopy.errors import RemoteProtocolError, MappingTableError, PostcopyPaused, RAMBlockError, UffdError
 from twisted_postcopy.ram.block import HUGE_PAGE_SIZE, RAMBlock
+from twisted_postcopy.ram import faults
 from twisted_postcopy.ram.faults import ClientMapping, FaultService
 from twisted_postcopy.ram.guestworker import MemoryPageSource, spawnWorker
 from twisted_postcopy.testing.real import requireUserfaultfd, reserveHugePages
@@ -420,6 +421,27 @@ class FaultServiceUnitTests(SynchronousTestCase):
         self.assertEqual(service.missingPages(), 3)
         self.assertEqual(self.source.requests, [])
         self.assertEqual(service.receivedBitmap("pc.rom"), bytes.fromhex("1f00000000000000"))
+
+    def test_fillUnsent(self):
+        """
+        C{fillUnsent} places zero pages over every page never received, in
+        runs of at most L{faults.ZERO_CHUNK} bytes, and wakes a fault
+        waiting on one of them; received pages keep their bytes.
+        """
+        self.patch(faults, "ZERO_CHUNK", 2 * PAGE)
+        data = os.urandom(2 * PAGE)
+        self.service.placePages("pc.ram", 3 * PAGE, data)
+        waiting = self.service.requestPage("pc.ram", 9 * PAGE)
+        zeros: list[tuple[str, int, int]] = []
+        placeZero = self.service.placeZero
+        self.patch(self.service, "placeZero", lambda *args: (zeros.append(args), placeZero(*args)))
+        self.assertEqual(self.service.fillUnsent(), 14)
+        self.assertIsNone(self.successResultOf(waiting))
+        self.assertEqual(self.service.missingPages(), 0)
+        self.assertEqual(zeros, [("pc.ram", 0, 2 * PAGE), ("pc.ram", 2 * PAGE, PAGE)]
+                         + [("pc.ram", offset * PAGE, 2 * PAGE) for offset in range(5, 15, 2)]
+                         + [("pc.ram", 15 * PAGE, PAGE)])
+        self.assertEqual(os.pread(self.block.fd, 16 * PAGE, 0), bytes(3 * PAGE) + data + bytes(11 * PAGE))
 
     def test_badPlacement(self):
         """

@@ -56,6 +56,9 @@ __all__ = ["ClientMapping", "FaultClient", "FaultService"]
 _TARGET_PAGE = 4096
 #: Runs reported by one C{tp_record_runs} call.
 _RECORD_RUNS = 64
+#: The most bytes one zero placement of L{FaultService.fillUnsent} covers
+#: (on hugetlbfs it copies that many zeros).
+ZERO_CHUNK = 64 << 20
 
 _log = Logger()
 
@@ -513,6 +516,28 @@ class FaultService:
         for ram in self.blocks.values():
             for first, count in list(ram.holeMap.runs()):
                 self.placeZero(ram.idstr, first * ram.pageSize, count * ram.pageSize)
+
+    def fillUnsent(self) -> int:
+        """
+        Place zero pages over every page never received, one call per run
+        (at most L{ZERO_CHUNK} bytes each), so that clients never fault
+        once this service stops.  This is QEMU's meaning of a page the
+        source never sends in postcopy: POSTCOPY_ADVISE emptied the
+        destination's RAM, so the page is zero (a snapshot restore does
+        not send the snapshot's holes, docs/prefetch.md).
+
+        @return: how many pages were placed.
+        """
+        placed = 0
+        for ram in self.blocks.values():
+            for first, count in list(ram.receivedMap.runs(False)):
+                placed += count
+                offset, end = first * ram.pageSize, (first + count) * ram.pageSize
+                while offset < end:
+                    length = min(end - offset, ZERO_CHUNK)
+                    self.placeZero(ram.idstr, offset, length)
+                    offset += length
+        return placed
 
     def receivedBitmap(self, block: str) -> bytes:
         """
