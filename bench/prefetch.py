@@ -4,10 +4,14 @@ The prefetch policies of docs/prefetch.md, each on and off in the same run.
 1. B{restore}: the boot-sector counting guest (it increments a byte in
    every page, in ascending order, forever) is saved and imported as in
    C{bench/qemu_restore.py}, then restored by postcopy into a fresh QEMU
-   7.2 once per variant: C{off} (every policy off), C{readahead}
+   7.2 once per variant: C{off} (every prefetch policy off,
+   C{x-skip-known-zero} at its default, on), C{readahead}
    (C{x-readahead-pages}), C{ws-record} (the first restore with
    C{x-working-set-pages}: it records), C{ws} (the next one: it sends the
-   recorded pages first), C{ws+readahead}, the last four in interleaved
+   recorded pages first), C{ws+readahead}, C{sendzero}
+   (C{x-skip-known-zero} 0: the snapshot's holes are sent as ZERO
+   records, as QEMU would; with C{--mib} above 3072 the guest's RAM above
+   4 GiB is such a hole), all but C{ws-record} in interleaved
    rounds (medians).  Reported per variant: time to
    the destination's RESUME, total time, page requests and the QEMU
    destination's C{postcopy-blocktime}; each restored guest's counters are
@@ -61,7 +65,8 @@ from twisted_postcopy.manager import MigrationManager  # noqa: E402
 from twisted_postcopy.snapshot.restore import restoreSnapshot  # noqa: E402
 from twisted_postcopy.snapshot.store import openSnapshot, writeSnapshot  # noqa: E402
 from twisted_postcopy.snapshot.workingset import readWorkingSet  # noqa: E402
-from twisted_postcopy.source.prefetch import READAHEAD, SCAN_FOLLOWS_FAULTS, WORKING_SET  # noqa: E402
+from twisted_postcopy.source.prefetch import (  # noqa: E402
+    READAHEAD, SCAN_FOLLOWS_FAULTS, SKIP_KNOWN_ZERO, WORKING_SET)
 from twisted_postcopy.testing.qemuhost import qemuMissing  # noqa: E402
 
 #: The working-set limit used by the C{ws} variants.
@@ -79,7 +84,8 @@ def restoreVariants(readahead: int) -> list[tuple[str, dict[str, int]]]:
     off = {READAHEAD: 0, WORKING_SET: 0}
     return [("off", off), ("readahead", {**off, READAHEAD: readahead}),
             ("ws", {**off, WORKING_SET: WS_PAGES}),
-            ("ws+readahead", {READAHEAD: readahead, WORKING_SET: WS_PAGES})]
+            ("ws+readahead", {READAHEAD: readahead, WORKING_SET: WS_PAGES}),
+            ("sendzero", {**off, SKIP_KNOWN_ZERO: 0})]
 
 
 def _restore(directory: str, sizeMiB: int, snapshot: str, name: str,

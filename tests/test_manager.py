@@ -63,7 +63,7 @@ class SurfaceTests(SynchronousTestCase):
                           "downtime-limit": 300, "x-link-timeout-ms": 2000,
                           "x-recover-deadline-ms": 600000,
                           "x-readahead-pages": 0, "x-scan-follows-faults": 1,
-                          "x-working-set-pages": 0,
+                          "x-working-set-pages": 0, "x-skip-known-zero": 1,
                           "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
         self.manager.setParameters({"x-link-timeout-ms": 0})
         self.manager.setParameters({"x-link-timeout-ms": 5000})

@@ -8,6 +8,7 @@ C{tests/test_qemu_restore.py}).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 
@@ -145,6 +146,59 @@ class LoopbackRestoreTests(TestCase):
             yield manager.whenStatus("completed")
             self.assertEqual(vm.contents(), contents)
             self.assertEqual(b"".join(vm.devices), DEVICE)
+
+    @inlineCallbacks
+    def test_holesNotSentByPostcopy(self) -> None:
+        """
+        By postcopy the snapshot's holes are not sent
+        (C{x-skip-known-zero}): a clone whose guest reads every page gets
+        the holes it faults on (with their 2 MiB windows), a clone nobody
+        touches makes them zero itself at completion; both end with every
+        block's bytes.  With the parameter at 0 every page is sent.
+        """
+        from twisted_postcopy.testing.real import requireUserfaultfd
+        from twisted_postcopy.testing.workerguest import WorkerGuestVM
+
+        requireUserfaultfd()
+        path = self.mktemp()
+        data = os.urandom(1 << 20)
+        contents = storeContents(path, {"pc.ram": data + bytes(4 << 20) + data, "pc.rom": b"r" * PAGE},
+                                 CONFIG, DEVICE)
+        holePages = (4 << 20) // PAGE
+        reading = WorkerGuestVM(reactor, touchFirst=[300, 700])
+        self.addCleanup(reading.close)
+        touched = MigrationManager(reactor, reading, reading.faultServiceFactory)
+        untouched = (yield self.destination())
+        kept = (yield self.destination())
+        uris = []
+        for manager in (touched, untouched[1], kept[1]):
+            manager.setCapabilities({"postcopy-ram": True})
+            if manager is touched:
+                port = yield manager.migrateIncoming("tcp:127.0.0.1:0")
+                self.addCleanup(port.stopListening)
+                uris.append(f"tcp:127.0.0.1:{port.getHost().port}")
+        uris += [untouched[2], kept[2]]
+        (skipping, done) = restoreSnapshot(reactor, path, uris[:2], postcopy=True, bandwidth=64 << 10)
+        (sending, sent) = restoreSnapshot(reactor, path, uris[2:], postcopy=True,
+                                          parameters={"x-skip-known-zero": 0})
+        yield reading.touchedFirst
+        for manager in skipping:
+            manager.setParameters({"max-bandwidth": 0, "max-postcopy-bandwidth": 0})
+        self.assertEqual((yield done), ["completed", "completed"])
+        self.assertEqual((yield sent), ["completed"])
+        digests = yield reading.done
+        self.assertEqual(digests, [hashlib.sha256(block).hexdigest() for block in contents.values()])
+        for vm, manager, _ in (untouched, kept):
+            yield manager.whenStatus("completed")
+            self.assertEqual(vm.contents(), contents)
+        pages = sum(len(block) for block in contents.values()) // PAGE
+        counts = [(info["ram"]["normal"], info["ram"]["duplicate"])
+                  for info in (m.queryMigrate() for m in skipping + sending)]
+        self.assertEqual(counts[1], (513, pages - holePages - 513))
+        self.assertEqual(counts[2], (513, pages - 513))
+        self.assertEqual(counts[0][0], 513)
+        self.assertGreaterEqual(counts[0][1], 256 + 512)
+        self.assertLessEqual(counts[0][1], holePages)
 
     @inlineCallbacks
     def test_unreachable(self) -> None:

@@ -367,7 +367,10 @@ class RestoreTests(TestCase):
         self.assertEqual((yield vm.done), self.expected)
         yield deferToThread(relay.waitClosed)
         pages, _ = checkSentFirst(self, relay.connections[0], self.path, recorded)
-        self.assertEqual(sorted(pages), [("pc.ram", p) for p in range(PAGES)] + [("pc.rom", 0)])
+        # Page 0 is zero, a hole of the snapshot: it is sent only if a
+        # request revived it (x-skip-known-zero, docs/prefetch.md).
+        self.assertEqual(sorted(set(pages) - {("pc.ram", 0)}),
+                         [("pc.ram", p) for p in range(1, PAGES)] + [("pc.rom", 0)])
 
     @inlineCallbacks
     def test_corruptRefused(self) -> None:

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from tests import wirebytes as c
-from twisted_postcopy.source.outgoing import DONE, POSTCOPY_BATCH, OutgoingMigration, SourcePhase, WriteChannel
+from twisted_postcopy.source.outgoing import DONE, POSTCOPY_BATCH, STOP_POLL, OutgoingMigration, SourcePhase, WriteChannel
 from twisted_postcopy.wire import decodeAll
 from twisted_postcopy.wire import events as e
 
@@ -159,6 +159,38 @@ class OutgoingTests(SynchronousTestCase):
             continued = data.count(struct.pack(">Q", offset | c.PAGE | c.CONTINUE))
             self.assertEqual(named + continued, 1)
         self.assertEqual(data[5:13 + 7], struct.pack(">Q", c.PAGE) + c.str8("pc.ram"))
+
+    def test_knownZeroSkippedAfterAdvise(self) -> None:
+        """
+        With postcopy-ram (so POSTCOPY_ADVISE empties the destination's
+        RAM) the pages the VM knows are zero are never sent, unless
+        C{x-skip-known-zero} is 0; without postcopy they are sent as ZERO
+        records.
+        """
+        skipped = range(8, 40)
+        for capabilities, parameters, expected in (
+                ({"postcopy-ram": True}, {}, [page for page in range(64) if page not in skipped]),
+                ({"postcopy-ram": True}, {"x-skip-known-zero": 0}, list(range(64))),
+                ({}, {}, list(range(64)))):
+            vm = OutgoingTestVM({"pc.ram": 64 * PAGE})
+            vm.knownZero = lambda: [("pc.ram", 8 * PAGE, 32 * PAGE)]
+            for page in range(64):
+                if page not in skipped:
+                    vm.write(0, page * PAGE, b"%d" % page)
+            chunks: list[bytes] = []
+            values = {"max-bandwidth": 0, "max-postcopy-bandwidth": 0, "downtime-limit": 300, **parameters}
+            migration = OutgoingMigration(vm, chunks.append, Clock().seconds, capabilities, values)
+            migration.begin()
+            migration.start()
+            migration.postcopyRequested = bool(capabilities)
+            while migration.step() not in (DONE, STOP_POLL):
+                pass
+            while migration.step() != DONE:
+                pass
+            events = decodeAll(b"".join(chunks))
+            sent = sorted(event.offset // PAGE for event in events
+                          if isinstance(event, (e.PageReceived, e.ZeroPageReceived)))
+            self.assertEqual(sent, expected)
 
     def test_queryShape(self) -> None:
         """

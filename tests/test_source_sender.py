@@ -122,6 +122,89 @@ class PageSchedulerTests(SynchronousTestCase):
         self.assertEqual(commands[2][1], [(0, 2 * P)])
 
 
+class SkipZeroTests(SynchronousTestCase):
+    """
+    L{PageScheduler.skipZero}: known-zero pages are not sent unless the
+    destination asks for them.
+    """
+
+    def scheduler(self) -> PageScheduler:
+        """
+        @return: a scheduler over a 2048-page block (four zero windows) and
+            a 2-page one, with pages 1 to 1999 of the first skipped.
+        """
+        scheduler = PageScheduler.forBlocks([("pc.ram", 2048 * P, P), ("pc.rom", 2 * P, P)])
+        scheduler.skipZero("pc.ram", P, 1999 * P)
+        return scheduler
+
+    def test_skipped(self) -> None:
+        """
+        Skipped pages leave the remaining bytes and the sweep; only whole
+        host pages inside the range are skipped.
+        """
+        scheduler = PageScheduler.forBlocks([("huge", 8 * 2 * P, 2 * P)])
+        scheduler.skipZero("huge", P, 9 * P)
+        self.assertEqual(scheduler.remainingBytes, 4 * 2 * P)
+        self.assertEqual([page.offset // (2 * P) for page in iter(scheduler.nextPage, None)], [0, 5, 6, 7])
+        scheduler = self.scheduler()
+        self.assertEqual(scheduler.remainingBytes, 51 * P)
+        self.assertEqual([(b, o) for b, o, _ in _drain(scheduler)],
+                         [("pc.ram", 0)] + [("pc.ram", i) for i in range(2000, 2048)]
+                         + [("pc.rom", 0), ("pc.rom", 1)])
+        self.assertEqual(scheduler.remainingBytes, 0)
+
+    def test_requestRevivesWindow(self) -> None:
+        """
+        A request for a skipped page sends it first, then the other skipped
+        pages of its 2 MiB window as readahead; the rest stays skipped.
+        """
+        scheduler = self.scheduler()
+        scheduler.queueRequest("pc.ram", 600 * P, 2 * P)
+        self.assertEqual(scheduler.remainingBytes, (51 + 512) * P)
+        sent = _drain(scheduler)
+        self.assertEqual(sent[:2], [("pc.ram", 600, True), ("pc.ram", 601, True)])
+        self.assertEqual(sent[2:512], [("pc.ram", page, True) for page in range(512, 1024) if page not in (600, 601)])
+        self.assertEqual(sorted(page for block, page, urgent in sent if not urgent and block == "pc.ram"),
+                         [0] + list(range(2000, 2048)))
+
+    def test_noReviveOnceWritten(self) -> None:
+        """
+        With C{revive} off (the stream is written to its end) a request for
+        a skipped page queues nothing: the destination makes it zero.
+        """
+        scheduler = self.scheduler()
+        _drain(scheduler)
+        scheduler.queueRequest("pc.ram", 600 * P, P, revive=False)
+        self.assertIsNone(scheduler.nextPage())
+        self.assertEqual(scheduler.remainingBytes, 0)
+
+    def test_reviveOnlySkipped(self) -> None:
+        """
+        Only the skipped pages of the window are revived and read ahead:
+        the data pages around them go with the sweep, as without skipping.
+        """
+        scheduler = PageScheduler.forBlocks([("pc.ram", 1024 * P, P)])
+        scheduler.skipZero("pc.ram", 0, P)
+        scheduler.skipZero("pc.ram", 10 * P, 2 * P)
+        scheduler.queueRequest("pc.ram", 300 * P, P)
+        self.assertEqual(_drain(scheduler)[:4], [("pc.ram", 300, True), ("pc.ram", 0, True),
+                                                 ("pc.ram", 10, True), ("pc.ram", 11, True)])
+
+    def test_maskSkipped(self) -> None:
+        """
+        After a recovery rebuilt a dirty map from the destination's
+        received bitmap, the skipped pages are cleared from it again;
+        revived ones are not skipped any more.
+        """
+        scheduler = self.scheduler()
+        scheduler.queueRequest("pc.ram", 600 * P, P)
+        block = scheduler.blocks[0]
+        block.dirty = bytearray(b"\x01") * 2048
+        block.maskSkipped()
+        self.assertEqual([page for page in range(2048) if block.dirty[page]],
+                         [0] + list(range(512, 1024)) + list(range(2000, 2048)))
+
+
 class RateLimiterTests(SynchronousTestCase):
     """
     QEMU's 100 ms window budget.

@@ -83,6 +83,7 @@ class BlockMapping:
     @ivar length: bytes mapped.
     @ivar address: the mapping's address (0 once closed).
     @ivar dataBytes: bytes backed by the file (the rest reads as zeros).
+    @ivar holes: the file's holes, as (offset, length) runs in bytes.
     """
 
     def __init__(self, path: str, length: int, opened: BinaryIO | None = None) -> None:
@@ -94,6 +95,7 @@ class BlockMapping:
         @raise OSError: the file cannot be opened or mapped.
         """
         self.length, self.dataBytes = length, 0
+        self.holes: list[tuple[int, int]] = []
         with (nullcontext(opened) if opened is not None else open(path, "rb")) as f:
             self.address = _mmap(_alignedRange(length), length, mmap.MAP_SHARED | _MAP_FIXED, f.fileno())
             position = 0
@@ -111,6 +113,7 @@ class BlockMapping:
         @param size: bytes (0 for nothing).
         """
         if size > 0:
+            self.holes.append((offset, size))
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
             _mmap(self.address + offset, size, flags, -1)
             _libc.madvise(self.address + offset, size, _MADV_HUGEPAGE)

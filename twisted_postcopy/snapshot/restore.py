@@ -6,7 +6,9 @@ connection, by precopy or postcopy.
 
 A snapshot never changes, so there is no dirty tracker and C{stop} and
 C{resume} do nothing.  Its RAM is read through read-only mappings of the
-sparse block files: holes read as zeros and go out as ZERO records.
+sparse block files: holes read as zeros and go out as ZERO records, or,
+with postcopy-ram, are not sent at all (L{SnapshotVM.knownZero},
+C{x-skip-known-zero} in docs/prefetch.md).
 """
 
 from __future__ import annotations
@@ -111,6 +113,16 @@ class SnapshotVM:
         """
         Nothing to resume.
         """
+
+    def knownZero(self) -> list[tuple[str, int, int]]:
+        """
+        The pages known to be zero without reading them: the holes of the
+        sparse block files (a snapshot never changes, so they stay zero).
+
+        @return: (idstr, offset, length) runs in bytes.
+        """
+        return [(block.idstr, offset, length) for block in self.blocks if block.mapping is not None
+                for offset, length in block.mapping.holes]
 
 
 def restoreOne(reactor: Any, vm: SnapshotVM, uri: str, postcopy: bool,

@@ -26,6 +26,7 @@ from twisted_postcopy.wire import StreamEncoder
 from twisted_postcopy.wire.ram import blockListFor
 from twisted_postcopy.wire.constants import RAM_SECTION_ID, SectionType
 from twisted_postcopy.state import MigrationStatus as S, StatusMachine, outgoingMachine
+from twisted_postcopy.source.prefetch import skipKnownZero
 from twisted_postcopy.source.records import RecordWriter
 from twisted_postcopy.wire.ram import RAMRecordEncoder
 from twisted_postcopy.source.sender import PageScheduler, RateLimiter, converged
@@ -322,6 +323,9 @@ class OutgoingMigration:
             summary = reduce(operator.or_, (b.pageSize for b in self.vm.blocks), 0)
             out.append(_wire.postcopyAdvise(summary, 4096))
         out.append(_wire.ramStart(RAM_SECTION_ID, blockListFor(self.vm.blocks, postcopy)))
+        if postcopy and skipKnownZero(self.parameters) and hasattr(self.vm, "knownZero"):
+            for idstr, offset, length in self.vm.knownZero():
+                self.scheduler.skipZero(idstr, offset, length)
         self._sendBuffers(out)
         if self.vm.dirtyTracker is not None:
             self.vm.dirtyTracker.start()
@@ -548,7 +552,7 @@ class OutgoingMigration:
         @raise twisted_postcopy.source.sender.PageRequestError: bad request.
         """
         self.stats.postcopyRequests += 1
-        self.scheduler.queueRequest(idstr, start, length)
+        self.scheduler.queueRequest(idstr, start, length, revive=not self.written)
         if not self.sendUrgent():
             self._out.wake()
 

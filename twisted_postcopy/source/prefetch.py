@@ -14,7 +14,11 @@ them (docs/prefetch.md), each switched by an C{x-} migration parameter:
     restored guest asked for first, in order (L{RequestLog}), and the next
     restore or clone of that snapshot sends them before anything else
     (REAP's working-set prefetch; the file is
-    L{twisted_postcopy.snapshot.workingset}).
+    L{twisted_postcopy.snapshot.workingset});
+  - C{x-skip-known-zero}: with postcopy-ram, pages the VM knows are zero
+    (a snapshot's holes) are not sent, since POSTCOPY_ADVISE emptied the
+    destination's RAM; a request for one brings it and the other skipped
+    pages of its L{ZERO_WINDOW} (C{PageScheduler.skipZero}).
 
 Nothing here sends: L{twisted_postcopy.source.sender.PageScheduler} asks
 these objects which pages to hand out, and its dirty maps make sure a page
@@ -33,10 +37,14 @@ from attrs import define, field
 READAHEAD = "x-readahead-pages"
 SCAN_FOLLOWS_FAULTS = "x-scan-follows-faults"
 WORKING_SET = "x-working-set-pages"
+SKIP_KNOWN_ZERO = "x-skip-known-zero"
 #: Their defaults (docs/prefetch.md has the measurements behind them).
-DEFAULTS = {READAHEAD: 0, SCAN_FOLLOWS_FAULTS: 1, WORKING_SET: 0}
+DEFAULTS = {READAHEAD: 0, SCAN_FOLLOWS_FAULTS: 1, WORKING_SET: 0, SKIP_KNOWN_ZERO: 1}
 #: The largest value each accepts.
-MAXIMA = {READAHEAD: 512, SCAN_FOLLOWS_FAULTS: 1, WORKING_SET: 1 << 20}
+MAXIMA = {READAHEAD: 512, SCAN_FOLLOWS_FAULTS: 1, WORKING_SET: 1 << 20, SKIP_KNOWN_ZERO: 1}
+#: With a request for a skipped zero page, the skipped pages of its aligned
+#: window of this many target pages (2 MiB) are sent too.
+ZERO_WINDOW = 512
 #: The first window of a stream found sequential.
 FIRST_WINDOW = 4
 #: Request streams tracked at once (one per guest thread reading ahead).
@@ -137,6 +145,14 @@ def scanFollowsFaults(parameters: Mapping[str, int]) -> bool:
     @return: whether the background scan moves to a requested page.
     """
     return bool(parameters.get(SCAN_FOLLOWS_FAULTS, DEFAULTS[SCAN_FOLLOWS_FAULTS]))
+
+
+def skipKnownZero(parameters: Mapping[str, int]) -> bool:
+    """
+    @param parameters: the migration's parameters.
+    @return: whether pages known to be zero are left unsent in postcopy.
+    """
+    return bool(parameters.get(SKIP_KNOWN_ZERO, DEFAULTS[SKIP_KNOWN_ZERO]))
 
 
 @define

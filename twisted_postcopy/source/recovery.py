@@ -144,6 +144,7 @@ class SourceResume:
                 f"(0x{len(bitmap):x} != 0x{expected:x})")
         scheduler.dirtyBytes -= block.dirty.count(1) * block.pageSize
         block.dirty = dirtyFromReceived(bitmap, block.length, block.pageSize)
+        block.maskSkipped()
         scheduler.dirtyBytes += block.dirty.count(1) * block.pageSize
         self.awaited.discard(idstr)
         if not self.awaited:

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 from attrs import define, field, frozen
 
 from twisted_postcopy.errors import LimitExceededError, MigrationError
-from twisted_postcopy.source.prefetch import Readahead, RequestLog, scanFollowsFaults
+from twisted_postcopy.source.prefetch import ZERO_WINDOW, Readahead, RequestLog, scanFollowsFaults
 from twisted_postcopy.wire.constants import DEFAULT_MAX_QUEUED_REQUESTS, MAX_DISCARDS_PER_COMMAND
 
 #: QEMU's C{BUFFER_DELAY}: the rate limiting window, in seconds.
@@ -67,6 +67,9 @@ class _BlockMap:
     @ivar length: used length in bytes.
     @ivar pageSize: host page size in bytes.
     @ivar dirty: one byte per page, 1 = still to send.
+    @ivar queued: one byte per page, 1 = in the request queue.
+    @ivar skipped: one byte per page, 1 = known to be zero and not sent
+        (L{PageScheduler.skipZero}), or L{None} when nothing was skipped.
     """
 
     idstr: str
@@ -74,6 +77,7 @@ class _BlockMap:
     pageSize: int
     dirty: bytearray = field(init=False)
     queued: bytearray = field(init=False)
+    skipped: bytearray | None = None
 
     def __attrs_post_init__(self) -> None:
         """
@@ -82,6 +86,36 @@ class _BlockMap:
         """
         self.dirty = bytearray(b"\x01") * (self.length // self.pageSize)
         self.queued = bytearray(len(self.dirty))
+
+    def unskip(self, first: int, end: int) -> list[tuple[int, int]]:
+        """
+        Make the skipped pages among C{first} to C{end} (excluded) dirty
+        again.
+
+        @return: the runs of pages that became dirty, as (first, end).
+        """
+        skipped, dirty = self.skipped, self.dirty
+        runs: list[tuple[int, int]] = []
+        if skipped is None:
+            return runs
+        start = skipped.find(1, first, end)
+        while start >= 0:
+            stop = skipped.find(0, start, end)
+            stop = end if stop < 0 else stop
+            runs.append((start, stop))
+            dirty[start:stop] = b"\x01" * (stop - start)
+            skipped[start:stop] = bytes(stop - start)
+            start = skipped.find(1, stop, end)
+        return runs
+
+    def maskSkipped(self) -> None:
+        """
+        Clear the dirty bit of every skipped page (after a recovery
+        rebuilt the dirty map from the destination's received bitmap).
+        """
+        if self.skipped is not None:
+            dirty = int.from_bytes(self.dirty, "little") & ~int.from_bytes(self.skipped, "little")
+            self.dirty = bytearray(dirty.to_bytes(len(self.dirty), "little"))
 
     def runs(self) -> Iterator[tuple[int, int]]:
         """
@@ -291,7 +325,7 @@ class PageScheduler:
             self.dirtyBytes += (last - first - block.dirty.count(1, first, last)) * block.pageSize
             block.dirty[first:last] = b"\x01" * (last - first)
 
-    def queueRequest(self, idstr: str | None, start: int, length: int) -> None:
+    def queueRequest(self, idstr: str | None, start: int, length: int, revive: bool = True) -> None:
         """
         Validate and queue a page request (C{migrate_handle_rp_req_pages},
         C{ram_save_queue_pages}).
@@ -300,6 +334,8 @@ class PageScheduler:
             previously named one (REQ_PAGES).
         @param start: byte offset.
         @param length: byte length.
+        @param revive: send skipped zero pages the destination asks for
+            (L{skipZero}); off once the stream is written to its end.
         @raise PageRequestError: with QEMU's text, for a request QEMU
             refuses.
         """
@@ -326,12 +362,53 @@ class PageScheduler:
             )
         first = start // block.pageSize
         end = first + length // block.pageSize
+        if revive and block.skipped is not None:
+            self._revive(index, first, end)
         self.queue.add(index, first, end)
         if self.log is not None:
             self.log.add(index, first, end)
         window = self.readahead.requested(index, first, end)
         if window:
             self.queue.addAhead(index, end, min(len(block.dirty), end + window))
+
+    def skipZero(self, idstr: str, offset: int, length: int) -> None:
+        """
+        Pages known to be zero that the destination already holds as
+        zeros (after POSTCOPY_ADVISE its RAM is empty): they are not sent
+        unless asked for.  Only whole host pages inside the range are
+        skipped.
+
+        @param idstr: the block.
+        @param offset: byte offset.
+        @param length: byte length.
+        """
+        block = self.blocks[self._index(idstr)]
+        first = -(-offset // block.pageSize)
+        end = min(len(block.dirty), (offset + length) // block.pageSize)
+        if end <= first:
+            return
+        if block.skipped is None:
+            block.skipped = bytearray(len(block.dirty))
+        dirty = block.dirty.count(1, first, end)
+        self.dirtyBytes -= dirty * block.pageSize
+        block.dirty[first:end] = bytes(end - first)
+        block.skipped[first:end] = b"\x01" * (end - first)
+
+    def _revive(self, index: int, first: int, end: int) -> None:
+        """
+        The destination asked for pages, some of them skipped: those, and
+        the skipped pages of the L{ZERO_WINDOW} around them, are sent after
+        all (the guest is using that zero memory; ZERO records are cheap).
+
+        @param index: the block index.
+        @param first: the first requested page.
+        @param end: the page after the last.
+        """
+        block = self.blocks[index]
+        low = first - first % ZERO_WINDOW
+        for start, stop in block.unskip(low, min(len(block.dirty), max(end, low + ZERO_WINDOW))):
+            self.dirtyBytes += (stop - start) * block.pageSize
+            self.queue.addAhead(index, start, stop)
 
     def prefetchFirst(self, pages: Iterable[tuple[int, int]]) -> None:
         """
