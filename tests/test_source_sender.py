@@ -167,6 +167,18 @@ class SkipZeroTests(SynchronousTestCase):
         self.assertEqual(sorted(page for block, page, urgent in sent if not urgent and block == "pc.ram"),
                          [0] + list(range(2000, 2048)))
 
+    def test_hugePageWindow(self) -> None:
+        """
+        The window is 2 MiB whatever the page size: one 2 MiB host page
+        brings no other with it.
+        """
+        huge = 2 << 20
+        scheduler = PageScheduler.forBlocks([("huge", 8 * huge, huge)])
+        scheduler.skipZero("huge", 0, 8 * huge)
+        scheduler.queueRequest("huge", 3 * huge, huge)
+        self.assertEqual(scheduler.remainingBytes, huge)
+        self.assertEqual(_drain(scheduler), [("huge", 3 * huge // P, True)])
+
     def test_noReviveOnceWritten(self) -> None:
         """
         With C{revive} off (the stream is written to its end) a request for

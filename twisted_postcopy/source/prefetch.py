@@ -43,8 +43,8 @@ DEFAULTS = {READAHEAD: 0, SCAN_FOLLOWS_FAULTS: 1, WORKING_SET: 0, SKIP_KNOWN_ZER
 #: The largest value each accepts.
 MAXIMA = {READAHEAD: 512, SCAN_FOLLOWS_FAULTS: 1, WORKING_SET: 1 << 20, SKIP_KNOWN_ZERO: 1}
 #: With a request for a skipped zero page, the skipped pages of its aligned
-#: window of this many target pages (2 MiB) are sent too.
-ZERO_WINDOW = 512
+#: window of this many bytes are sent too (one host page at least).
+ZERO_WINDOW = 2 << 20
 #: The first window of a stream found sequential.
 FIRST_WINDOW = 4
 #: Request streams tracked at once (one per guest thread reading ahead).

@@ -405,8 +405,9 @@ class PageScheduler:
         @param end: the page after the last.
         """
         block = self.blocks[index]
-        low = first - first % ZERO_WINDOW
-        for start, stop in block.unskip(low, min(len(block.dirty), max(end, low + ZERO_WINDOW))):
+        window = max(1, ZERO_WINDOW // block.pageSize)
+        low = first - first % window
+        for start, stop in block.unskip(low, min(len(block.dirty), max(end, low + window))):
             self.dirtyBytes += (stop - start) * block.pageSize
             self.queue.addAhead(index, start, stop)
 
