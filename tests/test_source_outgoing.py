@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from twisted_postcopy.testing.enginevm import OutgoingTestVM, PAGE
 from tests import wirebytes as c
-from twisted_postcopy.source.outgoing import DONE, POSTCOPY_BATCH, STOP_POLL, OutgoingMigration, SourcePhase, WriteChannel
+from twisted_postcopy.source.outgoing import DONE, STOP_POLL, OutgoingMigration, SourcePhase, WriteChannel
 from twisted_postcopy.wire import decodeAll
 from twisted_postcopy.wire import events as e
 
@@ -320,11 +320,9 @@ class PreemptEngineTests(SynchronousTestCase):
 
     def test_mainChannelKeepsFullBatches(self) -> None:
         """
-        In postcopy the main channel's PARTs are kept short (C{POSTCOPY_BATCH})
-        only so that requested pages wait behind less; with the preempt
-        channel up they never wait there, and a PART carries a full
-        C{BATCH}: all 64 pages in one step here, 32 (128 KiB) without
-        preempt.
+        In postcopy a main channel PART carries a full C{BATCH} (all 64
+        pages in one step here), with the preempt channel up or without
+        one.
         """
         def firstPostcopyPart(migration, chunks) -> int:
             migration.postcopyRequested = True
@@ -340,7 +338,7 @@ class PreemptEngineTests(SynchronousTestCase):
         self.connect()
         self.assertEqual(firstPostcopyPart(self.migration, self.chunks), 64)
         _, plain, chunks, _ = _migration({"postcopy-ram": True})
-        self.assertEqual(firstPostcopyPart(plain, chunks), POSTCOPY_BATCH // PAGE)
+        self.assertEqual(firstPostcopyPart(plain, chunks), 64)
 
     def test_brokenChannelInPostcopy(self) -> None:
         """

@@ -32,13 +32,13 @@ from twisted_postcopy.wire.ram import RAMRecordEncoder
 from twisted_postcopy.source.sender import PageScheduler, RateLimiter, converged
 from twisted_postcopy.source.stats import TransferStats
 
-#: Target bytes of page data per PART written in one step.
+#: Target bytes of page data per PART written in one step, in precopy and
+#: postcopy alike.  (Postcopy without preempt used 128 KiB PARTs so that a
+#: requested page waited behind less data; but nearly every request then
+#: names a page already written, and the shorter steps slowed the stream
+#: the guest waits on: docs/engine.md.)
 BATCH = 1 << 20
-#: The same in postcopy without a preempt channel: smaller, so a page
-#: request waits behind less data.  (With C{postcopy-preempt} requested
-#: pages never wait behind the main channel, which keeps L{BATCH}: the
-#: 4 GiB restore of bench/qemu_restore.py --preempt took 9.3 s before,
-#: 4.5-7.9 s in four runs after, QEMU's 4.2-5.9 s.)
+#: The most bytes of one run of requested pages on the preempt channel.
 POSTCOPY_BATCH = 1 << 17
 VMDESC = b'{"page_size": 4096, "devices": []}'
 #: Seconds between steps while waiting for the VM to stop.
@@ -352,9 +352,7 @@ class OutgoingMigration:
         @return: whether dirty pages remain.
         """
         out: list[Any] = [_wire.sectionHeader(SectionType.SECTION_PART, RAM_SECTION_ID)]
-        shallow = self.machine.status == S.POSTCOPY_ACTIVE and self.preemptPhase != PreemptPhase.READY
-        batch = POSTCOPY_BATCH if shallow else BATCH
-        self.records.gather(self.scheduler, out, min(batch, self.limiter.allowance()), batch)
+        self.records.gather(self.scheduler, out, min(BATCH, self.limiter.allowance()), BATCH)
         out += [_wire.eos(), _wire.sectionFooter(RAM_SECTION_ID)]
         self._sendBuffers(out)
         return self.scheduler.remainingBytes > 0
