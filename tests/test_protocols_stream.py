@@ -19,7 +19,7 @@ from twisted_postcopy.destination.incoming import IncomingMigration
 from twisted_postcopy.errors import RemoteProtocolError
 from tests import wirebytes as c
 from twisted_postcopy.protocols.sockets import RECEIVE_CHUNK, readInLargeChunks, sendAtOnce
-from twisted_postcopy.protocols.stream import DestinationProtocol, SourceProtocol
+from twisted_postcopy.protocols.stream import POSTCOPY_SNDBUF, DestinationProtocol, SourceProtocol
 from twisted_postcopy.source.outgoing import OutgoingMigration
 from twisted_postcopy.wire.config import encodeCapabilities
 
@@ -480,6 +480,29 @@ class SendAtOnceTests(SynchronousTestCase):
         sendAtOnce(_HandleTransport(left))
         sendAtOnce(StringTransport())
         self.assertEqual(left.family, socket.AF_UNIX)
+
+
+class PostcopySendBufferTests(SynchronousTestCase):
+    """
+    At the switch to postcopy the main channel's send buffer is made
+    short (L{POSTCOPY_SNDBUF}), with or without a preempt channel.
+    """
+
+    def test_shortened(self) -> None:
+        """
+        C{postcopyStarted} sets C{SO_SNDBUF} (which Linux reports doubled)
+        on the connection's socket, preempt or not.
+        """
+        for capabilities in ({"postcopy-ram": True}, {"postcopy-ram": True, "postcopy-preempt": True}):
+            _, migration, protocol, _, _ = _source(capabilities)
+            server = socket.create_server(("127.0.0.1", 0))
+            self.addCleanup(server.close)
+            client = socket.create_connection(server.getsockname())
+            self.addCleanup(client.close)
+            self.assertNotEqual(client.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), 2 * POSTCOPY_SNDBUF)
+            protocol.transport = _HandleTransport(client)
+            protocol.postcopyStarted()
+            self.assertEqual(client.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), 2 * POSTCOPY_SNDBUF)
 
 
 class ReadInLargeChunksTests(SynchronousTestCase):
