@@ -214,9 +214,28 @@ async def migration(sourcePath: str, destinationPath: str, uri: str = "tcp:127.0
         await asyncio.wait_for(asyncio.gather(follow("source", sourceEvents),
                                               follow("destination", destinationEvents)), timeout)
     for side, client in clients.items():
-        result[side]["query-migrate"] = shape(await client.execute("query-migrate"))
+        result[side]["query-migrate"] = shape(await _settled(client))
         await client.disconnect()
     return result
+
+
+async def _settled(client: Any, timeout: float = 5.0) -> Any:
+    """
+    C{query-migrate} once the migration's incoming state is gone.  QEMU
+    7.2's destination completes a postcopy migration from its listen
+    thread and only then frees the incoming state, so for a moment a
+    completed answer still carries the C{socket-address} of the listener.
+
+    @param client: a connected C{QMPClient}.
+    @param timeout: seconds to wait for C{socket-address} to go.
+    @return: the last answer.
+    """
+    deadline = asyncio.get_running_loop().time() + timeout
+    answer = await client.execute("query-migrate")
+    while "socket-address" in answer and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        answer = await client.execute("query-migrate")
+    return answer
 
 
 def main(argv: list[str]) -> int:
