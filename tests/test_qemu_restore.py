@@ -375,8 +375,10 @@ class PreemptRecoveryRestoreTests(TestCase):
         self.addCleanup(relay.close)
         vm = SnapshotVM(openSnapshot(snapshot))
         manager, done = restoreOne(reactor, vm, relay.uri, True, 1 << 20, preempt=True)
+        # PONG 3: QEMU ran POSTCOPY_RUN (a cut while its device loading
+        # still waits for a page fails it instead of pausing it).
         yield waitUntil(reactor, lambda: manager.queryMigrate().get("ram", {}).get("postcopy-requests", 0) > 0
-                        and len(relay.connections[1].forward) > 0)
+                        and len(relay.connections[1].forward) > 0 and manager.outgoing.destinationRunning)
         events: list[str] = []
         manager.subscribe(lambda event: events.append(event["data"]["status"]))
         relay.cut()

@@ -111,7 +111,9 @@ class QEMUDestinationRecoveryTests(TestCase):
         self.manager.migrate(first.uri)
         self.manager.startPostcopy()
         yield within(self.manager.whenStatus("postcopy-active"))
-        yield deferLater(reactor, 1.0, lambda: None)
+        # PONG 3: QEMU ran POSTCOPY_RUN, so it pauses (before that a cut
+        # fails it).
+        yield waitUntil(reactor, lambda: self.manager.outgoing.destinationRunning, WAIT)
         first.cut()
         yield within(self.manager.whenStatus("postcopy-paused"))
         yield qemuStatus(self.qemu, "postcopy-paused")

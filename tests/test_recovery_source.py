@@ -139,12 +139,29 @@ class PauseTests(SynchronousTestCase):
 
     def test_beforeRunFails(self) -> None:
         """
-        In postcopy but before PONG 3 (the destination never reached
-        POSTCOPY_RUN, so no guest runs there) a lost connection fails.
+        In postcopy but before PONG 3 or any page request (the destination
+        may not have the whole package, so may never run the guest) a lost
+        connection fails.
         """
         migration, transport = pausableMigration()
         migration.destinationRunning = False
+        self.assertFalse(migration.packageLoaded)
         self.assertFalse(channelLost(migration, transport, "lost"))
+
+    def test_pageRequestBeforePongPauses(self) -> None:
+        """
+        A page request before PONG 3 shows the destination has the whole
+        package (it asks for pages only once LISTEN in it ran), so a lost
+        connection pauses: a real QEMU 7.2 asked for a page while loading
+        its devices and PONG 3 was still in flight at the cut, and a
+        failed source could not recover a guest already running there.
+        """
+        migration, transport = pausableMigration()
+        migration.destinationRunning = False
+        migration.pagesRequested("pc.ram", 0, PAGE)
+        self.assertTrue(migration.packageLoaded)
+        self.assertTrue(channelLost(migration, transport, "lost"))
+        self.assertEqual(migration.machine.status, S.POSTCOPY_PAUSED)
 
     def test_postcopyPauses(self) -> None:
         """

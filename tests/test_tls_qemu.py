@@ -40,6 +40,7 @@ from twisted_postcopy.manager import MigrationManager
 from twisted_postcopy.testing import pki
 from twisted_postcopy.testing.relay import relayFor
 from twisted_postcopy.testing.qemu import QEMUInstance, qemuSkipReason, startBootedQEMU
+from twisted_postcopy.testing.waiting import waitUntil
 from twisted_postcopy.testing.real import missingReal
 
 MiB = 1 << 20
@@ -394,7 +395,9 @@ class QEMURecoveryTLSTests(TestCase):
         manager.migrate(first.uri)
         manager.startPostcopy()
         yield within(manager.whenStatus("postcopy-active"))
-        yield deferLater(reactor, 1.0, lambda: None)
+        # PONG 3: QEMU ran POSTCOPY_RUN, so it pauses (before that a cut
+        # fails it).
+        yield waitUntil(reactor, lambda: manager.outgoing.destinationRunning, 30)
         first.cut()
         yield within(manager.whenStatus("postcopy-paused"))
         yield qemuReached(qemu, "postcopy-paused")

@@ -218,8 +218,8 @@ class OutgoingMigration:
     @ivar phase: the main stream's L{SourcePhase}.
     @ivar shutValue: the destination's SHUT value, if it arrived.
     @ivar destinationRunning: PONG 3 arrived: the destination loaded the
-        package up to POSTCOPY_RUN, so its guest may run (a lost connection
-        then pauses the migration instead of failing it).
+        package up to POSTCOPY_RUN, so its guest may run (see
+        L{packageLoaded}).
     @ivar tracking: whether the dirty tracker runs.
     @ivar device: the device state, once the VM stopped and gave it.
     @ivar onPass: called with the dirty sync count after each dirty sync
@@ -539,6 +539,24 @@ class OutgoingMigration:
         """
         if value == 3:
             self.destinationRunning = True
+
+    @property
+    def packageLoaded(self) -> bool:
+        """
+        Whether the destination has the whole package, so that it may run
+        the guest already (a lost connection then pauses the migration
+        instead of failing it): PONG 3 came back, or a page request did.
+        QEMU 7.2's destination, like ours, reads CMD_PACKAGED whole before
+        the LISTEN in it starts the fault handling that asks for pages.
+
+        A request can come from device loading, before PING 3, and a
+        destination whose link dies then fails where one already past RUN
+        pauses; which one it was is not known here.  Pausing is the safe
+        guess: a wrong pause costs a wait (automatic recovery gives up at
+        C{x-recover-deadline-ms}; C{migrate-cancel}), a wrong failure loses
+        a guest that runs on the destination.
+        """
+        return self.destinationRunning or self.stats.postcopyRequests > 0
 
     def pagesRequested(self, idstr: str | None, start: int, length: int) -> None:
         """

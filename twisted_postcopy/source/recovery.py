@@ -63,9 +63,12 @@ def pauseOutgoing(migration: Any, reason: object) -> None:
 def channelLost(migration: Any, transport: Any, reason: object) -> bool:
     """
     The main connection of an outgoing migration was lost: pause if
-    postcopy can be recovered, that is once PONG 3 said the destination
-    reached POSTCOPY_RUN (before that its guest cannot run there, so the
-    migration fails, where 7.2 would pause and wait for nothing).
+    postcopy can be recovered, that is once the destination has the whole
+    package (L{OutgoingMigration.packageLoaded
+    <twisted_postcopy.source.outgoing.OutgoingMigration.packageLoaded>}),
+    so that its guest may run.  Before that the destination fails (it
+    pauses only once RUNNING), so the source fails too, where 7.2 would
+    pause and wait for nothing.
 
     @param migration: the outgoing migration.
     @param transport: the lost connection's transport.
@@ -77,7 +80,7 @@ def channelLost(migration: Any, transport: Any, reason: object) -> bool:
     if status == S.POSTCOPY_PAUSED or (
             status in PAUSABLE and currentTransport(migration) is not transport):
         return True
-    if status in PAUSABLE and migration.destinationRunning:
+    if status in PAUSABLE and migration.packageLoaded:
         pauseOutgoing(migration, reason)
         return True
     return False
