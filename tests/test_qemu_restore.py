@@ -358,7 +358,7 @@ class PreemptRecoveryRestoreTests(TestCase):
     and the clone completes with memory equal to the snapshot.
     """
 
-    timeout = 120
+    timeout = 180
 
     @inlineCallbacks
     def test_cutAndAutoRecover(self) -> None:
@@ -386,6 +386,12 @@ class PreemptRecoveryRestoreTests(TestCase):
         # channel carried a page the guest asked for again.
         yield waitUntil(reactor, lambda: len(relay.connections) >= 4 and len(relay.connections[-1].forward) > 8)
         manager.setParameters({"max-postcopy-bandwidth": 0})
+        try:
+            yield waitUntil(reactor, lambda: done.called, 60)
+        except TimeoutError:
+            self.fail(f"no end 60 s after the recovery: ours {manager.queryMigrate()}, "
+                      f"preempt {manager.outgoing.preemptPhase}, events {events}, "
+                      f"QEMU {qemu.qmp('query-migrate')}, relay {[len(c.forward) for c in relay.connections]}")
         status = yield done
         self.assertEqual(status, "completed", manager.queryMigrate().get("error-desc"))
         self.assertEqual([s for s in events if s != "postcopy-paused"][-3:],
