@@ -11,7 +11,8 @@ Fault service benchmark.
    another process faults, the handler places with C{UFFDIO_COPY} and
    wakes it) is the baseline: C{c_tN_p50_us}, C{c_tN_p99_us} and the
    ratios ours / C, C{ratio_tN_p50} and C{ratio_tN_p99} (lower is better).  The daemon's garbage collector is
-   tuned as L{tuneGarbageCollector} does unless C{--default-gc} is given
+   collected and tuned as the destination does at ADVISE and LISTEN
+   (L{collectGarbage}, L{tuneGarbageCollector}) unless C{--default-gc} is given
    (a default-threshold collection every ~100 faults dominates the p99).
 2. Placement throughput: C{UFFDIO_COPY} into a registered memfd in 4 KiB
    and 2 MiB placements, and into a hugetlbfs memfd in 2 MiB placements
@@ -36,7 +37,7 @@ from twisted_postcopy.ram import uffd
 from twisted_postcopy.ram.block import HUGE_PAGE_SIZE, RAMBlock
 from twisted_postcopy.ram.faults import FaultService
 from twisted_postcopy.ram.guestworker import MemoryPageSource, spawnWorker
-from twisted_postcopy.ram.support import NR_HUGEPAGES, checkHugePages, tuneGarbageCollector
+from twisted_postcopy.ram.support import NR_HUGEPAGES, checkHugePages, collectGarbage, tuneGarbageCollector
 from twisted_postcopy.testing import cfaults
 
 PAGE = 4096
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     options = parser.parse_args(argv)
     if not options.default_gc:
+        collectGarbage()
         tuneGarbageCollector()
 
     from twisted.internet import reactor

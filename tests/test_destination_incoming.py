@@ -230,32 +230,37 @@ class RAMSupportTests(SynchronousTestCase):
 
     def test_defaults(self) -> None:
         """
-        By default the check is L{support.checkUserfaultfd} and LISTEN
-        tunes the collector with L{support.tuneGarbageCollector}; the check
+        By default the check is L{support.checkUserfaultfd}, ADVISE collects
+        garbage with L{support.collectGarbage} and LISTEN tunes the
+        collector with L{support.tuneGarbageCollector}; the check
         passes on this host and ADVISE is accepted.
         """
         vm = IncomingTestVM()
         incoming, protocol = self._destination(vm, postcopy=True)
         self.assertIs(incoming.checkUserfaultfd, support.checkUserfaultfd)
         self.assertIs(incoming.tuneGarbageCollector, support.tuneGarbageCollector)
+        self.assertIs(incoming.collectGarbage, support.collectGarbage)
         protocol.dataReceived(HEADER + RP_PING_ADVISE)
         self.assertEqual(incoming.machine.postcopy.name, "ADVISE")
 
     def test_listenTunesCollector(self) -> None:
         """
-        LISTEN tunes the collector once, before the fault service starts.
+        ADVISE collects garbage (off the switchover path); LISTEN tunes the
+        collector once, before the fault service starts.
         """
         calls: list[str] = []
         incoming = IncomingMigration(IncomingTestVM(), None, True,
                                      lambda blocks, source: calls.append("faults"))
         incoming.tuneGarbageCollector = lambda: calls.append("gc")
+        incoming.collectGarbage = lambda: calls.append("collect")
         incoming.checkUserfaultfd = lambda: calls.append("check")
         incoming.machine.setup()
         incoming.connected()
         incoming.advise(PAGE, PAGE)
+        self.assertEqual(calls, ["check", "collect"])
         incoming.ramBlocksListed([("pc.ram", 4 * PAGE, None)])
         incoming.listen()
-        self.assertEqual(calls, ["check", "gc", "faults"])
+        self.assertEqual(calls, ["check", "collect", "gc", "faults"])
 
     def test_precopyMarksReceived(self) -> None:
         """

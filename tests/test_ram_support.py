@@ -127,3 +127,65 @@ class CheckTests(SynchronousTestCase):
 
         self.assertIn("CONFIG_USERFAULTFD", str(support.unavailableError(UffdError(38, "userfaultfd"))))
         self.assertIn("CAP_SYS_PTRACE", str(support.unavailableError(UffdError(1, "userfaultfd"))))
+
+
+class _Cycle:
+    """
+    A node of a reference cycle (weakly referenceable).
+    """
+
+    other: object = None
+
+
+class GarbageCollectorTests(SynchronousTestCase):
+    """
+    L{support.collectGarbage} collects; L{support.tuneGarbageCollector}
+    (at the switchover) only freezes and raises the threshold.
+    """
+
+    def setUp(self) -> None:
+        """
+        Keep automatic collections out of the tests; restore the
+        collector's thresholds and state and unfreeze afterwards.
+        """
+        import gc
+
+        thresholds = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *thresholds)
+        self.addCleanup(gc.unfreeze)
+        if gc.isenabled():
+            gc.disable()
+            self.addCleanup(gc.enable)
+
+    def garbageCycle(self) -> object:
+        """
+        @return: a weak reference to one node of an unreachable cycle.
+        """
+        import weakref
+
+        first, second = _Cycle(), _Cycle()
+        first.other, second.other = second, first
+        return weakref.ref(first)
+
+    def test_collectGarbage(self) -> None:
+        """
+        C{collectGarbage} frees unreachable cycles.
+        """
+        node = self.garbageCycle()
+        support.collectGarbage()
+        self.assertIsNone(node())
+
+    def test_tuneDoesNotCollect(self) -> None:
+        """
+        C{tuneGarbageCollector} leaves a cycle alone (it is frozen, not
+        collected) and sets the generation-0 threshold.
+        """
+        import gc
+
+        node = self.garbageCycle()
+        support.tuneGarbageCollector(12345)
+        self.assertIsNotNone(node())
+        self.assertEqual(gc.get_threshold()[0], 12345)
+        gc.unfreeze()
+        gc.collect()
+        self.assertIsNone(node())

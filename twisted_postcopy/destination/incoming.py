@@ -68,6 +68,9 @@ class IncomingMigration:
         C{postcopy_ram_supported_by_host}); raises
         L{twisted_postcopy.errors.UffdUnavailableError} when postcopy
         cannot run here.
+    @ivar collectGarbage: called at POSTCOPY_ADVISE, before precopy, for
+        the full collection that L{tuneGarbageCollector} no longer makes
+        at the switchover.
     @ivar tuneGarbageCollector: called at POSTCOPY_LISTEN to keep the
         cyclic garbage collector off the fault path.
     @ivar encoder: encodes the return path; it remembers the block of the
@@ -85,6 +88,7 @@ class IncomingMigration:
     placer: PagePlacer | None = None
     faults: IFaultService | None = None
     checkUserfaultfd: Callable[[], object] = support.checkUserfaultfd
+    collectGarbage: Callable[[], object] = support.collectGarbage
     tuneGarbageCollector: Callable[[], object] = support.tuneGarbageCollector
     encoder: ReturnPathEncoder = field(factory=ReturnPathEncoder)
     outbox: list[bytes] = field(factory=list)
@@ -181,6 +185,7 @@ class IncomingMigration:
             )
         self.checkUserfaultfd()
         self.machine.advise()
+        self.collectGarbage()
 
     def ramBlocksListed(self, blocks: Sequence[tuple[str, int, int | None]]) -> None:
         """
