@@ -220,6 +220,7 @@ class OutgoingMigration:
     @ivar destinationRunning: PONG 3 arrived: the destination loaded the
         package up to POSTCOPY_RUN, so its guest may run (see
         L{packageLoaded}).
+    @ivar resumed: a recovery resumed this migration (RESUME_ACK).
     @ivar tracking: whether the dirty tracker runs.
     @ivar device: the device state, once the VM stopped and gave it.
     @ivar onPass: called with the dirty sync count after each dirty sync
@@ -248,6 +249,7 @@ class OutgoingMigration:
     phase: SourcePhase = SourcePhase.PRECOPY
     shutValue: int | None = None
     destinationRunning: bool = False
+    resumed: bool = False
     tracking: bool = False
     device: bytes | None = None
     onPass: Callable[[int], object] = lambda count: None
@@ -494,11 +496,30 @@ class OutgoingMigration:
         self.limiter.bandwidth = self.parameters["max-postcopy-bandwidth"]
         if self._part():
             return 0.0
+        if self._packagePending:
+            return DONE
         self._sendBuffers([_wire.sectionHeader(SectionType.SECTION_END, RAM_SECTION_ID), _wire.eos(),
                            _wire.sectionFooter(RAM_SECTION_ID), _wire.eof()])
         self._endPreempt()
         self._written()
         return DONE
+
+    @property
+    def _packagePending(self) -> bool:
+        """
+        Whether END and EOF must wait for PONG 3 (L{pong} or a page
+        request steps again): pages were left out as known zeros
+        (C{x-skip-known-zero}) and the destination may still be loading
+        the package.  A QEMU 7.2 destination loads it on its main thread,
+        holding the BQL; a device whose load reads a left-out page waits
+        there for it.  After EOF nothing more can be sent, so that page
+        would never come: QEMU's migration would never end and its QMP
+        would stop answering.  PONG 3 follows the devices in the package.
+        After a recovery PONG 3 may have been lost with the old
+        connection, so it is not waited for.
+        """
+        return (self.returnPathOpen and not self.destinationRunning and not self.resumed
+                and self.scheduler.anySkipped)
 
     def _written(self) -> None:
         """
@@ -539,6 +560,8 @@ class OutgoingMigration:
         """
         if value == 3:
             self.destinationRunning = True
+            if self.phase is SourcePhase.POSTCOPY:
+                self._out.wake()
 
     @property
     def packageLoaded(self) -> bool:

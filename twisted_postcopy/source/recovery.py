@@ -170,6 +170,7 @@ class SourceResume:
         migration = self.migration
         if migration.machine.status != S.POSTCOPY_RECOVER or self.awaited:
             return False
+        migration.resumed = True
         migration.scheduler.restartScan()
         migration.scheduler.lastRequestBlock = None
         migration.records.lastBlock = None

@@ -371,6 +371,14 @@ class PageScheduler:
         if window:
             self.queue.addAhead(index, end, min(len(block.dirty), end + window))
 
+    @property
+    def anySkipped(self) -> bool:
+        """
+        Whether some page is still left out as a known zero (L{skipZero}):
+        never sent, so only a request would bring it.
+        """
+        return any(block.skipped is not None and 1 in block.skipped for block in self.blocks)
+
     def skipZero(self, idstr: str, offset: int, length: int) -> None:
         """
         Pages known to be zero that the destination already holds as
