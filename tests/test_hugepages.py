@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from attrs import define
 from twisted.internet import reactor
@@ -270,17 +270,31 @@ def _hugeFill(vm: Any, seed: int) -> None:
             vm.write(index, offset, struct.pack(">QQ", seed, offset) * 8)
 
 
+def gateAtRun(dst: Callable[[], MigrationManager], destination: WorkerGuestVM) -> None:
+    """
+    Prepare L{faultOnMissingPage}: the guest waits for its C{gate}, and the
+    destination stops reading its main channel as it handles POSTCOPY_RUN
+    (whatever part of its last read follows RUN is still handled, at most
+    one huge page).
+
+    @param dst: returns the destination manager.
+    @param destination: its guest, before the migration starts.
+    """
+    destination.gate = Deferred()
+    destination.onRun = lambda: dst().destinationFactory.main.transport.pauseProducing()
+
+
 @inlineCallbacks
 def faultOnMissingPage(dst: MigrationManager, destination: WorkerGuestVM) -> Any:
     """
     Make the destination guest fault on a huge page that cannot arrive
-    first, without relying on timing: once the guest may run, stop reading
-    the main channel, choose a huge page not received yet, let the guest
-    touch it first, and wait until the fault service waits for it (its
-    request is then on the return path).
+    first, without relying on timing: the main channel stopped being read
+    at POSTCOPY_RUN (L{gateAtRun}); choose a huge page not received yet,
+    let the guest touch it first, and wait until the fault service waits
+    for it (its request is then on the return path).
 
     @param dst: the destination manager (its main connection is paused).
-    @param destination: its guest, created with C{gate} set.
+    @param destination: its guest, prepared with L{gateAtRun}.
     @return: (a Deferred firing with) the paused transport and the page.
     """
     yield waitUntil(reactor, lambda: "run" in destination.events or "failed" in destination.events)
@@ -339,9 +353,9 @@ class HugePageLoopbackTests(TestCase):
         2097152.
         """
         destination = WorkerGuestVM(reactor)
-        destination.gate = Deferred()
         self.addCleanup(destination.close)
         src, dst = self.managers(destination)
+        gateAtRun(lambda: dst, destination)
         src.setParameters({"max-bandwidth": 64 * 1024})
         port = yield dst.migrateIncoming("tcp:127.0.0.1:0")
         self.addCleanup(port.stopListening)
@@ -497,7 +511,7 @@ class HugePageRecoveryTests(TestCase):
                                      pageSizes={"mem": HUGE})
         _hugeFill(self.source, 7)
         self.destination = WorkerGuestVM(reactor)
-        self.destination.gate = Deferred()
+        gateAtRun(lambda: self.dst, self.destination)
         self.addCleanup(self.destination.close)
         self.src = MigrationManager(reactor, self.source)
         self.dst = MigrationManager(reactor, self.destination, self.destination.faultServiceFactory)

@@ -23,11 +23,11 @@ import os
 import subprocess
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.test_destination_qemu import qemuStatus
-from tests.test_hugepages import faultOnMissingPage
+from tests.test_hugepages import faultOnMissingPage, gateAtRun
 from tests.snapshotqemu import (
     LAYOUT, MEMORY_MIB, TIMEOUT, bootImage, finish, requireQEMU, snapshotCommand, startCapture, summaries,
 )
@@ -174,7 +174,6 @@ class QEMUHugetlbfsSourceTests(TestCase):
         self.addCleanup(self.qemu.kill)
         self.qemu.waitSerial(1, TIMEOUT)
         self.vm = WorkerGuestVM(reactor)
-        self.vm.gate = Deferred()
         self.addCleanup(self.vm.close)
         self.manager = MigrationManager(reactor, self.vm, self.vm.faultServiceFactory)
 
@@ -187,6 +186,7 @@ class QEMUHugetlbfsSourceTests(TestCase):
         2 MiB page, sends its 512 records, and we place it at once.  Both
         sides complete and our RAM equals the stopped source's.
         """
+        gateAtRun(lambda: self.manager, self.vm)
         self.qemu.setCapabilities(**{"postcopy-ram": True})
         self.manager.setCapabilities({"postcopy-ram": True})
         self.qemu.setParameters(**{"max-bandwidth": 1000})

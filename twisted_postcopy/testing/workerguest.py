@@ -19,7 +19,7 @@ stand-in: what runs is what ships.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 
@@ -42,6 +42,9 @@ class WorkerGuestVM(IncomingTestVM):
     @ivar vcpuThreads: thread ids that touch guest RAM (for blocktime).
     @ivar gate: if set, a Deferred the guest waits for after POSTCOPY_RUN
         before it reads (e.g. until a preempt channel is up).
+    @ivar onRun: if set, called with no arguments when POSTCOPY_RUN is
+        handled, before anything after it in the stream (e.g. to pause the
+        main channel there).
     @ivar ready: fires once the worker mapped the blocks and registered
         its userfaultfd (so a test can switch to postcopy knowing the guest
         will touch its RAM as soon as it runs).
@@ -71,6 +74,7 @@ class WorkerGuestVM(IncomingTestVM):
         self.touchedFirst: Deferred = Deferred()
         self.passes = passes
         self.gate: Deferred | None = None
+        self.onRun: Callable[[], object] | None = None
         self.service: Any = None
         self.worker: Any = None
         self.vcpuThreads: list[int] = []
@@ -121,6 +125,8 @@ class WorkerGuestVM(IncomingTestVM):
         precopy migration, with nothing left to fault on, the blocks are
         digested with C{pread} and the worker exits).
         """
+        if self.onRun is not None:
+            self.onRun()
         super().run()
         if self.service is None:
             digests = [hashlib.sha256(data).hexdigest() for data in self.contents().values()]
