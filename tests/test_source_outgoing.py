@@ -192,8 +192,9 @@ class OutgoingTests(SynchronousTestCase):
                           if isinstance(event, (e.PageReceived, e.ZeroPageReceived)))
             self.assertEqual(sent, expected)
 
-    def _skippingMigration(self) -> tuple[OutgoingMigration, list[bytes]]:
+    def _skippingMigration(self, **flags: bool) -> tuple[OutgoingMigration, list[bytes]]:
         """
+        @param flags: attributes of the migration to set first.
         @return: a postcopy migration with the return path open whose VM
             (4 MiB) knows pages 8 to 999 are zero, stepped until it waits,
             and its written chunks.
@@ -204,6 +205,8 @@ class OutgoingTests(SynchronousTestCase):
         values = {"max-bandwidth": 0, "max-postcopy-bandwidth": 0, "downtime-limit": 300}
         migration = OutgoingMigration(vm, chunks.append, Clock().seconds,
                                       {"postcopy-ram": True, "return-path": True}, values)
+        for name, value in flags.items():
+            setattr(migration, name, value)
         migration.begin()
         migration.start()
         migration.postcopyRequested = True
@@ -245,19 +248,7 @@ class OutgoingTests(SynchronousTestCase):
         soon as everything else is written.
         """
         for flag in ("destinationRunning", "resumed"):
-            vm = OutgoingTestVM({"pc.ram": 64 * PAGE})
-            vm.knownZero = lambda: [("pc.ram", 8 * PAGE, 32 * PAGE)]
-            values = {"max-bandwidth": 0, "max-postcopy-bandwidth": 0, "downtime-limit": 300}
-            migration = OutgoingMigration(vm, [].append, Clock().seconds,
-                                          {"postcopy-ram": True, "return-path": True}, values)
-            setattr(migration, flag, True)
-            migration.begin()
-            migration.start()
-            migration.postcopyRequested = True
-            while migration.step() not in (DONE, STOP_POLL):
-                pass
-            while migration.step() != DONE:
-                pass
+            migration, _ = self._skippingMigration(**{flag: True})
             self.assertTrue(migration.written, flag)
 
     def test_queryShape(self) -> None:
