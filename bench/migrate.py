@@ -37,10 +37,11 @@ its keys are L{None} and the exit status is 1.
 
 Runs 2 to 4 are repeated C{--rounds} times (default 3), ours and QEMU's
 alternating.  On this machine a 1 GiB postcopy, ours or QEMU's, takes
-either about 1 s or 3 to 5 s, the slow mode being the kernel placing
-pages into memory the hypervisor took back (docs/engine.md); one round
+either about 1 s or 3 to 5 s, the slow mode being the first write into
+each page the kernel allocates costing about four times as much, on the
+hypervisor's side (docs/engine.md); one round
 says mostly which mode each side hit.  Every postcopy key is the median
-(the lower middle value) over the rounds, C{ratio_postcopy_total} is the
+over the rounds (L{qemu_restore.medians}), C{ratio_postcopy_total} is the
 median of our totals over the median of QEMU's, and C{rounds} lists each
 round's two totals.  C{postcopy_faults} counts the fault messages the
 destination's fault service read (a fault on a page placed after the
@@ -68,7 +69,9 @@ from twisted.internet import protocol, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import qemu_restore  # noqa: E402
 from twisted_postcopy.errors import MigrationError  # noqa: E402
 from twisted_postcopy.manager import MigrationManager  # noqa: E402
 from twisted_postcopy.testing.enginevm import OutgoingTestVM  # noqa: E402
@@ -318,36 +321,19 @@ def qemuBaseline(mib: int) -> dict[str, Any]:
     return figures
 
 
-def medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """
-    @param rounds: each round's figures.
-    @return: per key, the lower median of the rounds' numbers when every
-        round has a number there, else the first value a round has (an
-        error message, or L{None}).
-    """
-    merged: dict[str, Any] = {}
-    for key in dict.fromkeys(key for figures in rounds for key in figures):
-        values = [figures.get(key) for figures in rounds]
-        numbers = [value for value in values if isinstance(value, (int, float)) and not isinstance(value, bool)]
-        if len(numbers) == len(values):
-            merged[key] = statistics.median_low(numbers)
-        else:
-            merged[key] = next((value for value in values if value is not None), None)
-    return merged
-
-
 @inlineCallbacks
 def postcopyRound(options: argparse.Namespace) -> Any:
     """
     One round: our postcopy without then with preempt, then QEMU's.
 
-    @return: the round's figures.
+    @return: the round's figures (a refused preempt run's error goes to
+        C{options.preemptError}).
     """
     figures = postcopyFigures(*(yield migrate(options.mib, True, False, options.passes)), "_nopreempt")
     try:
         figures.update(postcopyFigures(*(yield migrate(options.mib, True, True, options.passes)), "_preempt"))
     except MigrationError as e:
-        figures["preempt_error"] = str(e)
+        options.preemptError = str(e)
         figures.update({key: None for key in postcopyFigures(
             {"downtime": None, "ram": {"postcopy-requests": 0, "normal": None, "duplicate": None}},
             0.0, {"latencies": [], "blocktime": None, "faults": None}, "_preempt")})
@@ -374,7 +360,9 @@ def main(options: argparse.Namespace) -> Any:
         rounds = []
         for _ in range(options.rounds):
             rounds.append((yield postcopyRound(options)))
-        results.update(medians(rounds))
+        results.update(qemu_restore.medians(rounds))
+        if options.preemptError is not None:
+            results["preempt_error"] = options.preemptError
         results["rounds"] = [{"ours_ms": figures["postcopy_total_ms_nopreempt"],
                               "ours_preempt_ms": figures["postcopy_total_ms_preempt"],
                               "qemu_ms": figures.get("qemu_postcopy_total_ms")} for figures in rounds]
@@ -422,6 +410,7 @@ if __name__ == "__main__":
     options = parser.parse_args()
     if options.rounds < 1:
         parser.error("--rounds must be at least 1")
+    options.preemptError = None
     if options.destination_role:
         reactor.callWhenRunning(lambda: destinationRole(options.postcopy, options.preempt, options.passes).addBoth(
             lambda _: reactor.stop()))
